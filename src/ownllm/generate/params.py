@@ -1,0 +1,82 @@
+"""Sampling parameters: one typed record used by the CLI, the Python API and (later) the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from ownllm.errors import OwnLLMError
+
+Strategy = Literal["greedy", "sample", "beam"]
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token.
+
+    Args:
+        strategy: greedy (argmax), sample (temperature / top-k / top-p), or beam (beam search).
+        max_new_tokens: most tokens to generate.
+        temperature: divides the logits before sampling; 0 means greedy.
+        top_k: keep only the k most likely tokens (0 keeps all).
+        top_p: keep the smallest set of tokens whose probability reaches p (1 keeps all).
+        repetition_penalty: >1 makes tokens already in the context less likely (HF's definition).
+        num_beams: beams for beam search.
+        stop: strings that end generation; they are not part of the output.
+        seed: makes sampling reproducible; None picks one and reports it.
+        logprobs: also return the top-N log-probabilities of each generated token (None: none).
+        explain: record, for each step, a table of the top-N candidates through every filter.
+        ignore_eos: keep generating past the end-of-sequence token (benchmarks).
+    """
+
+    strategy: Strategy = "greedy"
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    num_beams: int = 4
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None
+    explain: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.strategy not in ("greedy", "sample", "beam"):
+            problems.append(("strategy", f"strategy must be greedy, sample or beam, got '{self.strategy}'"))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(("max_new_tokens", f"max-new-tokens must be at least 1, got {self.max_new_tokens}"))
+        if self.temperature < 0:
+            problems.append(("temperature", f"temperature must be >= 0, got {self.temperature}"))
+        if not 0 < self.top_p <= 1:
+            problems.append(("top_p", f"top-p must be in (0, 1], got {self.top_p}"))
+        if self.top_k < 0:
+            problems.append(("top_k", f"top-k must be >= 0, got {self.top_k}"))
+        if self.num_beams < 1:
+            problems.append(("num_beams", f"num-beams must be at least 1, got {self.num_beams}"))
+        if self.repetition_penalty <= 0:
+            problems.append(
+                ("repetition_penalty", f"repetition-penalty must be > 0, got {self.repetition_penalty}")
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            problems.append(("logprobs", f"logprobs must be between 0 and 20, got {self.logprobs}"))
+        if self.explain < 0:
+            problems.append(("explain", f"explain must be >= 0, got {self.explain}"))
+        if any(not s for s in self.stop):
+            problems.append(("stop", "stop strings must not be empty"))
+        if problems:
+            raise OwnLLMError("; ".join(msg for _, msg in problems), param=problems[0][0])
+        if self.strategy == "sample" and self.temperature == 0:
+            self.strategy = "greedy"  # OpenAI's convention: temperature 0 is greedy decoding
+
+    @classmethod
+    def from_options(cls, **options: Any) -> SamplingParams:
+        """Build from keyword options, ignoring those left as None; unknown names are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise OwnLLMError(f"unknown generation option(s): {', '.join(sorted(unknown))}",
+                              hint=f"known: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in options.items() if v is not None})

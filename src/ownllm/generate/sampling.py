@@ -1,0 +1,134 @@
+"""Turning one step's logits into a token — and, on request, the table that shows how.
+
+Order (as in transformers): repetition penalty → temperature → top-k → top-p → draw.
+Every probability column of the explanation is a full, renormalised distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ownllm.generate.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ExplainRow:
+    token_id: int
+    token: str
+    logit: float
+    prob: float  # softmax of the (penalised) logits at T=1
+    prob_temperature: float
+    prob_top_k: float
+    prob_top_p: float  # the distribution actually drawn from
+    chosen: bool
+
+
+@dataclass(frozen=True)
+class StepExplanation:
+    rows: list[ExplainRow]
+    chosen_id: int
+    kept_top_k: int  # how many tokens survive top-k
+    kept_top_p: int  # how many survive top-p (the support of the final distribution)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    logits = logits.clone()
+    picked = logits[seen]
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def _top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= probs.numel():
+        return torch.ones_like(probs, dtype=torch.bool)
+    threshold = torch.topk(probs, k).values[-1]
+    mask = probs >= threshold
+    if int(mask.sum()) > k:  # ties at the threshold: keep exactly k, lowest ids first
+        keep = torch.topk(probs, k).indices
+        mask = torch.zeros_like(mask)
+        mask[keep] = True
+    return mask
+
+
+def _top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
+    if p >= 1.0:
+        return probs > 0
+    sorted_probs, order = torch.sort(probs, descending=True)
+    cumulative = torch.cumsum(sorted_probs, dim=0)
+    # keep a token if the mass before it is still short of p: the smallest set that reaches p
+    keep_sorted = (cumulative - sorted_probs) < p
+    keep_sorted[0] = True
+    mask = torch.zeros_like(probs, dtype=torch.bool)
+    mask[order[keep_sorted]] = True
+    return mask & (probs > 0)
+
+
+def _renormalise(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    kept = torch.where(mask, probs, torch.zeros_like(probs))
+    return kept / kept.sum()
+
+
+def pick_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor,
+    generator: torch.Generator | None,
+    decode: object = None,
+) -> tuple[int, StepExplanation | None]:
+    """Choose the next token from one position's logits (shape [vocab], any float dtype).
+
+    Args:
+        logits: raw next-token logits.
+        params: the sampling parameters.
+        seen: ids already in the context (prompt + generated), for the repetition penalty.
+        generator: the seeded RNG for sampling.
+        decode: callable id -> text, needed only when params.explain > 0.
+    """
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.strategy != "sample" and not params.explain:
+        return int(torch.argmax(logits)), None
+    temperature = params.temperature if params.strategy == "sample" and params.temperature > 0 else 1.0
+    probs_t = torch.softmax(logits / temperature, dim=-1)
+    mask_k = _top_k_mask(probs_t, params.top_k)
+    probs_k = _renormalise(probs_t, mask_k)
+    mask_p = _top_p_mask(probs_k, params.top_p)
+    probs_p = _renormalise(probs_k, mask_p)
+    if params.strategy == "sample":
+        chosen = int(torch.multinomial(probs_p, 1, generator=generator))
+    else:
+        chosen = int(torch.argmax(logits))
+    if not params.explain:
+        return chosen, None
+    probs_1 = torch.softmax(logits, dim=-1)
+    top = torch.topk(logits, min(params.explain, logits.numel())).indices.tolist()
+    if chosen not in top:
+        top.append(chosen)
+    render = decode if callable(decode) else str
+    rows = [
+        ExplainRow(
+            token_id=i,
+            token=render(i),
+            logit=float(logits[i]),
+            prob=float(probs_1[i]),
+            prob_temperature=float(probs_t[i]),
+            prob_top_k=float(probs_k[i]),
+            prob_top_p=float(probs_p[i]),
+            chosen=i == chosen,
+        )
+        for i in top
+    ]
+    explanation = StepExplanation(
+        rows=rows, chosen_id=chosen, kept_top_k=int(mask_k.sum()), kept_top_p=int((probs_p > 0).sum())
+    )
+    return chosen, explanation
+
+
+def top_logprobs(logprobs: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    if n <= 0:
+        return []
+    values, ids = torch.topk(logprobs, n)
+    return list(zip(ids.tolist(), values.tolist(), strict=True))

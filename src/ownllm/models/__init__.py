@@ -1,0 +1,1 @@
+"""Models: resolve what the user named, pull and convert, load with the right dtype, estimate memory."""

@@ -1,0 +1,50 @@
+"""The one chat-template path: messages → the model's own template → token ids."""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from ownllm.errors import OwnLLMError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+def check_messages(messages: list[Message]) -> None:
+    if not messages:
+        raise OwnLLMError("no messages given", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise OwnLLMError(f"messages[{index}] must be an object with 'role' and 'content'",
+                              param=f"messages[{index}]")
+        if message.get("role") not in ROLES:
+            raise OwnLLMError(
+                f"messages[{index}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}",
+                param=f"messages[{index}].role",
+            )
+        if not isinstance(message.get("content"), str):
+            raise OwnLLMError(f"messages[{index}].content must be a string", param=f"messages[{index}].content")
+
+
+def render_chat_text(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+    check_messages(messages)
+    if not getattr(tokenizer, "chat_template", None):
+        raise OwnLLMError(
+            "this model has no chat template",
+            kind="unsupported",
+            hint="use `ownllm generate` with a plain prompt, or a chat/instruct model",
+        )
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of the conversation in the model's own template, ready for the assistant's turn."""
+    text = render_chat_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    # The template already wrote any BOS it wants; adding special tokens again would double it.
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,131 @@
+"""The one model-loading path: resolved source + device + dtype → (model, tokenizer)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ownllm.errors import OwnLLMError
+from ownllm.models.dtype import DtypeChoice, choose_dtype
+from ownllm.models.gguf_file import check_gguf
+from ownllm.models.resolve import ResolvedModel, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel in eval mode
+    tokenizer: Any
+    source: ResolvedModel
+    dtype: DtypeChoice
+    device: str
+
+    @property
+    def context_length(self) -> int:
+        return context_length_of(self.model.config, self.tokenizer)
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """The GGUF the llama.cpp backend can run: the file itself, or the copy kept at pull time."""
+        if self.source.kind == "gguf":
+            return self.source.path
+        kept = self.source.path / "model.gguf" if self.source.kind == "folder" else None
+        return kept if kept is not None and kept.is_file() else None
+
+
+def context_length_of(config: Any, tokenizer: Any = None) -> int:
+    for field in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise OwnLLMError("CUDA was asked for but no GPU is visible", param="device", kind="unsupported")
+    return requested
+
+
+def _source_args(source: ResolvedModel) -> tuple[str, dict[str, Any]]:
+    """What from_pretrained needs for this source: a location plus keyword arguments."""
+    if source.kind == "gguf":
+        check_gguf(source.path)
+        return str(source.path.parent), {"gguf_file": source.path.name}
+    return source.location, {}
+
+
+def _gguf_model_args(source: ResolvedModel) -> dict[str, Any]:
+    if source.kind != "gguf":
+        return {}
+    from transformers import GgufConfig
+
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def load_tokenizer(spec: str | ResolvedModel) -> Any:
+    """Only the tokenizer: cheap, for `ownllm tokenize` and data statistics."""
+    from transformers import AutoTokenizer
+
+    source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
+    location, args = _source_args(source)
+    with _hub_errors(source):
+        return AutoTokenizer.from_pretrained(location, **args)
+
+
+def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load weights and tokenizer for inference.
+
+    Args:
+        spec: alias, pulled name, HF folder, .gguf file or hub id.
+        dtype: auto (measured for this hardware), fp32, bf16 or fp16.
+        device: auto, cpu or cuda[:N].
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
+    device = pick_device(device)
+    choice = choose_dtype(dtype, device)
+    tokenizer = load_tokenizer(source)
+    location, args = _source_args(source)
+    with _hub_errors(source):
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=getattr(torch, choice.dtype), **args, **_gguf_model_args(source)
+        )
+    model.to(device).eval()
+    log.info("loaded %s on %s in %s (%s)", source.name, device, choice.dtype, choice.reason)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, dtype=choice, device=device)
+
+
+class _hub_errors:
+    """Turn the hub's OSError (offline, no such repo) into an error that says how to get the model."""
+
+    def __init__(self, source: ResolvedModel) -> None:
+        self.source = source
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or not isinstance(exc, OSError):
+            return False
+        if self.source.kind == "hub":
+            raise OwnLLMError(
+                f"could not load '{self.source.location}' from the Hugging Face hub or its local cache "
+                f"(offline, or no such repository)",
+                kind="not_found",
+                param="model",
+                hint=f"when online run: ownllm pull {self.source.location}; or pass a local folder or .gguf",
+            ) from None
+        raise OwnLLMError(
+            f"could not read model files in '{self.source.location}': {exc}", kind="not_found", param="model"
+        ) from None

