@@ -1,0 +1,65 @@
+"""Memory estimates (numbers from the rules of thumb) and the dtype choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from ownllm.errors import OwnLLMError
+from ownllm.models import dtype as dtype_module
+from ownllm.models.memory import estimate, parse_size, shape_for_size
+
+GB = 1e9
+
+
+def test_7b_weights() -> None:
+    est = estimate(shape_for_size(parse_size("7B")))
+    assert est.weights["fp32"] / GB == pytest.approx(28, rel=0.01)
+    assert est.weights["bf16"] / GB == pytest.approx(14, rel=0.01)
+    assert est.weights["int8"] / GB == pytest.approx(7, rel=0.01)
+    assert est.weights["4-bit"] / GB == pytest.approx(3.5, rel=0.01)
+
+
+def test_7b_kv_cache_and_training() -> None:
+    est = estimate(shape_for_size(7_000_000_000), batch_size=1, seq_len=512)
+    # Llama-2-7B: 32 layers x 32 kv heads x 128 dims x K,V x 2 bytes = 512 KiB per token
+    assert est.kv_per_token == 2 * 32 * 32 * 128 * 2
+    assert est.kv_full_context == est.kv_per_token * 4096
+    full, lora, qlora = (est.training[k] for k in ("full (Adam)", "LoRA (bf16 base)", "QLoRA (4-bit base)"))
+    assert full >= 16 * 7e9  # ~112 GB of weights, gradients and Adam state before activations
+    assert qlora < lora < full
+    assert est.lora_params == 16 * (4096 + 4096) * 4 * 32  # r x (in + out) for q, k, v, o in 32 layers
+    assert est.training_no_ckpt["full (Adam)"] > full
+
+
+def test_sizes_parse() -> None:
+    assert parse_size("135M") == 135_000_000 and parse_size("1.5b") == 1_500_000_000
+    assert parse_size("seven") is None
+    with pytest.raises(OwnLLMError):
+        estimate(shape_for_size(10**9), lora_targets="everything")
+
+
+@pytest.mark.slow
+def test_shape_from_a_local_model(default_model: str) -> None:
+    from ownllm.models.memory import shape_of
+
+    shape = shape_of(default_model)
+    assert shape.params == 134_515_008 and shape.layers == 30 and shape.kv_heads == 3
+    assert shape.context == 8192
+
+
+def test_dtype_choice(monkeypatch) -> None:
+    assert dtype_module.choose_dtype("bf16").dtype == "bfloat16"
+    assert dtype_module.choose_dtype("fp32").dtype == "float32"
+    with pytest.raises(OwnLLMError, match="unknown dtype"):
+        dtype_module.choose_dtype("fp8")
+    monkeypatch.setattr(dtype_module, "cpu_flags", lambda: {"avx2", "fma"})
+    choice = dtype_module.choose_dtype("auto", "cpu")
+    assert choice.dtype == "float32" and "no native bf16" in choice.reason
+
+
+def test_dtype_is_measured_where_bf16_is_native(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    monkeypatch.setattr(dtype_module, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    choice = dtype_module.choose_dtype("auto", "cpu")
+    assert choice.dtype in ("float32", "bfloat16") and "measured" in choice.reason
+    assert (tmp_path / "hardware.json").is_file()  # cached: the next load does not measure again

