@@ -126,7 +126,8 @@ def test_tokenize_from_stdin(default_model: str) -> None:
 def test_chat_from_a_pipe_with_save(default_model: str, tmp_path: Path) -> None:
     saved = tmp_path / "chat.json"
     script = f"What is the capital of France?\n/save {saved}\n/reset\nHello\n"
-    result = run_cli("chat", default_model, "--max-new-tokens", "24", "--system", "You are a helpful assistant.", input=script)
+    result = run_cli("chat", default_model, "--max-new-tokens", "24", "--system", "You are a helpful assistant.",
+                     input=script)
     assert result.returncode == 0, result.stderr
     replies = [line for line in result.stdout.splitlines() if line.startswith("assistant> ")]
     assert len(replies) == 2 and all(len(r) > len("assistant> ") for r in replies)

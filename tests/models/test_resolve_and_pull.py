@@ -36,7 +36,7 @@ def test_paths_and_hub_ids(tmp_path: Path, empty_home: Path) -> None:
     with pytest.raises(OwnLLMError, match="no such file"):
         resolve(str(tmp_path / "missing.gguf"))
     (tmp_path / "notamodel").mkdir()
-    with pytest.raises(OwnLLMError, match="no config.json"):
+    with pytest.raises(OwnLLMError, match=r"no config\.json"):
         resolve(str(tmp_path / "notamodel"))
     assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
 
@@ -57,7 +57,7 @@ def test_user_aliases_extend_and_are_checked(empty_home: Path) -> None:
     aliases = load_aliases()
     assert aliases["mine"].hub == "me/my-model" and "smollm2-135m-instruct" in aliases
     (empty_home / "aliases.yaml").write_text("mine:\n  hubb: me/my-model\n")
-    with pytest.raises(OwnLLMError, match="unknown field.*hubb"):
+    with pytest.raises(OwnLLMError, match=r"unknown field.*hubb"):
         load_aliases()
 
 
