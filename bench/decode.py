@@ -93,9 +93,20 @@ CONTESTANTS = {
 
 
 def _run_one(name: str, model: str, tokens: int) -> None:
+    if name == "bandwidth":
+        print(json.dumps({"gbps": _bandwidth_gbps()}))
+        return
     result = CONTESTANTS[name](model, tokens)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
+
+
+def _child(name: str, args: argparse.Namespace) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", name, "--model", args.model,
+                           "--tokens", str(args.tokens)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:100])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -113,19 +124,17 @@ def main() -> None:
 
     pull(args.model)
     params = local_model(args.model).manifest["params"]
-    bandwidth = _bandwidth_gbps()
+    # Each measurement runs in a fresh process: Linux carries ru_maxrss across exec, so the parent stays small.
+    bandwidth = _child("bandwidth", args)["gbps"]
     print(f"CPU: {cpu_model()}; native bf16: {bool(cpu_flags() & {'avx512_bf16', 'amx_bf16'})}")
     print(f"read bandwidth {bandwidth:.1f} GB/s; {params / 1e6:.1f}M params; bandwidth limit: "
           f"fp32 {bandwidth * 1e9 / (4 * params):.0f} tok/s, bf16 {bandwidth * 1e9 / (2 * params):.0f} tok/s")
     results = {}
     for name in CONTESTANTS:
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--model", args.model,
-                               "--tokens", str(args.tokens)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-            print(f"{name:28s} skipped: {tail[:100]}")
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        try:
+            results[name] = _child(name, args)
+        except RuntimeError as exc:
+            print(f"{name:28s} skipped: {exc}")
     base = results.get("HF generate fp32")
     print(f"\n{'contestant':28s} {'dtype':12s} {'tok/s':>7s} {'vs HF fp32':>10s} {'vs limit':>9s} {'peak RSS':>9s}")
     for name, r in results.items():

@@ -96,7 +96,7 @@ def estimate_tables(est: Estimate, measured: dict[str, Any] | None = None) -> li
     inference.add_row(f"KV cache, batch {est.batch_size} x full context {shape.context} (bf16)",
                       human_bytes(est.kv_full_context))
     if measured:
-        inference.add_row(f"measured: model load ({measured['backend']}, {measured['dtype']})",
+        inference.add_row(f"measured: model + 16 tokens ({measured['backend']}, {measured['dtype']})",
                           human_bytes(measured["model_delta"]), style="cyan")
         inference.add_row("measured: peak RSS of the process", human_bytes(measured["peak_rss"]), style="cyan")
     training = Table(

@@ -139,3 +139,18 @@ def test_a_message_too_long_for_the_window_is_refused(engine, monkeypatch) -> No
     with pytest.raises(OwnLLMError, match="does not fit"):
         next(iter(session.send("word " * 80)))
     assert session.history == []
+
+
+@pytest.mark.skipif(not __import__("ownllm.generate.llamacpp", fromlist=["x"]).llama_cpp_available(),
+                    reason="llama-cpp-python (extra `llama`) is not installed")
+def test_llama_cpp_backend_uses_the_same_sampling(default_model: str) -> None:
+    from ownllm.generate.open import open_engine
+
+    engine = open_engine(default_model, backend="llama.cpp")
+    assert engine.backend == "llama.cpp" and engine.context_length == 8192
+    completion = engine.generate("The capital of France is", SamplingParams(max_new_tokens=4, explain=3, logprobs=2))
+    assert "Paris" in completion.text
+    for step in completion.explanations:
+        assert sum(r.prob_top_p for r in step.rows) <= 1.0 + 1e-4
+    params = SamplingParams(strategy="sample", temperature=1.0, seed=5, max_new_tokens=8)
+    assert engine.generate(PROMPT, params).token_ids == engine.generate(PROMPT, params).token_ids

@@ -44,6 +44,13 @@ class LlamaCppEngine(Engine):
         self.context_length = int(self._llama.n_ctx())
         self._eos_ids = ({int(self._llama.token_eos()), tokenizer.eos_token_id}) - {None, -1}
 
+    def _last_logits(self) -> torch.Tensor:
+        """The logits of the last evaluated token (llama.cpp keeps only those unless logits_all)."""
+        import numpy as np
+
+        pointer = self._llama._ctx.get_logits()
+        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self._llama.n_vocab(),)).copy())
+
     def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[Step]:
         generator = torch.Generator().manual_seed(seed)
         llama = self._llama
@@ -51,7 +58,7 @@ class LlamaCppEngine(Engine):
         llama.eval(prompt_ids)
         seen = torch.tensor(prompt_ids, dtype=torch.long)
         while True:
-            logits = torch.from_numpy(llama.scores[llama.n_tokens - 1].copy()).float()
+            logits = self._last_logits()
             token, explanation = pick_token(
                 logits, params, seen, generator,
                 decode=(lambda i: self.tokenizer.decode([i])) if params.explain else None,
@@ -69,7 +76,7 @@ class LlamaCppEngine(Engine):
         llama.reset()
         llama.eval(prompt_ids)
         for token in completion_ids:
-            logits = torch.from_numpy(llama.scores[llama.n_tokens - 1].copy()).float()
+            logits = self._last_logits()
             total += float(torch.log_softmax(logits, dim=-1)[token])
             llama.eval([token])
         return total

@@ -16,8 +16,9 @@ def measure_inference(spec: str, *, dtype: str = "auto", backend: str = "auto") 
     process = psutil.Process()
     before = process.memory_info().rss
     engine = open_engine(spec, dtype=dtype, backend=backend)
-    loaded = process.memory_info().rss
+    # After a generation every weight page has been touched (loading may only map the file).
     engine.generate("Hello", SamplingParams(max_new_tokens=16, ignore_eos=True))
+    loaded = process.memory_info().rss
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     loaded_model = getattr(engine, "loaded", None)
     return {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ownllm.errors import OwnLLMError
@@ -26,14 +25,6 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         return context_length_of(self.model.config, self.tokenizer)
-
-    @property
-    def gguf_path(self) -> Path | None:
-        """The GGUF the llama.cpp backend can run: the file itself, or the copy kept at pull time."""
-        if self.source.kind == "gguf":
-            return self.source.path
-        kept = self.source.path / "model.gguf" if self.source.kind == "folder" else None
-        return kept if kept is not None and kept.is_file() else None
 
 
 def context_length_of(config: Any, tokenizer: Any = None) -> int:
