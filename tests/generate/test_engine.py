@@ -154,3 +154,14 @@ def test_llama_cpp_backend_uses_the_same_sampling(default_model: str) -> None:
         assert sum(r.prob_top_p for r in step.rows) <= 1.0 + 1e-4
     params = SamplingParams(strategy="sample", temperature=1.0, seed=5, max_new_tokens=8)
     assert engine.generate(PROMPT, params).token_ids == engine.generate(PROMPT, params).token_ids
+
+
+def test_batch_matches_one_at_a_time(engine) -> None:
+    prompts = ["The capital of France is", "Water boils at", "My favourite colour is blue because it"]
+    params = SamplingParams(max_new_tokens=8)
+    batch = engine.generate_batch(prompts, params)
+    assert [c.token_ids for c in batch] == [engine.generate(p, params).token_ids for p in prompts]
+    sampled = SamplingParams(strategy="sample", temperature=0.9, seed=11, max_new_tokens=8)
+    first, second = engine.generate_batch(prompts, sampled), engine.generate_batch(prompts, sampled)
+    assert [c.token_ids for c in first] == [c.token_ids for c in second]
+    assert [c.seed for c in first] == [11, 12, 13]

@@ -138,69 +138,57 @@ class Engine:
                ) -> Iterator[TextDelta | Completion]:
         """Yield TextDelta pieces as they become final, then one Completion."""
         params = params or SamplingParams()
-        prompt_ids = self.encode(prompt)
-        self.check_fits(len(prompt_ids), params.max_new_tokens)
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        prompt_ids = self._prepare(prompt, params)
+        seed = _seed(params, 0)
         if params.strategy == "beam":
             yield from self._stream_beam(prompt_ids, params, seed)
             return
-        text = IncrementalText(self.tokenizer, params.stop)
-        steps: list[Step] = []
-        finish = "length"
-        started = time.perf_counter()
-        first_token_at = started
-        pending: list[int] = []
+        state = Decoding(self, prompt_ids, params, seed)
         for step in self._steps(prompt_ids, params, seed):
-            if not steps:
-                first_token_at = time.perf_counter()
-            if step.token_id in self.eos_token_ids and not params.ignore_eos:
-                finish = "stop"
+            delta = state.add(step)
+            if delta is not None:
+                yield delta
+            if state.done:
                 break
-            steps.append(step)
-            pending.append(step.token_id)
-            delta = text.add(step.token_id)
-            if delta:
-                yield TextDelta(delta, pending)
-                pending = []
-            if text.stopped:
-                finish = "stop"
+        tail = state.flush()
+        if tail is not None:
+            yield tail
+        yield state.completion()
+
+    def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | None = None
+                       ) -> list[Completion]:
+        """Generate for many prompts at once (one static batch where the backend supports it).
+
+        With a fixed seed, prompt i samples with seed + i, so each row is reproducible on its own.
+        """
+        params = params or SamplingParams()
+        prompt_ids = [self._prepare(p, params) for p in prompts]
+        if not prompt_ids:
+            return []
+        if params.strategy == "beam" or not self.supports_batching:
+            return [self.generate(ids, _with_seed(params, _seed(params, i))) for i, ids in enumerate(prompt_ids)]
+        seeds = [_seed(params, i) for i in range(len(prompt_ids))]
+        states = [Decoding(self, ids, params, seed) for ids, seed in zip(prompt_ids, seeds, strict=True)]
+        for steps in self._batch_steps(prompt_ids, params, seeds):
+            for state, step in zip(states, steps, strict=True):
+                if not state.done:
+                    state.add(step)
+            if all(state.done for state in states):
                 break
-            if len(steps) >= params.max_new_tokens:
-                break
-        tail = text.flush()
-        if tail or pending:
-            yield TextDelta(tail, pending)
-        yield self._completion(prompt_ids, steps, text.text, finish, params, seed,
-                               first_token_at - started, time.perf_counter() - first_token_at)
+        return [state.completion() for state in states]
+
+    supports_batching = False
+
+    def _batch_steps(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
+                     ) -> Iterator[list[Step]]:
+        raise NotImplementedError
+
+    def _prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        prompt_ids = self.encode(prompt)
+        self.check_fits(len(prompt_ids), params.max_new_tokens)
+        return prompt_ids
 
     # --- helpers ---------------------------------------------------------------------------
-    def _completion(self, prompt_ids: list[int], steps: list[Step], text: str, finish: str,
-                    params: SamplingParams, seed: int, prefill: float, decode: float) -> Completion:
-        logprobs = None
-        if params.logprobs is not None:
-            logprobs = [
-                TokenLogprob(
-                    token=self.tokenizer.decode([s.token_id]),
-                    token_id=s.token_id,
-                    logprob=s.logprob,
-                    top=[(self.tokenizer.decode([i]), lp) for i, lp in s.top],
-                )
-                for s in steps
-            ]
-        explanations = [s.explanation for s in steps if s.explanation] if params.explain else None
-        return Completion(
-            text=text,
-            token_ids=[s.token_id for s in steps],
-            finish_reason=finish,
-            prompt_tokens=len(prompt_ids),
-            seed=seed if params.strategy == "sample" else None,
-            sequence_logprob=sum(s.logprob for s in steps),
-            logprobs=logprobs,
-            explanations=explanations,
-            prefill_seconds=prefill,
-            decode_seconds=decode,
-        )
-
     def _stream_beam(self, prompt_ids: list[int], params: SamplingParams, seed: int
                      ) -> Iterator[TextDelta | Completion]:
         started = time.perf_counter()
@@ -222,3 +210,82 @@ class Engine:
                                 prompt_tokens=len(prompt_ids), seed=None, sequence_logprob=logprob,
                                 decode_seconds=elapsed)
         yield completion
+
+
+def _seed(params: SamplingParams, index: int) -> int:
+    if params.seed is None:
+        return int.from_bytes(os.urandom(4), "little")
+    return params.seed + index
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+class Decoding:
+    """One sequence being generated: stop rules, streamed text, finish reason, timings, the result."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
+        self.engine = engine
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seed = seed
+        self.text = IncrementalText(engine.tokenizer, params.stop)
+        self.steps: list[Step] = []
+        self.pending: list[int] = []
+        self.finish = "length"
+        self.done = False
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def add(self, step: Step) -> TextDelta | None:
+        """Take one chosen token; return the text that became final, if any."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if step.token_id in self.engine.eos_token_ids and not self.params.ignore_eos:
+            self.finish, self.done = "stop", True
+            return None
+        self.steps.append(step)
+        self.pending.append(step.token_id)
+        delta = self.text.add(step.token_id)
+        if self.text.stopped:
+            self.finish, self.done = "stop", True
+        elif len(self.steps) >= self.params.max_new_tokens:
+            self.done = True
+        if not delta:
+            return None
+        out, self.pending = TextDelta(delta, self.pending), []
+        return out
+
+    def flush(self) -> TextDelta | None:
+        tail = self.text.flush()
+        if not tail and not self.pending:
+            return None
+        out, self.pending = TextDelta(tail, self.pending), []
+        return out
+
+    def completion(self) -> Completion:
+        tokenizer, params = self.engine.tokenizer, self.params
+        ended = time.perf_counter()
+        first = self.first_token_at or ended
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = [
+                TokenLogprob(token=tokenizer.decode([s.token_id]), token_id=s.token_id, logprob=s.logprob,
+                             top=[(tokenizer.decode([i]), lp) for i, lp in s.top])
+                for s in self.steps
+            ]
+        return Completion(
+            text=self.text.text,
+            token_ids=[s.token_id for s in self.steps],
+            finish_reason=self.finish,
+            prompt_tokens=len(self.prompt_ids),
+            seed=self.seed if params.strategy == "sample" else None,
+            sequence_logprob=sum(s.logprob for s in self.steps),
+            logprobs=logprobs,
+            explanations=[s.explanation for s in self.steps if s.explanation] if params.explain else None,
+            prefill_seconds=first - self.started,
+            decode_seconds=ended - first,
+        )

@@ -44,24 +44,60 @@ class TransformersEngine(Engine):
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
         seen = torch.tensor(prompt_ids, dtype=torch.long)
-        want_seen = params.repetition_penalty != 1.0
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(prompt_ids, cache)
         while True:
-            logits = logits.float().cpu()
-            token, explanation = pick_token(
-                logits, params, seen, generator, decode=self._piece if params.explain else None
-            )
-            logprobs = torch.log_softmax(logits, dim=-1)
-            yield Step(
-                token_id=token,
-                logprob=float(logprobs[token]),
-                top=top_logprobs(logprobs, params.logprobs or 0),
-                explanation=explanation,
-            )
-            if want_seen:
-                seen = torch.cat([seen, torch.tensor([token])])
-            logits = self._forward([token], cache)
+            step = self._choose(logits, params, seen, generator)
+            yield step
+            if params.repetition_penalty != 1.0:
+                seen = torch.cat([seen, torch.tensor([step.token_id])])
+            logits = self._forward([step.token_id], cache)
+
+    supports_batching = True
+
+    def _batch_steps(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
+                     ) -> Iterator[list[Step]]:
+        """One static batch: prompts left-padded, one forward per step for all rows."""
+        from transformers import DynamicCache
+
+        rows, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos_ids)
+        ids = torch.full((rows, width), pad, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        for row, prompt in enumerate(prompt_ids):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        seen = [torch.tensor(p, dtype=torch.long) for p in prompt_ids]
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward_batch(ids, mask, positions, cache)
+        next_position = positions[:, -1:] + 1
+        while True:
+            steps = [self._choose(logits[row], params, seen[row], generators[row]) for row in range(rows)]
+            yield steps
+            if params.repetition_penalty != 1.0:
+                seen = [torch.cat([s, torch.tensor([step.token_id])]) for s, step in zip(seen, steps, strict=True)]
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)
+            tokens = torch.tensor([[step.token_id] for step in steps])
+            logits = self._forward_batch(tokens, mask, next_position, cache)
+            next_position = next_position + 1
+
+    def _forward_batch(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+                       ) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=positions.to(self.device), cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _choose(self, logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
+                generator: torch.Generator) -> Step:
+        logits = logits.float().cpu()
+        token, explanation = pick_token(logits, params, seen, generator,
+                                        decode=self._piece if params.explain else None)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return Step(token_id=token, logprob=float(logprobs[token]),
+                    top=top_logprobs(logprobs, params.logprobs or 0), explanation=explanation)
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
