@@ -34,6 +34,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/decode.py
+	$(PY) bench/eval.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -23,6 +23,12 @@ app = typer.Typer(
 )
 _state = {"debug": False}
 
+
+def _register_subcommands() -> None:
+    from ownllm.cli_eval import eval_app
+
+    app.add_typer(eval_app, name="eval")
+
 ModelArg = Annotated[str, typer.Argument(help="alias, pulled name, HF folder, .gguf file or hub id")]
 BackendOpt = Annotated[str, typer.Option(help="auto | transformers | llama.cpp")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (measured for this machine) | fp32 | bf16 | fp16")]
@@ -293,6 +299,7 @@ def estimate(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for a user error, 130 for Ctrl-C)."""
+    _register_subcommands()
     try:
         result = app(args=argv, prog_name="ownllm", standalone_mode=False)
     except OwnLLMError as exc:

@@ -48,3 +48,24 @@ def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_promp
     text = render_chat_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     # The template already wrote any BOS it wants; adding special tokens again would double it.
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def assistant_token_mask(tokenizer: Any, messages: list[Message]) -> tuple[list[int], list[bool]]:
+    """Token ids of the whole conversation and, for each, whether it belongs to an assistant reply.
+
+    Templates such as SmolLM2's have no generation markers, so the spans are found by rendering the
+    conversation up to each assistant turn (with the generation prompt) and up to its end.
+    """
+    ids = render_chat(tokenizer, messages, add_generation_prompt=False)
+    mask = [False] * len(ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render_chat(tokenizer, messages[:index], add_generation_prompt=True)) if index else 0
+        end = len(render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False))
+        if ids[:end] != render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False):
+            raise OwnLLMError("this chat template renders earlier turns differently as the conversation grows; "
+                              "cannot tell which tokens are the assistant's", kind="unsupported")
+        for position in range(start, min(end, len(ids))):
+            mask[position] = True
+    return ids, mask

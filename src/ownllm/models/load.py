@@ -81,13 +81,15 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
         device: auto, cpu or cuda[:N].
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
     device = pick_device(device)
-    choice = choose_dtype(dtype, device)
     tokenizer = load_tokenizer(source)
     location, args = _source_args(source)
+    with _hub_errors(source):
+        config = AutoConfig.from_pretrained(location, **args)
+    choice = choose_dtype(dtype, device, config)
     with _hub_errors(source):
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=getattr(torch, choice.dtype), **args, **_gguf_model_args(source)

@@ -1,0 +1,194 @@
+"""`ownllm eval ...`: parse, call ownllm.evaluate, print. Registered on the main app by cli.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ownllm.errors import OwnLLMError
+
+eval_app = typer.Typer(help="Evaluate models: perplexity, QA metrics, LLM-as-judge, harness tasks, compare.",
+                       no_args_is_help=True)
+
+ModelArg = Annotated[str, typer.Argument(help="alias, pulled name, HF folder, .gguf file or hub id")]
+DataOpt = Annotated[Path, typer.Option("--data", help="the evaluation data")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="folder for per-item results and the summary")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")]
+
+
+def _progress(total: int, label: str) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    return progress, progress.add_task(label, total=total)
+
+
+def _print_summary(title: str, summary: dict[str, Any], as_json: bool) -> None:
+    from rich.table import Table
+
+    from ownllm.render import out
+
+    if as_json:
+        out.print_json(json.dumps(summary, default=float))
+        return
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@eval_app.command(name="perplexity")
+def perplexity_cmd(
+    model: ModelArg,
+    data: DataOpt,
+    max_length: Annotated[int | None, typer.Option(help="window length (default min(context, 1024))")] = None,
+    stride: Annotated[int | None, typer.Option(help="window step (default half the window)")] = None,
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Sliding-window perplexity over text files, a folder, or the assistant turns of chat JSONL."""
+    from dataclasses import asdict
+
+    from ownllm.evaluate.perplexity import load_documents, perplexity
+    from ownllm.generate.open import open_engine
+    from ownllm.render import err
+
+    engine = open_engine(model, dtype=dtype, backend="transformers")
+    documents = load_documents(engine, data)
+    progress, task = _progress(sum(sum(d.scored) for d in documents), "scoring tokens")
+    with progress:
+        result = perplexity(engine, documents, max_length=max_length, stride=stride,
+                            progress=lambda n: progress.advance(task, n))
+    for note in result.notes:
+        err.print(f"[yellow]note: {note}[/yellow]")
+    summary = asdict(result)
+    summary.pop("notes")
+    _print_summary(f"perplexity of {model} on {data}", summary, as_json)
+
+
+@eval_app.command(name="qa")
+def qa_cmd(
+    model: ModelArg,
+    data: DataOpt,
+    out: OutOpt = None,
+    batch_size: Annotated[int, typer.Option(help="questions generated together")] = 16,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    strategy: Annotated[str, typer.Option(help="greedy | sample")] = "greedy",
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer questions and score them: exact match, token F1, ROUGE-L, contains-answer."""
+    from ownllm.evaluate.qa import read_questions, results_as_rows, run_qa, summarize
+    from ownllm.evaluate.reports import write_results
+    from ownllm.generate.open import open_engine
+    from ownllm.generate.params import SamplingParams
+
+    if batch_size < 1:
+        raise OwnLLMError("batch-size must be at least 1", param="batch_size")
+    params = SamplingParams.from_options(strategy=strategy, temperature=temperature, top_p=top_p, seed=seed,
+                                         max_new_tokens=max_new_tokens)
+    items = read_questions(data)
+    engine = open_engine(model, dtype=dtype)
+    progress, task = _progress(len(items), "answering")
+    with progress:
+        results = run_qa(engine, items, params, batch_size=batch_size, progress=lambda n: progress.advance(task, n))
+    summary = summarize(results)
+    if out is not None:
+        write_results(out, "qa", results_as_rows(results), {"model": model, **summary})
+    _print_summary(f"QA: {model} on {data}", summary, as_json)
+
+
+@eval_app.command(name="judge")
+def judge_cmd(
+    answers: Annotated[Path, typer.Option("--answers", help="JSONL: question, answer, optional reference")],
+    judge: Annotated[str, typer.Option("--judge", help="a local model, or the URL of an OpenAI-compatible server")],
+    against: Annotated[Path | None, typer.Option(help="second answers file: pairwise, order swapped")] = None,
+    rubric: Annotated[Path | None, typer.Option(help="prompt template file (see ownllm.evaluate.judge)")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="model name at the judge URL")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OWNLLM_JUDGE_API_KEY", help="API key for the URL")] = None,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Grade answers 1–5 with a reason, or compare two answer files pairwise, with a judge model."""
+    from ownllm.evaluate import judge as judging
+    from ownllm.evaluate.reports import write_results
+
+    items = judging.read_answers(answers, against)
+    template = None
+    if rubric is not None:
+        if not rubric.is_file():
+            raise OwnLLMError(f"no such file: {rubric}", kind="not_found", param="rubric")
+        template = rubric.read_text(encoding="utf-8")
+    if judge.startswith(("http://", "https://")):
+        chosen = judging.endpoint_judge(judge, model=judge_model, api_key=api_key)
+    else:
+        chosen = judging.local_judge(judge)
+    progress, task = _progress(len(items), "judging")
+    with progress:
+        advance = lambda n: progress.advance(task, n)  # noqa: E731
+        if against is None:
+            rows, summary = judging.judge_scores(chosen, items, rubric=template or judging.SCORE_RUBRIC,
+                                                 progress=advance)
+        else:
+            rows, summary = judging.judge_pairwise(chosen, items, rubric=template or judging.PAIRWISE_RUBRIC,
+                                                   progress=advance)
+    if out is not None:
+        write_results(out, "judge", rows, summary)
+    _print_summary(f"judged by {chosen.name}", summary, as_json)
+
+
+@eval_app.command(name="harness")
+def harness_cmd(
+    model: ModelArg,
+    tasks: Annotated[list[str], typer.Option("--tasks", help="task YAML with local data (repeatable)")],
+    limit: Annotated[int | None, typer.Option(help="at most this many documents per task")] = None,
+    dtype: DtypeOpt = "auto",
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run lm-evaluation-harness tasks on a local model; data comes from local files only."""
+    from ownllm.evaluate.harness import run_harness
+    from ownllm.generate.open import open_engine
+    from ownllm.home import atomic_write_json
+
+    engine = open_engine(model, dtype=dtype, backend="transformers")
+    results = run_harness(engine, tasks, limit=limit)
+    clean = json.loads(json.dumps(results, default=float))
+    if out is not None:
+        atomic_write_json(out / "harness.json", clean)
+    for name, metrics in clean.items():
+        shown = {k: v for k, v in metrics.items() if k not in ("name", "alias")}
+        _print_summary(f"{name}", shown, as_json)
+
+
+@eval_app.command(name="compare")
+def compare_cmd(
+    base: ModelArg,
+    tuned: Annotated[str, typer.Argument(help="the model to compare against the base")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="report folder")] = Path("eval-report"),
+    batch_size: Annotated[int, typer.Option()] = 16,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """QA metrics and answer perplexity for BASE and TUNED: report.md, report.json and chart.png."""
+    from ownllm.evaluate.compare import compare
+    from ownllm.generate.params import SamplingParams
+    from ownllm.render import out as console
+
+    report = compare(base, tuned, data, out, params=SamplingParams(max_new_tokens=max_new_tokens),
+                     batch_size=batch_size, dtype=dtype)
+    metrics = report["metrics"]
+    for name in metrics["base"]:
+        console.print(f"{name:12s} base {metrics['base'][name]:.4f}  tuned {metrics['tuned'][name]:.4f}  "
+                      f"delta {metrics['delta'][name]:+.4f}")
+    console.print(f"report: {out}/report.md, {out}/report.json, {out}/chart.png")

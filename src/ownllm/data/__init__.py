@@ -1,0 +1,1 @@
+"""Data: readers and checks for the files users bring (JSONL, text folders)."""

@@ -1,0 +1,1 @@
+"""Evaluate: perplexity, reference-based QA metrics, LLM-as-judge, harness tasks, base vs tuned reports."""
