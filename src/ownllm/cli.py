@@ -26,8 +26,11 @@ _state = {"debug": False}
 
 def _register_subcommands() -> None:
     from ownllm.cli_eval import eval_app
+    from ownllm.cli_rag import rag_app
 
-    app.add_typer(eval_app, name="eval")
+    if not app.registered_groups:
+        app.add_typer(eval_app, name="eval")
+        app.add_typer(rag_app, name="rag")
 
 ModelArg = Annotated[str, typer.Argument(help="alias, pulled name, HF folder, .gguf file or hub id")]
 BackendOpt = Annotated[str, typer.Option(help="auto | transformers | llama.cpp")]
