@@ -35,6 +35,7 @@ test-fast: setup
 bench: setup
 	$(PY) bench/decode.py
 	$(PY) bench/eval.py
+	$(PY) bench/rag.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
