@@ -300,6 +300,44 @@ def estimate(
         out.print(table)
 
 
+@app.command()
+def serve(
+    model: ModelArg,
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=FOLDER of a LoRA adapter (repeatable)")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[list[str] | None, typer.Option(help="accepted API key (repeatable); none: no auth")] = None,
+    max_batch: Annotated[int, typer.Option(help="sequences decoded together")] = 16,
+    max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 64,
+    max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 1 << 20,
+    max_model_len: Annotated[int | None, typer.Option(help="context per sequence (default min(model, 4096))")
+                             ] = None,
+    embedding_model: Annotated[str, typer.Option(help="model for /v1/embeddings")] = "all-MiniLM-L6-v2",
+    rag_store: Annotated[str | None, typer.Option(help="document store for chat requests with \"rag\"")] = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Serve an OpenAI-compatible API (chat, completions, embeddings, models) with continuous batching."""
+    from ownllm.render import err
+    from ownllm.serve.run import build_state
+    from ownllm.serve.run import serve as run_server
+
+    keys = list(api_key or []) + [k for k in os.environ.get("OWNLLM_API_KEYS", "").split(",") if k]
+    adapters = {}
+    for item in adapter or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise OwnLLMError(f"--adapter takes NAME=FOLDER, got '{item}'", param="adapter")
+        adapters[name] = Path(folder)
+    state = build_state(model, adapters=adapters, api_keys=keys, max_batch=max_batch, max_queue=max_queue,
+                        max_body=max_body, max_model_len=max_model_len, dtype=dtype, backend=backend,
+                        embedding_model=embedding_model, rag_store=rag_store)
+    kind = type(state.scheduler).__name__
+    err.print(f"[dim]serving {state.model_name} ({state.engine.backend}, {kind}, batch {state.scheduler.max_batch}, "
+              f"context {state.context_length}) on http://{host}:{port}/v1[/dim]")
+    run_server(state, host=host, port=port)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for a user error, 130 for Ctrl-C)."""
     _register_subcommands()

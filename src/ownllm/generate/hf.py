@@ -46,8 +46,10 @@ class TransformersEngine(Engine):
         seen = torch.tensor(prompt_ids, dtype=torch.long)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(prompt_ids, cache)
+        generated: list[int] = []
         while True:
-            step = self._choose(logits, params, seen, generator)
+            step = self._choose(logits, params, seen, generator, generated)
+            generated.append(step.token_id)
             yield step
             if params.repetition_penalty != 1.0:
                 seen = torch.cat([seen, torch.tensor([step.token_id])])
@@ -73,8 +75,12 @@ class TransformersEngine(Engine):
         cache = DynamicCache(config=self.model.config)
         logits = self._forward_batch(ids, mask, positions, cache)
         next_position = positions[:, -1:] + 1
+        generated: list[list[int]] = [[] for _ in range(rows)]
         while True:
-            steps = [self._choose(logits[row], params, seen[row], generators[row]) for row in range(rows)]
+            steps = [self._choose(logits[row], params, seen[row], generators[row], generated[row])
+                     for row in range(rows)]
+            for row, step in enumerate(steps):
+                generated[row].append(step.token_id)
             yield steps
             if params.repetition_penalty != 1.0:
                 seen = [torch.cat([s, torch.tensor([step.token_id])]) for s, step in zip(seen, steps, strict=True)]
@@ -91,10 +97,11 @@ class TransformersEngine(Engine):
         return out.logits[:, -1]
 
     def _choose(self, logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
-                generator: torch.Generator) -> Step:
+                generator: torch.Generator, generated: list[int]) -> Step:
         logits = logits.float().cpu()
         token, explanation = pick_token(logits, params, seen, generator,
-                                        decode=self._piece if params.explain else None)
+                                        decode=self._piece if params.explain else None,
+                                        generated=torch.tensor(generated, dtype=torch.long))
         logprobs = torch.log_softmax(logits, dim=-1)
         return Step(token_id=token, logprob=float(logprobs[token]),
                     top=top_logprobs(logprobs, params.logprobs or 0), explanation=explanation)

@@ -57,12 +57,15 @@ class LlamaCppEngine(Engine):
         llama.reset()
         llama.eval(prompt_ids)
         seen = torch.tensor(prompt_ids, dtype=torch.long)
+        generated: list[int] = []
         while True:
             logits = self._last_logits()
             token, explanation = pick_token(
                 logits, params, seen, generator,
                 decode=(lambda i: self.tokenizer.decode([i])) if params.explain else None,
+                generated=torch.tensor(generated, dtype=torch.long),
             )
+            generated.append(token)
             logprobs = torch.log_softmax(logits, dim=-1)
             yield Step(token, float(logprobs[token]), top_logprobs(logprobs, params.logprobs or 0),
                        explanation)

@@ -13,7 +13,8 @@ from ownllm.models.resolve import resolve
 Backend = Literal["auto", "transformers", "llama.cpp"]
 
 
-def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device: str = "auto") -> Engine:
+def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device: str = "auto",
+                batch_rows: int = 1) -> Engine:
     """Load a model behind the Engine interface.
 
     Args:
@@ -22,6 +23,7 @@ def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device
             transformers), transformers, or llama.cpp.
         dtype: transformers backend only: auto, fp32, bf16 or fp16.
         device: transformers backend only: auto, cpu or cuda.
+        batch_rows: sequences usually decoded together (a server's batch), for the dtype measurement.
     """
     if backend not in ("auto", "transformers", "llama.cpp"):
         raise OwnLLMError(f"unknown backend '{backend}'", param="backend",
@@ -37,4 +39,4 @@ def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device
         return LlamaCppEngine(gguf, load_tokenizer(source), name=source.name)
     from ownllm.generate.hf import TransformersEngine
 
-    return TransformersEngine(load_model(source, dtype=dtype, device=device))
+    return TransformersEngine(load_model(source, dtype=dtype, device=device, batch_rows=batch_rows))

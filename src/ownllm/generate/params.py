@@ -21,6 +21,8 @@ class SamplingParams:
         top_k: keep only the k most likely tokens (0 keeps all).
         top_p: keep the smallest set of tokens whose probability reaches p (1 keeps all).
         repetition_penalty: >1 makes tokens already in the context less likely (HF's definition).
+        presence_penalty: subtracted from the logit of every token already generated (OpenAI's definition).
+        frequency_penalty: subtracted once per earlier occurrence in the generated text (OpenAI's definition).
         num_beams: beams for beam search.
         stop: strings that end generation; they are not part of the output.
         seed: makes sampling reproducible; None picks one and reports it.
@@ -35,6 +37,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     num_beams: int = 4
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -60,6 +64,9 @@ class SamplingParams:
             problems.append(
                 ("repetition_penalty", f"repetition-penalty must be > 0, got {self.repetition_penalty}")
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append((name, f"{name.replace('_', '-')} must be between -2 and 2, got {getattr(self, name)}"))
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             problems.append(("logprobs", f"logprobs must be between 0 and 20, got {self.logprobs}"))
         if self.explain < 0:

@@ -78,6 +78,7 @@ def pick_token(
     seen: torch.Tensor,
     generator: torch.Generator | None,
     decode: object = None,
+    generated: torch.Tensor | None = None,
 ) -> tuple[int, StepExplanation | None]:
     """Choose the next token from one position's logits (shape [vocab], any float dtype).
 
@@ -87,8 +88,12 @@ def pick_token(
         seen: ids already in the context (prompt + generated), for the repetition penalty.
         generator: the seeded RNG for sampling.
         decode: callable id -> text, needed only when params.explain > 0.
+        generated: ids generated so far, for the presence and frequency penalties.
     """
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and generated is not None and generated.numel():
+        counts = torch.bincount(generated, minlength=logits.numel())[: logits.numel()].float()
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
     if params.strategy != "sample" and not params.explain:
         return int(torch.argmax(logits)), None
     temperature = params.temperature if params.strategy == "sample" and params.temperature > 0 else 1.0

@@ -59,13 +59,14 @@ def normalize_dtype(requested: str) -> str:
         ) from None
 
 
-def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = None) -> DtypeChoice:
+def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = None, rows: int = 1) -> DtypeChoice:
     """The dtype to compute in: the user's choice, else the fastest correct one for this device.
 
     Args:
         requested: auto, or a dtype name.
         device: cpu or cuda[:N].
         config: the model's config; its layer shapes make the CPU measurement representative.
+        rows: sequences decoded together (1 for one stream; a server batches several).
     """
     import torch
 
@@ -78,7 +79,7 @@ def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = Non
     flags = cpu_flags()
     if not flags & _NATIVE_BF16_FLAGS:
         return DtypeChoice("float32", "CPU has no native bf16 (bf16 would be many times slower)")
-    return _measured_cpu_choice(flags, _layer_shapes(config))
+    return _measured_cpu_choice(flags, _layer_shapes(config), rows)
 
 
 def _layer_shapes(config: Any) -> list[tuple[int, int]]:
@@ -88,10 +89,10 @@ def _layer_shapes(config: Any) -> list[tuple[int, int]]:
     return [(hidden, hidden)] * 4 + [(inner, hidden), (inner, hidden), (hidden, inner)]
 
 
-def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]]) -> DtypeChoice:
+def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: int) -> DtypeChoice:
     import torch
 
-    signature = f"{cpu_model()}|{sorted(flags)}|{torch.__version__}|{shapes}"
+    signature = f"{cpu_model()}|{sorted(flags)}|{torch.__version__}|{shapes}|{rows}"
     key = hashlib.sha256(signature.encode()).hexdigest()[:16]
     cache = ownllm_home() / "hardware.json"
     try:
@@ -102,11 +103,11 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]]) -> Dtyp
         known = {"choices": {}}
     if key in known["choices"]:
         return DtypeChoice(**known["choices"][key])
-    decode32 = _time_decode(torch.float32, shapes)
-    decode16 = _time_decode(torch.bfloat16, shapes)
+    decode32 = _time_decode(torch.float32, shapes, rows)
+    decode16 = _time_decode(torch.bfloat16, shapes, rows)
     # Decoding is memory-bound matrix-vector work on these shapes, and dominates generation time:
     # bf16 must be clearly faster there, not just on big batched matmuls.
-    measured = f"decode-shaped matmuls {decode32 / decode16:.2f}x fp32 speed"
+    measured = f"decode-shaped matmuls, {rows} row(s): {decode32 / decode16:.2f}x fp32 speed"
     if decode16 < 0.9 * decode32:
         choice = DtypeChoice("bfloat16", f"native bf16 measured faster ({measured})")
     else:
@@ -116,14 +117,15 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]]) -> Dtyp
     return choice
 
 
-def _time_decode(dtype: object, shapes: list[tuple[int, int]], budget_bytes: int = 96 << 20) -> float:
-    """Seconds for one-row products through enough copies of a layer to fall out of the CPU caches."""
+def _time_decode(dtype: object, shapes: list[tuple[int, int]], rows: int = 1, budget_bytes: int = 96 << 20
+                 ) -> float:
+    """Seconds for `rows`-row products through enough copies of a layer to fall out of the CPU caches."""
     import torch
 
     layer_bytes = sum(o * i for o, i in shapes) * 4
     copies = max(1, budget_bytes // layer_bytes)
     weights = [torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes]  # type: ignore[arg-type]
-    inputs = {i: torch.randn(1, i).to(dtype) for _, i in shapes}  # type: ignore[arg-type]
+    inputs = {i: torch.randn(rows, i).to(dtype) for _, i in shapes}  # type: ignore[arg-type]
     best = float("inf")
     with torch.inference_mode():
         for _ in range(4):

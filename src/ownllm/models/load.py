@@ -72,13 +72,15 @@ def load_tokenizer(spec: str | ResolvedModel) -> Any:
         return AutoTokenizer.from_pretrained(location, **args)
 
 
-def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = "auto", batch_rows: int = 1
+               ) -> LoadedModel:
     """Load weights and tokenizer for inference.
 
     Args:
         spec: alias, pulled name, HF folder, .gguf file or hub id.
         dtype: auto (measured for this hardware), fp32, bf16 or fp16.
         device: auto, cpu or cuda[:N].
+        batch_rows: how many sequences will usually decode together (the dtype is measured for that).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -89,7 +91,7 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
     location, args = _source_args(source)
     with _hub_errors(source):
         config = AutoConfig.from_pretrained(location, **args)
-    choice = choose_dtype(dtype, device, config)
+    choice = choose_dtype(dtype, device, config, batch_rows)
     with _hub_errors(source):
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=getattr(torch, choice.dtype), **args, **_gguf_model_args(source)

@@ -1,0 +1,303 @@
+"""Continuous batching: one engine loop in its own thread serves many requests at once.
+
+Between decode steps the loop admits waiting requests (up to `max_batch` running), prefills one prompt
+chunk, then advances every running sequence by one token in a single batched forward; each request keeps
+its own sampling parameters, stop strings and token budget, and leaves the batch the moment it finishes
+or its client goes away. Events go to each request's `sink` from the loop thread.
+
+`SerialScheduler` offers the same interface for models the slot forward does not cover (and for the
+llama.cpp backend): one request at a time, in order.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ownllm.errors import OwnLLMError
+from ownllm.generate.engine import Completion, Decoding, Engine, Step, TextDelta
+from ownllm.generate.params import SamplingParams
+from ownllm.generate.sampling import pick_token, top_logprobs
+
+log = logging.getLogger(__name__)
+Event = TextDelta | Completion | BaseException
+Sink = Callable[[Event], None]
+_ids = itertools.count(1)
+
+
+class QueueFull(OwnLLMError):
+    def __init__(self, depth: int) -> None:
+        super().__init__(f"the server is busy ({depth} requests waiting)", kind="resource",
+                         hint="retry after a moment")
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    sink: Sink
+    adapter: str | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    # set by the loop
+    slot: int | None = None
+    prefilled: int = 0
+    decoding: Decoding | None = None
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None
+    next_token: int | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Loop:
+    """Thread plumbing shared by both schedulers: a waiting queue, a condition, start/stop."""
+
+    def __init__(self, engine: Engine, *, max_queue: int) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.accepting = True
+        self.thread = threading.Thread(target=self._run, name="ownllm-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, request: Request) -> Request:
+        with self.cond:
+            if not self.accepting:
+                raise OwnLLMError("the server is shutting down", kind="resource")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(len(self.waiting))
+            self.waiting.append(request)
+            self.cond.notify()
+        return request
+
+    def stop(self, drain_seconds: float = 10.0) -> None:
+        """Stop taking requests, let running ones finish for up to `drain_seconds`, cancel the rest."""
+        with self.cond:
+            self.accepting = False
+        deadline = time.monotonic() + drain_seconds
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self.cond:
+            for request in list(self.waiting) + self.running_requests():
+                request.cancel()
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout=5)
+
+    def busy(self) -> bool:
+        return bool(self.waiting) or bool(self.running_requests())
+
+    def running_requests(self) -> list[Request]:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _emit(request: Request, event: Event) -> None:
+        try:
+            request.sink(event)
+        except Exception:  # a broken sink (client gone) must not stop the loop
+            log.exception("dropping events of request %s", request.id)
+            request.cancel()
+
+
+class BatchScheduler(_Loop):
+    """Continuous batching over a `SlotModel` (transformers backend, Llama-family models)."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
+                 prefill_chunk: int = 256) -> None:
+        from ownllm.generate.slots import SlotModel
+
+        super().__init__(engine, max_queue=max_queue)
+        self.max_batch = max_batch
+        self.max_len = min(max_len or engine.context_length, engine.context_length)
+        self.prefill_chunk = prefill_chunk
+        self.model = SlotModel(engine.model, slots=max_batch, max_len=self.max_len)  # type: ignore[attr-defined]
+        self.running: list[Request] = []
+        self.free_slots = list(range(max_batch))
+
+    @property
+    def context_length(self) -> int:
+        return self.max_len
+
+    def running_requests(self) -> list[Request]:
+        return list(self.running)
+
+    def load_adapter(self, name: str, folder: Any) -> None:
+        self.model.load_adapter(name, folder)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting and not self.running:
+                    self.cond.wait()
+                if self.stopping and not self.running and not self.waiting:
+                    return
+                self._admit()
+            self._drop_cancelled()
+            try:
+                self._prefill_one_chunk()
+                self._decode_step()
+            except Exception as exc:  # a failed forward fails the requests in it, not the server
+                log.exception("engine step failed")
+                for request in list(self.running):
+                    self._finish(request, OwnLLMError(f"generation failed: {exc.__class__.__name__}",
+                                                      kind="resource"))
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            request = self.waiting.popleft()
+            if request.cancelled.is_set():
+                continue
+            request.slot = self.free_slots.pop(0)
+            request.decoding = Decoding(self.engine, request.prompt_ids, request.params, request.seed)
+            request.decoding.started = request.enqueued_at  # time in the queue counts towards TTFT
+            request.generator = torch.Generator().manual_seed(request.seed)
+            request.seen = torch.tensor(request.prompt_ids, dtype=torch.long)
+            self.running.append(request)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.running if r.cancelled.is_set()]:
+            self._finish(request, None)
+
+    def _finish(self, request: Request, error: BaseException | None) -> None:
+        if request in self.running:
+            self.running.remove(request)
+            self.free_slots.append(request.slot)  # type: ignore[arg-type]
+            self.free_slots.sort()  # keep busy slots low
+        if error is not None:
+            self._emit(request, error)
+        elif not request.cancelled.is_set():
+            assert request.decoding is not None
+            tail = request.decoding.flush()
+            if tail is not None:
+                self._emit(request, tail)
+            self._emit(request, request.decoding.completion())
+
+    def _prefill_one_chunk(self) -> None:
+        request = next((r for r in self.running if r.prefilled < len(r.prompt_ids)), None)
+        if request is None:
+            return
+        start = request.prefilled
+        chunk = request.prompt_ids[start : start + self.prefill_chunk]
+        logits = self.model.forward(torch.tensor([chunk]), torch.tensor([request.slot]), torch.tensor([start]),
+                                    [request.adapter])
+        request.prefilled += len(chunk)
+        if request.prefilled == len(request.prompt_ids):
+            self._take(request, logits[0])
+
+    def _decode_step(self) -> None:
+        rows = [r for r in self.running if r.next_token is not None]
+        if not rows:
+            return
+        # the token fed now is the last one kept: it goes right after the prompt and the tokens before it
+        positions = [len(r.prompt_ids) + len(r.decoding.steps) - 1 for r in rows]  # type: ignore[union-attr]
+        logits = self.model.forward(torch.tensor([[r.next_token] for r in rows]),
+                                    torch.tensor([r.slot for r in rows]), torch.tensor(positions),
+                                    [r.adapter for r in rows])
+        for request, row in zip(rows, logits, strict=True):
+            self._take(request, row)
+
+    def _take(self, request: Request, logits: torch.Tensor) -> None:
+        """Choose the request's next token, stream what became final, finish it if it is done."""
+        params, decoding = request.params, request.decoding
+        assert decoding is not None and request.seen is not None
+        try:
+            logits = logits.float()
+            generated = torch.tensor([s.token_id for s in decoding.steps], dtype=torch.long)
+            token, explanation = pick_token(logits, params, request.seen, request.generator, generated=generated)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            step = Step(token, float(logprobs[token]), top_logprobs(logprobs, params.logprobs or 0), explanation)
+        except Exception as exc:
+            self._finish(request, OwnLLMError(f"sampling failed: {exc}", kind="resource"))
+            return
+        if params.repetition_penalty != 1.0:
+            request.seen = torch.cat([request.seen, torch.tensor([token])])
+        delta = decoding.add(step)
+        if delta is not None:
+            self._emit(request, delta)
+        if decoding.done or len(request.prompt_ids) + len(decoding.steps) >= self.max_len:
+            self._finish(request, None)
+        else:
+            request.next_token = token
+
+
+class SerialScheduler(_Loop):
+    """One request at a time through any Engine (other architectures, the llama.cpp backend)."""
+
+    def __init__(self, engine: Engine, *, max_queue: int = 64) -> None:
+        super().__init__(engine, max_queue=max_queue)
+        self.current: Request | None = None
+        self.max_batch = 1
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    def running_requests(self) -> list[Request]:
+        return [self.current] if self.current else []
+
+    def load_adapter(self, name: str, folder: Any) -> None:
+        raise OwnLLMError("adapters need a Llama-family model on the transformers backend", kind="unsupported",
+                          param="adapter")
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting:
+                    self.cond.wait()
+                if self.stopping and not self.waiting:
+                    return
+                self.current = self.waiting.popleft()
+            request = self.current
+            try:
+                if not request.cancelled.is_set():
+                    from dataclasses import replace
+
+                    for event in self.engine.stream(request.prompt_ids, replace(request.params, seed=request.seed)):
+                        if request.cancelled.is_set():
+                            break
+                        self._emit(request, event)
+            except Exception as exc:
+                log.exception("request %s failed", request.id)
+                self._emit(request, exc if isinstance(exc, OwnLLMError) else OwnLLMError(
+                    f"generation failed: {exc.__class__.__name__}", kind="resource"))
+            finally:
+                self.current = None
+
+
+def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None
+                   ) -> BatchScheduler | SerialScheduler:
+    """Continuous batching where the model allows it, else one at a time."""
+    from ownllm.generate.slots import supports_slots
+
+    model = getattr(engine, "model", None)
+    if model is not None and getattr(engine, "device", "cpu") == "cpu" and supports_slots(model):
+        return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
+    log.info("serving %s one request at a time", engine.name)
+    return SerialScheduler(engine, max_queue=max_queue)
+
+
+def new_seed(params: SamplingParams, index: int = 0) -> int:
+    if params.seed is None:
+        return int.from_bytes(os.urandom(4), "little")
+    return params.seed + index

@@ -1,0 +1,337 @@
+"""The HTTP routes: thin translations between OpenAI's wire format and the engine's scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Header
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ownllm.errors import OwnLLMError
+from ownllm.generate.engine import Completion, TextDelta
+from ownllm.serve import errors, formats
+from ownllm.serve.errors import APIError
+from ownllm.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    TGIRequest,
+    TokenizeRequest,
+)
+from ownllm.serve.state import ServerState, render_prompt
+
+JSON_OBJECT_HINT = "Reply with a single valid JSON object and nothing else."
+
+
+class _Guard:
+    """ASGI middleware: body size limit (413) and request counting by endpoint and status."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint, limit = scope["path"], self.state.limits.max_body
+        status = {"code": 500}
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await errors.envelope(413, f"request body is larger than {limit} bytes", code="body_too_large")(
+                scope, receive, counted_send)
+        else:
+            received = {"bytes": 0}
+
+            async def limited_receive() -> Message:
+                message = await receive()
+                received["bytes"] += len(message.get("body", b""))
+                if received["bytes"] > limit:
+                    raise APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+                return message
+
+            await self.app(scope, limited_receive, counted_send)
+        self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, state.scheduler.stop, 10.0)
+
+    app = FastAPI(title="ownllm", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API over a local model, with continuous batching.")
+    app.state.ownllm = state
+    errors.install(app)
+    app.add_middleware(_Guard, state=state)
+
+    def auth(authorization: str | None = Header(default=None)) -> None:
+        state.check_key(authorization)
+
+    # --- models, health, metrics ------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": state.model_name, "running": len(state.scheduler.running_requests()),
+                "waiting": len(state.scheduler.waiting)}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def list_models() -> dict[str, Any]:
+        cards = [formats.model_card(state.model_name, state.created, max_model_len=state.context_length)]
+        cards += [formats.model_card(name, state.created, parent=state.model_name, root=str(path))
+                  for name, path in state.adapters.items()]
+        cards.append(formats.model_card(state.embedding_model, state.created, owned_by="sentence-transformers"))
+        return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
+    async def get_model(model_id: str) -> dict[str, Any]:
+        for card in (await list_models())["data"]:
+            if card["id"] == model_id:
+                return card
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+    # --- chat -------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
+    async def chat(body: ChatCompletionRequest) -> Any:
+        adapter = state.adapter_for(body.model)
+        params = _params(body.to_sampling_params, state.limits.default_max_tokens)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        extra: dict[str, Any] = {}
+        if body.rag:
+            messages, extra = await _with_sources(state, messages, body.rag)
+        if body.response_format is not None and body.response_format.type == "json_object":
+            messages = [{"role": "system", "content": JSON_OBJECT_HINT}, *messages]
+        prompt_ids = render_prompt(state.engine, messages)
+        events = state.generate(prompt_ids, params, n=body.n, adapter=adapter)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            return _sse(_chat_stream(body.model, len(prompt_ids), body.n, events, include_usage, extra))
+        completions = await _collect(events, body.n)
+        return formats.chat_response(body.model, len(prompt_ids), completions, extra)
+
+    # --- completions --------------------------------------------------------------------------
+    @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
+    async def complete(body: CompletionRequest) -> Any:
+        adapter = state.adapter_for(body.model)
+        params = _params(body.to_sampling_params, state.limits.default_max_tokens)
+        prompts = body.prompts()
+        encoded = [p if isinstance(p, list) else state.engine.tokenizer.encode(p) for p in prompts]
+        texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
+        for ids in encoded:
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            state.check_fits(len(ids), params.max_new_tokens)
+        if body.stream:
+            if len(prompts) != 1:
+                raise APIError(400, "streaming takes one prompt", param="prompt")
+            events = state.generate(encoded[0], params, n=body.n, adapter=adapter)
+            return _sse(_text_stream(body.model, len(encoded[0]), events, texts[0] if body.echo else "",
+                                     bool(body.stream_options and body.stream_options.include_usage)))
+        results = await asyncio.gather(*(_collect(state.generate(ids, params, n=body.n, adapter=adapter), body.n)
+                                         for ids in encoded))
+        items = [(text if body.echo else "", c) for text, cs in zip(texts, results, strict=True) for c in cs]
+        return formats.text_response(body.model, sum(len(ids) for ids in encoded), items)
+
+    # --- embeddings, tokenize -------------------------------------------------------------------
+    @app.post("/v1/embeddings", dependencies=[Depends(auth)])
+    async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
+        from ownllm.models.embeddings import load_embedder
+
+        name = body.model or state.embedding_model
+        if name not in (state.embedding_model, f"sentence-transformers/{state.embedding_model}"):
+            raise APIError(404, f"The embedding model '{name}' does not exist", param="model",
+                           code="model_not_found")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or any(not t for t in texts):
+            raise APIError(400, "input must be non-empty text", param="input")
+        loop = asyncio.get_running_loop()
+        embedder = await loop.run_in_executor(None, load_embedder, state.embedding_model)
+        vectors = await loop.run_in_executor(None, embedder.embed, texts)
+        tokens = sum(embedder.count_tokens(t) for t in texts)
+        data = []
+        for index, vector in enumerate(vectors):
+            value: Any = (base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+                          if body.encoding_format == "base64" else vector.tolist())
+            data.append({"object": "embedding", "index": index, "embedding": value})
+        return {"object": "list", "data": data, "model": state.embedding_model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/tokenize", dependencies=[Depends(auth)])
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        if body.messages is not None:
+            ids = render_prompt(state.engine, [{"role": m.role, "content": m.text()} for m in body.messages])
+        else:
+            ids = state.engine.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.context_length}
+
+    # --- TGI-style generate ----------------------------------------------------------------------
+    @app.post("/generate", dependencies=[Depends(auth)], response_model=None)
+    async def tgi_generate(body: TGIRequest) -> Any:
+        if body.stream:
+            return await tgi_stream(body)
+        params = _params(body.parameters.to_sampling_params)
+        ids = state.engine.tokenizer.encode(body.inputs)
+        (completion,) = await _collect(state.generate(ids, params), 1)
+        result: dict[str, Any] = {"generated_text": completion.text}
+        if body.parameters.details:
+            result["details"] = _tgi_details(completion)
+        return result
+
+    @app.post("/generate_stream", dependencies=[Depends(auth)], response_model=None)
+    async def tgi_stream(body: TGIRequest) -> StreamingResponse:
+        params = _params(body.parameters.to_sampling_params)
+        ids = state.engine.tokenizer.encode(body.inputs)
+        events = state.generate(ids, params)
+
+        async def stream() -> AsyncIterator[str]:
+            async for _, event in events:
+                if isinstance(event, TextDelta):
+                    yield _data({"token": {"id": event.token_ids[-1] if event.token_ids else None,
+                                           "text": event.text, "logprob": None, "special": False},
+                                 "generated_text": None, "details": None})
+                else:
+                    yield _data({"token": {"id": None, "text": "", "logprob": None, "special": True},
+                                 "generated_text": event.text, "details": _tgi_details(event)})
+
+        return _sse(stream(), done=False)
+
+    return app
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def _params(build: Any, *args: Any) -> Any:
+    try:
+        return build(*args)
+    except OwnLLMError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+
+
+async def _collect(events: AsyncIterator[tuple[int, Any]], n: int) -> list[Completion]:
+    done: dict[int, Completion] = {}
+    async for index, event in events:
+        if isinstance(event, Completion):
+            done[index] = event
+    return [done[i] for i in range(n)]
+
+
+def _data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _sse(chunks: AsyncIterator[str], *, done: bool = True) -> StreamingResponse:
+    async def framed() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except APIError as exc:
+            yield f"data: {json.dumps(errors.body(exc.status, exc.message, exc.param, exc.code))}\n\n"
+        except Exception as exc:  # after the first byte, errors travel inside the stream
+            yield errors.sse_error(exc)
+        if done:
+            yield "data: [DONE]\n\n"
+
+    return StreamingResponse(framed(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_stream(model: str, prompt_tokens: int, n: int, events: AsyncIterator[tuple[int, Any]],
+                       include_usage: bool, extra: dict[str, Any]) -> AsyncIterator[str]:
+    chunk_id, created = formats.new_id("chatcmpl"), int(time.time())
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        payload = formats.chat_chunk(chunk_id, model, created, choices, usage, include_usage)
+        return _data(payload)
+
+    for index in range(n):
+        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    completions: list[Completion] = []
+    async for index, event in events:
+        if isinstance(event, TextDelta):
+            if event.text:
+                yield chunk([{"index": index, "delta": {"content": event.text}, "logprobs": None,
+                              "finish_reason": None}])
+        else:
+            completions.append(event)
+            logprobs = formats.chat_logprobs(event.logprobs)
+            yield chunk([{"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": event.finish_reason}])
+    if extra:
+        yield _data({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [], **extra})
+    if include_usage:
+        yield _data(formats.chat_chunk(chunk_id, model, created, [], formats.usage(prompt_tokens, completions),
+                                       True))
+
+
+async def _text_stream(model: str, prompt_tokens: int, events: AsyncIterator[tuple[int, Any]], echo: str,
+                       include_usage: bool) -> AsyncIterator[str]:
+    chunk_id, created = formats.new_id("cmpl"), int(time.time())
+    completions: list[Completion] = []
+    echoed: set[int] = set()
+
+    def chunk(index: int, text: str, finish: str | None) -> str:
+        body = {"id": chunk_id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return _data(body)
+
+    async for index, event in events:
+        prefix = "" if index in echoed else echo
+        echoed.add(index)
+        if isinstance(event, TextDelta):
+            if event.text or prefix:
+                yield chunk(index, prefix + event.text, None)
+        else:
+            completions.append(event)
+            yield chunk(index, prefix, event.finish_reason)
+    if include_usage:
+        yield _data({"id": chunk_id, "object": "text_completion", "created": created, "model": model,
+                     "choices": [], "usage": formats.usage(prompt_tokens, completions)})
+
+
+def _tgi_details(completion: Completion) -> dict[str, Any]:
+    return {"finish_reason": {"stop": "eos_token", "length": "length"}.get(completion.finish_reason, "stop_sequence"),
+            "generated_tokens": completion.completion_tokens, "seed": completion.seed}
+
+
+async def _with_sources(state: ServerState, messages: list[dict[str, str]], options: Any
+                        ) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Put the server's RAG store's best chunks for the last user message in front of the conversation."""
+    from ownllm.rag.prompt import SYSTEM, source_label
+
+    if state.rag_index is None:
+        raise APIError(400, "this server has no document store (start it with --rag-store)", param="rag")
+    k = getattr(options, "k", 4)
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    if not question:
+        raise APIError(400, "rag needs a user message to search for", param="messages")
+    hits = await asyncio.get_running_loop().run_in_executor(None, lambda: state.rag_index.search(question, k=k))
+    sources = "\n\n".join(f"[{n}] ({source_label(h.chunk)}) {h.chunk.text}" for n, h in enumerate(hits, 1))
+    system = {"role": "system", "content": f"{SYSTEM}\n\nSources:\n{sources}"}
+    extra = {"sources": [{"index": n, "source": h.chunk.source, "page": h.chunk.page, "heading": h.chunk.heading,
+                          "score": h.score} for n, h in enumerate(hits, 1)]}
+    return [system, *[m for m in messages if m["role"] != "system"]], extra
+
+
+__all__ = ["JSONResponse", "create_app"]

@@ -1,0 +1,83 @@
+"""OpenAI's error envelope for every failure: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from ownllm.errors import OwnLLMError
+
+log = logging.getLogger(__name__)
+_STATUS = {"invalid_request": 400, "not_found": 404, "unsupported": 501, "resource": 503}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+          413: "invalid_request_error", 429: "rate_limit_exceeded", 501: "invalid_request_error",
+          503: "server_error", 500: "server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+
+
+def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body(status, message, param, code), status_code=status, headers=headers)
+
+
+def from_ownllm(exc: OwnLLMError) -> tuple[int, str | None]:
+    from ownllm.generate.batching import QueueFull
+
+    if isinstance(exc, QueueFull):
+        return 429, "queue_full"
+    return _STATUS.get(exc.kind, 400), None
+
+
+def sse_error(exc: BaseException) -> str:
+    """The last event of a stream that failed after it started."""
+    if isinstance(exc, OwnLLMError):
+        status, code = from_ownllm(exc)
+        return f"data: {json.dumps(body(status, str(exc), exc.param, code))}\n\n"
+    return f"data: {json.dumps(body(500, 'internal error while generating'))}\n\n"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError) -> JSONResponse:
+        return envelope(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(OwnLLMError)
+    async def _ownllm(_: Request, exc: OwnLLMError) -> JSONResponse:
+        status, code = from_ownllm(exc)
+        headers = {"Retry-After": "1"} if status == 429 else None
+        return envelope(status, str(exc), exc.param, code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return envelope(400, "the request body is not valid JSON", None, "invalid_json")
+        location = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(location) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return envelope(400, message, param, "invalid_value")
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        return envelope(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return envelope(500, "internal server error")

@@ -1,0 +1,78 @@
+"""OpenAI's response objects, built from engine results."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from ownllm.generate.engine import Completion, TokenLogprob
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completions: list[Completion]) -> dict[str, int]:
+    completion_tokens = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if items is None:
+        return None
+    return {"content": [{"token": i.token, "logprob": i.logprob, "bytes": _token_bytes(i.token),
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": _token_bytes(t)} for t, lp in i.top]}
+                        for i in items], "refusal": None}
+
+
+def completion_logprobs(items: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    if items is None:
+        return None
+    offsets, position = [], offset
+    for item in items:
+        offsets.append(position)
+        position += len(item.token)
+    return {"tokens": [i.token for i in items], "token_logprobs": [i.logprob for i in items],
+            "top_logprobs": [dict(i.top) for i in items], "text_offset": offsets}
+
+
+def chat_response(model: str, prompt_tokens: int, completions: list[Completion], extra: dict | None = None
+                  ) -> dict[str, Any]:
+    return {
+        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                     "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+                    for i, c in enumerate(completions)],
+        "usage": usage(prompt_tokens, completions), **(extra or {}),
+    }
+
+
+def chat_chunk(chunk_id: str, model: str, created: int, choices: list[dict[str, Any]],
+               usage_value: dict[str, int] | None = None, include_usage: bool = False) -> dict[str, Any]:
+    chunk: dict[str, Any] = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                             "system_fingerprint": None, "choices": choices}
+    if include_usage:
+        chunk["usage"] = usage_value
+    return chunk
+
+
+def text_response(model: str, prompt_tokens: int, items: list[tuple[str, Completion]]) -> dict[str, Any]:
+    """`items`: (echoed prompt or "", completion) per choice."""
+    return {
+        "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": i, "text": echo + c.text, "logprobs": completion_logprobs(c.logprobs, len(echo)),
+                     "finish_reason": c.finish_reason} for i, (echo, c) in enumerate(items)],
+        "usage": usage(prompt_tokens, [c for _, c in items]),
+    }
+
+
+def model_card(model_id: str, created: int, owned_by: str = "ownllm", **extra: Any) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by, **extra}

@@ -1,0 +1,49 @@
+"""`ownllm serve`: load the model once, start the scheduler, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ownllm.errors import OwnLLMError
+from ownllm.serve.state import Limits, ServerState
+
+log = logging.getLogger(__name__)
+
+
+def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys: list[str] | None = None,
+                max_batch: int = 16, max_queue: int = 64, max_body: int = 1 << 20, max_model_len: int | None = None,
+                dtype: str = "auto", backend: str = "auto", embedding_model: str = "all-MiniLM-L6-v2",
+                rag_store: str | None = None, default_max_tokens: int = 512) -> ServerState:
+    """Everything a server needs, ready to start: engine, scheduler (started), adapters, limits."""
+    from ownllm.generate.batching import make_scheduler
+    from ownllm.generate.open import open_engine
+    from ownllm.models.resolve import resolve
+
+    if max_batch < 1 or max_queue < 1:
+        raise OwnLLMError("max-batch and max-queue must be at least 1", param="max_batch")
+    engine = open_engine(model, dtype=dtype, backend=backend, batch_rows=min(max_batch, 8))
+    scheduler = make_scheduler(engine, max_batch=max_batch, max_queue=max_queue,
+                               max_len=max_model_len or min(engine.context_length, 4096))
+    for name, folder in (adapters or {}).items():
+        scheduler.load_adapter(name, Path(folder))
+    rag_index = None
+    if rag_store is not None:
+        from ownllm.rag.index import Index
+
+        rag_index = Index(rag_store)
+        rag_index.search("warm up", k=1)  # fails now, not on the first request, if the store is missing
+    scheduler.start()
+    name = resolve(model).name if not model.startswith(("/", ".")) else Path(model).name
+    return ServerState(engine=engine, scheduler=scheduler, model_name=model if "/" not in model else name,
+                       api_keys=list(api_keys or []), adapters={k: Path(v) for k, v in (adapters or {}).items()},
+                       limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens),
+                       embedding_model=embedding_model, rag_index=rag_index)
+
+
+def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    from ownllm.serve.app import create_app
+
+    uvicorn.run(create_app(state), host=host, port=port, log_level="warning", timeout_graceful_shutdown=15)

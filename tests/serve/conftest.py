@@ -1,0 +1,88 @@
+"""A real `ownllm serve` on loopback (a subprocess on a free port), and a LoRA adapter made with peft."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ownllm-serve-{self.port}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ownllm", "serve", *args, "--port", str(self.port)],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not start")
+
+    def client(self, api_key: str = "none"):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(default_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter with random (non-zero) weights: real peft files, so it changes the model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ownllm.models.load import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model(default_model, dtype="fp32")
+    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(loaded.model, config)
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(default_model: str, adapter_dir: Path) -> Iterator[Server]:
+    running = Server(default_model, "--adapter", f"tuned={adapter_dir}", "--max-batch", "16", "--dtype", "fp32",
+                     "--max-model-len", "2048")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_server(default_model: str) -> Iterator[Server]:
+    """Keys required, one sequence at a time, a queue of one, small bodies: for 401, 413 and 429."""
+    running = Server(default_model, "--api-key", "sk-test-1", "--api-key", "sk-test-2", "--max-batch", "1",
+                     "--max-queue", "1", "--max-body", "4000", "--dtype", "fp32")
+    yield running
+    running.stop()

@@ -1,0 +1,224 @@
+"""The OpenAI-compatible server, on loopback, through the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import struct
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m-instruct"
+HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def test_models_list_includes_adapters(server) -> None:
+    ids = [m.id for m in server.client().models.list().data]
+    assert ids == [MODEL, "tuned", "all-MiniLM-L6-v2"]
+    assert server.client().models.retrieve("tuned").id == "tuned"
+
+
+def test_chat_and_greedy_determinism(server) -> None:
+    client = server.client()
+    first = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                           temperature=0, max_tokens=16)
+    second = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                            temperature=0, max_tokens=16)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert first.choices[0].message.role == "assistant"
+    assert first.usage.completion_tokens <= 16 and first.usage.prompt_tokens > 0
+    assert first.object == "chat.completion" and first.id.startswith("chatcmpl-")
+
+
+def test_stream_with_usage_matches_non_stream(server) -> None:
+    client = server.client()
+    plain = client.chat.completions.create(model=MODEL, messages=HELLO, seed=7, max_tokens=24)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, seed=7, max_tokens=24, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == plain.choices[0].message.content
+    assert finish == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_choices_seed_and_stop(server) -> None:
+    client = server.client()
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, n=3, seed=1, max_tokens=12)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert len({c.message.content for c in reply.choices}) > 1  # each choice samples with its own seed
+    again = client.chat.completions.create(model=MODEL, messages=HELLO, n=3, seed=1, max_tokens=12)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    full = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=30)
+    words = full.choices[0].message.content.split()
+    cut = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=30, stop=[words[2]])
+    assert cut.choices[0].finish_reason == "stop" and words[2] not in cut.choices[0].message.content
+
+
+def test_logprobs_shape(server) -> None:
+    reply = server.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, logprobs=True,
+                                                    top_logprobs=3, temperature=0)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-6
+
+
+def test_completions(server) -> None:
+    client = server.client()
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                      echo=True, logprobs=2)
+    choice = reply.choices[0]
+    assert choice.text.startswith("The capital of France is")
+    assert len(choice.logprobs.tokens) == reply.usage.completion_tokens == len(choice.logprobs.top_logprobs)
+    many = client.completions.create(model=MODEL, prompt=["One", "Two"], max_tokens=3, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True) if c.choices)
+    assert streamed == choice.text.removeprefix("The capital of France is")
+
+
+def test_embeddings(server) -> None:
+    client = server.client()
+    floats = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a sentence", "a sentence", "other"])
+    a, b, c = (np.array(d.embedding) for d in floats.data)
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) == pytest.approx(1.0, abs=1e-5)
+    assert len(a) == 384 and float(a @ c) < 0.99
+    raw = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a sentence", "encoding_format": "base64"}).json()
+    decoded = struct.unpack(f"<{384}f", base64.b64decode(raw["data"][0]["embedding"]))
+    assert np.allclose(decoded, a, atol=1e-6)
+    assert raw["usage"]["prompt_tokens"] > 0
+
+
+def test_adapter_and_base_differ(server) -> None:
+    client = server.client()
+    base = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=12)
+    tuned = client.chat.completions.create(model="tuned", messages=HELLO, temperature=0, max_tokens=12)
+    assert base.choices[0].message.content != tuned.choices[0].message.content
+    assert tuned.model == "tuned"
+
+
+def _error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code:
+        assert error["code"] == code
+    if param:
+        assert error["param"] == param
+    return error
+
+
+def test_error_envelopes(server) -> None:
+    url = f"{server.url}/v1/chat/completions"
+    _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_json")
+    _error(httpx.post(url, json={"model": "nope", "messages": HELLO}), 404, "model_not_found", "model")
+    _error(httpx.post(url, json={"model": MODEL}), 400, param="messages")
+    _error(httpx.post(url, json={"model": MODEL, "messages": HELLO, "temperature": -3}), 400, param="temperature")
+    _error(httpx.post(url, json={"model": MODEL, "messages": HELLO, "top_p": 0}), 400, param="top_p")
+    _error(httpx.post(url, json={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}), 400)
+    long_prompt = [{"role": "user", "content": "word " * 3000}]
+    _error(httpx.post(url, json={"model": MODEL, "messages": long_prompt, "max_tokens": 100}), 400,
+           "context_length_exceeded")
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="nope", messages=HELLO)
+
+
+def test_sixteen_concurrent_streams_complete(server) -> None:
+    client = server.client()
+
+    def run(i: int) -> tuple[str | None, int]:
+        pieces, finish = [], None
+        for chunk in client.chat.completions.create(model=MODEL, messages=HELLO, seed=i, max_tokens=24, stream=True):
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        return finish, len("".join(pieces))
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, range(16)))
+    assert all(finish in ("stop", "length") and length > 0 for finish, length in results)
+
+
+def test_disconnect_frees_the_slot(server) -> None:
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1500, "stream": True, "temperature": 1,
+            "stop": ["never-appears-xyz"]}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        for _ in zip(range(5), response.iter_lines(), strict=False):
+            pass
+        assert httpx.get(f"{server.url}/health").json()["running"] == 1
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{server.url}/health").json()["running"] == 0
+
+
+def test_metrics_move(server) -> None:
+    def value(name: str) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    before = value("ownllm_generation_tokens_total")
+    requests_before = value('ownllm_requests_total{endpoint="/v1/chat/completions",status="200"}')
+    server.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, temperature=0)
+    assert value("ownllm_generation_tokens_total") >= before + 1
+    assert value('ownllm_requests_total{endpoint="/v1/chat/completions",status="200"}') == requests_before + 1
+    assert value("ownllm_time_to_first_token_seconds_count") > 0
+    text = httpx.get(f"{server.url}/metrics").text
+    assert "ownllm_queue_depth" in text and "ownllm_running_sequences" in text
+
+
+def test_tokenize_and_tgi_generate(server) -> None:
+    tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) >= 2 and tokens["max_model_len"] == 2048
+    result = httpx.post(f"{server.url}/generate", json={"inputs": "The capital of France is",
+                                                        "parameters": {"max_new_tokens": 4, "details": True}}).json()
+    assert result["generated_text"] and result["details"]["generated_tokens"] <= 4
+    with httpx.stream("POST", f"{server.url}/generate_stream",
+                      json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}) as response:
+        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+    assert events[-1]["generated_text"] is not None
+
+
+def test_auth(strict_server) -> None:
+    url = f"{strict_server.url}/v1/models"
+    _error(httpx.get(url), 401, "invalid_api_key")
+    _error(httpx.get(url, headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
+    assert httpx.get(url, headers={"Authorization": "Bearer sk-test-2"}).status_code == 200
+    assert httpx.get(f"{strict_server.url}/health").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        strict_server.client("bad").chat.completions.create(model=MODEL, messages=HELLO)
+
+
+def test_body_limit_and_queue_full(strict_server) -> None:
+    headers = {"Authorization": "Bearer sk-test-1"}
+    url = f"{strict_server.url}/v1/chat/completions"
+    _error(httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]},
+                      headers=headers), 413)
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stop": ["never-appears-xyz"]}
+    responses: list[httpx.Response] = []
+
+    def post() -> None:
+        responses.append(httpx.post(url, json=body, headers=headers, timeout=120))
+
+    threads = [threading.Thread(target=post) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 429 in statuses  # one runs, one waits, the rest are turned away
+    busy = next(r for r in responses if r.status_code == 429)
+    assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "queue_full"

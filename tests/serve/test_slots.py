@@ -1,0 +1,49 @@
+"""The batched slot forward against transformers' own forward (and peft's, with an adapter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_slot_forward_matches_transformers(engine) -> None:
+    from ownllm.generate.slots import SlotModel
+
+    model, tokenizer = engine.model, engine.tokenizer
+    slots = SlotModel(model, slots=4, max_len=256)
+    a = tokenizer("The capital of France is").input_ids
+    b = tokenizer("Once upon a time, in a small village by the sea, there lived").input_ids
+    logits_a = slots.forward(torch.tensor([a]), torch.tensor([1]), torch.tensor([0]))[0]
+    slots.forward(torch.tensor([b[:4]]), torch.tensor([3]), torch.tensor([0]))  # chunked prefill
+    logits_b = slots.forward(torch.tensor([b[4:]]), torch.tensor([3]), torch.tensor([4]))[0]
+    for _ in range(4):  # decode both sequences together, at different lengths
+        a.append(int(logits_a.argmax()))
+        b.append(int(logits_b.argmax()))
+        out = slots.forward(torch.tensor([[a[-1]], [b[-1]]]), torch.tensor([1, 3]),
+                            torch.tensor([len(a) - 1, len(b) - 1]))
+        logits_a, logits_b = out[0], out[1]
+    with torch.inference_mode():
+        expected_a = model(torch.tensor([a])).logits[0, -1]
+        expected_b = model(torch.tensor([b])).logits[0, -1]
+    assert torch.allclose(logits_a, expected_a, atol=1e-3)
+    assert torch.allclose(logits_b, expected_b, atol=1e-3)
+
+
+def test_lora_rows_match_peft(engine, adapter_dir) -> None:
+    from peft import PeftModel
+
+    from ownllm.generate.slots import SlotModel
+
+    ids = engine.tokenizer("Tell me about bicycles").input_ids
+    slots = SlotModel(engine.model, slots=2, max_len=128)
+    slots.load_adapter("tuned", adapter_dir)
+    out = slots.forward(torch.tensor([ids]), torch.tensor([0]), torch.tensor([0]), ["tuned"])[0]
+    base = slots.forward(torch.tensor([ids]), torch.tensor([1]), torch.tensor([0]), [None])[0]
+    peft_model = PeftModel.from_pretrained(engine.model, adapter_dir)
+    with torch.inference_mode():
+        expected = peft_model(torch.tensor([ids])).logits[0, -1]
+    peft_model.unload()  # give the shared base model back without LoRA layers
+    assert torch.allclose(out, expected, atol=1e-3)
+    assert not torch.allclose(out, base, atol=1e-2)
