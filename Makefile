@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/decode.py
 	$(PY) bench/eval.py
 	$(PY) bench/rag.py
+	$(PY) bench/serve.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -141,3 +141,17 @@ def test_models_lists_the_pulled_model(default_model: str) -> None:
     assert result.returncode == 0
     names = [m["name"] for m in json.loads(result.stdout)["models"]]
     assert default_model in names
+
+
+def test_serve_bad_arguments(tmp_path: Path) -> None:
+    assert_user_error(run_cli("serve", "no-such-model"), "unknown model")
+    assert_user_error(run_cli("serve", "no-such-model", "--adapter", "oops"), "--adapter takes NAME=FOLDER")
+    assert_user_error(run_cli("bench", "serve", "--url", "http://127.0.0.1:9", "--concurrency", "1"),
+                      "cannot list models")
+    assert_user_error(run_cli("bench", "serve", "--concurrency", "a,b"), "concurrency takes numbers")
+
+
+@pytest.mark.slow
+def test_serve_missing_adapter_folder(default_model: str, tmp_path: Path) -> None:
+    assert_user_error(run_cli("serve", default_model, "--adapter", f"x={tmp_path / 'missing'}"),
+                      "is not a LoRA adapter folder")

@@ -24,6 +24,50 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+bench_app = typer.Typer(help="Benchmarks users can run against their own setup.", no_args_is_help=True)
+
+
+@bench_app.command(name="serve")
+def bench_serve(
+    url: Annotated[str, typer.Option(help="base URL of any OpenAI-compatible server")] = "http://127.0.0.1:8000",
+    concurrency: Annotated[str, typer.Option(help="comma-separated levels")] = "1,4,8,16",
+    prompts: Annotated[str, typer.Option(help="random, or a .jsonl (prompt/messages) or text file")] = "random",
+    max_tokens: Annotated[int, typer.Option(help="max tokens per request")] = 128,
+    requests: Annotated[int | None, typer.Option(help="requests per level (default 2 x concurrency)")] = None,
+    model: Annotated[str | None, typer.Option(help="model name (default: the server's first)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Throughput and latency (TTFT, TPOT, ITL, end to end; p50/p95/p99) at several concurrency levels."""
+    from rich.table import Table
+
+    from ownllm.render import out
+    from ownllm.serve.benchmark import run_benchmark
+
+    try:
+        levels = [int(c) for c in concurrency.split(",")]
+    except ValueError:
+        raise OwnLLMError(f"concurrency takes numbers like 1,4,8,16, got '{concurrency}'",
+                          param="concurrency") from None
+    results = run_benchmark(url, concurrency=levels, prompts=prompts, max_tokens=max_tokens,
+                            requests_per_level=requests, model=model, api_key=api_key)
+    rows = [r.as_dict() for r in results]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"bench serve {url}", title_justify="left")
+    columns = ["concurrency", "requests", "errors", "output_tokens_per_s", "requests_per_s", "ttft_p50_ms",
+               "ttft_p95_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in columns))
+    out.print(table)
+    for row in rows:
+        if row.get("first_error"):
+            out.print(f"[yellow]concurrency {row['concurrency']}: first error: {row['first_error']}[/yellow]")
+
+
 def _register_subcommands() -> None:
     from ownllm.cli_eval import eval_app
     from ownllm.cli_rag import rag_app
@@ -31,6 +75,7 @@ def _register_subcommands() -> None:
     if not app.registered_groups:
         app.add_typer(eval_app, name="eval")
         app.add_typer(rag_app, name="rag")
+        app.add_typer(bench_app, name="bench")
 
 ModelArg = Annotated[str, typer.Argument(help="alias, pulled name, HF folder, .gguf file or hub id")]
 BackendOpt = Annotated[str, typer.Option(help="auto | transformers | llama.cpp")]

@@ -72,9 +72,18 @@ def adapter_dir(default_model: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def server(default_model: str, adapter_dir: Path) -> Iterator[Server]:
+def rag_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ownllm.rag.index import Index
+
+    store = tmp_path_factory.mktemp("rag") / "docs.db"
+    Index(store).build([Path(__file__).resolve().parents[2] / "examples" / "rag" / "docs"])
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(default_model: str, adapter_dir: Path, rag_store: Path) -> Iterator[Server]:
     running = Server(default_model, "--adapter", f"tuned={adapter_dir}", "--max-batch", "16", "--dtype", "fp32",
-                     "--max-model-len", "2048")
+                     "--max-model-len", "2048", "--rag-store", str(rag_store))
     yield running
     running.stop()
 

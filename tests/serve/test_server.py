@@ -222,3 +222,36 @@ def test_body_limit_and_queue_full(strict_server) -> None:
     assert 200 in statuses and 429 in statuses  # one runs, one waits, the rest are turned away
     busy = next(r for r in responses if r.status_code == 429)
     assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "queue_full"
+
+
+def test_chat_with_rag_sources(server) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Who founded Lumen Bikes?"}], "temperature": 0,
+            "max_tokens": 32, "rag": {"k": 2}}
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert [s["index"] for s in reply["sources"]] == [1, 2]
+    assert reply["sources"][0]["source"].endswith("company.html")
+    assert reply["choices"][0]["message"]["content"]
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and any('"sources"' in e for e in events)
+
+
+def test_graceful_shutdown_finishes_streams(default_model: str) -> None:
+    import signal
+
+    from tests.serve.conftest import Server
+
+    own = Server(default_model, "--dtype", "fp32")
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 40, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    lines = []
+    with httpx.stream("POST", f"{own.url}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if not line:
+                continue
+            lines.append(line)
+            if len(lines) == 3:
+                own.process.send_signal(signal.SIGTERM)
+    assert lines[-1] == "data: [DONE]"
+    assert any('"finish_reason": "length"' in line for line in lines)
+    assert own.process.wait(timeout=60) in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down cleanly

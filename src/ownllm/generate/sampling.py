@@ -72,6 +72,47 @@ def _renormalise(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return kept / kept.sum()
 
 
+def _candidates(logits: torch.Tensor, params: SamplingParams, temperature: float
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The tokens that may be drawn and their (unnormalised) probabilities after temperature, top-k and top-p.
+
+    Only what the filters need is sorted: the k best with top-k, everything only when top-p alone is set.
+    `ids` is None when no filter applies (the probabilities are then over the whole vocabulary).
+    """
+    scaled = logits / temperature
+    ids = None
+    if 0 < params.top_k < scaled.numel():
+        scaled, ids = torch.topk(scaled, params.top_k)
+        probs = torch.softmax(scaled, dim=-1)  # top-k renormalises before top-p, as in transformers
+    elif params.top_p < 1.0:
+        log_total = torch.logsumexp(scaled, dim=0)
+        # The nucleus is usually small: look at the best 256 first, sort everything only if they fall short.
+        head, head_ids = torch.topk(scaled, min(256, scaled.numel()))
+        probs = torch.exp(head - log_total)
+        if float(probs.sum()) >= params.top_p:
+            ids = head_ids
+        else:
+            scaled, ids = torch.sort(scaled, descending=True)
+            probs = torch.exp(scaled - log_total)
+    else:
+        probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        keep = (torch.cumsum(probs, dim=0) - probs) < params.top_p
+        keep[0] = True
+        probs = probs * keep
+    return ids, probs
+
+
+def _draw(ids: torch.Tensor | None, probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Inverse-CDF sampling: one uniform number from the seeded generator."""
+    cumulative = torch.cumsum(probs, dim=0)
+    target = torch.rand((), generator=generator) * cumulative[-1]
+    index = min(int(torch.searchsorted(cumulative, target, right=True)), probs.numel() - 1)
+    while probs[index] == 0:  # rounding at the very top of the CDF: step back to a kept token
+        index -= 1
+    return int(ids[index]) if ids is not None else index
+
+
 def pick_token(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -94,20 +135,22 @@ def pick_token(
     if (params.presence_penalty or params.frequency_penalty) and generated is not None and generated.numel():
         counts = torch.bincount(generated, minlength=logits.numel())[: logits.numel()].float()
         logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
-    if params.strategy != "sample" and not params.explain:
-        return int(torch.argmax(logits)), None
-    temperature = params.temperature if params.strategy == "sample" and params.temperature > 0 else 1.0
+    sampling = params.strategy == "sample"
+    temperature = params.temperature if sampling and params.temperature > 0 else 1.0
+    chosen = _draw(*_candidates(logits, params, temperature), generator) if sampling else int(torch.argmax(logits))
+    if not params.explain:
+        return chosen, None
+    return chosen, _explain(logits, params, temperature, chosen, decode)
+
+
+def _explain(logits: torch.Tensor, params: SamplingParams, temperature: float, chosen: int, decode: object
+             ) -> StepExplanation:
+    """Every column of the table, as full renormalised distributions over the vocabulary."""
     probs_t = torch.softmax(logits / temperature, dim=-1)
     mask_k = _top_k_mask(probs_t, params.top_k)
     probs_k = _renormalise(probs_t, mask_k)
     mask_p = _top_p_mask(probs_k, params.top_p)
     probs_p = _renormalise(probs_k, mask_p)
-    if params.strategy == "sample":
-        chosen = int(torch.multinomial(probs_p, 1, generator=generator))
-    else:
-        chosen = int(torch.argmax(logits))
-    if not params.explain:
-        return chosen, None
     probs_1 = torch.softmax(logits, dim=-1)
     top = torch.topk(logits, min(params.explain, logits.numel())).indices.tolist()
     if chosen not in top:
@@ -126,10 +169,8 @@ def pick_token(
         )
         for i in top
     ]
-    explanation = StepExplanation(
-        rows=rows, chosen_id=chosen, kept_top_k=int(mask_k.sum()), kept_top_p=int((probs_p > 0).sum())
-    )
-    return chosen, explanation
+    return StepExplanation(rows=rows, chosen_id=chosen, kept_top_k=int(mask_k.sum()),
+                           kept_top_p=int((probs_p > 0).sum()))
 
 
 def top_logprobs(logprobs: torch.Tensor, n: int) -> list[tuple[int, float]]:

@@ -8,6 +8,7 @@ it was or fully updated; the next run picks up where it stopped (unchanged files
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,15 @@ def open_store(location: str | Path) -> Store:
     return SqliteStore(Path(text))
 
 
+def _locked(method: Any) -> Any:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
+    return wrapper
+
+
 def _chunk_from_row(row: Any) -> Chunk:
     source, position, text, tokens, page, heading = row
     return Chunk(source, position, text, tokens, page, heading)
@@ -56,6 +66,7 @@ class SqliteStore:
         self.path = path
         self.location = str(path)
         self._db: Any = None
+        self._lock = threading.RLock()
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -65,13 +76,15 @@ class SqliteStore:
             import pysqlite3 as sqlite3  # the stock sqlite3 here cannot load extensions
             import sqlite_vec
 
-            self._db = sqlite3.connect(self.path, isolation_level=None)
+            # one connection, shared across threads (the server searches from a worker thread) under a lock
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.enable_load_extension(True)
             sqlite_vec.load(self._db)
             self._db.enable_load_extension(False)
             self._db.execute("PRAGMA journal_mode=WAL")
         return self._db
 
+    @_locked
     def meta(self) -> dict[str, Any] | None:
         if not self.exists():
             return None
@@ -81,6 +94,7 @@ class SqliteStore:
             raise OwnLLMError(f"{self.path} is not an ownllm index ({exc.__class__.__name__})", param="store") from None
         return json.loads(row[0]) if row else None
 
+    @_locked
     def create(self, meta: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
@@ -96,9 +110,11 @@ class SqliteStore:
         db.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (json.dumps(meta),))
         db.execute("COMMIT")
 
+    @_locked
     def files(self) -> dict[str, str]:
         return dict(self._connect().execute("SELECT source, sha256 FROM files").fetchall())
 
+    @_locked
     def replace_file(self, source: str, sha256: str, chunks: list[Chunk], vectors: np.ndarray) -> None:
         db = self._connect()
         db.execute("BEGIN")
@@ -117,6 +133,7 @@ class SqliteStore:
             db.execute("ROLLBACK")
             raise
 
+    @_locked
     def delete_file(self, source: str) -> None:
         db = self._connect()
         db.execute("BEGIN")
@@ -129,6 +146,7 @@ class SqliteStore:
         db.execute("DELETE FROM vectors WHERE rowid IN (SELECT id FROM chunks WHERE source = ?)", (source,))
         db.execute("DELETE FROM chunks WHERE source = ?", (source,))
 
+    @_locked
     def dense(self, vector: np.ndarray, k: int) -> list[tuple[Chunk, float]]:
         rows = self._connect().execute(
             "SELECT c.source, c.position, c.text, c.tokens, c.page, c.heading, v.distance "
@@ -137,11 +155,13 @@ class SqliteStore:
             (np.asarray(vector, dtype=np.float32).tobytes(), k)).fetchall()
         return [(_chunk_from_row(row[:6]), 1.0 - float(row[6])) for row in rows]
 
+    @_locked
     def all_chunks(self) -> list[Chunk]:
         rows = self._connect().execute(
             "SELECT source, position, text, tokens, page, heading FROM chunks ORDER BY source, position").fetchall()
         return [_chunk_from_row(row) for row in rows]
 
+    @_locked
     def close(self) -> None:
         if self._db is not None:
             self._db.close()

@@ -64,6 +64,7 @@ class _Sampling(_Open):
     # ownllm extensions
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False  # as in vLLM: for benchmarks that need a fixed output length
 
     def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature  # OpenAI's default samples at T=1
@@ -72,7 +73,8 @@ class _Sampling(_Open):
             strategy="greedy" if temperature == 0 else "sample", temperature=temperature or None,
             top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            max_new_tokens=max_tokens, stop=stop or None, seed=self.seed, logprobs=logprobs)
+            max_new_tokens=max_tokens, stop=stop or None, seed=self.seed, logprobs=logprobs,
+            ignore_eos=self.ignore_eos or None)
 
 
 class ChatCompletionRequest(_Sampling):

@@ -1,0 +1,99 @@
+"""The continuous-batching scheduler on the real model: joining, leaving, failures that stay contained."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from ownllm.errors import OwnLLMError
+from ownllm.generate.batching import BatchScheduler, QueueFull, Request
+from ownllm.generate.engine import Completion, TextDelta
+from ownllm.generate.params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+def collect(events: queue.Queue, timeout: float = 60) -> tuple[str, Completion | BaseException]:
+    text = ""
+    while True:
+        event = events.get(timeout=timeout)
+        if isinstance(event, TextDelta):
+            text += event.text
+        else:
+            return text, event
+
+
+@pytest.fixture
+def scheduler(engine):
+    running = BatchScheduler(engine, max_batch=4, max_queue=8, max_len=512)
+    running.start()
+    yield running
+    running.stop(drain_seconds=1)
+
+
+def submit(scheduler: BatchScheduler, engine, prompt: str, **options) -> queue.Queue:
+    events: queue.Queue = queue.Queue()
+    params = SamplingParams(**{"max_new_tokens": 16, **options})
+    scheduler.submit(Request(engine.encode(prompt), params, 0, events.put))
+    return events
+
+
+def test_batched_greedy_equals_the_single_stream_engine(scheduler, engine) -> None:
+    prompts = ["The capital of France is", "Water boils at", "My favourite colour is", "Once upon a time"]
+    streams = [submit(scheduler, engine, p) for p in prompts]
+    results = [collect(s) for s in streams]
+    for prompt, (text, completion) in zip(prompts, results, strict=True):
+        expected = engine.generate(prompt, SamplingParams(max_new_tokens=16))
+        assert completion.token_ids == expected.token_ids and text == expected.text
+
+
+def test_a_broken_client_does_not_stop_the_others(scheduler, engine) -> None:
+    def broken(event) -> None:
+        raise ConnectionError("client went away")
+
+    scheduler.submit(Request(engine.encode("Tell me a story"), SamplingParams(max_new_tokens=64), 0, broken))
+    text, completion = collect(submit(scheduler, engine, "The capital of France is"))
+    assert isinstance(completion, Completion) and text
+
+
+def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(scheduler, engine, monkeypatch) -> None:
+    real = scheduler.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated kernel failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler.model, "forward", flaky)
+    _, first = collect(submit(scheduler, engine, "Hello there"))
+    assert isinstance(first, OwnLLMError) and "generation failed" in str(first)
+    _, second = collect(submit(scheduler, engine, "Hello again"))
+    assert isinstance(second, Completion)
+
+
+def test_queue_limit(engine) -> None:
+    idle = BatchScheduler(engine, max_batch=1, max_queue=2, max_len=256)  # not started: nothing drains
+    for _ in range(2):
+        idle.submit(Request([1, 2, 3], SamplingParams(), 0, lambda e: None))
+    with pytest.raises(QueueFull):
+        idle.submit(Request([1, 2, 3], SamplingParams(), 0, lambda e: None))
+
+
+def test_cancel_frees_the_slot(scheduler, engine) -> None:
+    events: queue.Queue = queue.Queue()
+    request = Request(engine.encode("Write a long story"), SamplingParams(max_new_tokens=400, ignore_eos=True), 0,
+                      events.put)
+    scheduler.submit(request)
+    events.get(timeout=30)
+    request.cancel()
+    done = threading.Event()
+    for _ in range(100):
+        if not scheduler.running_requests():
+            done.set()
+            break
+        threading.Event().wait(0.05)
+    assert done.is_set()
