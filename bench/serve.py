@@ -40,6 +40,7 @@ def contestants(folder: Path, port: int) -> dict[str, list[str]]:
     try:
         import llama_cpp.server  # noqa: F401
 
+        found["ownllm serve --backend llama.cpp"] = [*found["ownllm serve"], "--backend", "llama.cpp"]
         found["llama-cpp-python server"] = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
                                             "--n_ctx", "4096", "--port", str(port), "--interrupt_requests", "False",
                                             "--n_threads", str(os.cpu_count())]

@@ -6,6 +6,7 @@ transformers backend, so every strategy and `--explain` mean the same thing on b
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ class LlamaCppEngine(Engine):
         self._llama = Llama(model_path=str(gguf), n_ctx=n_ctx or 0, n_threads=threads or os.cpu_count(),
                             logits_all=False, verbose=False)
         self.context_length = int(self._llama.n_ctx())
+        atexit.register(self._llama.close)  # before interpreter teardown, when llama_cpp can still free it
         self._eos_ids = ({int(self._llama.token_eos()), tokenizer.eos_token_id}) - {None, -1}
 
     def _last_logits(self) -> torch.Tensor:

@@ -15,7 +15,8 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
                 max_batch: int = 16, max_queue: int = 64, max_body: int = 1 << 20, max_model_len: int | None = None,
                 dtype: str = "auto", backend: str = "auto", embedding_model: str = "all-MiniLM-L6-v2",
                 rag_store: str | None = None, default_max_tokens: int = 512) -> ServerState:
-    """Everything a server needs, ready to start: engine, scheduler (started), adapters, limits."""
+    """Everything a server needs: engine, scheduler (not started yet: `serve` runs it, or call
+    `state.scheduler.start()` to run it in a thread), adapters, limits."""
     from ownllm.generate.batching import make_scheduler
     from ownllm.generate.open import open_engine
     from ownllm.models.resolve import resolve
@@ -33,7 +34,6 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
 
         rag_index = Index(rag_store)
         rag_index.search("warm up", k=1)  # fails now, not on the first request, if the store is missing
-    scheduler.start()
     name = resolve(model).name if not model.startswith(("/", ".")) else Path(model).name
     return ServerState(engine=engine, scheduler=scheduler, model_name=model if "/" not in model else name,
                        api_keys=list(api_keys or []), adapters={k: Path(v) for k, v in (adapters or {}).items()},
@@ -42,8 +42,30 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
 
 
 def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """HTTP in a thread, the engine loop in this (main) thread; SIGTERM/SIGINT shut down gracefully: no new
+    requests, running streams finish (up to 15 s), then the engine stops."""
+    import signal
+    import threading
+
     import uvicorn
 
     from ownllm.serve.app import create_app
 
-    uvicorn.run(create_app(state), host=host, port=port, log_level="warning", timeout_graceful_shutdown=15)
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=15)
+    server = uvicorn.Server(config)
+    http = threading.Thread(target=server.run, name="ownllm-http", daemon=True)
+
+    def shut_down(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    http.start()
+    watcher = threading.Thread(target=lambda: (http.join(), state.scheduler.stop(0)), daemon=True)
+    watcher.start()
+    state.scheduler.run_here()
+    http.join(timeout=20)
+    if not server.started:
+        raise OwnLLMError(f"could not listen on {host}:{port} (in use, or not an address of this machine)",
+                          kind="resource", param="port")

@@ -1,0 +1,83 @@
+"""llama.cpp's own batched decoding behind the slot interface of `SlotModel`, for serving GGUF models.
+
+Each scheduler slot is a llama.cpp sequence id in one context with a unified KV cache; a decode step is one
+`llama_decode` over a batch that holds one token per running sequence. Token choice stays in ownllm
+(`pick_token`), so sampling means the same on every backend.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ownllm.errors import OwnLLMError
+
+
+class LlamaCppSlots:
+    def __init__(self, engine: Any, *, slots: int, max_len: int) -> None:
+        import llama_cpp as lc
+
+        self._lc = lc
+        self.slots, self.max_len = slots, max_len
+        # torch only samples here: its spinning worker threads would steal llama.cpp's cores
+        torch.set_num_threads(1)
+        model = engine._llama.model  # the loaded GGUF, shared with the engine's own context
+        params = lc.llama_context_default_params()
+        params.n_ctx = slots * max_len
+        params.n_batch = params.n_ubatch = max(512, slots)
+        params.n_seq_max = slots
+        params.kv_unified = False  # a KV stream per sequence: attention reads only its own cells
+        params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+        self._ctx = lc.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise OwnLLMError("llama.cpp could not create a batched context", kind="resource")
+        self._memory = lc.llama_get_memory(self._ctx)
+        self._vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+        self._batch = lc.llama_batch_init(params.n_batch, 0, 1)
+        self.adapters: dict[str, Any] = {}
+        atexit.register(self.close)  # runs before the engine's own close (atexit is last-in, first-out)
+
+    def load_adapter(self, name: str, folder: Any) -> None:
+        raise OwnLLMError("LoRA adapters are served on the transformers backend", kind="unsupported",
+                          param="adapter")
+
+    def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+                adapters: list[str | None] | None = None) -> torch.Tensor:
+        """Logits of the last position of each row (see SlotModel.forward)."""
+        lc, batch = self._lc, self._batch
+        rows, length = tokens.shape
+        outputs = []
+        count = 0
+        for row in range(rows):
+            slot, start = int(slots[row]), int(starts[row])
+            if start == 0:  # a new sequence in this slot: forget the previous one's cache
+                lc.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            for t in range(length):
+                batch.token[count] = int(tokens[row, t])
+                batch.pos[count] = start + t
+                batch.n_seq_id[count] = 1
+                batch.seq_id[count][0] = slot
+                batch.logits[count] = t == length - 1
+                count += 1
+            outputs.append(count - 1)
+        batch.n_tokens = count
+        status = lc.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise OwnLLMError(f"llama_decode failed ({status})", kind="resource")
+        logits = np.empty((rows, self._vocab), dtype=np.float32)
+        for row, index in enumerate(outputs):
+            pointer = lc.llama_get_logits_ith(self._ctx, index)
+            logits[row] = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
+                                                shape=(self._vocab,))
+        return torch.from_numpy(logits)
+
+    def close(self) -> None:
+        if self._ctx:
+            self._lc.llama_batch_free(self._batch)
+            self._lc.llama_free(self._ctx)
+            self._ctx = None
