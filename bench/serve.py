@@ -67,14 +67,47 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> Non
     raise RuntimeError("not ready in time")
 
 
+def adapter_overhead(folder: Path, rows: int = 8, steps: int = 16) -> None:
+    """Mixed batches: one forward for `rows` sequences with 0, half, or all rows on a LoRA adapter (r=16, all
+    projections), against the same batch without adapters — what multi-LoRA costs per decode step."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ownllm.generate.open import open_engine
+    from ownllm.generate.slots import SlotModel
+
+    engine = open_engine(str(folder), batch_rows=rows)
+    with tempfile.TemporaryDirectory() as work:
+        peft_model = get_peft_model(open_engine(str(folder), dtype="fp32").model, LoraConfig(
+            r=16, lora_alpha=32, init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        peft_model.save_pretrained(work)
+        slots = SlotModel(engine.model, slots=rows, max_len=512)
+        slots.load_adapter("a", Path(work))
+    for row in range(rows):
+        slots.forward(torch.tensor([list(range(1, 101))]), torch.tensor([row]), torch.tensor([0]))
+    print(f"\nmulti-LoRA in one batch ({rows} rows, {engine.loaded.dtype.dtype}):")
+    for with_adapter in (0, rows // 2, rows):
+        names = ["a"] * with_adapter + [None] * (rows - with_adapter)
+        start = time.perf_counter()
+        for step in range(steps):
+            slots.forward(torch.full((rows, 1), 5), torch.arange(rows), torch.full((rows,), 100 + step), names)
+        print(f"  {with_adapter} of {rows} rows on the adapter: {(time.perf_counter() - start) / steps * 1000:.1f} "
+              "ms per decode step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--only", help="run only contestants whose name contains this")
+    parser.add_argument("--only", help="run only contestants whose name contains this ('adapters': only the "
+                        "multi-LoRA measurement)")
     args = parser.parse_args()
     folder = pull(args.model).path
+    if args.only == "adapters":
+        adapter_overhead(folder)
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
     table: dict[str, list[LevelResult]] = {}
     for name, command in contestants(folder, 0).items():
@@ -110,6 +143,8 @@ def main() -> None:
                   f"{level.requests_per_second:6.2f} {level.percentile('ttft', 50):8.2f}s "
                   f"{level.percentile('ttft', 95):8.2f}s {level.percentile('itl', 50) * 1000:6.0f}ms "
                   f"{level.errors:6d}")
+    if not args.only:
+        adapter_overhead(folder)
 
 
 if __name__ == "__main__":

@@ -355,7 +355,8 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="sequences decoded together")] = 16,
     max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 64,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 1 << 20,
-    max_model_len: Annotated[int | None, typer.Option(help="context per sequence (default min(model, 4096))")
+    max_model_len: Annotated[int | None, typer.Option(help="context per sequence (default min(model, 2048)); a KV "
+                                                           "cache of max-batch such sequences is allocated at start")
                              ] = None,
     embedding_model: Annotated[str, typer.Option(help="model for /v1/embeddings")] = "all-MiniLM-L6-v2",
     rag_store: Annotated[str | None, typer.Option(help="document store for chat requests with \"rag\"")] = None,

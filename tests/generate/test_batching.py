@@ -97,3 +97,22 @@ def test_cancel_frees_the_slot(scheduler, engine) -> None:
             break
         threading.Event().wait(0.05)
     assert done.is_set()
+
+
+@pytest.mark.skipif(not __import__("ownllm.generate.llamacpp", fromlist=["x"]).llama_cpp_available(),
+                    reason="llama-cpp-python (extra `llama`) is not installed")
+def test_llama_cpp_batched_decoding(default_model: str) -> None:
+    from ownllm.generate.batching import make_scheduler
+    from ownllm.generate.open import open_engine
+
+    engine = open_engine(default_model, backend="llama.cpp")
+    scheduler = make_scheduler(engine, max_batch=4, max_len=256)
+    assert isinstance(scheduler, BatchScheduler)
+    scheduler.start()
+    try:
+        streams = [submit(scheduler, engine, p, strategy="sample", seed=3)
+                   for p in ("Hello", "Tell me a joke", "The sea is", "Numbers: 1, 2,")]
+        results = [collect(s) for s in streams]
+        assert all(isinstance(c, Completion) and text == c.text and c.completion_tokens > 0 for text, c in results)
+    finally:
+        scheduler.stop(drain_seconds=1)

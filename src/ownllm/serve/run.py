@@ -25,7 +25,7 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
         raise OwnLLMError("max-batch and max-queue must be at least 1", param="max_batch")
     engine = open_engine(model, dtype=dtype, backend=backend, batch_rows=min(max_batch, 8))
     scheduler = make_scheduler(engine, max_batch=max_batch, max_queue=max_queue,
-                               max_len=max_model_len or min(engine.context_length, 4096))
+                               max_len=max_model_len or min(engine.context_length, 2048))
     for name, folder in (adapters or {}).items():
         scheduler.load_adapter(name, Path(folder))
     rag_index = None
