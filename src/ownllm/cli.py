@@ -69,6 +69,7 @@ def bench_serve(
 
 
 def _register_subcommands() -> None:
+    from ownllm.cli_data import data_app
     from ownllm.cli_eval import eval_app
     from ownllm.cli_rag import rag_app
 
@@ -76,6 +77,7 @@ def _register_subcommands() -> None:
         app.add_typer(eval_app, name="eval")
         app.add_typer(rag_app, name="rag")
         app.add_typer(bench_app, name="bench")
+        app.add_typer(data_app, name="data")
 
 ModelArg = Annotated[str, typer.Argument(help="alias, pulled name, HF folder, .gguf file or hub id")]
 BackendOpt = Annotated[str, typer.Option(help="auto | transformers | llama.cpp")]

@@ -1,0 +1,225 @@
+"""The data doctor: everything wrong with a training file, by line, before any training starts — and a clean,
+deduplicated train/validation split of what is usable.
+
+Checks: invalid JSON, unknown or mixed formats, missing fields, bad roles, empty content, no assistant turn, too
+few examples; token statistics with the model's own tokenizer and chat template; examples past `max_length`;
+exact and near duplicates (MinHash over word 3-grams, datasketch); training time from a measured step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ownllm.data.formats import FORMATS, Example, Format, detect, normalise
+from ownllm.errors import OwnLLMError
+
+MIN_EXAMPLES = 10
+
+
+@dataclass
+class Report:
+    file: str
+    format: str
+    examples: int = 0
+    problems: list[str] = field(default_factory=list)  # lines that cannot be used
+    warnings: list[str] = field(default_factory=list)
+    tokens: dict[str, float] = field(default_factory=dict)  # min / mean / p95 / max / total
+    too_long: list[int] = field(default_factory=list)  # lines past max_length
+    exact_duplicates: list[tuple[int, int]] = field(default_factory=list)  # (line, first seen at)
+    near_duplicates: list[tuple[int, int]] = field(default_factory=list)
+    estimated_seconds_per_epoch: float | None = None
+    measured_tokens_per_second: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_examples(path: Path, fmt: str | None = None) -> tuple[Format, list[Example], list[str]]:
+    """All usable examples and the problems with the rest. Text files and folders are plain text."""
+    if fmt is not None and fmt not in FORMATS:
+        raise OwnLLMError(f"unknown format '{fmt}'", param="format", hint=f"one of {', '.join(FORMATS)}")
+    if path.is_dir() or path.suffix.lower() in (".txt", ".md"):
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md")) if path.is_dir() else [path]
+        texts = [(i, f.read_text(encoding="utf-8")) for i, f in enumerate(files, 1) if f.is_file()]
+        examples = [Example(i, text=t) for i, t in texts if t.strip()]
+        problems = [f"{files[i - 1]}: empty" for i, t in texts if not t.strip()]
+        return "text", examples, problems
+    if not path.is_file():
+        raise OwnLLMError(f"no such file: {path}", kind="not_found", param="data")
+    problems: list[str] = []
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path.name} line {number}: invalid JSON ({exc.msg})")
+                continue
+            if not isinstance(value, dict):
+                problems.append(f"{path.name} line {number}: expected a JSON object")
+                continue
+            records.append((number, value))
+    if not records:
+        first = problems[0] if problems else "the file is empty"
+        raise OwnLLMError(f"{path}: no usable examples ({len(problems)} bad lines, first: {first})", param="data")
+    detected = [detect(r) for _, r in records]
+    chosen: Format | None = fmt or (Counter(d for d in detected if d).most_common(1) or [(None, 0)])[0][0]  # type: ignore[assignment]
+    if chosen is None:
+        raise OwnLLMError(f"{path}: no line matches a known format (keys like messages, conversations, "
+                          "instruction/output, prompt/completion, prompt/chosen/rejected, text)", param="data")
+    examples = []
+    for (number, record), kind in zip(records, detected, strict=True):
+        if fmt is None and kind != chosen:
+            problems.append(f"{path.name} line {number}: looks like {kind or 'no known format'}, not {chosen} "
+                            f"(keys: {', '.join(sorted(record)) or 'none'})")
+            continue
+        example = normalise(record, chosen, number, path.name, problems)
+        if example is not None:
+            examples.append(example)
+    return chosen, examples, problems
+
+
+def token_counts(examples: list[Example], tokenizer: Any) -> list[int]:
+    from ownllm.models.chat_template import render_chat
+
+    counts = []
+    for example in examples:
+        if example.text is not None:
+            counts.append(len(tokenizer(example.text).input_ids))
+        elif example.chosen is not None:
+            longer = max(example.chosen, example.rejected or "", key=len)
+            counts.append(len(render_chat(tokenizer, [*example.messages, {"role": "assistant", "content": longer}],
+                                          add_generation_prompt=False)))
+        else:
+            counts.append(len(render_chat(tokenizer, example.messages, add_generation_prompt=False)))
+    return counts
+
+
+def _shingles(text: str) -> set[str]:
+    words = text.lower().split()
+    return {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
+
+
+def find_duplicates(examples: list[Example], threshold: float = 0.85) -> tuple[list[tuple[int, int]],
+                                                                               list[tuple[int, int]]]:
+    """(exact, near) duplicates as (line, line of the first copy); near = MinHash Jaccard >= threshold."""
+    from datasketch import MinHash, MinHashLSH
+
+    exact, near, seen = [], [], {}
+    lsh = MinHashLSH(threshold=threshold, num_perm=128)
+    for example in examples:
+        key = example.content_key()
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        if digest in seen:
+            exact.append((example.line, seen[digest]))
+            continue
+        seen[digest] = example.line
+        signature = MinHash(num_perm=128)
+        for shingle in _shingles(key):
+            signature.update(shingle.encode())
+        similar = lsh.query(signature)
+        if similar:
+            near.append((example.line, min(int(s) for s in similar)))
+            continue
+        lsh.insert(str(example.line), signature)
+    return exact, near
+
+
+def measure_training_speed(model: str, seq_len: int = 256, steps: int = 2) -> float:
+    """Tokens per second of a forward + backward pass of the model on this machine (fp32 on CPU)."""
+    import torch
+
+    from ownllm.models.load import load_model
+
+    loaded = load_model(model, dtype="auto")
+    network = loaded.model.train()
+    ids = torch.randint(0, loaded.model.config.vocab_size, (1, seq_len), device=loaded.device)
+    network(input_ids=ids, labels=ids).loss.backward()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        network(input_ids=ids, labels=ids).loss.backward()
+    return steps * seq_len / (time.perf_counter() - start)
+
+
+def check(path: Path, *, fmt: str | None = None, model: str | None = None, max_length: int = 2048,
+          near_threshold: float = 0.85, measure_speed: bool = True) -> tuple[Report, list[Example]]:
+    """Examine a training file or folder; the report lists every problem and the usable examples."""
+    chosen, examples, problems = read_examples(path, fmt)
+    report = Report(file=str(path), format=chosen, examples=len(examples), problems=problems)
+    if len(examples) < MIN_EXAMPLES:
+        report.warnings.append(f"only {len(examples)} usable examples; fine-tuning needs at least {MIN_EXAMPLES} "
+                               "(hundreds for a lasting effect)")
+    report.exact_duplicates, report.near_duplicates = find_duplicates(examples, near_threshold)
+    if model is not None and examples:
+        from ownllm.models.load import load_tokenizer
+
+        counts = token_counts(examples, load_tokenizer(model))
+        ordered = sorted(counts)
+        report.tokens = {"min": ordered[0], "mean": round(sum(counts) / len(counts), 1),
+                         "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1],
+                         "total_per_epoch": sum(counts)}
+        report.too_long = [e.line for e, n in zip(examples, counts, strict=True) if n > max_length]
+        if report.too_long:
+            report.warnings.append(f"{len(report.too_long)} examples are longer than {max_length} tokens and would be "
+                                   "truncated")
+        if measure_speed:
+            speed = measure_training_speed(model)
+            report.measured_tokens_per_second = round(speed, 1)
+            report.estimated_seconds_per_epoch = round(sum(counts) / speed, 1)
+    return report, examples
+
+
+def prepare(path: Path, out: Path, *, fmt: str | None = None, val_ratio: float = 0.1, seed: int = 0,
+            near_threshold: float = 0.85) -> dict[str, Any]:
+    """Drop unusable lines and duplicates (before splitting), then write train/validation JSONL and a report,
+    atomically: the output folder appears whole, or not at all."""
+    if not 0 <= val_ratio < 1:
+        raise OwnLLMError("val-ratio must be in [0, 1)", param="val_ratio")
+    chosen, examples, problems = read_examples(path, fmt)
+    if not examples:
+        raise OwnLLMError(f"{path}: no usable examples ({len(problems)} problems, first: "
+                          f"{problems[0] if problems else 'the file is empty'})", param="data")
+    exact, near = find_duplicates(examples, near_threshold)
+    dropped = {line for line, _ in exact + near}
+    kept = [e for e in examples if e.line not in dropped]
+    random.Random(seed).shuffle(kept)
+    n_val = round(len(kept) * val_ratio) if len(kept) > 1 else 0
+    validation, train = kept[:n_val], kept[n_val:]
+    report = {"source": str(path), "format": chosen, "read": len(examples) + len(problems),
+              "kept": len(kept), "train": len(train), "validation": len(validation),
+              "dropped": {"unusable": problems, "exact_duplicates": exact, "near_duplicates": near}, "seed": seed}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        for name, rows in (("train.jsonl", train), ("validation.jsonl", validation)):
+            with (staging / name).open("w", encoding="utf-8") as handle:
+                for example in rows:
+                    handle.write(json.dumps(_row(example), ensure_ascii=False) + "\n")
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def _row(example: Example) -> dict[str, Any]:
+    """Prepared files use one canonical shape per kind: chat messages, preference pairs, or text."""
+    if example.text is not None:
+        return {"text": example.text}
+    if example.chosen is not None:
+        return {"prompt": example.messages, "chosen": example.chosen, "rejected": example.rejected}
+    return {"messages": example.messages}
