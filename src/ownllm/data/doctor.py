@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -20,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.data.formats import FORMATS, Example, Format, detect, normalise
+from ownllm.data.jsonl import scan_jsonl
 from ownllm.errors import OwnLLMError
+from ownllm.home import atomic_folder
 
 MIN_EXAMPLES = 10
 
@@ -55,21 +55,8 @@ def read_examples(path: Path, fmt: str | None = None) -> tuple[Format, list[Exam
         return "text", examples, problems
     if not path.is_file():
         raise OwnLLMError(f"no such file: {path}", kind="not_found", param="data")
-    problems: list[str] = []
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path.name} line {number}: invalid JSON ({exc.msg})")
-                continue
-            if not isinstance(value, dict):
-                problems.append(f"{path.name} line {number}: expected a JSON object")
-                continue
-            records.append((number, value))
+    records, problems = scan_jsonl(path)
+    records = [(r.line, r.data) for r in records]
     if not records:
         first = problems[0] if problems else "the file is empty"
         raise OwnLLMError(f"{path}: no usable examples ({len(problems)} bad lines, first: {first})", param="data")
@@ -199,20 +186,12 @@ def prepare(path: Path, out: Path, *, fmt: str | None = None, val_ratio: float =
     report = {"source": str(path), "format": chosen, "read": len(examples) + len(problems),
               "kept": len(kept), "train": len(train), "validation": len(validation),
               "dropped": {"unusable": problems, "exact_duplicates": exact, "near_duplicates": near}, "seed": seed}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         for name, rows in (("train.jsonl", train), ("validation.jsonl", validation)):
             with (staging / name).open("w", encoding="utf-8") as handle:
                 for example in rows:
                     handle.write(json.dumps(_row(example), ensure_ascii=False) + "\n")
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

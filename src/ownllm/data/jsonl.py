@@ -17,8 +17,8 @@ class Record:
     data: dict[str, Any]
 
 
-def read_jsonl(path: Path) -> list[Record]:
-    """All JSON objects in a JSONL file; blank lines are skipped, anything else broken is an error."""
+def scan_jsonl(path: Path) -> tuple[list[Record], list[str]]:
+    """The JSON objects of a JSONL file, and a line-numbered problem for every line that is not one."""
     if not path.is_file():
         raise OwnLLMError(f"no such file: {path}", kind="not_found", param="data")
     records, problems = [], []
@@ -35,6 +35,12 @@ def read_jsonl(path: Path) -> list[Record]:
                 problems.append(f"{path.name} line {number}: expected a JSON object, got {type(value).__name__}")
                 continue
             records.append(Record(number, value))
+    return records, problems
+
+
+def read_jsonl(path: Path) -> list[Record]:
+    """All JSON objects in a JSONL file; blank lines are skipped, anything else broken is an error."""
+    records, problems = scan_jsonl(path)
     if problems:
         raise OwnLLMError(_summarise(problems), param="data")
     if not records:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 from ownllm.evaluate.perplexity import perplexity
 from ownllm.evaluate.qa import QAResult, read_questions, run_qa, summarize
 from ownllm.generate.params import SamplingParams
+from ownllm.home import atomic_folder
 
 
 def evaluate_model(spec: str, data: Path, *, params: SamplingParams, batch_size: int, dtype: str = "auto"
@@ -64,18 +63,10 @@ def compare(base: str, tuned: str, data: Path, out: Path, *, params: SamplingPar
 
 
 def _write_report_folder(out: Path, report: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
         (staging / "report.md").write_text(_markdown(report))
         _chart(report, staging / "chart.png")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _markdown(report: dict[str, Any]) -> str:
