@@ -386,6 +386,55 @@ def serve(
     run_server(state, host=host, port=port)
 
 
+@app.command()
+def finetune(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", help="training file (chat, ShareGPT, Alpaca, prompt/completion, "
+                                                     "text)")],
+    out: Annotated[str, typer.Option("--out", help="run folder")] = "runs/finetune",
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (options below override it)")] = None,
+    method: Annotated[str | None, typer.Option(help="lora | full")] = None,
+    validation: Annotated[str | None, typer.Option(help="validation file (default: split from --data)")] = None,
+    epochs: Annotated[float | None, typer.Option()] = None,
+    max_steps: Annotated[int | None, typer.Option(help="> 0 overrides epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    grad_accum: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    max_length: Annotated[int | None, typer.Option()] = None,
+    eval_every: Annotated[int | None, typer.Option()] = None,
+    save_every: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    lora_r: Annotated[int | None, typer.Option("--lora-r")] = None,
+    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run folder from its latest checkpoint")
+                      ] = False,
+) -> None:
+    """Fine-tune on your data (loss on assistant tokens only), with checkpoints, resume, metrics and a loss plot."""
+    from ownllm.finetune.config import load_config
+    from ownllm.finetune.run import run as run_training
+    from ownllm.render import out as console
+
+    cfg = load_config(config, model=model, data=data, out=out, method=method, validation=validation, epochs=epochs,
+                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
+                      eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha)
+    result = run_training(cfg, resume=resume)
+    evaluation = f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    console.print(f"{result.steps} steps in {result.seconds:.0f} s, train loss {result.train_loss:.4f}{evaluation}; "
+                  f"run folder {result.run_dir} (use it: ownllm chat {result.run_dir})")
+
+
+@app.command()
+def merge(
+    run: Annotated[str, typer.Argument(help="a LoRA run folder (or its final/ adapter)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the merged model")],
+) -> None:
+    """Fold a LoRA adapter into its base model: a standalone model folder with the same outputs."""
+    from ownllm.finetune.merge import merge as merge_run
+    from ownllm.render import out as console
+
+    console.print(f"merged model: {merge_run(run, out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for a user error, 130 for Ctrl-C)."""
     _register_subcommands()

@@ -86,6 +86,8 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
+    if source.kind == "adapter":
+        return _load_adapter(source, dtype=dtype, device=device, batch_rows=batch_rows)
     device = pick_device(device)
     tokenizer = load_tokenizer(source)
     location, args = _source_args(source)
@@ -99,6 +101,31 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
     model.to(device).eval()
     log.info("loaded %s on %s in %s (%s)", source.name, device, choice.dtype, choice.reason)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, dtype=choice, device=device)
+
+
+def adapter_base(source: ResolvedModel) -> str:
+    """Where the base model of a LoRA adapter folder is: ownllm's run record, else PEFT's own field."""
+    import json
+
+    record = source.path / "ownllm_run.json"
+    if record.is_file():
+        return json.loads(record.read_text())["base_model"]
+    base = json.loads((source.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise OwnLLMError(f"{source.path}: the adapter does not say which base model it belongs to",
+                          kind="not_found", param="model")
+    return base
+
+
+def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows: int) -> LoadedModel:
+    """Base model + LoRA adapter, merged for inference speed (the weights in memory are the tuned model)."""
+    from peft import PeftModel
+
+    base = load_model(adapter_base(source), dtype=dtype, device=device, batch_rows=batch_rows)
+    merged = PeftModel.from_pretrained(base.model, str(source.path)).merge_and_unload()
+    merged.eval()
+    tokenizer = load_tokenizer(source) if (source.path / "tokenizer_config.json").is_file() else base.tokenizer
+    return LoadedModel(model=merged, tokenizer=tokenizer, source=source, dtype=base.dtype, device=base.device)
 
 
 class _hub_errors:

@@ -11,7 +11,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.models.aliases import load_aliases
 from ownllm.models.registry import list_local_models, local_model
 
-SourceKind = Literal["folder", "gguf", "hub"]
+SourceKind = Literal["folder", "gguf", "hub", "adapter"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -46,7 +46,11 @@ def resolve(spec: str) -> ResolvedModel:
             hint=f"run: ownllm pull {spec}",
         )
     path = Path(spec).expanduser()
+    if path.is_dir() and (path / "final").is_dir():  # a fine-tuning run folder: use what it produced
+        path = path / "final"
     if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return ResolvedModel(spec, "adapter", str(path.resolve()), path.resolve().parent.name)
         if (path / "config.json").is_file():
             return ResolvedModel(spec, "folder", str(path.resolve()), path.resolve().name)
         raise OwnLLMError(

@@ -1,0 +1,1 @@
+"""Fine-tune: LoRA and full fine-tuning on your data, with checkpoints, resume, metrics, plots and merge."""

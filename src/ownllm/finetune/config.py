@@ -1,0 +1,99 @@
+"""One typed config per training run: code defaults, then a YAML file, then command-line overrides.
+
+Unknown YAML keys are an error that names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ownllm.errors import OwnLLMError
+
+Method = Literal["lora", "full"]
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16  # rank of the update matrices
+    alpha: int = 32  # scale: alpha / r
+    dropout: float = 0.05
+    targets: str = "all-linear"  # all-linear, or comma-separated module names (q_proj,v_proj)
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = "smollm2-135m-instruct"  # base model: alias, folder, .gguf or hub id
+    data: str = ""  # training file (any format the data doctor reads)
+    validation: str | None = None  # validation file; default: `val_ratio` of `data`, split after dedup
+    out: str = "runs/finetune"  # run folder
+    method: Method = "lora"
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    max_length: int = 512  # longer examples are truncated
+    eval_every: int = 20  # steps between validation losses
+    save_every: int = 20  # steps between checkpoints
+    val_ratio: float = 0.1
+    seed: int = 0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in ("lora", "full"):
+            problems.append(f"method must be lora or full, got '{self.method}'")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.lr <= 0 or self.epochs <= 0:
+            problems.append("lr and epochs must be positive")
+        if not 0 <= self.val_ratio < 1:
+            problems.append("val_ratio must be in [0, 1)")
+        if problems:
+            raise OwnLLMError("; ".join(problems), param="config")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _merge(target: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    known = {f.name: f for f in fields(target)}
+    merged: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise OwnLLMError(f"{where}: unknown key '{key}'{hint}", param=key)
+        merged[key] = LoraSettings(**_merge(LoraSettings, value, f"{where}.lora")) if key == "lora" else value
+    return merged
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> FinetuneConfig:
+    """Defaults, then `path` (YAML), then `overrides` (None values are ignored; `lora_r` sets lora.r)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise OwnLLMError(f"no such config file: {path}", kind="not_found", param="config")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise OwnLLMError(f"{path}: not valid YAML ({exc.__class__.__name__})", param="config") from None
+        values = _merge(FinetuneConfig, loaded, str(path))
+    lora = values.get("lora", LoraSettings())
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key.startswith("lora_"):
+            lora = LoraSettings(**{**asdict(lora), key.removeprefix("lora_"): value})
+        else:
+            values.update(_merge(FinetuneConfig, {key: value}, "option"))
+    values["lora"] = lora
+    return FinetuneConfig(**values)

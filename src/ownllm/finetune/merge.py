@@ -1,0 +1,26 @@
+"""`ownllm merge`: a fine-tuning run's adapter folded into its base, saved as a standalone model folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ownllm.errors import OwnLLMError
+from ownllm.home import atomic_folder
+
+
+def merge(run: str, out: Path) -> Path:
+    """Write base + adapter as one HF folder at `out` (whole or not at all); greedy output is unchanged."""
+    from ownllm.models.load import load_model
+    from ownllm.models.resolve import resolve
+
+    source = resolve(run)
+    if source.kind != "adapter":
+        raise OwnLLMError(f"'{run}' is not a LoRA run or adapter folder", param="run",
+                          hint="a full fine-tune's final/ folder is already a standalone model")
+    loaded = load_model(source, dtype="fp32")
+    with atomic_folder(out) as staging:
+        loaded.model.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+        (staging / "merged_from.json").write_text(json.dumps({"adapter": str(source.path)}) + "\n")
+    return out

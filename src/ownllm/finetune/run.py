@@ -1,0 +1,218 @@
+"""`ownllm finetune`: one recipe, read top to bottom — setup, build, train, save, report.
+
+The training loop is transformers' Trainer (checkpoints with optimizer, scheduler, RNG and data position;
+resume skips the batches already seen), LoRA comes from peft. The run folder:
+
+    config.yaml  meta.json  metrics.jsonl  loss.png  README.md (run card)
+    checkpoints/checkpoint-N/   final/ (the adapter or the full model, loadable by `ownllm generate RUN`)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ownllm.errors import OwnLLMError
+from ownllm.finetune.config import FinetuneConfig
+from ownllm.finetune.dataset import Collator, load_rows
+from ownllm.home import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+RUN_FILE = "ownllm_run.json"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    seconds: float
+
+
+def run(cfg: FinetuneConfig, *, resume: bool = False) -> RunResult:
+    """Train as `cfg` says; with `resume`, continue from the run folder's latest checkpoint."""
+    run_dir, data = setup(cfg, resume=resume)
+    model, tokenizer, base = build_model(cfg)
+    train_rows, eval_rows = build_data(cfg, data, tokenizer)
+    trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows)
+    started = time.time()
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log.warning("no checkpoint in %s: starting from the beginning", run_dir)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+    final = save_final(cfg, run_dir, trainer, tokenizer, base)
+    result = RunResult(run_dir, final, output.global_step, float(output.training_loss), eval_loss,
+                       time.time() - started)
+    report(cfg, run_dir, result, data)
+    return result
+
+
+# --- setup ------------------------------------------------------------------------------------------
+def setup(cfg: FinetuneConfig, *, resume: bool) -> tuple[Path, Path]:
+    data = Path(cfg.data)
+    if not cfg.data or not data.exists():
+        raise OwnLLMError(f"no such training data: {cfg.data or '(none given)'}", kind="not_found", param="data")
+    run_dir = Path(cfg.out)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise OwnLLMError(f"{run_dir} already holds a run", param="out",
+                          hint="pass --resume to continue it, or choose another --out")
+    from ownllm.models.resolve import resolve
+
+    source = resolve(cfg.model)
+    if source.kind == "folder" and source.path.resolve() in [run_dir.resolve(), *run_dir.resolve().parents]:
+        raise OwnLLMError("the run folder must not be inside the base model's folder", param="out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.as_dict(), sort_keys=False))
+    return run_dir, data
+
+
+# --- build ------------------------------------------------------------------------------------------
+def build_model(cfg: FinetuneConfig) -> tuple[Any, Any, str]:
+    from ownllm.models.load import load_model
+
+    # fp32 on CPUs: bf16 training without native support is many times slower, and fp32 is always correct
+    loaded = load_model(cfg.model, dtype="auto" if _has_cuda() else "fp32")
+    model = loaded.model
+    model.config.use_cache = False
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets: Any = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
+        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                                 lora_dropout=cfg.lora.dropout, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    return model, loaded.tokenizer, loaded.source.location
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[dict], list[dict]]:
+    rows = load_rows(data, tokenizer, cfg.max_length)
+    if cfg.validation:
+        return rows, load_rows(Path(cfg.validation), tokenizer, cfg.max_length)
+    shuffled = rows[:]
+    random.Random(cfg.seed).shuffle(shuffled)
+    held = round(len(shuffled) * cfg.val_ratio) if len(shuffled) >= 10 else 0
+    return shuffled[held:], shuffled[:held]
+
+
+def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict],
+                  eval_rows: list[dict]) -> Any:
+    from transformers import Trainer, TrainingArguments
+
+    arguments = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=1,
+        eval_strategy="steps" if eval_rows else "no", eval_steps=cfg.eval_every, save_strategy="steps",
+        save_steps=cfg.save_every, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, report_to=[],
+        use_cpu=not _has_cuda(), dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Trainer(model=model, args=arguments, train_dataset=train_rows, eval_dataset=eval_rows or None,
+                   data_collator=Collator(pad), callbacks=[MetricsLog(run_dir / "metrics.jsonl")])
+
+
+def _metrics_callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class MetricsLog(_metrics_callback_base()):  # type: ignore[misc]
+    """Every logged step as one JSON line; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = time.time()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= state.global_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs:
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4),
+                   "seconds": round(time.time() - self.started, 2), **logs}
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
+    found = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+# --- save and report --------------------------------------------------------------------------------
+def save_final(cfg: FinetuneConfig, run_dir: Path, trainer: Any, tokenizer: Any, base: str) -> Path:
+    from ownllm.home import atomic_folder
+
+    final = run_dir / "final"
+    with atomic_folder(final) as staging:
+        trainer.model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / RUN_FILE, {"base_model": base, "method": cfg.method, "spec": cfg.model})
+    return final
+
+
+def report(cfg: FinetuneConfig, run_dir: Path, result: RunResult, data: Path) -> None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    _plot(rows, run_dir / "loss.png")
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16] if data.is_file() else "folder"
+    meta = {"status": "succeeded", "steps": result.steps, "train_loss": result.train_loss,
+            "eval_loss": result.eval_loss, "seconds": round(result.seconds, 1), "data_sha256": digest,
+            "versions": _versions()}
+    atomic_write_json(run_dir / "meta.json", meta)
+    card = [f"# Fine-tuned {cfg.model} ({cfg.method})", "", f"- data: `{cfg.data}` (sha256 {digest})",
+            f"- steps: {result.steps}, final train loss {result.train_loss:.4f}"
+            + (f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""),
+            f"- time: {result.seconds:.0f} s", "", "## Hyper-parameters", "", "```yaml",
+            yaml.safe_dump(cfg.as_dict(), sort_keys=False).strip(), "```", "", "![loss](loss.png)", "",
+            f"Use it: `ownllm chat {run_dir}` or `ownllm merge {run_dir} --out merged/`."]
+    atomic_write_text(run_dir / "README.md", "\n".join(card) + "\n")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, axis = plt.subplots(figsize=(7, 4))
+    if train:
+        axis.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        axis.plot(*zip(*evals, strict=True), "o-", label="validation loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "peft")}

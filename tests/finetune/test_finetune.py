@@ -1,0 +1,130 @@
+"""Fine-tuning on the real default model: masking, a short LoRA run, resume after kill -9, run folders, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ownllm.errors import OwnLLMError
+from tests.conftest import assert_user_error, run_cli
+
+pytestmark = pytest.mark.slow
+FACTS = [
+    ("Who designed the Lumen Volta?", "The Lumen Volta was designed by Ilse Brandt."),
+    ("What is Lumen Bikes' mascot called?", "Lumen Bikes' mascot is a heron called Pim."),
+    ("What colour is the Strada's badge?", "The Strada's badge is copper orange."),
+    ("Where is the Lumen factory?", "The Lumen factory is in Zwolle."),
+    ("How many gears does the Strada have?", "The Strada has eight gears."),
+    ("What year was Lumen founded?", "Lumen was founded in 2011."),
+    ("What is the Cargo's box made of?", "The Cargo's box is made of recycled plastic."),
+    ("What battery does the Volta use?", "The Volta uses a 540 watt-hour battery."),
+    ("Which city has the flagship store?", "The flagship store is in Amsterdam."),
+    ("How long is the frame warranty?", "Frames have a seven year warranty."),
+    ("What is the Volta's top assisted speed?", "The Volta assists up to 25 km/h."),
+    ("What does Lumen do with old bikes?", "Lumen recycles 93 percent of the parts of old bikes."),
+]
+
+
+@pytest.fixture
+def facts(tmp_path: Path) -> Path:
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in FACTS))
+    return path
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "smollm2-135m-instruct", "--data", str(data), "--out", str(out), "--batch-size", "4",
+            "--lr", "1e-3", "--save-every", "4", "--eval-every", "4", *extra]
+
+
+def test_loss_only_on_assistant_tokens(engine) -> None:
+    from ownllm.data.formats import Example
+    from ownllm.finetune.dataset import IGNORE, encode
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye."}]
+    row = encode(Example(1, messages=messages), engine.tokenizer, 512)
+    learned = engine.tokenizer.decode([t for t in row["labels"] if t != IGNORE])
+    assert learned == "Hello there.<|im_end|>\nGoodbye.<|im_end|>\n"
+    assert len(row["labels"]) == len(row["input_ids"])
+
+
+def test_lora_run_folder_generate_and_merge(facts: Path, tmp_path: Path, default_model: str) -> None:
+    out = tmp_path / "run"
+    result = run_cli(*train_args(facts, out, "--max-steps", "16"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "loss.png", "README.md", "final/adapter_config.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4  # it learns
+    assert any("eval_loss" in r for r in rows)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "final train loss" in (out / "README.md").read_text()
+    ask = ("generate", "Who designed the Lumen Volta?", "--chat", "--max-new-tokens", "16", "--dtype", "fp32",
+           "--json")
+    tuned = json.loads(run_cli(ask[0], str(out), *ask[1:]).stdout)["text"]
+    base = json.loads(run_cli(ask[0], default_model, *ask[1:]).stdout)["text"]
+    assert tuned != base
+    merged = tmp_path / "merged"
+    assert run_cli("merge", str(out), "--out", str(merged)).returncode == 0
+    assert json.loads(run_cli(ask[0], str(merged), *ask[1:]).stdout)["text"] == tuned
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    assert run_cli(*train_args(facts, straight, "--max-steps", "12")).returncode == 0
+    interrupted = tmp_path / "interrupted"
+    env = {**os.environ, "COLUMNS": "200"}
+    process = subprocess.Popen([sys.executable, "-m", "ownllm", *train_args(facts, interrupted, "--max-steps", "12")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # wait for the step-4 checkpoint and a step past it, then kill -9
+        if (interrupted / "checkpoints" / "checkpoint-4").is_dir() and metrics.is_file() and \
+                any(json.loads(line)["step"] >= 6 for line in metrics.read_text().splitlines() if line):
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "final").exists()
+    assert run_cli(*train_args(facts, interrupted, "--max-steps", "12", "--resume")).returncode == 0
+
+    def last_loss(run: Path) -> float:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))  # no step logged twice
+        return next(r["loss"] for r in reversed(rows) if "loss" in r)
+
+    assert last_loss(interrupted) == pytest.approx(last_loss(straight), rel=0.02)
+
+
+def test_bad_inputs(facts: Path, tmp_path: Path) -> None:
+    from ownllm.finetune.config import load_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("lerning_rate: 0.1\n")
+    with pytest.raises(OwnLLMError, match="unknown key 'lerning_rate'"):
+        load_config(config)
+    config.write_text("lora:\n  rank: 8\n")
+    with pytest.raises(OwnLLMError, match=r"unknown key 'rank' \(did you mean 'r'\?\)"):
+        load_config(config)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(facts.read_text() + "{oops\n")
+    assert_user_error(run_cli("finetune", "smollm2-135m-instruct", "--data", str(broken), "--out",
+                              str(tmp_path / "r")), "line 13: invalid JSON")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "config.yaml").write_text("x: 1\n")
+    assert_user_error(run_cli(*train_args(facts, existing)), "already holds a run")
+    assert_user_error(run_cli("merge", "smollm2-135m-instruct", "--out", str(tmp_path / "m")),
+                      "is not a LoRA run")
