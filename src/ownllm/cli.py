@@ -393,7 +393,9 @@ def finetune(
                                                      "text)")],
     out: Annotated[str, typer.Option("--out", help="run folder")] = "runs/finetune",
     config: Annotated[Path | None, typer.Option("--config", help="YAML config (options below override it)")] = None,
-    method: Annotated[str | None, typer.Option(help="lora | full")] = None,
+    method: Annotated[str | None, typer.Option(help="lora | qlora | full | dpo | cpt")] = None,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="cpt: pretrain a small fresh model")] = False,
+    packing: Annotated[bool, typer.Option("--packing", help="pack examples into full-length rows")] = False,
     validation: Annotated[str | None, typer.Option(help="validation file (default: split from --data)")] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
     max_steps: Annotated[int | None, typer.Option(help="> 0 overrides epochs")] = None,
@@ -416,7 +418,8 @@ def finetune(
 
     cfg = load_config(config, model=model, data=data, out=out, method=method, validation=validation, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
-                      eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha)
+                      eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
+                      from_scratch=from_scratch or None, packing=packing or None)
     result = run_training(cfg, resume=resume)
     evaluation = f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"{result.steps} steps in {result.seconds:.0f} s, train loss {result.train_loss:.4f}{evaluation}; "

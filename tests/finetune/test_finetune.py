@@ -128,3 +128,44 @@ def test_bad_inputs(facts: Path, tmp_path: Path) -> None:
     assert_user_error(run_cli(*train_args(facts, existing)), "already holds a run")
     assert_user_error(run_cli("merge", "smollm2-135m-instruct", "--out", str(tmp_path / "m")),
                       "is not a LoRA run")
+
+
+def _short_run(tmp_path: Path, data: Path, method: str, *extra: str) -> Path:
+    out = tmp_path / method
+    result = run_cli("finetune", "smollm2-135m-instruct", "--data", str(data), "--out", str(out), "--method", method,
+                     "--max-steps", "4", "--batch-size", "2", "--save-every", "2", "--eval-every", "2", *extra)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "final").is_dir() and (out / "meta.json").is_file()
+    return out
+
+
+def test_qlora_trains_a_4bit_base(facts: Path, tmp_path: Path) -> None:
+    out = _short_run(tmp_path, facts, "qlora", "--lr", "5e-4")
+    assert json.loads((out / "final" / "ownllm_run.json").read_text())["method"] == "qlora"
+    reply = run_cli("generate", str(out), "Hello", "--max-new-tokens", "4", "--json")
+    assert reply.returncode == 0 and json.loads(reply.stdout)["usage"]["completion_tokens"] >= 1
+
+
+def test_dpo_on_preference_pairs(tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Greet person {i}.", "chosen": f"Hello, person {i}! Welcome.",
+                                         "rejected": "Go away."}) + "\n" for i in range(12)))
+    out = _short_run(tmp_path, pairs, "dpo", "--lr", "5e-4")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/chosen" in r or "rewards/accuracies" in r for r in rows)
+
+
+def test_pretraining_from_scratch_shows_the_loss_falling(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for source in (Path(__file__).resolve().parents[2] / "examples" / "rag" / "docs").glob("*.md"):
+        (docs / source.name).write_text(source.read_text())
+    out = tmp_path / "scratch"
+    result = run_cli("finetune", "smollm2-135m-instruct", "--data", str(docs), "--out", str(out), "--method", "cpt",
+                     "--from-scratch", "--packing", "--max-steps", "30", "--batch-size", "4", "--lr", "3e-3",
+                     "--max-length", "128", "--save-every", "30", "--eval-every", "30")
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses[0] > 10 and losses[-1] < 0.6 * losses[0]  # from ~ln(vocab) towards the text's entropy
+    assert (out / "final" / "config.json").is_file()  # a whole model, not an adapter

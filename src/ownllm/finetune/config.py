@@ -14,7 +14,8 @@ import yaml
 
 from ownllm.errors import OwnLLMError
 
-Method = Literal["lora", "full"]
+Method = Literal["lora", "qlora", "full", "dpo", "cpt"]
+METHODS = ("lora", "qlora", "full", "dpo", "cpt")
 
 
 @dataclass
@@ -31,7 +32,10 @@ class FinetuneConfig:
     data: str = ""  # training file (any format the data doctor reads)
     validation: str | None = None  # validation file; default: `val_ratio` of `data`, split after dedup
     out: str = "runs/finetune"  # run folder
-    method: Method = "lora"
+    method: Method = "lora"  # lora | qlora (4-bit base) | full | dpo (preference pairs, LoRA) | cpt (raw text)
+    from_scratch: bool = False  # cpt only: a small randomly initialised model of the base's architecture
+    packing: bool = False  # concatenate examples into full max_length rows (no padding waste)
+    dpo_beta: float = 0.1
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 4
@@ -48,8 +52,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.method not in ("lora", "full"):
-            problems.append(f"method must be lora or full, got '{self.method}'")
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.from_scratch and self.method != "cpt":
+            problems.append("from_scratch goes with method cpt")
         for name in ("batch_size", "grad_accum", "max_length", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

@@ -47,6 +47,27 @@ def load_rows(path: Path, tokenizer: Any, max_length: int) -> list[dict[str, lis
     return rows
 
 
+def load_preference_rows(path: Path) -> list[dict[str, Any]]:
+    """Preference pairs in TRL's conversational form: prompt messages, chosen and rejected replies."""
+    _, examples, problems = read_examples(path)
+    if problems:
+        raise OwnLLMError(f"{path}: {len(problems)} unusable line(s), first: {problems[0]}", param="data",
+                          hint=f"run: ownllm data check {path}")
+    rows = [{"prompt": e.messages, "chosen": [{"role": "assistant", "content": e.chosen}],
+             "rejected": [{"role": "assistant", "content": e.rejected}]} for e in examples if e.chosen is not None]
+    if not rows:
+        raise OwnLLMError(f"{path}: DPO needs preference pairs (prompt, chosen, rejected)", param="data")
+    return rows
+
+
+def pack(rows: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Concatenate examples and cut the stream into rows of exactly `max_length` (the last may be shorter)."""
+    ids = [token for row in rows for token in row["input_ids"]]
+    labels = [label for row in rows for label in row["labels"]]
+    return [{"input_ids": ids[i : i + max_length], "labels": labels[i : i + max_length]}
+            for i in range(0, len(ids), max_length)]
+
+
 class Collator:
     """Right-pads a batch: pad id for inputs, -100 for labels, and the attention mask."""
 

@@ -79,20 +79,41 @@ def setup(cfg: FinetuneConfig, *, resume: bool) -> tuple[Path, Path]:
 
 # --- build ------------------------------------------------------------------------------------------
 def build_model(cfg: FinetuneConfig) -> tuple[Any, Any, str]:
+    """The model to train: the base (full, cpt), a small fresh one (cpt from scratch), or LoRA on the base
+    in full precision (lora, dpo) or on a 4-bit base (qlora)."""
     from ownllm.models.load import load_model
 
     # fp32 on CPUs: bf16 training without native support is many times slower, and fp32 is always correct
-    loaded = load_model(cfg.model, dtype="auto" if _has_cuda() else "fp32")
+    dtype = "auto" if _has_cuda() else "fp32"
+    loaded = load_model(cfg.model, dtype=dtype, quantize="4bit" if cfg.method == "qlora" else None)
     model = loaded.model
+    if cfg.from_scratch:
+        model = _fresh_model(model.config)
     model.config.use_cache = False
-    if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
+    if cfg.method in ("lora", "qlora", "dpo"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+        if cfg.method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         targets: Any = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                                                  lora_dropout=cfg.lora.dropout, target_modules=targets,
                                                  task_type="CAUSAL_LM"))
+    model.train()
     return model, loaded.tokenizer, loaded.source.location
+
+
+def _fresh_model(config: Any) -> Any:
+    """A small model of the base's architecture and vocabulary, randomly initialised (pretraining demo)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    small = copy.deepcopy(config)
+    heads = 4
+    small.hidden_size, small.intermediate_size, small.num_hidden_layers = 128, 384, 4
+    small.num_attention_heads, small.num_key_value_heads, small.head_dim = heads, 2, 128 // heads
+    return AutoModelForCausalLM.from_config(small)
 
 
 def _has_cuda() -> bool:
@@ -102,31 +123,47 @@ def _has_cuda() -> bool:
 
 
 def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[dict], list[dict]]:
-    rows = load_rows(data, tokenizer, cfg.max_length)
+    from ownllm.finetune.dataset import load_preference_rows, pack
+
+    def load(path: Path) -> list[dict]:
+        if cfg.method == "dpo":
+            return load_preference_rows(path)
+        rows = load_rows(path, tokenizer, cfg.max_length)
+        return pack(rows, cfg.max_length) if cfg.packing else rows
+
     if cfg.validation:
-        return rows, load_rows(Path(cfg.validation), tokenizer, cfg.max_length)
-    shuffled = rows[:]
-    random.Random(cfg.seed).shuffle(shuffled)
-    held = round(len(shuffled) * cfg.val_ratio) if len(shuffled) >= 10 else 0
-    return shuffled[held:], shuffled[:held]
+        return load(data), load(Path(cfg.validation))
+    rows = load(data)
+    random.Random(cfg.seed).shuffle(rows)
+    held = round(len(rows) * cfg.val_ratio) if len(rows) >= 10 else 0
+    return rows[held:], rows[:held]
 
 
 def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict],
                   eval_rows: list[dict]) -> Any:
-    from transformers import Trainer, TrainingArguments
-
-    arguments = TrainingArguments(
+    """transformers' Trainer (or TRL's DPOTrainer) with ownllm's config mapped onto its arguments, once."""
+    common = dict(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=1,
         eval_strategy="steps" if eval_rows else "no", eval_steps=cfg.eval_every, save_strategy="steps",
         save_steps=cfg.save_every, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, report_to=[],
-        use_cpu=not _has_cuda(), dataloader_num_workers=0, remove_unused_columns=False,
-        disable_tqdm=False)
+        use_cpu=not _has_cuda(), dataloader_num_workers=0, remove_unused_columns=False)
+    callbacks = [MetricsLog(run_dir / "metrics.jsonl")]
+    if cfg.method == "dpo":
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        arguments = DPOConfig(**common, beta=cfg.dpo_beta, max_length=cfg.max_length)
+        return DPOTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(train_rows),
+                          eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                          processing_class=tokenizer, callbacks=callbacks)
+    from transformers import Trainer, TrainingArguments
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Trainer(model=model, args=arguments, train_dataset=train_rows, eval_dataset=eval_rows or None,
-                   data_collator=Collator(pad), callbacks=[MetricsLog(run_dir / "metrics.jsonl")])
+    return Trainer(model=model, args=TrainingArguments(**common), train_dataset=train_rows,
+                   eval_dataset=eval_rows or None, data_collator=Collator(pad), callbacks=callbacks)
 
 
 def _metrics_callback_base() -> type:
@@ -164,11 +201,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 # --- save and report --------------------------------------------------------------------------------
 def save_final(cfg: FinetuneConfig, run_dir: Path, trainer: Any, tokenizer: Any, base: str) -> Path:
+    """final/: the adapter (LoRA, QLoRA, DPO) with the base it belongs to, or a whole model (full, cpt)."""
     from ownllm.home import atomic_folder
 
     final = run_dir / "final"
     with atomic_folder(final) as staging:
-        trainer.model.save_pretrained(staging)
+        trainer.model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         atomic_write_json(staging / RUN_FILE, {"base_model": base, "method": cfg.method, "spec": cfg.model})
     return final

@@ -72,8 +72,8 @@ def load_tokenizer(spec: str | ResolvedModel) -> Any:
         return AutoTokenizer.from_pretrained(location, **args)
 
 
-def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = "auto", batch_rows: int = 1
-               ) -> LoadedModel:
+def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = "auto", batch_rows: int = 1,
+               quantize: str | None = None) -> LoadedModel:
     """Load weights and tokenizer for inference.
 
     Args:
@@ -81,6 +81,7 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
         dtype: auto (measured for this hardware), fp32, bf16 or fp16.
         device: auto, cpu or cuda[:N].
         batch_rows: how many sequences will usually decode together (the dtype is measured for that).
+        quantize: "4bit" loads the weights as NF4 with bitsandbytes (QLoRA), computing in `dtype`.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -94,13 +95,35 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
     with _hub_errors(source):
         config = AutoConfig.from_pretrained(location, **args)
     choice = choose_dtype(dtype, device, config, batch_rows)
+    extra = _gguf_model_args(source)
+    if quantize is not None:
+        extra.update(_four_bit(choice.dtype, device))
     with _hub_errors(source):
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=getattr(torch, choice.dtype), **args, **_gguf_model_args(source)
+            location, dtype=getattr(torch, choice.dtype), **args, **extra
         )
-    model.to(device).eval()
+    if quantize is None:
+        model.to(device)
+    model.eval()
     log.info("loaded %s on %s in %s (%s)", source.name, device, choice.dtype, choice.reason)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, dtype=choice, device=device)
+
+
+def _four_bit(compute_dtype: str, device: str) -> dict[str, Any]:
+    """NF4 with double quantisation; checked before loading, so a missing backend costs no work."""
+    import torch
+
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise OwnLLMError("4-bit loading needs bitsandbytes", kind="unsupported", param="method",
+                          hint="pip install bitsandbytes (0.45+ has CPU and CUDA backends)") from None
+    except RuntimeError as exc:  # installed, but no backend for this hardware
+        raise OwnLLMError(f"bitsandbytes cannot run here: {exc}", kind="unsupported", param="method") from None
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def adapter_base(source: ResolvedModel) -> str:
