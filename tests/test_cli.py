@@ -155,3 +155,9 @@ def test_serve_bad_arguments(tmp_path: Path) -> None:
 def test_serve_missing_adapter_folder(default_model: str, tmp_path: Path) -> None:
     assert_user_error(run_cli("serve", default_model, "--adapter", f"x={tmp_path / 'missing'}"),
                       "is not a LoRA adapter folder")
+
+
+def test_usage_errors_exit_2_without_traceback() -> None:
+    result = run_cli("finetune", "x", "--bogus")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--bogus" in result.stderr
+    assert run_cli("no-such-verb").returncode == 2

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from ownllm.errors import OwnLLMError
@@ -397,6 +396,7 @@ def finetune(
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="cpt: pretrain a small fresh model")] = False,
     packing: Annotated[bool, typer.Option("--packing", help="pack examples into full-length rows")] = False,
     validation: Annotated[str | None, typer.Option(help="validation file (default: split from --data)")] = None,
+    val_ratio: Annotated[float | None, typer.Option(help="share of --data held out when no --validation")] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
     max_steps: Annotated[int | None, typer.Option(help="> 0 overrides epochs")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
@@ -416,7 +416,8 @@ def finetune(
     from ownllm.finetune.run import run as run_training
     from ownllm.render import out as console
 
-    cfg = load_config(config, model=model, data=data, out=out, method=method, validation=validation, epochs=epochs,
+    cfg = load_config(config, model=model, data=data, out=out, method=method, validation=validation,
+                      val_ratio=val_ratio, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
                       eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                       from_scratch=from_scratch or None, packing=packing or None)
@@ -439,24 +440,21 @@ def merge(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; return the exit code (2 for a user error, 130 for Ctrl-C)."""
+    """Run the CLI; return the exit code (2 for a user error or bad usage, 130 for Ctrl-C)."""
     _register_subcommands()
     try:
-        result = app(args=argv, prog_name="ownllm", standalone_mode=False)
+        app(args=argv, prog_name="ownllm", standalone_mode=True)  # typer prints usage errors itself
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except OwnLLMError as exc:
         if _state["debug"]:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return result if isinstance(result, int) else 0
+    return 0
 
 
 def run() -> None:

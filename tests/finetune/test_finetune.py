@@ -169,3 +169,17 @@ def test_pretraining_from_scratch_shows_the_loss_falling(tmp_path: Path) -> None
               if "loss" in json.loads(line)]
     assert losses[0] > 10 and losses[-1] < 0.6 * losses[0]  # from ~ln(vocab) towards the text's entropy
     assert (out / "final" / "config.json").is_file()  # a whole model, not an adapter
+
+
+def test_the_shipped_example_teaches_new_facts(tmp_path: Path) -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples" / "finetune"
+    out = tmp_path / "lumen"
+    result = run_cli("finetune", "smollm2-135m-instruct", "--data", str(examples / "train.jsonl"), "--out", str(out),
+                     "--max-steps", "80", "--batch-size", "4", "--lr", "1e-3", "--val-ratio", "0", "--save-every", "80")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = tmp_path / "report"
+    result = run_cli("eval", "compare", "smollm2-135m-instruct", str(out), "--data", str(examples / "questions.jsonl"),
+                     "--out", str(report), "--max-new-tokens", "32", "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((report / "report.json").read_text())["metrics"]
+    assert metrics["base"]["contains"] <= 0.2 and metrics["tuned"]["contains"] >= 0.7

@@ -72,6 +72,8 @@ def _write_report_folder(out: Path, report: dict[str, Any]) -> None:
 def _markdown(report: dict[str, Any]) -> str:
     metrics = report["metrics"]
     lines = [f"# {report['tuned']} vs {report['base']}", "", f"Data: `{report['data']}`", "",
+             "Perplexity is that of each question's first reference answer as the whole reply: on short-answer data "
+             "it favours a model that answers in a word over one that answers in sentences.", "",
              "| metric | base | tuned | delta |", "|---|---:|---:|---:|"]
     for name, base_value in metrics["base"].items():
         better = "lower is better" if name == "perplexity" else ""
