@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/eval.py
 	$(PY) bench/rag.py
 	$(PY) bench/serve.py
+	$(PY) bench/finetune.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
