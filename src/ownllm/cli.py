@@ -392,7 +392,7 @@ def finetune(
                                                      "text)")],
     out: Annotated[str, typer.Option("--out", help="run folder")] = "runs/finetune",
     config: Annotated[Path | None, typer.Option("--config", help="YAML config (options below override it)")] = None,
-    method: Annotated[str | None, typer.Option(help="lora | qlora | full | dpo | cpt")] = None,
+    method: Annotated[str | None, typer.Option(help="lora | qlora | full | dpo | cpt | prompt-tuning")] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="cpt: pretrain a small fresh model")] = False,
     packing: Annotated[bool, typer.Option("--packing", help="pack examples into full-length rows")] = False,
     validation: Annotated[str | None, typer.Option(help="validation file (default: split from --data)")] = None,
@@ -410,6 +410,7 @@ def finetune(
     lora_alpha: Annotated[int | None, typer.Option("--lora-alpha")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run folder from its latest checkpoint")
                       ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier run in --out")] = False,
 ) -> None:
     """Fine-tune on your data (loss on assistant tokens only), with checkpoints, resume, metrics and a loss plot."""
     from ownllm.finetune.config import load_config
@@ -421,7 +422,7 @@ def finetune(
                       max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
                       eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                       from_scratch=from_scratch or None, packing=packing or None)
-    result = run_training(cfg, resume=resume)
+    result = run_training(cfg, resume=resume, overwrite=overwrite)
     evaluation = f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"{result.steps} steps in {result.seconds:.0f} s, train loss {result.train_loss:.4f}{evaluation}; "
                   f"run folder {result.run_dir} (use it: ownllm chat {result.run_dir})")

@@ -82,11 +82,12 @@ def test_lora_run_folder_generate_and_merge(facts: Path, tmp_path: Path, default
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: Path) -> None:
+    steps = ("--max-steps", "12", "--lr", "3e-4")
     straight = tmp_path / "straight"
-    assert run_cli(*train_args(facts, straight, "--max-steps", "12")).returncode == 0
+    assert run_cli(*train_args(facts, straight, *steps)).returncode == 0
     interrupted = tmp_path / "interrupted"
     env = {**os.environ, "COLUMNS": "200"}
-    process = subprocess.Popen([sys.executable, "-m", "ownllm", *train_args(facts, interrupted, "--max-steps", "12")],
+    process = subprocess.Popen([sys.executable, "-m", "ownllm", *train_args(facts, interrupted, *steps)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     metrics = interrupted / "metrics.jsonl"
     deadline = time.monotonic() + 240
@@ -98,14 +99,15 @@ def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: P
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (interrupted / "final").exists()
-    assert run_cli(*train_args(facts, interrupted, "--max-steps", "12", "--resume")).returncode == 0
+    assert run_cli(*train_args(facts, interrupted, *steps, "--resume")).returncode == 0
 
-    def last_loss(run: Path) -> float:
+    def final_loss(run: Path) -> float:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if "loss" in r]
         assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))  # no step logged twice
-        return next(r["loss"] for r in reversed(rows) if "loss" in r)
+        return sum(losses[-4:]) / 4  # the last epoch (4 batches): one batch's loss is too noisy to compare
 
-    assert last_loss(interrupted) == pytest.approx(last_loss(straight), rel=0.02)
+    assert final_loss(interrupted) == pytest.approx(final_loss(straight), rel=0.02)
 
 
 def test_bad_inputs(facts: Path, tmp_path: Path) -> None:
@@ -183,3 +185,13 @@ def test_the_shipped_example_teaches_new_facts(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((report / "report.json").read_text())["metrics"]
     assert metrics["base"]["contains"] <= 0.2 and metrics["tuned"]["contains"] >= 0.7
+
+
+def test_prompt_tuning_trains_and_generates(facts: Path, tmp_path: Path, default_model: str) -> None:
+    out = _short_run(tmp_path, facts, "prompt-tuning", "--lr", "3e-2")
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 16
+    ask = ("Who designed the Lumen Volta?", "--chat", "--max-new-tokens", "12", "--dtype", "fp32", "--json")
+    tuned = json.loads(run_cli("generate", str(out), *ask).stdout)["text"]
+    base = json.loads(run_cli("generate", default_model, *ask).stdout)["text"]
+    assert tuned and tuned != base  # the learned prefix changes what the model says

@@ -14,8 +14,8 @@ import yaml
 
 from ownllm.errors import OwnLLMError
 
-Method = Literal["lora", "qlora", "full", "dpo", "cpt"]
-METHODS = ("lora", "qlora", "full", "dpo", "cpt")
+Method = Literal["lora", "qlora", "full", "dpo", "cpt", "prompt-tuning"]
+METHODS = ("lora", "qlora", "full", "dpo", "cpt", "prompt-tuning")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class FinetuneConfig:
     from_scratch: bool = False  # cpt only: a small randomly initialised model of the base's architecture
     packing: bool = False  # concatenate examples into full max_length rows (no padding waste)
     dpo_beta: float = 0.1
+    virtual_tokens: int = 16  # prompt-tuning: learned embeddings put before every prompt
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 4

@@ -39,9 +39,10 @@ class RunResult:
     seconds: float
 
 
-def run(cfg: FinetuneConfig, *, resume: bool = False) -> RunResult:
-    """Train as `cfg` says; with `resume`, continue from the run folder's latest checkpoint."""
-    run_dir, data = setup(cfg, resume=resume)
+def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Train as `cfg` says; with `resume`, continue from the run folder's latest checkpoint; with `overwrite`,
+    replace a finished or abandoned run in the same folder."""
+    run_dir, data = setup(cfg, resume=resume, overwrite=overwrite)
     model, tokenizer, base = build_model(cfg)
     train_rows, eval_rows = build_data(cfg, data, tokenizer)
     trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows)
@@ -59,14 +60,20 @@ def run(cfg: FinetuneConfig, *, resume: bool = False) -> RunResult:
 
 
 # --- setup ------------------------------------------------------------------------------------------
-def setup(cfg: FinetuneConfig, *, resume: bool) -> tuple[Path, Path]:
+def setup(cfg: FinetuneConfig, *, resume: bool, overwrite: bool = False) -> tuple[Path, Path]:
+    import shutil
+
     data = Path(cfg.data)
     if not cfg.data or not data.exists():
         raise OwnLLMError(f"no such training data: {cfg.data or '(none given)'}", kind="not_found", param="data")
     run_dir = Path(cfg.out)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise OwnLLMError(f"{run_dir} already holds a run", param="out",
-                          hint="pass --resume to continue it, or choose another --out")
+        if not overwrite:
+            raise OwnLLMError(f"{run_dir} already holds a run", param="out",
+                              hint="pass --resume to continue it, --overwrite to replace it, or another --out")
+        if not (run_dir / "config.yaml").is_file():
+            raise OwnLLMError(f"{run_dir} is not a run folder; refusing to delete it", param="out")
+        shutil.rmtree(run_dir)
     from ownllm.models.resolve import resolve
 
     source = resolve(cfg.model)
@@ -99,6 +106,12 @@ def build_model(cfg: FinetuneConfig) -> tuple[Any, Any, str]:
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                                                  lora_dropout=cfg.lora.dropout, target_modules=targets,
                                                  task_type="CAUSAL_LM"))
+    elif cfg.method == "prompt-tuning":
+        from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+        model = get_peft_model(model, PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=cfg.virtual_tokens, prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text="Answer the question correctly.", tokenizer_name_or_path=loaded.source.location))
     model.train()
     return model, loaded.tokenizer, loaded.source.location
 
@@ -149,7 +162,8 @@ def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=1,
         eval_strategy="steps" if eval_rows else "no", eval_steps=cfg.eval_every, save_strategy="steps",
         save_steps=cfg.save_every, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, report_to=[],
-        use_cpu=not _has_cuda(), dataloader_num_workers=0, remove_unused_columns=False)
+        use_cpu=not _has_cuda(), dataloader_num_workers=0, remove_unused_columns=False,
+        include_num_input_tokens_seen=True)
     callbacks = [MetricsLog(run_dir / "metrics.jsonl")]
     if cfg.method == "dpo":
         from datasets import Dataset
@@ -187,8 +201,10 @@ class MetricsLog(_metrics_callback_base()):  # type: ignore[misc]
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs:
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4),
-                   "seconds": round(time.time() - self.started, 2), **logs}
+            elapsed = time.time() - self.started
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "seconds": round(elapsed, 2),
+                   "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0), **logs}
+            row["tokens_per_second"] = round(row["tokens_seen"] / elapsed, 1) if elapsed > 0 else 0.0
             with self.path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
 

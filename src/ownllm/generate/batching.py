@@ -306,7 +306,8 @@ def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, 
 
     model = getattr(engine, "model", None)
     batched = engine.backend == "llama.cpp" or (
-        model is not None and getattr(engine, "device", "cpu") == "cpu" and supports_slots(model))
+        model is not None and getattr(engine, "device", "cpu") == "cpu" and supports_slots(model)
+        and getattr(engine, "prefix", None) is None)
     if batched:
         return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
     log.info("serving %s one request at a time", engine.name)

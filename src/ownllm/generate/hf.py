@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ownllm.errors import OwnLLMError
 from ownllm.generate.engine import Engine, Step
 from ownllm.generate.params import SamplingParams
 from ownllm.generate.sampling import pick_token, top_logprobs
@@ -30,13 +31,20 @@ class TransformersEngine(Engine):
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         ids = set(eos) if isinstance(eos, list) else {eos}
         self._eos_ids = (ids | {self.tokenizer.eos_token_id}) - {None}
+        self.prefix = loaded.prefix_embeds
+        if self.prefix is not None:
+            self.supports_batching = False  # the batched paths know nothing of prefix embeddings
 
     def _forward(self, ids: list[int], cache: Any) -> torch.Tensor:
-        """Logits for the last position; `cache` (a transformers Cache) is extended in place."""
+        """Logits for the last position; `cache` (a transformers Cache) is extended in place. The first call
+        of a sequence puts a prompt-tuning prefix, if the model has one, in front of the prompt."""
+        tokens = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor([ids], device=self.device), cache=cache, use_cache=True, logits_to_keep=1
-            )
+            if self.prefix is not None and cache.get_seq_length() == 0:
+                embeds = torch.cat([self.prefix[None], self.model.get_input_embeddings()(tokens)], dim=1)
+                out = self.model(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
+            else:
+                out = self.model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
 
     def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[Step]:
@@ -110,6 +118,9 @@ class TransformersEngine(Engine):
         return self.tokenizer.decode([token_id])
 
     def _beam(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        if self.prefix is not None:
+            raise OwnLLMError("beam search is not available for prompt-tuned models", kind="unsupported",
+                              param="strategy")
         input_ids = torch.tensor([prompt_ids], device=self.device)
         with torch.inference_mode():
             out = self.model.generate(

@@ -21,6 +21,7 @@ class LoadedModel:
     source: ResolvedModel
     dtype: DtypeChoice
     device: str
+    prefix_embeds: Any = None  # [virtual tokens, hidden]: a prompt-tuning adapter, put before every prompt
 
     @property
     def context_length(self) -> int:
@@ -142,12 +143,23 @@ def adapter_base(source: ResolvedModel) -> str:
 
 def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows: int) -> LoadedModel:
     """Base model + LoRA adapter, merged for inference speed (the weights in memory are the tuned model)."""
+    import json
+
     from peft import PeftModel
 
     base = load_model(adapter_base(source), dtype=dtype, device=device, batch_rows=batch_rows)
+    tokenizer = load_tokenizer(source) if (source.path / "tokenizer_config.json").is_file() else base.tokenizer
+    kind = json.loads((source.path / "adapter_config.json").read_text()).get("peft_type")
+    if kind == "PROMPT_TUNING":  # nothing to merge: the learned embeddings go in front of every prompt
+        tuned = PeftModel.from_pretrained(base.model, str(source.path))
+        prefix = tuned.get_prompt_embedding_to_save(adapter_name="default").detach().to(base.model.dtype)
+        return LoadedModel(model=base.model, tokenizer=tokenizer, source=source, dtype=base.dtype,
+                           device=base.device, prefix_embeds=prefix.to(base.device))
+    if kind != "LORA":
+        raise OwnLLMError(f"{source.path}: {kind} adapters cannot be loaded (LoRA and prompt tuning can)",
+                          kind="unsupported", param="model")
     merged = PeftModel.from_pretrained(base.model, str(source.path)).merge_and_unload()
     merged.eval()
-    tokenizer = load_tokenizer(source) if (source.path / "tokenizer_config.json").is_file() else base.tokenizer
     return LoadedModel(model=merged, tokenizer=tokenizer, source=source, dtype=base.dtype, device=base.device)
 
 
