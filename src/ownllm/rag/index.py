@@ -94,6 +94,7 @@ class Index:
         self.chunk_overlap = (self._meta or {}).get("chunk_overlap", chunk_overlap)
         self._embedder: Embedder | None = None
         self._keyword: tuple[Any, list[Chunk]] | None = None
+        self._last_query: tuple[str, np.ndarray] | None = None
 
     @property
     def embedder(self) -> Embedder:
@@ -185,9 +186,16 @@ class Index:
         ranked = sorted(fused.values(), key=lambda item: (-item[1], item[0].key))[:k]
         return [Hit(chunk, score, rank) for rank, (chunk, score) in enumerate(ranked, 1)]
 
+    def _query_vector(self, query: str) -> np.ndarray:
+        """The query's embedding, kept for the next call: `ask` searches and then checks similarity."""
+        last = self._last_query
+        if last is None or last[0] != query:
+            last = (query, self.embedder.embed([query])[0])
+            self._last_query = last
+        return last[1]
+
     def _dense(self, query: str, k: int) -> list[Hit]:
-        vector = self.embedder.embed([query])[0]
-        pairs = self.store.dense(vector, k)
+        pairs = self.store.dense(self._query_vector(query), k)
         return [Hit(chunk, score, rank) for rank, (chunk, score) in enumerate(pairs, 1)]
 
     def _bm25(self, query: str, k: int) -> list[Hit]:
@@ -237,7 +245,7 @@ class Index:
         from ownllm.rag.prompt import build_messages
 
         hits = self.search(question, k=k, mode=mode)
-        best = max((score for _, score in self.store.dense(self.embedder.embed([question])[0], 1)), default=0.0)
+        best = max((score for _, score in self.store.dense(self._query_vector(question), 1)), default=0.0)
         if not hits or best < min_score:
             yield IDK
             yield Answer(IDK, [], abstained=True, best_similarity=best)
