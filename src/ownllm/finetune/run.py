@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainerCallback
 
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.config import FinetuneConfig
@@ -180,13 +181,7 @@ def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any
                    eval_dataset=eval_rows or None, data_collator=Collator(pad), callbacks=callbacks)
 
 
-def _metrics_callback_base() -> type:
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class MetricsLog(_metrics_callback_base()):  # type: ignore[misc]
+class MetricsLog(TrainerCallback):
     """Every logged step as one JSON line; on resume, lines past the checkpoint's step are dropped first."""
 
     def __init__(self, path: Path) -> None:

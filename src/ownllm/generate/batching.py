@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
-from ownllm.generate.engine import Completion, Decoding, Engine, Step, TextDelta
+from ownllm.generate.engine import Completion, Decoding, Engine, TextDelta, choose_step
 from ownllm.generate.params import SamplingParams
-from ownllm.generate.sampling import pick_token, top_logprobs
 
 log = logging.getLogger(__name__)
 Event = TextDelta | Completion | BaseException
@@ -236,11 +235,9 @@ class BatchScheduler(_Loop):
         params, decoding = request.params, request.decoding
         assert decoding is not None and request.seen is not None
         try:
-            logits = logits.float()
-            generated = torch.tensor([s.token_id for s in decoding.steps], dtype=torch.long)
-            token, explanation = pick_token(logits, params, request.seen, request.generator, generated=generated)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            step = Step(token, float(logprobs[token]), top_logprobs(logprobs, params.logprobs or 0), explanation)
+            step = choose_step(logits, params, request.seen, request.generator,
+                               [s.token_id for s in decoding.steps])
+            token = step.token_id
         except Exception as exc:
             self._finish(request, OwnLLMError(f"sampling failed: {exc}", kind="resource"))
             return

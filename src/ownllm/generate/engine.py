@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ownllm.errors import OwnLLMError
 from ownllm.generate.params import SamplingParams
-from ownllm.generate.sampling import StepExplanation
+from ownllm.generate.sampling import StepExplanation, pick_token, top_logprobs
 from ownllm.generate.text import IncrementalText
 from ownllm.models.chat_template import Message, render_chat
 
@@ -26,6 +28,19 @@ class Step:
     logprob: float  # log-probability of the token under the model (T=1, before any filtering)
     top: list[tuple[int, float]] = field(default_factory=list)
     explanation: StepExplanation | None = None
+
+
+def choose_step(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
+                generator: torch.Generator | None, generated: list[int], decode: object = None) -> Step:
+    """One token from one position's logits, with its log-probability (and the top ones, if asked for).
+
+    Every backend and the batch scheduler choose through here, so sampling means the same everywhere.
+    """
+    logits = logits.float().cpu()
+    token, explanation = pick_token(logits, params, seen, generator, decode=decode if params.explain else None,
+                                    generated=torch.tensor(generated, dtype=torch.long))
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return Step(token, float(logprobs[token]), top_logprobs(logprobs, params.logprobs or 0), explanation)
 
 
 @dataclass(frozen=True)

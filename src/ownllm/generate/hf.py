@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
-from ownllm.generate.engine import Engine, Step
+from ownllm.generate.engine import Engine, Step, choose_step
 from ownllm.generate.params import SamplingParams
-from ownllm.generate.sampling import pick_token, top_logprobs
 from ownllm.models.load import LoadedModel
 
 
@@ -106,13 +105,7 @@ class TransformersEngine(Engine):
 
     def _choose(self, logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
                 generator: torch.Generator, generated: list[int]) -> Step:
-        logits = logits.float().cpu()
-        token, explanation = pick_token(logits, params, seen, generator,
-                                        decode=self._piece if params.explain else None,
-                                        generated=torch.tensor(generated, dtype=torch.long))
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return Step(token_id=token, logprob=float(logprobs[token]),
-                    top=top_logprobs(logprobs, params.logprobs or 0), explanation=explanation)
+        return choose_step(logits, params, seen, generator, generated, decode=self._piece)
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
-from ownllm.generate.engine import Engine, Step
+from ownllm.generate.engine import Engine, Step, choose_step
 from ownllm.generate.params import SamplingParams
-from ownllm.generate.sampling import pick_token, top_logprobs
 
 
 def llama_cpp_available() -> bool:
@@ -61,16 +60,11 @@ class LlamaCppEngine(Engine):
         seen = torch.tensor(prompt_ids, dtype=torch.long)
         generated: list[int] = []
         while True:
-            logits = self._last_logits()
-            token, explanation = pick_token(
-                logits, params, seen, generator,
-                decode=(lambda i: self.tokenizer.decode([i])) if params.explain else None,
-                generated=torch.tensor(generated, dtype=torch.long),
-            )
+            step = choose_step(self._last_logits(), params, seen, generator, generated,
+                               decode=lambda i: self.tokenizer.decode([i]))
+            token = step.token_id
             generated.append(token)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            yield Step(token, float(logprobs[token]), top_logprobs(logprobs, params.logprobs or 0),
-                       explanation)
+            yield step
             if params.repetition_penalty != 1.0:
                 seen = torch.cat([seen, torch.tensor([token])])
             llama.eval([token])
