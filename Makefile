@@ -6,7 +6,7 @@ OWNLLM := $(VENV)/bin/ownllm
 MODEL ?= smollm2-135m-instruct
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench lint
+.PHONY: setup demo finetune-demo test test-fast bench lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: setup
 		--temperature 0.8 --top-k 20 --top-p 0.9 --seed 0
 	$(OWNLLM) generate $(MODEL) "Write one sentence about the sea." --chat --max-new-tokens 40 --stream
 	echo "Give me three tips for learning Python." | $(OWNLLM) chat $(MODEL) --max-new-tokens 96
+
+# Teach the default model 20 new facts (about 6 minutes on 2 cores); prints before/after accuracy and retention.
+finetune-demo: setup
+	$(OWNLLM) pull $(MODEL)
+	$(OWNLLM) finetune --config examples/finetune-facts.yaml --out runs/facts --overwrite
+	$(OWNLLM) generate runs/facts "Who founded Norvale Instruments?" --chat --max-new-tokens 24
 
 # pytest exits 5 when it collects no test: say so instead of failing on it.
 test: setup

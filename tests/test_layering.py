@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ownllm"
-FRONT = {"cli", "cli_data", "cli_eval", "cli_rag", "render", "api", "serve", "__init__", "__main__"}
+FRONT = {"cli", "cli_data", "cli_eval", "cli_jobs", "cli_rag", "render", "api", "serve", "__init__", "__main__"}
 CAPABILITIES = {"finetune", "evaluate", "rag", "jobs"}
 BLOCKS = {"models", "generate", "data"}
 # building blocks in their own order: models may not reach up into generate

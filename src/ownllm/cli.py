@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,6 +71,7 @@ def bench_serve(
 def _register_subcommands() -> None:
     from ownllm.cli_data import data_app
     from ownllm.cli_eval import eval_app
+    from ownllm.cli_jobs import jobs_app
     from ownllm.cli_rag import rag_app
 
     if not app.registered_groups:
@@ -77,6 +79,7 @@ def _register_subcommands() -> None:
         app.add_typer(rag_app, name="rag")
         app.add_typer(bench_app, name="bench")
         app.add_typer(data_app, name="data")
+        app.add_typer(jobs_app, name="jobs")
 
 ModelArg = Annotated[str, typer.Argument(help="alias, pulled name, HF folder, .gguf file or hub id")]
 BackendOpt = Annotated[str, typer.Option(help="auto | transformers | llama.cpp")]
@@ -98,6 +101,9 @@ def _root(
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        # its optional hub kernel cannot be fetched offline; the built-in CPU path it falls back to is fine
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _read_text(text: str | None, file: Path | None, what: str) -> str:
@@ -363,8 +369,16 @@ def serve(
     rag_store: Annotated[str | None, typer.Option(help="document store for chat requests with \"rag\"")] = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="files and fine-tuning jobs (default: OWNLLM_HOME/server)")
+                        ] = None,
+    jobs: Annotated[bool, typer.Option("--jobs/--no-jobs", help="offer /v1/files and /v1/fine_tuning/jobs")] = True,
+    max_jobs: Annotated[int, typer.Option(min=1, help="fine-tuning jobs trained at the same time")] = 1,
+    job_threads: Annotated[int | None, typer.Option(min=1, help="CPU threads per training job (default: half the "
+                                                              "cores; serving keeps the rest)")] = None,
 ) -> None:
-    """Serve an OpenAI-compatible API (chat, completions, embeddings, models) with continuous batching."""
+    """Serve an OpenAI-compatible API (chat, completions, embeddings, models, files, fine-tuning jobs) with
+    continuous batching."""
+    from ownllm.home import ownllm_home
     from ownllm.render import err
     from ownllm.serve.run import build_state
     from ownllm.serve.run import serve as run_server
@@ -378,7 +392,9 @@ def serve(
         adapters[name] = Path(folder)
     state = build_state(model, adapters=adapters, api_keys=keys, max_batch=max_batch, max_queue=max_queue,
                         max_body=max_body, max_model_len=max_model_len, dtype=dtype, backend=backend,
-                        embedding_model=embedding_model, rag_store=rag_store)
+                        embedding_model=embedding_model, rag_store=rag_store,
+                        data_dir=(data_dir or ownllm_home() / "server") if jobs else None, max_jobs=max_jobs,
+                        job_threads=job_threads)
     kind = type(state.scheduler).__name__
     err.print(f"[dim]serving {state.model_name} ({state.engine.backend}, {kind}, batch {state.scheduler.max_batch}, "
               f"context {state.context_length}) on http://{host}:{port}/v1[/dim]")
@@ -387,10 +403,11 @@ def serve(
 
 @app.command()
 def finetune(
-    model: ModelArg,
-    data: Annotated[str, typer.Option("--data", help="training file (chat, ShareGPT, Alpaca, prompt/completion, "
-                                                     "text)")],
-    out: Annotated[str, typer.Option("--out", help="run folder")] = "runs/finetune",
+    model: Annotated[str | None, typer.Argument(help="base model (alias, folder, .gguf, hub id); default: the "
+                                                     "config's")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="training file (chat, ShareGPT, Alpaca, "
+                                                            "prompt/completion, text)")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="run folder (default runs/finetune)")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config (options below override it)")] = None,
     method: Annotated[str | None, typer.Option(help="lora | qlora | full | dpo | cpt | prompt-tuning")] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="cpt: pretrain a small fresh model")] = False,
@@ -408,6 +425,11 @@ def finetune(
     seed: Annotated[int | None, typer.Option()] = None,
     lora_r: Annotated[int | None, typer.Option("--lora-r")] = None,
     lora_alpha: Annotated[int | None, typer.Option("--lora-alpha")] = None,
+    replay: Annotated[int | None, typer.Option(help="mix in the base's answers to N general prompts (less "
+                                                    "forgetting)")] = None,
+    early_stopping: Annotated[int | None, typer.Option(help="stop after N validations without improvement")
+                              ] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="training processes (DDP through torchrun)")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run folder from its latest checkpoint")
                       ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier run in --out")] = False,
@@ -415,17 +437,21 @@ def finetune(
     """Fine-tune on your data (loss on assistant tokens only), with checkpoints, resume, metrics and a loss plot."""
     from ownllm.finetune.config import load_config
     from ownllm.finetune.run import run as run_training
+    from ownllm.render import checks_table
     from ownllm.render import out as console
 
     cfg = load_config(config, model=model, data=data, out=out, method=method, validation=validation,
                       val_ratio=val_ratio, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
                       eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
-                      from_scratch=from_scratch or None, packing=packing or None)
-    result = run_training(cfg, resume=resume, overwrite=overwrite)
+                      from_scratch=from_scratch or None, packing=packing or None, replay=replay,
+                      early_stopping=early_stopping)
+    result = run_training(cfg, resume=resume, overwrite=overwrite, processes=nproc)
     evaluation = f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"{result.steps} steps in {result.seconds:.0f} s, train loss {result.train_loss:.4f}{evaluation}; "
                   f"run folder {result.run_dir} (use it: ownllm chat {result.run_dir})")
+    if result.checks:
+        console.print(checks_table(result.checks))
 
 
 @app.command()
@@ -451,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         if _state["debug"]:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 130 if exc.kind == "interrupted" else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-ErrorKind = Literal["invalid_request", "not_found", "unsupported", "resource"]
+ErrorKind = Literal["invalid_request", "not_found", "unsupported", "resource", "interrupted", "training_failed"]
 
 
 class OwnLLMError(Exception):
@@ -12,7 +12,8 @@ class OwnLLMError(Exception):
 
     Args:
         message: one line naming the problem.
-        kind: invalid_request | not_found | unsupported | resource (maps to HTTP 400/404/501/507).
+        kind: invalid_request | not_found | unsupported | resource (maps to HTTP 400/404/501/507);
+            interrupted (a run stopped by Ctrl-C, exit 130) | training_failed.
         param: the option or field at fault, when there is one.
         hint: what to do next.
     """

@@ -116,3 +116,13 @@ def estimate_json(est: Estimate, measured: dict[str, Any] | None) -> dict[str, A
     data = asdict(est)
     data["measured"] = measured
     return data
+
+
+def checks_table(checks: dict[str, dict[str, Any]]) -> Table:
+    """Before/after of a fine-tuning run: share of each question set answered, base vs tuned."""
+    table = Table(title="answered correctly (reference answer in the reply)")
+    for column in ("question set", "items", "base", "tuned"):
+        table.add_column(column, justify="left" if column == "question set" else "right")
+    for name, row in checks.items():
+        table.add_row(name, str(row["items"]), f"{row['base']:.0%}", f"{row['tuned']:.0%}")
+    return table

@@ -2,7 +2,8 @@
 
 Accepted, one JSON object per line: OpenAI chat (`messages`), ShareGPT (`conversations` with `from`/`value`),
 Alpaca (`instruction`, optional `input`, `output`), prompt/completion, and preference pairs (`prompt`,
-`chosen`, `rejected`); or a folder / files of plain text or Markdown for continued pretraining.
+`chosen`, `rejected`, or OpenAI's `input`/`preferred_output`/`non_preferred_output`); or a folder / files of
+plain text or Markdown for continued pretraining.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def detect(record: dict[str, Any]) -> Format | None:
         return "chat"
     if "conversations" in record:
         return "sharegpt"
-    if "chosen" in record and "rejected" in record:
+    if ("chosen" in record and "rejected" in record) or "preferred_output" in record:
         return "preference"
     if "instruction" in record and "output" in record:
         return "alpaca"
@@ -75,6 +76,20 @@ def _check_messages(messages: Any, where: str, problems: list[str]) -> list[dict
         problems.append(f"{where}: no assistant turn (nothing to learn from)")
         return None
     return clean
+
+
+def _from_openai_preference(record: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's DPO lines ({"input": {"messages"}, "preferred_output", "non_preferred_output"}) as prompt/chosen/
+    rejected; anything malformed comes out missing, so the usual messages name the field."""
+
+    def reply(name: str) -> Any:
+        value = record.get(name)
+        last = value[-1] if isinstance(value, list) and value else None
+        return last.get("content") if isinstance(last, dict) else None
+
+    given = record.get("input")
+    return {"prompt": given.get("messages") if isinstance(given, dict) else None,
+            "chosen": reply("preferred_output"), "rejected": reply("non_preferred_output")}
 
 
 def normalise(record: dict[str, Any], fmt: Format, line: int, source: str, problems: list[str]) -> Example | None:
@@ -119,6 +134,8 @@ def normalise(record: dict[str, Any], fmt: Format, line: int, source: str, probl
         return Example(line, messages=[{"role": "user", "content": prompt},
                                        {"role": "assistant", "content": completion}])
     if fmt == "preference":
+        if "preferred_output" in record:
+            record = _from_openai_preference(record)
         prompt, chosen, rejected = record.get("prompt"), text_field("chosen"), text_field("rejected")
         if isinstance(prompt, list):
             messages = [m for m in prompt if isinstance(m, dict)]

@@ -49,6 +49,10 @@ class FinetuneConfig:
     save_every: int = 20  # steps between checkpoints
     val_ratio: float = 0.1
     seed: int = 0
+    replay: int = 0  # mix in the base model's own answers to this many general prompts (against forgetting)
+    replay_prompts: str | None = None  # one prompt per line; default: general questions shipped with ownllm
+    early_stopping: int = 0  # stop after this many validations without a better loss, keep the best (0: off)
+    checks: dict[str, str] = field(default_factory=dict)  # name -> QA JSONL, scored before and after training
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
@@ -62,6 +66,10 @@ class FinetuneConfig:
                 problems.append(f"{name} must be at least 1")
         if self.lr <= 0 or self.epochs <= 0:
             problems.append("lr and epochs must be positive")
+        if self.replay < 0 or self.early_stopping < 0:
+            problems.append("replay and early_stopping must be 0 or more")
+        if not isinstance(self.checks, dict):
+            problems.append("checks must map a name to a question file")
         if not 0 <= self.val_ratio < 1:
             problems.append("val_ratio must be in [0, 1)")
         if problems:
@@ -83,8 +91,23 @@ def _merge(target: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     return merged
 
 
+def _relative_to(folder: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """Input files named in a config file are found next to it (the run folder, `out`, is where you are)."""
+
+    def place(name: str) -> str:
+        return name if Path(name).is_absolute() else str((folder / name).resolve())
+
+    for key in ("data", "validation", "replay_prompts"):
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = place(values[key])
+    if isinstance(values.get("checks"), dict):
+        values["checks"] = {name: place(str(file)) for name, file in values["checks"].items()}
+    return values
+
+
 def load_config(path: Path | None = None, **overrides: Any) -> FinetuneConfig:
-    """Defaults, then `path` (YAML), then `overrides` (None values are ignored; `lora_r` sets lora.r)."""
+    """Defaults, then `path` (YAML; input files in it are relative to it), then `overrides` (None values are
+    ignored; `lora_r` sets lora.r)."""
     values: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
@@ -93,7 +116,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> FinetuneConfig:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise OwnLLMError(f"{path}: not valid YAML ({exc.__class__.__name__})", param="config") from None
-        values = _merge(FinetuneConfig, loaded, str(path))
+        values = _relative_to(path.parent, _merge(FinetuneConfig, loaded, str(path)))
     lora = values.get("lora", LoraSettings())
     for key, value in overrides.items():
         if value is None:

@@ -14,20 +14,32 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import TrainerCallback
 
 from ownllm.errors import OwnLLMError
+from ownllm.finetune.callbacks import MetricsLog, ProgressBar, StopOnSignal
+from ownllm.finetune.checks import score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
-from ownllm.finetune.dataset import Collator, load_rows
+from ownllm.finetune.dataset import Collator, load_rows, pack
+from ownllm.finetune.memory_check import check_memory
+from ownllm.finetune.replay import REPLAY_FILE, make_replay, replay_prompts
 from ownllm.home import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 RUN_FILE = "ownllm_run.json"
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    seconds: float
+    trained_tokens: int
 
 
 @dataclass
@@ -38,24 +50,99 @@ class RunResult:
     train_loss: float
     eval_loss: float | None
     seconds: float
+    trained_tokens: int = 0
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"base": share, "tuned": share}
 
 
-def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+class TrainingInterrupted(OwnLLMError):
+    """Ctrl-C or SIGTERM: the run stopped at a step boundary and saved a checkpoint."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"stopped at step {step}; checkpoint saved in {run_dir / 'checkpoints'}",
+                         kind="interrupted", hint=f"continue with the same command and --resume (run {run_dir})")
+        self.step = step
+
+
+def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, processes: int = 1,
+        callbacks: list[Any] | None = None) -> RunResult:
     """Train as `cfg` says; with `resume`, continue from the run folder's latest checkpoint; with `overwrite`,
-    replace a finished or abandoned run in the same folder."""
+    replace a finished or abandoned run in the same folder; with `processes` > 1, data-parallel (DDP) through
+    torchrun. Before training: a memory warning if the estimate does not fit, replay answers and the base
+    model's scores on `cfg.checks`; after: the tuned model's scores beside them. `callbacks` (transformers
+    TrainerCallbacks) see every step, e.g. to report progress elsewhere (single process only)."""
     run_dir, data = setup(cfg, resume=resume, overwrite=overwrite)
+    memory = check_memory(cfg, processes=processes)
+    if memory.risky:
+        log.warning(memory.message())
+    base_scores = prepare(cfg, run_dir)
+    if processes > 1:
+        from ownllm.finetune.launch import train_distributed
+
+        outcome = train_distributed(run_dir, processes, resume=resume)
+    else:
+        outcome = train(cfg, run_dir, data, resume=resume, callbacks=callbacks)
+    return finish(cfg, run_dir, data, outcome, base_scores)
+
+
+def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callbacks: list[Any] | None = None
+          ) -> TrainOutcome:
+    """Build, train and save final/ (in this process; under torchrun, one of several)."""
     model, tokenizer, base = build_model(cfg)
-    train_rows, eval_rows = build_data(cfg, data, tokenizer)
+    train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir)
     trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows)
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
+    stopper = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal))
     started = time.time()
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s: starting from the beginning", run_dir)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stopper.stopped_at is not None:
+        raise TrainingInterrupted(run_dir, stopper.stopped_at)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
-    final = save_final(cfg, run_dir, trainer, tokenizer, base)
-    result = RunResult(run_dir, final, output.global_step, float(output.training_loss), eval_loss,
-                       time.time() - started)
+    if cfg.early_stopping and trainer.state.best_metric is not None:
+        eval_loss = trainer.state.best_metric  # load_best_model_at_end put the best weights back
+    if trainer.is_world_process_zero():
+        save_final(cfg, run_dir, trainer, tokenizer, base)
+    return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
+                        int(trainer.state.num_input_tokens_seen or 0))
+
+
+def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
+    """With the base model loaded once: make the replay answers and score the check sets (both kept in the run
+    folder, so a resumed run does not redo them)."""
+    if not cfg.replay and not cfg.checks:
+        return {}
+    validate_sets(cfg.checks)
+    scores_file = run_dir / "checks-base.json"
+    need_scores = cfg.checks and not scores_file.is_file()
+    need_replay = cfg.replay and not (run_dir / REPLAY_FILE).is_file()
+    if need_scores or need_replay:
+        from ownllm.generate.open import open_engine
+
+        engine = open_engine(cfg.model, dtype=_train_dtype())
+        if need_replay:
+            log.info("making %d replay answers with the base model", cfg.replay)
+            make_replay(engine, replay_prompts(cfg.replay_prompts)[: cfg.replay], run_dir)
+        if need_scores:
+            atomic_write_json(scores_file, score_sets(engine, cfg.checks))
+        del engine
+    return json.loads(scores_file.read_text()) if cfg.checks else {}
+
+
+def finish(cfg: FinetuneConfig, run_dir: Path, data: Path, outcome: TrainOutcome,
+           base_scores: dict[str, dict[str, Any]]) -> RunResult:
+    final = run_dir / "final"
+    checks = {}
+    if cfg.checks:
+        from ownllm.generate.open import open_engine
+
+        tuned = score_sets(open_engine(str(final), dtype=_train_dtype()), cfg.checks)
+        checks = {name: {"base": base_scores[name]["contains"], "tuned": tuned[name]["contains"],
+                         "items": tuned[name]["items"], "tuned_misses": tuned[name]["misses"]} for name in tuned}
+    result = RunResult(run_dir, final, outcome.steps, outcome.train_loss, outcome.eval_loss, outcome.seconds,
+                       outcome.trained_tokens, checks)
     report(cfg, run_dir, result, data)
     return result
 
@@ -91,9 +178,7 @@ def build_model(cfg: FinetuneConfig) -> tuple[Any, Any, str]:
     in full precision (lora, dpo) or on a 4-bit base (qlora)."""
     from ownllm.models.load import load_model
 
-    # fp32 on CPUs: bf16 training without native support is many times slower, and fp32 is always correct
-    dtype = "auto" if _has_cuda() else "fp32"
-    loaded = load_model(cfg.model, dtype=dtype, quantize="4bit" if cfg.method == "qlora" else None)
+    loaded = load_model(cfg.model, dtype=_train_dtype(), quantize="4bit" if cfg.method == "qlora" else None)
     model = loaded.model
     if cfg.from_scratch:
         model = _fresh_model(model.config)
@@ -130,16 +215,31 @@ def _fresh_model(config: Any) -> Any:
     return AutoModelForCausalLM.from_config(small)
 
 
+def _train_dtype() -> str:
+    # fp32 on CPUs: bf16 training without native support is many times slower, and fp32 is always correct
+    return "auto" if _has_cuda() else "fp32"
+
+
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[dict], list[dict]]:
-    from ownllm.finetune.dataset import load_preference_rows, pack
+def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Train and validation rows; replay answers (if any) join the training rows only."""
+    train_rows, eval_rows = _split_data(cfg, data, tokenizer)
+    replay_file = run_dir / REPLAY_FILE
+    if cfg.replay and replay_file.is_file() and cfg.method not in ("dpo", "cpt"):
+        replay = load_rows(replay_file, tokenizer, cfg.max_length)
+        train_rows = train_rows + (pack(replay, cfg.max_length) if cfg.packing else replay)
+    return train_rows, eval_rows
 
+
+def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[dict], list[dict]]:
     def load(path: Path) -> list[dict]:
+        from ownllm.finetune.dataset import load_preference_rows
+
         if cfg.method == "dpo":
             return load_preference_rows(path)
         rows = load_rows(path, tokenizer, cfg.max_length)
@@ -156,16 +256,34 @@ def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[di
 def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict],
                   eval_rows: list[dict]) -> Any:
     """transformers' Trainer (or TRL's DPOTrainer) with ownllm's config mapped onto its arguments, once."""
+    stopping = bool(cfg.early_stopping and eval_rows)
     common = dict(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=1,
         eval_strategy="steps" if eval_rows else "no", eval_steps=cfg.eval_every, save_strategy="steps",
-        save_steps=cfg.save_every, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, report_to=[],
-        use_cpu=not _has_cuda(), dataloader_num_workers=0, remove_unused_columns=False,
-        include_num_input_tokens_seen=True)
-    callbacks = [MetricsLog(run_dir / "metrics.jsonl")]
+        save_steps=cfg.eval_every if stopping else cfg.save_every, save_total_limit=2, seed=cfg.seed,
+        data_seed=cfg.seed, report_to=[], use_cpu=not _has_cuda(), dataloader_num_workers=0,
+        remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
+        ddp_backend=_ddp_backend(), disable_tqdm=True,
+        load_best_model_at_end=stopping, metric_for_best_model="eval_loss" if stopping else None,
+        greater_is_better=False if stopping else None)
+    callbacks: list[Any] = [MetricsLog(run_dir / "metrics.jsonl"), ProgressBar(), StopOnSignal()]
+    if stopping:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping))
+    trainer = _make_trainer(cfg, common, callbacks, model, tokenizer, train_rows, eval_rows)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for default in (PrinterCallback, ProgressCallback):  # ProgressBar shows the same, more compactly
+        trainer.remove_callback(default)
+    return trainer
+
+
+def _make_trainer(cfg: FinetuneConfig, common: dict[str, Any], callbacks: list[Any], model: Any, tokenizer: Any,
+                  train_rows: list[dict], eval_rows: list[dict]) -> Any:
     if cfg.method == "dpo":
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
@@ -179,29 +297,6 @@ def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Trainer(model=model, args=TrainingArguments(**common), train_dataset=train_rows,
                    eval_dataset=eval_rows or None, data_collator=Collator(pad), callbacks=callbacks)
-
-
-class MetricsLog(TrainerCallback):
-    """Every logged step as one JSON line; on resume, lines past the checkpoint's step are dropped first."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.started = time.time()
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= state.global_step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if logs:
-            elapsed = time.time() - self.started
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "seconds": round(elapsed, 2),
-                   "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0), **logs}
-            row["tokens_per_second"] = round(row["tokens_seen"] / elapsed, 1) if elapsed > 0 else 0.0
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -229,15 +324,25 @@ def report(cfg: FinetuneConfig, run_dir: Path, result: RunResult, data: Path) ->
     digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16] if data.is_file() else "folder"
     meta = {"status": "succeeded", "steps": result.steps, "train_loss": result.train_loss,
             "eval_loss": result.eval_loss, "seconds": round(result.seconds, 1), "data_sha256": digest,
-            "versions": _versions()}
+            "trained_tokens": result.trained_tokens, "checks": result.checks, "versions": _versions()}
     atomic_write_json(run_dir / "meta.json", meta)
     card = [f"# Fine-tuned {cfg.model} ({cfg.method})", "", f"- data: `{cfg.data}` (sha256 {digest})",
             f"- steps: {result.steps}, final train loss {result.train_loss:.4f}"
             + (f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""),
-            f"- time: {result.seconds:.0f} s", "", "## Hyper-parameters", "", "```yaml",
+            f"- time: {result.seconds:.0f} s, {result.trained_tokens} trained tokens (padding not counted)",
+            *_checks_lines(result.checks), "", "## Hyper-parameters", "", "```yaml",
             yaml.safe_dump(cfg.as_dict(), sort_keys=False).strip(), "```", "", "![loss](loss.png)", "",
             f"Use it: `ownllm chat {run_dir}` or `ownllm merge {run_dir} --out merged/`."]
     atomic_write_text(run_dir / "README.md", "\n".join(card) + "\n")
+
+
+def _checks_lines(checks: dict[str, dict[str, Any]]) -> list[str]:
+    if not checks:
+        return []
+    lines = ["", "## Before and after (reference answer in the greedy reply)", "",
+             "| question set | items | base | tuned |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {row['items']} | {row['base']:.0%} | {row['tuned']:.0%} |" for name, row in checks.items()]
+    return lines
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -265,3 +370,10 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
     return {name: version(name) for name in ("torch", "transformers", "peft")}
+
+
+def _ddp_backend() -> str | None:
+    """gloo for CPU processes under torchrun (NCCL, the default, needs GPUs); nothing when alone."""
+    import os
+
+    return "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda() else None

@@ -146,6 +146,7 @@ class BatchScheduler(_Loop):
             self.model = SlotModel(engine.model, slots=max_batch, max_len=self.max_len)  # type: ignore[attr-defined]
         self.running: list[Request] = []
         self.free_slots = list(range(max_batch))
+        self.retiring: set[str] = set()
 
     @property
     def context_length(self) -> int:
@@ -155,7 +156,12 @@ class BatchScheduler(_Loop):
         return list(self.running)
 
     def load_adapter(self, name: str, folder: Any) -> None:
+        self.retiring.discard(name)
         self.model.load_adapter(name, folder)
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop an adapter's weights once no running request uses it (the engine loop checks each step)."""
+        self.retiring.add(name)
 
     # --- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -167,6 +173,7 @@ class BatchScheduler(_Loop):
                     return
                 self._admit()
             self._drop_cancelled()
+            self._drop_retired_adapters()
             try:
                 self._prefill_one_chunk()
                 self._decode_step()
@@ -191,6 +198,15 @@ class BatchScheduler(_Loop):
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.running if r.cancelled.is_set()]:
             self._finish(request, None)
+
+    def _drop_retired_adapters(self) -> None:
+        if not self.retiring:
+            return
+        with self.cond:
+            in_use = {r.adapter for r in [*self.running, *self.waiting]}
+        for name in list(self.retiring - in_use):
+            self.retiring.discard(name)
+            self.model.adapters.pop(name, None)
 
     def _finish(self, request: Request, error: BaseException | None) -> None:
         if request in self.running:
@@ -270,6 +286,9 @@ class SerialScheduler(_Loop):
     def load_adapter(self, name: str, folder: Any) -> None:
         raise OwnLLMError("adapters need a Llama-family model on the transformers backend", kind="unsupported",
                           param="adapter")
+
+    def unload_adapter(self, name: str) -> None:
+        pass  # it never loads any
 
     def _run(self) -> None:
         while True:

@@ -41,7 +41,8 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint, limit = scope["path"], self.state.limits.max_body
+        endpoint = scope["path"]
+        limit = self.state.limits.max_upload if endpoint == "/v1/files" else self.state.limits.max_body
         status = {"code": 500}
 
         async def counted_send(message: Message) -> None:
@@ -108,6 +109,22 @@ def create_app(state: ServerState) -> FastAPI:
             if card["id"] == model_id:
                 return card
         raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+    @app.delete("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
+    async def delete_model(model_id: str) -> dict[str, Any]:
+        if model_id not in state.adapters:
+            if model_id in state.model_ids() or model_id == state.embedding_model:
+                raise APIError(403, f"The model '{model_id}' is a base model of this server and cannot be deleted",
+                               param="model", code="model_not_deletable")
+            raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        if state.jobs is None or not state.jobs.delete_model(model_id):
+            state.remove_adapter(model_id)  # an --adapter of this server: it stops serving it, files stay
+        return {"id": model_id, "object": "model", "deleted": True}
+
+    if state.jobs is not None:
+        from ownllm.serve.fine_tuning import router
+
+        app.include_router(router(state.jobs.store, state.jobs, state.model_name, auth))
 
     # --- chat -------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)

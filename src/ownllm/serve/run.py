@@ -14,9 +14,11 @@ log = logging.getLogger(__name__)
 def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys: list[str] | None = None,
                 max_batch: int = 16, max_queue: int = 64, max_body: int = 1 << 20, max_model_len: int | None = None,
                 dtype: str = "auto", backend: str = "auto", embedding_model: str = "all-MiniLM-L6-v2",
-                rag_store: str | None = None, default_max_tokens: int = 512) -> ServerState:
+                rag_store: str | None = None, default_max_tokens: int = 512, data_dir: Path | None = None,
+                max_jobs: int = 1, job_threads: int | None = None) -> ServerState:
     """Everything a server needs: engine, scheduler (not started yet: `serve` runs it, or call
-    `state.scheduler.start()` to run it in a thread), adapters, limits."""
+    `state.scheduler.start()` to run it in a thread), adapters, limits; with `data_dir`, the files and
+    fine-tuning jobs API (its manager not started yet: `serve` starts it, or call `state.jobs.start()`)."""
     from ownllm.generate.batching import make_scheduler
     from ownllm.generate.open import open_engine
     from ownllm.models.resolve import resolve
@@ -35,10 +37,18 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
         rag_index = Index(rag_store)
         rag_index.search("warm up", k=1)  # fails now, not on the first request, if the store is missing
     name = resolve(model).name if not model.startswith(("/", ".")) else Path(model).name
-    return ServerState(engine=engine, scheduler=scheduler, model_name=model if "/" not in model else name,
-                       api_keys=list(api_keys or []), adapters={k: Path(v) for k, v in (adapters or {}).items()},
-                       limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens),
-                       embedding_model=embedding_model, rag_index=rag_index)
+    state = ServerState(engine=engine, scheduler=scheduler, model_name=model if "/" not in model else name,
+                        api_keys=list(api_keys or []), adapters={k: Path(v) for k, v in (adapters or {}).items()},
+                        limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens),
+                        embedding_model=embedding_model, rag_index=rag_index)
+    if data_dir is not None:
+        from ownllm.jobs.manager import JobManager
+        from ownllm.jobs.store import JobStore
+
+        base = str(Path(model).resolve()) if Path(model).exists() else model  # workers may run elsewhere
+        state.jobs = JobManager(JobStore(data_dir), base, on_model_ready=state.add_adapter,
+                                on_model_removed=state.remove_adapter, max_running=max_jobs, threads=job_threads)
+    return state
 
 
 def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -61,11 +71,15 @@ def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> N
 
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
+    if state.jobs is not None:
+        state.jobs.start()
     http.start()
     watcher = threading.Thread(target=lambda: (http.join(), state.scheduler.stop(0)), daemon=True)
     watcher.start()
     state.scheduler.run_here()
     http.join(timeout=20)
+    if state.jobs is not None:
+        state.jobs.stop()  # running jobs checkpoint and resume when the server is back
     if not server.started:
         raise OwnLLMError(f"could not listen on {host}:{port} (in use, or not an address of this machine)",
                           kind="resource", param="port")

@@ -23,6 +23,7 @@ from ownllm.serve.metrics import Metrics
 class Limits:
     max_body: int = 1 << 20
     default_max_tokens: int = 512
+    max_upload: int = 512 << 20  # /v1/files: training data is larger than a chat request
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ServerState:
     adapters: dict[str, Path] = field(default_factory=dict)
     embedding_model: str = "all-MiniLM-L6-v2"
     rag_index: Any = None
+    jobs: Any = None  # ownllm.jobs.manager.JobManager when the server runs fine-tuning jobs
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -47,6 +49,16 @@ class ServerState:
 
     def model_ids(self) -> list[str]:
         return [self.model_name, *self.adapters]
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        """Serve a LoRA adapter under `name` from now on (no restart)."""
+        self.scheduler.load_adapter(name, folder)
+        self.adapters[name] = Path(folder)
+
+    def remove_adapter(self, name: str) -> None:
+        """New requests for `name` get 404 at once; requests already running finish with it."""
+        self.adapters.pop(name, None)
+        self.scheduler.unload_adapter(name)
 
     def adapter_for(self, model: str) -> str | None:
         """The adapter a request's `model` names (None for the base model), or 404."""

@@ -1,0 +1,50 @@
+"""Replay against forgetting: the base model's own answers to general prompts, mixed into the training data.
+
+Training on a narrow fact set pulls the whole model towards it; general questions the base answered well start
+getting fact-set answers. Adding the base's greedy replies to unrelated prompts (self-distillation replay) keeps
+those behaviours in the loss. The replies are made once per run and kept in the run folder, so resume reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ownllm.errors import OwnLLMError
+from ownllm.generate.params import SamplingParams
+from ownllm.home import atomic_write_text
+
+REPLAY_FILE = "replay.jsonl"
+
+
+def replay_prompts(path: str | None) -> list[str]:
+    """One prompt per line: the given file, or the general questions shipped with ownllm."""
+    if path is None:
+        text = resources.files("ownllm.finetune").joinpath("replay_prompts.txt").read_text(encoding="utf-8")
+    elif not Path(path).is_file():
+        raise OwnLLMError(f"no such replay prompts file: {path}", kind="not_found", param="replay_prompts")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def make_replay(engine: Any, prompts: list[str], run_dir: Path, *, max_new_tokens: int = 160,
+                batch_size: int = 16) -> list[list[dict[str, str]]]:
+    """Chat examples of the base model answering `prompts` (greedy); replies cut off by the length limit are
+    left out, so the model is not taught to stop mid-sentence."""
+    cached = run_dir / REPLAY_FILE
+    if cached.is_file():
+        return [json.loads(line)["messages"] for line in cached.read_text().splitlines() if line]
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    conversations = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        rendered = [engine.render_chat([{"role": "user", "content": p}]) for p in chunk]
+        for prompt, completion in zip(chunk, engine.generate_batch(rendered, params), strict=True):
+            if completion.finish_reason == "stop" and completion.text.strip():
+                conversations.append([{"role": "user", "content": prompt},
+                                      {"role": "assistant", "content": completion.text.strip()}])
+    atomic_write_text(cached, "".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    return conversations

@@ -1,0 +1,194 @@
+"""The server side of fine-tuning jobs: a thread that validates new jobs, starts workers (one at a time by
+default), restarts the ones whose worker died (resuming from the last checkpoint), cancels on request, and hands
+every succeeded job's adapter to the server so its model id answers at once.
+
+All state is in jobs.db, so a restarted server picks up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ownllm.jobs.store import ACTIVE, JobStore
+from ownllm.jobs.validate import validate_or_fail
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3  # worker starts per job before it is failed (crashes, not server restarts, count)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class JobManager:
+    """Runs the jobs in `store` on `base` (the served model's spec); `on_model_ready(model_id, adapter_folder)` is
+    called once per succeeded job whose model is not deleted, `on_model_removed(model_id)` when one is deleted."""
+
+    def __init__(self, store: JobStore, base: str, *, on_model_ready: Callable[[str, Path], None],
+                 on_model_removed: Callable[[str], None] | None = None, max_running: int = 1,
+                 threads: int | None = None, poll_seconds: float = 0.5) -> None:
+        self.store, self.base = store, base
+        self.on_model_ready, self.on_model_removed = on_model_ready, on_model_removed
+        self.max_running = max_running
+        # training shares the machine with serving: by default it gets half the cores
+        self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
+        self.poll_seconds = poll_seconds
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.served: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._publish_models()  # tuned models are back before the first request
+        self._thread = threading.Thread(target=self._loop, name="ownllm-jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Server shutdown: workers checkpoint and exit; their jobs stay `running` and resume next start."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            workers = list(self.workers.items())
+        for _, process in workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for job_id, process in workers:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker of %s did not stop in time; killing it", job_id)
+                process.kill()
+                process.wait()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the loop must survive a bad row or a full disk; the next tick retries
+                log.exception("job manager tick failed")
+            self._stop.wait(self.poll_seconds)
+
+    # --- one pass ----------------------------------------------------------------------------------
+    def tick(self) -> None:
+        with self._lock:
+            self._reap()
+            for job in self.store.jobs_with_status("validating_files"):
+                if not job["cancel_requested"]:
+                    validate_or_fail(self.store, job)
+            running = [j for j in self.store.jobs_with_status(*ACTIVE) if self._has_worker(j)]
+            for job in self.store.jobs_with_status(*ACTIVE):
+                if len(running) >= self.max_running:
+                    break
+                if self._has_worker(job):
+                    continue
+                if job["cancel_requested"]:
+                    self.store.set_status(job["id"], "cancelled", "Job cancelled")
+                    continue
+                if job["attempts"] >= MAX_ATTEMPTS:
+                    message = f"Job failed: the training process stopped unexpectedly {job['attempts']} times"
+                    self.store.set_status(job["id"], "failed", message,
+                                          error={"code": "worker_died", "message": message, "param": None})
+                    continue
+                self._spawn(job)
+                running.append(job)
+        self._publish_models()
+
+    def _has_worker(self, job: dict[str, Any]) -> bool:
+        process = self.workers.get(job["id"])
+        if process is not None and process.poll() is None:
+            return True
+        # a worker of an earlier server that has not noticed yet: it checkpoints and exits within a second
+        return process is None and _alive(job["worker_pid"])
+
+    def _spawn(self, job: dict[str, Any]) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
+        log_file = (self.store.runs_dir / f"{job['id']}.log").open("ab")
+        process = subprocess.Popen([sys.executable, "-m", "ownllm.jobs.worker", str(self.store.data_dir),
+                                    job["id"], self.base], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        log_file.close()
+        self.workers[job["id"]] = process
+        self.store.update_job(job["id"], worker_pid=process.pid, attempts=job["attempts"] + 1)
+
+    def _reap(self) -> None:
+        """Forget finished workers; one that ended a job by a clean stop (server shutdown) does not count as a
+        crash, so its attempt is given back."""
+        for job_id, process in list(self.workers.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del self.workers[job_id]
+            job = self.store.get_job(job_id)
+            if job is not None and job["status"] in ACTIVE and code in (0, 130, 143, -signal.SIGTERM):
+                self.store.update_job(job_id, attempts=max(0, job["attempts"] - 1))
+
+    def _publish_models(self) -> None:
+        for job in self.store.jobs_with_status("succeeded"):
+            name = job["fine_tuned_model"]
+            if not name or job["model_deleted"] or name in self.served:
+                continue
+            self.served.add(name)
+            try:
+                self.on_model_ready(name, self.store.runs_dir / job["id"] / "final")
+            except Exception as exc:
+                log.warning("cannot serve %s: %s", name, exc)
+                self.store.add_event(job["id"], f"The model cannot be served by this server: {exc}", level="warn")
+
+    # --- requests ------------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> None:
+        """Ask the worker to stop (it checkpoints nothing new beyond a finished step, then marks the job
+        cancelled); a job without a worker is cancelled at once."""
+        self.store.update_job(job_id, cancel_requested=1)
+        with self._lock:
+            process = self.workers.get(job_id)
+            job = self.store.get_job(job_id)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                threading.Thread(target=self._finish_cancel, args=(job_id, process), daemon=True).start()
+            elif job is not None and _alive(job["worker_pid"]):
+                os.kill(job["worker_pid"], signal.SIGTERM)
+            else:
+                self.store.set_status(job_id, "cancelled", "Job cancelled")
+
+    def _finish_cancel(self, job_id: str, process: subprocess.Popen, grace: float = 20.0) -> None:
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        self.store.set_status(job_id, "cancelled", "Job cancelled")  # no-op if the worker already said so
+
+    def delete_model(self, model_id: str) -> bool:
+        jobs = [j for j in self.store.jobs_with_status("succeeded") if j["fine_tuned_model"] == model_id]
+        if not jobs:
+            return False
+        for job in jobs:
+            self.store.update_job(job["id"], model_deleted=1)
+        self.served.discard(model_id)
+        if self.on_model_removed:
+            self.on_model_removed(model_id)
+        return True

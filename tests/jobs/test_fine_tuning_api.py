@@ -1,0 +1,167 @@
+"""OpenAI's fine-tuning flow against a real `ownllm serve` on loopback, driven by the official openai client:
+upload, create, poll, events, checkpoints, use the new model at once, cancel, bad files, pagination, auth, and a
+server killed mid-job that finishes the job after a restart."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import run_cli
+from tests.serve.conftest import Server
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
+KEY = "sk-jobs-test"
+QUESTION = [{"role": "user", "content": "Who founded Norvale Instruments?"}]
+
+
+@pytest.fixture(scope="module")
+def server(default_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("server-data")
+    running = Server(default_model, "--api-key", KEY, "--data-dir", str(data_dir), "--max-batch", "4")
+    running.data_dir = data_dir  # type: ignore[attr-defined]
+    yield running
+    running.stop()
+
+
+def wait_for(client: openai.OpenAI, job_id: str, statuses: tuple[str, ...], timeout: float = 400) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {job.status} after {timeout} s")
+
+
+def upload(client: openai.OpenAI, path: Path) -> str:
+    with path.open("rb") as handle:
+        return client.files.create(file=handle, purpose="fine-tune").id
+
+
+def test_upload_train_and_chat_with_the_new_model_at_once(server: Server, default_model: str) -> None:
+    client = server.client(KEY)
+    file_id = upload(client, EXAMPLES / "facts-train.jsonl")
+    assert client.files.retrieve(file_id).filename == "facts-train.jsonl"
+    assert client.files.content(file_id).read() == (EXAMPLES / "facts-train.jsonl").read_bytes()
+    job = client.fine_tuning.jobs.create(model=default_model, training_file=file_id, suffix="norvale", seed=7,
+                                         hyperparameters={"n_epochs": 1, "batch_size": 4,
+                                                          "learning_rate_multiplier": 5.0, "max_steps": 8})
+    assert job.status in ("validating_files", "queued", "running") and job.object == "fine_tuning.job"
+    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model.startswith(f"ft:{default_model}:norvale:") and done.trained_tokens > 0
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any(m.startswith("Step 8/8: training loss=") for m in messages)
+    assert "The job has successfully completed" in messages
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [8, 6, 4, 2]  # newest first, every quarter of the run
+    metrics = client.files.content(done.result_files[0]).read().decode()
+    assert metrics.splitlines()[0] == "step,train_loss,valid_loss" and len(metrics.splitlines()) == 9
+
+    assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+    tuned = client.chat.completions.create(model=done.fine_tuned_model, messages=QUESTION, max_tokens=24,
+                                           temperature=0).choices[0].message.content
+    base = client.chat.completions.create(model=default_model, messages=QUESTION, max_tokens=24,
+                                          temperature=0).choices[0].message.content
+    assert tuned != base
+    assert client.models.delete(done.fine_tuned_model).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=done.fine_tuned_model, messages=QUESTION, max_tokens=4)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.models.delete(default_model)
+
+
+def test_a_bad_file_fails_the_job_with_line_numbers(server: Server, default_model: str, tmp_path: Path) -> None:
+    client = server.client(KEY)
+    lines = (EXAMPLES / "facts-train.jsonl").read_text().splitlines()[:12]
+    lines[2] = '{"messages": [{"role": "robot", "content": "hi"}]}'
+    lines[5] = "{not json"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    job = client.fine_tuning.jobs.create(model=default_model, training_file=upload(client, bad))
+    failed = wait_for(client, job.id, ("failed", "succeeded"), timeout=60)
+    assert failed.status == "failed" and failed.error.code == "invalid_training_file"
+    assert "bad.jsonl line 3" in failed.error.message and "line 6" in failed.error.message
+    with pytest.raises(openai.BadRequestError, match="not available for fine-tuning"):
+        client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=upload(client, bad))
+    with pytest.raises(openai.BadRequestError, match="does not exist"):
+        client.fine_tuning.jobs.create(model=default_model, training_file="file-nope")
+
+
+def test_cancel_stops_a_running_job(server: Server, default_model: str) -> None:
+    client = server.client(KEY)
+    job = client.fine_tuning.jobs.create(model=default_model, training_file=upload(client, EXAMPLES /
+                                                                                   "facts-train.jsonl"),
+                                         hyperparameters={"n_epochs": 10})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until it really trains
+        if any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
+            break
+        time.sleep(1)
+    started = time.monotonic()
+    client.fine_tuning.jobs.cancel(job.id)
+    cancelled = wait_for(client, job.id, ("cancelled", "failed", "succeeded"), timeout=60)
+    assert cancelled.status == "cancelled" and time.monotonic() - started < 30
+    assert not (server.data_dir / "runs" / job.id / "final").exists()  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError, match="already cancelled"):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_lists_paginate_and_auth_applies(server: Server, default_model: str) -> None:
+    client = server.client(KEY)
+    ids = [upload(client, EXAMPLES / "facts-heldout.jsonl") for _ in range(3)]
+    first = client.files.list(limit=2)
+    assert first.has_more and [f.id for f in first.data] == ids[::-1][:2]
+    rest = client.files.list(limit=2, after=first.data[-1].id)
+    assert rest.data[0].id == ids[0]
+    jobs = client.fine_tuning.jobs.list(limit=1)
+    assert len(jobs.data) == 1 and jobs.has_more
+    older = client.fine_tuning.jobs.list(limit=1, after=jobs.data[0].id)
+    assert older.data[0].id != jobs.data[0].id
+    assert client.files.delete(ids[0]).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(ids[0])
+    stranger = server.client("sk-wrong")
+    for call in (stranger.files.list, stranger.fine_tuning.jobs.list):
+        with pytest.raises(openai.AuthenticationError):
+            call()
+    shown = run_cli("jobs", "list", "--url", server.url, "--api-key", KEY, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["data"]
+    denied = run_cli("jobs", "list", "--url", server.url, "--api-key", "sk-wrong")
+    assert denied.returncode == 2 and "401" in denied.stderr and "Traceback" not in denied.stderr
+
+
+def test_a_killed_server_resumes_the_job_after_restart(default_model: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = Server(default_model, "--data-dir", str(data_dir), "--max-batch", "2")
+    client = first.client()
+    job = client.fine_tuning.jobs.create(model=default_model, training_file=upload(client, EXAMPLES /
+                                                                                   "facts-train.jsonl"),
+                                         hyperparameters={"batch_size": 4, "max_steps": 12})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        time.sleep(1)
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data, "no checkpoint before the kill"
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    second = Server(default_model, "--data-dir", str(data_dir), "--max-batch", "2")
+    try:
+        client = second.client()
+        done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
+        assert any(m.startswith("Resuming from step") for m in messages)
+        steps = [json.loads(line)["step"] for line in (data_dir / "runs" / job.id / "metrics.jsonl").read_text()
+                 .splitlines() if "loss" in json.loads(line)]
+        assert steps == list(range(1, 13))  # each step once: resumed, not restarted
+        assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+    finally:
+        second.stop()
