@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, *args: str) -> None:
+        if "--data-dir" not in args and "--no-jobs" not in args:  # files and jobs of this server only
+            args = (*args, "--data-dir", tempfile.mkdtemp(prefix="ownllm-server-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ownllm-serve-{self.port}.log"

@@ -22,7 +22,9 @@ def validate_files(store: JobStore, job: dict[str, Any]) -> tuple[int, str | Non
             return 0, f"{field} {file_id} no longer exists"
         fmt, found, problems = read_examples(store.file_path(file_id))
         if problems:
-            shown = "; ".join(p.replace(str(store.file_path(file_id)), meta["filename"]) for p in problems[:5])
+            path = store.file_path(file_id)  # messages name the upload's own file name, not where it is kept
+            shown = "; ".join(p.replace(str(path), meta["filename"]).replace(path.name, meta["filename"])
+                              for p in problems[:5])
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             return 0, f"The {field.replace('_', ' ')} {meta['filename']} has {len(problems)} invalid " \
                       f"line(s): {shown}{more}"
