@@ -427,6 +427,7 @@ def finetune(
     lora_alpha: Annotated[int | None, typer.Option("--lora-alpha")] = None,
     replay: Annotated[int | None, typer.Option(help="mix in the base's answers to N general prompts (less "
                                                     "forgetting)")] = None,
+    replay_ratio: Annotated[float | None, typer.Option(help="... or to R prompts per training example")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="stop after N validations without improvement")
                               ] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="training processes (DDP through torchrun)")] = 1,
@@ -445,7 +446,7 @@ def finetune(
                       max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
                       eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                       from_scratch=from_scratch or None, packing=packing or None, replay=replay,
-                      early_stopping=early_stopping)
+                      replay_ratio=replay_ratio, early_stopping=early_stopping)
     result = run_training(cfg, resume=resume, overwrite=overwrite, processes=nproc)
     evaluation = f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"{result.steps} steps in {result.seconds:.0f} s, train loss {result.train_loss:.4f}{evaluation}; "

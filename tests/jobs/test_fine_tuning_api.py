@@ -165,3 +165,20 @@ def test_a_killed_server_resumes_the_job_after_restart(default_model: str, tmp_p
         assert done.fine_tuned_model in [m.id for m in client.models.list().data]
     finally:
         second.stop()
+
+
+def test_cli_creates_a_dpo_job_from_a_local_file_and_waits(server: Server, default_model: str,
+                                                          tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "input": {"messages": [{"role": "user", "content": f"Greet visitor number {i}."}]},
+        "preferred_output": [{"role": "assistant", "content": f"Welcome, visitor {i}! Glad you came."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away."}]}) + "\n" for i in range(12)))
+    result = run_cli("jobs", "create", str(pairs), "--model", default_model, "--method", "dpo", "--batch-size", "2",
+                     "--max-steps", "2", "--suffix", "polite", "--wait", "--url", server.url, "--api-key", KEY,
+                     timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "succeeded" in result.stdout and f"ft:{default_model}:polite:" in result.stdout
+    assert "Step 2/2" in result.stdout  # the events, followed
+    job = server.client(KEY).fine_tuning.jobs.list(limit=1).data[0]
+    assert job.method.type == "dpo" and job.status == "succeeded"

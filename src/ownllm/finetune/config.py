@@ -50,6 +50,7 @@ class FinetuneConfig:
     val_ratio: float = 0.1
     seed: int = 0
     replay: int = 0  # mix in the base model's own answers to this many general prompts (against forgetting)
+    replay_ratio: float = 0.0  # ... or to this many per training example (1.0: as many as there are examples)
     replay_prompts: str | None = None  # one prompt per line; default: general questions shipped with ownllm
     early_stopping: int = 0  # stop after this many validations without a better loss, keep the best (0: off)
     checks: dict[str, str] = field(default_factory=dict)  # name -> QA JSONL, scored before and after training
@@ -66,8 +67,8 @@ class FinetuneConfig:
                 problems.append(f"{name} must be at least 1")
         if self.lr <= 0 or self.epochs <= 0:
             problems.append("lr and epochs must be positive")
-        if self.replay < 0 or self.early_stopping < 0:
-            problems.append("replay and early_stopping must be 0 or more")
+        if self.replay < 0 or self.replay_ratio < 0 or self.early_stopping < 0:
+            problems.append("replay, replay_ratio and early_stopping must be 0 or more")
         if not isinstance(self.checks, dict):
             problems.append("checks must map a name to a question file")
         if not 0 <= self.val_ratio < 1:

@@ -30,6 +30,13 @@ def replay_prompts(path: str | None) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def replay_count(replay: int, ratio: float, training_examples: int) -> int:
+    """How many replay prompts: `replay` if given, else `ratio` per training example."""
+    import math
+
+    return replay if replay else math.ceil(ratio * training_examples)
+
+
 def make_replay(engine: Any, prompts: list[str], run_dir: Path, *, max_new_tokens: int = 160,
                 batch_size: int = 16) -> list[list[dict[str, str]]]:
     """Chat examples of the base model answering `prompts` (greedy); replies cut off by the length limit are

@@ -20,13 +20,14 @@ from typing import Any
 
 import yaml
 
+from ownllm.data.doctor import read_examples
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.callbacks import MetricsLog, ProgressBar, StopOnSignal
 from ownllm.finetune.checks import score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.dataset import Collator, load_rows, pack
 from ownllm.finetune.memory_check import check_memory
-from ownllm.finetune.replay import REPLAY_FILE, make_replay, replay_prompts
+from ownllm.finetune.replay import REPLAY_FILE, make_replay, replay_count, replay_prompts
 from ownllm.home import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -112,19 +113,21 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
 def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
     """With the base model loaded once: make the replay answers and score the check sets (both kept in the run
     folder, so a resumed run does not redo them)."""
-    if not cfg.replay and not cfg.checks:
+    replaying = bool(cfg.replay or cfg.replay_ratio)
+    if not replaying and not cfg.checks:
         return {}
     validate_sets(cfg.checks)
     scores_file = run_dir / "checks-base.json"
     need_scores = cfg.checks and not scores_file.is_file()
-    need_replay = cfg.replay and not (run_dir / REPLAY_FILE).is_file()
+    need_replay = replaying and not (run_dir / REPLAY_FILE).is_file()
     if need_scores or need_replay:
         from ownllm.generate.open import open_engine
 
         engine = open_engine(cfg.model, dtype=_train_dtype())
         if need_replay:
-            log.info("making %d replay answers with the base model", cfg.replay)
-            make_replay(engine, replay_prompts(cfg.replay_prompts)[: cfg.replay], run_dir)
+            count = replay_count(cfg.replay, cfg.replay_ratio, len(read_examples(Path(cfg.data))[1]))
+            log.info("making %d replay answers with the base model", count)
+            make_replay(engine, replay_prompts(cfg.replay_prompts)[:count], run_dir)
         if need_scores:
             atomic_write_json(scores_file, score_sets(engine, cfg.checks))
         del engine
@@ -230,7 +233,7 @@ def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path) -
     """Train and validation rows; replay answers (if any) join the training rows only."""
     train_rows, eval_rows = _split_data(cfg, data, tokenizer)
     replay_file = run_dir / REPLAY_FILE
-    if cfg.replay and replay_file.is_file() and cfg.method not in ("dpo", "cpt"):
+    if (cfg.replay or cfg.replay_ratio) and replay_file.is_file() and cfg.method not in ("dpo", "cpt"):
         replay = load_rows(replay_file, tokenizer, cfg.max_length)
         train_rows = train_rows + (pack(replay, cfg.max_length) if cfg.packing else replay)
     return train_rows, eval_rows
