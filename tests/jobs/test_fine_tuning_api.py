@@ -182,3 +182,24 @@ def test_cli_creates_a_dpo_job_from_a_local_file_and_waits(server: Server, defau
     assert "Step 2/2" in result.stdout  # the events, followed
     job = server.client(KEY).fine_tuning.jobs.list(limit=1).data[0]
     assert job.method.type == "dpo" and job.status == "succeeded"
+
+
+def test_a_killed_worker_is_restarted_and_resumes(server: Server, default_model: str) -> None:
+    import os
+    import sqlite3
+
+    client = server.client(KEY)
+    job = client.fine_tuning.jobs.create(model=default_model, training_file=upload(client, EXAMPLES /
+                                                                                   "facts-train.jsonl"),
+                                         hyperparameters={"batch_size": 4, "max_steps": 8})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        time.sleep(0.5)
+    database = sqlite3.connect(server.data_dir / "jobs.db")  # type: ignore[attr-defined]
+    pid = database.execute("SELECT worker_pid FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
+    database.close()
+    os.kill(pid, signal.SIGKILL)
+    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert any(e.message.startswith("Resuming from step")
+               for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data)
