@@ -28,6 +28,12 @@ def _when(stamp: int | None) -> str:
     return datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S") if stamp else "-"
 
 
+def _print_event(event: dict[str, Any]) -> None:
+    from ownllm.render import out
+
+    out.print(f"{_when(event['created_at'])}  {event['message']}", highlight=False)
+
+
 def _show(job: dict[str, Any], as_json: bool) -> None:
     from ownllm.render import out
 
@@ -122,21 +128,17 @@ def events(job_id: str, follow: Annotated[bool, typer.Option("--follow", "-f", h
     if follow:
         _follow(client, job_id)
         return
-    from ownllm.render import out
-
     for event in reversed(client.events(job_id)["data"]):
-        out.print(f"{_when(event['created_at'])}  {event['message']}", highlight=False)
+        _print_event(event)
 
 
 def _follow(client: Any, job_id: str) -> None:
-    from ownllm.render import out
-
     seen: set[str] = set()
     while True:
         for event in reversed(client.events(job_id, limit=100)["data"]):
             if event["id"] not in seen:
                 seen.add(event["id"])
-                out.print(f"{_when(event['created_at'])}  {event['message']}", highlight=False)
+                _print_event(event)
         job = client.get(job_id)
         if job["status"] in ("succeeded", "failed", "cancelled"):
             _show(job, False)

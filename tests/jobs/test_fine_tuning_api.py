@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -44,6 +45,17 @@ def wait_for(client: openai.OpenAI, job_id: str, statuses: tuple[str, ...], time
 def upload(client: openai.OpenAI, path: Path) -> str:
     with path.open("rb") as handle:
         return client.files.create(file=handle, purpose="fine-tune").id
+
+
+def start_until_first_checkpoint(client: openai.OpenAI, model: str, *, max_steps: int) -> Any:
+    """A job on the shipped facts, returned once it has saved a checkpoint (something to resume from)."""
+    job = client.fine_tuning.jobs.create(model=model, training_file=upload(client, EXAMPLES / "facts-train.jsonl"),
+                                         hyperparameters={"batch_size": 4, "max_steps": max_steps})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        time.sleep(0.5)
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data, "no checkpoint before the kill"
+    return job
 
 
 def test_upload_train_and_chat_with_the_new_model_at_once(server: Server, default_model: str) -> None:
@@ -143,13 +155,7 @@ def test_a_killed_server_resumes_the_job_after_restart(default_model: str, tmp_p
     data_dir = tmp_path / "data"
     first = Server(default_model, "--data-dir", str(data_dir), "--max-batch", "2")
     client = first.client()
-    job = client.fine_tuning.jobs.create(model=default_model, training_file=upload(client, EXAMPLES /
-                                                                                   "facts-train.jsonl"),
-                                         hyperparameters={"batch_size": 4, "max_steps": 12})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not client.fine_tuning.jobs.checkpoints.list(job.id).data:
-        time.sleep(1)
-    assert client.fine_tuning.jobs.checkpoints.list(job.id).data, "no checkpoint before the kill"
+    job = start_until_first_checkpoint(client, default_model, max_steps=12)
     first.process.send_signal(signal.SIGKILL)
     first.process.wait()
     second = Server(default_model, "--data-dir", str(data_dir), "--max-batch", "2")
@@ -189,12 +195,7 @@ def test_a_killed_worker_is_restarted_and_resumes(server: Server, default_model:
     import sqlite3
 
     client = server.client(KEY)
-    job = client.fine_tuning.jobs.create(model=default_model, training_file=upload(client, EXAMPLES /
-                                                                                   "facts-train.jsonl"),
-                                         hyperparameters={"batch_size": 4, "max_steps": 8})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not client.fine_tuning.jobs.checkpoints.list(job.id).data:
-        time.sleep(0.5)
+    job = start_until_first_checkpoint(client, default_model, max_steps=8)
     database = sqlite3.connect(server.data_dir / "jobs.db")  # type: ignore[attr-defined]
     pid = database.execute("SELECT worker_pid FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
     database.close()

@@ -76,6 +76,10 @@ class FinetuneConfig:
         if problems:
             raise OwnLLMError("; ".join(problems), param="config")
 
+    @property
+    def replaying(self) -> bool:
+        return bool(self.replay or self.replay_ratio)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

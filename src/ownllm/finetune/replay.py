@@ -39,11 +39,8 @@ def replay_count(replay: int, ratio: float, training_examples: int) -> int:
 
 def make_replay(engine: Any, prompts: list[str], run_dir: Path, *, max_new_tokens: int = 160,
                 batch_size: int = 16) -> list[list[dict[str, str]]]:
-    """Chat examples of the base model answering `prompts` (greedy); replies cut off by the length limit are
-    left out, so the model is not taught to stop mid-sentence."""
-    cached = run_dir / REPLAY_FILE
-    if cached.is_file():
-        return [json.loads(line)["messages"] for line in cached.read_text().splitlines() if line]
+    """Chat examples of the base model answering `prompts` (greedy), written to the run folder's REPLAY_FILE;
+    replies cut off by the length limit are left out, so the model is not taught to stop mid-sentence."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
     conversations = []
     for start in range(0, len(prompts), batch_size):
@@ -53,5 +50,5 @@ def make_replay(engine: Any, prompts: list[str], run_dir: Path, *, max_new_token
             if completion.finish_reason == "stop" and completion.text.strip():
                 conversations.append([{"role": "user", "content": prompt},
                                       {"role": "assistant", "content": completion.text.strip()}])
-    atomic_write_text(cached, "".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    atomic_write_text(run_dir / REPLAY_FILE, "".join(json.dumps({"messages": m}) + "\n" for m in conversations))
     return conversations

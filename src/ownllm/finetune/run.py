@@ -113,13 +113,12 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
 def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
     """With the base model loaded once: make the replay answers and score the check sets (both kept in the run
     folder, so a resumed run does not redo them)."""
-    replaying = bool(cfg.replay or cfg.replay_ratio)
-    if not replaying and not cfg.checks:
+    if not cfg.replaying and not cfg.checks:
         return {}
     validate_sets(cfg.checks)
     scores_file = run_dir / "checks-base.json"
     need_scores = cfg.checks and not scores_file.is_file()
-    need_replay = replaying and not (run_dir / REPLAY_FILE).is_file()
+    need_replay = cfg.replaying and not (run_dir / REPLAY_FILE).is_file()
     if need_scores or need_replay:
         from ownllm.generate.open import open_engine
 
@@ -233,7 +232,7 @@ def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path) -
     """Train and validation rows; replay answers (if any) join the training rows only."""
     train_rows, eval_rows = _split_data(cfg, data, tokenizer)
     replay_file = run_dir / REPLAY_FILE
-    if (cfg.replay or cfg.replay_ratio) and replay_file.is_file() and cfg.method not in ("dpo", "cpt"):
+    if cfg.replaying and replay_file.is_file() and cfg.method not in ("dpo", "cpt"):
         replay = load_rows(replay_file, tokenizer, cfg.max_length)
         train_rows = train_rows + (pack(replay, cfg.max_length) if cfg.packing else replay)
     return train_rows, eval_rows

@@ -45,6 +45,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+def fine_tuned_name(job: dict[str, Any]) -> str:
+    """The model id a job's result is served under: ft:BASE:SUFFIX:ID."""
+    return f"ft:{job['model']}:{job['suffix'] or 'ownllm'}:{job['id'].removeprefix('ftjob-')[:8]}"
+
+
 @dataclass(frozen=True)
 class Page:
     rows: list[dict[str, Any]]

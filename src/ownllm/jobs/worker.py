@@ -28,7 +28,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.finetune.config import FinetuneConfig, LoraSettings
 from ownllm.finetune.run import TrainingInterrupted, latest_checkpoint, run
 from ownllm.home import atomic_write_text
-from ownllm.jobs.store import FINAL, JobStore
+from ownllm.jobs.store import FINAL, JobStore, fine_tuned_name
 from ownllm.jobs.validate import validate_or_fail
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,6 @@ def metrics_csv(run_dir: Path) -> str:
     writer.writeheader()
     writer.writerows(rows[step] for step in sorted(rows))
     return out.getvalue()
-
-
-def fine_tuned_name(job: dict[str, Any]) -> str:
-    return f"ft:{job['model']}:{job['suffix'] or 'ownllm'}:{job['id'].removeprefix('ftjob-')[:8]}"
 
 
 def run_job(store: JobStore, job_id: str, base: str) -> None:

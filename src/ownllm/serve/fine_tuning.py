@@ -14,10 +14,9 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ownllm.jobs.manager import JobManager
-from ownllm.jobs.store import ACTIVE, JobStore
+from ownllm.jobs.store import ACTIVE, JobStore, fine_tuned_name
 from ownllm.serve.errors import APIError
 
-PURPOSES = ("fine-tune", "fine-tune-results", "batch", "assistants", "user_data", "evals")
 UPLOAD_PURPOSES = ("fine-tune", "batch", "assistants", "user_data", "evals")
 
 
@@ -72,7 +71,7 @@ def event_object(row: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoint_object(row: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     metrics = json.loads(row["metrics"])
-    name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'ownllm'}:{job['id'][6:14]}"
+    name = job["fine_tuned_model"] or fine_tuned_name(job)
     return {"object": "fine_tuning.job.checkpoint", "id": row["id"], "created_at": row["created_at"],
             "fine_tuning_job_id": row["job_id"], "step_number": row["step"], "metrics": metrics,
             "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{row['step']}"}
@@ -144,7 +143,7 @@ def router(store: JobStore, manager: JobManager, served_model: str, auth: Any) -
 
     @api.post("/v1/fine_tuning/jobs")
     async def create_job(body: CreateJobRequest) -> dict[str, Any]:
-        if body.model not in (served_model, f"{served_model}"):
+        if body.model != served_model:
             raise APIError(400, f"Model {body.model} is not available for fine-tuning here; this server fine-tunes "
                            f"its base model '{served_model}'", param="model", code="model_not_available")
         for field, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
