@@ -59,10 +59,11 @@ class JobManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._publishing = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._publish_models()  # tuned models are back before the first request
+        self.publish_models()  # tuned models are back before the first request
         self._thread = threading.Thread(target=self._loop, name="ownllm-jobs", daemon=True)
         self._thread.start()
 
@@ -100,8 +101,9 @@ class JobManager:
             for job in self.store.jobs_with_status("validating_files"):
                 if not job["cancel_requested"]:
                     validate_or_fail(self.store, job)
-            running = [j for j in self.store.jobs_with_status(*ACTIVE) if self._has_worker(j)]
-            for job in self.store.jobs_with_status(*ACTIVE):
+            active = self.store.jobs_with_status(*ACTIVE)
+            running = [j for j in active if self._has_worker(j)]
+            for job in active:
                 if len(running) >= self.max_running:
                     break
                 if self._has_worker(job):
@@ -116,7 +118,7 @@ class JobManager:
                     continue
                 self._spawn(job)
                 running.append(job)
-        self._publish_models()
+        self.publish_models()
 
     def _has_worker(self, job: dict[str, Any]) -> bool:
         process = self.workers.get(job["id"])
@@ -146,17 +148,20 @@ class JobManager:
             if job is not None and job["status"] in ACTIVE and code in (0, 130, 143, -signal.SIGTERM):
                 self.store.update_job(job_id, attempts=max(0, job["attempts"] - 1))
 
-    def _publish_models(self) -> None:
-        for job in self.store.jobs_with_status("succeeded"):
-            name = job["fine_tuned_model"]
-            if not name or job["model_deleted"] or name in self.served:
-                continue
-            self.served.add(name)
-            try:
-                self.on_model_ready(name, self.store.runs_dir / job["id"] / "final")
-            except Exception as exc:
-                log.warning("cannot serve %s: %s", name, exc)
-                self.store.add_event(job["id"], f"The model cannot be served by this server: {exc}", level="warn")
+    def publish_models(self) -> None:
+        """Hand every succeeded job's adapter to the server once. The manager's tick does it, and so does a request
+        that looks a model up, so a job reported as succeeded is usable at once, not a tick later."""
+        with self._publishing:
+            for job in self.store.jobs_with_status("succeeded"):
+                name = job["fine_tuned_model"]
+                if not name or job["model_deleted"] or name in self.served:
+                    continue
+                self.served.add(name)
+                try:
+                    self.on_model_ready(name, self.store.runs_dir / job["id"] / "final")
+                except Exception as exc:
+                    log.warning("cannot serve %s: %s", name, exc)
+                    self.store.add_event(job["id"], f"The model cannot be served by this server: {exc}", level="warn")
 
     # --- requests ------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> None:
@@ -186,9 +191,10 @@ class JobManager:
         jobs = [j for j in self.store.jobs_with_status("succeeded") if j["fine_tuned_model"] == model_id]
         if not jobs:
             return False
-        for job in jobs:
-            self.store.update_job(job["id"], model_deleted=1)
-        self.served.discard(model_id)
-        if self.on_model_removed:
-            self.on_model_removed(model_id)
+        with self._publishing:
+            for job in jobs:
+                self.store.update_job(job["id"], model_deleted=1)
+            self.served.discard(model_id)
+            if self.on_model_removed:
+                self.on_model_removed(model_id)
         return True

@@ -97,6 +97,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def list_models() -> dict[str, Any]:
+        if state.jobs is not None:
+            state.jobs.publish_models()  # a job reported as succeeded is listed at once
         cards = [formats.model_card(state.model_name, state.created, max_model_len=state.context_length)]
         cards += [formats.model_card(name, state.created, parent=state.model_name, root=str(path))
                   for name, path in state.adapters.items()]
@@ -112,6 +114,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.delete("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
     async def delete_model(model_id: str) -> dict[str, Any]:
+        if state.jobs is not None:
+            state.jobs.publish_models()
         if model_id not in state.adapters:
             if model_id in state.model_ids() or model_id == state.embedding_model:
                 raise APIError(403, f"The model '{model_id}' is a base model of this server and cannot be deleted",

@@ -64,6 +64,8 @@ class ServerState:
         """The adapter a request's `model` names (None for the base model), or 404."""
         if model == self.model_name:
             return None
+        if model not in self.adapters and self.jobs is not None:
+            self.jobs.publish_models()  # a job may have succeeded since the manager's last look
         if model in self.adapters:
             return model
         raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
