@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -49,6 +51,14 @@ def bench_serve(
     except ValueError:
         raise OwnLLMError(f"concurrency takes numbers like 1,4,8,16, got '{concurrency}'",
                           param="concurrency") from None
+    if min(levels) < 1:
+        raise OwnLLMError(f"concurrency levels must be at least 1, got '{concurrency}'", param="concurrency")
+    at_least_one(max_tokens=max_tokens, requests=requests)
+    check_url(url)
+    if prompts != "random":
+        from ownllm.data.files import read_text_file
+
+        read_text_file(Path(prompts), param="prompts")  # missing, a folder, not UTF-8: say so before any request
     results = run_benchmark(url, concurrency=levels, prompts=prompts, max_tokens=max_tokens,
                             requests_per_level=requests, model=model, api_key=api_key)
     rows = [r.as_dict() for r in results]
@@ -106,11 +116,39 @@ def _root(
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+def at_least_one(**values: int | None) -> None:
+    """Options that count something (tokens, requests, rows): given, each must be at least 1."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise OwnLLMError(f"{name.replace('_', '-')} must be at least 1, got {value}", param=name)
+
+
+def finite(**values: float | None) -> None:
+    """Float options: inf and nan parse as floats, but mean nothing here."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise OwnLLMError(f"{name.replace('_', '-')} must be a finite number, got {value}", param=name)
+
+
+def check_url(url: str, param: str = "url", label: str | None = None) -> None:
+    """An http(s) URL with a host, before any request goes out (httpx raises on some malformed ones)."""
+    import httpx
+
+    label = label or f"--{param.replace('_', '-')}"
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise OwnLLMError(f"{label} {url!r} is not a valid URL ({exc})", param=param) from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise OwnLLMError(f"{label} {url!r} is not an http:// or https:// URL", param=param,
+                          hint="e.g. http://127.0.0.1:8000")
+
+
 def _read_text(text: str | None, file: Path | None, what: str) -> str:
     if file is not None:
-        if not file.is_file():
-            raise OwnLLMError(f"no such file: {file}", kind="not_found", param="file")
-        return file.read_text(encoding="utf-8")
+        from ownllm.data.files import read_text_file
+
+        return read_text_file(file, param="file")
     if text is None or text == "-":
         if sys.stdin.isatty():
             raise OwnLLMError(f"no {what} given", param=what, hint="pass it as an argument, --file or stdin")
@@ -128,6 +166,9 @@ def pull(
     from ownllm.models.pull import pull as pull_model
     from ownllm.render import err, human_bytes, out
 
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise OwnLLMError(f"--name {name!r} is not a plain model name", param="name",
+                          hint="letters, digits, '.', '_' and '-'; no '/', no leading dot")
     with err.status(f"pulling {source} (download + convert, once)"):
         model = pull_model(source, name=name, force=force)
     out.print(f"{model.name}: {model.path} ({human_bytes(model.size_bytes)}, {model.manifest['dtype']}, "
@@ -176,6 +217,7 @@ def tokenize(
     from ownllm.render import out, token_summary, token_table
 
     content = _read_text(text, file, "text")
+    finite(price_per_1m=price_per_1m)
     if price_per_1m is not None and price_per_1m < 0:
         raise OwnLLMError("price-per-1m must be >= 0", param="price_per_1m")
     report = token_report(load_tokenizer(model), content, price_per_1m=price_per_1m)
@@ -272,6 +314,7 @@ def chat_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Chat with streaming replies. Commands: /reset, /save FILE, /exit. Also reads turns from a pipe."""
+    from ownllm.data.files import check_output_file
     from ownllm.generate.chat import ChatSession
     from ownllm.generate.engine import Completion, TextDelta
     from ownllm.generate.open import open_engine
@@ -303,6 +346,11 @@ def chat_cmd(
             target = line.removeprefix("/save").strip()
             if not target:
                 err.print("usage: /save FILE")
+                continue
+            try:
+                check_output_file(Path(target))
+            except OwnLLMError as exc:  # a bad path must not end the chat (and lose the conversation)
+                err.print(f"error: {exc}", markup=False, highlight=False)
                 continue
             session.save(Path(target))
             err.print(f"[dim]saved {len(session.messages())} messages to {target}[/dim]")
@@ -338,6 +386,7 @@ def estimate(
     from ownllm.models.memory import shape_of
     from ownllm.render import estimate_json, estimate_tables, out
 
+    at_least_one(seq_len=seq_len, lora_rank=lora_rank)
     result = estimate_memory(shape_of(model_or_size), batch_size=batch_size, seq_len=seq_len,
                              lora_rank=lora_rank, lora_targets=lora_targets)
     measured = None
@@ -359,6 +408,7 @@ def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     api_key: Annotated[list[str] | None, typer.Option(help="accepted API key (repeatable); none: no auth")] = None,
+    metrics_public: Annotated[bool, typer.Option(help="serve /metrics without a key even when keys are set")] = False,
     max_batch: Annotated[int, typer.Option(help="sequences decoded together")] = 16,
     max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 64,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 1 << 20,
@@ -383,6 +433,14 @@ def serve(
     from ownllm.serve.run import build_state
     from ownllm.serve.run import serve as run_server
 
+    if not 0 <= port <= 65535:
+        raise OwnLLMError(f"port must be from 0 to 65535, got {port}", param="port")
+    at_least_one(max_body=max_body, max_model_len=max_model_len)
+    home = (data_dir or ownllm_home() / "server") if jobs else None
+    if home is not None:
+        from ownllm.data.files import check_output_folder
+
+        check_output_folder(home, param="data_dir")
     keys = list(api_key or []) + [k for k in os.environ.get("OWNLLM_API_KEYS", "").split(",") if k]
     adapters = {}
     for item in adapter or []:
@@ -393,8 +451,8 @@ def serve(
     state = build_state(model, adapters=adapters, api_keys=keys, max_batch=max_batch, max_queue=max_queue,
                         max_body=max_body, max_model_len=max_model_len, dtype=dtype, backend=backend,
                         embedding_model=embedding_model, rag_store=rag_store,
-                        data_dir=(data_dir or ownllm_home() / "server") if jobs else None, max_jobs=max_jobs,
-                        job_threads=job_threads)
+                        data_dir=home, max_jobs=max_jobs, job_threads=job_threads,
+                        metrics_public=metrics_public)
     kind = type(state.scheduler).__name__
     err.print(f"[dim]serving {state.model_name} ({state.engine.backend}, {kind}, batch {state.scheduler.max_batch}, "
               f"context {state.context_length}) on http://{host}:{port}/v1[/dim]")
@@ -437,9 +495,6 @@ def finetune(
 ) -> None:
     """Fine-tune on your data (loss on assistant tokens only), with checkpoints, resume, metrics and a loss plot."""
     from ownllm.finetune.config import load_config
-    from ownllm.finetune.run import run as run_training
-    from ownllm.render import checks_table
-    from ownllm.render import out as console
 
     cfg = load_config(config, model=model, data=data, out=out, method=method, validation=validation,
                       val_ratio=val_ratio, epochs=epochs,
@@ -447,6 +502,10 @@ def finetune(
                       eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                       from_scratch=from_scratch or None, packing=packing or None, replay=replay,
                       replay_ratio=replay_ratio, early_stopping=early_stopping)
+    from ownllm.finetune.run import run as run_training  # after the config: its errors come without the wait
+    from ownllm.render import checks_table
+    from ownllm.render import out as console
+
     result = run_training(cfg, resume=resume, overwrite=overwrite, processes=nproc)
     evaluation = f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     console.print(f"{result.steps} steps in {result.seconds:.0f} s, train loss {result.train_loss:.4f}{evaluation}; "
@@ -467,13 +526,38 @@ def merge(
     console.print(f"merged model: {merge_run(run, out)}")
 
 
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """What typer raises for bad usage: its own exception type since it vendors click, click's before."""
+    if hasattr(typer, "TyperException"):
+        return (typer.TyperException,)
+    import click
+
+    return (click.ClickException,)
+
+
+def _usage_error(exc: Any) -> str:
+    """A usage error (unknown option, a value that is not a number, a missing argument) as one line."""
+    message = " ".join(exc.format_message().split()).removesuffix(".")
+    message = message[:1].lower() + message[1:] if message[1:2].islower() else message
+    ctx = getattr(exc, "ctx", None)
+    return f"{message} (see: {ctx.command_path} --help)" if ctx is not None else message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for a user error or bad usage, 130 for Ctrl-C)."""
     _register_subcommands()
     try:
-        app(args=argv, prog_name="ownllm", standalone_mode=True)  # typer prints usage errors itself
+        code = app(args=argv, prog_name="ownllm", standalone_mode=False)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except _usage_error_types() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed
+            return 2
+        print(f"error: {_usage_error(exc)}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        return 130
     except OwnLLMError as exc:
         if _state["debug"]:
             raise
@@ -482,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:

@@ -29,6 +29,8 @@ def check_cmd(
     from ownllm.data.doctor import check
     from ownllm.render import out
 
+    if max_length < 1:
+        raise OwnLLMError(f"max-length must be at least 1, got {max_length}", param="max_length")
     report, examples = check(data, fmt=fmt, model=model, max_length=max_length, measure_speed=timing)
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
@@ -66,8 +68,12 @@ def prepare_cmd(
 ) -> None:
     """Clean, deduplicate (before splitting), split; written atomically with a report of what was dropped."""
     from ownllm.data.doctor import prepare
+    from ownllm.data.files import check_output_folder
     from ownllm.render import out
 
+    if not 0 < near_threshold <= 1:
+        raise OwnLLMError(f"near-threshold must be in (0, 1], got {near_threshold}", param="near_threshold")
+    check_output_folder(out_dir, param="out", replaces="report.json")  # replaced whole: never a user's folder
     report = prepare(data, out_dir, fmt=fmt, val_ratio=val_ratio, seed=seed, near_threshold=near_threshold)
     dropped = report["dropped"]
     out.print(f"{report['kept']} kept of {report['read']} ({len(dropped['unusable'])} unusable, "

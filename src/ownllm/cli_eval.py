@@ -27,6 +27,28 @@ def _progress(total: int, label: str) -> Any:
     return progress, progress.add_task(label, total=total)
 
 
+def _check_out(out: Path | None) -> None:
+    """Results are written into --out after all the work: a path that cannot be a folder fails first."""
+    if out is not None:
+        from ownllm.data.files import check_output_folder
+
+        check_output_folder(out, param="out")
+
+
+def _check_text_inputs(data: Path) -> None:
+    """Text files (a .txt/.md file or a folder of them) must be UTF-8: say which is not before a model loads.
+    JSONL is checked line by line when it is read."""
+    from ownllm.data.files import read_text_file
+
+    if data.is_dir():
+        for file in sorted(p for p in data.rglob("*") if p.suffix.lower() in (".txt", ".md") and p.is_file()):
+            read_text_file(file, param="data")
+    elif not data.exists():
+        raise OwnLLMError(f"no such file: {data}", kind="not_found", param="data")
+    elif data.suffix.lower() != ".jsonl":
+        read_text_file(data, param="data")
+
+
 def _print_summary(title: str, summary: dict[str, Any], as_json: bool) -> None:
     from rich.table import Table
 
@@ -59,6 +81,7 @@ def perplexity_cmd(
     from ownllm.generate.open import open_engine
     from ownllm.render import err
 
+    _check_text_inputs(data)
     engine = open_engine(model, dtype=dtype, backend="transformers")
     documents = load_documents(engine, data)
     progress, task = _progress(sum(sum(d.scored) for d in documents), "scoring tokens")
@@ -94,6 +117,7 @@ def qa_cmd(
 
     if batch_size < 1:
         raise OwnLLMError("batch-size must be at least 1", param="batch_size")
+    _check_out(out)
     params = SamplingParams.from_options(strategy=strategy, temperature=temperature, top_p=top_p, seed=seed,
                                          max_new_tokens=max_new_tokens)
     items = read_questions(data)
@@ -119,16 +143,17 @@ def judge_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Grade answers 1–5 with a reason, or compare two answer files pairwise, with a judge model."""
+    from ownllm.data.files import read_text_file
     from ownllm.evaluate import judge as judging
     from ownllm.evaluate.reports import write_results
 
+    _check_out(out)
     items = judging.read_answers(answers, against)
-    template = None
-    if rubric is not None:
-        if not rubric.is_file():
-            raise OwnLLMError(f"no such file: {rubric}", kind="not_found", param="rubric")
-        template = rubric.read_text(encoding="utf-8")
+    template = read_text_file(rubric, param="rubric") if rubric is not None else None
     if judge.startswith(("http://", "https://")):
+        from ownllm.cli import check_url
+
+        check_url(judge, param="judge")
         chosen = judging.endpoint_judge(judge, model=judge_model, api_key=api_key)
     else:
         chosen = judging.local_judge(judge)
@@ -160,6 +185,9 @@ def harness_cmd(
     from ownllm.generate.open import open_engine
     from ownllm.home import atomic_write_json
 
+    if limit is not None and limit < 1:
+        raise OwnLLMError(f"limit must be at least 1, got {limit}", param="limit")
+    _check_out(out)
     engine = open_engine(model, dtype=dtype, backend="transformers")
     results = run_harness(engine, tasks, limit=limit)
     clean = json.loads(json.dumps(results, default=float))
@@ -181,10 +209,14 @@ def compare_cmd(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """QA metrics and answer perplexity for BASE and TUNED: report.md, report.json and chart.png."""
+    from ownllm.data.files import check_output_folder
     from ownllm.evaluate.compare import compare
     from ownllm.generate.params import SamplingParams
     from ownllm.render import out as console
 
+    if batch_size < 1:
+        raise OwnLLMError("batch-size must be at least 1", param="batch_size")
+    check_output_folder(out, param="out", replaces="report.json")  # replaced whole: never a user's folder
     report = compare(base, tuned, data, out, params=SamplingParams(max_new_tokens=max_new_tokens),
                      batch_size=batch_size, dtype=dtype)
     metrics = report["metrics"]

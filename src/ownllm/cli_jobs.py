@@ -4,6 +4,7 @@ events, cancel)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +20,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print the server's JSON")
 
 
 def _client(url: str | None, api_key: str | None) -> Any:
+    from ownllm.cli import check_url
     from ownllm.jobs.client import JobsClient
 
+    given = url or os.environ.get("OWNLLM_URL")
+    if given:
+        check_url(given, label="--url" if url else "OWNLLM_URL")
     return JobsClient(url, api_key)
 
 
@@ -100,8 +105,10 @@ def list_jobs(limit: Annotated[int, typer.Option()] = 20, url: UrlOpt = None, ap
     """Jobs, newest first."""
     from rich.table import Table
 
+    from ownllm.cli import at_least_one
     from ownllm.render import out
 
+    at_least_one(limit=limit)
     found = _client(url, api_key).list(limit)
     if as_json:
         out.print_json(json.dumps(found))

@@ -58,7 +58,46 @@ def test_a_broken_client_does_not_stop_the_others(scheduler, engine) -> None:
     assert isinstance(completion, Completion) and text
 
 
-def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(scheduler, engine, monkeypatch) -> None:
+def test_a_row_that_fails_fails_alone_and_the_others_go_on(scheduler, engine, monkeypatch) -> None:
+    """A decode step that breaks is retried row by row: only the row that also fails alone is failed."""
+    real = scheduler.model.forward
+    poisoned: set[int] = set()
+
+    def breaks_on_a_poisoned_slot(tokens, slots, starts, adapters=None):
+        if tokens.shape[1] == 1 and poisoned & set(slots.tolist()):
+            raise RuntimeError("simulated kernel failure on one row")
+        return real(tokens, slots, starts, adapters)
+
+    monkeypatch.setattr(scheduler.model, "forward", breaks_on_a_poisoned_slot)
+    prompts = ["The capital of France is", "Water boils at", "Once upon a time"]
+    expected = [engine.generate(p, SamplingParams(max_new_tokens=16)) for p in prompts]
+    bad_events: queue.Queue = queue.Queue()
+    bad = Request(engine.encode("Hello there"), SamplingParams(max_new_tokens=16), 0, bad_events.put)
+    scheduler.submit(bad)
+    good = [submit(scheduler, engine, p) for p in prompts]
+    bad_events.get(timeout=60)  # its first token is out: it is decoding with the others now
+    poisoned.add(bad.slot)
+    _, failed = collect(bad_events)
+    assert isinstance(failed, OwnLLMError) and "generation failed" in str(failed)
+    for stream, reference in zip(good, expected, strict=True):
+        _, completion = collect(stream)
+        assert isinstance(completion, Completion) and completion.token_ids == reference.token_ids
+
+
+def test_a_prompt_the_model_cannot_take_fails_alone(scheduler, engine) -> None:
+    # The server refuses such ids before they get here; the scheduler must contain them all the same.
+    bad_events: queue.Queue = queue.Queue()
+    good = submit(scheduler, engine, "The capital of France is")
+    scheduler.submit(Request([10**9, 5], SamplingParams(max_new_tokens=8), 0, bad_events.put))
+    _, failed = collect(bad_events)
+    assert isinstance(failed, OwnLLMError)
+    _, completion = collect(good)
+    assert isinstance(completion, Completion)
+    assert engine.generate("The capital of France is", SamplingParams(max_new_tokens=16)).token_ids == \
+        completion.token_ids
+
+
+def test_a_transient_step_failure_is_retried(scheduler, engine, monkeypatch) -> None:
     real = scheduler.model.forward
     calls = {"n": 0}
 
@@ -70,9 +109,18 @@ def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(scheduler, engine
 
     monkeypatch.setattr(scheduler.model, "forward", flaky)
     _, first = collect(submit(scheduler, engine, "Hello there"))
-    assert isinstance(first, OwnLLMError) and "generation failed" in str(first)
-    _, second = collect(submit(scheduler, engine, "Hello again"))
-    assert isinstance(second, Completion)
+    assert isinstance(first, Completion)
+    assert first.token_ids == engine.generate("Hello there", SamplingParams(max_new_tokens=16)).token_ids
+
+
+def test_seeds_at_the_edges_of_64_bits(scheduler, engine) -> None:
+    for seed in (2**64 - 1, -(2**63)):
+        params = SamplingParams(strategy="sample", max_new_tokens=4, seed=seed)
+        events: queue.Queue = queue.Queue()
+        scheduler.submit(Request(engine.encode("Hi"), params, params.seed_for(3), events.put))
+        assert isinstance(collect(events)[1], Completion)
+    with pytest.raises(OwnLLMError, match="seed"):
+        SamplingParams(strategy="sample", seed=2**64)
 
 
 def test_queue_limit(engine) -> None:
@@ -81,6 +129,16 @@ def test_queue_limit(engine) -> None:
         idle.submit(Request([1, 2, 3], SamplingParams(), 0, lambda e: None))
     with pytest.raises(QueueFull):
         idle.submit(Request([1, 2, 3], SamplingParams(), 0, lambda e: None))
+
+
+def test_a_refused_request_queues_none_of_its_sequences(engine) -> None:
+    idle = BatchScheduler(engine, max_batch=1, max_queue=4, max_len=256)  # not started: nothing drains
+    idle.submit_all([Request([1, 2, 3], SamplingParams(), 0, lambda e: None) for _ in range(3)])
+    with pytest.raises(QueueFull):  # two more do not fit: neither is queued
+        idle.submit_all([Request([1, 2, 3], SamplingParams(), 0, lambda e: None) for _ in range(2)])
+    assert len(idle.waiting) == 3
+    with pytest.raises(OwnLLMError, match="at most 4"):  # can never fit: a client error, not "busy"
+        idle.submit_all([Request([1, 2, 3], SamplingParams(), 0, lambda e: None) for _ in range(5)])
 
 
 def test_cancel_frees_the_slot(scheduler, engine) -> None:

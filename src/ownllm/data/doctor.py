@@ -44,27 +44,67 @@ class Report:
 
 
 def read_examples(path: Path, fmt: str | None = None) -> tuple[Format, list[Example], list[str]]:
-    """All usable examples and the problems with the rest. Text files and folders are plain text."""
+    """All usable examples and the problems with the rest. Text files and folders are plain text. A JSONL file
+    with no usable line at all is an error (the CLI's one-line message); `scan_examples` returns it instead."""
     if fmt is not None and fmt not in FORMATS:
         raise OwnLLMError(f"unknown format '{fmt}'", param="format", hint=f"one of {', '.join(FORMATS)}")
-    if path.is_dir() or path.suffix.lower() in (".txt", ".md"):
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md")) if path.is_dir() else [path]
-        texts = [(i, f.read_text(encoding="utf-8")) for i, f in enumerate(files, 1) if f.is_file()]
-        examples = [Example(i, text=t) for i, t in texts if t.strip()]
-        problems = [f"{files[i - 1]}: empty" for i, t in texts if not t.strip()]
-        return "text", examples, problems
-    if not path.is_file():
-        raise OwnLLMError(f"no such file: {path}", kind="not_found", param="data")
-    records, problems = scan_jsonl(path)
-    records = [(r.line, r.data) for r in records]
+    if _is_text(path):
+        return _read_text(path)
+    records, chosen, examples, problems = _read_jsonl(path, fmt)  # type: ignore[arg-type]
     if not records:
         first = problems[0] if problems else "the file is empty"
         raise OwnLLMError(f"{path}: no usable examples ({len(problems)} bad lines, first: {first})", param="data")
-    detected = [detect(r) for _, r in records]
-    chosen: Format | None = fmt or (Counter(d for d in detected if d).most_common(1) or [(None, 0)])[0][0]  # type: ignore[assignment]
     if chosen is None:
         raise OwnLLMError(f"{path}: no line matches a known format (keys like messages, conversations, "
                           "instruction/output, prompt/completion, prompt/chosen/rejected, text)", param="data")
+    return chosen, examples, problems
+
+
+def scan_examples(path: Path, fmt: Format | None = None) -> tuple[Format | None, list[Example], list[str]]:
+    """Like read_examples, but never raising on what is in the file: a file with nothing usable (not JSON, not
+    UTF-8, no known format) comes back as no examples and a line-numbered problem per line (the format None when
+    no line has one). A server needs that to fail a fine-tuning job with a message instead of retrying it."""
+    if _is_text(path):
+        return _read_text(path)
+    _, chosen, examples, problems = _read_jsonl(path, fmt)
+    return chosen, examples, problems
+
+
+def _is_text(path: Path) -> bool:
+    return path.is_dir() or path.suffix.lower() in (".txt", ".md")
+
+
+def _read_text(path: Path) -> tuple[Format, list[Example], list[str]]:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md")) if path.is_dir() else [path]
+    examples, problems = [], []
+    for number, file in enumerate(files, 1):
+        if not file.is_file():
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(f"{file}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})")
+            continue
+        if text.strip():
+            examples.append(Example(number, text=text))
+        else:
+            problems.append(f"{file}: empty")
+    return "text", examples, problems
+
+
+def _read_jsonl(path: Path, fmt: Format | None) -> tuple[int, Format | None, list[Example], list[str]]:
+    """(lines that are JSON objects, the format, usable examples, problems)."""
+    scanned, problems = scan_jsonl(path)  # a missing file raises; bad bytes or JSON are problems
+    records = [(r.line, r.data) for r in scanned]
+    if not records:
+        return 0, fmt, [], problems
+    detected = [detect(r) for _, r in records]
+    chosen: Format | None = fmt or (Counter(d for d in detected if d).most_common(1) or [(None, 0)])[0][0]  # type: ignore[assignment]
+    if chosen is None:
+        problems.extend(f"{path.name} line {number}: no known format (keys: {', '.join(sorted(record)) or 'none'}; "
+                        "expected messages, conversations, instruction/output, prompt/completion, "
+                        "prompt/chosen/rejected or text)" for number, record in records)
+        return len(records), None, [], problems
     examples = []
     for (number, record), kind in zip(records, detected, strict=True):
         if fmt is None and kind != chosen:
@@ -74,7 +114,7 @@ def read_examples(path: Path, fmt: str | None = None) -> tuple[Format, list[Exam
         example = normalise(record, chosen, number, path.name, problems)
         if example is not None:
             examples.append(example)
-    return chosen, examples, problems
+    return len(records), chosen, examples, problems
 
 
 def token_counts(examples: list[Example], tokenizer: Any) -> list[int]:

@@ -6,16 +6,19 @@ Unknown YAML keys are an error that names the closest valid key.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from ownllm.data.files import read_text_file
 from ownllm.errors import OwnLLMError
 
 Method = Literal["lora", "qlora", "full", "dpo", "cpt", "prompt-tuning"]
 METHODS = ("lora", "qlora", "full", "dpo", "cpt", "prompt-tuning")
+SEED_MAX = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no more
 
 
 @dataclass
@@ -24,6 +27,16 @@ class LoraSettings:
     alpha: int = 32  # scale: alpha / r
     dropout: float = 0.05
     targets: str = "all-linear"  # all-linear, or comma-separated module names (q_proj,v_proj)
+
+    def __post_init__(self) -> None:
+        problems = _check_types(self, "lora.")
+        if not problems:
+            if self.r < 1 or self.alpha < 1:
+                problems.append("lora.r and lora.alpha must be at least 1")
+            if not 0 <= self.dropout < 1:
+                problems.append("lora.dropout must be in [0, 1)")
+        if problems:
+            raise OwnLLMError("; ".join(problems), param="lora")
 
 
 @dataclass
@@ -57,7 +70,9 @@ class FinetuneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _check_types(self)
+        if problems:  # the checks below compare numbers
+            raise OwnLLMError("; ".join(problems), param="config")
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if self.from_scratch and self.method != "cpt":
@@ -65,14 +80,24 @@ class FinetuneConfig:
         for name in ("batch_size", "grad_accum", "max_length", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        if self.lr <= 0 or self.epochs <= 0:
-            problems.append("lr and epochs must be positive")
+        if self.lr <= 0 or self.epochs <= 0 or self.dpo_beta <= 0:
+            problems.append("lr, epochs and dpo_beta must be positive")
+        if self.virtual_tokens < 1:
+            problems.append("virtual_tokens must be at least 1")
         if self.replay < 0 or self.replay_ratio < 0 or self.early_stopping < 0:
             problems.append("replay, replay_ratio and early_stopping must be 0 or more")
-        if not isinstance(self.checks, dict):
+        if not isinstance(self.checks, dict) or not all(isinstance(f, str) and f for f in self.checks.values()):
             problems.append("checks must map a name to a question file")
         if not 0 <= self.val_ratio < 1:
             problems.append("val_ratio must be in [0, 1)")
+        if self.warmup_ratio < 0:  # below 1: a share of the steps; from 1: a number of steps (transformers)
+            problems.append("warmup_ratio must be 0 or more")
+        if not 0 <= self.seed <= SEED_MAX:
+            problems.append(f"seed must be from 0 to {SEED_MAX}, got {self.seed}")
+        if not self.out:
+            problems.append("out must name a run folder")
+        if not isinstance(self.lora, LoraSettings):
+            problems.append("lora must be a mapping of LoRA settings (r, alpha, dropout, targets)")
         if problems:
             raise OwnLLMError("; ".join(problems), param="config")
 
@@ -84,11 +109,43 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def _merge(target: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+def _check_types(config: Any, prefix: str = "") -> list[str]:
+    """Each plain setting has its annotated type (a YAML file can hold anything); floats may be given as whole
+    numbers, or as text YAML does not read as a number (2e-4: converted in place), and must be finite."""
+    problems = []
+    for spec in fields(config):
+        name, value = spec.name, getattr(config, spec.name)
+        kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "")
+        if kind == "float" and not isinstance(value, bool) and isinstance(value, int | float | str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if isinstance(value, str):
+                    setattr(config, name, number)
+                if not math.isfinite(number):
+                    problems.append(f"{prefix}{name} must be a finite number, got {value}")
+                continue
+        expected = {"int": int, "float": float, "bool": bool, "str": str, "Method": str,
+                    "str | None": (str, type(None))}.get(kind)
+        if expected is None:
+            continue
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
+            what = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kind, "text")
+            problems.append(f"{prefix}{name} must be {what}, got {value!r}")
+    return problems
+
+
+def _merge(target: type, values: Any, where: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise OwnLLMError(f"{where}: expected a mapping of settings (key: value), got {type(values).__name__}",
+                          param="config")
     known = {f.name: f for f in fields(target)}
     merged: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
+            key = str(key)
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise OwnLLMError(f"{where}: unknown key '{key}'{hint}", param=key)
@@ -118,10 +175,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> FinetuneConfig:
         if not path.is_file():
             raise OwnLLMError(f"no such config file: {path}", kind="not_found", param="config")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = yaml.safe_load(read_text_file(path, param="config"))
         except yaml.YAMLError as exc:
             raise OwnLLMError(f"{path}: not valid YAML ({exc.__class__.__name__})", param="config") from None
-        values = _relative_to(path.parent, _merge(FinetuneConfig, loaded, str(path)))
+        values = _relative_to(path.parent, _merge(FinetuneConfig, {} if loaded is None else loaded, str(path)))
     lora = values.get("lora", LoraSettings())
     for key, value in overrides.items():
         if value is None:

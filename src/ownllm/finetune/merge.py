@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ownllm.data.files import check_output_folder
 from ownllm.errors import OwnLLMError
 from ownllm.home import atomic_folder
 
@@ -14,6 +15,7 @@ def merge(run: str, out: Path) -> Path:
     from ownllm.models.load import load_model
     from ownllm.models.resolve import resolve
 
+    check_output_folder(out, param="out", replaces="merged_from.json")  # replaced whole: never a user's folder
     source = resolve(run)
     if source.kind != "adapter":
         raise OwnLLMError(f"'{run}' is not a LoRA run or adapter folder", param="run",

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ownllm.data.files import read_text_file
 from ownllm.errors import OwnLLMError
 from ownllm.generate.params import SamplingParams
 from ownllm.home import atomic_write_text
@@ -23,10 +24,10 @@ def replay_prompts(path: str | None) -> list[str]:
     """One prompt per line: the given file, or the general questions shipped with ownllm."""
     if path is None:
         text = resources.files("ownllm.finetune").joinpath("replay_prompts.txt").read_text(encoding="utf-8")
-    elif not Path(path).is_file():
+    elif not Path(path).exists():
         raise OwnLLMError(f"no such replay prompts file: {path}", kind="not_found", param="replay_prompts")
     else:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text_file(Path(path), param="replay_prompts")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

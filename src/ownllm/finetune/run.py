@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from ownllm.data.doctor import read_examples
+from ownllm.data.files import check_output_folder
 from ownllm.errors import OwnLLMError
-from ownllm.finetune.callbacks import MetricsLog, ProgressBar, StopOnSignal
 from ownllm.finetune.checks import score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.dataset import Collator, load_rows, pack
@@ -88,6 +88,8 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, p
 def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callbacks: list[Any] | None = None
           ) -> TrainOutcome:
     """Build, train and save final/ (in this process; under torchrun, one of several)."""
+    from ownllm.finetune.callbacks import StopOnSignal
+
     model, tokenizer, base = build_model(cfg)
     train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir)
     trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows)
@@ -156,7 +158,12 @@ def setup(cfg: FinetuneConfig, *, resume: bool, overwrite: bool = False) -> tupl
     data = Path(cfg.data)
     if not cfg.data or not data.exists():
         raise OwnLLMError(f"no such training data: {cfg.data or '(none given)'}", kind="not_found", param="data")
+    if cfg.validation and not Path(cfg.validation).exists():
+        raise OwnLLMError(f"no such validation data: {cfg.validation}", kind="not_found", param="validation")
+    if cfg.replaying and cfg.replay_prompts:
+        replay_prompts(cfg.replay_prompts)  # a missing or unreadable file stops the run now, not after a model loads
     run_dir = Path(cfg.out)
+    check_output_folder(run_dir, param="out")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
             raise OwnLLMError(f"{run_dir} already holds a run", param="out",
@@ -258,6 +265,8 @@ def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[d
 def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict],
                   eval_rows: list[dict]) -> Any:
     """transformers' Trainer (or TRL's DPOTrainer) with ownllm's config mapped onto its arguments, once."""
+    from ownllm.finetune.callbacks import MetricsLog, ProgressBar, StopOnSignal
+
     stopping = bool(cfg.early_stopping and eval_rows)
     common = dict(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,

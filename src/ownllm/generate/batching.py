@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -84,14 +83,22 @@ class _Loop:
         self._run()
 
     def submit(self, request: Request) -> Request:
+        self.submit_all([request])
+        return request
+
+    def submit_all(self, requests: list[Request]) -> None:
+        """Queue every request or none: a refusal (queue full, shutting down) leaves no part of a multi-prompt
+        or n > 1 request generating for a client that has been told no."""
+        if len(requests) > self.max_queue:
+            raise OwnLLMError(f"one request may start at most {self.max_queue} sequences (prompts x n), "
+                              f"this one asks for {len(requests)}", param="n")
         with self.cond:
             if not self.accepting:
                 raise OwnLLMError("the server is shutting down", kind="resource")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(requests) > self.max_queue:
                 raise QueueFull(len(self.waiting))
-            self.waiting.append(request)
+            self.waiting.extend(requests)
             self.cond.notify()
-        return request
 
     def stop(self, drain_seconds: float = 10.0) -> None:
         """Stop taking requests, let running ones finish for up to `drain_seconds`, cancel the rest."""
@@ -172,27 +179,31 @@ class BatchScheduler(_Loop):
                 if self.stopping and not self.running and not self.waiting:
                     return
                 self._admit()
-            self._drop_cancelled()
-            self._drop_retired_adapters()
             try:
+                self._drop_cancelled()
+                self._drop_retired_adapters()
                 self._prefill_one_chunk()
                 self._decode_step()
-            except Exception as exc:  # a failed forward fails the requests in it, not the server
+            except Exception as exc:  # a bug of ours: fail what is running, keep the server (and the queue)
                 log.exception("engine step failed")
                 for request in list(self.running):
-                    self._finish(request, OwnLLMError(f"generation failed: {exc.__class__.__name__}",
-                                                      kind="resource"))
+                    self._finish(request, _failed(exc))
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             request = self.waiting.popleft()
             if request.cancelled.is_set():
                 continue
+            try:
+                request.decoding = Decoding(self.engine, request.prompt_ids, request.params, request.seed)
+                request.decoding.started = request.enqueued_at  # time in the queue counts towards TTFT
+                request.generator = torch.Generator().manual_seed(request.seed)
+                request.seen = torch.tensor(request.prompt_ids, dtype=torch.long)
+            except Exception as exc:  # this request's own problem: it fails, the others go on
+                log.exception("could not start request %s", request.id)
+                self._emit(request, _failed(exc))
+                continue
             request.slot = self.free_slots.pop(0)
-            request.decoding = Decoding(self.engine, request.prompt_ids, request.params, request.seed)
-            request.decoding.started = request.enqueued_at  # time in the queue counts towards TTFT
-            request.generator = torch.Generator().manual_seed(request.seed)
-            request.seen = torch.tensor(request.prompt_ids, dtype=torch.long)
             self.running.append(request)
 
     def _drop_cancelled(self) -> None:
@@ -228,8 +239,13 @@ class BatchScheduler(_Loop):
             return
         start = request.prefilled
         chunk = request.prompt_ids[start : start + self.prefill_chunk]
-        logits = self.model.forward(torch.tensor([chunk]), torch.tensor([request.slot]), torch.tensor([start]),
-                                    [request.adapter])
+        try:
+            logits = self.model.forward(torch.tensor([chunk]), torch.tensor([request.slot]), torch.tensor([start]),
+                                        [request.adapter])
+        except Exception as exc:  # a prefill holds one request: only that one fails
+            log.exception("prefill of request %s failed", request.id)
+            self._finish(request, _failed(exc))
+            return
         request.prefilled += len(chunk)
         if request.prefilled == len(request.prompt_ids):
             self._take(request, logits[0])
@@ -238,13 +254,27 @@ class BatchScheduler(_Loop):
         rows = [r for r in self.running if r.next_token is not None]
         if not rows:
             return
-        # the token fed now is the last one kept: it goes right after the prompt and the tokens before it
-        positions = [len(r.prompt_ids) + len(r.decoding.steps) - 1 for r in rows]  # type: ignore[union-attr]
-        logits = self.model.forward(torch.tensor([[r.next_token] for r in rows]),
-                                    torch.tensor([r.slot for r in rows]), torch.tensor(positions),
-                                    [r.adapter for r in rows])
+        try:
+            logits = list(self._decode(rows))
+        except Exception:
+            # One row may be the cause (and each row only rewrites its own cache position): retry row by row,
+            # so the rows that decode alone go on and only the ones that fail alone are failed.
+            log.exception("batched decode step of %d rows failed; retrying row by row", len(rows))
+            kept = []
+            for request in rows:
+                try:
+                    kept.append((request, self._decode([request])[0]))
+                except Exception as exc:
+                    self._finish(request, _failed(exc))
+            rows, logits = [r for r, _ in kept], [row for _, row in kept]
         for request, row in zip(rows, logits, strict=True):
             self._take(request, row)
+
+    def _decode(self, rows: list[Request]) -> torch.Tensor:
+        # the token fed now is the last one kept: it goes right after the prompt and the tokens before it
+        positions = [len(r.prompt_ids) + len(r.decoding.steps) - 1 for r in rows]  # type: ignore[union-attr]
+        return self.model.forward(torch.tensor([[r.next_token] for r in rows]), torch.tensor([r.slot for r in rows]),
+                                  torch.tensor(positions), [r.adapter for r in rows])
 
     def _take(self, request: Request, logits: torch.Tensor) -> None:
         """Choose the request's next token, stream what became final, finish it if it is done."""
@@ -255,7 +285,8 @@ class BatchScheduler(_Loop):
                                [s.token_id for s in decoding.steps])
             token = step.token_id
         except Exception as exc:
-            self._finish(request, OwnLLMError(f"sampling failed: {exc}", kind="resource"))
+            log.exception("choosing a token for request %s failed", request.id)
+            self._finish(request, _failed(exc))
             return
         if params.repetition_penalty != 1.0:
             request.seen = torch.cat([request.seen, torch.tensor([token])])
@@ -309,10 +340,17 @@ class SerialScheduler(_Loop):
                         self._emit(request, event)
             except Exception as exc:
                 log.exception("request %s failed", request.id)
-                self._emit(request, exc if isinstance(exc, OwnLLMError) else OwnLLMError(
-                    f"generation failed: {exc.__class__.__name__}", kind="resource"))
+                self._emit(request, _failed(exc))
             finally:
                 self.current = None
+
+
+def _failed(exc: BaseException) -> OwnLLMError:
+    """What a request's client is told when its generation broke: our error as it is, anything else by class only
+    (the details are in the server's log, not in another user's reply)."""
+    if isinstance(exc, OwnLLMError):
+        return exc
+    return OwnLLMError(f"generation failed: {exc.__class__.__name__}", kind="resource")
 
 
 def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None
@@ -328,9 +366,3 @@ def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, 
         return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
     log.info("serving %s one request at a time", engine.name)
     return SerialScheduler(engine, max_queue=max_queue)
-
-
-def new_seed(params: SamplingParams, index: int = 0) -> int:
-    if params.seed is None:
-        return int.from_bytes(os.urandom(4), "little")
-    return params.seed + index

@@ -7,7 +7,6 @@ once, so the CLI, the Python API, the server and evaluation all behave the same.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -110,9 +109,16 @@ class Engine:
             self._eos_ids = ids
         return ids
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes: 0 <= id < vocab_size."""
+        return len(self.tokenizer)
+
     def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt (text, or ids checked against the vocabulary); an empty prompt is an error."""
         if isinstance(prompt, list):
             ids = prompt
+            self.check_token_ids(ids, "prompt")
         else:
             if not prompt:
                 raise OwnLLMError("the prompt is empty", param="prompt")
@@ -120,6 +126,23 @@ class Engine:
         if not ids:
             raise OwnLLMError("the prompt is empty", param="prompt")
         return ids
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Token ids from outside (a prompt given as ids, logit_bias keys) must index the vocabulary: one bad id
+        would otherwise fail the forward of every sequence batched with it."""
+        size = self.vocab_size
+        for position, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < size:
+                raise OwnLLMError(f"{param}[{position}] is {token!r}, not a token id of this model "
+                                  f"(0 to {size - 1})", param=param)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """What must hold before any work starts, past what SamplingParams checks alone (the prompt's length
+        against the context window is the caller's: a server may serve a shorter window than the model's)."""
+        if not prompt_ids:
+            raise OwnLLMError("the prompt is empty", param="prompt")
+        if params.logit_bias:
+            self.check_token_ids(sorted(params.logit_bias), "logit_bias")
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if prompt_tokens + max_new_tokens > self.context_length:
@@ -154,7 +177,7 @@ class Engine:
         """Yield TextDelta pieces as they become final, then one Completion."""
         params = params or SamplingParams()
         prompt_ids = self._prepare(prompt, params)
-        seed = _seed(params, 0)
+        seed = params.seed_for(0)
         if params.strategy == "beam":
             yield from self._stream_beam(prompt_ids, params, seed)
             return
@@ -181,8 +204,8 @@ class Engine:
         if not prompt_ids:
             return []
         if params.strategy == "beam" or not self.supports_batching:
-            return [self.generate(ids, _with_seed(params, _seed(params, i))) for i, ids in enumerate(prompt_ids)]
-        seeds = [_seed(params, i) for i in range(len(prompt_ids))]
+            return [self.generate(ids, _with_seed(params, params.seed_for(i))) for i, ids in enumerate(prompt_ids)]
+        seeds = [params.seed_for(i) for i in range(len(prompt_ids))]
         states = [Decoding(self, ids, params, seed) for ids, seed in zip(prompt_ids, seeds, strict=True)]
         for steps in self._batch_steps(prompt_ids, params, seeds):
             for state, step in zip(states, steps, strict=True):
@@ -200,6 +223,7 @@ class Engine:
 
     def _prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         prompt_ids = self.encode(prompt)
+        self.check_request(prompt_ids, params)
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         return prompt_ids
 
@@ -225,12 +249,6 @@ class Engine:
                                 prompt_tokens=len(prompt_ids), seed=None, sequence_logprob=logprob,
                                 decode_seconds=elapsed)
         yield completion
-
-
-def _seed(params: SamplingParams, index: int) -> int:
-    if params.seed is None:
-        return int.from_bytes(os.urandom(4), "little")
-    return params.seed + index
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

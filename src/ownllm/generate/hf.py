@@ -34,6 +34,10 @@ class TransformersEngine(Engine):
         if self.prefix is not None:
             self.supports_batching = False  # the batched paths know nothing of prefix embeddings
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings  # may exceed the tokenizer's (padded tables)
+
     def _forward(self, ids: list[int], cache: Any) -> torch.Tensor:
         """Logits for the last position; `cache` (a transformers Cache) is extended in place. The first call
         of a sequence puts a prompt-tuning prefix, if the model has one, in front of the prompt."""

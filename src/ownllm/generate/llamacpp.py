@@ -45,6 +45,10 @@ class LlamaCppEngine(Engine):
         atexit.register(self._llama.close)  # before interpreter teardown, when llama_cpp can still free it
         self._eos_ids = ({int(self._llama.token_eos()), tokenizer.eos_token_id}) - {None, -1}
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self._llama.n_vocab())
+
     def _last_logits(self) -> torch.Tensor:
         """The logits of the last evaluated token (llama.cpp keeps only those unless logits_all)."""
         import numpy as np

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from ownllm.errors import OwnLLMError
 
 Strategy = Literal["greedy", "sample", "beam"]
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # any int64 (OpenAI's type) or uint64 (what torch's generators take)
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's own limit
+
+
+def reduce_seed(seed: int) -> int:
+    """Map any seed in SEED_RANGE (and seed + choice index past its top) onto torch's uint64 seed space."""
+    return seed % (1 << 64)
 
 
 @dataclass
@@ -29,6 +38,8 @@ class SamplingParams:
         logprobs: also return the top-N log-probabilities of each generated token (None: none).
         explain: record, for each step, a table of the top-N candidates through every filter.
         ignore_eos: keep generating past the end-of-sequence token (benchmarks).
+        logit_bias: token id -> value in [-100, 100] added to that token's logit before any choice
+            (OpenAI's definition; -100 bans a token, 100 all but forces it).
     """
 
     strategy: Strategy = "greedy"
@@ -45,9 +56,21 @@ class SamplingParams:
     logprobs: int | None = None
     explain: int = 0
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                problems.append((name, f"{name.replace('_', '-')} must be a finite number, got {value!r}"))
+        if problems:  # the range checks below assume numbers
+            raise OwnLLMError("; ".join(msg for _, msg in problems), param=problems[0][0])
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            problems.append(("seed", f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, "
+                                     f"got {self.seed!r}"))
+        problems += _logit_bias_problems(self.logit_bias)
         if self.strategy not in ("greedy", "sample", "beam"):
             problems.append(("strategy", f"strategy must be greedy, sample or beam, got '{self.strategy}'"))
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -78,6 +101,13 @@ class SamplingParams:
         if self.strategy == "sample" and self.temperature == 0:
             self.strategy = "greedy"  # OpenAI's convention: temperature 0 is greedy decoding
 
+    def seed_for(self, index: int = 0) -> int:
+        """The seed of choice `index` (n > 1 and batches: seed + index, so each row is reproducible alone), in
+        torch's seed space; a fresh random one when no seed was given (reported back with the result)."""
+        if self.seed is None:
+            return int.from_bytes(os.urandom(4), "little")
+        return reduce_seed(self.seed + index)
+
     @classmethod
     def from_options(cls, **options: Any) -> SamplingParams:
         """Build from keyword options, ignoring those left as None; unknown names are an error."""
@@ -87,3 +117,15 @@ class SamplingParams:
             raise OwnLLMError(f"unknown generation option(s): {', '.join(sorted(unknown))}",
                               hint=f"known: {', '.join(sorted(known))}")
         return cls(**{k: v for k, v in options.items() if v is not None})
+
+
+def _logit_bias_problems(bias: dict[int, float]) -> list[tuple[str, str]]:
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        return [("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(bias)}")]
+    for token, value in bias.items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            return [("logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {token!r}")]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+            return [("logit_bias", f"logit_bias values must be numbers from -100 to 100, got {value!r} for "
+                                   f"token {token}")]
+    return []

@@ -131,7 +131,12 @@ def pick_token(
         decode: callable id -> text, needed only when params.explain > 0.
         generated: ids generated so far, for the presence and frequency penalties.
     """
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    logits = logits.float()
+    if params.logit_bias:
+        logits = logits.clone()
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if (params.presence_penalty or params.frequency_penalty) and generated is not None and generated.numel():
         counts = torch.bincount(generated, minlength=logits.numel())[: logits.numel()].float()
         logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()

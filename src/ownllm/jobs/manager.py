@@ -96,11 +96,15 @@ class JobManager:
 
     # --- one pass ----------------------------------------------------------------------------------
     def tick(self) -> None:
+        """Validate new jobs, then start workers. Whatever goes wrong with one job (an unreadable file, a bug, a
+        process that cannot start) fails that job and the pass goes on with the others: one bad job must never
+        hold up the queue, not even across restarts."""
+        # outside the lock: reading a big file takes a while, and cancel() (a request) must not wait for it
+        for job in self.store.jobs_with_status("validating_files"):
+            if not job["cancel_requested"]:
+                self._guarded(job, "validating its files", lambda j: validate_or_fail(self.store, j))
         with self._lock:
             self._reap()
-            for job in self.store.jobs_with_status("validating_files"):
-                if not job["cancel_requested"]:
-                    validate_or_fail(self.store, job)
             active = self.store.jobs_with_status(*ACTIVE)
             running = [j for j in active if self._has_worker(j)]
             for job in active:
@@ -116,9 +120,27 @@ class JobManager:
                     self.store.set_status(job["id"], "failed", message,
                                           error={"code": "worker_died", "message": message, "param": None})
                     continue
-                self._spawn(job)
-                running.append(job)
+                if job["status"] == "validating_files":
+                    continue  # cancelled, or its validation failed above and it is failed by now
+                if self._guarded(job, "starting its training process", self._spawn):
+                    running.append(job)
         self.publish_models()
+
+    def _guarded(self, job: dict[str, Any], doing: str, step: Callable[[dict[str, Any]], Any]) -> bool:
+        """Run one job's step; an exception fails that job (with what happened, for its events and `error`)
+        instead of the whole pass. False when it failed."""
+        try:
+            step(job)
+            return True
+        except Exception as exc:
+            log.exception("job %s failed while %s", job["id"], doing)
+            message = f"Job failed: internal error while {doing} ({exc.__class__.__name__}: {exc})"
+            try:
+                self.store.set_status(job["id"], "failed", message,
+                                      error={"code": "internal_error", "message": message, "param": None})
+            except Exception:  # the store itself is failing (disk full?): the next tick tries again
+                log.exception("cannot mark job %s failed", job["id"])
+            return False
 
     def _has_worker(self, job: dict[str, Any]) -> bool:
         process = self.workers.get(job["id"])
@@ -129,10 +151,9 @@ class JobManager:
 
     def _spawn(self, job: dict[str, Any]) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
-        log_file = (self.store.runs_dir / f"{job['id']}.log").open("ab")
-        process = subprocess.Popen([sys.executable, "-m", "ownllm.jobs.worker", str(self.store.data_dir),
-                                    job["id"], self.base], env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        log_file.close()
+        with (self.store.runs_dir / f"{job['id']}.log").open("ab") as log_file:  # the child keeps its own copy
+            process = subprocess.Popen([sys.executable, "-m", "ownllm.jobs.worker", str(self.store.data_dir),
+                                        job["id"], self.base], env=env, stdout=log_file, stderr=subprocess.STDOUT)
         self.workers[job["id"]] = process
         self.store.update_job(job["id"], worker_pid=process.pid, attempts=job["attempts"] + 1)
 

@@ -1,53 +1,65 @@
 """A job's files through the data doctor, before it waits for a worker: bad lines fail the job at once with the
-doctor's line-numbered messages (the upload itself was accepted, as OpenAI does)."""
+doctor's line-numbered messages (the upload itself was accepted, as OpenAI does).
+
+Whatever a file holds (not JSON, not UTF-8, no known format, nothing at all), validation ends the job in
+`failed` with a message; it never raises on a file's content, so one bad upload cannot stall the queue."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from ownllm.data.doctor import read_examples
+from ownllm.data.doctor import scan_examples
 from ownllm.jobs.store import JobStore
 
+SHOWN = 5  # problems quoted in a job's error message; the rest are counted
 
-def validate_files(store: JobStore, job: dict[str, Any]) -> tuple[int, str | None]:
-    """(usable examples, None) or (0, the data doctor's line-numbered problems as one message)."""
+
+def validate_files(store: JobStore, job: dict[str, Any]) -> tuple[int, str | None, str]:
+    """(usable examples, None, _) or (0, the data doctor's line-numbered problems as one message, the field:
+    training_file or validation_file)."""
     method = json.loads(job["method"]).get("type", "supervised")
     examples = 0
     for field, file_id in (("training_file", job["training_file"]), ("validation_file", job["validation_file"])):
         if not file_id:
             continue
         meta = store.get_file(file_id)
+        label = field.replace("_", " ")
         if meta is None:
-            return 0, f"{field} {file_id} no longer exists"
-        fmt, found, problems = read_examples(store.file_path(file_id))
+            return 0, f"{field} {file_id} no longer exists", field
+        path = store.file_path(file_id)
+        if not path.is_file():
+            return 0, f"The {label} {meta['filename']} ({file_id}) is missing from the server's data folder", field
+        fmt, found, problems = scan_examples(path)
         if problems:
-            path = store.file_path(file_id)  # messages name the upload's own file name, not where it is kept
+            # messages name the upload's own file name, not where the server keeps it
             shown = "; ".join(p.replace(str(path), meta["filename"]).replace(path.name, meta["filename"])
-                              for p in problems[:5])
-            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            return 0, f"The {field.replace('_', ' ')} {meta['filename']} has {len(problems)} invalid " \
-                      f"line(s): {shown}{more}"
+                              for p in problems[:SHOWN])
+            more = f" (and {len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
+            return 0, f"The {label} {meta['filename']} has {len(problems)} invalid line(s): {shown}{more}", field
+        if not found:
+            return 0, f"The {label} {meta['filename']} has no examples (it is empty or only blank lines)", field
         wanted = "preference" if method == "dpo" else None
         if wanted and fmt != wanted:
-            return 0, f"The {field.replace('_', ' ')} {meta['filename']} is not preference data, which DPO needs " \
-                      "(input/preferred_output/non_preferred_output)"
+            return 0, f"The {label} {meta['filename']} is not preference data, which DPO needs " \
+                      "(input/preferred_output/non_preferred_output)", field
         if method != "dpo" and fmt in ("preference", "text"):
-            return 0, f"The {field.replace('_', ' ')} {meta['filename']} holds {fmt} data; supervised fine-tuning " \
-                      "needs conversations (messages)"
+            return 0, f"The {label} {meta['filename']} holds {fmt} data; supervised fine-tuning " \
+                      "needs conversations (messages)", field
         if field == "training_file":
             examples = len(found)
             if examples < 10:
-                return 0, f"The training file {meta['filename']} has {examples} example(s); at least 10 are needed"
-    return examples, None
+                return 0, f"The training file {meta['filename']} has {examples} example(s); at least 10 are " \
+                          "needed", field
+    return examples, None, "training_file"
 
 
 def validate_or_fail(store: JobStore, job: dict[str, Any]) -> int | None:
     """The number of training examples, with the job moved on to `queued`; None when the job failed."""
-    examples, problem = validate_files(store, job)
+    examples, problem, field = validate_files(store, job)
     if problem:
         store.set_status(job["id"], "failed", problem, error={"code": "invalid_training_file", "message": problem,
-                                                              "param": "training_file"})
+                                                              "param": field})
         return None
     if job["status"] == "validating_files":
         store.set_status(job["id"], "queued", "Files validated, moving job to queued state")

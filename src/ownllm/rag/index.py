@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ownllm.data.files import check_output_file
 from ownllm.errors import OwnLLMError
 from ownllm.models.embeddings import DEFAULT_EMBEDDING_MODEL, Embedder, load_embedder
 from ownllm.rag.chunking import Chunk, chunk_sections
 from ownllm.rag.loaders import SUPPORTED, load_file
-from ownllm.rag.store import Store, open_store
+from ownllm.rag.store import SqliteStore, Store, open_store
 
 log = logging.getLogger(__name__)
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
@@ -106,6 +108,8 @@ class Index:
     def build(self, paths: list[str | Path], *, text_field: str = "text",
               progress: Callable[[str, int, int], None] | None = None) -> BuildReport:
         """Index new and changed files, drop removed ones; a bad file is reported and skipped."""
+        if self._meta is None and isinstance(self.store, SqliteStore):  # fail before loading the embedder
+            check_output_file(self.store.path, param="store")
         roots = [Path(p).expanduser() for p in paths]
         files, problems = collect_files(roots)
         if not files:
@@ -124,7 +128,11 @@ class Index:
             source = str(path)
             if progress:
                 progress(source, number, len(files))
-            digest = file_sha256(path)
+            try:
+                digest = file_sha256(path)
+            except OSError as exc:  # unreadable (permissions), or gone since it was listed
+                report.failed.append((source, f"cannot read it ({exc.strerror or exc.__class__.__name__})"))
+                continue
             if known.get(source) == digest:
                 report.unchanged.append(source)
                 continue
@@ -244,6 +252,8 @@ class Index:
         from ownllm.generate.params import SamplingParams
         from ownllm.rag.prompt import build_messages
 
+        if not math.isfinite(min_score):
+            raise OwnLLMError(f"min-score must be a finite number, got {min_score}", param="min_score")
         hits = self.search(question, k=k, mode=mode)
         best = max((score for _, score in self.store.dense(self._query_vector(question), 1)), default=0.0)
         if not hits or best < min_score:

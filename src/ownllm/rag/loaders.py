@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import ClassVar
 
+from ownllm.data.files import read_text_file
 from ownllm.errors import OwnLLMError
 
 SUPPORTED = (".txt", ".md", ".markdown", ".pdf", ".html", ".htm", ".jsonl", ".csv")
@@ -139,7 +141,7 @@ def _load_html(text: str, source: str) -> list[Section]:
 
 def _load_jsonl(path: Path, field: str) -> list[Section]:
     sections = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, param="path").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -156,7 +158,7 @@ def _load_jsonl(path: Path, field: str) -> list[Section]:
 
 
 def _load_csv(path: Path, field: str) -> list[Section]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    with io.StringIO(read_text_file(path, param="path"), newline="") as handle:
         reader = csv.DictReader(handle)
         if field not in (reader.fieldnames or []):
             raise OwnLLMError(f"{path}: no column '{field}' (columns: {', '.join(reader.fieldnames or [])})",

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ownllm.data.files import check_output_file
 from ownllm.errors import OwnLLMError
 from ownllm.rag.chunking import Chunk
 
@@ -63,6 +64,9 @@ class SqliteStore:
     """One SQLite file: chunks and files in tables, vectors in a sqlite-vec `vec0` table (cosine)."""
 
     def __init__(self, path: Path) -> None:
+        if path.is_dir():
+            raise OwnLLMError(f"{path} is a folder, not an index file", param="store",
+                              hint=f"an index is one SQLite file: name one, e.g. {path / 'index.db'}")
         self.path = path
         self.location = str(path)
         self._db: Any = None
@@ -77,7 +81,10 @@ class SqliteStore:
             import sqlite_vec
 
             # one connection, shared across threads (the server searches from a worker thread) under a lock
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:  # e.g. a folder or unreadable file where the index should be
+                raise OwnLLMError(f"cannot open the index {self.path}: {exc}", param="store") from None
             self._db.enable_load_extension(True)
             sqlite_vec.load(self._db)
             self._db.enable_load_extension(False)
@@ -96,6 +103,7 @@ class SqliteStore:
 
     @_locked
     def create(self, meta: dict[str, Any]) -> None:
+        check_output_file(self.path, param="store")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
         db.execute("BEGIN")

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ownllm.errors import OwnLLMError
@@ -26,13 +28,18 @@ from ownllm.serve.protocol import (
     TGIRequest,
     TokenizeRequest,
 )
-from ownllm.serve.state import ServerState, render_prompt
+from ownllm.serve.state import Generation, ServerState, render_prompt
 
 JSON_OBJECT_HINT = "Reply with a single valid JSON object and nothing else."
 
 
+PUBLIC_PATHS = {"/health", "/openapi.json"}
+
+
 class _Guard:
-    """ASGI middleware: body size limit (413) and request counting by endpoint and status."""
+    """ASGI middleware, before anything reads the body: the API key (401), the body size limit (413, declared or
+    counted as it arrives), and request counting by route template and status (bounded label values: never a raw
+    path with somebody's file or job id in it)."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -41,8 +48,8 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = scope["path"]
-        limit = self.state.limits.max_upload if endpoint == "/v1/files" else self.state.limits.max_body
+        path = scope["path"]
+        limit = self.state.limits.max_upload if path == "/v1/files" else self.state.limits.max_body
         status = {"code": 500}
 
         async def counted_send(message: Message) -> None:
@@ -50,22 +57,33 @@ class _Guard:
                 status["code"] = message["status"]
             await send(message)
 
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await errors.envelope(413, f"request body is larger than {limit} bytes", code="body_too_large")(
-                scope, receive, counted_send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        public = path in PUBLIC_PATHS or (path == "/metrics" and self.state.metrics_public)
+        try:
+            if not public:
+                authorization = headers.get(b"authorization")
+                self.state.check_key(authorization.decode("latin-1") if authorization is not None else None)
+        except APIError as exc:
+            await errors.envelope(exc.status, exc.message, exc.param, exc.code)(scope, receive, counted_send)
         else:
-            received = {"bytes": 0}
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await errors.envelope(413, f"request body is larger than {limit} bytes", code="body_too_large")(
+                    scope, receive, counted_send)
+            else:
+                received = {"bytes": 0}
 
-            async def limited_receive() -> Message:
-                message = await receive()
-                received["bytes"] += len(message.get("body", b""))
-                if received["bytes"] > limit:
-                    raise APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
-                return message
+                async def limited_receive() -> Message:
+                    message = await receive()
+                    received["bytes"] += len(message.get("body", b""))
+                    if received["bytes"] > limit:  # a chunked body has no length to check up front
+                        raise HTTPException(413, f"request body is larger than {limit} bytes")
+                    return message
 
-            await self.app(scope, limited_receive, counted_send)
-        self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+                await self.app(scope, limited_receive, counted_send)
+        # the route the router matched (set in this scope while routing); refused before routing: "unrouted"
+        route = getattr(scope.get("route"), "path", None) or "unrouted"
+        self.state.metrics.requests.labels(route, str(status["code"])).inc()
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -74,7 +92,8 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         await asyncio.get_running_loop().run_in_executor(None, state.scheduler.stop, 10.0)
 
-    app = FastAPI(title="ownllm", version="0.1.0", lifespan=lifespan,
+    # No /docs or /redoc: their pages load scripts from a CDN, blank on the offline machines this runs on.
+    app = FastAPI(title="ownllm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API over a local model, with continuous batching.")
     app.state.ownllm = state
     errors.install(app)
@@ -143,11 +162,12 @@ def create_app(state: ServerState) -> FastAPI:
         if body.response_format is not None and body.response_format.type == "json_object":
             messages = [{"role": "system", "content": JSON_OBJECT_HINT}, *messages]
         prompt_ids = render_prompt(state.engine, messages)
-        events = state.generate(prompt_ids, params, n=body.n, adapter=adapter)
+        generation = state.submit([prompt_ids], params, n=body.n, adapter=adapter)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return _sse(_chat_stream(body.model, len(prompt_ids), body.n, events, include_usage, extra))
-        completions = await _collect(events, body.n)
+            return _sse(_chat_stream(body.model, len(prompt_ids), body.n, generation.events(), include_usage, extra),
+                        generation)
+        completions = await generation.completions()
         return formats.chat_response(body.model, len(prompt_ids), completions, extra)
 
     # --- completions --------------------------------------------------------------------------
@@ -156,21 +176,19 @@ def create_app(state: ServerState) -> FastAPI:
         adapter = state.adapter_for(body.model)
         params = _params(body.to_sampling_params, state.limits.default_max_tokens)
         prompts = body.prompts()
-        encoded = [p if isinstance(p, list) else state.engine.tokenizer.encode(p) for p in prompts]
+        if body.stream and len(prompts) != 1:
+            raise APIError(400, "streaming takes one prompt", param="prompt")
+        try:
+            encoded = [state.engine.encode(p) for p in prompts]
+        except OwnLLMError as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
-        for ids in encoded:
-            if not ids:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            state.check_fits(len(ids), params.max_new_tokens)
+        generation = state.submit(encoded, params, n=body.n, adapter=adapter)
         if body.stream:
-            if len(prompts) != 1:
-                raise APIError(400, "streaming takes one prompt", param="prompt")
-            events = state.generate(encoded[0], params, n=body.n, adapter=adapter)
-            return _sse(_text_stream(body.model, len(encoded[0]), events, texts[0] if body.echo else "",
-                                     bool(body.stream_options and body.stream_options.include_usage)))
-        results = await asyncio.gather(*(_collect(state.generate(ids, params, n=body.n, adapter=adapter), body.n)
-                                         for ids in encoded))
-        items = [(text if body.echo else "", c) for text, cs in zip(texts, results, strict=True) for c in cs]
+            return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
+                                     bool(body.stream_options and body.stream_options.include_usage)), generation)
+        completions = await generation.completions()
+        items = [(texts[index // body.n] if body.echo else "", c) for index, c in enumerate(completions)]
         return formats.text_response(body.model, sum(len(ids) for ids in encoded), items)
 
     # --- embeddings, tokenize -------------------------------------------------------------------
@@ -187,6 +205,9 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "input must be non-empty text", param="input")
         loop = asyncio.get_running_loop()
         embedder = await loop.run_in_executor(None, load_embedder, state.embedding_model)
+        if body.dimensions is not None and body.dimensions != embedder.dimensions:
+            raise APIError(400, f"{state.embedding_model} makes {embedder.dimensions}-dimensional embeddings only "
+                           f"(dimensions={body.dimensions} was asked for)", param="dimensions")
         vectors = await loop.run_in_executor(None, embedder.embed, texts)
         tokens = sum(embedder.count_tokens(t) for t in texts)
         data = []
@@ -212,7 +233,7 @@ def create_app(state: ServerState) -> FastAPI:
             return await tgi_stream(body)
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.tokenizer.encode(body.inputs)
-        (completion,) = await _collect(state.generate(ids, params), 1)
+        (completion,) = await state.submit([ids], params).completions()
         result: dict[str, Any] = {"generated_text": completion.text}
         if body.parameters.details:
             result["details"] = _tgi_details(completion)
@@ -222,10 +243,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def tgi_stream(body: TGIRequest) -> StreamingResponse:
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.tokenizer.encode(body.inputs)
-        events = state.generate(ids, params)
+        generation = state.submit([ids], params)
 
         async def stream() -> AsyncIterator[str]:
-            async for _, event in events:
+            async for _, event in generation.events():
                 if isinstance(event, TextDelta):
                     yield _data({"token": {"id": event.token_ids[-1] if event.token_ids else None,
                                            "text": event.text, "logprob": None, "special": False},
@@ -234,7 +255,7 @@ def create_app(state: ServerState) -> FastAPI:
                     yield _data({"token": {"id": None, "text": "", "logprob": None, "special": True},
                                  "generated_text": event.text, "details": _tgi_details(event)})
 
-        return _sse(stream(), done=False)
+        return _sse(stream(), generation, done=False)
 
     return app
 
@@ -247,19 +268,11 @@ def _params(build: Any, *args: Any) -> Any:
         raise APIError(400, str(exc), param=exc.param) from None
 
 
-async def _collect(events: AsyncIterator[tuple[int, Any]], n: int) -> list[Completion]:
-    done: dict[int, Completion] = {}
-    async for index, event in events:
-        if isinstance(event, Completion):
-            done[index] = event
-    return [done[i] for i in range(n)]
-
-
 def _data(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _sse(chunks: AsyncIterator[str], *, done: bool = True) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[str], generation: Generation, *, done: bool = True) -> StreamingResponse:
     async def framed() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
@@ -271,7 +284,8 @@ def _sse(chunks: AsyncIterator[str], *, done: bool = True) -> StreamingResponse:
         if done:
             yield "data: [DONE]\n\n"
 
-    return StreamingResponse(framed(), media_type="text/event-stream",
+    # The background close also runs when the client leaves before the first chunk (the generator never started).
+    return StreamingResponse(framed(), media_type="text/event-stream", background=BackgroundTask(generation.close),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -36,6 +36,30 @@ def envelope(status: int, message: str, param: str | None = None, code: str | No
     return JSONResponse(body(status, message, param, code), status_code=status, headers=headers)
 
 
+_UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def describe_validation_error(problems: list[dict]) -> tuple[str | None, str]:
+    """(param, message) for the most telling of pydantic's errors: with a union (`content: str | list[...]`) pydantic
+    reports one error per branch; the deepest one is the one about what the client meant to send."""
+
+    def path(problem: dict) -> list[str]:
+        parts = []
+        location = list(problem.get("loc", ()))
+        if location and location[0] in ("body", "query", "path", "header"):
+            location = location[1:]  # where FastAPI found it, not part of the field's name
+        for part in location:
+            if isinstance(part, str) and ("[" in part or part in _UNION_BRANCHES):
+                continue  # pydantic's name of a union branch, not a field
+            parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+        return parts
+
+    best = max(problems, key=lambda p: (len(path(p)), not str(p.get("type", "")).endswith("_type")))
+    param = "".join(path(best)).lstrip(".") or None
+    text = str(best.get("msg", "invalid value")).removeprefix("Value error, ")
+    return param, f"{param}: {text}" if param else text
+
+
 def from_ownllm(exc: OwnLLMError) -> tuple[int, str | None]:
     from ownllm.generate.batching import QueueFull
 
@@ -65,17 +89,16 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
             return envelope(400, "the request body is not valid JSON", None, "invalid_json")
-        location = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(location) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        param, message = describe_validation_error(problems)
         return envelope(400, message, param, "invalid_value")
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        return envelope(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return envelope(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -5,37 +5,114 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ownllm.jobs.manager import JobManager
 from ownllm.jobs.store import ACTIVE, JobStore, fine_tuned_name
 from ownllm.serve.errors import APIError
 
 UPLOAD_PURPOSES = ("fine-tune", "batch", "assistants", "user_data", "evals")
+MAX_STEPS = 100_000  # ownllm's max_steps extension: bounded, so no request trains for ever
+SEED_MAX = 2**31 - 1  # OpenAI's bound; numpy (transformers' set_seed) takes seeds below 2**32 only
+SUFFIX = re.compile(r"[A-Za-z0-9._-]{0,64}")  # it becomes part of a model id (ft:BASE:SUFFIX:ID)
+
+# "auto" (or null) lets the worker choose; numbers are strict (no booleans, no strings, no NaN or Infinity)
+Auto = Literal["auto"] | None
+Number = StrictInt | StrictFloat
+
+
+class SupervisedHyperparameters(BaseModel):
+    """OpenAI's accepted ranges; the descriptions are the error messages' "must be ..."."""
+
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Auto | Annotated[StrictInt, Field(ge=1, le=50)] = Field(
+        "auto", description="'auto' or an integer from 1 to 50")
+    batch_size: Auto | Annotated[StrictInt, Field(ge=1, le=256)] = Field(
+        "auto", description="'auto' or an integer from 1 to 256")
+    learning_rate_multiplier: Auto | Annotated[Number, Field(gt=0, le=10, allow_inf_nan=False)] = Field(
+        "auto", description="'auto' or a number greater than 0 and at most 10")
+    max_steps: Annotated[StrictInt, Field(ge=1, le=MAX_STEPS)] | None = Field(
+        None, description=f"an integer from 1 to {MAX_STEPS} (ownllm extension: stop after this many steps)")
+
+
+class DpoHyperparameters(SupervisedHyperparameters):
+    beta: Auto | Annotated[Number, Field(gt=0, le=2, allow_inf_nan=False)] = Field(
+        "auto", description="'auto' or a number greater than 0 and at most 2")
+
+
+HYPERPARAMETERS: dict[str, type[SupervisedHyperparameters]] = {"supervised": SupervisedHyperparameters,
+                                                              "dpo": DpoHyperparameters}
+
+
+class MethodBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: dict[str, Any] | None = None
 
 
 class MethodSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     type: Literal["supervised", "dpo"] = "supervised"
+    supervised: MethodBlock | None = None
+    dpo: MethodBlock | None = None
 
 
 class CreateJobRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
-    training_file: str
-    validation_file: str | None = None
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    suffix: str | None = Field(default=None, max_length=64)
-    seed: int | None = None
+    model: StrictStr
+    training_file: StrictStr
+    validation_file: StrictStr | None = None
+    hyperparameters: dict[str, Any] | None = None
+    suffix: StrictStr | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=SEED_MAX)] | None = None
     method: MethodSpec | None = None
     integrations: list[Any] | None = None
-    metadata: dict[str, str] | None = None
+    # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[StrictStr, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+
+
+def checked_hyperparameters(values: dict[str, Any] | None, method: str, param: str) -> dict[str, Any]:
+    """`values` when they are hyper-parameters `method` takes, in range; else a 400 naming the field, before any
+    work (a bad value found by the worker would fail the job late, or train for ever)."""
+    if not values:
+        return {}
+    model = HYPERPARAMETERS[method]
+    try:
+        model.model_validate(values)
+    except ValidationError as exc:
+        name = str(exc.errors()[0]["loc"][0])
+        field = f"{param}.{name}"
+        if name not in model.model_fields:
+            raise APIError(400, f"{field}: unknown hyper-parameter for {method} fine-tuning; known: "
+                           f"{', '.join(model.model_fields)}", param=field, code="invalid_value") from None
+        shown = json.dumps(values[name], default=str)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise APIError(400, f"{field} must be {model.model_fields[name].description}, got {shown}", param=field,
+                       code="invalid_value") from None
+    return {name: value for name, value in values.items() if value is not None}  # null is "auto"
+
+
+def checked_method(body: CreateJobRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the method as stored, the top-level hyperparameters as stored), both checked."""
+    spec = body.method or MethodSpec()
+    other = "dpo" if spec.type == "supervised" else "supervised"
+    if getattr(spec, other) is not None:
+        raise APIError(400, f"method.{other} is given but method.type is '{spec.type}'", param=f"method.{other}",
+                       code="invalid_value")
+    block = getattr(spec, spec.type)
+    method: dict[str, Any] = {"type": spec.type}
+    if block is not None:
+        method[spec.type] = {"hyperparameters": checked_hyperparameters(
+            block.hyperparameters, spec.type, f"method.{spec.type}.hyperparameters")}
+    # the worker overlays the method's hyper-parameters on the top-level ones, so both take the method's names
+    return method, checked_hyperparameters(body.hyperparameters, spec.type, "hyperparameters")
 
 
 # --- object shapes --------------------------------------------------------------------------------
@@ -47,9 +124,12 @@ def file_object(row: dict[str, Any]) -> dict[str, Any]:
 
 def job_object(row: dict[str, Any]) -> dict[str, Any]:
     method = json.loads(row["method"])
-    hyper = json.loads(row["hyperparameters"])
-    shown = {k: hyper.get(k, "auto") for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
     method_type = method.get("type", "supervised")
+    # what the worker uses: the top-level values (resolved ones, once it has started) overlaid by the method's
+    # given ones; a method's "auto" must not hide a resolved value
+    given = (method.get(method_type) or {}).get("hyperparameters") or {}
+    hyper = {**json.loads(row["hyperparameters"]), **{k: v for k, v in given.items() if v != "auto"}}
+    shown = {k: hyper.get(k, "auto") for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
     return {
         "object": "fine_tuning.job", "id": row["id"], "model": row["model"], "created_at": row["created_at"],
         "finished_at": row["finished_at"], "fine_tuned_model": row["fine_tuned_model"],
@@ -127,6 +207,9 @@ def router(store: JobStore, manager: JobManager, served_model: str, auth: Any) -
     @api.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str) -> FileResponse:
         row = get_file(file_id)
+        if not store.file_path(file_id).is_file():  # removed behind the server's back: say so, not a 500
+            raise APIError(404, f"The content of file {file_id} is missing from the server's data folder",
+                           param="id", code="file_not_found")
         return FileResponse(store.file_path(file_id), filename=row["filename"],
                             media_type="text/csv" if row["filename"].endswith(".csv") else "application/jsonl")
 
@@ -146,6 +229,10 @@ def router(store: JobStore, manager: JobManager, served_model: str, auth: Any) -
         if body.model != served_model:
             raise APIError(400, f"Model {body.model} is not available for fine-tuning here; this server fine-tunes "
                            f"its base model '{served_model}'", param="model", code="model_not_available")
+        method, hyperparameters = checked_method(body)
+        if body.suffix is not None and not SUFFIX.fullmatch(body.suffix):
+            raise APIError(400, "suffix must be up to 64 letters, digits, '-', '_' or '.' (it becomes part of the "
+                           f"model id), got {json.dumps(body.suffix)[:80]}", param="suffix", code="invalid_value")
         for field, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
             if file_id is None:
                 continue
@@ -155,10 +242,9 @@ def router(store: JobStore, manager: JobManager, served_model: str, auth: Any) -
             if row["purpose"] != "fine-tune":
                 raise APIError(400, f"invalid {field}: {file_id} has purpose '{row['purpose']}', not 'fine-tune'",
                                param=field, code="invalid_file")
-        method = body.method.model_dump() if body.method else {"type": "supervised"}
         seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(3), "big")
         row = store.add_job(model=body.model, training_file=body.training_file, validation_file=body.validation_file,
-                            hyperparameters=body.hyperparameters, method=method, suffix=body.suffix, seed=seed)
+                            hyperparameters=hyperparameters, method=method, suffix=body.suffix or None, seed=seed)
         return job_object(row)
 
     @api.get("/v1/fine_tuning/jobs")

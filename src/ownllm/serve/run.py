@@ -15,7 +15,7 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
                 max_batch: int = 16, max_queue: int = 64, max_body: int = 1 << 20, max_model_len: int | None = None,
                 dtype: str = "auto", backend: str = "auto", embedding_model: str = "all-MiniLM-L6-v2",
                 rag_store: str | None = None, default_max_tokens: int = 512, data_dir: Path | None = None,
-                max_jobs: int = 1, job_threads: int | None = None) -> ServerState:
+                max_jobs: int = 1, job_threads: int | None = None, metrics_public: bool = False) -> ServerState:
     """Everything a server needs: engine, scheduler (not started yet: `serve` runs it, or call
     `state.scheduler.start()` to run it in a thread), adapters, limits; with `data_dir`, the files and
     fine-tuning jobs API (its manager not started yet: `serve` starts it, or call `state.jobs.start()`)."""
@@ -38,7 +38,8 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
         rag_index.search("warm up", k=1)  # fails now, not on the first request, if the store is missing
     name = resolve(model).name if not model.startswith(("/", ".")) else Path(model).name
     state = ServerState(engine=engine, scheduler=scheduler, model_name=model if "/" not in model else name,
-                        api_keys=list(api_keys or []), adapters={k: Path(v) for k, v in (adapters or {}).items()},
+                        api_keys=list(api_keys or []), metrics_public=metrics_public,
+                        adapters={k: Path(v) for k, v in (adapters or {}).items()},
                         limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens),
                         embedding_model=embedding_model, rag_index=rag_index)
     if data_dir is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.errors import OwnLLMError
-from ownllm.generate.batching import BatchScheduler, Request, SerialScheduler, new_seed
+from ownllm.generate.batching import BatchScheduler, Request, SerialScheduler
 from ownllm.generate.engine import Completion, Engine, TextDelta
 from ownllm.generate.params import SamplingParams
 from ownllm.serve.errors import APIError
@@ -32,6 +32,7 @@ class ServerState:
     scheduler: BatchScheduler | SerialScheduler
     model_name: str
     api_keys: list[str] = field(default_factory=list)
+    metrics_public: bool = False  # /metrics without a key even when keys are set (a scraper inside the firewall)
     limits: Limits = field(default_factory=Limits)
     adapters: dict[str, Path] = field(default_factory=dict)
     embedding_model: str = "all-MiniLM-L6-v2"
@@ -71,9 +72,13 @@ class ServerState:
         raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
     def check_key(self, authorization: str | None) -> None:
+        """`Authorization: Bearer KEY` with one of the server's keys (when it has any), else 401."""
         if not self.api_keys:
             return
-        given = (authorization or "").removeprefix("Bearer ").strip().encode()
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if authorization and scheme.lower() != "bearer":
+            raise APIError(401, "The Authorization header must be 'Bearer YOUR_KEY'", code="invalid_api_key")
+        given = token.strip().encode()
         # compare against every key, always, so timing says nothing about which key nearly matched
         matched = False
         for key in self.api_keys:
@@ -89,46 +94,75 @@ class ServerState:
                            f"{max_tokens} in the completion). Please reduce the length of the messages or "
                            "completion.", param="messages", code="context_length_exceeded")
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, *, n: int = 1,
-                       adapter: str | None = None) -> AsyncIterator[tuple[int, TextDelta | Completion]]:
-        """Submit `n` sequences and yield (choice index, event) as they come; cancels them if the consumer
-        stops early (client gone)."""
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        self.check_fits(len(prompt_ids), params.max_new_tokens)
-        loop = asyncio.get_running_loop()
-        merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        requests: list[Request] = []
-        try:
-            for index in range(n):
-                def sink(event: Any, index: int = index) -> None:
-                    loop.call_soon_threadsafe(merged.put_nowait, (index, event))
+    def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
+               adapter: str | None = None) -> Generation:
+        """Check every prompt, then queue all `len(prompts) x n` sequences of one API request at once, all or none,
+        before a response starts (so a stream never opens with 200 and then fails on something knowable).
+        Sequence `p * n + c` is choice c of prompt p; with a seed, it samples with seed + that index."""
+        for ids in prompts:
+            try:
+                self.engine.check_request(ids, params)
+            except OwnLLMError as exc:
+                raise APIError(400, str(exc), param=exc.param) from None
+            self.check_fits(len(ids), params.max_new_tokens)
+        return Generation(self, prompts, params, n, adapter)
 
-                request = Request(prompt_ids, params, new_seed(params, index), sink, adapter=adapter)
-                self.scheduler.submit(request)
-                requests.append(request)
-            self.metrics.prompt_tokens.inc(len(prompt_ids) * n)
-            started = time.perf_counter()
-            first_seen: dict[int, float] = {}
-            open_choices = set(range(n))
-            while open_choices:
-                index, event = await merged.get()
+
+class Generation:
+    """The sequences of one API request, queued; iterate `events()` once for (sequence index, event) as they come.
+    Leaving the iteration early (client gone) or `close()` cancels what still runs."""
+
+    def __init__(self, state: ServerState, prompts: list[list[int]], params: SamplingParams, n: int,
+                 adapter: str | None) -> None:
+        self.state, self.count = state, len(prompts) * n
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self.requests = [Request(ids, params, params.seed_for(index), self._sink(p * n + index), adapter=adapter)
+                         for p, ids in enumerate(prompts) for index in range(n)]
+        self.started = time.perf_counter()
+        state.scheduler.submit_all(self.requests)  # QueueFull -> 429, shutting down -> 503: nothing queued
+        state.metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts) * n)
+
+    def _sink(self, index: int) -> Any:
+        def sink(event: Any) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        return sink
+
+    def close(self) -> None:
+        for request in self.requests:
+            request.cancel()  # no-op for finished requests; frees the slot of abandoned ones
+
+    async def events(self) -> AsyncIterator[tuple[int, TextDelta | Completion]]:
+        metrics = self.state.metrics
+        first_seen: dict[int, float] = {}
+        open_sequences = set(range(self.count))
+        try:
+            while open_sequences:
+                index, event = await self.queue.get()
                 now = time.perf_counter()
                 if isinstance(event, BaseException):
                     raise event
                 if isinstance(event, TextDelta):
                     if index not in first_seen:
-                        self.metrics.ttft.observe(now - started)
+                        metrics.ttft.observe(now - self.started)
                     else:
-                        self.metrics.itl.observe(now - first_seen[index])
+                        metrics.itl.observe(now - first_seen[index])
                     first_seen[index] = now
                 else:
-                    open_choices.discard(index)
-                    self.metrics.generated_tokens.inc(event.completion_tokens)
+                    open_sequences.discard(index)
+                    metrics.generated_tokens.inc(event.completion_tokens)
                 yield index, event
         finally:
-            for request in requests:
-                request.cancel()  # no-op for finished requests; frees the slot of abandoned ones
+            self.close()
+
+    async def completions(self) -> list[Completion]:
+        """Run to the end: every sequence's Completion, in sequence order."""
+        done: dict[int, Completion] = {}
+        async for index, event in self.events():
+            if isinstance(event, Completion):
+                done[index] = event
+        return [done[i] for i in range(self.count)]
 
 
 def render_prompt(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
