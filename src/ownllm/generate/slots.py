@@ -2,10 +2,12 @@
 
 Each running sequence owns one slot of a preallocated cache [slots, kv_heads, max_len, head_dim] per layer,
 so sequences of different lengths decode together in one batched forward: rows are slots, each with its
-own position, and attention is masked to each row's own length. Prompts are prefilled in chunks into
+own position, and attends over its own slot's keys only. Prompts are prefilled in chunks into
 their slot. Weights are the loaded transformers model's, fused (q|k|v and gate|up) for fewer, larger
-matmuls; the result matches transformers' own forward (tested). LoRA adapters (PEFT folders) add their
-low-rank delta per row, so base and adapter requests share a batch.
+matmuls. Everything else is transformers' forward op for op, with its casts, in the model's dtype: in bf16 a
+rounding step done differently (even a more precise one) moves the logits by whole bf16 ulps, which 30 layers
+turn into other greedy answers than the CLI's (tests/generate/test_slot_parity.py). LoRA adapters (PEFT
+folders) add their low-rank delta per row, as PEFT computes it, so base and adapter requests share a batch.
 
 Architectures: llama, mistral, qwen2 (the same block, qkv bias optional). Anything else is served by the
 one-request-at-a-time path.
@@ -34,6 +36,17 @@ def supports_slots(model: Any) -> bool:
             and getattr(config, "hidden_act", "silu") == "silu" and not getattr(config, "sliding_window", None))
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale in that dtype.
+
+    Not F.rms_norm: that scales by the weight in fp32 and rounds once, so in bf16 a quarter of the values
+    land one ulp away from what the model computes everywhere else (0.9 apart in the logits after 30 layers).
+    """
+    normed = x.to(torch.float32)
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
 @dataclass
 class _Layer:
     norm1: torch.Tensor
@@ -47,7 +60,7 @@ class _Layer:
 
 @dataclass
 class LoraAdapter:
-    """Low-rank deltas per layer and projection: x @ A.T @ B.T * scale."""
+    """Low-rank deltas per layer and projection: x @ A.T @ B.T * scale, in fp32 (see `SlotModel._lora`)."""
 
     name: str
     path: Path
@@ -70,6 +83,7 @@ class SlotModel:
         self.eps = config.rms_norm_eps
         self.slots, self.max_len = slots, max_len
         inner = model.model
+        self.scaling = getattr(inner.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
         self.lm_head = model.lm_head.weight
@@ -88,13 +102,24 @@ class SlotModel:
         shape = (slots, self.kv_heads, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or getattr(
-            config, "rope_theta", 10000.0)
-        inverse = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
-        angles = torch.outer(torch.arange(max_len).float(), inverse)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        self.cos, self.sin = self._rotary_tables(inner, max_len)
         self.adapters: dict[str, LoraAdapter] = {}
+
+    def _rotary_tables(self, inner: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [max_len, head_dim] in the model dtype, from the model's own rotary module where it has one
+        (its inv_freq and attention scaling, computed in fp32 and then cast, as in every forward)."""
+        positions = torch.arange(max_len)[None]
+        rotary = getattr(inner, "rotary_emb", None)
+        if rotary is not None:
+            with torch.no_grad():
+                cos, sin = rotary(torch.empty(0, dtype=self.dtype), positions)
+            return cos[0], sin[0]
+        theta = (getattr(self.config, "rope_parameters", None) or {}).get("rope_theta") or getattr(
+            self.config, "rope_theta", 10000.0)
+        inverse = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        angles = positions[0, :, None].float() * inverse
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
     @property
     def cache_bytes(self) -> int:
@@ -124,7 +149,8 @@ class SlotModel:
             layer = int(parts[parts.index("layers") + 1])
             projection = next(p for p in parts if p in _PROJECTIONS)
             b = tensors[key.replace(".lora_A.", ".lora_B.")]
-            weights[(layer, projection)] = (tensor.to(self.dtype), b.to(self.dtype))
+            # fp32 as PEFT keeps them (it upcasts bf16/fp16 adapter weights when it loads an adapter)
+            weights[(layer, projection)] = (tensor.float(), b.float())
         if not weights:
             raise OwnLLMError(f"{folder}: no LoRA weights for {', '.join(_PROJECTIONS)}", param="adapter")
         adapter = LoraAdapter(name, folder, weights, scale)
@@ -133,22 +159,61 @@ class SlotModel:
 
     def _lora(self, x: torch.Tensor, layer: int, projections: tuple[str, ...], groups: list[tuple[str, Any]],
               width: list[int]) -> torch.Tensor | None:
-        """The adapters' delta for a (possibly fused) projection, row groups by adapter; None if no adapter."""
+        """The adapters' fp32 delta for a (possibly fused) projection, row groups by adapter; None if none.
+
+        As PEFT's unmerged LoRA forward: input cast to fp32, B(A(x)) * scale in fp32. The caller adds it to
+        the base output in fp32 and rounds once to the model dtype (`_plus_lora`); rows without an adapter
+        add zeros, which leaves their base output bit for bit.
+        """
         if not groups:
             return None
-        delta = torch.zeros(*x.shape[:-1], sum(width), dtype=x.dtype)
+        delta = torch.zeros(*x.shape[:-1], sum(width), dtype=torch.float32)
         for name, rows in groups:
             adapter = self.adapters[name]
+            x_rows = x[rows].float()
             offset = 0
             for projection, size in zip(projections, width, strict=True):
                 pair = adapter.weights.get((layer, projection))
                 if pair is not None:
                     a, b = pair
-                    delta[rows, ..., offset : offset + size] += (x[rows] @ a.T @ b.T) * adapter.scale
+                    delta[rows, ..., offset : offset + size] = F.linear(F.linear(x_rows, a), b) * adapter.scale
                 offset += size
         return delta
 
+    @staticmethod
+    def _plus_lora(out: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
+        return out if lora is None else (out.float() + lora).to(out.dtype)
+
     # --- the forward pass -------------------------------------------------------------------
+    def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: list[int],
+                starts: list[int], mask: torch.Tensor | None) -> torch.Tensor:
+        """Store k/v in the rows' slots and attend, each row over exactly its own keys.
+
+        The sdpa calls are transformers' own (sdpa_attention_forward on CPU, softmax in fp32 inside the
+        kernel): a fresh prompt is causal with no mask, a later chunk gets a mask over the cache, a decoding
+        row attends unmasked over its own length. One call per decoding row rather than one over rows padded to
+        the longest: padding reorders the kernel's sums (bf16 logits then drift by whole ulps from the CLI's),
+        and the per-row calls skip both the padded work and the gather of the slots' caches.
+        """
+        k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+        length = q.shape[2]
+        if length > 1:  # one prefill chunk (rows = 1)
+            slot, start = slots[0], starts[0]
+            k_cache[slot, :, start : start + length] = k[0]
+            v_cache[slot, :, start : start + length] = v[0]
+            end = start + length
+            return F.scaled_dot_product_attention(q, k_cache[slot : slot + 1, :, :end],
+                                                  v_cache[slot : slot + 1, :, :end], attn_mask=mask,
+                                                  is_causal=mask is None, scale=self.scaling, enable_gqa=True)
+        slot_index, start_index = torch.tensor(slots), torch.tensor(starts)
+        k_cache[slot_index, :, start_index] = k[:, :, 0]
+        v_cache[slot_index, :, start_index] = v[:, :, 0]
+        return torch.cat([
+            F.scaled_dot_product_attention(q[row : row + 1], k_cache[slot : slot + 1, :, : start + 1],
+                                           v_cache[slot : slot + 1, :, : start + 1], scale=self.scaling,
+                                           enable_gqa=True)
+            for row, (slot, start) in enumerate(zip(slots, starts, strict=True))])
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
                 adapters: list[str | None] | None = None) -> torch.Tensor:
@@ -161,56 +226,44 @@ class SlotModel:
             adapters: per row, an adapter name or None for the base model.
         """
         rows, length = tokens.shape
-        end = int((starts + length).max())
+        if rows > 1 and length > 1:
+            raise ValueError("a forward is either one prefill chunk (rows = 1) or one decoding step (T = 1)")
         groups = []
         if adapters and any(adapters):
             for name in sorted({a for a in adapters if a}):
                 groups.append((name, torch.tensor([i for i, a in enumerate(adapters) if a == name])))
         positions = starts[:, None] + torch.arange(length)[None, :]  # [rows, T]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, T, D]
-        keys = torch.arange(end)
-        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [rows, 1, T, end]
+        slot_list, start_list = slots.tolist(), starts.tolist()
+        mask = None
+        if length > 1 and start_list[0] > 0:  # a later prefill chunk: causal within it, all of the cache before
+            mask = torch.arange(start_list[0] + length)[None, None, None, :] <= positions[:, None, :, None]
         h, kv, d, half = self.heads, self.kv_heads, self.head_dim, self.head_dim // 2
         q_width, kv_width = h * d, kv * d
         x = self.embed[tokens]  # [rows, T, C]
         for index, layer in enumerate(self.layers):
-            normed = F.rms_norm(x, (x.shape[-1],), layer.norm1, self.eps)
+            normed = _rms_norm(x, layer.norm1, self.eps)
             qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
-            lora = self._lora(normed, index, ("q_proj", "k_proj", "v_proj"), groups, [q_width, kv_width, kv_width])
-            if lora is not None:
-                qkv = qkv + lora
+            qkv = self._plus_lora(qkv, self._lora(normed, index, ("q_proj", "k_proj", "v_proj"), groups,
+                                                  [q_width, kv_width, kv_width]))
             qkv = qkv.view(rows, length, h + 2 * kv, d).transpose(1, 2)  # [rows, h+2kv, T, D]
             qk = qkv[:, : h + kv]
             qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
             q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]
-            if length == 1:
-                self.k_cache[index][slots, :, starts] = k[:, :, 0]
-                self.v_cache[index][slots, :, starts] = v[:, :, 0]
-            else:
-                slot, start = int(slots[0]), int(starts[0])
-                self.k_cache[index][slot, :, start : start + length] = k[0]
-                self.v_cache[index][slot, :, start : start + length] = v[0]
-            if rows == 1:
-                slot = int(slots[0])
-                k_all = self.k_cache[index][slot : slot + 1, :, :end]
-                v_all = self.v_cache[index][slot : slot + 1, :, :end]
-            else:
-                k_all = self.k_cache[index][slots, :, :end]
-                v_all = self.v_cache[index][slots, :, :end]
-            attended = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+            attended = self._attend(index, q, k, v, slot_list, start_list, mask)
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
-            out = F.linear(attended, layer.o)
-            lora = self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]])
-            x = x + (out if lora is None else out + lora)
-            normed = F.rms_norm(x, (x.shape[-1],), layer.norm2, self.eps)
+            out = self._plus_lora(F.linear(attended, layer.o),
+                                  self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]]))
+            x = x + out
+            normed = _rms_norm(x, layer.norm2, self.eps)
             gate_up = F.linear(normed, layer.gate_up)
-            lora = self._lora(normed, index, ("gate_proj", "up_proj"), groups, [self.intermediate] * 2)
-            if lora is not None:
-                gate_up = gate_up + lora
+            gate_up = self._plus_lora(gate_up, self._lora(normed, index, ("gate_proj", "up_proj"), groups,
+                                                          [self.intermediate] * 2))
             gate, up = gate_up.split(self.intermediate, dim=-1)
             hidden = F.silu(gate) * up
-            out = F.linear(hidden, layer.down)
-            lora = self._lora(hidden, index, ("down_proj",), groups, [x.shape[-1]])
-            x = x + (out if lora is None else out + lora)
-        last = F.rms_norm(x[:, -1], (x.shape[-1],), self.final_norm, self.eps)
+            out = self._plus_lora(F.linear(hidden, layer.down),
+                                  self._lora(hidden, index, ("down_proj",), groups, [x.shape[-1]]))
+            x = x + out
+        # logits in the model dtype, as transformers returns them (the sampler upcasts)
+        last = _rms_norm(x[:, -1], self.final_norm, self.eps)
         return F.linear(last, self.lm_head)
