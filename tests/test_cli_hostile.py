@@ -82,6 +82,10 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
     (["bench", "serve", "--concurrency", "0"], ("concurrency levels must be at least 1",)),
     (["jobs", "list", "--url", "http://[::1"], ("--url", "not a valid URL")),
     (["pull", DEFAULT_MODEL, "--name", "../outside"], ("--name", "not a plain model name")),
+    (["generate", DEFAULT_MODEL, "x", "--strategy", "beam", "--num-beams", "100000"], ("at most 64",)),
+    # bytes that are not UTF-8 in an argument (Python sees them as lone surrogates)
+    (["tokenize", DEFAULT_MODEL, "hi \udcff"], ("not valid UTF-8",)),
+    (["generate", DEFAULT_MODEL, "\udcff\udcfe", "--max-new-tokens", "2"], ("prompt is not valid UTF-8",)),
 ]
 
 

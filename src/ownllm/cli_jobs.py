@@ -95,8 +95,8 @@ def create(
     job = client.create(model=model, training_file=file_id(training_file), validation_file=file_id(validation_file),
                         suffix=suffix, seed=seed, method={"type": method, method: {"hyperparameters": hyper}})
     _show(job, as_json)
-    if wait:
-        _follow(client, job["id"])
+    if wait and _follow(client, job["id"]) != "succeeded":
+        raise typer.Exit(1)  # the job's own error is printed above; scripts need to tell it from a success
 
 
 @jobs_app.command(name="list")
@@ -139,7 +139,8 @@ def events(job_id: str, follow: Annotated[bool, typer.Option("--follow", "-f", h
         _print_event(event)
 
 
-def _follow(client: Any, job_id: str) -> None:
+def _follow(client: Any, job_id: str) -> str:
+    """Print a job's events until it ends; its final status."""
     seen: set[str] = set()
     while True:
         for event in reversed(client.events(job_id, limit=100)["data"]):
@@ -149,7 +150,7 @@ def _follow(client: Any, job_id: str) -> None:
         job = client.get(job_id)
         if job["status"] in ("succeeded", "failed", "cancelled"):
             _show(job, False)
-            return
+            return job["status"]
         time.sleep(2)
 
 

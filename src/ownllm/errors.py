@@ -34,3 +34,12 @@ class OwnLLMError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+def check_text(text: str, what: str) -> None:
+    """Text from outside (an argument, stdin, a request) must be valid Unicode: bytes that are not UTF-8 arrive in
+    Python as lone surrogates, which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise OwnLLMError(f"{what} is not valid UTF-8 text (at character {exc.start + 1})", param=what) from None

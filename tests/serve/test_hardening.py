@@ -212,3 +212,49 @@ def test_no_cdn_pages(server) -> None:
     assert httpx.get(f"{server.url}/docs").status_code == 404
     assert httpx.get(f"{server.url}/redoc").status_code == 404
     assert httpx.get(f"{server.url}/openapi.json").json()["info"]["title"] == "ownllm"
+
+
+# --- found by a hostile review of the fixes ------------------------------------------------------------------
+def test_logit_bias_keys_that_only_look_like_numbers(server) -> None:
+    url = f"{server.url}/v1/chat/completions"
+    for key in ("\u00b2", "\u0661", "9" * 5000):  # superscript two, Arabic-Indic one, past int()'s digit limit
+        _error(httpx.post(url, json={"model": MODEL, "messages": HELLO, "max_tokens": 2, "logit_bias": {key: 1}}),
+               400, "logit_bias")
+
+
+def test_job_ids_with_a_lone_surrogate(server) -> None:
+    body = '{"model": "MODEL", "training_file": "file-\\ud800"}'.replace("MODEL", MODEL)
+    _error(httpx.post(f"{server.url}/v1/fine_tuning/jobs", content=body, headers={"content-type": "application/json"}),
+           400)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_default_max_tokens_fits_what_the_context_has_left(server) -> None:
+    long = [{"role": "user", "content": "one two three four five six seven eight nine ten " * 190}]
+    prompt_tokens = httpx.post(f"{server.url}/tokenize", json={"messages": long}).json()["count"]
+    assert 2048 - 512 < prompt_tokens < 2048 - 4  # the old fixed default of 512 did not fit
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": long,
+                                                                  "temperature": 0}, timeout=300)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] <= 2048 - prompt_tokens
+
+
+def test_long_stop_string_and_tiny_temperature(server) -> None:
+    url = f"{server.url}/v1/chat/completions"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 6}
+    assert httpx.post(url, json={**body, "stop": "a stop string longer than sixteen"}, timeout=120).status_code == 200
+    greedy = httpx.post(url, json={**body, "temperature": 0}, timeout=120).json()["choices"][0]["message"]
+    for tiny in (1e-40, 5e-324):  # below float32's range: greedy, as vLLM does, not logits / 0
+        reply = httpx.post(url, json={**body, "temperature": tiny}, timeout=120).json()
+        assert reply["choices"][0]["message"] == greedy
+
+
+def test_a_client_that_leaves_a_non_streamed_request_frees_its_slot(server) -> None:
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=2)
+    for _ in range(100):
+        if httpx.get(f"{server.url}/health").json()["running"] == 0:
+            break
+        threading.Event().wait(0.1)
+    assert httpx.get(f"{server.url}/health").json()["running"] == 0

@@ -164,6 +164,9 @@ def setup(cfg: FinetuneConfig, *, resume: bool, overwrite: bool = False) -> tupl
         replay_prompts(cfg.replay_prompts)  # a missing or unreadable file stops the run now, not after a model loads
     run_dir = Path(cfg.out)
     check_output_folder(run_dir, param="out")
+    never_started = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} == {"config.yaml"}
+    if never_started and not resume:  # a run that failed before its first step (bad data, no model): retry in place
+        (run_dir / "config.yaml").unlink()
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
             raise OwnLLMError(f"{run_dir} already holds a run", param="out",

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ownllm.errors import OwnLLMError
+from ownllm.errors import OwnLLMError, check_text
 from ownllm.generate.params import SamplingParams
 from ownllm.generate.sampling import StepExplanation, pick_token, top_logprobs
 from ownllm.generate.text import IncrementalText
@@ -122,6 +122,7 @@ class Engine:
         else:
             if not prompt:
                 raise OwnLLMError("the prompt is empty", param="prompt")
+            check_text(prompt, "prompt")
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         if not ids:
             raise OwnLLMError("the prompt is empty", param="prompt")

@@ -12,6 +12,8 @@ from ownllm.errors import OwnLLMError
 Strategy = Literal["greedy", "sample", "beam"]
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # any int64 (OpenAI's type) or uint64 (what torch's generators take)
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's own limit
+MAX_BEAMS = 64  # each beam is a full sequence in memory; past this beam search only burns time
+GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: logits / 1e-40 overflow float32, and the draw is argmax anyway
 
 
 def reduce_seed(seed: int) -> int:
@@ -81,8 +83,9 @@ class SamplingParams:
             problems.append(("top_p", f"top-p must be in (0, 1], got {self.top_p}"))
         if self.top_k < 0:
             problems.append(("top_k", f"top-k must be >= 0, got {self.top_k}"))
-        if self.num_beams < 1:
-            problems.append(("num_beams", f"num-beams must be at least 1, got {self.num_beams}"))
+        if not 1 <= self.num_beams <= MAX_BEAMS:
+            problems.append(("num_beams", f"num-beams must be at least 1 and at most {MAX_BEAMS}, "
+                                          f"got {self.num_beams}"))
         if self.repetition_penalty <= 0:
             problems.append(
                 ("repetition_penalty", f"repetition-penalty must be > 0, got {self.repetition_penalty}")
@@ -98,7 +101,7 @@ class SamplingParams:
             problems.append(("stop", "stop strings must not be empty"))
         if problems:
             raise OwnLLMError("; ".join(msg for _, msg in problems), param=problems[0][0])
-        if self.strategy == "sample" and self.temperature == 0:
+        if self.strategy == "sample" and self.temperature < GREEDY_BELOW_TEMPERATURE:
             self.strategy = "greedy"  # OpenAI's convention: temperature 0 is greedy decoding
 
     def seed_for(self, index: int = 0) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from ownllm.errors import OwnLLMError
+from ownllm.errors import OwnLLMError, check_text
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -28,6 +28,7 @@ def check_messages(messages: list[Message]) -> None:
             )
         if not isinstance(message.get("content"), str):
             raise OwnLLMError(f"messages[{index}].content must be a string", param=f"messages[{index}].content")
+        check_text(message["content"], f"messages[{index}].content")
 
 
 def render_chat_text(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = True) -> str:

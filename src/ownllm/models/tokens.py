@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ownllm.errors import check_text
+
 
 @dataclass(frozen=True)
 class TokenReport:
@@ -38,6 +40,7 @@ class TokenReport:
 
 
 def token_report(tokenizer: Any, text: str, *, price_per_1m: float | None = None) -> TokenReport:
+    check_text(text, "text")
     ids = tokenizer.encode(text, add_special_tokens=False)
     return TokenReport(
         tokens=[(i, tokenizer.decode([i])) for i in ids],

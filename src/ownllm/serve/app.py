@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -80,10 +80,17 @@ class _Guard:
                         raise HTTPException(413, f"request body is larger than {limit} bytes")
                     return message
 
-                await self.app(scope, limited_receive, counted_send)
+                try:
+                    await self.app(scope, limited_receive, counted_send)
+                finally:  # an unhandled error is answered 500 further out: count it here as such
+                    self._count(scope, status["code"])
+                return
+        self._count(scope, status["code"])
+
+    def _count(self, scope: Scope, status: int) -> None:
         # the route the router matched (set in this scope while routing); refused before routing: "unrouted"
         route = getattr(scope.get("route"), "path", None) or "unrouted"
-        self.state.metrics.requests.labels(route, str(status["code"])).inc()
+        self.state.metrics.requests.labels(route, str(status)).inc()
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -119,8 +126,8 @@ def create_app(state: ServerState) -> FastAPI:
         if state.jobs is not None:
             state.jobs.publish_models()  # a job reported as succeeded is listed at once
         cards = [formats.model_card(state.model_name, state.created, max_model_len=state.context_length)]
-        cards += [formats.model_card(name, state.created, parent=state.model_name, root=str(path))
-                  for name, path in state.adapters.items()]
+        cards += [formats.model_card(name, state.created, parent=state.model_name, root=name)
+                  for name in state.adapters]  # where its files are is the server's business
         cards.append(formats.model_card(state.embedding_model, state.created, owned_by="sentence-transformers"))
         return {"object": "list", "data": cards}
 
@@ -151,9 +158,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     # --- chat -------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
-    async def chat(body: ChatCompletionRequest) -> Any:
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         adapter = state.adapter_for(body.model)
-        params = _params(body.to_sampling_params, state.limits.default_max_tokens)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         extra: dict[str, Any] = {}
@@ -162,19 +168,19 @@ def create_app(state: ServerState) -> FastAPI:
         if body.response_format is not None and body.response_format.type == "json_object":
             messages = [{"role": "system", "content": JSON_OBJECT_HINT}, *messages]
         prompt_ids = render_prompt(state.engine, messages)
+        params = _params(body.to_sampling_params, state.default_max_tokens(len(prompt_ids)))
         generation = state.submit([prompt_ids], params, n=body.n, adapter=adapter)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
             return _sse(_chat_stream(body.model, len(prompt_ids), body.n, generation.events(), include_usage, extra),
                         generation)
-        completions = await generation.completions()
+        completions = await _collect(request, generation)
         return formats.chat_response(body.model, len(prompt_ids), completions, extra)
 
     # --- completions --------------------------------------------------------------------------
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
-    async def complete(body: CompletionRequest) -> Any:
+    async def complete(body: CompletionRequest, request: Request) -> Any:
         adapter = state.adapter_for(body.model)
-        params = _params(body.to_sampling_params, state.limits.default_max_tokens)
         prompts = body.prompts()
         if body.stream and len(prompts) != 1:
             raise APIError(400, "streaming takes one prompt", param="prompt")
@@ -183,11 +189,12 @@ def create_app(state: ServerState) -> FastAPI:
         except OwnLLMError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
-        generation = state.submit(encoded, params, n=body.n, adapter=adapter)
+        params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
+        generation = state.submit(encoded, params, n=body.n, adapter=adapter, prompt_param="prompt")
         if body.stream:
             return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
                                      bool(body.stream_options and body.stream_options.include_usage)), generation)
-        completions = await generation.completions()
+        completions = await _collect(request, generation)
         items = [(texts[index // body.n] if body.echo else "", c) for index, c in enumerate(completions)]
         return formats.text_response(body.model, sum(len(ids) for ids in encoded), items)
 
@@ -228,12 +235,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     # --- TGI-style generate ----------------------------------------------------------------------
     @app.post("/generate", dependencies=[Depends(auth)], response_model=None)
-    async def tgi_generate(body: TGIRequest) -> Any:
+    async def tgi_generate(body: TGIRequest, request: Request) -> Any:
         if body.stream:
             return await tgi_stream(body)
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.tokenizer.encode(body.inputs)
-        (completion,) = await state.submit([ids], params).completions()
+        (completion,) = await _collect(request, state.submit([ids], params, prompt_param="inputs"))
         result: dict[str, Any] = {"generated_text": completion.text}
         if body.parameters.details:
             result["details"] = _tgi_details(completion)
@@ -243,7 +250,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def tgi_stream(body: TGIRequest) -> StreamingResponse:
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.tokenizer.encode(body.inputs)
-        generation = state.submit([ids], params)
+        generation = state.submit([ids], params, prompt_param="inputs")
 
         async def stream() -> AsyncIterator[str]:
             async for _, event in generation.events():
@@ -266,6 +273,20 @@ def _params(build: Any, *args: Any) -> Any:
         return build(*args)
     except OwnLLMError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
+
+
+async def _collect(request: Request, generation: Generation) -> list[Completion]:
+    """Every sequence's Completion; if the client leaves first (nobody will read the answer), its sequences are
+    cancelled at once instead of holding their batch slots to the end."""
+    task = asyncio.ensure_future(generation.completions())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            generation.close()
+            raise APIError(499, "the client closed the request", code="client_closed_request")
 
 
 def _data(payload: dict[str, Any]) -> str:

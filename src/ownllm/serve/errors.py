@@ -49,7 +49,7 @@ def describe_validation_error(problems: list[dict]) -> tuple[str | None, str]:
         if location and location[0] in ("body", "query", "path", "header"):
             location = location[1:]  # where FastAPI found it, not part of the field's name
         for part in location:
-            if isinstance(part, str) and ("[" in part or part in _UNION_BRANCHES):
+            if isinstance(part, str) and ("[" in part or part in _UNION_BRANCHES or part[:1].isupper()):
                 continue  # pydantic's name of a union branch, not a field
             parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
         return parts

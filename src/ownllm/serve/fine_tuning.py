@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from ownllm.jobs.manager import JobManager
 from ownllm.jobs.store import ACTIVE, JobStore, fine_tuned_name
 from ownllm.serve.errors import APIError
+from ownllm.serve.protocol import ValidUnicode
 
 UPLOAD_PURPOSES = ("fine-tune", "batch", "assistants", "user_data", "evals")
 MAX_STEPS = 100_000  # ownllm's max_steps extension: bounded, so no request trains for ever
@@ -63,7 +64,7 @@ class MethodSpec(BaseModel):
     dpo: MethodBlock | None = None
 
 
-class CreateJobRequest(BaseModel):
+class CreateJobRequest(ValidUnicode):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr
     training_file: StrictStr

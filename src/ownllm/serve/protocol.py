@@ -44,8 +44,8 @@ def _invalid_unicode(value: Any, path: str) -> str | None:
     return None
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ValidUnicode(BaseModel):
+    """Refuses any string (key or value, at any depth) that is not valid Unicode, naming where it is."""
 
     @model_validator(mode="before")
     @classmethod
@@ -54,6 +54,10 @@ class _Open(BaseModel):
         if where is not None:
             raise ValueError(f"{where or 'the body'} is not valid Unicode text (it holds a lone surrogate)")
         return data
+
+
+class _Open(ValidUnicode):
+    model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="after")
     def _log_extra(self) -> _Open:
@@ -104,7 +108,7 @@ class _Sampling(_Open):
     temperature: Float | None = Field(None, ge=0, le=2)
     top_p: Float | None = Field(None, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = Field(None, max_length=16)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: Seed | None = None
     presence_penalty: Float = Field(0.0, ge=-2, le=2)
     frequency_penalty: Float = Field(0.0, ge=-2, le=2)
@@ -114,7 +118,7 @@ class _Sampling(_Open):
     user: str | None = None
     # ownllm extensions
     top_k: StrictInt | None = Field(None, ge=0, le=1 << 31)
-    repetition_penalty: Float | None = Field(None, gt=0, le=100)
+    repetition_penalty: Float | None = Field(None, ge=0.01, le=100)
     ignore_eos: StrictBool = False  # as in vLLM: for benchmarks that need a fixed output length
 
     @field_validator("stop")
@@ -128,7 +132,7 @@ class _Sampling(_Open):
     @classmethod
     def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
                 raise ValueError(f"logit_bias keys are token ids (\"1234\"), got '{key}'")
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias values must be from -100 to 100, got {value} for token {key}")
@@ -222,7 +226,7 @@ class TGIParameters(_Open):
     top_k: StrictInt | None = Field(None, ge=0, le=1 << 31)
     top_p: Float | None = Field(None, gt=0, le=1)
     do_sample: StrictBool = False
-    repetition_penalty: Float | None = Field(None, gt=0, le=100)
+    repetition_penalty: Float | None = Field(None, ge=0.01, le=100)
     seed: Seed | None = None
     stop: list[str] = Field(default_factory=list, max_length=16)
     details: StrictBool = False

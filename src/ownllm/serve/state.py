@@ -87,15 +87,21 @@ class ServerState:
             raise APIError(401, "Incorrect API key provided" if given else "Missing API key (Authorization: "
                            "Bearer ...)", code="invalid_api_key")
 
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens + max_tokens > self.context_length:
-            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, "
-                           f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
-                           f"{max_tokens} in the completion). Please reduce the length of the messages or "
-                           "completion.", param="messages", code="context_length_exceeded")
+    def default_max_tokens(self, prompt_tokens: int) -> int:
+        """max_tokens when a request gives none: the server's default, cut to what the context has left (as
+        OpenAI and vLLM do), so a long prompt without max_tokens is answered rather than refused."""
+        return max(1, min(self.limits.default_max_tokens, self.context_length - prompt_tokens))
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
-               adapter: str | None = None) -> Generation:
+    def check_fits(self, prompt_tokens: int, max_tokens: int, param: str = "messages") -> None:
+        if prompt_tokens + max_tokens > self.context_length:
+            where = "the messages" if param == "messages" else "the prompt"
+            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, "
+                           f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in {where}, "
+                           f"{max_tokens} in the completion). Please reduce the length of {where} or "
+                           "completion.", param=param, code="context_length_exceeded")
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, adapter: str | None = None,
+               prompt_param: str = "messages") -> Generation:
         """Check every prompt, then queue all `len(prompts) x n` sequences of one API request at once, all or none,
         before a response starts (so a stream never opens with 200 and then fails on something knowable).
         Sequence `p * n + c` is choice c of prompt p; with a seed, it samples with seed + that index."""
@@ -104,7 +110,7 @@ class ServerState:
                 self.engine.check_request(ids, params)
             except OwnLLMError as exc:
                 raise APIError(400, str(exc), param=exc.param) from None
-            self.check_fits(len(ids), params.max_new_tokens)
+            self.check_fits(len(ids), params.max_new_tokens, prompt_param)
         return Generation(self, prompts, params, n, adapter)
 
 
