@@ -53,6 +53,14 @@ def test_finetune_out_is_a_file(files: Path) -> None:
     assert out.read_text() == "not a folder\n"
 
 
+def test_a_finetune_that_fails_before_training_leaves_no_folder(files: Path) -> None:
+    """Bad data is found after the run folder is made: the folder must go, or it blocks the retry."""
+    out = files / "fresh-run"
+    assert_user_error(run_cli("finetune", DEFAULT_MODEL, "--data", str(files / "binary.jsonl"), "--out", str(out)),
+                      "binary.jsonl")
+    assert not out.exists()
+
+
 # (arguments with {} for the folder of hostile files, what the error line must say)
 CASES: list[tuple[list[str], tuple[str, ...]]] = [
     # unreadable bytes

@@ -71,17 +71,26 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, p
     torchrun. Before training: a memory warning if the estimate does not fit, replay answers and the base
     model's scores on `cfg.checks`; after: the tuned model's scores beside them. `callbacks` (transformers
     TrainerCallbacks) see every step, e.g. to report progress elsewhere (single process only)."""
+    out = Path(cfg.out)
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     run_dir, data = setup(cfg, resume=resume, overwrite=overwrite)
-    memory = check_memory(cfg, processes=processes)
-    if memory.risky:
-        log.warning(memory.message())
-    base_scores = prepare(cfg, run_dir)
-    if processes > 1:
-        from ownllm.finetune.launch import train_distributed
+    try:
+        memory = check_memory(cfg, processes=processes)
+        if memory.risky:
+            log.warning(memory.message())
+        base_scores = prepare(cfg, run_dir)
+        if processes > 1:
+            from ownllm.finetune.launch import train_distributed
 
-        outcome = train_distributed(run_dir, processes, resume=resume)
-    else:
-        outcome = train(cfg, run_dir, data, resume=resume, callbacks=callbacks)
+            outcome = train_distributed(run_dir, processes, resume=resume)
+        else:
+            outcome = train(cfg, run_dir, data, resume=resume, callbacks=callbacks)
+    except OwnLLMError as exc:
+        if fresh and exc.kind != "interrupted" and not (run_dir / "checkpoints").exists():
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained: leave no folder that blocks the retry
+        raise
     return finish(cfg, run_dir, data, outcome, base_scores)
 
 
@@ -164,9 +173,6 @@ def setup(cfg: FinetuneConfig, *, resume: bool, overwrite: bool = False) -> tupl
         replay_prompts(cfg.replay_prompts)  # a missing or unreadable file stops the run now, not after a model loads
     run_dir = Path(cfg.out)
     check_output_folder(run_dir, param="out")
-    never_started = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} == {"config.yaml"}
-    if never_started and not resume:  # a run that failed before its first step (bad data, no model): retry in place
-        (run_dir / "config.yaml").unlink()
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
             raise OwnLLMError(f"{run_dir} already holds a run", param="out",
