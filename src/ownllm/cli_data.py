@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ownllm.cli import at_least_one
 from ownllm.errors import OwnLLMError
 
 data_app = typer.Typer(help="Check and clean training data before fine-tuning.", no_args_is_help=True)
@@ -29,8 +30,7 @@ def check_cmd(
     from ownllm.data.doctor import check
     from ownllm.render import out
 
-    if max_length < 1:
-        raise OwnLLMError(f"max-length must be at least 1, got {max_length}", param="max_length")
+    at_least_one(max_length=max_length)
     report, examples = check(data, fmt=fmt, model=model, max_length=max_length, measure_speed=timing)
     if as_json:
         out.print_json(json.dumps(report.as_dict()))

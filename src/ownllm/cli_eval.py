@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ownllm.cli import at_least_one
 from ownllm.errors import OwnLLMError
 
 eval_app = typer.Typer(help="Evaluate models: perplexity, QA metrics, LLM-as-judge, harness tasks, compare.",
@@ -115,8 +116,7 @@ def qa_cmd(
     from ownllm.generate.open import open_engine
     from ownllm.generate.params import SamplingParams
 
-    if batch_size < 1:
-        raise OwnLLMError("batch-size must be at least 1", param="batch_size")
+    at_least_one(batch_size=batch_size)
     _check_out(out)
     params = SamplingParams.from_options(strategy=strategy, temperature=temperature, top_p=top_p, seed=seed,
                                          max_new_tokens=max_new_tokens)
@@ -185,8 +185,7 @@ def harness_cmd(
     from ownllm.generate.open import open_engine
     from ownllm.home import atomic_write_json
 
-    if limit is not None and limit < 1:
-        raise OwnLLMError(f"limit must be at least 1, got {limit}", param="limit")
+    at_least_one(limit=limit)
     _check_out(out)
     engine = open_engine(model, dtype=dtype, backend="transformers")
     results = run_harness(engine, tasks, limit=limit)
@@ -214,8 +213,7 @@ def compare_cmd(
     from ownllm.generate.params import SamplingParams
     from ownllm.render import out as console
 
-    if batch_size < 1:
-        raise OwnLLMError("batch-size must be at least 1", param="batch_size")
+    at_least_one(batch_size=batch_size)
     check_output_folder(out, param="out", replaces="report.json")  # replaced whole: never a user's folder
     report = compare(base, tuned, data, out, params=SamplingParams(max_new_tokens=max_new_tokens),
                      batch_size=batch_size, dtype=dtype)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ownllm.data.files import read_text_file
 from ownllm.data.formats import FORMATS, Example, Format, detect, normalise
 from ownllm.data.jsonl import scan_jsonl
 from ownllm.errors import OwnLLMError
@@ -81,9 +82,9 @@ def _read_text(path: Path) -> tuple[Format, list[Example], list[str]]:
         if not file.is_file():
             continue
         try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            problems.append(f"{file}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})")
+            text = read_text_file(file)
+        except OwnLLMError as exc:  # not UTF-8, or unreadable: a problem of this file, not of the whole read
+            problems.append(exc.message)
             continue
         if text.strip():
             examples.append(Example(number, text=text))

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -106,9 +106,6 @@ def create_app(state: ServerState) -> FastAPI:
     errors.install(app)
     app.add_middleware(_Guard, state=state)
 
-    def auth(authorization: str | None = Header(default=None)) -> None:
-        state.check_key(authorization)
-
     # --- models, health, metrics ------------------------------------------------------------
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -121,7 +118,7 @@ def create_app(state: ServerState) -> FastAPI:
 
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         if state.jobs is not None:
             state.jobs.publish_models()  # a job reported as succeeded is listed at once
@@ -131,14 +128,14 @@ def create_app(state: ServerState) -> FastAPI:
         cards.append(formats.model_card(state.embedding_model, state.created, owned_by="sentence-transformers"))
         return {"object": "list", "data": cards}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
+    @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         for card in (await list_models())["data"]:
             if card["id"] == model_id:
                 return card
         raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 
-    @app.delete("/v1/models/{model_id:path}", dependencies=[Depends(auth)])
+    @app.delete("/v1/models/{model_id:path}")
     async def delete_model(model_id: str) -> dict[str, Any]:
         if state.jobs is not None:
             state.jobs.publish_models()
@@ -154,10 +151,10 @@ def create_app(state: ServerState) -> FastAPI:
     if state.jobs is not None:
         from ownllm.serve.fine_tuning import router
 
-        app.include_router(router(state.jobs.store, state.jobs, state.model_name, auth))
+        app.include_router(router(state.jobs.store, state.jobs, state.model_name))
 
     # --- chat -------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
+    @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         adapter = state.adapter_for(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -178,7 +175,7 @@ def create_app(state: ServerState) -> FastAPI:
         return formats.chat_response(body.model, len(prompt_ids), completions, extra)
 
     # --- completions --------------------------------------------------------------------------
-    @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
+    @app.post("/v1/completions", response_model=None)
     async def complete(body: CompletionRequest, request: Request) -> Any:
         adapter = state.adapter_for(body.model)
         prompts = body.prompts()
@@ -199,7 +196,7 @@ def create_app(state: ServerState) -> FastAPI:
         return formats.text_response(body.model, sum(len(ids) for ids in encoded), items)
 
     # --- embeddings, tokenize -------------------------------------------------------------------
-    @app.post("/v1/embeddings", dependencies=[Depends(auth)])
+    @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         from ownllm.models.embeddings import load_embedder
 
@@ -225,7 +222,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {"object": "list", "data": data, "model": state.embedding_model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    @app.post("/tokenize", dependencies=[Depends(auth)])
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         if body.messages is not None:
             ids = render_prompt(state.engine, [{"role": m.role, "content": m.text()} for m in body.messages])
@@ -234,7 +231,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {"tokens": ids, "count": len(ids), "max_model_len": state.context_length}
 
     # --- TGI-style generate ----------------------------------------------------------------------
-    @app.post("/generate", dependencies=[Depends(auth)], response_model=None)
+    @app.post("/generate", response_model=None)
     async def tgi_generate(body: TGIRequest, request: Request) -> Any:
         if body.stream:
             return await tgi_stream(body)
@@ -246,7 +243,7 @@ def create_app(state: ServerState) -> FastAPI:
             result["details"] = _tgi_details(completion)
         return result
 
-    @app.post("/generate_stream", dependencies=[Depends(auth)], response_model=None)
+    @app.post("/generate_stream", response_model=None)
     async def tgi_stream(body: TGIRequest) -> StreamingResponse:
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.tokenizer.encode(body.inputs)
