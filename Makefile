@@ -40,10 +40,12 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/decode.py
+	$(PY) bench/batching.py
 	$(PY) bench/eval.py
 	$(PY) bench/rag.py
 	$(PY) bench/serve.py
 	$(PY) bench/finetune.py
+	$(PY) bench/cli_startup.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

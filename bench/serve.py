@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from ownllm.client.loadtest import LevelResult, run_benchmark
 from ownllm.models.pull import pull
-from ownllm.serve.benchmark import LevelResult, run_benchmark
 
 
 def free_port() -> int:

@@ -49,7 +49,7 @@ def test_eval_bad_inputs(default_model: str, tmp_path: Path) -> None:
 def test_eval_harness_and_compare(default_model: str, tmp_path: Path) -> None:
     result = run_cli("eval", "harness", default_model, "--tasks", str(EXAMPLES / "capitals_mc.yaml"), "--json")
     assert result.returncode == 0, result.stderr
-    assert 0 <= json.loads(result.stdout)["acc,none"] <= 1
+    assert 0.25 < json.loads(result.stdout)["acc,none"] <= 1  # better than chance on four choices
     data = tmp_path / "q.jsonl"
     data.write_text("".join((EXAMPLES / "qa.jsonl").read_text().splitlines(True)[:2]))
     out = tmp_path / "report"

@@ -139,8 +139,18 @@ def test_answers_file_problems_are_named(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_local_model_as_judge(default_model: str) -> None:
-    rows, summary = judge_scores(local_judge(default_model), ITEMS[:2])
-    assert summary["scored"] + summary["failures"] == 2
-    for row in rows:  # a tiny judge often fails to follow the format: that is a failure, never a score
-        assert (row["score"] is None) == row["failed"]
-        assert row["score"] is None or 1 <= row["score"] <= 5
+    judge = local_judge(default_model, max_new_tokens=48)
+    asked: list[str] = []
+    ask = judge.ask
+    judge.ask = lambda messages: (asked.append(messages[-1]["content"]), ask(messages))[1]
+    rows, summary = judge_scores(judge, ITEMS[:2])
+    assert summary["scored"] + summary["failures"] == 2 and summary["judge"] == default_model
+    assert "REFERENCE answer: Paris" in asked[0] and "Capital of France?" in asked[0]
+    for row in rows:
+        # the score is what the model's own last reply says, and a reply that does not parse is retried once:
+        # a tiny judge that fails the format is counted as a failure, never given a score
+        replies = row["judge_replies"]
+        parsed = [parse_score(reply) for reply in replies]
+        assert row["score"] == (parsed[-1][0] if parsed[-1] else None) and row["failed"] == (parsed[-1] is None)
+        assert len(replies) == (1 if parsed[0] else 2)
+    assert len(asked) == sum(len(row["judge_replies"]) for row in rows)

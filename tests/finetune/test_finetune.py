@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ownllm.errors import OwnLLMError
+from ownllm.generate.open import open_engine
 from tests.conftest import assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow
@@ -159,6 +160,21 @@ def test_dpo_on_preference_pairs(tmp_path: Path) -> None:
     out = _short_run(tmp_path, pairs, "dpo", "--lr", "5e-4")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/chosen" in r or "rewards/accuracies" in r for r in rows)
+    # what DPO is for: the tuned model prefers the chosen reply over the rejected one by more than the base did
+    base, tuned = (_preference_margin(open_engine(model, dtype="fp32"), range(12))
+                   for model in ("smollm2-135m-instruct", str(out)))
+    assert tuned > base, (base, tuned)
+
+
+def _preference_margin(engine, people: range) -> float:
+    """Mean over prompts of log p(chosen) - log p(rejected), the quantity DPO raises."""
+    total = 0.0
+    for i in people:
+        prompt = engine.render_chat([{"role": "user", "content": f"Greet person {i}."}])
+        chosen, rejected = (engine.tokenizer.encode(reply, add_special_tokens=False)
+                            for reply in (f"Hello, person {i}! Welcome.", "Go away."))
+        total += engine.sequence_logprob(prompt, chosen) - engine.sequence_logprob(prompt, rejected)
+    return total / len(people)
 
 
 def test_pretraining_from_scratch_shows_the_loss_falling(tmp_path: Path) -> None:

@@ -72,7 +72,14 @@ def test_a_row_that_fails_fails_alone_and_the_others_go_on(scheduler, engine, mo
     prompts = ["The capital of France is", "Water boils at", "Once upon a time"]
     expected = [engine.generate(p, SamplingParams(max_new_tokens=16)) for p in prompts]
     bad_events: queue.Queue = queue.Queue()
-    bad = Request(engine.encode("Hello there"), SamplingParams(max_new_tokens=16), 0, bad_events.put)
+
+    def on_bad_event(event) -> None:
+        # The scheduler thread calls this before it reuses the slot: a later request there must not be poisoned.
+        if isinstance(event, OwnLLMError):
+            poisoned.clear()
+        bad_events.put(event)
+
+    bad = Request(engine.encode("Hello there"), SamplingParams(max_new_tokens=16), 0, on_bad_event)
     scheduler.submit(bad)
     good = [submit(scheduler, engine, p) for p in prompts]
     bad_events.get(timeout=60)  # its first token is out: it is decoding with the others now
@@ -174,3 +181,63 @@ def test_llama_cpp_batched_decoding(default_model: str) -> None:
         assert all(isinstance(c, Completion) and text == c.text and c.completion_tokens > 0 for text, c in results)
     finally:
         scheduler.stop(drain_seconds=1)
+
+
+def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
+    from ownllm.generate.batching import make_scheduler
+
+    assert engine.batching_mode() == ("batched", "slot forward for llama on cpu")
+    batched = make_scheduler(engine, max_batch=4, max_len=256)
+    assert isinstance(batched, BatchScheduler) and batched.batching == {"mode": "batched", "max_batch": 4}
+
+
+@pytest.fixture(scope="module")
+def serial_engine(engine):
+    """The default tokenizer over a tiny random GPT-2: an architecture the slot forward does not cover."""
+    from dataclasses import replace
+
+    import transformers
+
+    from ownllm.generate.hf import TransformersEngine
+
+    config = transformers.GPT2Config(vocab_size=engine.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=256)
+    return TransformersEngine(replace(engine.loaded, model=transformers.GPT2LMHeadModel(config).eval()))
+
+
+def test_an_engine_that_cannot_batch_is_served_one_at_a_time_and_says_why(serial_engine) -> None:
+    from ownllm.generate.batching import SerialScheduler, make_scheduler
+
+    mode, reason = serial_engine.batching_mode()
+    assert mode == "serial" and "gpt2" in reason
+    scheduler = make_scheduler(serial_engine, max_batch=4, max_len=128)
+    assert isinstance(scheduler, SerialScheduler)
+    assert scheduler.batching == {"mode": "serial", "reason": reason}
+    with pytest.raises(OwnLLMError, match="gpt2"):
+        scheduler.load_adapter("tuned", "anywhere")
+    with pytest.raises(OwnLLMError, match="gpt2"):
+        BatchScheduler(serial_engine, max_batch=2, max_len=64)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompts = ["Hello", "The sea is"]
+    batch = serial_engine.generate_batch(prompts, params)  # one at a time, same contract
+    assert [c.token_ids for c in batch] == [serial_engine.generate(p, params).token_ids for p in prompts]
+
+
+def test_generate_batch_runs_through_the_scheduler_with_more_prompts_than_slots(engine, monkeypatch) -> None:
+    """More prompts than rows: the rest wait for a free slot, results come back in the prompts' order."""
+    import ownllm.generate.batching as batching
+
+    steps = {"n": 0}
+    real_step = BatchScheduler._step
+
+    def counted(self) -> None:
+        steps["n"] += 1
+        real_step(self)
+
+    monkeypatch.setattr(BatchScheduler, "_step", counted)
+    prompts = ["The capital of France is", "Water boils at", "Once upon a time", "Hi", "Numbers: 1, 2,"]
+    params = SamplingParams(max_new_tokens=6)
+    ids = [engine.encode(p) for p in prompts]
+    together = batching.generate_together(engine, ids, params, [0] * len(ids), max_batch=2)
+    assert steps["n"] > 0
+    assert [c.token_ids for c in together] == [engine.generate(p, params).token_ids for p in prompts]
+    assert [c.prompt_tokens for c in together] == [len(i) for i in ids]

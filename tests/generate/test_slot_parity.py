@@ -217,3 +217,62 @@ def test_lora_rows_match_peft_in_bf16(load: Callable[[str], Any], tmp_path: Path
                for row, prompt in enumerate(prompts))
     assert ties <= MAX_TIES["bf16"]
     assert expected[0][0] != transformers_greedy(model, prompts[0], NEW_TOKENS)[0]  # the adapter changes the answer
+
+
+GEMMA_PROMPTS = ["The capital of France is", "Water boils at a temperature of",
+                 "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+                 "1, 2, 3, 4,"]
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_folder: Path) -> Any:
+    from ownllm.generate.open import open_engine
+
+    return open_engine(str(gemma3_folder), dtype="fp32")
+
+
+def test_gemma3_batches_give_the_single_stream_engines_greedy_tokens(gemma3: Any) -> None:
+    """Gemma 3 (q/k norms, (1 + w) norms, scaled embeddings, local and global layers) decoded together through the
+    scheduler (`generate_batch`) picks the tokens the single-stream engine picks, prompt by prompt."""
+    from ownllm.generate.params import SamplingParams
+
+    assert gemma3.batching_mode()[0] == "batched"
+    params = SamplingParams(max_new_tokens=10)
+    batch = gemma3.generate_batch(GEMMA_PROMPTS, params)
+    assert [c.token_ids for c in batch] == [gemma3.generate(p, params).token_ids for p in GEMMA_PROMPTS]
+
+
+def test_gemma3_slot_logits_match_transformers(gemma3: Any) -> None:
+    """The same in chunks at offsets, rows decoding together in reused slots, held to the fp32 tolerance."""
+    from ownllm.generate.slots import SlotModel
+
+    prompts = [gemma3.encode(p) for p in GEMMA_PROMPTS]
+    expected = [transformers_greedy(gemma3.model, prompt, NEW_TOKENS) for prompt in prompts]
+    slots = SlotModel(gemma3.model, slots=4, max_len=64)
+    tokens, logits = slot_decode(slots, prompts, [2, 0, 3, 1], NEW_TOKENS, feed=[e[0] for e in expected])
+    for prompt, got, want in zip(prompts, zip(tokens, logits, strict=True), expected, strict=True):
+        assert compare(gemma3.tokenizer, prompt, got, want, "fp32") == 0
+
+
+def test_prompt_tuned_batches_give_the_single_stream_engines_tokens(load: Callable[[str], Any], engine: Any,
+                                                                     tmp_path: Path) -> None:
+    """A prompt-tuning adapter (PEFT folder, loaded as `ownllm generate FOLDER` loads it) decodes in batches: its
+    learned tokens go in front of every sequence, and each answer is the single-stream engine's."""
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    from ownllm.generate.open import open_engine
+    from ownllm.generate.params import SamplingParams
+
+    loaded = load("fp32")
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, prompt_tuning_init=PromptTuningInit.TEXT,
+                                prompt_tuning_init_text="Always answer in French, like a pirate.",
+                                tokenizer_name_or_path=loaded.source.location)
+    get_peft_model(loaded.model, config).save_pretrained(tmp_path)
+    tuned = open_engine(str(tmp_path), dtype="fp32")
+    assert tuned.prefix is not None and tuned.prefix.shape[0] == 8
+    assert tuned.batching_mode()[0] == "batched"
+    prompts = [chat_prompts(tuned.tokenizer, [q])[0] for q in QUESTIONS[:4]]
+    params = SamplingParams(max_new_tokens=8)
+    batch = tuned.generate_batch(prompts, params)
+    assert [c.token_ids for c in batch] == [tuned.generate(p, params).token_ids for p in prompts]
+    assert [c.token_ids for c in batch] != [c.token_ids for c in engine.generate_batch(prompts, params)]

@@ -15,10 +15,10 @@ import openai
 import pytest
 
 from tests.conftest import run_cli
+from tests.jobs.helpers import EXAMPLES, upload, wait_for
 from tests.serve.conftest import Server
 
 pytestmark = pytest.mark.slow
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
 KEY = "sk-jobs-test"
 QUESTION = [{"role": "user", "content": "Who founded Norvale Instruments?"}]
 
@@ -30,21 +30,6 @@ def server(default_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     running.data_dir = data_dir  # type: ignore[attr-defined]
     yield running
     running.stop()
-
-
-def wait_for(client: openai.OpenAI, job_id: str, statuses: tuple[str, ...], timeout: float = 400) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in statuses:
-            return job
-        time.sleep(1)
-    raise AssertionError(f"job {job_id} still {job.status} after {timeout} s")
-
-
-def upload(client: openai.OpenAI, path: Path) -> str:
-    with path.open("rb") as handle:
-        return client.files.create(file=handle, purpose="fine-tune").id
 
 
 def start_until_first_checkpoint(client: openai.OpenAI, model: str, *, max_steps: int) -> Any:

@@ -16,7 +16,7 @@ import pytest
 from ownllm.jobs.manager import JobManager
 from ownllm.jobs.store import JobStore
 from ownllm.jobs.validate import validate_files
-from tests.jobs.test_fine_tuning_api import EXAMPLES, upload, wait_for
+from tests.jobs.helpers import EXAMPLES, upload, wait_for
 from tests.serve.conftest import Server
 
 GOOD = (EXAMPLES / "facts-train.jsonl").read_bytes()

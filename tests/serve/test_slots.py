@@ -47,3 +47,27 @@ def test_lora_rows_match_peft(engine, adapter_dir) -> None:
     peft_model.unload()  # give the shared base model back without LoRA layers
     assert torch.allclose(out, expected, atol=1e-3)
     assert not torch.allclose(out, base, atol=1e-2)
+
+
+def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> None:
+    import httpx
+
+    assert httpx.get(f"{strict_server.url}/health").json()["batching"] == {"mode": "batched", "max_batch": 1}
+    assert "batched, up to 1 sequences" in strict_server.log.read_text()
+
+
+def test_a_model_that_cannot_batch_is_served_one_at_a_time_with_the_reason(engine, tmp_path) -> None:
+    import transformers
+    from fastapi.testclient import TestClient
+
+    from ownllm.serve.app import create_app
+    from ownllm.serve.run import build_state, startup_line
+
+    config = transformers.GPT2Config(vocab_size=engine.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=256)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    engine.tokenizer.save_pretrained(tmp_path)
+    state = build_state(str(tmp_path), dtype="fp32")
+    batching = TestClient(create_app(state)).get("/health").json()["batching"]
+    assert batching["mode"] == "serial" and "gpt2" in batching["reason"]
+    line = startup_line(state, "127.0.0.1", 8000)
+    assert f"one request at a time: {batching['reason']}" in line and "context 256" in line

@@ -25,8 +25,8 @@ def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[
         labels = list(ids)
     else:
         if example.chosen is not None:
-            raise OwnLLMError("preference pairs are for DPO, which this version does not train", kind="unsupported",
-                              param="data")
+            raise OwnLLMError("preference pairs (prompt, chosen, rejected) train with method: dpo, not "
+                              "supervised fine-tuning", param="data", hint="set method: dpo in the config")
         ids, mask = assistant_token_mask(tokenizer, example.messages)
         labels = [token if keep else IGNORE for token, keep in zip(ids, mask, strict=True)]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}

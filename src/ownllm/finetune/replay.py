@@ -14,10 +14,9 @@ from typing import Any
 
 from ownllm.data.files import read_text_file
 from ownllm.errors import OwnLLMError
+from ownllm.finetune.run_folder import REPLAY_FILE
 from ownllm.generate.params import SamplingParams
 from ownllm.home import atomic_write_text
-
-REPLAY_FILE = "replay.jsonl"
 
 
 def replay_prompts(path: str | None) -> list[str]:

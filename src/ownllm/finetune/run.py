@@ -1,7 +1,7 @@
 """`ownllm finetune`: one recipe, read top to bottom — setup, build, train, save, report.
 
 The training loop is transformers' Trainer (checkpoints with optimizer, scheduler, RNG and data position;
-resume skips the batches already seen), LoRA comes from peft. The run folder:
+resume skips the batches already seen), LoRA comes from peft. The run folder (its format: run_folder.py):
 
     config.yaml  meta.json  metrics.jsonl  loss.png  README.md (run card)
     checkpoints/checkpoint-N/   final/ (the adapter or the full model, loadable by `ownllm generate RUN`)
@@ -27,20 +27,26 @@ from ownllm.finetune.checks import score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.dataset import Collator, load_rows, pack
 from ownllm.finetune.memory_check import check_memory
-from ownllm.finetune.replay import REPLAY_FILE, make_replay, replay_count, replay_prompts
+from ownllm.finetune.outcome import TrainingInterrupted, TrainOutcome
+from ownllm.finetune.replay import make_replay, replay_count, replay_prompts
+from ownllm.finetune.run_folder import (
+    BASE_CHECKS_FILE,
+    CARD_FILE,
+    CONFIG_FILE,
+    LOSS_PLOT,
+    META_FILE,
+    METRICS_FILE,
+    REPLAY_FILE,
+    RunRecord,
+    checkpoints_path,
+    final_model_path,
+    is_run_folder,
+    latest_checkpoint,
+    write_record,
+)
 from ownllm.home import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
-RUN_FILE = "ownllm_run.json"
-
-
-@dataclass
-class TrainOutcome:
-    steps: int
-    train_loss: float
-    eval_loss: float | None
-    seconds: float
-    trained_tokens: int
 
 
 @dataclass
@@ -53,15 +59,6 @@ class RunResult:
     seconds: float
     trained_tokens: int = 0
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"base": share, "tuned": share}
-
-
-class TrainingInterrupted(OwnLLMError):
-    """Ctrl-C or SIGTERM: the run stopped at a step boundary and saved a checkpoint."""
-
-    def __init__(self, run_dir: Path, step: int) -> None:
-        super().__init__(f"stopped at step {step}; checkpoint saved in {run_dir / 'checkpoints'}",
-                         kind="interrupted", hint=f"continue with the same command and --resume (run {run_dir})")
-        self.step = step
 
 
 def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, processes: int = 1,
@@ -80,13 +77,13 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, p
             log.warning(memory.message())
         base_scores = prepare(cfg, run_dir)
         if processes > 1:
-            from ownllm.finetune.launch import train_distributed
+            from ownllm.finetune.distributed import train_distributed
 
             outcome = train_distributed(run_dir, processes, resume=resume)
         else:
             outcome = train(cfg, run_dir, data, resume=resume, callbacks=callbacks)
     except OwnLLMError as exc:
-        if fresh and exc.kind != "interrupted" and not (run_dir / "checkpoints").exists():
+        if fresh and exc.kind != "interrupted" and not checkpoints_path(run_dir).exists():
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained: leave no folder that blocks the retry
@@ -127,7 +124,7 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
     if not cfg.replaying and not cfg.checks:
         return {}
     validate_sets(cfg.checks)
-    scores_file = run_dir / "checks-base.json"
+    scores_file = run_dir / BASE_CHECKS_FILE
     need_scores = cfg.checks and not scores_file.is_file()
     need_replay = cfg.replaying and not (run_dir / REPLAY_FILE).is_file()
     if need_scores or need_replay:
@@ -146,7 +143,7 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def finish(cfg: FinetuneConfig, run_dir: Path, data: Path, outcome: TrainOutcome,
            base_scores: dict[str, dict[str, Any]]) -> RunResult:
-    final = run_dir / "final"
+    final = final_model_path(run_dir)
     checks = {}
     if cfg.checks:
         from ownllm.generate.open import open_engine
@@ -177,7 +174,7 @@ def setup(cfg: FinetuneConfig, *, resume: bool, overwrite: bool = False) -> tupl
         if not overwrite:
             raise OwnLLMError(f"{run_dir} already holds a run", param="out",
                               hint="pass --resume to continue it, --overwrite to replace it, or another --out")
-        if not (run_dir / "config.yaml").is_file():
+        if not is_run_folder(run_dir):
             raise OwnLLMError(f"{run_dir} is not a run folder; refusing to delete it", param="out")
         shutil.rmtree(run_dir)
     from ownllm.models.resolve import resolve
@@ -186,7 +183,7 @@ def setup(cfg: FinetuneConfig, *, resume: bool, overwrite: bool = False) -> tupl
     if source.kind == "folder" and source.path.resolve() in [run_dir.resolve(), *run_dir.resolve().parents]:
         raise OwnLLMError("the run folder must not be inside the base model's folder", param="out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.as_dict(), sort_keys=False))
+    atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.as_dict(), sort_keys=False))
     return run_dir, data
 
 
@@ -278,7 +275,7 @@ def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any
 
     stopping = bool(cfg.early_stopping and eval_rows)
     common = dict(
-        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(checkpoints_path(run_dir)), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=1,
@@ -289,7 +286,7 @@ def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any
         ddp_backend=_ddp_backend(), disable_tqdm=True,
         load_best_model_at_end=stopping, metric_for_best_model="eval_loss" if stopping else None,
         greater_is_better=False if stopping else None)
-    callbacks: list[Any] = [MetricsLog(run_dir / "metrics.jsonl"), ProgressBar(), StopOnSignal()]
+    callbacks: list[Any] = [MetricsLog(run_dir / METRICS_FILE), ProgressBar(), StopOnSignal()]
     if stopping:
         from transformers import EarlyStoppingCallback
 
@@ -319,41 +316,35 @@ def _make_trainer(cfg: FinetuneConfig, common: dict[str, Any], callbacks: list[A
                    eval_dataset=eval_rows or None, data_collator=Collator(pad), callbacks=callbacks)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (Trainer writes trainer_state.json last)."""
-    found = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 # --- save and report --------------------------------------------------------------------------------
 def save_final(cfg: FinetuneConfig, run_dir: Path, trainer: Any, tokenizer: Any, base: str) -> Path:
     """final/: the adapter (LoRA, QLoRA, DPO) with the base it belongs to, or a whole model (full, cpt)."""
     from ownllm.home import atomic_folder
 
-    final = run_dir / "final"
+    final = final_model_path(run_dir)
     with atomic_folder(final) as staging:
         trainer.model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        atomic_write_json(staging / RUN_FILE, {"base_model": base, "method": cfg.method, "spec": cfg.model})
+        write_record(staging, RunRecord(base_model=base, method=cfg.method, spec=cfg.model))
     return final
 
 
 def report(cfg: FinetuneConfig, run_dir: Path, result: RunResult, data: Path) -> None:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    _plot(rows, run_dir / "loss.png")
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
+    _plot(rows, run_dir / LOSS_PLOT)
     digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16] if data.is_file() else "folder"
     meta = {"status": "succeeded", "steps": result.steps, "train_loss": result.train_loss,
             "eval_loss": result.eval_loss, "seconds": round(result.seconds, 1), "data_sha256": digest,
             "trained_tokens": result.trained_tokens, "checks": result.checks, "versions": _versions()}
-    atomic_write_json(run_dir / "meta.json", meta)
+    atomic_write_json(run_dir / META_FILE, meta)
     card = [f"# Fine-tuned {cfg.model} ({cfg.method})", "", f"- data: `{cfg.data}` (sha256 {digest})",
             f"- steps: {result.steps}, final train loss {result.train_loss:.4f}"
             + (f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""),
             f"- time: {result.seconds:.0f} s, {result.trained_tokens} trained tokens (padding not counted)",
             *_checks_lines(result.checks), "", "## Hyper-parameters", "", "```yaml",
-            yaml.safe_dump(cfg.as_dict(), sort_keys=False).strip(), "```", "", "![loss](loss.png)", "",
+            yaml.safe_dump(cfg.as_dict(), sort_keys=False).strip(), "```", "", f"![loss]({LOSS_PLOT})", "",
             f"Use it: `ownllm chat {run_dir}` or `ownllm merge {run_dir} --out merged/`."]
-    atomic_write_text(run_dir / "README.md", "\n".join(card) + "\n")
+    atomic_write_text(run_dir / CARD_FILE, "\n".join(card) + "\n")
 
 
 def _checks_lines(checks: dict[str, dict[str, Any]]) -> list[str]:

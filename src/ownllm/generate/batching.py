@@ -5,8 +5,11 @@ chunk, then advances every running sequence by one token in a single batched for
 its own sampling parameters, stop strings and token budget, and leaves the batch the moment it finishes
 or its client goes away. Events go to each request's `sink` from the loop thread.
 
-`SerialScheduler` offers the same interface for models the slot forward does not cover (and for the
-llama.cpp backend): one request at a time, in order.
+What decodes the batch is the engine's: `Engine.batched_model` (the slot forward of the transformers
+backend, llama.cpp's batched decoding of a GGUF). `SerialScheduler` offers the same interface for engines that
+cannot batch (`Engine.batching_mode` says why): one request at a time, in order. `generate_together` runs a
+fixed set of prompts through a `BatchScheduler` in the calling thread: `Engine.generate_batch` (`eval qa`,
+replay) decodes with the same loop as the server.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
-from ownllm.generate.engine import Completion, Decoding, Engine, TextDelta, choose_step
+from ownllm.generate.engine import BatchedModel, Completion, Decoding, Engine, TextDelta, choose_step
 from ownllm.generate.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,12 @@ class _Loop:
     def busy(self) -> bool:
         return bool(self.waiting) or bool(self.running_requests())
 
+    @property
+    def batching(self) -> dict[str, Any]:
+        """How this scheduler runs requests, for /health: {"mode": "batched", "max_batch": n} or
+        {"mode": "serial", "reason": why the engine cannot batch}."""
+        raise NotImplementedError
+
     def running_requests(self) -> list[Request]:
         raise NotImplementedError
 
@@ -134,8 +143,7 @@ class _Loop:
 
 
 class BatchScheduler(_Loop):
-    """Continuous batching over a slot model: `SlotModel` (transformers backend, Llama-family models) or
-    `LlamaCppSlots` (llama.cpp's batched decoding of a GGUF)."""
+    """Continuous batching over the engine's batched forward (`Engine.batched_model`)."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                  prefill_chunk: int = 256) -> None:
@@ -143,14 +151,11 @@ class BatchScheduler(_Loop):
         self.max_batch = max_batch
         self.max_len = min(max_len or engine.context_length, engine.context_length)
         self.prefill_chunk = prefill_chunk
-        if engine.backend == "llama.cpp":
-            from ownllm.generate.llamacpp_slots import LlamaCppSlots
-
-            self.model: Any = LlamaCppSlots(engine, slots=max_batch, max_len=self.max_len)
-        else:
-            from ownllm.generate.slots import SlotModel
-
-            self.model = SlotModel(engine.model, slots=max_batch, max_len=self.max_len)  # type: ignore[attr-defined]
+        model = engine.batched_model(max_batch, self.max_len)
+        if model is None:
+            raise OwnLLMError(f"{engine.name} cannot decode in batches: {engine.batching_mode()[1]}",
+                              kind="unsupported")
+        self.model: BatchedModel = model
         self.running: list[Request] = []
         self.free_slots = list(range(max_batch))
         self.retiring: set[str] = set()
@@ -162,6 +167,10 @@ class BatchScheduler(_Loop):
     def running_requests(self) -> list[Request]:
         return list(self.running)
 
+    @property
+    def batching(self) -> dict[str, Any]:
+        return {"mode": "batched", "max_batch": self.max_batch}
+
     def load_adapter(self, name: str, folder: Any) -> None:
         self.retiring.discard(name)
         self.model.load_adapter(name, folder)
@@ -169,6 +178,11 @@ class BatchScheduler(_Loop):
     def unload_adapter(self, name: str) -> None:
         """Drop an adapter's weights once no running request uses it (the engine loop checks each step)."""
         self.retiring.add(name)
+
+    def run_until_done(self) -> None:
+        """Run the loop in the calling thread until every queued request has finished (`generate_together`)."""
+        while self.busy():
+            self._step()
 
     # --- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -178,16 +192,21 @@ class BatchScheduler(_Loop):
                     self.cond.wait(timeout=0.5)
                 if self.stopping and not self.running and not self.waiting:
                     return
-                self._admit()
-            try:
-                self._drop_cancelled()
-                self._drop_retired_adapters()
-                self._prefill_one_chunk()
-                self._decode_step()
-            except Exception as exc:  # a bug of ours: fail what is running, keep the server (and the queue)
-                log.exception("engine step failed")
-                for request in list(self.running):
-                    self._finish(request, _failed(exc))
+            self._step()
+
+    def _step(self) -> None:
+        """Admit what fits, prefill one chunk, decode one token for every running sequence."""
+        with self.cond:
+            self._admit()
+        try:
+            self._drop_cancelled()
+            self._drop_retired_adapters()
+            self._prefill_one_chunk()
+            self._decode_step()
+        except Exception as exc:  # a bug of ours: fail what is running, keep the server (and the queue)
+            log.exception("engine step failed")
+            for request in list(self.running):
+                self._finish(request, _failed(exc))
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
@@ -282,7 +301,7 @@ class BatchScheduler(_Loop):
         assert decoding is not None and request.seen is not None
         try:
             step = choose_step(logits, params, request.seen, request.generator,
-                               [s.token_id for s in decoding.steps])
+                               [s.token_id for s in decoding.steps], decode=self._piece)
             token = step.token_id
         except Exception as exc:
             log.exception("choosing a token for request %s failed", request.id)
@@ -298,14 +317,19 @@ class BatchScheduler(_Loop):
         else:
             request.next_token = token
 
+    def _piece(self, token_id: int) -> str:
+        """A token's text, for `explain` rows."""
+        return self.engine.tokenizer.decode([token_id])
+
 
 class SerialScheduler(_Loop):
-    """One request at a time through any Engine (other architectures, the llama.cpp backend)."""
+    """One request at a time through any Engine: for engines that cannot batch (`Engine.batching_mode` says why)."""
 
-    def __init__(self, engine: Engine, *, max_queue: int = 64) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int = 64, reason: str | None = None) -> None:
         super().__init__(engine, max_queue=max_queue)
         self.current: Request | None = None
         self.max_batch = 1
+        self.reason = reason or engine.batching_mode()[1]
 
     @property
     def context_length(self) -> int:
@@ -314,9 +338,13 @@ class SerialScheduler(_Loop):
     def running_requests(self) -> list[Request]:
         return [self.current] if self.current else []
 
+    @property
+    def batching(self) -> dict[str, Any]:
+        return {"mode": "serial", "reason": self.reason}
+
     def load_adapter(self, name: str, folder: Any) -> None:
-        raise OwnLLMError("adapters need a Llama-family model on the transformers backend", kind="unsupported",
-                          param="adapter")
+        raise OwnLLMError(f"adapters are served by the batched forward, and this model runs one request at a "
+                          f"time ({self.reason})", kind="unsupported", param="adapter")
 
     def unload_adapter(self, name: str) -> None:
         pass  # it never loads any
@@ -355,14 +383,42 @@ def _failed(exc: BaseException) -> OwnLLMError:
 
 def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None
                    ) -> BatchScheduler | SerialScheduler:
-    """Continuous batching where the model allows it, else one at a time."""
-    from ownllm.generate.slots import supports_slots
-
-    model = getattr(engine, "model", None)
-    batched = engine.backend == "llama.cpp" or (
-        model is not None and getattr(engine, "device", "cpu") == "cpu" and supports_slots(model)
-        and getattr(engine, "prefix", None) is None)
-    if batched:
+    """Continuous batching where the engine can batch (`Engine.batching_mode`), else one request at a time."""
+    mode, reason = engine.batching_mode()
+    if mode == "batched":
         return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
-    log.info("serving %s one request at a time", engine.name)
-    return SerialScheduler(engine, max_queue=max_queue)
+    log.info("serving %s one request at a time: %s", engine.name, reason)
+    return SerialScheduler(engine, max_queue=max_queue, reason=reason)
+
+
+def generate_together(engine: Engine, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int], *,
+                      max_batch: int = 16) -> list[Completion]:
+    """Completions of checked prompts (in their order), decoded together by a `BatchScheduler` run in this thread,
+    prompt i sampling with `seeds[i]`: `Engine.generate_batch` for the backends that batch. Its cache holds the
+    longest prompt plus `max_new_tokens` per row; the first row that fails raises its error."""
+    results: list[Completion | BaseException | None] = [None] * len(prompt_ids)
+
+    def keep(index: int) -> Sink:
+        def sink(event: Event) -> None:
+            if isinstance(event, Completion | BaseException):
+                results[index] = event
+        return sink
+
+    longest = max(len(ids) for ids in prompt_ids)
+    scheduler = BatchScheduler(engine, max_batch=min(max_batch, len(prompt_ids)), max_queue=len(prompt_ids),
+                               max_len=longest + params.max_new_tokens)
+    scheduler.submit_all([Request(ids, params, seed, keep(i))
+                          for i, (ids, seed) in enumerate(zip(prompt_ids, seeds, strict=True))])
+    try:
+        scheduler.run_until_done()
+    finally:
+        close = getattr(scheduler.model, "close", None)  # llama.cpp: its context's memory, now rather than at exit
+        if close is not None:
+            close()
+    completions = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        assert result is not None  # every request ends with a Completion or an error
+        completions.append(result)
+    return completions

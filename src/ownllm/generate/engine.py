@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from ownllm.errors import OwnLLMError, check_text
+from ownllm.errors import ContextWindowExceeded, OwnLLMError, check_text
 from ownllm.generate.params import SamplingParams
 from ownllm.generate.sampling import StepExplanation, pick_token, top_logprobs
 from ownllm.generate.text import IncrementalText
@@ -81,6 +82,22 @@ class Completion:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+class BatchedModel(Protocol):
+    """A forward over slots of a shared KV cache (`SlotModel`, `LlamaCppSlots`): what the scheduler drives."""
+
+    adapters: dict[str, Any]
+
+    def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+                adapters: list[str | None] | None = None) -> torch.Tensor:
+        """Logits [rows, vocab] (on the CPU) of the last position of each row: one prefill chunk (rows = 1) or one
+        decoding step (one token per row), each row in its own slot at its own position."""
+        ...
+
+    def load_adapter(self, name: str, folder: Path) -> Any:
+        """Make a LoRA adapter folder available to rows that name it (or refuse, naming why)."""
+        ...
+
+
 class Engine:
     """Base of every backend. Subclasses implement `_steps` (and `_beam` if they support beams)."""
 
@@ -114,18 +131,16 @@ class Engine:
         """Token ids the model takes: 0 <= id < vocab_size."""
         return len(self.tokenizer)
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt (text, or ids checked against the vocabulary); an empty prompt is an error."""
+    def encode(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Token ids of a prompt: text (valid Unicode, not empty) or ids (checked against the vocabulary)."""
         if isinstance(prompt, list):
+            self.check_token_ids(prompt, param)
             ids = prompt
-            self.check_token_ids(ids, "prompt")
         else:
-            if not prompt:
-                raise OwnLLMError("the prompt is empty", param="prompt")
-            check_text(prompt, "prompt")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            check_text(prompt, param)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
         if not ids:
-            raise OwnLLMError("the prompt is empty", param="prompt")
+            raise OwnLLMError("the prompt is empty", param=param)
         return ids
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
@@ -137,22 +152,19 @@ class Engine:
                 raise OwnLLMError(f"{param}[{position}] is {token!r}, not a token id of this model "
                                   f"(0 to {size - 1})", param=param)
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """What must hold before any work starts, past what SamplingParams checks alone (the prompt's length
-        against the context window is the caller's: a server may serve a shorter window than the model's)."""
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, *, window: int | None = None,
+                      prompt_param: str = "prompt") -> None:
+        """The one check before any work starts, for the CLI, the Python API, the scheduler's callers and the
+        server alike (SamplingParams has checked its own ranges when it was built): a prompt, token ids the
+        model has, and room in the context window — `window` is the caller's when it serves a shorter one than
+        the model's (a server's batch slots); a refusal raises ContextWindowExceeded."""
         if not prompt_ids:
-            raise OwnLLMError("the prompt is empty", param="prompt")
+            raise OwnLLMError("the prompt is empty", param=prompt_param)
         if params.logit_bias:
             self.check_token_ids(sorted(params.logit_bias), "logit_bias")
-
-    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        if prompt_tokens + max_new_tokens > self.context_length:
-            raise OwnLLMError(
-                f"prompt ({prompt_tokens} tokens) + max-new-tokens ({max_new_tokens}) = "
-                f"{prompt_tokens + max_new_tokens} is past the context window of {self.context_length} tokens",
-                param="max_new_tokens",
-                hint="shorten the prompt or lower max-new-tokens",
-            )
+        window = window or self.context_length
+        if len(prompt_ids) + params.max_new_tokens > window:
+            raise ContextWindowExceeded(len(prompt_ids), params.max_new_tokens, window)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
         """Run to the end and return the whole completion."""
@@ -196,36 +208,41 @@ class Engine:
 
     def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | None = None
                        ) -> list[Completion]:
-        """Generate for many prompts at once (one static batch where the backend supports it).
+        """Generate for many prompts: decoded together by the continuous-batching scheduler where the backend
+        batches (`batching_mode`), else one at a time (so is beam search, which is per prompt anyway).
 
         With a fixed seed, prompt i samples with seed + i, so each row is reproducible on its own.
         """
         params = params or SamplingParams()
         prompt_ids = [self._prepare(p, params) for p in prompts]
+        seeds = [params.seed_for(i) for i in range(len(prompt_ids))]
         if not prompt_ids:
             return []
-        if params.strategy == "beam" or not self.supports_batching:
-            return [self.generate(ids, _with_seed(params, params.seed_for(i))) for i, ids in enumerate(prompt_ids)]
-        seeds = [params.seed_for(i) for i in range(len(prompt_ids))]
-        states = [Decoding(self, ids, params, seed) for ids, seed in zip(prompt_ids, seeds, strict=True)]
-        for steps in self._batch_steps(prompt_ids, params, seeds):
-            for state, step in zip(states, steps, strict=True):
-                if not state.done:
-                    state.add(step)
-            if all(state.done for state in states):
-                break
-        return [state.completion() for state in states]
+        if params.strategy == "beam" or self.batching_mode()[0] != "batched":
+            return [self.generate(ids, _with_seed(params, seed)) for ids, seed in zip(prompt_ids, seeds, strict=True)]
+        return self._generate_together(prompt_ids, params, seeds)
 
-    supports_batching = False
+    # --- batching: what a backend can do, asked rather than guessed ----------------------------
+    def batching_mode(self) -> tuple[str, str]:
+        """("batched", what decodes the batch) when `batched_model` gives a forward over many sequences at once,
+        else ("serial", why not): the server's start-up line and /health say it, `make_scheduler` acts on it."""
+        return "serial", f"the {self.backend} backend decodes one sequence at a time"
 
-    def _batch_steps(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
-                     ) -> Iterator[list[Step]]:
+    def batched_model(self, slots: int, max_len: int) -> BatchedModel | None:
+        """A forward over `slots` sequences of up to `max_len` tokens each, decoded together, or None when this
+        backend or model cannot (see `batching_mode`)."""
+        return None
+
+    def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
+                           ) -> list[Completion]:
+        """The prompts through the continuous-batching scheduler; backends that batch implement it with
+        `ownllm.generate.batching.generate_together` (that module builds on this one, so it cannot be called
+        from here)."""
         raise NotImplementedError
 
     def _prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         prompt_ids = self.encode(prompt)
         self.check_request(prompt_ids, params)
-        self.check_fits(len(prompt_ids), params.max_new_tokens)
         return prompt_ids
 
     # --- helpers ---------------------------------------------------------------------------

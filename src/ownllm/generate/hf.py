@@ -1,7 +1,8 @@
 """The transformers backend: our own token loop over the model's forward and its KV cache.
 
-Our loop (rather than `model.generate`) is what lets every step be explained, streamed, stopped on
-a string and, later, batched with other requests.
+Our loop (rather than `model.generate`) is what lets every step be explained, streamed and stopped on a
+string. Many sequences at once go through the slot forward (`batched_model`, generate/slots.py) where the
+architecture has one, on the model's device.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
-from ownllm.generate.engine import Engine, Step, choose_step
+from ownllm.generate.engine import Completion, Engine, Step, choose_step
 from ownllm.generate.params import SamplingParams
+from ownllm.generate.slots import SlotModel, slot_support
 from ownllm.models.load import LoadedModel
 
 
@@ -31,8 +33,6 @@ class TransformersEngine(Engine):
         ids = set(eos) if isinstance(eos, list) else {eos}
         self._eos_ids = (ids | {self.tokenizer.eos_token_id}) - {None}
         self.prefix = loaded.prefix_embeds
-        if self.prefix is not None:
-            self.supports_batching = False  # the batched paths know nothing of prefix embeddings
 
     @property
     def vocab_size(self) -> int:
@@ -66,46 +66,24 @@ class TransformersEngine(Engine):
                 seen = torch.cat([seen, torch.tensor([step.token_id])])
             logits = self._forward([step.token_id], cache)
 
-    supports_batching = True
+    # --- batching ----------------------------------------------------------------------------
+    def batching_mode(self) -> tuple[str, str]:
+        reason = slot_support(self.model)
+        if reason is not None:
+            return "serial", reason
+        prefix = f", {self.prefix.shape[0]} prompt-tuning tokens first" if self.prefix is not None else ""
+        return "batched", f"slot forward for {self.model.config.model_type} on {self.device}{prefix}"
 
-    def _batch_steps(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
-                     ) -> Iterator[list[Step]]:
-        """One static batch: prompts left-padded, one forward per step for all rows."""
-        from transformers import DynamicCache
+    def batched_model(self, slots: int, max_len: int) -> SlotModel | None:
+        if slot_support(self.model) is not None:
+            return None
+        return SlotModel(self.model, slots=slots, max_len=max_len, prefix=self.prefix)
 
-        rows, width = len(prompt_ids), max(len(p) for p in prompt_ids)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos_ids)
-        ids = torch.full((rows, width), pad, dtype=torch.long)
-        mask = torch.zeros((rows, width), dtype=torch.long)
-        for row, prompt in enumerate(prompt_ids):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        seen = [torch.tensor(p, dtype=torch.long) for p in prompt_ids]
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward_batch(ids, mask, positions, cache)
-        next_position = positions[:, -1:] + 1
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        while True:
-            steps = [self._choose(logits[row], params, seen[row], generators[row], generated[row])
-                     for row in range(rows)]
-            for row, step in enumerate(steps):
-                generated[row].append(step.token_id)
-            yield steps
-            if params.repetition_penalty != 1.0:
-                seen = [torch.cat([s, torch.tensor([step.token_id])]) for s, step in zip(seen, steps, strict=True)]
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)
-            tokens = torch.tensor([[step.token_id] for step in steps])
-            logits = self._forward_batch(tokens, mask, next_position, cache)
-            next_position = next_position + 1
+    def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
+                           ) -> list[Completion]:
+        from ownllm.generate.batching import generate_together
 
-    def _forward_batch(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
-                       ) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=positions.to(self.device), cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+        return generate_together(self, prompt_ids, params, seeds)
 
     def _choose(self, logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
                 generator: torch.Generator, generated: list[int]) -> Step:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
-from ownllm.generate.engine import Engine, Step, choose_step
+from ownllm.generate.engine import Completion, Engine, Step, choose_step
+from ownllm.generate.llamacpp_slots import LlamaCppSlots
 from ownllm.generate.params import SamplingParams
 
 
@@ -48,6 +49,24 @@ class LlamaCppEngine(Engine):
     @property
     def vocab_size(self) -> int:
         return int(self._llama.n_vocab())
+
+    @property
+    def llama_model(self) -> Any:
+        """llama.cpp's handle of the loaded GGUF weights, shared by contexts of its own (batched decoding)."""
+        return self._llama.model
+
+    # --- batching: llama.cpp decodes many sequences in one context --------------------------------
+    def batching_mode(self) -> tuple[str, str]:
+        return "batched", "llama.cpp batched decoding"
+
+    def batched_model(self, slots: int, max_len: int) -> LlamaCppSlots:
+        return LlamaCppSlots(self.llama_model, slots=slots, max_len=max_len)
+
+    def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
+                           ) -> list[Completion]:
+        from ownllm.generate.batching import generate_together
+
+        return generate_together(self, prompt_ids, params, seeds)
 
     def _last_logits(self) -> torch.Tensor:
         """The logits of the last evaluated token (llama.cpp keeps only those unless logits_all)."""

@@ -19,14 +19,16 @@ from ownllm.errors import OwnLLMError
 
 
 class LlamaCppSlots:
-    def __init__(self, engine: Any, *, slots: int, max_len: int) -> None:
+    """`slots` sequences of up to `max_len` tokens in one llama.cpp context of their own over `model` (the engine's
+    loaded GGUF: `LlamaCppEngine.llama_model`)."""
+
+    def __init__(self, model: Any, *, slots: int, max_len: int) -> None:
         import llama_cpp as lc
 
         self._lc = lc
         self.slots, self.max_len = slots, max_len
         # torch only samples here: its spinning worker threads would steal llama.cpp's cores
         torch.set_num_threads(1)
-        model = engine._llama.model  # the loaded GGUF, shared with the engine's own context
         params = lc.llama_context_default_params()
         params.n_ctx = slots * max_len
         params.n_batch = params.n_ubatch = max(512, slots)
@@ -77,7 +79,9 @@ class LlamaCppSlots:
         return torch.from_numpy(logits)
 
     def close(self) -> None:
+        """Free the context now (`generate_batch` makes one per call); at exit it is freed before the model."""
         if self._ctx:
             self._lc.llama_batch_free(self._batch)
             self._lc.llama_free(self._ctx)
             self._ctx = None
+        atexit.unregister(self.close)

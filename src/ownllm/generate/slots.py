@@ -1,4 +1,4 @@
-"""A Llama-family forward pass over a slot KV cache, for continuous batching (nanoGPT-sized on purpose).
+"""A decoder forward pass over a slot KV cache, for continuous batching (nanoGPT-sized on purpose).
 
 Each running sequence owns one slot of a preallocated cache [slots, kv_heads, max_len, head_dim] per layer,
 so sequences of different lengths decode together in one batched forward: rows are slots, each with its
@@ -7,15 +7,21 @@ their slot. Weights are the loaded transformers model's, fused (q|k|v and gate|u
 matmuls. Everything else is transformers' forward op for op, with its casts, in the model's dtype: in bf16 a
 rounding step done differently (even a more precise one) moves the logits by whole bf16 ulps, which 30 layers
 turn into other greedy answers than the CLI's (tests/generate/test_slot_parity.py). LoRA adapters (PEFT
-folders) add their low-rank delta per row, as PEFT computes it, so base and adapter requests share a batch.
+folders) add their low-rank delta per row, as PEFT computes it, so base and adapter requests share a batch. A
+prompt-tuning prefix (learned embeddings) goes in front of every sequence at positions 0..P-1, as the
+single-stream engine puts it.
 
-Architectures: llama, mistral, qwen2 (the same block, qkv bias optional). Anything else is served by the
-one-request-at-a-time path.
+Architectures: llama, mistral, qwen2 (the Llama block, biases optional), phi3 (the same block with fused
+projections; fixed rotary tables only) and gemma3_text (q/k norms, (1 + w) norms around attention and
+feed-forward, scaled embeddings, local and global layers with their own rotary bases, final logit
+softcapping). Sliding-window layers attend over the last `sliding_window` positions, as transformers' masks
+do. Everything runs on the model's device; logits come back on the CPU for the sampler. `slot_support` says
+why a model is not covered: the engine then serves it one request at a time and says so.
 """
 
 from __future__ import annotations
 
-import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,102 +30,249 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.errors import OwnLLMError
+from ownllm.models.adapters import Adapter, LoraWeights
 
-SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "phi3", "gemma3_text"}
+# Projections a served LoRA adapter may touch, over every architecture above (phi3 fuses q|k|v and gate|up).
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                "down_proj")
+# Rotary variants whose tables depend on the position alone; dynamic and longrope (Phi-3's "su") rescale with
+# the length of the sequence, which the shared tables of a batch cannot follow.
+_FIXED_ROPE = {"default", "linear", "llama3", "yarn"}
+# Families whose config names each layer's attention (`layer_types`); mistral and phi3 window every layer or none.
+_TYPED_LAYERS = {"qwen2", "gemma3_text"}
 
 
-def supports_slots(model: Any) -> bool:
+def slot_support(model: Any) -> str | None:
+    """None when the slot forward computes what `model`'s own forward does, else the reason it cannot (the
+    engine then serves one request at a time and reports the reason)."""
     config = model.config
+    kind = getattr(config, "model_type", "?")
+    if kind not in SUPPORTED_ARCHITECTURES:
+        return (f"the batched forward does not cover {kind} models (it covers "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    if any(not p.is_floating_point() for p in model.parameters()):
+        return "the weights are quantized (4-bit or 8-bit): the batched forward needs plain weights"
+    for rope in _rope_parameters(config):
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in _FIXED_ROPE:
+            return (f"{rope_type} rotary scaling changes with the sequence length; the batched forward takes "
+                    "fixed rotary tables only")
+    if getattr(config, "use_bidirectional_attention", False):
+        return "the model attends bidirectionally"
+    if getattr(getattr(model, "model", None), "rotary_emb", None) is None:
+        return "the model has no rotary embedding module to take the tables from"
+    return None
+
+
+def _rope_parameters(config: Any) -> list[dict[str, Any]]:
+    """The rotary settings: one dict, or one per layer type (gemma3: local and global layers differ)."""
     rope = getattr(config, "rope_parameters", None) or {}
-    return (config.model_type in SUPPORTED_ARCHITECTURES and rope.get("rope_type", "default") == "default"
-            and getattr(config, "hidden_act", "silu") == "silu" and not getattr(config, "sliding_window", None))
+    if rope and all(isinstance(value, dict) for value in rope.values()):
+        return list(rope.values())
+    return [rope]
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalise in fp32, round to the input dtype, then scale in that dtype.
+@dataclass(frozen=True)
+class _Norm:
+    """The family's RMSNorm as transformers computes it: normalise in fp32, then
 
-    Not F.rms_norm: that scales by the weight in fp32 and rounds once, so in bf16 a quarter of the values
-    land one ulp away from what the model computes everywhere else (0.9 apart in the logits after 30 layers).
+    - Llama (and Mistral, Qwen2, Phi-3): round to the input dtype, then scale in that dtype. Not F.rms_norm:
+      that scales in fp32 and rounds once, so in bf16 a quarter of the values land one ulp away from what the
+      model computes everywhere else (0.9 apart in the logits after 30 layers);
+    - Gemma: scale by (1 + weight) in fp32, then round once.
     """
-    normed = x.to(torch.float32)
-    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+
+    weight: torch.Tensor  # Gemma: 1 + weight in fp32 (the same sum transformers computes on every call)
+    eps: float
+    gemma: bool
+
+    @classmethod
+    def of(cls, module: Any, gemma: bool) -> _Norm:
+        eps = module.variance_epsilon if hasattr(module, "variance_epsilon") else module.eps
+        return cls(1.0 + module.weight.float() if gemma else module.weight, eps, gemma)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.to(torch.float32)
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (normed * self.weight).type_as(x)
+        return self.weight * normed.to(x.dtype)
 
 
 @dataclass
 class _Layer:
-    norm1: torch.Tensor
-    norm2: torch.Tensor
-    qkv: torch.Tensor
+    attn_norm: _Norm
+    qkv: torch.Tensor  # q | k | v rows
     qkv_bias: torch.Tensor | None
+    q_norm: _Norm | None  # gemma3: RMSNorm over each head's query and key
+    k_norm: _Norm | None
     o: torch.Tensor
-    gate_up: torch.Tensor
+    o_bias: torch.Tensor | None
+    attn_out_norm: _Norm | None  # gemma3: the attention output is normed before the residual add
+    mlp_norm: _Norm
+    gate_up: torch.Tensor  # gate | up rows
+    gate_up_bias: torch.Tensor | None
     down: torch.Tensor
+    down_bias: torch.Tensor | None
+    mlp_out_norm: _Norm | None  # gemma3: so is the feed-forward output
+    act: Any  # the model's own activation module
+    window: int | None  # sliding-window layers attend over this many positions up to their own
+    rope: str  # which rotary table (gemma3: "sliding_attention" or "full_attention")
 
 
 @dataclass
-class LoraAdapter:
-    """Low-rank deltas per layer and projection: x @ A.T @ B.T * scale, in fp32 (see `SlotModel._lora`)."""
+class _Weights:
+    """A model's weights in the slot forward's layout, built once per model and kept for as long as it lives."""
 
-    name: str
-    path: Path
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    scale: float
+    layers: list[_Layer]
+    embed: torch.Tensor
+    embed_scale: torch.Tensor | None  # gemma3: sqrt(hidden), in the model dtype
+    final_norm: _Norm
+    lm_head: torch.Tensor
+    final_softcap: float | None
+    rotary: Any  # the model's rotary module (its tables are built per cache length)
+    rope_types: list[str]
+    scaling: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    qkv_lora: tuple[str, ...]  # the PEFT module names of the fused projections (LoRA keys)
+    gate_up_lora: tuple[str, ...]
+    source: tuple[int, torch.dtype, torch.device]  # the model's first projection weight when built
+
+
+_built: weakref.WeakKeyDictionary[Any, _Weights] = weakref.WeakKeyDictionary()
+
+
+def _weights(model: Any) -> _Weights:
+    """The slot layout of `model`, built on first use. Fusing q|k|v and gate|up needs one tensor per fused
+    projection: the model's own modules are pointed at its rows, so both forwards read the same memory (the
+    server and every `generate_batch` call share it, and it does not double the model's weights)."""
+    inner = model.model
+    first = inner.layers[0].self_attn
+    source = (first.qkv_proj if hasattr(first, "qkv_proj") else first.q_proj).weight
+    built = _built.get(model)
+    if built is not None and built.source == (source.data_ptr(), source.dtype, source.device):
+        return built  # (a model moved or cast since has new tensors: built again)
+    config = model.config
+    gemma = config.model_type == "gemma3_text"
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    typed = config.model_type in _TYPED_LAYERS and getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    layers = []
+    with torch.no_grad():
+        for index, block in enumerate(inner.layers):
+            attn, mlp = block.self_attn, block.mlp
+            fused_qkv = hasattr(attn, "qkv_proj")
+            qkv_modules = [attn.qkv_proj] if fused_qkv else [attn.q_proj, attn.k_proj, attn.v_proj]
+            gate_up_modules = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+            layer_type = config.layer_types[index] if typed else None
+            layers.append(_Layer(
+                attn_norm=_Norm.of(block.input_layernorm, gemma),
+                qkv=_fused(qkv_modules), qkv_bias=_fused_bias(qkv_modules),
+                q_norm=_Norm.of(attn.q_norm, gemma) if gemma else None,
+                k_norm=_Norm.of(attn.k_norm, gemma) if gemma else None,
+                o=attn.o_proj.weight, o_bias=attn.o_proj.bias,
+                attn_out_norm=_Norm.of(block.post_attention_layernorm, gemma) if gemma else None,
+                mlp_norm=_Norm.of(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm, gemma),
+                gate_up=_fused(gate_up_modules), gate_up_bias=_fused_bias(gate_up_modules),
+                down=mlp.down_proj.weight, down_bias=mlp.down_proj.bias,
+                mlp_out_norm=_Norm.of(block.post_feedforward_layernorm, gemma) if gemma else None,
+                act=getattr(mlp, "act_fn", None) or mlp.activation_fn,
+                window=(window if layer_type == "sliding_attention" else None) if typed else window,
+                rope=layer_type if gemma else "default"))  # gemma3: a rotary base per layer type
+    embed_module = inner.embed_tokens
+    scale = getattr(embed_module, "embed_scale", None)
+    built = _Weights(
+        layers=layers, embed=embed_module.weight,
+        embed_scale=None if scale is None else scale.to(embed_module.weight.dtype),
+        final_norm=_Norm.of(inner.norm, gemma), lm_head=model.lm_head.weight,
+        final_softcap=getattr(config, "final_logit_softcapping", None),
+        rotary=inner.rotary_emb, rope_types=sorted({layer.rope for layer in layers}),
+        scaling=getattr(first, "scaling", head_dim**-0.5),
+        heads=heads, kv_heads=config.num_key_value_heads or heads, head_dim=head_dim,
+        intermediate=config.intermediate_size,
+        qkv_lora=("qkv_proj",) if hasattr(first, "qkv_proj") else ("q_proj", "k_proj", "v_proj"),
+        gate_up_lora=("gate_up_proj",) if hasattr(inner.layers[0].mlp, "gate_up_proj") else ("gate_proj", "up_proj"),
+        source=(0, source.dtype, source.device))
+    source = (first.qkv_proj if hasattr(first, "qkv_proj") else first.q_proj).weight  # now a view of the fused one
+    built.source = (source.data_ptr(), source.dtype, source.device)
+    _built[model] = built
+    return built
+
+
+def _fused(modules: list[Any]) -> torch.Tensor:
+    """One weight with the modules' rows one after another; the modules then use views of it (same values)."""
+    if len(modules) == 1:
+        return modules[0].weight
+    fused = torch.cat([m.weight.detach() for m in modules]).contiguous()
+    offset = 0
+    for module in modules:
+        rows = module.weight.shape[0]
+        module.weight.data = fused[offset : offset + rows]
+        offset += rows
+    return fused
+
+
+def _fused_bias(modules: list[Any]) -> torch.Tensor | None:
+    biases = [m.bias for m in modules]
+    if all(b is None for b in biases):
+        return None
+    return biases[0] if len(biases) == 1 else torch.cat([b.detach() for b in biases])
+
+
+LoraAdapter = LoraWeights  # what SlotModel.adapters holds per name: deltas per (layer, projection) and the scale
 
 
 class SlotModel:
-    def __init__(self, model: Any, *, slots: int, max_len: int) -> None:
-        if not supports_slots(model):
-            raise OwnLLMError(f"batched serving supports {sorted(SUPPORTED_ARCHITECTURES)} models",
-                              kind="unsupported")
-        config = model.config
-        self.config = config
-        self.dtype = next(model.parameters()).dtype
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.intermediate = config.intermediate_size
-        self.eps = config.rms_norm_eps
-        self.slots, self.max_len = slots, max_len
-        inner = model.model
-        self.scaling = getattr(inner.layers[0].self_attn, "scaling", self.head_dim**-0.5)
-        self.embed = inner.embed_tokens.weight
-        self.final_norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
-        self.layers = []
-        with torch.no_grad():
-            for block in inner.layers:
-                attn, mlp = block.self_attn, block.mlp
-                bias = attn.q_proj.bias
-                self.layers.append(_Layer(
-                    norm1=block.input_layernorm.weight, norm2=block.post_attention_layernorm.weight,
-                    qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous(),
-                    qkv_bias=None if bias is None else torch.cat([bias, attn.k_proj.bias, attn.v_proj.bias]),
-                    o=attn.o_proj.weight,
-                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
-                    down=mlp.down_proj.weight))
-        shape = (slots, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
-        self.cos, self.sin = self._rotary_tables(inner, max_len)
-        self.adapters: dict[str, LoraAdapter] = {}
+    """The batched forward of one model over `slots` sequences of up to `max_len` tokens each (plus the prefix)."""
 
-    def _rotary_tables(self, inner: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [max_len, head_dim] in the model dtype, from the model's own rotary module where it has one
+    def __init__(self, model: Any, *, slots: int, max_len: int, prefix: torch.Tensor | None = None) -> None:
+        """
+        Args:
+            model: a transformers causal LM of a supported architecture (`slot_support`), on any device.
+            slots: sequences held at once.
+            max_len: tokens per sequence (prompt and completion), not counting the prefix.
+            prefix: prompt-tuning embeddings [virtual tokens, hidden] put in front of every sequence.
+        """
+        reason = slot_support(model)
+        if reason is not None:
+            raise OwnLLMError(f"no batched forward for this model: {reason}", kind="unsupported")
+        weights = _weights(model)
+        self.weights = weights
+        self.config = model.config
+        self.dtype = weights.embed.dtype
+        self.device = weights.embed.device
+        self.heads, self.kv_heads, self.head_dim = weights.heads, weights.kv_heads, weights.head_dim
+        self.intermediate = weights.intermediate
+        self.scaling = weights.scaling
+        self.layers = weights.layers
+        self.slots, self.max_len = slots, max_len
+        self.prefix = None if prefix is None else prefix.to(device=self.device, dtype=self.dtype)
+        self.prefix_len = 0 if prefix is None else int(prefix.shape[0])
+        positions = max_len + self.prefix_len
+        shape = (slots, self.kv_heads, positions, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.cos, self.sin = self._rotary_tables(positions)
+        self.adapters: dict[str, LoraAdapter] = {}
+        self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
+
+    def _rotary_tables(self, positions: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """cos/sin [positions, rotary dims] per rotary kind, in the model dtype, from the model's own rotary module
         (its inv_freq and attention scaling, computed in fp32 and then cast, as in every forward)."""
-        positions = torch.arange(max_len)[None]
-        rotary = getattr(inner, "rotary_emb", None)
-        if rotary is not None:
-            with torch.no_grad():
-                cos, sin = rotary(torch.empty(0, dtype=self.dtype), positions)
-            return cos[0], sin[0]
-        theta = (getattr(self.config, "rope_parameters", None) or {}).get("rope_theta") or getattr(
-            self.config, "rope_theta", 10000.0)
-        inverse = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
-        angles = positions[0, :, None].float() * inverse
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        ids = torch.arange(positions, device=self.device)[None]
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        cos, sin = {}, {}
+        with torch.no_grad():
+            for kind in self.weights.rope_types:
+                args = () if kind == "default" else (kind,)
+                table_cos, table_sin = self.weights.rotary(probe, ids, *args)
+                cos[kind], sin[kind] = table_cos[0], table_sin[0]
+        return cos, sin
 
     @property
     def cache_bytes(self) -> int:
@@ -127,35 +280,16 @@ class SlotModel:
 
     # --- adapters ------------------------------------------------------------------------------
     def load_adapter(self, name: str, folder: Path) -> LoraAdapter:
-        """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
-        from safetensors.torch import load_file
-
-        config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-        if not config_file.is_file() or not weights_file.is_file():
-            raise OwnLLMError(f"{folder} is not a LoRA adapter folder (adapter_config.json + "
-                              "adapter_model.safetensors)", kind="not_found", param="adapter")
-        config = json.loads(config_file.read_text())
-        if config.get("peft_type") != "LORA":
-            raise OwnLLMError(f"{folder}: only LoRA adapters can be served, not {config.get('peft_type')}",
-                              kind="unsupported", param="adapter")
-        alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
-        scale = alpha / (rank ** 0.5) if config.get("use_rslora") else alpha / rank
-        tensors = load_file(weights_file)
-        weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            if ".lora_A." not in key:
-                continue
-            parts = key.split(".")
-            layer = int(parts[parts.index("layers") + 1])
-            projection = next(p for p in parts if p in _PROJECTIONS)
-            b = tensors[key.replace(".lora_A.", ".lora_B.")]
-            # fp32 as PEFT keeps them (it upcasts bf16/fp16 adapter weights when it loads an adapter)
-            weights[(layer, projection)] = (tensor.float(), b.float())
-        if not weights:
+        """A PEFT LoRA adapter folder, its deltas kept apart from the base weights so rows can choose it."""
+        lora = Adapter.open(folder, kinds=("lora",), param="adapter").lora_weights()
+        unknown = sorted({projection for _, projection in lora.weights} - set(_PROJECTIONS))
+        if unknown:
+            raise OwnLLMError(f"{folder}: LoRA on {', '.join(unknown)} cannot be served in batches (only on "
+                              f"{', '.join(_PROJECTIONS)})", kind="unsupported", param="adapter")
+        if not lora.weights:
             raise OwnLLMError(f"{folder}: no LoRA weights for {', '.join(_PROJECTIONS)}", param="adapter")
-        adapter = LoraAdapter(name, folder, weights, scale)
-        self.adapters[name] = adapter
-        return adapter
+        self.adapters[name] = lora
+        return lora
 
     def _lora(self, x: torch.Tensor, layer: int, projections: tuple[str, ...], groups: list[tuple[str, Any]],
               width: list[int]) -> torch.Tensor | None:
@@ -167,9 +301,9 @@ class SlotModel:
         """
         if not groups:
             return None
-        delta = torch.zeros(*x.shape[:-1], sum(width), dtype=torch.float32)
+        delta = torch.zeros(*x.shape[:-1], sum(width), dtype=torch.float32, device=x.device)
         for name, rows in groups:
-            adapter = self.adapters[name]
+            adapter = self._adapter_here(name)
             x_rows = x[rows].float()
             offset = 0
             for projection, size in zip(projections, width, strict=True):
@@ -184,16 +318,31 @@ class SlotModel:
     def _plus_lora(out: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
         return out if lora is None else (out.float() + lora).to(out.dtype)
 
+    def _adapter_here(self, name: str) -> LoraAdapter:
+        """The adapter's weights on the model's device (loaded on the CPU; moved once, on first use)."""
+        adapter = self.adapters[name]
+        if self.device.type == "cpu":
+            return adapter
+        loaded, moved = self._adapters_here.get(name, (None, None))
+        if loaded is not adapter:
+            weights = {key: (a.to(self.device), b.to(self.device)) for key, (a, b) in adapter.weights.items()}
+            moved = LoraWeights(weights, adapter.scale)
+            self._adapters_here[name] = (adapter, moved)
+        return moved  # type: ignore[return-value]
+
     # --- the forward pass -------------------------------------------------------------------
     def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: list[int],
-                starts: list[int], mask: torch.Tensor | None) -> torch.Tensor:
-        """Store k/v in the rows' slots and attend, each row over exactly its own keys.
+                starts: list[int], window: int | None, mask: tuple[int, torch.Tensor | None],
+                rows_at: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Store k/v in the rows' slots and attend, each row over exactly its own keys (within its window).
 
         The sdpa calls are transformers' own (sdpa_attention_forward on CPU, softmax in fp32 inside the
-        kernel): a fresh prompt is causal with no mask, a later chunk gets a mask over the cache, a decoding
-        row attends unmasked over its own length. One call per decoding row rather than one over rows padded to
-        the longest: padding reorders the kernel's sums (bf16 logits then drift by whole ulps from the CLI's),
-        and the per-row calls skip both the padded work and the gather of the slots' caches.
+        kernel): a fresh prompt is causal with no mask, a later chunk (or one longer than the window) gets a mask
+        over the cache from `mask` = (first key, mask), a decoding row (its slot and position in `rows_at`, on
+        the model's device) attends unmasked over its own keys. One
+        call per decoding row rather than one over rows padded to the longest: padding reorders the kernel's
+        sums (bf16 logits then drift by whole ulps from the CLI's), and the per-row calls skip both the padded
+        work and the gather of the slots' caches.
         """
         k_cache, v_cache = self.k_cache[index], self.v_cache[index]
         length = q.shape[2]
@@ -202,68 +351,134 @@ class SlotModel:
             k_cache[slot, :, start : start + length] = k[0]
             v_cache[slot, :, start : start + length] = v[0]
             end = start + length
-            return F.scaled_dot_product_attention(q, k_cache[slot : slot + 1, :, :end],
-                                                  v_cache[slot : slot + 1, :, :end], attn_mask=mask,
-                                                  is_causal=mask is None, scale=self.scaling, enable_gqa=True)
-        slot_index, start_index = torch.tensor(slots), torch.tensor(starts)
+            first, chunk_mask = mask
+            return F.scaled_dot_product_attention(q, k_cache[slot : slot + 1, :, first:end],
+                                                  v_cache[slot : slot + 1, :, first:end], attn_mask=chunk_mask,
+                                                  is_causal=chunk_mask is None, scale=self.scaling, enable_gqa=True)
+        assert rows_at is not None
+        slot_index, start_index = rows_at
         k_cache[slot_index, :, start_index] = k[:, :, 0]
         v_cache[slot_index, :, start_index] = v[:, :, 0]
+        keys = [(slot, _first_key(start, window), start + 1) for slot, start in zip(slots, starts, strict=True)]
         return torch.cat([
-            F.scaled_dot_product_attention(q[row : row + 1], k_cache[slot : slot + 1, :, : start + 1],
-                                           v_cache[slot : slot + 1, :, : start + 1], scale=self.scaling,
-                                           enable_gqa=True)
-            for row, (slot, start) in enumerate(zip(slots, starts, strict=True))])
+            F.scaled_dot_product_attention(q[row : row + 1], k_cache[slot : slot + 1, :, first:end],
+                                           v_cache[slot : slot + 1, :, first:end], scale=self.scaling, enable_gqa=True)
+            for row, (slot, first, end) in enumerate(keys)])
+
+    def _chunk_mask(self, start: int, length: int, window: int | None) -> tuple[int, torch.Tensor | None]:
+        """(first key, boolean mask [1, 1, length, keys]) for a prefill chunk at `start`: causal, and within the
+        window on sliding layers (key > query - window, as transformers' sliding mask); no mask where sdpa's own
+        causal one is the same."""
+        first = _first_key(start, window)
+        if start == 0 and (window is None or length <= window):
+            return 0, None
+        queries = torch.arange(start, start + length, device=self.device)[:, None]
+        keys = torch.arange(first, start + length, device=self.device)[None, :]
+        allowed = keys <= queries
+        if window is not None:
+            allowed &= keys > queries - window
+        return first, allowed[None, None]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """transformers' apply_rotary_pos_emb (rotate_half), on the first `rotary dims` of each head (phi3 may
+        rotate only part of it)."""
+        rotary = cos.shape[-1]
+        if rotary == x.shape[-1]:
+            half = rotary // 2
+            return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+        turned, kept = x[..., :rotary], x[..., rotary:]
+        half = rotary // 2
+        turned = turned * cos + torch.cat([-turned[..., half:], turned[..., :half]], dim=-1) * sin
+        return torch.cat([turned, kept], dim=-1)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
                 adapters: list[str | None] | None = None) -> torch.Tensor:
-        """Logits of the last position of each row.
+        """Logits of the last position of each row, on the CPU.
 
         Args:
             tokens: [rows, T] token ids (T = 1 for decoding; rows = 1 for a prefill chunk).
             slots: [rows] cache slot of each row.
-            starts: [rows] position of each row's first token (= tokens already in its slot).
+            starts: [rows] position of each row's first token in its sequence (= tokens already in its slot; a
+                prompt-tuning prefix is not counted: the first chunk, at 0, brings it in).
             adapters: per row, an adapter name or None for the base model.
         """
         rows, length = tokens.shape
         if rows > 1 and length > 1:
             raise ValueError("a forward is either one prefill chunk (rows = 1) or one decoding step (T = 1)")
+        weights = self.weights
         groups = []
         if adapters and any(adapters):
             for name in sorted({a for a in adapters if a}):
-                groups.append((name, torch.tensor([i for i, a in enumerate(adapters) if a == name])))
-        positions = starts[:, None] + torch.arange(length)[None, :]  # [rows, T]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [rows, 1, T, D]
-        slot_list, start_list = slots.tolist(), starts.tolist()
-        mask = None
-        if length > 1 and start_list[0] > 0:  # a later prefill chunk: causal within it, all of the cache before
-            mask = torch.arange(start_list[0] + length)[None, None, None, :] <= positions[:, None, :, None]
-        h, kv, d, half = self.heads, self.kv_heads, self.head_dim, self.head_dim // 2
+                groups.append((name, torch.tensor([i for i, a in enumerate(adapters) if a == name],
+                                                  device=self.device)))
+        x = weights.embed[tokens.to(self.device)]  # [rows, T, C]
+        if weights.embed_scale is not None:
+            x = x * weights.embed_scale
+        start_list = starts.tolist()
+        if self.prefix is not None and start_list == [0]:  # a sequence's first chunk: the prefix goes first
+            x = torch.cat([self.prefix[None], x], dim=1)
+            length += self.prefix_len
+        else:  # every later position sits after the prefix
+            start_list = [start + self.prefix_len for start in start_list]
+        slot_list = slots.tolist()
+        positions = torch.tensor(start_list, device=self.device)[:, None] + torch.arange(length, device=self.device)
+        tables = {kind: (self.cos[kind][positions][:, None], self.sin[kind][positions][:, None])
+                  for kind in weights.rope_types}  # [rows, 1, T, rotary dims]
+        masks: dict[int | None, tuple[int, torch.Tensor | None]] = {}
+        rows_at = None
+        if length > 1:
+            for window in {layer.window for layer in self.layers}:
+                masks[window] = self._chunk_mask(start_list[0], length, window)
+        else:  # built once per step, not once per layer (a copy to the device each time on a GPU)
+            rows_at = (slots.to(self.device), positions[:, 0])
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
         q_width, kv_width = h * d, kv * d
-        x = self.embed[tokens]  # [rows, T, C]
         for index, layer in enumerate(self.layers):
-            normed = _rms_norm(x, layer.norm1, self.eps)
+            normed = layer.attn_norm(x)
             qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
-            qkv = self._plus_lora(qkv, self._lora(normed, index, ("q_proj", "k_proj", "v_proj"), groups,
-                                                  [q_width, kv_width, kv_width]))
+            qkv = self._plus_lora(qkv, self._lora(normed, index, weights.qkv_lora, groups,
+                                                  _widths(weights.qkv_lora, [q_width, kv_width, kv_width])))
             qkv = qkv.view(rows, length, h + 2 * kv, d).transpose(1, 2)  # [rows, h+2kv, T, D]
-            qk = qkv[:, : h + kv]
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
-            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]
-            attended = self._attend(index, q, k, v, slot_list, start_list, mask)
+            cos, sin = tables[layer.rope]
+            v = qkv[:, h + kv :]
+            if layer.q_norm is None:  # q and k turned in one go (elementwise: the same values as one by one)
+                qk = self._rope(qkv[:, : h + kv], cos, sin)
+                q, k = qk[:, :h], qk[:, h:]
+            else:
+                q = self._rope(layer.q_norm(qkv[:, :h]), cos, sin)
+                k = self._rope(layer.k_norm(qkv[:, h : h + kv]), cos, sin)  # type: ignore[misc]
+            attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
+                                    masks.get(layer.window, (0, None)), rows_at)
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
-            out = self._plus_lora(F.linear(attended, layer.o),
+            out = self._plus_lora(F.linear(attended, layer.o, layer.o_bias),
                                   self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]]))
+            if layer.attn_out_norm is not None:
+                out = layer.attn_out_norm(out)
             x = x + out
-            normed = _rms_norm(x, layer.norm2, self.eps)
-            gate_up = F.linear(normed, layer.gate_up)
-            gate_up = self._plus_lora(gate_up, self._lora(normed, index, ("gate_proj", "up_proj"), groups,
-                                                          [self.intermediate] * 2))
+            normed = layer.mlp_norm(x)
+            gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
+            gate_up = self._plus_lora(gate_up, self._lora(normed, index, weights.gate_up_lora, groups,
+                                                          _widths(weights.gate_up_lora, [self.intermediate] * 2)))
             gate, up = gate_up.split(self.intermediate, dim=-1)
-            hidden = F.silu(gate) * up
-            out = self._plus_lora(F.linear(hidden, layer.down),
+            hidden = layer.act(gate) * up
+            out = self._plus_lora(F.linear(hidden, layer.down, layer.down_bias),
                                   self._lora(hidden, index, ("down_proj",), groups, [x.shape[-1]]))
+            if layer.mlp_out_norm is not None:
+                out = layer.mlp_out_norm(out)
             x = x + out
         # logits in the model dtype, as transformers returns them (the sampler upcasts)
-        last = _rms_norm(x[:, -1], self.final_norm, self.eps)
-        return F.linear(last, self.lm_head)
+        logits = F.linear(weights.final_norm(x[:, -1]), weights.lm_head)
+        if weights.final_softcap is not None:
+            logits = torch.tanh(logits / weights.final_softcap) * weights.final_softcap
+        return logits.cpu()
+
+
+def _first_key(position: int, window: int | None) -> int:
+    """The first position a query at `position` attends to."""
+    return 0 if window is None else max(0, position - window + 1)
+
+
+def _widths(projections: tuple[str, ...], split: list[int]) -> list[int]:
+    """Output widths of the LoRA'd projections: one fused module spans all of `split`."""
+    return [sum(split)] if len(projections) == 1 else split

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ownllm.finetune.run_folder import final_model_path
 from ownllm.jobs.store import ACTIVE, JobStore
 from ownllm.jobs.validate import validate_or_fail
 
@@ -179,7 +180,7 @@ class JobManager:
                     continue
                 self.served.add(name)
                 try:
-                    self.on_model_ready(name, self.store.runs_dir / job["id"] / "final")
+                    self.on_model_ready(name, final_model_path(self.store.runs_dir / job["id"]))
                 except Exception as exc:
                     log.warning("cannot serve %s: %s", name, exc)
                     self.store.add_event(job["id"], f"The model cannot be served by this server: {exc}", level="warn")

@@ -26,7 +26,9 @@ from transformers import TrainerCallback
 
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.config import FinetuneConfig, LoraSettings
-from ownllm.finetune.run import TrainingInterrupted, latest_checkpoint, run
+from ownllm.finetune.outcome import TrainingInterrupted
+from ownllm.finetune.run import run
+from ownllm.finetune.run_folder import METRICS_FILE, checkpoint_name, checkpoint_step, latest_checkpoint
 from ownllm.home import atomic_write_text
 from ownllm.jobs.store import FINAL, JobStore, fine_tuned_name
 from ownllm.jobs.validate import validate_or_fail
@@ -96,7 +98,7 @@ class JobProgress(TrainerCallback):
                                  kind="metrics")
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = Path(args.output_dir) / checkpoint_name(state.global_step)
         self.store.add_checkpoint(self.job["id"], state.global_step,
                                   {k: v for k, v in self.last.items() if k != "total_steps"}, str(folder))
 
@@ -104,7 +106,7 @@ class JobProgress(TrainerCallback):
 def metrics_csv(run_dir: Path) -> str:
     """step, train_loss, valid_loss per step (OpenAI's result file columns that apply here)."""
     rows: dict[int, dict[str, Any]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / METRICS_FILE).read_text().splitlines():
         record = json.loads(line)
         row = rows.setdefault(record["step"], {"step": record["step"], "train_loss": "", "valid_loss": ""})
         if "loss" in record:
@@ -128,7 +130,7 @@ def run_job(store: JobStore, job_id: str, base: str) -> None:
     cfg = config_for(store, job, base, examples)
     run_dir = Path(cfg.out)
     checkpoint = latest_checkpoint(run_dir)
-    store.set_status(job_id, "running", f"Resuming from step {checkpoint.name.split('-')[1]}" if checkpoint
+    store.set_status(job_id, "running", f"Resuming from step {checkpoint_step(checkpoint)}" if checkpoint
                      else "Fine-tuning job started", worker_pid=os.getpid())
     store.update_job(job_id, hyperparameters=json.dumps(resolved_hyperparameters(job, examples)))
     try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ownllm.errors import OwnLLMError
+from ownllm.models.adapters import Adapter
 from ownllm.models.dtype import DtypeChoice, choose_dtype
 from ownllm.models.gguf_file import check_gguf
 from ownllm.models.resolve import ResolvedModel, resolve
@@ -127,40 +128,20 @@ def _four_bit(compute_dtype: str, device: str) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-def adapter_base(source: ResolvedModel) -> str:
-    """Where the base model of a LoRA adapter folder is: ownllm's run record, else PEFT's own field."""
-    import json
-
-    record = source.path / "ownllm_run.json"
-    if record.is_file():
-        return json.loads(record.read_text())["base_model"]
-    base = json.loads((source.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
+def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows: int) -> LoadedModel:
+    """Base model + adapter: LoRA merged for inference speed (the weights in memory are the tuned model), prompt
+    tuning as learned embeddings put before every prompt (there is nothing to merge)."""
+    adapter = Adapter.open(source.path)  # checked before the base is loaded: a bad folder costs no work
+    if adapter.base_model is None:
         raise OwnLLMError(f"{source.path}: the adapter does not say which base model it belongs to",
                           kind="not_found", param="model")
-    return base
-
-
-def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows: int) -> LoadedModel:
-    """Base model + LoRA adapter, merged for inference speed (the weights in memory are the tuned model)."""
-    import json
-
-    from peft import PeftModel
-
-    base = load_model(adapter_base(source), dtype=dtype, device=device, batch_rows=batch_rows)
+    base = load_model(adapter.base_model, dtype=dtype, device=device, batch_rows=batch_rows)
     tokenizer = load_tokenizer(source) if (source.path / "tokenizer_config.json").is_file() else base.tokenizer
-    kind = json.loads((source.path / "adapter_config.json").read_text()).get("peft_type")
-    if kind == "PROMPT_TUNING":  # nothing to merge: the learned embeddings go in front of every prompt
-        tuned = PeftModel.from_pretrained(base.model, str(source.path))
-        prefix = tuned.get_prompt_embedding_to_save(adapter_name="default").detach().to(base.model.dtype)
+    if adapter.kind == "prompt_tuning":
         return LoadedModel(model=base.model, tokenizer=tokenizer, source=source, dtype=base.dtype,
-                           device=base.device, prefix_embeds=prefix.to(base.device))
-    if kind != "LORA":
-        raise OwnLLMError(f"{source.path}: {kind} adapters cannot be loaded (LoRA and prompt tuning can)",
-                          kind="unsupported", param="model")
-    merged = PeftModel.from_pretrained(base.model, str(source.path)).merge_and_unload()
-    merged.eval()
-    return LoadedModel(model=merged, tokenizer=tokenizer, source=source, dtype=base.dtype, device=base.device)
+                           device=base.device, prefix_embeds=adapter.prefix_embeddings(base.model))
+    return LoadedModel(model=adapter.merge_into(base.model), tokenizer=tokenizer, source=source, dtype=base.dtype,
+                       device=base.device)
 
 
 class _hub_errors:

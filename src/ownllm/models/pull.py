@@ -154,7 +154,7 @@ def _save(model: Any, tokenizer: Any, staging: Path) -> None:
 
 
 def _manifest(model: Any, **fields: Any) -> dict[str, Any]:
-    from ownllm import __version__
+    from importlib.metadata import version
 
     params = sum(p.numel() for p in model.parameters())
     return {
@@ -165,5 +165,5 @@ def _manifest(model: Any, **fields: Any) -> dict[str, Any]:
         "context_length": int(getattr(model.config, "max_position_embeddings", 0) or 0),
         "architecture": fields["architecture"],
         "convert_seconds": round(fields["seconds"], 1),
-        "ownllm_version": __version__,
+        "ownllm_version": version("ownllm"),
     }

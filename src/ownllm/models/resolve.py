@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from ownllm.errors import OwnLLMError
+from ownllm.finetune.run_folder import final_model_path  # the declared leaf: the run-folder format
+from ownllm.models.adapters import CONFIG_FILE as ADAPTER_CONFIG
 from ownllm.models.aliases import load_aliases
 from ownllm.models.registry import list_local_models, local_model
 
@@ -46,10 +48,10 @@ def resolve(spec: str) -> ResolvedModel:
             hint=f"run: ownllm pull {spec}",
         )
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "final").is_dir():  # a fine-tuning run folder: use what it produced
-        path = path / "final"
+    if path.is_dir() and final_model_path(path).is_dir():  # a fine-tuning run folder: use what it produced
+        path = final_model_path(path)
     if path.is_dir():
-        if (path / "adapter_config.json").is_file():
+        if (path / ADAPTER_CONFIG).is_file():
             return ResolvedModel(spec, "adapter", str(path.resolve()), path.resolve().parent.name)
         if (path / "config.json").is_file():
             return ResolvedModel(spec, "folder", str(path.resolve()), path.resolve().name)

@@ -4,6 +4,7 @@
     >>> index = Index("docs.db")
     >>> index.build(["handbook/"])
     >>> index.search("how long is the warranty?", k=5)
+    >>> index.context("How long is the warranty?").messages()  # the numbered sources and the question
     >>> index.ask("How long is the warranty?", model="smollm2-135m-instruct").text
 """
 
@@ -14,6 +15,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +25,9 @@ from ownllm.data.files import check_output_file
 from ownllm.errors import OwnLLMError
 from ownllm.models.embeddings import DEFAULT_EMBEDDING_MODEL, Embedder, load_embedder
 from ownllm.rag.chunking import Chunk, chunk_sections
+from ownllm.rag.context import DEFAULT_K, DEFAULT_MIN_SCORE, Hit, RagContext
 from ownllm.rag.loaders import SUPPORTED, load_file
+from ownllm.rag.prompt import IDK
 from ownllm.rag.store import SqliteStore, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -31,13 +35,6 @@ logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index buil
 Mode = Literal["dense", "bm25", "hybrid"]
 MODES: tuple[Mode, ...] = ("dense", "bm25", "hybrid")
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al., 2009)
-
-
-@dataclass(frozen=True)
-class Hit:
-    chunk: Chunk
-    score: float
-    rank: int
 
 
 @dataclass
@@ -179,8 +176,8 @@ class Index:
             raise OwnLLMError("the query is empty", param="query")
         if mode not in MODES:
             raise OwnLLMError(f"mode must be one of {', '.join(MODES)}", param="mode")
-        if k < 1:
-            raise OwnLLMError("k must be at least 1", param="k")
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise OwnLLMError(f"k must be a whole number of at least 1, got {k!r}", param="k")
         if mode == "dense":
             return self._dense(query, k)
         if mode == "bm25":
@@ -228,8 +225,22 @@ class Index:
         self.store.close()
 
     # --- answering --------------------------------------------------------------------------
-    def ask(self, question: str, *, model: Any, k: int = 4, min_score: float = 0.3, max_new_tokens: int = 256,
-            mode: Mode = "hybrid") -> Answer:
+    def context(self, question: str, *, k: int = DEFAULT_K, min_score: float = DEFAULT_MIN_SCORE,
+                mode: Mode = "hybrid") -> RagContext:
+        """The k best chunks for the question as numbered sources, and whether to answer from them.
+
+        Args:
+            min_score: if no chunk in the store reaches this cosine similarity to the question, or the search
+                finds nothing, the context says to abstain: the answer is "I don't know." without asking the model.
+        """
+        if isinstance(min_score, bool) or not isinstance(min_score, Real) or not math.isfinite(min_score):
+            raise OwnLLMError(f"min-score must be a finite number, got {min_score}", param="min_score")
+        hits = self.search(question, k=k, mode=mode)  # checks the question, k and mode
+        best = max((score for _, score in self.store.dense(self._query_vector(question), 1)), default=0.0)
+        return RagContext(question, hits, best, abstain=not hits or best < min_score)
+
+    def ask(self, question: str, *, model: Any, k: int = DEFAULT_K, min_score: float = DEFAULT_MIN_SCORE,
+            max_new_tokens: int = 256, mode: Mode = "hybrid") -> Answer:
         """Answer from the top chunks, citing them as [n]; see `stream_answer`."""
         answer = None
         for event in self.stream_answer(question, model=model, k=k, min_score=min_score,
@@ -239,7 +250,7 @@ class Index:
         assert answer is not None
         return answer
 
-    def stream_answer(self, question: str, *, model: Any, k: int = 4, min_score: float = 0.3,
+    def stream_answer(self, question: str, *, model: Any, k: int = DEFAULT_K, min_score: float = DEFAULT_MIN_SCORE,
                       max_new_tokens: int = 256, mode: Mode = "hybrid") -> Iterator[str | Answer]:
         """Stream the answer's text, then one Answer with the sources.
 
@@ -250,33 +261,28 @@ class Index:
         """
         from ownllm.generate.engine import Completion, Engine, TextDelta
         from ownllm.generate.params import SamplingParams
-        from ownllm.rag.prompt import build_messages
 
-        if not math.isfinite(min_score):
-            raise OwnLLMError(f"min-score must be a finite number, got {min_score}", param="min_score")
-        hits = self.search(question, k=k, mode=mode)
-        best = max((score for _, score in self.store.dense(self._query_vector(question), 1)), default=0.0)
-        if not hits or best < min_score:
+        context = self.context(question, k=k, min_score=min_score, mode=mode)
+        if context.abstain:
             yield IDK
-            yield Answer(IDK, [], abstained=True, best_similarity=best)
+            yield Answer(IDK, [], abstained=True, best_similarity=context.best_similarity)
             return
         engine = model if isinstance(model, Engine) else _open_engine(model)
         params = SamplingParams(max_new_tokens=max_new_tokens)
         text = ""
-        for event in engine.stream_chat(build_messages(question, hits), params):
+        for event in engine.stream_chat(context.messages(), params):
             if isinstance(event, TextDelta) and event.text:
                 text += event.text
                 yield event.text
             elif isinstance(event, Completion):
                 text = event.text
-        yield Answer(text.strip(), hits, abstained=False, best_similarity=best)
-
-
-IDK = "I don't know."
+        yield Answer(text.strip(), context.hits, abstained=False, best_similarity=context.best_similarity)
 
 
 @dataclass
 class Answer:
+    """An answer from the documents: `sources` are the hits it was given as [1], [2], ... (none if it abstained)."""
+
     text: str
     sources: list[Hit]
     abstained: bool

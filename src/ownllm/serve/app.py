@@ -19,12 +19,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ownllm.errors import OwnLLMError
 from ownllm.generate.engine import Completion, TextDelta
+from ownllm.rag.context import IDK, RagContext
 from ownllm.serve import errors, formats
 from ownllm.serve.errors import APIError
 from ownllm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    RagOptions,
     TGIRequest,
     TokenizeRequest,
 )
@@ -110,7 +112,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": state.model_name, "running": len(state.scheduler.running_requests()),
-                "waiting": len(state.scheduler.waiting)}
+                "waiting": len(state.scheduler.waiting), "batching": state.scheduler.batching}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -161,7 +163,11 @@ def create_app(state: ServerState) -> FastAPI:
                     for m in body.messages]
         extra: dict[str, Any] = {}
         if body.rag:
-            messages, extra = await _with_sources(state, messages, body.rag)
+            context = await _retrieve(state, messages, body.rag)
+            extra = {"sources": context.sources}
+            if context.abstain:
+                return _abstain(state, body, extra)
+            messages = context.messages(messages)
         if body.response_format is not None and body.response_format.type == "json_object":
             messages = [{"role": "system", "content": JSON_OBJECT_HINT}, *messages]
         prompt_ids = render_prompt(state.engine, messages)
@@ -236,7 +242,7 @@ def create_app(state: ServerState) -> FastAPI:
         if body.stream:
             return await tgi_stream(body)
         params = _params(body.parameters.to_sampling_params)
-        ids = state.engine.tokenizer.encode(body.inputs)
+        ids = state.engine.encode(body.inputs, "inputs")
         (completion,) = await _collect(request, state.submit([ids], params, prompt_param="inputs"))
         result: dict[str, Any] = {"generated_text": completion.text}
         if body.parameters.details:
@@ -246,7 +252,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/generate_stream", response_model=None)
     async def tgi_stream(body: TGIRequest) -> StreamingResponse:
         params = _params(body.parameters.to_sampling_params)
-        ids = state.engine.tokenizer.encode(body.inputs)
+        ids = state.engine.encode(body.inputs, "inputs")
         generation = state.submit([ids], params, prompt_param="inputs")
 
         async def stream() -> AsyncIterator[str]:
@@ -290,7 +296,7 @@ def _data(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _sse(chunks: AsyncIterator[str], generation: Generation, *, done: bool = True) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[str], generation: Generation | None, *, done: bool = True) -> StreamingResponse:
     async def framed() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
@@ -303,7 +309,8 @@ def _sse(chunks: AsyncIterator[str], generation: Generation, *, done: bool = Tru
             yield "data: [DONE]\n\n"
 
     # The background close also runs when the client leaves before the first chunk (the generator never started).
-    return StreamingResponse(framed(), media_type="text/event-stream", background=BackgroundTask(generation.close),
+    background = BackgroundTask(generation.close) if generation is not None else None
+    return StreamingResponse(framed(), media_type="text/event-stream", background=background,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -368,23 +375,35 @@ def _tgi_details(completion: Completion) -> dict[str, Any]:
             "generated_tokens": completion.completion_tokens, "seed": completion.seed}
 
 
-async def _with_sources(state: ServerState, messages: list[dict[str, str]], options: Any
-                        ) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """Put the server's RAG store's best chunks for the last user message in front of the conversation."""
-    from ownllm.rag.prompt import SYSTEM, source_label
-
+async def _retrieve(state: ServerState, messages: list[dict[str, str]], options: RagOptions | bool
+                    ) -> RagContext:
+    """What the server's RAG store holds for the last user message, as `ownllm rag ask` would answer from it.
+    The search runs off the event loop: embedding the question takes a while."""
     if state.rag_index is None:
         raise APIError(400, "this server has no document store (start it with --rag-store)", param="rag")
-    k = getattr(options, "k", 4)
     question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     if not question:
         raise APIError(400, "rag needs a user message to search for", param="messages")
-    hits = await asyncio.get_running_loop().run_in_executor(None, lambda: state.rag_index.search(question, k=k))
-    sources = "\n\n".join(f"[{n}] ({source_label(h.chunk)}) {h.chunk.text}" for n, h in enumerate(hits, 1))
-    system = {"role": "system", "content": f"{SYSTEM}\n\nSources:\n{sources}"}
-    extra = {"sources": [{"index": n, "source": h.chunk.source, "page": h.chunk.page, "heading": h.chunk.heading,
-                          "score": h.score} for n, h in enumerate(hits, 1)]}
-    return [system, *[m for m in messages if m["role"] != "system"]], extra
+    rag = options if isinstance(options, RagOptions) else RagOptions()
+    return await asyncio.get_running_loop().run_in_executor(
+        None, lambda: state.rag_index.context(question, k=rag.k, min_score=rag.min_score))
+
+
+def _abstain(state: ServerState, body: ChatCompletionRequest, extra: dict[str, Any]) -> Any:
+    """The chat answer when retrieval found nothing relevant: "I don't know." in every choice, without running the
+    model (no tokens), as `ownllm rag ask` answers; streamed like any other answer."""
+    _params(body.to_sampling_params, state.default_max_tokens(0))  # a request that would be refused still is
+    answers = [Completion(IDK, [], "stop", prompt_tokens=0, seed=None, sequence_logprob=0.0) for _ in range(body.n)]
+    if not body.stream:
+        return formats.chat_response(body.model, 0, answers, extra)
+
+    async def events() -> AsyncIterator[tuple[int, TextDelta | Completion]]:
+        for index, answer in enumerate(answers):
+            yield index, TextDelta(answer.text, [])
+            yield index, answer
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return _sse(_chat_stream(body.model, 0, body.n, events(), include_usage, extra), None)
 
 
 __all__ = ["JSONResponse", "create_app"]

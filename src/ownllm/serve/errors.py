@@ -65,7 +65,7 @@ def from_ownllm(exc: OwnLLMError) -> tuple[int, str | None]:
 
     if isinstance(exc, QueueFull):
         return 429, "queue_full"
-    return _STATUS.get(exc.kind, 400), None
+    return _STATUS.get(exc.kind, 400), exc.code
 
 
 def sse_error(exc: BaseException) -> str:

@@ -21,7 +21,6 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     fine-tuning jobs API (its manager not started yet: `serve` starts it, or call `state.jobs.start()`)."""
     from ownllm.generate.batching import make_scheduler
     from ownllm.generate.open import open_engine
-    from ownllm.models.resolve import resolve
 
     if max_batch < 1 or max_queue < 1:
         raise OwnLLMError("max-batch and max-queue must be at least 1", param="max_batch")
@@ -36,8 +35,9 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
 
         rag_index = Index(rag_store)
         rag_index.search("warm up", k=1)  # fails now, not on the first request, if the store is missing
-    name = resolve(model).name if not model.startswith(("/", ".")) else Path(model).name
-    state = ServerState(engine=engine, scheduler=scheduler, model_name=model if "/" not in model else name,
+    # the name clients send: what the user typed, or the last part of a path or hub id (open_engine resolved it)
+    model_name = model if "/" not in model else Path(model.rstrip("/")).name
+    state = ServerState(engine=engine, scheduler=scheduler, model_name=model_name,
                         api_keys=list(api_keys or []), metrics_public=metrics_public,
                         adapters={k: Path(v) for k, v in (adapters or {}).items()},
                         limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens),
@@ -50,6 +50,18 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
         state.jobs = JobManager(JobStore(data_dir), base, on_model_ready=state.add_adapter,
                                 on_model_removed=state.remove_adapter, max_running=max_jobs, threads=job_threads)
     return state
+
+
+def startup_line(state: ServerState, host: str, port: int) -> str:
+    """What the server says when it starts: the model, the backend, whether requests decode together (and how
+    many) or one at a time and why, the context window per sequence, the address."""
+    batching = state.scheduler.batching
+    if batching["mode"] == "batched":
+        mode = f"batched, up to {batching['max_batch']} sequences"
+    else:
+        mode = f"one request at a time: {batching['reason']}"
+    return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}) on "
+            f"http://{host}:{port}/v1")
 
 
 def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> None:

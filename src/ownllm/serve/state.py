@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ownllm.errors import OwnLLMError
+from ownllm.errors import ContextWindowExceeded, OwnLLMError
 from ownllm.generate.batching import BatchScheduler, Request, SerialScheduler
 from ownllm.generate.engine import Completion, Engine, TextDelta
 from ownllm.generate.params import SamplingParams
@@ -92,14 +92,6 @@ class ServerState:
         OpenAI and vLLM do), so a long prompt without max_tokens is answered rather than refused."""
         return max(1, min(self.limits.default_max_tokens, self.context_length - prompt_tokens))
 
-    def check_fits(self, prompt_tokens: int, max_tokens: int, param: str = "messages") -> None:
-        if prompt_tokens + max_tokens > self.context_length:
-            where = "the messages" if param == "messages" else "the prompt"
-            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, "
-                           f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in {where}, "
-                           f"{max_tokens} in the completion). Please reduce the length of {where} or "
-                           "completion.", param=param, code="context_length_exceeded")
-
     def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, adapter: str | None = None,
                prompt_param: str = "messages") -> Generation:
         """Check every prompt, then queue all `len(prompts) x n` sequences of one API request at once, all or none,
@@ -107,10 +99,12 @@ class ServerState:
         Sequence `p * n + c` is choice c of prompt p; with a seed, it samples with seed + that index."""
         for ids in prompts:
             try:
-                self.engine.check_request(ids, params)
+                self.engine.check_request(ids, params, window=self.context_length, prompt_param=prompt_param)
+            except ContextWindowExceeded as exc:
+                where = "the messages" if prompt_param == "messages" else "the prompt"
+                raise APIError(400, exc.openai_message(where), param=prompt_param, code=exc.code) from None
             except OwnLLMError as exc:
-                raise APIError(400, str(exc), param=exc.param) from None
-            self.check_fits(len(ids), params.max_new_tokens, prompt_param)
+                raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
         return Generation(self, prompts, params, n, adapter)
 
 

@@ -8,30 +8,30 @@ from typing import Annotated
 
 import typer
 
-from ownllm.cli import at_least_one
+from ownllm.cli.options import JsonOpt, at_least_one, quiet_model_libraries
 from ownllm.errors import OwnLLMError
 
-data_app = typer.Typer(help="Check and clean training data before fine-tuning.", no_args_is_help=True)
 FormatOpt = Annotated[str | None, typer.Option("--format", help="chat | sharegpt | alpaca | completion | "
                                                                 "preference | text (default: detected)")]
 
 
-@data_app.command(name="check")
-def check_cmd(
+def check(
     data: Annotated[Path, typer.Argument(help="a JSONL file, or a .txt/.md file or folder")],
     fmt: FormatOpt = None,
     model: Annotated[str | None, typer.Option(help="tokenizer and chat template for token statistics")] = None,
     max_length: Annotated[int, typer.Option(help="examples longer than this would be truncated")] = 2048,
     timing: Annotated[bool, typer.Option(help="measure a training step to estimate time per epoch")] = True,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Report every problem by line, token statistics, duplicates and an estimated training time.
     Exit code 2 when nothing in the file is usable."""
-    from ownllm.data.doctor import check
-    from ownllm.render import out
+    from ownllm.cli.render import out
+    from ownllm.data.doctor import check as check_data
 
     at_least_one(max_length=max_length)
-    report, examples = check(data, fmt=fmt, model=model, max_length=max_length, measure_speed=timing)
+    if model is not None:  # only --model loads a tokenizer (and, with --timing, a model)
+        quiet_model_libraries()
+    report, examples = check_data(data, fmt=fmt, model=model, max_length=max_length, measure_speed=timing)
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
     else:
@@ -56,8 +56,7 @@ def check_cmd(
         raise OwnLLMError(f"{data}: no usable examples", param="data")
 
 
-@data_app.command(name="prepare")
-def prepare_cmd(
+def prepare(
     data: Annotated[Path, typer.Argument()],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for train.jsonl, validation.jsonl, report.json")],
     fmt: FormatOpt = None,
@@ -67,14 +66,14 @@ def prepare_cmd(
                               ] = 0.85,
 ) -> None:
     """Clean, deduplicate (before splitting), split; written atomically with a report of what was dropped."""
-    from ownllm.data.doctor import prepare
+    from ownllm.cli.render import out
+    from ownllm.data.doctor import prepare as prepare_data
     from ownllm.data.files import check_output_folder
-    from ownllm.render import out
 
     if not 0 < near_threshold <= 1:
         raise OwnLLMError(f"near-threshold must be in (0, 1], got {near_threshold}", param="near_threshold")
     check_output_folder(out_dir, param="out", replaces="report.json")  # replaced whole: never a user's folder
-    report = prepare(data, out_dir, fmt=fmt, val_ratio=val_ratio, seed=seed, near_threshold=near_threshold)
+    report = prepare_data(data, out_dir, fmt=fmt, val_ratio=val_ratio, seed=seed, near_threshold=near_threshold)
     dropped = report["dropped"]
     out.print(f"{report['kept']} kept of {report['read']} ({len(dropped['unusable'])} unusable, "
               f"{len(dropped['exact_duplicates'])} exact and {len(dropped['near_duplicates'])} near duplicates "

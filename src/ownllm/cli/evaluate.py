@@ -1,4 +1,4 @@
-"""`ownllm eval ...`: parse, call ownllm.evaluate, print. Registered on the main app by cli.py."""
+"""`ownllm eval ...`: perplexity, QA metrics, LLM-as-judge, harness tasks, base vs tuned."""
 
 from __future__ import annotations
 
@@ -8,17 +8,24 @@ from typing import Annotated, Any
 
 import typer
 
-from ownllm.cli import at_least_one
+from ownllm.cli.options import (
+    DtypeOpt,
+    JsonOpt,
+    MaxNewTokensOpt,
+    ModelArg,
+    SeedOpt,
+    StrategyOpt,
+    TemperatureOpt,
+    TopPOpt,
+    at_least_one,
+    check_url,
+    quiet_model_libraries,
+    sampling_params,
+)
 from ownllm.errors import OwnLLMError
 
-eval_app = typer.Typer(help="Evaluate models: perplexity, QA metrics, LLM-as-judge, harness tasks, compare.",
-                       no_args_is_help=True)
-
-ModelArg = Annotated[str, typer.Argument(help="alias, pulled name, HF folder, .gguf file or hub id")]
 DataOpt = Annotated[Path, typer.Option("--data", help="the evaluation data")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="folder for per-item results and the summary")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
-DtypeOpt = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")]
 
 
 def _progress(total: int, label: str) -> Any:
@@ -53,7 +60,7 @@ def _check_text_inputs(data: Path) -> None:
 def _print_summary(title: str, summary: dict[str, Any], as_json: bool) -> None:
     from rich.table import Table
 
-    from ownllm.render import out
+    from ownllm.cli.render import out
 
     if as_json:
         out.print_json(json.dumps(summary, default=float))
@@ -66,8 +73,7 @@ def _print_summary(title: str, summary: dict[str, Any], as_json: bool) -> None:
     out.print(table)
 
 
-@eval_app.command(name="perplexity")
-def perplexity_cmd(
+def perplexity(
     model: ModelArg,
     data: DataOpt,
     max_length: Annotated[int | None, typer.Option(help="window length (default min(context, 1024))")] = None,
@@ -78,17 +84,19 @@ def perplexity_cmd(
     """Sliding-window perplexity over text files, a folder, or the assistant turns of chat JSONL."""
     from dataclasses import asdict
 
-    from ownllm.evaluate.perplexity import load_documents, perplexity
-    from ownllm.generate.open import open_engine
-    from ownllm.render import err
-
     _check_text_inputs(data)
+    quiet_model_libraries()
+    from ownllm.cli.render import err
+    from ownllm.evaluate.perplexity import load_documents
+    from ownllm.evaluate.perplexity import perplexity as score
+    from ownllm.generate.open import open_engine
+
     engine = open_engine(model, dtype=dtype, backend="transformers")
     documents = load_documents(engine, data)
     progress, task = _progress(sum(sum(d.scored) for d in documents), "scoring tokens")
     with progress:
-        result = perplexity(engine, documents, max_length=max_length, stride=stride,
-                            progress=lambda n: progress.advance(task, n))
+        result = score(engine, documents, max_length=max_length, stride=stride,
+                       progress=lambda n: progress.advance(task, n))
     for note in result.notes:
         err.print(f"[yellow]note: {note}[/yellow]")
     summary = asdict(result)
@@ -96,30 +104,29 @@ def perplexity_cmd(
     _print_summary(f"perplexity of {model} on {data}", summary, as_json)
 
 
-@eval_app.command(name="qa")
-def qa_cmd(
+def qa(
     model: ModelArg,
     data: DataOpt,
     out: OutOpt = None,
     batch_size: Annotated[int, typer.Option(help="questions generated together")] = 16,
-    max_new_tokens: Annotated[int, typer.Option()] = 64,
-    strategy: Annotated[str, typer.Option(help="greedy | sample")] = "greedy",
-    temperature: Annotated[float | None, typer.Option()] = None,
-    top_p: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    max_new_tokens: MaxNewTokensOpt = 64,
+    strategy: StrategyOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Answer questions and score them: exact match, token F1, ROUGE-L, contains-answer."""
+    at_least_one(batch_size=batch_size)
+    _check_out(out)
+    quiet_model_libraries()
     from ownllm.evaluate.qa import read_questions, results_as_rows, run_qa, summarize
     from ownllm.evaluate.reports import write_results
     from ownllm.generate.open import open_engine
-    from ownllm.generate.params import SamplingParams
 
-    at_least_one(batch_size=batch_size)
-    _check_out(out)
-    params = SamplingParams.from_options(strategy=strategy, temperature=temperature, top_p=top_p, seed=seed,
-                                         max_new_tokens=max_new_tokens)
+    params = sampling_params(strategy=strategy, temperature=temperature, top_p=top_p, seed=seed,
+                             max_new_tokens=max_new_tokens)
     items = read_questions(data)
     engine = open_engine(model, dtype=dtype)
     progress, task = _progress(len(items), "answering")
@@ -131,8 +138,7 @@ def qa_cmd(
     _print_summary(f"QA: {model} on {data}", summary, as_json)
 
 
-@eval_app.command(name="judge")
-def judge_cmd(
+def judge(
     answers: Annotated[Path, typer.Option("--answers", help="JSONL: question, answer, optional reference")],
     judge: Annotated[str, typer.Option("--judge", help="a local model, or the URL of an OpenAI-compatible server")],
     against: Annotated[Path | None, typer.Option(help="second answers file: pairwise, order swapped")] = None,
@@ -151,11 +157,10 @@ def judge_cmd(
     items = judging.read_answers(answers, against)
     template = read_text_file(rubric, param="rubric") if rubric is not None else None
     if judge.startswith(("http://", "https://")):
-        from ownllm.cli import check_url
-
         check_url(judge, param="judge")
         chosen = judging.endpoint_judge(judge, model=judge_model, api_key=api_key)
     else:
+        quiet_model_libraries()
         chosen = judging.local_judge(judge)
     progress, task = _progress(len(items), "judging")
     with progress:
@@ -171,8 +176,7 @@ def judge_cmd(
     _print_summary(f"judged by {chosen.name}", summary, as_json)
 
 
-@eval_app.command(name="harness")
-def harness_cmd(
+def harness(
     model: ModelArg,
     tasks: Annotated[list[str], typer.Option("--tasks", help="task YAML with local data (repeatable)")],
     limit: Annotated[int | None, typer.Option(help="at most this many documents per task")] = None,
@@ -181,12 +185,13 @@ def harness_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Run lm-evaluation-harness tasks on a local model; data comes from local files only."""
+    at_least_one(limit=limit)
+    _check_out(out)
+    quiet_model_libraries()
     from ownllm.evaluate.harness import run_harness
     from ownllm.generate.open import open_engine
     from ownllm.home import atomic_write_json
 
-    at_least_one(limit=limit)
-    _check_out(out)
     engine = open_engine(model, dtype=dtype, backend="transformers")
     results = run_harness(engine, tasks, limit=limit)
     clean = json.loads(json.dumps(results, default=float))
@@ -197,25 +202,26 @@ def harness_cmd(
         _print_summary(f"{name}", shown, as_json)
 
 
-@eval_app.command(name="compare")
-def compare_cmd(
+def compare(
     base: ModelArg,
     tuned: Annotated[str, typer.Argument(help="the model to compare against the base")],
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", help="report folder")] = Path("eval-report"),
     batch_size: Annotated[int, typer.Option()] = 16,
-    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    max_new_tokens: MaxNewTokensOpt = 64,
     dtype: DtypeOpt = "auto",
 ) -> None:
     """QA metrics and answer perplexity for BASE and TUNED: report.md, report.json and chart.png."""
     from ownllm.data.files import check_output_folder
-    from ownllm.evaluate.compare import compare
-    from ownllm.generate.params import SamplingParams
-    from ownllm.render import out as console
 
     at_least_one(batch_size=batch_size)
     check_output_folder(out, param="out", replaces="report.json")  # replaced whole: never a user's folder
-    report = compare(base, tuned, data, out, params=SamplingParams(max_new_tokens=max_new_tokens),
+    quiet_model_libraries()
+    from ownllm.cli.render import out as console
+    from ownllm.evaluate.compare import compare as compare_models
+    from ownllm.generate.params import SamplingParams
+
+    report = compare_models(base, tuned, data, out, params=SamplingParams(max_new_tokens=max_new_tokens),
                      batch_size=batch_size, dtype=dtype)
     metrics = report["metrics"]
     for name in metrics["base"]:

@@ -12,16 +12,14 @@ from typing import Annotated, Any
 
 import typer
 
-jobs_app = typer.Typer(help="Fine-tuning jobs on a running server (OpenAI's API, locally).", no_args_is_help=True)
+from ownllm.cli.options import JsonOpt, at_least_one, check_url
 
 UrlOpt = Annotated[str | None, typer.Option("--url", help="server (default $OWNLLM_URL or http://127.0.0.1:8000)")]
 KeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key (default $OWNLLM_API_KEY)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the server's JSON")]
 
 
 def _client(url: str | None, api_key: str | None) -> Any:
-    from ownllm.cli import check_url
-    from ownllm.jobs.client import JobsClient
+    from ownllm.client.jobs import JobsClient
 
     given = url or os.environ.get("OWNLLM_URL")
     if given:
@@ -34,13 +32,13 @@ def _when(stamp: int | None) -> str:
 
 
 def _print_event(event: dict[str, Any]) -> None:
-    from ownllm.render import out
+    from ownllm.cli.render import out
 
     out.print(f"{_when(event['created_at'])}  {event['message']}", highlight=False)
 
 
 def _show(job: dict[str, Any], as_json: bool) -> None:
-    from ownllm.render import out
+    from ownllm.cli.render import out
 
     if as_json:
         out.print_json(json.dumps(job))
@@ -58,16 +56,14 @@ def _show(job: dict[str, Any], as_json: bool) -> None:
     out.print("\n".join(lines))
 
 
-@jobs_app.command()
 def upload(file: Annotated[Path, typer.Argument(help="JSONL training data")], url: UrlOpt = None,
            api_key: KeyOpt = None, purpose: Annotated[str, typer.Option()] = "fine-tune") -> None:
     """Upload a training file; prints its file id."""
-    from ownllm.render import out
+    from ownllm.cli.render import out
 
     out.print(_client(url, api_key).upload(file, purpose)["id"])
 
 
-@jobs_app.command()
 def create(
     training_file: Annotated[str, typer.Argument(help="a file id, or a local JSONL file to upload first")],
     model: Annotated[str, typer.Option("--model", help="the server's base model")],
@@ -99,14 +95,12 @@ def create(
         raise typer.Exit(1)  # the job's own error is printed above; scripts need to tell it from a success
 
 
-@jobs_app.command(name="list")
 def list_jobs(limit: Annotated[int, typer.Option()] = 20, url: UrlOpt = None, api_key: KeyOpt = None,
               as_json: JsonOpt = False) -> None:
     """Jobs, newest first."""
     from rich.table import Table
 
-    from ownllm.cli import at_least_one
-    from ownllm.render import out
+    from ownllm.cli.render import out
 
     at_least_one(limit=limit)
     found = _client(url, api_key).list(limit)
@@ -120,13 +114,11 @@ def list_jobs(limit: Annotated[int, typer.Option()] = 20, url: UrlOpt = None, ap
     out.print(table)
 
 
-@jobs_app.command()
 def show(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """One job: status, hyper-parameters, the model it made, or its error."""
     _show(_client(url, api_key).get(job_id), as_json)
 
 
-@jobs_app.command()
 def events(job_id: str, follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the "
                                                                                       "job ends")] = False,
            url: UrlOpt = None, api_key: KeyOpt = None) -> None:
@@ -154,7 +146,6 @@ def _follow(client: Any, job_id: str) -> str:
         time.sleep(2)
 
 
-@jobs_app.command()
 def cancel(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Cancel a job: training stops at the next step."""
     _show(_client(url, api_key).cancel(job_id), as_json)

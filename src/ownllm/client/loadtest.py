@@ -1,4 +1,4 @@
-"""`ownllm bench serve`: load-test any OpenAI-compatible server (like `vllm bench serve`).
+"""Load-test any OpenAI-compatible server, like `vllm bench serve` (what `ownllm bench serve` and bench/serve.py run).
 
 For each concurrency level, `requests` streaming chat requests run with at most `concurrency` in flight;
 per request we time the first token (TTFT), the gaps between streamed pieces (ITL), time per output token

@@ -15,6 +15,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 class JobsClient:
+    """The files and fine-tuning jobs endpoints of the server at `url` (default $OWNLLM_URL, then
+    http://127.0.0.1:8000); the API key defaults to $OWNLLM_API_KEY, then $OPENAI_API_KEY."""
+
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.url = (url or os.environ.get("OWNLLM_URL") or DEFAULT_URL).rstrip("/").removesuffix("/v1")
         key = api_key or os.environ.get("OWNLLM_API_KEY") or os.environ.get("OPENAI_API_KEY")

@@ -8,17 +8,15 @@ from typing import Annotated
 
 import typer
 
-rag_app = typer.Typer(help="Answer from your own documents: index, query, ask, eval.", no_args_is_help=True)
+from ownllm.cli.options import JsonOpt, MaxNewTokensOpt, quiet_model_libraries
 
 StoreOpt = Annotated[str, typer.Option("--store", help="SQLite file, qdrant://host:port/collection, or "
                                                         "qdrant+local:FOLDER")]
 KOpt = Annotated[int, typer.Option("-k", help="how many chunks")]
 ModeOpt = Annotated[str, typer.Option(help="dense | bm25 | hybrid (reciprocal rank fusion)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
-@rag_app.command(name="index")
-def index_cmd(
+def index(
     paths: Annotated[list[Path], typer.Argument(help="files or folders (.txt .md .pdf .html .jsonl .csv)")],
     store: StoreOpt,
     embedding_model: Annotated[str | None, typer.Option(help="sentence-transformers model "
@@ -28,32 +26,32 @@ def index_cmd(
     text_field: Annotated[str, typer.Option(help="the text column of .jsonl/.csv files")] = "text",
 ) -> None:
     """Index documents; re-running skips unchanged files, replaces changed ones, drops removed ones."""
+    quiet_model_libraries()
+    from ownllm.cli.render import err, out
     from ownllm.rag.index import Index
-    from ownllm.render import err, out
 
-    index = Index(store, embedding_model=embedding_model, chunk_size=chunk_size, chunk_overlap=chunk_overlap)
+    documents = Index(store, embedding_model=embedding_model, chunk_size=chunk_size, chunk_overlap=chunk_overlap)
     with err.status("indexing") as status:
-        report = index.build(paths, text_field=text_field,
+        report = documents.build(paths, text_field=text_field,
                              progress=lambda source, n, total: status.update(f"indexing {n}/{total} {source}"))
     for source, why in report.failed:
         err.print(f"[yellow]skipped {source}: {why}[/yellow]")
     out.print(f"{len(report.added)} added, {len(report.updated)} updated, {len(report.removed)} removed, "
               f"{len(report.unchanged)} unchanged, {len(report.failed)} skipped; {report.chunks} chunks written "
-              f"(chunks of at most {index.chunk_size} tokens, {index.embedding_model})")
-    index.close()
+              f"(chunks of at most {documents.chunk_size} tokens, {documents.embedding_model})")
+    documents.close()
 
 
-@rag_app.command(name="query")
-def query_cmd(question: Annotated[str, typer.Argument()], store: StoreOpt, k: KOpt = 5, mode: ModeOpt = "hybrid",
+def query(question: Annotated[str, typer.Argument()], store: StoreOpt, k: KOpt = 5, mode: ModeOpt = "hybrid",
               as_json: JsonOpt = False) -> None:
     """Search: the best chunks with their source file, page or heading, and score."""
+    quiet_model_libraries()
     from rich.table import Table
 
+    from ownllm.cli.render import out
     from ownllm.rag.index import Index
-    from ownllm.render import out
 
-    index = Index(store)
-    hits = index.search(question, k=k, mode=mode)  # type: ignore[arg-type]
+    hits = Index(store).search(question, k=k, mode=mode)  # type: ignore[arg-type]
     if as_json:
         out.print_json(json.dumps([{"rank": h.rank, "score": h.score, "source": h.chunk.source,
                                     "page": h.chunk.page, "heading": h.chunk.heading, "text": h.chunk.text}
@@ -69,25 +67,26 @@ def query_cmd(question: Annotated[str, typer.Argument()], store: StoreOpt, k: KO
     out.print(table)
 
 
-@rag_app.command(name="ask")
-def ask_cmd(
+def ask(
     question: Annotated[str, typer.Argument()],
     store: StoreOpt,
     model: Annotated[str, typer.Option("--model", help="the model that answers")] = "smollm2-135m-instruct",
     k: KOpt = 4,
     min_score: Annotated[float, typer.Option(help="below this best similarity: 'I don't know' without asking "
                                                   "the model")] = 0.3,
-    max_new_tokens: Annotated[int, typer.Option()] = 256,
+    max_new_tokens: MaxNewTokensOpt = 256,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer from the documents with numbered citations; lists the sources after the answer."""
+    quiet_model_libraries()
+    from ownllm.cli.render import out
     from ownllm.rag.index import Answer, Index
     from ownllm.rag.prompt import source_label
-    from ownllm.render import out
 
-    index = Index(store)
+    documents = Index(store)
     answer = None
-    for event in index.stream_answer(question, model=model, k=k, min_score=min_score, max_new_tokens=max_new_tokens):
+    for event in documents.stream_answer(question, model=model, k=k, min_score=min_score,
+                                         max_new_tokens=max_new_tokens):
         if isinstance(event, Answer):
             answer = event
         elif not as_json:
@@ -105,16 +104,16 @@ def ask_cmd(
         out.print(f"[{n}] {source_label(hit.chunk)}")
 
 
-@rag_app.command(name="eval")
-def eval_cmd(store: StoreOpt,
+def evaluate(store: StoreOpt,
              questions: Annotated[Path, typer.Option("--questions", help="JSONL: question, source")],
              as_json: JsonOpt = False) -> None:
     """Recall@1/5/10 and MRR of dense, BM25 and hybrid search side by side."""
+    quiet_model_libraries()
     from rich.table import Table
 
+    from ownllm.cli.render import out
     from ownllm.rag.evaluation import evaluate_retrieval, read_retrieval_questions
     from ownllm.rag.index import Index
-    from ownllm.render import out
 
     results = evaluate_retrieval(Index(store), read_retrieval_questions(questions))
     if as_json:

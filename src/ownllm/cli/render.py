@@ -1,17 +1,20 @@
-"""How the CLI shows results: rich tables and plain JSON. Printing lives here and in cli.py only."""
+"""How the CLI shows results: rich tables and plain JSON. Printing lives in the cli package only.
+
+The result types are imported for type checking only: importing this module must not import torch."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from ownllm.generate.engine import Completion
-from ownllm.generate.sampling import StepExplanation
-from ownllm.models.memory import Estimate
-from ownllm.models.tokens import TokenReport
+if TYPE_CHECKING:
+    from ownllm.generate.engine import Completion
+    from ownllm.generate.sampling import StepExplanation
+    from ownllm.models.memory import Estimate
+    from ownllm.models.tokens import TokenReport
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

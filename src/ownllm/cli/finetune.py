@@ -1,0 +1,77 @@
+"""`ownllm finetune` and `ownllm merge`: train on your data, fold a LoRA adapter into its base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ownllm.cli.options import quiet_model_libraries
+
+
+def finetune(
+    model: Annotated[str | None, typer.Argument(help="base model (alias, folder, .gguf, hub id); default: the "
+                                                     "config's")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="training file (chat, ShareGPT, Alpaca, "
+                                                            "prompt/completion, text)")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="run folder (default runs/finetune)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (options below override it)")] = None,
+    method: Annotated[str | None, typer.Option(help="lora | qlora | full | dpo | cpt | prompt-tuning")] = None,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="cpt: pretrain a small fresh model")] = False,
+    packing: Annotated[bool, typer.Option("--packing", help="pack examples into full-length rows")] = False,
+    validation: Annotated[str | None, typer.Option(help="validation file (default: split from --data)")] = None,
+    val_ratio: Annotated[float | None, typer.Option(help="share of --data held out when no --validation")] = None,
+    epochs: Annotated[float | None, typer.Option()] = None,
+    max_steps: Annotated[int | None, typer.Option(help="> 0 overrides epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    grad_accum: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    max_length: Annotated[int | None, typer.Option()] = None,
+    eval_every: Annotated[int | None, typer.Option()] = None,
+    save_every: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    lora_r: Annotated[int | None, typer.Option("--lora-r")] = None,
+    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha")] = None,
+    replay: Annotated[int | None, typer.Option(help="mix in the base's answers to N general prompts (less "
+                                                    "forgetting)")] = None,
+    replay_ratio: Annotated[float | None, typer.Option(help="... or to R prompts per training example")] = None,
+    early_stopping: Annotated[int | None, typer.Option(help="stop after N validations without improvement")
+                              ] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="training processes (DDP through torchrun)")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run folder from its latest checkpoint")
+                      ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an earlier run in --out")] = False,
+) -> None:
+    """Fine-tune on your data (loss on assistant tokens only), with checkpoints, resume, metrics and a loss plot."""
+    from ownllm.finetune.config import load_config
+
+    cfg = load_config(config, model=model, data=data, out=out, method=method, validation=validation,
+                      val_ratio=val_ratio, epochs=epochs,
+                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
+                      eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
+                      from_scratch=from_scratch or None, packing=packing or None, replay=replay,
+                      replay_ratio=replay_ratio, early_stopping=early_stopping)
+    quiet_model_libraries()
+    from ownllm.cli.render import checks_table
+    from ownllm.cli.render import out as console
+    from ownllm.finetune.run import run as run_training  # after the config: its errors come without the wait
+
+    result = run_training(cfg, resume=resume, overwrite=overwrite, processes=nproc)
+    evaluation = f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    console.print(f"{result.steps} steps in {result.seconds:.0f} s, train loss {result.train_loss:.4f}{evaluation}; "
+                  f"run folder {result.run_dir} (use it: ownllm chat {result.run_dir})")
+    if result.checks:
+        console.print(checks_table(result.checks))
+
+
+def merge(
+    run: Annotated[str, typer.Argument(help="a LoRA run folder (or its final/ adapter)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the merged model")],
+) -> None:
+    """Fold a LoRA adapter into its base model: a standalone model folder with the same outputs."""
+    quiet_model_libraries()
+    from ownllm.cli.render import out as console
+    from ownllm.finetune.merge import merge as merge_run
+
+    console.print(f"merged model: {merge_run(run, out)}")

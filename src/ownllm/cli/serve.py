@@ -1,0 +1,120 @@
+"""`ownllm serve` (an OpenAI-compatible server) and `ownllm bench serve` (a load test for any such server)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ownllm.cli.options import BackendOpt, DtypeOpt, JsonOpt, ModelArg, at_least_one, check_url, quiet_model_libraries
+from ownllm.errors import OwnLLMError
+
+
+def serve(
+    model: ModelArg,
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=FOLDER of a LoRA adapter (repeatable)")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[list[str] | None, typer.Option(help="accepted API key (repeatable); none: no auth")] = None,
+    metrics_public: Annotated[bool, typer.Option(help="serve /metrics without a key even when keys are set")] = False,
+    max_batch: Annotated[int, typer.Option(help="sequences decoded together")] = 16,
+    max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 64,
+    max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 1 << 20,
+    max_model_len: Annotated[int | None, typer.Option(help="context per sequence (default min(model, 2048)); a KV "
+                                                           "cache of max-batch such sequences is allocated at start")
+                             ] = None,
+    embedding_model: Annotated[str, typer.Option(help="model for /v1/embeddings")] = "all-MiniLM-L6-v2",
+    rag_store: Annotated[str | None, typer.Option(help="document store for chat requests with \"rag\"")] = None,
+    backend: BackendOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="files and fine-tuning jobs (default: OWNLLM_HOME/server)")
+                        ] = None,
+    jobs: Annotated[bool, typer.Option("--jobs/--no-jobs", help="offer /v1/files and /v1/fine_tuning/jobs")] = True,
+    max_jobs: Annotated[int, typer.Option(min=1, help="fine-tuning jobs trained at the same time")] = 1,
+    job_threads: Annotated[int | None, typer.Option(min=1, help="CPU threads per training job (default: half the "
+                                                              "cores; serving keeps the rest)")] = None,
+) -> None:
+    """Serve an OpenAI-compatible API (chat, completions, embeddings, models, files, fine-tuning jobs) with
+    continuous batching."""
+    from ownllm.home import ownllm_home
+
+    if not 0 <= port <= 65535:
+        raise OwnLLMError(f"port must be from 0 to 65535, got {port}", param="port")
+    at_least_one(max_body=max_body, max_model_len=max_model_len)
+    home = (data_dir or ownllm_home() / "server") if jobs else None
+    if home is not None:
+        from ownllm.data.files import check_output_folder
+
+        check_output_folder(home, param="data_dir")
+    keys = list(api_key or []) + [k for k in os.environ.get("OWNLLM_API_KEYS", "").split(",") if k]
+    adapters = {}
+    for item in adapter or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise OwnLLMError(f"--adapter takes NAME=FOLDER, got '{item}'", param="adapter")
+        adapters[name] = Path(folder)
+    quiet_model_libraries()
+    from rich.markup import escape
+
+    from ownllm.cli.render import err
+    from ownllm.serve.run import build_state, startup_line
+    from ownllm.serve.run import serve as run_server
+
+    state = build_state(model, adapters=adapters, api_keys=keys, max_batch=max_batch, max_queue=max_queue,
+                        max_body=max_body, max_model_len=max_model_len, dtype=dtype, backend=backend,
+                        embedding_model=embedding_model, rag_store=rag_store,
+                        data_dir=home, max_jobs=max_jobs, job_threads=job_threads,
+                        metrics_public=metrics_public)
+    err.print(f"[dim]{escape(startup_line(state, host, port))}[/dim]")
+    run_server(state, host=host, port=port)
+
+
+def bench_serve(
+    url: Annotated[str, typer.Option(help="base URL of any OpenAI-compatible server")] = "http://127.0.0.1:8000",
+    concurrency: Annotated[str, typer.Option(help="comma-separated levels")] = "1,4,8,16",
+    prompts: Annotated[str, typer.Option(help="random, or a .jsonl (prompt/messages) or text file")] = "random",
+    max_tokens: Annotated[int, typer.Option(help="max tokens per request")] = 128,
+    requests: Annotated[int | None, typer.Option(help="requests per level (default 2 x concurrency)")] = None,
+    model: Annotated[str | None, typer.Option(help="model name (default: the server's first)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Throughput and latency (TTFT, TPOT, ITL, end to end; p50/p95/p99) at several concurrency levels."""
+    from rich.table import Table
+
+    from ownllm.cli.render import out
+    from ownllm.client.loadtest import run_benchmark
+
+    try:
+        levels = [int(c) for c in concurrency.split(",")]
+    except ValueError:
+        raise OwnLLMError(f"concurrency takes numbers like 1,4,8,16, got '{concurrency}'",
+                          param="concurrency") from None
+    if min(levels) < 1:
+        raise OwnLLMError(f"concurrency levels must be at least 1, got '{concurrency}'", param="concurrency")
+    at_least_one(max_tokens=max_tokens, requests=requests)
+    check_url(url)
+    if prompts != "random":
+        from ownllm.data.files import read_text_file
+
+        read_text_file(Path(prompts), param="prompts")  # missing, a folder, not UTF-8: say so before any request
+    results = run_benchmark(url, concurrency=levels, prompts=prompts, max_tokens=max_tokens,
+                            requests_per_level=requests, model=model, api_key=api_key)
+    rows = [r.as_dict() for r in results]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"bench serve {url}", title_justify="left")
+    columns = ["concurrency", "requests", "errors", "output_tokens_per_s", "requests_per_s", "ttft_p50_ms",
+               "ttft_p95_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in columns))
+    out.print(table)
+    for row in rows:
+        if row.get("first_error"):
+            out.print(f"[yellow]concurrency {row['concurrency']}: first error: {row['first_error']}[/yellow]")

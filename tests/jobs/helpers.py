@@ -1,0 +1,25 @@
+"""What the jobs tests share: the shipped training data and the client-side waits."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import openai
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+def wait_for(client: openai.OpenAI, job_id: str, statuses: tuple[str, ...], timeout: float = 400) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {job.status} after {timeout} s")
+
+
+def upload(client: openai.OpenAI, path: Path) -> str:
+    with path.open("rb") as handle:
+        return client.files.create(file=handle, purpose="fine-tune").id
