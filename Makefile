@@ -31,9 +31,11 @@ finetune-demo: setup
 	$(OWNLLM) finetune --config examples/finetune-facts.yaml --out runs/facts --overwrite
 	$(OWNLLM) generate runs/facts "Who founded Norvale Instruments?" --chat --max-new-tokens 24
 
-# pytest exits 5 when it collects no test: say so instead of failing on it.
+# Two pytest workers, a test file each at a time: much of a test's time is a process starting, a server loading or
+# a subprocess waiting, which the other worker fills. pytest exits 5 when it collects no test: say so.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" || exit $$rc; }
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest collected no tests" || exit $$rc; }
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -11,19 +11,24 @@ import typer
 
 from ownllm.cli.options import (
     BackendOpt,
+    ChoiceOpt,
     DeviceOpt,
     DtypeOpt,
+    GrammarOpt,
     JsonOpt,
     MaxNewTokensOpt,
     ModelArg,
     NumBeamsOpt,
+    RegexOpt,
     RepetitionPenaltyOpt,
+    SchemaOpt,
     SeedOpt,
     StopOpt,
     StrategyOpt,
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    constraint_option,
     finite,
     quiet_model_libraries,
     sampling_params,
@@ -88,24 +93,32 @@ def generate(
     stream: Annotated[bool, typer.Option("--stream", help="print tokens as they come")] = False,
     explain: Annotated[int, typer.Option(help="show the top-N candidates and every filter at each step")] = 0,
     logprobs: Annotated[int | None, typer.Option(help="return the top-N logprobs per token")] = None,
+    schema: SchemaOpt = None,
+    regex: RegexOpt = None,
+    grammar: GrammarOpt = None,
+    choice: ChoiceOpt = None,
     as_json: JsonOpt = False,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
 ) -> None:
-    """Generate text, with any decoding strategy, and optionally see each step's probabilities."""
+    """Generate text, with any decoding strategy, and optionally see each step's probabilities. --schema, --regex,
+    --grammar or --choice make the output follow a JSON schema, a pattern, a grammar or a list of answers."""
     text = _read_text(prompt, file, "prompt")
     if not text.strip():
         raise OwnLLMError("the prompt is empty", param="prompt")
     params = sampling_params(strategy=strategy, num_beams=num_beams, temperature=temperature, top_k=top_k,
                              top_p=top_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
-                             stop=stop or None, seed=seed, explain=explain, logprobs=logprobs)
+                             stop=stop or None, seed=seed, explain=explain, logprobs=logprobs,
+                             constraint=constraint_option(schema, regex, grammar, choice))
     quiet_model_libraries()
     from ownllm.cli.render import completion_json, err, explanation_table, out
     from ownllm.generate.engine import Completion
     from ownllm.generate.open import open_engine
 
     engine = open_engine(model, backend=backend, dtype=dtype, device=device)
+    if params.constraint is not None:
+        engine.check_constraint(params.constraint)
     source = engine.render_chat([{"role": "user", "content": text}]) if chat else text
     completion: Completion | None = None
     for event in engine.stream(source, params):
@@ -128,6 +141,9 @@ def generate(
     seed_note = f", seed {completion.seed}" if completion.seed is not None else ""
     err.print(f"[dim]{completion.completion_tokens} tokens, {completion.tokens_per_second:.1f} tok/s, "
               f"finish: {completion.finish_reason}, {engine.backend}{seed_note}[/dim]")
+    if params.constraint is not None and completion.finish_reason == "length":
+        err.print(f"[yellow]max-new-tokens ran out before the output was complete: it does not follow "
+                  f"{params.constraint.where} yet (raise --max-new-tokens)[/yellow]")
 
 
 def chat(
@@ -140,13 +156,19 @@ def chat(
     repetition_penalty: RepetitionPenaltyOpt = None,
     max_new_tokens: MaxNewTokensOpt = 256,
     seed: SeedOpt = None,
+    schema: SchemaOpt = None,
+    regex: RegexOpt = None,
+    grammar: GrammarOpt = None,
+    choice: ChoiceOpt = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
 ) -> None:
-    """Chat with streaming replies. Commands: /reset, /save FILE, /exit. Also reads turns from a pipe."""
+    """Chat with streaming replies. Commands: /reset, /save FILE, /exit. Also reads turns from a pipe. --schema,
+    --regex, --grammar or --choice constrain every reply."""
     params = sampling_params(strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed)
+                             repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+                             constraint=constraint_option(schema, regex, grammar, choice))
     quiet_model_libraries()
     from ownllm.cli.render import err, out
     from ownllm.data.files import check_output_file
@@ -155,6 +177,8 @@ def chat(
     from ownllm.generate.open import open_engine
 
     engine = open_engine(model, backend=backend, dtype=dtype, device=device)
+    if params.constraint is not None:
+        engine.check_constraint(params.constraint)
     session = ChatSession(engine=engine, system=system, params=params)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -6,6 +6,7 @@ Nothing here imports torch or transformers at module level: every verb module im
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -33,6 +34,16 @@ MaxNewTokensOpt = Annotated[int, typer.Option(help="most tokens to generate per 
 StopOpt = Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")]
 SeedOpt = Annotated[int | None, typer.Option(help="seed for sampling (printed when not given)")]
 
+# Constraints on the output (at most one), enforced token by token: see constraint_option.
+SchemaOpt = Annotated[Path | None, typer.Option("--schema", help="JSON schema file: the reply is JSON valid against it",
+                                                show_default=False)]
+RegexOpt = Annotated[str | None, typer.Option("--regex", help="the reply matches this regular expression",
+                                              show_default=False)]
+GrammarOpt = Annotated[Path | None, typer.Option("--grammar", help="grammar file the reply follows: Lark (.lark) or "
+                                                 "GBNF (.gbnf)", show_default=False)]
+ChoiceOpt = Annotated[str | None, typer.Option("--choice", help="comma-separated answers: the reply is exactly one",
+                                               show_default=False)]
+
 
 def sampling_params(**options: Any) -> Any:
     """SamplingParams from the sampling options; with no --strategy, a sampling knob given alone means: sample."""
@@ -42,6 +53,67 @@ def sampling_params(**options: Any) -> Any:
         knobs = ("temperature", "top_k", "top_p")
         options["strategy"] = "sample" if any(options.get(k) is not None for k in knobs) else "greedy"
     return SamplingParams.from_options(**options)
+
+
+def constraint_option(schema: Path | None = None, regex: str | None = None, grammar: Path | None = None,
+                      choice: str | None = None) -> Any:
+    """The Constraint (ownllm.generate.constraints) that --schema, --regex, --grammar or --choice asks for, or None;
+    files are read and the constraint compiled (without the tokenizer) here, before a model loads."""
+    constraint = _constraint_option(schema, regex, grammar, choice)
+    if constraint is not None:
+        constraint.check()
+    return constraint
+
+
+def _constraint_option(schema: Path | None, regex: str | None, grammar: Path | None, choice: str | None) -> Any:
+    import json
+
+    from ownllm.data.files import read_text_file
+    from ownllm.generate.constraints import Constraint
+
+    given = [f"--{name}" for name, value in (("schema", schema), ("regex", regex), ("grammar", grammar),
+                                             ("choice", choice)) if value is not None]
+    if len(given) > 1:
+        raise OwnLLMError(f"give at most one of --schema, --regex, --grammar and --choice, got {' and '.join(given)}",
+                          param=given[0][2:])
+    if schema is not None:
+        text = read_text_file(schema, param="schema")
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise OwnLLMError(f"--schema {schema}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+                              param="schema") from None
+        if not isinstance(document, dict):
+            raise OwnLLMError(f"--schema {schema}: a JSON schema is a JSON object, this file holds a "
+                              f"{type(document).__name__}", param="schema")
+        try:
+            built = Constraint.json_schema(document)
+        except OwnLLMError as exc:
+            raise OwnLLMError(f"--schema {schema}: {exc.message}", param="schema") from None
+        return built.named("schema", f"--schema {schema}")
+    if regex is not None:
+        if not regex:
+            raise OwnLLMError("--regex is empty", param="regex")
+        return Constraint.regex(regex).named("regex", "--regex")
+    if grammar is not None:
+        kinds = {".lark": Constraint.lark, ".gbnf": Constraint.gbnf}
+        build = kinds.get(grammar.suffix.lower())
+        if build is None:
+            raise OwnLLMError(f"--grammar {grammar}: the file name must end in .lark or .gbnf (it says which grammar "
+                              "format the file is in)", param="grammar")
+        text = read_text_file(grammar, param="grammar")
+        if not text.strip():
+            raise OwnLLMError(f"--grammar {grammar}: the file is empty", param="grammar")
+        return build(text).named("grammar", f"--grammar {grammar}")
+    if choice is not None:
+        options = [option.strip() for option in choice.split(",")]
+        if not all(options):
+            raise OwnLLMError(f"--choice {choice!r}: empty answer in the list (write them as a,b,c)", param="choice")
+        try:
+            return Constraint.choice(options).named("choice", "--choice")
+        except OwnLLMError as exc:
+            raise OwnLLMError(f"--choice {choice!r}: {exc.message}", param="choice") from None
+    return None
 
 
 def quiet_model_libraries() -> None:

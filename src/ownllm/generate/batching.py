@@ -2,7 +2,8 @@
 
 Between decode steps the loop admits waiting requests (up to `max_batch` running), prefills one prompt
 chunk, then advances every running sequence by one token in a single batched forward; each request keeps
-its own sampling parameters, stop strings and token budget, and leaves the batch the moment it finishes
+its own sampling parameters, constraint (a grammar state of its own; the constrained rows' masks are computed
+together before each step), stop strings and token budget, and leaves the batch the moment it finishes
 or its client goes away. Events go to each request's `sink` from the loop thread.
 
 What decodes the batch is the engine's: `Engine.batched_model` (the slot forward of the transformers
@@ -15,6 +16,7 @@ replay) decodes with the same loop as the server.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
+from ownllm.generate.constraints import fill_masks
 from ownllm.generate.engine import BatchedModel, Completion, Decoding, Engine, TextDelta, choose_step
 from ownllm.generate.params import SamplingParams
 
@@ -273,6 +276,12 @@ class BatchScheduler(_Loop):
         rows = [r for r in self.running if r.next_token is not None]
         if not rows:
             return
+        grammars = [r.decoding.grammar for r in rows if r.decoding is not None and r.decoding.grammar is not None]
+        if grammars:
+            # the constrained rows' next masks, on llguidance's threads, in one call; a grammar that fails here
+            # fails again, for its own row only, when its token is chosen
+            with contextlib.suppress(OwnLLMError):
+                fill_masks(grammars)
         try:
             logits = list(self._decode(rows))
         except Exception:
@@ -301,7 +310,7 @@ class BatchScheduler(_Loop):
         assert decoding is not None and request.seen is not None
         try:
             step = choose_step(logits, params, request.seen, request.generator,
-                               [s.token_id for s in decoding.steps], decode=self._piece)
+                               [s.token_id for s in decoding.steps], decode=self._piece, grammar=decoding.grammar)
             token = step.token_id
         except Exception as exc:
             log.exception("choosing a token for request %s failed", request.id)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from ownllm.errors import ContextWindowExceeded, OwnLLMError, check_text
+from ownllm.generate.constraints import Constraint, Grammars, GrammarState
 from ownllm.generate.params import SamplingParams
 from ownllm.generate.sampling import StepExplanation, pick_token, top_logprobs
 from ownllm.generate.text import IncrementalText
@@ -31,14 +32,20 @@ class Step:
 
 
 def choose_step(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
-                generator: torch.Generator | None, generated: list[int], decode: object = None) -> Step:
+                generator: torch.Generator | None, generated: list[int], decode: object = None,
+                grammar: GrammarState | None = None) -> Step:
     """One token from one position's logits, with its log-probability (and the top ones, if asked for).
 
-    Every backend and the batch scheduler choose through here, so sampling means the same everywhere.
+    Every backend and the batch scheduler choose through here, so sampling means the same everywhere. With a
+    `grammar` (the sequence's constraint state), only the tokens it allows can be chosen, and the chosen one
+    moves it on; the log-probabilities stay the model's own (before the mask, as before any filter).
     """
     logits = logits.float().cpu()
+    allowed = grammar.allowed(logits.numel()) if grammar is not None else None
     token, explanation = pick_token(logits, params, seen, generator, decode=decode if params.explain else None,
-                                    generated=torch.tensor(generated, dtype=torch.long))
+                                    generated=torch.tensor(generated, dtype=torch.long), allowed=allowed)
+    if grammar is not None:
+        grammar.advance(token)
     logprobs = torch.log_softmax(logits, dim=-1)
     return Step(token, float(logprobs[token]), top_logprobs(logprobs, params.logprobs or 0), explanation)
 
@@ -61,9 +68,13 @@ class TextDelta:
 
 @dataclass
 class Completion:
+    """A finished sequence. `finish_reason` is "stop" (EOS, a stop string, or a constraint's grammar complete) or
+    "length" (max_new_tokens ran out: under a constraint, the text is then an unfinished prefix). `parsed` is the
+    parsed JSON value (or pydantic object) where the Python API was given a schema, else None."""
+
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    finish_reason: str  # "stop" (EOS, a stop string, a complete grammar) | "length"
     prompt_tokens: int
     seed: int | None
     sequence_logprob: float
@@ -71,6 +82,7 @@ class Completion:
     explanations: list[StepExplanation] | None = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    parsed: Any = None
 
     @property
     def completion_tokens(self) -> int:
@@ -107,7 +119,9 @@ class Engine:
     backend: str = "?"
 
     # --- what backends provide -------------------------------------------------------------
-    def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[Step]:
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+               grammar: GrammarState | None = None) -> Iterator[Step]:
+        """One sequence's steps, without end: each token chosen by `choose_step` (passing `grammar` on)."""
         raise NotImplementedError
 
     def _beam(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
@@ -162,9 +176,24 @@ class Engine:
             raise OwnLLMError("the prompt is empty", param=prompt_param)
         if params.logit_bias:
             self.check_token_ids(sorted(params.logit_bias), "logit_bias")
+        if params.constraint is not None:
+            self.check_constraint(params.constraint)
         window = window or self.context_length
         if len(prompt_ids) + params.max_new_tokens > window:
             raise ContextWindowExceeded(len(prompt_ids), params.max_new_tokens, window)
+
+    @property
+    def grammars(self) -> Grammars:
+        """This engine's tokenizer as the grammar engine sees it, with the constraints compiled for it (cached)."""
+        grammars = getattr(self, "_grammars", None)
+        if grammars is None:
+            grammars = self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return grammars
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Compile a constraint for this model's tokenizer (once: later calls hit the cache); one that cannot be
+        used raises OwnLLMError naming its param. Servers call it off their event loop before `check_request`."""
+        self.grammars.compile(constraint)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
         """Run to the end and return the whole completion."""
@@ -195,7 +224,7 @@ class Engine:
             yield from self._stream_beam(prompt_ids, params, seed)
             return
         state = Decoding(self, prompt_ids, params, seed)
-        for step in self._steps(prompt_ids, params, seed):
+        for step in self._steps(prompt_ids, params, seed, state.grammar):
             delta = state.add(step)
             if delta is not None:
                 yield delta
@@ -276,7 +305,9 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
 
 
 class Decoding:
-    """One sequence being generated: stop rules, streamed text, finish reason, timings, the result."""
+    """One sequence being generated: stop rules, streamed text, finish reason, timings, the result — and, under a
+    constraint, its own grammar state (`grammar`), which the sampler masks with and which ends the sequence when
+    complete."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
         self.engine = engine
@@ -290,18 +321,20 @@ class Decoding:
         self.done = False
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.grammar = engine.grammars.start(params.constraint) if params.constraint is not None else None
 
     def add(self, step: Step) -> TextDelta | None:
         """Take one chosen token; return the text that became final, if any."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if step.token_id in self.engine.eos_token_ids and not self.params.ignore_eos:
+        # under a constraint EOS comes only where the grammar is complete: it ends the sequence even with ignore_eos
+        if step.token_id in self.engine.eos_token_ids and (not self.params.ignore_eos or self.grammar is not None):
             self.finish, self.done = "stop", True
             return None
         self.steps.append(step)
         self.pending.append(step.token_id)
         delta = self.text.add(step.token_id)
-        if self.text.stopped:
+        if self.text.stopped or (self.grammar is not None and self.grammar.finished):
             self.finish, self.done = "stop", True
         elif len(self.steps) >= self.params.max_new_tokens:
             self.done = True

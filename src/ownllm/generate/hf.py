@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
+from ownllm.generate.constraints import GrammarState
 from ownllm.generate.engine import Completion, Engine, Step, choose_step
 from ownllm.generate.params import SamplingParams
 from ownllm.generate.slots import SlotModel, slot_support
@@ -50,7 +51,8 @@ class TransformersEngine(Engine):
                 out = self.model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
 
-    def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[Step]:
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+               grammar: GrammarState | None = None) -> Iterator[Step]:
         from transformers import DynamicCache
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -59,7 +61,7 @@ class TransformersEngine(Engine):
         logits = self._forward(prompt_ids, cache)
         generated: list[int] = []
         while True:
-            step = self._choose(logits, params, seen, generator, generated)
+            step = self._choose(logits, params, seen, generator, generated, grammar)
             generated.append(step.token_id)
             yield step
             if params.repetition_penalty != 1.0:
@@ -86,8 +88,8 @@ class TransformersEngine(Engine):
         return generate_together(self, prompt_ids, params, seeds)
 
     def _choose(self, logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
-                generator: torch.Generator, generated: list[int]) -> Step:
-        return choose_step(logits, params, seen, generator, generated, decode=self._piece)
+                generator: torch.Generator, generated: list[int], grammar: GrammarState | None = None) -> Step:
+        return choose_step(logits, params, seen, generator, generated, decode=self._piece, grammar=grammar)
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -114,10 +116,15 @@ class TransformersEngine(Engine):
         return out[0, len(prompt_ids):].tolist()
 
     def sequence_logprob(self, prompt_ids: list[int], completion_ids: list[int]) -> float:
-        """Sum of log p(token | everything before it) over the completion, in one forward pass."""
+        """Sum of log p(token | everything before it) over the completion, in one forward pass (after the
+        prompt-tuning prefix, when the model has one, as in generation)."""
         ids = torch.tensor([prompt_ids + completion_ids], device=self.device)
         with torch.inference_mode():
-            logits = self.model(input_ids=ids).logits[0].float()
+            if self.prefix is None:
+                logits = self.model(input_ids=ids).logits[0].float()
+            else:
+                embeds = torch.cat([self.prefix[None], self.model.get_input_embeddings()(ids)], dim=1)
+                logits = self.model(inputs_embeds=embeds).logits[0, self.prefix.shape[0]:].float()
         logprobs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
         targets = torch.tensor(completion_ids, device=logprobs.device)
         return float(logprobs.gather(1, targets[:, None]).sum())

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ownllm.errors import OwnLLMError
+from ownllm.generate.constraints import GrammarState
 from ownllm.generate.engine import Completion, Engine, Step, choose_step
 from ownllm.generate.llamacpp_slots import LlamaCppSlots
 from ownllm.generate.params import SamplingParams
@@ -75,7 +76,8 @@ class LlamaCppEngine(Engine):
         pointer = self._llama._ctx.get_logits()
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self._llama.n_vocab(),)).copy())
 
-    def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Iterator[Step]:
+    def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+               grammar: GrammarState | None = None) -> Iterator[Step]:
         generator = torch.Generator().manual_seed(seed)
         llama = self._llama
         llama.reset()
@@ -84,7 +86,7 @@ class LlamaCppEngine(Engine):
         generated: list[int] = []
         while True:
             step = choose_step(self._last_logits(), params, seen, generator, generated,
-                               decode=lambda i: self.tokenizer.decode([i]))
+                               decode=lambda i: self.tokenizer.decode([i]), grammar=grammar)
             token = step.token_id
             generated.append(token)
             yield step

@@ -1,7 +1,8 @@
 """llama.cpp's own batched decoding behind the slot interface of `SlotModel`, for serving GGUF models.
 
-Each scheduler slot is a llama.cpp sequence id in one context with a unified KV cache; a decode step is one
-`llama_decode` over a batch that holds one token per running sequence. Token choice stays in ownllm
+Each scheduler slot is a llama.cpp sequence id in one context, with a KV stream of its own (not llama.cpp's unified
+cache: attention then reads only the sequence's own cells); a decode step is one `llama_decode` over a batch that
+holds one token per running sequence. Token choice stays in ownllm
 (`pick_token`), so sampling means the same on every backend.
 """
 

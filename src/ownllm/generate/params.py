@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from ownllm.errors import OwnLLMError
+from ownllm.generate.constraints import Constraint
 
 Strategy = Literal["greedy", "sample", "beam"]
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # any int64 (OpenAI's type) or uint64 (what torch's generators take)
@@ -42,6 +43,9 @@ class SamplingParams:
         ignore_eos: keep generating past the end-of-sequence token (benchmarks).
         logit_bias: token id -> value in [-100, 100] added to that token's logit before any choice
             (OpenAI's definition; -100 bans a token, 100 all but forces it).
+        constraint: what the output must be (a JSON schema, regex, grammar or choice: `Constraint`); the sampler
+            picks only tokens it allows, and the sequence ends ("stop") when it is complete. Checked (compiled)
+            by `Engine.check_request` before any generation; beam search cannot follow one.
     """
 
     strategy: Strategy = "greedy"
@@ -59,6 +63,7 @@ class SamplingParams:
     explain: int = 0
     ignore_eos: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,6 +104,12 @@ class SamplingParams:
             problems.append(("explain", f"explain must be >= 0, got {self.explain}"))
         if any(not s for s in self.stop):
             problems.append(("stop", "stop strings must not be empty"))
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            problems.append(("constraint", f"constraint must be a Constraint (ownllm.generate.constraints), got "
+                                           f"{type(self.constraint).__name__}"))
+        elif self.constraint is not None and self.strategy == "beam":
+            problems.append(("strategy", f"beam search cannot follow a constraint (the {self.constraint.description}"
+                                         f" in {self.constraint.where}): use greedy or sample"))
         if problems:
             raise OwnLLMError("; ".join(msg for _, msg in problems), param=problems[0][0])
         if self.strategy == "sample" and self.temperature < GREEDY_BELOW_TEMPERATURE:

@@ -1,13 +1,15 @@
 """Turning one step's logits into a token — and, on request, the table that shows how.
 
-Order (as in transformers): repetition penalty → temperature → top-k → top-p → draw.
-Every probability column of the explanation is a full, renormalised distribution.
+Order (as in transformers): constraint mask → logit bias → penalties → temperature → top-k → top-p → draw.
+Every probability column of the explanation is a full, renormalised distribution; tokens a constraint does not
+allow have logit -inf there, so probability 0 in every column.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ownllm.generate.params import SamplingParams
@@ -40,6 +42,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     picked = logits[seen]
     logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """A copy of (CPU, float32) `logits` with -inf wherever `allowed` is False, and past its end (padded vocabulary
+    columns). In numpy: one pass on this thread, where torch's kernel waits on its OpenMP workers."""
+    values = logits.detach().cpu().numpy()
+    keep = allowed.numpy()
+    if keep.size < values.size:
+        keep = np.concatenate([keep, np.zeros(values.size - keep.size, dtype=bool)])
+    return torch.from_numpy(np.where(keep[: values.size], values, np.float32(-np.inf)))
 
 
 def _top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,6 +132,7 @@ def pick_token(
     generator: torch.Generator | None,
     decode: object = None,
     generated: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[int, StepExplanation | None]:
     """Choose the next token from one position's logits (shape [vocab], any float dtype).
 
@@ -130,8 +143,12 @@ def pick_token(
         generator: the seeded RNG for sampling.
         decode: callable id -> text, needed only when params.explain > 0.
         generated: ids generated so far, for the presence and frequency penalties.
+        allowed: bool per token, True where a constraint allows it (`GrammarState.allowed`); the rest get -inf
+            before anything else, so no strategy, bias or filter can pick them.
     """
     logits = logits.float()
+    if allowed is not None:
+        logits = mask_logits(logits, allowed)
     if params.logit_bias:
         logits = logits.clone()
         ids = torch.tensor(list(params.logit_bias), dtype=torch.long)

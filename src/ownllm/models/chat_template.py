@@ -31,7 +31,10 @@ def check_messages(messages: list[Message]) -> None:
         check_text(message["content"], f"messages[{index}].content")
 
 
-def render_chat_text(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+def render_chat_text(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = True,
+                     tools: list[dict[str, Any]] | None = None) -> str:
+    """The conversation in the model's own template; `tools` (OpenAI's function specs) go to templates that read
+    them (see ownllm.generate.tools for those that do not)."""
     check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise OwnLLMError(
@@ -39,14 +42,16 @@ def render_chat_text(tokenizer: Any, messages: list[Message], *, add_generation_
             kind="unsupported",
             hint="use `ownllm generate` with a plain prompt, or a chat/instruct model",
         )
+    extra = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
 
 
-def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of the conversation in the model's own template, ready for the assistant's turn."""
-    text = render_chat_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    text = render_chat_text(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
     # The template already wrote any BOS it wants; adding special tokens again would double it.
     return tokenizer.encode(text, add_special_tokens=False)
 

@@ -53,9 +53,16 @@ def pull(source: str, *, name: str | None = None, force: bool = False) -> LocalM
         manifest["name"] = target_name
         atomic_write_json(staging / MANIFEST, manifest)
         final = models_dir() / target_name
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)  # same filesystem: the folder appears whole or not at all
+        if final.exists() and (force or local_model(target_name) is None):
+            # a model pulled again, or an unusable folder: out of the way first (a rename, so the old model is
+            # never half deleted under a reader)
+            shutil.rmtree(final.rename(Path(work) / "replaced"))
+        try:
+            staging.rename(final)  # same filesystem: the folder appears whole or not at all
+        except OSError:
+            if local_model(target_name) is None:
+                raise
+            # another pull of the same model finished first: it is whole, and ours goes with the work folder
     pulled = local_model(target_name)
     assert pulled is not None
     return pulled

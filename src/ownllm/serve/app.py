@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ownllm.errors import OwnLLMError
 from ownllm.generate.engine import Completion, TextDelta
 from ownllm.rag.context import IDK, RagContext
-from ownllm.serve import errors, formats
+from ownllm.serve import errors, formats, tool_calls
 from ownllm.serve.errors import APIError
 from ownllm.serve.protocol import (
     ChatCompletionRequest,
@@ -31,9 +31,6 @@ from ownllm.serve.protocol import (
     TokenizeRequest,
 )
 from ownllm.serve.state import Generation, ServerState, render_prompt
-
-JSON_OBJECT_HINT = "Reply with a single valid JSON object and nothing else."
-
 
 PUBLIC_PATHS = {"/health", "/openapi.json"}
 
@@ -159,8 +156,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         adapter = state.adapter_for(body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        plan = _params(body.tool_plan)  # tools and tool_choice, checked before anything runs
+        messages = [m.to_message() for m in body.messages]
         extra: dict[str, Any] = {}
         if body.rag:
             context = await _retrieve(state, messages, body.rag)
@@ -168,17 +165,23 @@ def create_app(state: ServerState) -> FastAPI:
             if context.abstain:
                 return _abstain(state, body, extra)
             messages = context.messages(messages)
-        if body.response_format is not None and body.response_format.type == "json_object":
-            messages = [{"role": "system", "content": JSON_OBJECT_HINT}, *messages]
-        prompt_ids = render_prompt(state.engine, messages)
+        hint = body.response_format.hint() if body.response_format is not None else None
+        if hint:  # the sampler enforces the format; telling the model too gets better content inside it
+            messages = [{"role": "system", "content": hint}, *messages]
+        prompt_ids = tool_calls.render_prompt(state.engine, messages, plan)
         params = _params(body.to_sampling_params, state.default_max_tokens(len(prompt_ids)))
+        await _compile_constraint(state, params)
         generation = state.submit([prompt_ids], params, n=body.n, adapter=adapter)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream and plan is not None:
+            chunks = tool_calls.chat_stream(body.model, len(prompt_ids), body.n, generation.events(), include_usage)
+            return _sse((_data(chunk) async for chunk in chunks), generation)
         if body.stream:
             return _sse(_chat_stream(body.model, len(prompt_ids), body.n, generation.events(), include_usage, extra),
                         generation)
         completions = await _collect(request, generation)
-        return formats.chat_response(body.model, len(prompt_ids), completions, extra)
+        response = formats.chat_response(body.model, len(prompt_ids), completions, extra)
+        return tool_calls.apply_to_response(response, completions) if plan is not None else response
 
     # --- completions --------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=None)
@@ -193,6 +196,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(exc), param=exc.param) from None
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
         params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
+        await _compile_constraint(state, params)
         generation = state.submit(encoded, params, n=body.n, adapter=adapter, prompt_param="prompt")
         if body.stream:
             return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
@@ -276,6 +280,14 @@ def _params(build: Any, *args: Any) -> Any:
         return build(*args)
     except OwnLLMError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
+
+
+async def _compile_constraint(state: ServerState, params: Any) -> None:
+    """Compile a request's constraint (response_format) off the event loop: a large schema takes a while, and other
+    requests' streams must not wait for it. One that cannot be used raises OwnLLMError (400 naming the field);
+    `submit` then finds it compiled."""
+    if params.constraint is not None:
+        await asyncio.get_running_loop().run_in_executor(None, state.engine.check_constraint, params.constraint)
 
 
 async def _collect(request: Request, generation: Generation) -> list[Completion]:

@@ -9,12 +9,16 @@ once.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
+from ownllm.errors import OwnLLMError
+from ownllm.generate.constraints import Constraint
 from ownllm.generate.params import MAX_LOGIT_BIAS_ENTRIES, SEED_RANGE, SamplingParams
+from ownllm.generate.tools import MAX_TOOLS, ToolPlan, plan_tools
 from ownllm.rag.context import DEFAULT_K, DEFAULT_MIN_SCORE
 
 log = logging.getLogger(__name__)
@@ -81,23 +85,128 @@ class ContentPart(_Open):
         return self
 
 
+class CalledFunction(_Open):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(_Open):
+    """A call an earlier assistant turn made (sent back with the conversation)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Open):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns that called tools (content may be null)
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text or "" for part in self.content)
         return self.content or ""
 
+    def to_message(self) -> dict[str, Any]:
+        """The message as the chat path takes it: role and text, plus the tool fields when there are any."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump(include={"id", "type", "function"}) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionSpec(_Open):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: no arguments
+    strict: StrictBool | None = None  # the arguments are held to the schema either way
+
+
+class ToolSpec(_Open):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class ChosenFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: ChosenFunction
+
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+JSON_OBJECT_HINT = "Reply with a single valid JSON object and nothing else."
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`, as OpenAI defines it (`name` may be left out here). The schema is enforced
+    token by token whether or not `strict` is set; without one, any JSON object."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _writable(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            try:
+                Constraint.json_schema(schema)  # JSON's NaN and Infinity parse, but are no part of a schema
+            except OwnLLMError as exc:
+                raise ValueError(exc.message) from None
+        return schema
+
+
 class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object"] = "text"
+    """`response_format`: text (no constraint), json_object (any JSON object) or json_schema (JSON valid against
+    the schema). The JSON kinds are enforced by the sampler: the reply always parses, unless max_tokens cuts it
+    short (finish_reason "length")."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs 'json_schema' ({\"name\", \"schema\"})")
+        return self
+
+    def constraint(self) -> Constraint | None:
+        """What the reply must be, named in errors as the request field it came from."""
+        if self.type == "text":
+            return None
+        if self._schema is None:
+            return Constraint.any_json_object().named("response_format")
+        return Constraint.json_schema(self._schema).named("response_format.json_schema.schema")
+
+    def hint(self) -> str | None:
+        """A system message that tells the model what the sampler will hold it to (it writes better JSON when it
+        knows), or None for text."""
+        if self.type == "text":
+            return None
+        if self._schema is None:
+            return JSON_OBJECT_HINT
+        description = self.json_schema.description if self.json_schema is not None else None
+        about = f" ({description})" if description else ""
+        return (f"Reply with JSON{about} that follows this JSON schema, and nothing else: "
+                f"{json.dumps(self._schema, ensure_ascii=False)}")
+
+    @property
+    def _schema(self) -> dict[str, Any] | None:
+        return self.json_schema.schema_ if self.type == "json_schema" and self.json_schema is not None else None
 
 
 class RagOptions(BaseModel):
@@ -134,7 +243,8 @@ class _Sampling(_Open):
                 raise ValueError(f"logit_bias keys are token ids (\"1234\"), got '{key}'")
         return bias
 
-    def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _params(self, max_tokens: int, logprobs: int | None, constraint: Constraint | None = None
+                ) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature  # OpenAI's default samples at T=1
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams.from_options(
@@ -142,7 +252,7 @@ class _Sampling(_Open):
             top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             max_new_tokens=max_tokens, stop=stop or None, seed=self.seed, logprobs=logprobs,
-            ignore_eos=self.ignore_eos or None,
+            ignore_eos=self.ignore_eos or None, constraint=constraint,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None)
 
 
@@ -154,12 +264,30 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[ToolSpec], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
     # ownllm extension: answer from the server's --rag-store
     rag: StrictBool | RagOptions | None = None
 
+    def tool_plan(self) -> ToolPlan | None:
+        """What the tools ask of the model (None: no tools offered); checked once, OwnLLMError naming the field."""
+        if "_tool_plan" not in self.__dict__:
+            tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools is not None else None
+            choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
+            plan = plan_tools(tools, choice, self.parallel_tool_calls)
+            if plan is not None and self.response_format is not None and self.response_format.type != "text":
+                raise OwnLLMError("give tools or a JSON response_format, not both", param="response_format")
+            self.__dict__["_tool_plan"] = plan
+        return self.__dict__["_tool_plan"]
+
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         limit = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return self._params(limit, (self.top_logprobs or 0) if self.logprobs else None)
+        constraint = self.response_format.constraint() if self.response_format is not None else None
+        plan = self.tool_plan()
+        if plan is not None:
+            constraint = plan.constraint()
+        return self._params(limit, (self.top_logprobs or 0) if self.logprobs else None, constraint)
 
 
 class CompletionRequest(_Sampling):
@@ -168,6 +296,7 @@ class CompletionRequest(_Sampling):
     max_tokens: MaxTokens | None = 16
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
     echo: StrictBool = False
+    response_format: ResponseFormat | None = None  # an extension (as vLLM's): the completion follows it
 
     @field_validator("prompt")
     @classmethod
@@ -177,7 +306,8 @@ class CompletionRequest(_Sampling):
         return prompt
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        return self._params(self.max_tokens or default_max_tokens, self.logprobs)
+        constraint = self.response_format.constraint() if self.response_format is not None else None
+        return self._params(self.max_tokens or default_max_tokens, self.logprobs, constraint)
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
