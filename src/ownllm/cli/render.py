@@ -122,10 +122,13 @@ def estimate_json(est: Estimate, measured: dict[str, Any] | None) -> dict[str, A
 
 
 def checks_table(checks: dict[str, dict[str, Any]]) -> Table:
-    """Before/after of a fine-tuning run: share of each question set answered, base vs tuned."""
-    table = Table(title="answered correctly (reference answer in the reply)")
-    for column in ("question set", "items", "base", "tuned"):
-        table.add_column(column, justify="left" if column == "question set" else "right")
-    for name, row in checks.items():
-        table.add_row(name, str(row["items"]), f"{row['base']:.0%}", f"{row['tuned']:.0%}")
+    """Before/after of a fine-tuning run: each check set's score (share answered, or share of valid tool calls),
+    base vs tuned."""
+    from ownllm.finetune.checks import check_rows
+
+    table = Table(title="before and after (greedy replies)")
+    for column in ("set", "measured", "items", "base", "tuned"):
+        table.add_column(column, justify="left" if column in ("set", "measured") else "right")
+    for name, measured, items, base, tuned in check_rows(checks):
+        table.add_row(name, measured, "" if items is None else str(items), f"{base:.0%}", f"{tuned:.0%}")
     return table

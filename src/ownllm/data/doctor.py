@@ -122,6 +122,7 @@ def _read_jsonl(path: Path, fmt: Format | None) -> tuple[int, Format | None, lis
 
 def token_counts(examples: list[Example], tokenizer: Any) -> list[int]:
     from ownllm.models.chat_template import render_chat
+    from ownllm.models.tool_template import render_tool_chat, uses_tools
 
     counts = []
     for example in examples:
@@ -131,6 +132,9 @@ def token_counts(examples: list[Example], tokenizer: Any) -> list[int]:
             longer = max(example.chosen, example.rejected or "", key=len)
             counts.append(len(render_chat(tokenizer, [*example.messages, {"role": "assistant", "content": longer}],
                                           add_generation_prompt=False)))
+        elif uses_tools(example.messages, example.tools):
+            counts.append(len(render_tool_chat(tokenizer, example.messages, example.tools,
+                                               parallel=example.parallel_tool_calls, add_generation_prompt=False)))
         else:
             counts.append(len(render_chat(tokenizer, example.messages, add_generation_prompt=False)))
     return counts
@@ -277,4 +281,7 @@ def _row(example: Example) -> dict[str, Any]:
         return {"text": example.text}
     if example.chosen is not None:
         return {"prompt": example.messages, "chosen": example.chosen, "rejected": example.rejected}
+    if example.tools:
+        return {"messages": example.messages, "tools": example.tools,
+                "parallel_tool_calls": example.parallel_tool_calls}
     return {"messages": example.messages}

@@ -1,6 +1,7 @@
 """Training-data formats, detected per file and normalised to chat messages (or preference pairs, or text).
 
-Accepted, one JSON object per line: OpenAI chat (`messages`), ShareGPT (`conversations` with `from`/`value`),
+Accepted, one JSON object per line: OpenAI chat (`messages`, with OpenAI's function-calling fields: a `tools` list,
+assistant turns with `tool_calls`, `tool` turns with `tool_call_id`), ShareGPT (`conversations` with `from`/`value`),
 Alpaca (`instruction`, optional `input`, `output`), prompt/completion, and preference pairs (`prompt`,
 `chosen`, `rejected`, or OpenAI's `input`/`preferred_output`/`non_preferred_output`); or a folder / files of
 plain text or Markdown for continued pretraining.
@@ -8,6 +9,8 @@ plain text or Markdown for continued pretraining.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,16 +24,22 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 @dataclass(frozen=True)
 class Example:
     line: int
-    messages: list[dict[str, str]] | None = None  # chat-shaped formats
+    messages: list[dict[str, Any]] | None = None  # chat-shaped formats (OpenAI's message dicts)
     chosen: str | None = None  # preference pairs: the prompt is in `messages`
     rejected: str | None = None
     text: str | None = None  # plain text
+    tools: list[dict[str, Any]] | None = None  # function calling: the tools offered in this conversation
+    parallel_tool_calls: bool = True
 
     def content_key(self) -> str:
         """What two examples must share to be duplicates."""
         if self.text is not None:
             return self.text
-        parts = [f"{m['role']}:{m['content']}" for m in self.messages or []]
+        parts = [f"{m['role']}:{m.get('content') or ''}" + (f":{json.dumps(m['tool_calls'], sort_keys=True)}"
+                                                             if m.get("tool_calls") else "")
+                 for m in self.messages or []]
+        if self.tools:  # one word for the whole list: the same tools on every line must not make lines near-duplicates
+            parts.append("tools:" + hashlib.sha256(json.dumps(self.tools, sort_keys=True).encode()).hexdigest()[:16])
         return "\n".join([*parts, f"chosen:{self.chosen}", f"rejected:{self.rejected}"]
                          if self.chosen is not None else parts)
 
@@ -51,31 +60,128 @@ def detect(record: dict[str, Any]) -> Format | None:
     return None
 
 
-def _check_messages(messages: Any, where: str, problems: list[str]) -> list[dict[str, str]] | None:
+def _check_messages(messages: Any, where: str, problems: list[str],
+                    tools: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]] | None:
+    """The messages of a line, checked; `tools` (name → parameters schema) are the tools the line offers."""
     if not isinstance(messages, list) or not messages:
         problems.append(f"{where}: 'messages' must be a non-empty list")
         return None
-    clean = []
+    clean: list[dict[str, Any]] = []
+    call_ids: set[str] = set()
     for index, message in enumerate(messages):
         field = f"{where}: messages[{index}]"
         if not isinstance(message, dict):
             problems.append(f"{field} must be an object with 'role' and 'content'")
             return None
-        unknown = set(message) - {"role", "content", "name", "weight"}
+        unknown = set(message) - {"role", "content", "name", "weight", "tool_calls", "tool_call_id"}
         if unknown:
             problems.append(f"{field} has unknown key(s) {sorted(unknown)}")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             problems.append(f"{field}.role must be one of {sorted(ROLES)}, got {role!r}")
             return None
+        if role == "assistant" and message.get("tool_calls") is not None:
+            calls = _check_calls(message["tool_calls"], f"{field}.tool_calls", tools, problems)
+            if calls is None:
+                return None
+            if content is not None and not isinstance(content, str):
+                problems.append(f"{field}.content must be a string or null")
+                return None
+            call_ids.update(call["id"] for call in calls if call.get("id"))
+            clean.append({"role": role, "content": content or None, "tool_calls": calls})
+            continue
         if not isinstance(content, str) or not content.strip():
             problems.append(f"{field}.content is empty or not a string")
             return None
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_ids and call_id not in call_ids:
+                problems.append(f"{field}.tool_call_id {call_id!r} answers no earlier call "
+                                f"(calls: {', '.join(sorted(call_ids))})")
+                return None
+            clean.append({"role": role, "content": content, **({"tool_call_id": call_id} if call_id else {})})
+            continue
         clean.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in clean):
         problems.append(f"{where}: no assistant turn (nothing to learn from)")
         return None
     return clean
+
+
+def _check_tools(value: Any, where: str, problems: list[str]) -> dict[str, dict[str, Any]] | None:
+    """A line's `tools` (OpenAI's `[{"type": "function", "function": {name, description, parameters}}]`) as
+    name → parameters schema."""
+    if not isinstance(value, list) or not value:
+        problems.append(f"{where}: 'tools' must be a non-empty list of {{\"type\": \"function\", \"function\": "
+                        f"{{...}}}}")
+        return None
+    import jsonschema  # only lines with tools pay for it (`data check` on plain chat files starts faster)
+
+    tools: dict[str, dict[str, Any]] = {}
+    for index, tool in enumerate(value):
+        field = f"{where}: tools[{index}]"
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" \
+            else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            problems.append(f"{field} must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+            return None
+        if name in tools:
+            problems.append(f"{field}: the tool {name!r} is given twice")
+            return None
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            problems.append(f"{field}.function.parameters must be a JSON schema of an object (\"type\": \"object\")")
+            return None
+        try:
+            jsonschema.validators.validator_for(parameters).check_schema(parameters)
+        except jsonschema.SchemaError as exc:
+            problems.append(f"{field}.function.parameters is not a valid JSON schema: {exc.message}")
+            return None
+        tools[name] = parameters
+    return tools
+
+
+def _check_calls(value: Any, field: str, tools: dict[str, dict[str, Any]] | None, problems: list[str]
+                 ) -> list[dict[str, Any]] | None:
+    if not isinstance(value, list) or not value:
+        problems.append(f"{field} must be a non-empty list of calls")
+        return None
+    calls = []
+    for index, call in enumerate(value):
+        where = f"{field}[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                            f"\"arguments\"}}}}")
+            return None
+        if tools is None:
+            problems.append(f"{where} calls {name!r}, but the line has no 'tools'")
+            return None
+        if name not in tools:
+            problems.append(f"{where} calls the unknown tool {name!r} (the line's tools: {', '.join(tools)})")
+            return None
+        arguments = function.get("arguments")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where}.function.arguments is not JSON ({exc.msg} at character {exc.pos})")
+            return None
+        if not isinstance(parsed, dict):
+            problems.append(f"{where}.function.arguments must be a JSON object")
+            return None
+        import jsonschema
+
+        try:
+            jsonschema.validate(parsed, tools[name])
+        except jsonschema.ValidationError as exc:
+            problems.append(f"{where}.function.arguments do not match the parameters of {name!r}: {exc.message}")
+            return None
+        call_id = call.get("id")
+        calls.append({**({"id": call_id} if isinstance(call_id, str) and call_id else {}), "type": "function",
+                      "function": {"name": name, "arguments": json.dumps(parsed, ensure_ascii=False)}})
+    return calls
 
 
 def _from_openai_preference(record: dict[str, Any]) -> dict[str, Any]:
@@ -104,8 +210,25 @@ def normalise(record: dict[str, Any], fmt: Format, line: int, source: str, probl
         return value
 
     if fmt == "chat":
-        messages = _check_messages(record.get("messages"), where, problems)
-        return Example(line, messages=messages) if messages else None
+        if "functions" in record:
+            problems.append(f"{where}: 'functions' is OpenAI's retired format; give 'tools' "
+                            f"([{{\"type\": \"function\", \"function\": {{...}}}}]) and 'tool_calls' instead")
+            return None
+        tools = _check_tools(record["tools"], where, problems) if record.get("tools") is not None else None
+        if record.get("tools") is not None and tools is None:
+            return None
+        parallel = record.get("parallel_tool_calls", True)
+        if not isinstance(parallel, bool):
+            problems.append(f"{where}: 'parallel_tool_calls' must be true or false")
+            return None
+        messages = _check_messages(record.get("messages"), where, problems, tools)
+        if not messages:
+            return None
+        if not parallel and any(len(m.get("tool_calls") or ()) > 1 for m in messages):
+            problems.append(f"{where}: several calls in one turn, but 'parallel_tool_calls' is false")
+            return None
+        return Example(line, messages=messages, tools=record["tools"] if tools else None,
+                       parallel_tool_calls=parallel)
     if fmt == "sharegpt":
         turns = record.get("conversations")
         if not isinstance(turns, list):

@@ -1,4 +1,5 @@
-"""Training rows: token ids with labels that are -100 everywhere but the assistant's replies.
+"""Training rows: token ids with labels that are -100 everywhere but the assistant's replies (its tool calls
+included: conversations with tools render as the server renders them, ownllm.models.tool_template).
 
 SmolLM2's chat template has no generation markers, so the mask comes from rendering the conversation turn by
 turn (`assistant_token_mask`); plain text (continued pretraining) learns every token.
@@ -15,6 +16,7 @@ from ownllm.data.doctor import find_duplicates, read_examples
 from ownllm.data.formats import Example
 from ownllm.errors import OwnLLMError
 from ownllm.models.chat_template import assistant_token_mask
+from ownllm.models.tool_template import tool_token_mask, uses_tools
 
 IGNORE = -100
 
@@ -27,7 +29,11 @@ def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[
         if example.chosen is not None:
             raise OwnLLMError("preference pairs (prompt, chosen, rejected) train with method: dpo, not "
                               "supervised fine-tuning", param="data", hint="set method: dpo in the config")
-        ids, mask = assistant_token_mask(tokenizer, example.messages)
+        if uses_tools(example.messages, example.tools):  # rendered as the server renders a request with tools
+            ids, mask = tool_token_mask(tokenizer, example.messages, example.tools,
+                                        parallel=example.parallel_tool_calls)
+        else:
+            ids, mask = assistant_token_mask(tokenizer, example.messages)
         labels = [token if keep else IGNORE for token, keep in zip(ids, mask, strict=True)]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 

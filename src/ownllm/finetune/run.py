@@ -23,7 +23,7 @@ import yaml
 from ownllm.data.doctor import read_examples
 from ownllm.data.files import check_output_folder
 from ownllm.errors import OwnLLMError
-from ownllm.finetune.checks import score_sets, validate_sets
+from ownllm.finetune.checks import check_rows, score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.dataset import Collator, load_rows, pack
 from ownllm.finetune.memory_check import check_memory
@@ -144,13 +144,19 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
 def finish(cfg: FinetuneConfig, run_dir: Path, data: Path, outcome: TrainOutcome,
            base_scores: dict[str, dict[str, Any]]) -> RunResult:
     final = final_model_path(run_dir)
-    checks = {}
+    checks: dict[str, dict[str, Any]] = {}
     if cfg.checks:
         from ownllm.generate.open import open_engine
 
         tuned = score_sets(open_engine(str(final), dtype=_train_dtype()), cfg.checks)
-        checks = {name: {"base": base_scores[name]["contains"], "tuned": tuned[name]["contains"],
-                         "items": tuned[name]["items"], "tuned_misses": tuned[name]["misses"]} for name in tuned}
+        for name, after in tuned.items():
+            before = base_scores[name]
+            # "contains": how base scores were saved before tool-call checks (a run resumed across the upgrade)
+            checks[name] = {"base": before.get("score", before.get("contains")), "tuned": after["score"],
+                            "metric": after["metric"], "items": after["items"], "tuned_misses": after["misses"]}
+            if after["metric"] == "valid_call":
+                checks[name] |= {"right_call": {"base": before["right_call"], "tuned": after["right_call"]},
+                                 "prose_kept": {"base": before["prose_kept"], "tuned": after["prose_kept"]}}
     result = RunResult(run_dir, final, outcome.steps, outcome.train_loss, outcome.eval_loss, outcome.seconds,
                        outcome.trained_tokens, checks)
     report(cfg, run_dir, result, data)
@@ -350,9 +356,10 @@ def report(cfg: FinetuneConfig, run_dir: Path, result: RunResult, data: Path) ->
 def _checks_lines(checks: dict[str, dict[str, Any]]) -> list[str]:
     if not checks:
         return []
-    lines = ["", "## Before and after (reference answer in the greedy reply)", "",
-             "| question set | items | base | tuned |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {row['items']} | {row['base']:.0%} | {row['tuned']:.0%} |" for name, row in checks.items()]
+    lines = ["", "## Before and after (greedy replies)", "",
+             "| set | measured | items | base | tuned |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {name} | {measured} | {'' if items is None else items} | {base:.0%} | {tuned:.0%} |"
+              for name, measured, items, base, tuned in check_rows(checks)]
     return lines
 
 

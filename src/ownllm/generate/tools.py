@@ -29,11 +29,19 @@ from typing import Any, Literal
 
 from ownllm.errors import OwnLLMError
 from ownllm.generate.constraints import JSON_LAYOUT, Constraint
+from ownllm.models.tool_template import CALL_ARGUMENTS as _ARGUMENTS
+from ownllm.models.tool_template import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    call_text,
+    render_tool_messages,
+    template_knows_tools,
+    tool_instruction,
+)
+from ownllm.models.tool_template import CALL_HEAD as _HEAD
+from ownllm.models.tool_template import CALL_TAIL as _TAIL
 
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_HEAD = CALL_OPEN + '\n{"name": "'
-_ARGUMENTS = '", "arguments": '
-_TAIL = "}\n" + CALL_CLOSE
+__all__ = ["CALL_CLOSE", "CALL_OPEN", "call_text", "template_knows_tools"]  # re-exported: the format's names
 MAX_TOOLS = 128
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -78,34 +86,24 @@ class ToolPlan:
     tools: tuple[Tool, ...]
     required: bool = False
     parallel: bool = True
+    calls_allowed: bool = True  # False for tool_choice "none": the model sees the tools but answers in prose
 
     def constraint(self) -> Constraint:
         """The grammar the sampler holds the reply to (llguidance's Lark, each call's JSON embedded with `%json`)."""
-        return Constraint.lark(tools_grammar(self.tools, required=self.required, parallel=self.parallel)).named(
-            "tools")
+        grammar = tools_grammar(self.tools, required=self.required, parallel=self.parallel) if self.calls_allowed \
+            else PROSE_GRAMMAR
+        return Constraint.lark(grammar).named("tools")
 
     def instruction(self) -> str:
         """The system text that describes the tools and the call format (for templates that do not know tools)."""
-        lines = ["You can call these tools. Each is given as JSON: its name, what it does, and the JSON schema of "
-                 "its arguments."]
-        lines += [json.dumps(t.spec()["function"], ensure_ascii=False) for t in self.tools]
-        lines += ["", "To call a tool, reply with exactly this and nothing else:",
-                  f'{CALL_OPEN}\n{{"name": "<tool name>", "arguments": {{<the arguments as JSON>}}}}\n{CALL_CLOSE}']
-        if self.parallel:
-            lines.append("To call several tools at once, write one such block per call, one per line.")
-        if self.required and len(self.tools) == 1:
-            lines.append(f"You must call the tool {self.tools[0].name}.")
-        elif self.required:
-            lines.append("You must call a tool.")
-        else:
-            lines.append("Call a tool only when the request needs one; otherwise answer in plain text as usual.")
-        return "\n".join(lines)
+        return tool_instruction([t.spec() for t in self.tools], required=self.required, parallel=self.parallel,
+                                calls_allowed=self.calls_allowed)
 
 
 def plan_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any = None, parallel: bool = True
                ) -> ToolPlan | None:
     """Check a request's `tools` and `tool_choice` (OpenAI's shapes, as plain dicts) and say what the model is held
-    to; None when no tool is offered (`tool_choice: "none"`, or no tools). Problems raise OwnLLMError naming the
+    to; None when no tool is offered. Problems raise OwnLLMError naming the
     field: duplicate names, parameters that are not an object schema or that cannot be compiled, a choice naming a
     tool that is not offered, a choice without tools."""
     if not tools:
@@ -122,8 +120,8 @@ def plan_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any = Non
             raise OwnLLMError(f"tools[{index}]: the name {parsed[-1].name!r} is given twice",
                               param=f"tools[{index}].function.name")
     mode, named = _choice(tool_choice)
-    if mode == "none":
-        return None
+    if mode == "none":  # as OpenAI: the tools stay in view (earlier calls refer to them), no call is made
+        return ToolPlan(tuple(parsed), parallel=parallel, calls_allowed=False)
     if named is not None:
         chosen = [t for t in parsed if t.name == named]
         if not chosen:
@@ -176,6 +174,11 @@ def _choice(tool_choice: Any) -> tuple[ChoiceMode, str | None]:
                       '{"name": ...}}', param="tool_choice")
 
 
+# prose: anything, as long as it does not open (after blank space) with a call
+_PROSE_RULE = f"PROSE: /(.|\\n)+/ & ~/[ \\t\\r\\n]*{CALL_OPEN}(.|\\n)*/"
+PROSE_GRAMMAR = "\n".join(["%llguidance {}", "start: PROSE", _PROSE_RULE])
+
+
 def tools_grammar(tools: Sequence[Tool], *, required: bool, parallel: bool) -> str:
     """llguidance Lark: one `<tool_call>` block (or several, one per line, when `parallel`), each holding the JSON of
     a call to one of `tools`; unless `required`, prose (any text not starting with `<tool_call>`) instead."""
@@ -190,84 +193,19 @@ def tools_grammar(tools: Sequence[Tool], *, required: bool, parallel: bool) -> s
         f"calls: {calls}",
         f'call: "{CALL_OPEN}\\n" ({" | ".join(f"call_{i}" for i in range(len(tools)))}) "\\n{CALL_CLOSE}"',
         *rules,
-        # prose: anything, as long as it does not open (after blank space) with a call
-        f"PROSE: /(.|\\n)+/ & ~/[ \\t\\r\\n]*{CALL_OPEN}(.|\\n)*/",
+        _PROSE_RULE,
     ])
 
 
 # --- the prompt ----------------------------------------------------------------------------------------------
-def template_knows_tools(tokenizer: Any) -> bool:
-    """Whether the model's chat template renders `tools` itself (Qwen2.5, Llama 3.x, Hermes-style ones do)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("tool_use") or template.get("default")
-    return isinstance(template, str) and "tools" in template
-
-
-def call_text(name: str, arguments: str) -> str:
-    """One call written as the model writes it (the `<tool_call>` block)."""
-    return f"{_HEAD}{name}{_ARGUMENTS}{arguments}{_TAIL}"
-
-
-def _arguments_text(arguments: Any) -> str:
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return arguments
-    return json.dumps(arguments, ensure_ascii=False)
-
-
-def _arguments_value(arguments: Any) -> Any:
-    if isinstance(arguments, str):
-        try:
-            return json.loads(arguments)
-        except json.JSONDecodeError:
-            return arguments
-    return arguments
-
-
 def render_messages(messages: Sequence[Mapping[str, Any]], plan: ToolPlan | None, knows_tools: bool
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """The conversation as the chat template should get it, and the `tools=` to pass it (None: pass none).
-
-    `messages` are OpenAI's: assistant turns may carry `tool_calls` (and `content: None`), `tool` turns a
-    `tool_call_id`. A template that knows tools gets them as Hugging Face's convention has it (arguments as objects);
-    for one that does not, the tools are described in the system message and calls and results are written as text.
-    """
-    if knows_tools:
-        rendered = []
-        for message in messages:
-            item = {key: value for key, value in message.items() if value is not None}
-            item["content"] = message.get("content") or ""
-            if message.get("tool_calls"):
-                item["tool_calls"] = [{"type": "function", "id": call.get("id"), "function": {
-                    "name": call["function"]["name"], "arguments": _arguments_value(call["function"]["arguments"])}}
-                    for call in message["tool_calls"]]
-            rendered.append(item)
-        return rendered, [t.spec() for t in plan.tools] if plan is not None else None
-    names: dict[str, str] = {}
-    rendered = []
-    for message in messages:
-        role, content = message["role"], message.get("content") or ""
-        if role == "assistant" and message.get("tool_calls"):
-            blocks = []
-            for call in message["tool_calls"]:
-                names[str(call.get("id"))] = call["function"]["name"]
-                blocks.append(call_text(call["function"]["name"], _arguments_text(call["function"]["arguments"])))
-            content = "\n".join(([content] if content else []) + blocks)
-        elif role == "tool":
-            # results go back as the user's turn: templates without tools may know no "tool" role
-            name = names.get(str(message.get("tool_call_id")))
-            about = f' name="{name}"' if name else ""
-            role, content = "user", f"<tool_response{about}>\n{content}\n</tool_response>"
-        rendered.append({"role": role, "content": content})
-    if plan is not None:
-        if rendered and rendered[0]["role"] == "system":
-            rendered[0] = {"role": "system", "content": f"{rendered[0]['content']}\n\n{plan.instruction()}"}
-        else:
-            rendered.insert(0, {"role": "system", "content": plan.instruction()})
-    return rendered, None
+    """The conversation as the chat template should get it, and the `tools=` to pass it (None: pass none); see
+    ownllm.models.tool_template, the rendering fine-tuning shares."""
+    if plan is None:
+        return render_tool_messages(messages, None, knows_tools)
+    return render_tool_messages(messages, [t.spec() for t in plan.tools], knows_tools, required=plan.required,
+                                parallel=plan.parallel, calls_allowed=plan.calls_allowed)
 
 
 # --- reading calls back ----------------------------------------------------------------------------------------

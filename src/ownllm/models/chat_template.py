@@ -56,20 +56,23 @@ def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_promp
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def assistant_token_mask(tokenizer: Any, messages: list[Message]) -> tuple[list[int], list[bool]]:
+def assistant_token_mask(tokenizer: Any, messages: list[Message], *, tools: list[dict[str, Any]] | None = None
+                         ) -> tuple[list[int], list[bool]]:
     """Token ids of the whole conversation and, for each, whether it belongs to an assistant reply.
 
     Templates such as SmolLM2's have no generation markers, so the spans are found by rendering the
-    conversation up to each assistant turn (with the generation prompt) and up to its end.
+    conversation up to each assistant turn (with the generation prompt) and up to its end. `tools` go to templates
+    that read them (ownllm.models.tool_template renders conversations with tools).
     """
-    ids = render_chat(tokenizer, messages, add_generation_prompt=False)
+    ids = render_chat(tokenizer, messages, add_generation_prompt=False, tools=tools)
     mask = [False] * len(ids)
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(render_chat(tokenizer, messages[:index], add_generation_prompt=True)) if index else 0
-        end = len(render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False))
-        if ids[:end] != render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False):
+        start = len(render_chat(tokenizer, messages[:index], add_generation_prompt=True, tools=tools)) if index else 0
+        upto = render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False, tools=tools)
+        end = len(upto)
+        if ids[:end] != upto:
             raise OwnLLMError("this chat template renders earlier turns differently as the conversation grows; "
                               "cannot tell which tokens are the assistant's", kind="unsupported")
         for position in range(start, min(end, len(ids))):

@@ -276,8 +276,10 @@ class ChatCompletionRequest(_Sampling):
             tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools is not None else None
             choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
             plan = plan_tools(tools, choice, self.parallel_tool_calls)
-            if plan is not None and self.response_format is not None and self.response_format.type != "text":
-                raise OwnLLMError("give tools or a JSON response_format, not both", param="response_format")
+            if plan is not None and plan.calls_allowed and self.response_format is not None and \
+                    self.response_format.type != "text":
+                raise OwnLLMError("give tools or a JSON response_format, not both (or tool_choice \"none\")",
+                                  param="response_format")
             self.__dict__["_tool_plan"] = plan
         return self.__dict__["_tool_plan"]
 
@@ -285,7 +287,7 @@ class ChatCompletionRequest(_Sampling):
         limit = self.max_completion_tokens or self.max_tokens or default_max_tokens
         constraint = self.response_format.constraint() if self.response_format is not None else None
         plan = self.tool_plan()
-        if plan is not None:
+        if plan is not None and (plan.calls_allowed or constraint is None):
             constraint = plan.constraint()
         return self._params(limit, (self.top_logprobs or 0) if self.logprobs else None, constraint)
 

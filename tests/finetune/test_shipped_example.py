@@ -1,0 +1,23 @@
+"""The shipped fine-tuning recipe (examples/finetune-facts.yaml), shortened: its own file so that the test runner can
+start it first, on a worker of its own (it is the suite's longest test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+
+def test_the_shipped_example_teaches_new_facts_and_keeps_old_ones(tmp_path: Path, default_model: str) -> None:
+    """The shipped recipe, shortened (the full one is measured in bench/RESULTS.md): checks run before and after."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "facts"
+    result = run_cli("finetune", "--config", str(root / "examples" / "finetune-facts.yaml"), "--out", str(out),
+                     "--max-steps", "80", "--replay", "16", "--save-every", "80", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out facts" in result.stdout and "retention" in result.stdout
+    checks = json.loads((out / "meta.json").read_text())["checks"]
+    held_out, retention = checks["held-out facts"], checks["general knowledge (retention)"]
+    assert held_out["base"] <= 0.1 and held_out["tuned"] >= 0.6
+    assert retention["base"] == 1.0 and retention["tuned"] >= 0.6
