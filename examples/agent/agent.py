@@ -1,7 +1,8 @@
 """A short tool-using agent: the official `openai` client against `ownllm serve`, with two real tools.
 
 - `search`: the best passages for a query from an `ownllm rag` document store (a SQLite file on this machine);
-- `calculator`: exact arithmetic (+ - * / ** and parentheses), so the model never has to do sums in its head.
+- `calculator`: exact arithmetic on whole numbers (+ - * /, fractions kept exact), so the model never has to do
+  sums in its head. Called by people (or other models) it also takes ** and parentheses.
 
 The loop is the usual one (OpenAI's function-calling guide, LangGraph's ReAct agent): send the conversation and
 the tools; run every call the model makes and send the results back as `tool` messages; stop when it answers in
@@ -19,8 +20,10 @@ import argparse
 import ast
 import json
 import operator
+import re
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -38,37 +41,43 @@ TOOLS: list[dict[str, Any]] = [
         "description": "Evaluate an arithmetic expression exactly, for example 2 * 3450 + 4900.",
         "parameters": {"type": "object", "properties": {
             "expression": {"type": "string", "description": "Whole numbers joined by + - * /",
-                           "maxLength": 80, "pattern": "^[0-9]{1,9}( ?[-+*/] ?[0-9]{1,9}){1,6}$"}},
+                           "maxLength": 80,
+                           "pattern": "^(0|[1-9][0-9]{0,8})( ?[-+*/] ?(0|[1-9][0-9]{0,8})){1,6}$"}},
             "required": ["expression"], "additionalProperties": False}}},
 ]
 SYSTEM = ("You answer questions about Lumen Bikes. Look facts up with the search tool; never guess a number. "
           "Use the calculator for any arithmetic. When you have the result, answer in one short sentence.")
 
-_OPERATORS: dict[type, Callable[..., float]] = {
+_OPERATORS: dict[type, Callable[..., Fraction]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
     ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
 def calculate(expression: str) -> str:
-    """Arithmetic on numbers only: the expression is parsed, never handed to eval()."""
+    """Arithmetic on numbers only: the expression is parsed, never handed to eval(); whole numbers and fractions
+    stay exact (999999999 * 999999999 / 3 is 333333332666666667)."""
 
-    def value(node: ast.AST) -> float:
+    def value(node: ast.AST) -> Fraction:
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
+            return Fraction(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
             left, right = value(node.left), value(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 64:
-                raise ValueError("exponent too large")
+            if isinstance(node.op, ast.Pow) and (abs(right) > 64 or right.denominator != 1):
+                raise ValueError("exponents must be whole numbers up to 64")
             return _OPERATORS[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](value(node.operand))
         raise ValueError(f"not arithmetic: {ast.unparse(node)}")
 
     try:
-        result = value(ast.parse(expression.replace(",", ""), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError) as error:
+        # "0042" is 42 to a person; Python's parser refuses leading zeros
+        cleaned = re.sub(r"\b0+(?=\d)", "", expression.replace(",", ""))
+        result = value(ast.parse(cleaned, mode="eval").body)
+    except ZeroDivisionError:
+        return "error: division by zero"
+    except (SyntaxError, ValueError, OverflowError) as error:
         return f"error: {error}"
-    return str(int(result)) if float(result).is_integer() else f"{result:.6g}"
+    return str(result.numerator) if result.denominator == 1 else f"{float(result):.10g}"
 
 
 class Search:
@@ -152,21 +161,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", help="tools to call in order, e.g. search,calculator (the model writes the "
                                        "arguments); without it the model chooses")
     args = parser.parse_args(argv)
-    if not args.store.is_file():
-        print(f"error: {args.store}: no such document store (make one with `ownllm rag index DOCS --store "
-              f"{args.store}`)", file=sys.stderr)
+    names = [tool["function"]["name"] for tool in TOOLS]
+    plan = args.plan.split(",") if args.plan else None
+    problem = None
+    if not args.question.strip():
+        problem = "the question is empty"
+    elif args.max_steps < 1:
+        problem = f"--max-steps must be at least 1, got {args.max_steps}"
+    elif plan and any(step not in names for step in plan):
+        problem = f"--plan {args.plan!r}: each step must be one of {', '.join(names)}"
+    elif not args.store.is_file():
+        problem = f"{args.store}: no such document store (make one with `ownllm rag index DOCS --store {args.store}`)"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     _quiet_model_libraries()
+    from ownllm.errors import OwnLLMError
+
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=300)
     try:
         answer, _ = run_agent(client, args.model, args.question,
-                              {"search": Search(args.store), "calculator": calculate}, args.max_steps,
-                              plan=args.plan.split(",") if args.plan else None)
+                              {"search": Search(args.store), "calculator": calculate}, args.max_steps, plan=plan)
+    except OwnLLMError as error:  # the store is not an ownllm index, or its embedding model is missing
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except openai.APIConnectionError:
         print(f"error: no server at {args.base_url} (start one with `ownllm serve {args.model}`)", file=sys.stderr)
         return 2
     except openai.APIStatusError as error:
-        print(f"error: the server said {error.status_code}: {error.message}", file=sys.stderr)
+        detail = error.body.get("message") if isinstance(error.body, dict) else None
+        print(f"error: the server said {error.status_code}: {detail or error.message}", file=sys.stderr)
         return 2
     return 0 if answer is not None else 1
 

@@ -32,6 +32,19 @@ def line(calls: list[dict[str, Any]] | None = None, *, tools: Any = (WEATHER,), 
     return {"messages": messages, **({"tools": list(tools)} if tools is not None else {}), **extra}
 
 
+def _tool(parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object"}
+    node = schema
+    for _ in range(levels):
+        node["properties"] = {"city": {"type": "object"}}
+        node = node["properties"]["city"]
+    return schema
+
+
 def write(path: Path, rows: list[Any]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -64,6 +77,17 @@ def test_a_function_calling_line_is_read_with_its_tools(tmp_path: Path) -> None:
            for i in (1, 2)], parallel_tool_calls=False), "'parallel_tool_calls' is false"),
     ({**line(), "messages": [*line()["messages"][:2], {"role": "tool", "tool_call_id": "call_9", "content": "x"}]},
      "tool_call_id 'call_9' answers no earlier call"),
+    ({**line(), "messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "18C"},
+                             {"role": "assistant", "content": "Hello"}]}, "no earlier assistant turn calls a tool"),
+    (line(tools=[_tool({"type": "object", "properties": {"city": {"$ref": "http://example.invalid/x.json"}}})]),
+     "does not resolve inside the schema (other documents are not fetched)"),
+    (line(tools=[_tool({"type": "object", "properties": {"city": {"$ref": "#/$defs/nope"}}})]), "'#/$defs/nope'"),
+    (line(tools=[_tool({"type": "object", "$defs": {"a": {"$ref": "#/$defs/a"}},
+                        "properties": {"city": {"$ref": "#/$defs/a"}}})]), "refers to itself without end"),
+    (line(tools=[_tool(_deep(400))]), "nested too deeply"),
+    (line(tools=[{"type": "function", "function": {"name": "get weather"}}]), "letters, digits, _ or -"),
+    (line([{"id": "call_1", "function": {"name": "get_weather", "arguments": '{"city": "Z\\ud800"}'}}]),
+     "arguments is not valid UTF-8 text"),
 ])
 def test_bad_function_calling_lines_are_named(tmp_path: Path, row: dict[str, Any], needle: str) -> None:
     _, examples, problems = read_examples(write(tmp_path / "bad.jsonl", [line(), row]))

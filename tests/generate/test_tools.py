@@ -132,8 +132,30 @@ def test_none_shows_the_tools_but_allows_prose_only(grammars: Grammars) -> None:
     assert plan is not None and not plan.calls_allowed
     assert grammars.matches(plan.constraint(), "It is sunny in Paris.")
     assert not grammars.matches(plan.constraint(), PARIS) and not grammars.matches(plan.constraint(), "\n" + PARIS)
+    assert not grammars.matches(plan.constraint(), "Let me check.\n" + PARIS)  # nowhere in the reply
+    assert not grammars.matches(plan.constraint(), "<tool_response>\n18C\n</tool_response>")
     rendered, _ = render_messages([{"role": "user", "content": "Weather in Paris?"}], plan, knows_tools=False)
     assert "get_weather" in rendered[0]["content"] and rendered[0]["content"].endswith("answer in plain text.")
+
+
+def test_refs_into_the_parameters_and_schemas_without_properties_still_work(grammars: Grammars) -> None:
+    tree = {"type": "function", "function": {"name": "tree", "parameters": {
+        "type": "object", "properties": {"v": {"type": "integer"}, "child": {"$ref": "#"}}, "required": ["v"]}}}
+    plan = plan_tools([tree], "required")
+    assert grammars.matches(plan.constraint(), call_text("tree", '{"v": 1, "child": {"v": 2}}'))
+    assert not grammars.matches(plan.constraint(), call_text("tree", '{"v": 1, "child": {"name": "tree"}}'))
+    alias = {"type": "function", "function": {"name": "pair", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}, "b": {"$ref": "#/properties/a"}},
+        "required": ["a", "b"]}}}
+    assert grammars.matches(plan_tools([alias], "required").constraint(), call_text("pair", '{"a": "x", "b": "y"}'))
+    for parameters, arguments in [({"type": "object", "required": ["q"]}, '{"q": 1}'),
+                                  ({"type": "object", "anyOf": [{"properties": {"q": {"type": "string"}},
+                                                                 "required": ["q"]}]}, '{"q": "x"}'),
+                                  ({"$ref": "#/definitions/Q", "definitions": {"Q": {
+                                      "type": "object", "properties": {"q": {"type": "string"}},
+                                      "required": ["q"]}}}, '{"q": "x"}')]:
+        plan = plan_tools([{"type": "function", "function": {"name": "f", "parameters": parameters}}], "required")
+        assert grammars.matches(plan.constraint(), call_text("f", arguments)), parameters
 
 
 def test_no_tools_offers_nothing_and_definitions_still_resolve(grammars: Grammars) -> None:

@@ -40,7 +40,9 @@ def test_the_calculator_does_arithmetic_only() -> None:
     assert calculate("1,290 / 4") == "322.5"
     assert calculate("__import__('os').system('true')").startswith("error:")
     assert calculate("9 ** 999999").startswith("error:")
-    assert calculate("1 / 0").startswith("error:")
+    assert calculate("1 / 0") == "error: division by zero"
+    assert calculate("999999999 * 999999999 / 3") == "333333332666666667"  # exact, not through a float
+    assert calculate("0042 + 1") == "43"
 
 
 def test_search_finds_the_prices(rag_store: Path) -> None:
@@ -74,3 +76,11 @@ def test_a_missing_store_or_server_is_an_error_line(tmp_path: Path, rag_store: P
     assert missing.returncode == 2 and missing.stderr.startswith("error:") and "none.db" in missing.stderr
     no_server = run_script(QUESTION, "--store", str(rag_store), "--base-url", "http://127.0.0.1:9/v1")
     assert no_server.returncode == 2 and "error: no server" in no_server.stderr, no_server.stderr
+    not_a_store = tmp_path / "notes.db"
+    not_a_store.write_text("just text")
+    for args, words in [(("--store", str(not_a_store)), "not an ownllm index"),
+                        (("--store", str(rag_store), "--plan", "search,nope"), "--plan"),
+                        (("--store", str(rag_store), "--max-steps", "0"), "--max-steps")]:
+        result = run_script(QUESTION, *args, "--base-url", "http://127.0.0.1:9/v1")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error:") and words in result.stderr, result.stderr

@@ -140,6 +140,13 @@ def test_a_conversation_sends_calls_and_results_back(server) -> None:
      "tools[0].function.parameters", "Nope"),
     ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "pattern"),
     ({"tools": TOOLS, "tool_choice": "maybe"}, "tool_choice", ""),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0]", "content is required"),
+    ({"messages": [*ask("Hi"), {"role": "tool", "content": "18C"}]}, "messages[1]", "tool_call_id"),
+    ({"messages": [*ask("Hi"), {"role": "tool", "tool_call_id": "zzz", "content": "18C"}]}, "messages",
+     "answers no tool call"),
+    ({"messages": [{"role": "user", "content": "Hi", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{}"}}]}]}, "messages[0]",
+     "only assistant"),
 ])
 def test_bad_tools_are_400_before_generation(server, body: dict[str, Any], param: str, words: str) -> None:
     base = {"model": MODEL, "messages": ask("Hi"), "max_tokens": 8, "stream": True}

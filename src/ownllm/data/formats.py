@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from ownllm.data.json_schema import instance_problem, schema_problem
 
 Format = Literal["chat", "sharegpt", "alpaca", "completion", "preference", "text"]
 FORMATS: tuple[Format, ...] = ("chat", "sharegpt", "alpaca", "completion", "preference", "text")
 ROLES = {"system", "user", "assistant", "tool"}
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names (the server's too)
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "tool": "tool", "function": "tool"}
 
@@ -93,8 +97,14 @@ def _check_messages(messages: Any, where: str, problems: list[str],
         if not isinstance(content, str) or not content.strip():
             problems.append(f"{field}.content is empty or not a string")
             return None
+        if not _is_unicode(content):
+            problems.append(f"{field}.content is not valid UTF-8 text")
+            return None
         if role == "tool":
             call_id = message.get("tool_call_id")
+            if tools is not None and not call_ids:
+                problems.append(f"{field} is a tool result, but no earlier assistant turn calls a tool")
+                return None
             if call_ids and call_id not in call_ids:
                 problems.append(f"{field}.tool_call_id {call_id!r} answers no earlier call "
                                 f"(calls: {', '.join(sorted(call_ids))})")
@@ -108,6 +118,15 @@ def _check_messages(messages: Any, where: str, problems: list[str],
     return clean
 
 
+def _is_unicode(text: str) -> bool:
+    """Bytes that are not UTF-8 reach Python as lone surrogates, which no tokenizer (and no UTF-8 file) can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_tools(value: Any, where: str, problems: list[str]) -> dict[str, dict[str, Any]] | None:
     """A line's `tools` (OpenAI's `[{"type": "function", "function": {name, description, parameters}}]`) as
     name → parameters schema."""
@@ -115,8 +134,6 @@ def _check_tools(value: Any, where: str, problems: list[str]) -> dict[str, dict[
         problems.append(f"{where}: 'tools' must be a non-empty list of {{\"type\": \"function\", \"function\": "
                         f"{{...}}}}")
         return None
-    import jsonschema  # only lines with tools pay for it (`data check` on plain chat files starts faster)
-
     tools: dict[str, dict[str, Any]] = {}
     for index, tool in enumerate(value):
         field = f"{where}: tools[{index}]"
@@ -126,17 +143,21 @@ def _check_tools(value: Any, where: str, problems: list[str]) -> dict[str, dict[
         if not isinstance(name, str) or not name:
             problems.append(f"{field} must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
             return None
+        if not TOOL_NAME.fullmatch(name):  # the server's (and OpenAI's) rule: a model must not learn other names
+            problems.append(f"{field}.function.name must be 1 to 64 letters, digits, _ or -, got {name!r}")
+            return None
         if name in tools:
             problems.append(f"{field}: the tool {name!r} is given twice")
             return None
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        parameters = function.get("parameters")
+        if parameters is None:  # as the server reads it: a tool without arguments
+            parameters = {"type": "object", "properties": {}}
         if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             problems.append(f"{field}.function.parameters must be a JSON schema of an object (\"type\": \"object\")")
             return None
-        try:
-            jsonschema.validators.validator_for(parameters).check_schema(parameters)
-        except jsonschema.SchemaError as exc:
-            problems.append(f"{field}.function.parameters is not a valid JSON schema: {exc.message}")
+        problem = schema_problem(parameters)
+        if problem:
+            problems.append(f"{field}.function.parameters: {problem}")
             return None
         tools[name] = parameters
     return tools
@@ -171,16 +192,17 @@ def _check_calls(value: Any, field: str, tools: dict[str, dict[str, Any]] | None
         if not isinstance(parsed, dict):
             problems.append(f"{where}.function.arguments must be a JSON object")
             return None
-        import jsonschema
-
-        try:
-            jsonschema.validate(parsed, tools[name])
-        except jsonschema.ValidationError as exc:
-            problems.append(f"{where}.function.arguments do not match the parameters of {name!r}: {exc.message}")
+        mismatch = instance_problem(parsed, tools[name])
+        if mismatch:
+            problems.append(f"{where}.function.arguments do not match the parameters of {name!r}: {mismatch}")
+            return None
+        text = json.dumps(parsed, ensure_ascii=False)
+        if not _is_unicode(text):
+            problems.append(f"{where}.function.arguments is not valid UTF-8 text")
             return None
         call_id = call.get("id")
         calls.append({**({"id": call_id} if isinstance(call_id, str) and call_id else {}), "type": "function",
-                      "function": {"name": name, "arguments": json.dumps(parsed, ensure_ascii=False)}})
+                      "function": {"name": name, "arguments": text}})
     return calls
 
 

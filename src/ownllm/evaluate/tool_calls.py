@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from ownllm.data.formats import normalise
+from ownllm.data.json_schema import instance_problem
 from ownllm.data.jsonl import fail_if_any, read_jsonl
 from ownllm.generate.engine import Engine
 from ownllm.generate.params import SamplingParams
@@ -95,15 +94,9 @@ def valid_calls(calls: list[dict[str, Any]] | None, tools: list[dict[str, Any]])
     """Every call names an offered tool and its arguments validate against that tool's parameters."""
     if not calls:
         return False
-    schemas = {tool["function"]["name"]: tool["function"].get("parameters", {"type": "object"}) for tool in tools}
-    for call in calls:
-        if call["name"] not in schemas:
-            return False
-        try:
-            jsonschema.validate(call["arguments"], schemas[call["name"]])
-        except jsonschema.ValidationError:
-            return False
-    return True
+    schemas = {tool["function"]["name"]: tool["function"].get("parameters") or {"type": "object"} for tool in tools}
+    return all(call["name"] in schemas and instance_problem(call["arguments"], schemas[call["name"]]) is None
+               for call in calls)
 
 
 @dataclass

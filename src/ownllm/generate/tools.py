@@ -66,16 +66,35 @@ class Tool:
     def call_schema(self) -> dict[str, Any]:
         """The schema the grammar holds one call's JSON to, `{"name": <this name>, "arguments": {...}}`, with the
         parameters' own definitions lifted to the top so that their `#/$defs/...` references still resolve."""
-        parameters = copy.deepcopy(dict(self.parameters))
+        parameters = _rebase_refs(copy.deepcopy(dict(self.parameters)))
         definitions = {key: parameters.pop(key) for key in ("$defs", "definitions") if key in parameters}
         # Arguments the schema does not name are allowed by it but useless to the caller, and small models ramble
         # on with made-up ones: left unsaid, only the named ones may be written (still valid against the schema).
-        parameters.setdefault("additionalProperties", False)
+        # Only where the schema lists them itself: with no `properties`, or with its shape given through `$ref` or
+        # a combination, "no other property" would leave nothing (or less than the schema allows) to write.
+        if "properties" in parameters and not COMBINATIONS & set(parameters):
+            parameters.setdefault("additionalProperties", False)
         return {"type": "object", "properties": {"name": {"const": self.name}, "arguments": parameters},
                 "required": ["name", "arguments"], "additionalProperties": False, **definitions}
 
 
 ChoiceMode = Literal["none", "auto", "required"]
+COMBINATIONS = {"$ref", "anyOf", "oneOf", "allOf", "not", "if", "dependentSchemas", "patternProperties"}
+_DEFINITIONS = ("#/$defs/", "#/definitions/")
+
+
+def _rebase_refs(node: Any) -> Any:
+    """The parameters move under `properties.arguments` of the call's schema (their definitions stay at the top):
+    a local `$ref` into the parameters themselves (`#`, `#/properties/...`) is rewritten to point there still."""
+    if isinstance(node, dict):
+        rebased = {key: _rebase_refs(value) for key, value in node.items()}
+        ref = node.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) and not ref.startswith(_DEFINITIONS):
+            rebased["$ref"] = "#/properties/arguments" + ref[1:]
+        return rebased
+    if isinstance(node, list):
+        return [_rebase_refs(value) for value in node]
+    return node
 
 
 @dataclass(frozen=True)
@@ -176,7 +195,10 @@ def _choice(tool_choice: Any) -> tuple[ChoiceMode, str | None]:
 
 # prose: anything, as long as it does not open (after blank space) with a call
 _PROSE_RULE = f"PROSE: /(.|\\n)+/ & ~/[ \\t\\r\\n]*{CALL_OPEN}(.|\\n)*/"
-PROSE_GRAMMAR = "\n".join(["%llguidance {}", "start: PROSE", _PROSE_RULE])
+# tool_choice "none": no call anywhere in the reply, and no tool result made up either
+PROSE_GRAMMAR = "\n".join([
+    "%llguidance {}", "start: ONLY_PROSE",
+    f"ONLY_PROSE: /(.|\\n)+/ & ~/(.|\\n)*{CALL_OPEN}(.|\\n)*/ & ~/[ \\t\\r\\n]*<tool_response(.|\\n)*/"])
 
 
 def tools_grammar(tools: Sequence[Tool], *, required: bool, parallel: bool) -> str:

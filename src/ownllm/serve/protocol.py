@@ -105,6 +105,17 @@ class ChatMessage(_Open):
     tool_calls: list[MessageToolCall] | None = None  # assistant turns that called tools (content may be null)
     tool_call_id: str | None = None  # tool turns: the call this is the result of
 
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatMessage:
+        # as OpenAI answers them: these are 400s, not conversations the model should see
+        if self.content is None and self.role in ("system", "user", "developer", "tool"):
+            raise ValueError(f"content is required in {self.role} messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool messages need the tool_call_id of the call they answer")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text or "" for part in self.content)
@@ -259,6 +270,17 @@ class _Sampling(_Open):
 class ChatCompletionRequest(_Sampling):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _results_answer_calls(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        called: set[str] = set()
+        for index, message in enumerate(messages):
+            called.update(call.id for call in message.tool_calls or [])
+            if message.role == "tool" and message.tool_call_id not in called:
+                raise ValueError(f"messages[{index}].tool_call_id {message.tool_call_id!r} answers no tool call of "
+                                 f"an earlier assistant message")
+        return messages
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     logprobs: StrictBool = False
