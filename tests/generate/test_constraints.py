@@ -121,6 +121,8 @@ def test_regex_lark_gbnf_and_choice(grammars: Grammars) -> None:
 @pytest.mark.parametrize(("build", "param", "words"), [
     (lambda: Constraint.json_schema({"$ref": "#/$defs/Nope"}), "schema", "/$defs/Nope"),
     (lambda: Constraint.json_schema({"type": "strang"}), "schema", "strang"),
+    (lambda: Constraint.json_schema({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                                     "properties": {"x": {"$ref": "#/$defs/a"}}}), "schema", "without end"),
     (lambda: Constraint.json_schema({"type": "array", "uniqueItems": True}), "schema", "uniqueItems"),
     (lambda: Constraint.json_schema({"type": "string", "pattern": "(("}), "schema", "unclosed group"),
     (lambda: Constraint.regex("[0-9"), "regex", "regular expression"),

@@ -139,6 +139,9 @@ def test_a_conversation_sends_calls_and_results_back(server) -> None:
         "type": "object", "properties": {"x": {"$ref": "#/$defs/Nope"}}}}}]},
      "tools[0].function.parameters", "Nope"),
     ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "pattern"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "$defs": {"a": {"$ref": "#/$defs/a"}}, "properties": {"x": {"$ref": "#/$defs/a"}},
+        "required": ["x"]}}}], "tool_choice": "required"}, "tools[0].function.parameters", "without end"),
     ({"tools": TOOLS, "tool_choice": "maybe"}, "tool_choice", ""),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0]", "content is required"),
     ({"messages": [*ask("Hi"), {"role": "tool", "content": "18C"}]}, "messages[1]", "tool_call_id"),

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ownllm.data.json_schema import instance_problem, schema_problem
+from ownllm.json_schema import instance_problem, schema_problem
 
 Format = Literal["chat", "sharegpt", "alpaca", "completion", "preference", "text"]
 FORMATS: tuple[Format, ...] = ("chat", "sharegpt", "alpaca", "completion", "preference", "text")

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.data.formats import normalise
-from ownllm.data.json_schema import instance_problem
 from ownllm.data.jsonl import fail_if_any, read_jsonl
 from ownllm.generate.engine import Engine
 from ownllm.generate.params import SamplingParams
+from ownllm.json_schema import instance_problem
 from ownllm.models.tool_template import CALL_CLOSE, CALL_OPEN, render_tool_chat
 
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)

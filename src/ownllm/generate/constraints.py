@@ -175,6 +175,16 @@ class Constraint:
         failed, messages = LLMatcher.validate_grammar_with_warnings(self.grammar_text())
         if failed:
             raise self.error(messages[0] if messages else "invalid")
+        self.check_references()
+
+    def check_references(self) -> None:
+        """What llguidance finds only mid-generation, checked up front: a schema's references that loop forever."""
+        if self.kind == "json_schema":
+            from ownllm.json_schema import reference_loop
+
+            loop = reference_loop(json.loads(self.source))
+            if loop:
+                raise self.error(loop)
 
     def error(self, problem: object, failed: str = "cannot be used") -> OwnLLMError:
         """The OwnLLMError saying this constraint cannot be used (or `failed` otherwise), and why."""
@@ -249,6 +259,7 @@ class Grammars:
             raise constraint.error(exc) from None
         if matcher.is_error():
             raise constraint.error(matcher.get_error())
+        constraint.check_references()
         with self._lock:
             self._compiled[constraint] = matcher
             self._compiled.move_to_end(constraint)

@@ -37,6 +37,35 @@ def _validator(schema: dict[str, Any]) -> tuple[Any, Any]:
     return cls(schema, registry=registry), registry.resolver_with_root(resource)
 
 
+def _loops(resolver: Any, ref: str) -> bool:
+    target = resolver.lookup(ref)
+    for _ in range(32):  # a chain of bare references must end somewhere
+        contents = target.contents
+        if not (isinstance(contents, dict) and set(contents) == {"$ref"}):
+            return False
+        target = target.resolver.lookup(contents["$ref"])
+    return True
+
+
+def reference_loop(schema: Any) -> str | None:
+    """The first local `$ref` that leads only to itself (a chain of bare references without end), or None. Other
+    reference problems are left to whoever compiles the schema."""
+    if not isinstance(schema, dict):
+        return None
+    try:
+        _, resolver = _validator(schema)
+        refs = _local_refs(schema)
+    except Exception:
+        return None
+    for ref in refs:
+        try:
+            if _loops(resolver, ref):
+                return f"$ref {ref!r} refers to itself without end"
+        except Exception:
+            continue
+    return None
+
+
 def schema_problem(schema: dict[str, Any]) -> str | None:
     """Why `schema` cannot be used to check instances (None when it can): not a valid schema, a `$ref` that does not
     resolve inside it, or too deep."""
@@ -47,13 +76,7 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
         _, resolver = _validator(schema)
         for ref in _local_refs(schema):
             try:
-                target = resolver.lookup(ref)
-                for _ in range(32):  # a chain of bare references must end somewhere
-                    contents = target.contents
-                    if not (isinstance(contents, dict) and set(contents) == {"$ref"}):
-                        break
-                    target = target.resolver.lookup(contents["$ref"])
-                else:
+                if _loops(resolver, ref):
                     return f"$ref {ref!r} refers to itself without end"
             except Exception:
                 return f"$ref {ref!r} does not resolve inside the schema (other documents are not fetched)"
