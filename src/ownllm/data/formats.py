@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ownllm.json_schema import instance_problem, schema_problem
+from ownllm.models.tool_template import EMPTY_PARAMETERS, TOOL_NAME
 
 Format = Literal["chat", "sharegpt", "alpaca", "completion", "preference", "text"]
 FORMATS: tuple[Format, ...] = ("chat", "sharegpt", "alpaca", "completion", "preference", "text")
 ROLES = {"system", "user", "assistant", "tool"}
-TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names (the server's too)
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "tool": "tool", "function": "tool"}
 
@@ -151,7 +150,7 @@ def _check_tools(value: Any, where: str, problems: list[str]) -> dict[str, dict[
             return None
         parameters = function.get("parameters")
         if parameters is None:  # as the server reads it: a tool without arguments
-            parameters = {"type": "object", "properties": {}}
+            parameters = dict(EMPTY_PARAMETERS)
         if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             problems.append(f"{field}.function.parameters must be a JSON schema of an object (\"type\": \"object\")")
             return None

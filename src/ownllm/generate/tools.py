@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from ownllm.models.tool_template import CALL_ARGUMENTS as _ARGUMENTS
 from ownllm.models.tool_template import (
     CALL_CLOSE,
     CALL_OPEN,
+    EMPTY_PARAMETERS,
+    TOOL_NAME,
     call_text,
     render_tool_messages,
     template_knows_tools,
@@ -43,8 +44,6 @@ from ownllm.models.tool_template import CALL_TAIL as _TAIL
 
 __all__ = ["CALL_CLOSE", "CALL_OPEN", "call_text", "template_knows_tools"]  # re-exported: the format's names
 MAX_TOOLS = 128
-NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
-EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ def _tool(item: Mapping[str, Any], where: str) -> Tool:
     if not isinstance(item, Mapping) or item.get("type", "function") != "function":
         raise OwnLLMError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", param=f"{where}.type")
     function = item.get("function")
-    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not NAME.fullmatch(
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not TOOL_NAME.fullmatch(
             function["name"]):
         raise OwnLLMError(f"{where}.function.name must be 1 to 64 letters, digits, _ or -",
                           param=f"{where}.function.name")

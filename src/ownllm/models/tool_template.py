@@ -16,11 +16,14 @@ server's grammar lets it write (ownllm.generate.tools holds the grammar and read
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ownllm.models.chat_template import assistant_token_mask, render_chat
 
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # a tool without `parameters` takes none
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CALL_HEAD = CALL_OPEN + '\n{"name": "'
 CALL_ARGUMENTS = '", "arguments": '
