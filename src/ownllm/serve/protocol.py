@@ -19,6 +19,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.generate.constraints import Constraint
 from ownllm.generate.params import MAX_LOGIT_BIAS_ENTRIES, SEED_RANGE, SamplingParams
 from ownllm.generate.tools import MAX_TOOLS, ToolPlan, plan_tools
+from ownllm.models.tool_template import TOOL_NAME  # OpenAI's name rule, for function and schema names alike
 from ownllm.rag.context import DEFAULT_K, DEFAULT_MIN_SCORE
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class ChatMessage(_Open):
 
 
 class FunctionSpec(_Open):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = Field(pattern=f"^{TOOL_NAME.pattern}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: no arguments
     strict: StrictBool | None = None  # the arguments are held to the schema either way
@@ -165,7 +166,7 @@ class JsonSchemaFormat(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str | None = Field(None, pattern=f"^{TOOL_NAME.pattern}$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: StrictBool | None = None
