@@ -86,3 +86,21 @@ def assert_user_error(result: subprocess.CompletedProcess[str], *needles: str) -
     assert len(errors) == 1, result.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(default_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter with random (non-zero) weights: real peft files, so it changes the model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ownllm.models.load import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model(default_model, dtype="fp32")
+    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(loaded.model, config)
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    return folder

@@ -83,7 +83,7 @@ def test_a_row_that_fails_fails_alone_and_the_others_go_on(scheduler, engine, mo
     scheduler.submit(bad)
     good = [submit(scheduler, engine, p) for p in prompts]
     bad_events.get(timeout=60)  # its first token is out: it is decoding with the others now
-    poisoned.add(bad.slot)
+    poisoned.add(bad.sequence)
     _, failed = collect(bad_events)
     assert isinstance(failed, OwnLLMError) and "generation failed" in str(failed)
     for stream, reference in zip(good, expected, strict=True):
@@ -188,7 +188,10 @@ def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
 
     assert engine.batching_mode() == ("batched", "slot forward for llama on cpu")
     batched = make_scheduler(engine, max_batch=4, max_len=256)
-    assert isinstance(batched, BatchScheduler) and batched.batching == {"mode": "batched", "max_batch": 4}
+    token_bytes = batched.model.token_bytes
+    assert isinstance(batched, BatchScheduler) and batched.batching == {
+        "mode": "batched", "max_batch": 4, "kv_tokens": 4 * 256, "kv_bytes": 4 * 256 * token_bytes,
+        "prefix_caching": True}  # by default the budget holds max_batch full sequences (when memory allows)
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,8 @@ def test_abstains_without_running_the_model(server: Any, index: Index) -> None:
     assert expected.abstain and expected.hits
     reply = chat(server, rag={"k": 2, "min_score": 1.0}, n=2)
     assert [(c["message"]["content"], c["finish_reason"]) for c in reply["choices"]] == [(IDK, "stop")] * 2
-    assert reply["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert reply["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
     assert_same_sources(reply["sources"], expected.sources)  # what was found, though not good enough
 
 

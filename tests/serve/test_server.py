@@ -48,7 +48,11 @@ def test_stream_with_usage_matches_non_stream(server) -> None:
     assert text == plain.choices[0].message.content
     assert finish == [plain.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    streamed, answered = chunks[-1].usage.model_dump(), plain.usage.model_dump()
+    # the same messages again: the prefix cache has all but the last prompt token (it is computed for its logits)
+    assert streamed.pop("prompt_tokens_details")["cached_tokens"] == answered["prompt_tokens"] - 1
+    assert answered.pop("prompt_tokens_details")["cached_tokens"] < answered["prompt_tokens"] - 1
+    assert streamed == answered
     assert all(c.usage is None for c in chunks[:-1])
 
 
@@ -190,6 +194,29 @@ def test_metrics_move(server) -> None:
     assert value("ownllm_time_to_first_token_seconds_count") > 0
     text = httpx.get(f"{server.url}/metrics").text
     assert "ownllm_queue_depth" in text and "ownllm_running_sequences" in text
+
+
+def test_the_second_turn_starts_from_the_first_and_says_so(server) -> None:
+    """A conversation's next turn resends the history: the prefix cache has it (prompt and answer), the usage says
+    how much, and /metrics counts it."""
+    def value(name: str) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    client = server.client()
+    hits_before = value("ownllm_prefix_cache_hit_tokens_total")
+    history = [{"role": "system", "content": "You are a ship's cook. Answer briefly."},
+               {"role": "user", "content": "What do sailors eat on a long voyage?"}]
+    first = client.chat.completions.create(model=MODEL, messages=history, max_tokens=20, temperature=0)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And to drink?"}]
+    second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=5, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    assert value("ownllm_prefix_cache_hit_tokens_total") >= hits_before + cached
+    assert value("ownllm_prefix_cache_queried_tokens_total") >= second.usage.prompt_tokens
+    assert 0 < value("ownllm_kv_cache_usage_ratio") <= 1
+    assert value("ownllm_kv_cache_capacity_tokens") >= 2048
 
 
 def test_tokenize_and_tgi_generate(server) -> None:

@@ -52,8 +52,13 @@ def test_lora_rows_match_peft(engine, adapter_dir) -> None:
 def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> None:
     import httpx
 
-    assert httpx.get(f"{strict_server.url}/health").json()["batching"] == {"mode": "batched", "max_batch": 1}
-    assert "batched, up to 1 sequences" in strict_server.log.read_text()
+    batching = httpx.get(f"{strict_server.url}/health").json()["batching"]
+    assert batching == {"mode": "batched", "max_batch": 1, "kv_tokens": 2048, "kv_bytes": batching["kv_bytes"],
+                        "prefix_caching": True}
+    assert batching["kv_bytes"] == 2048 * 30 * 2 * 3 * 64 * 4  # 30 layers, k and v, 3 heads of 64, fp32
+    log = strict_server.log.read_text()
+    assert f"batched, up to 1 sequences, KV budget {batching['kv_bytes'] / 2**30:.2f} GiB = 2,048 tokens, " \
+           "prefix cache on" in log
 
 
 def test_a_model_that_cannot_batch_is_served_one_at_a_time_with_the_reason(engine, tmp_path) -> None:

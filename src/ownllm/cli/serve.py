@@ -23,9 +23,13 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="sequences decoded together")] = 16,
     max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 64,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 1 << 20,
-    max_model_len: Annotated[int | None, typer.Option(help="context per sequence (default min(model, 2048)); a KV "
-                                                           "cache of max-batch such sequences is allocated at start")
-                             ] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="context per sequence (default min(model, 2048))")] = None,
+    kv_memory: Annotated[str | None, typer.Option(help="KV memory for all sequences and the prefix cache, e.g. 2GiB "
+                                                       "(default: max-batch full sequences, at most a quarter of free "
+                                                       "memory); taken as sequences grow")] = None,
+    prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache",
+                                               help="start requests from the KV of earlier ones that began the same "
+                                                    "way")] = True,
     embedding_model: Annotated[str, typer.Option(help="model for /v1/embeddings")] = "all-MiniLM-L6-v2",
     rag_store: Annotated[str | None, typer.Option(help="document store for chat requests with \"rag\"")] = None,
     backend: BackendOpt = "auto",
@@ -44,6 +48,15 @@ def serve(
     if not 0 <= port <= 65535:
         raise OwnLLMError(f"port must be from 0 to 65535, got {port}", param="port")
     at_least_one(max_body=max_body, max_model_len=max_model_len)
+    kv_bytes = None
+    if kv_memory is not None:
+        from ownllm.generate.kv_cache import parse_memory
+
+        try:
+            kv_bytes = parse_memory(kv_memory)
+        except ValueError:
+            raise OwnLLMError(f"--kv-memory takes a size like 2GiB, 512MiB or 1.5G, got '{kv_memory}'",
+                              param="kv_memory") from None
     home = (data_dir or ownllm_home() / "server") if jobs else None
     if home is not None:
         from ownllm.data.files import check_output_folder
@@ -67,8 +80,8 @@ def serve(
                         max_body=max_body, max_model_len=max_model_len, dtype=dtype, backend=backend,
                         embedding_model=embedding_model, rag_store=rag_store,
                         data_dir=home, max_jobs=max_jobs, job_threads=job_threads,
-                        metrics_public=metrics_public)
-    err.print(f"[dim]{escape(startup_line(state, host, port))}[/dim]")
+                        metrics_public=metrics_public, kv_memory=kv_bytes, prefix_caching=prefix_cache)
+    err.print(f"[dim]{escape(startup_line(state, host, port))}[/dim]", soft_wrap=True)  # one line, for log readers
     run_server(state, host=host, port=port)
 
 
@@ -76,6 +89,9 @@ def bench_serve(
     url: Annotated[str, typer.Option(help="base URL of any OpenAI-compatible server")] = "http://127.0.0.1:8000",
     concurrency: Annotated[str, typer.Option(help="comma-separated levels")] = "1,4,8,16",
     prompts: Annotated[str, typer.Option(help="random, or a .jsonl (prompt/messages) or text file")] = "random",
+    workload: Annotated[str, typer.Option(help="random (the prompts above), chat (6-turn conversations resending "
+                                               "their history) or rag (a shared 1,000-token system prompt)")
+                        ] = "random",
     max_tokens: Annotated[int, typer.Option(help="max tokens per request")] = 128,
     requests: Annotated[int | None, typer.Option(help="requests per level (default 2 x concurrency)")] = None,
     model: Annotated[str | None, typer.Option(help="model name (default: the server's first)")] = None,
@@ -86,7 +102,7 @@ def bench_serve(
     from rich.table import Table
 
     from ownllm.cli.render import out
-    from ownllm.client.loadtest import run_benchmark
+    from ownllm.client.loadtest import WORKLOADS, run_benchmark
 
     try:
         levels = [int(c) for c in concurrency.split(",")]
@@ -101,8 +117,10 @@ def bench_serve(
         from ownllm.data.files import read_text_file
 
         read_text_file(Path(prompts), param="prompts")  # missing, a folder, not UTF-8: say so before any request
+    if workload not in WORKLOADS:
+        raise OwnLLMError(f"--workload takes one of {', '.join(WORKLOADS)}, got '{workload}'", param="workload")
     results = run_benchmark(url, concurrency=levels, prompts=prompts, max_tokens=max_tokens,
-                            requests_per_level=requests, model=model, api_key=api_key)
+                            requests_per_level=requests, model=model, api_key=api_key, workload=workload)
     rows = [r.as_dict() for r in results]
     if as_json:
         out.print_json(json.dumps(rows))
@@ -110,10 +128,13 @@ def bench_serve(
     table = Table(title=f"bench serve {url}", title_justify="left")
     columns = ["concurrency", "requests", "errors", "output_tokens_per_s", "requests_per_s", "ttft_p50_ms",
                "ttft_p95_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
+    if workload == "chat":
+        columns += [f"turn{t}_ttft_p50_ms" for t in range(1, 7)]
+    columns.append("cached_tokens")
     for column in columns:
         table.add_column(column.replace("_", " "), justify="right")
     for row in rows:
-        table.add_row(*(str(row[c]) for c in columns))
+        table.add_row(*(str(row.get(c, "-")) for c in columns))
     out.print(table)
     for row in rows:
         if row.get("first_error"):

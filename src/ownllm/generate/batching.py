@@ -1,10 +1,15 @@
 """Continuous batching: one engine loop in its own thread serves many requests at once.
 
-Between decode steps the loop admits waiting requests (up to `max_batch` running), prefills one prompt
-chunk, then advances every running sequence by one token in a single batched forward; each request keeps
-its own sampling parameters, constraint (a grammar state of its own; the constrained rows' masks are computed
-together before each step), stop strings and token budget, and leaves the batch the moment it finishes
-or its client goes away. Events go to each request's `sink` from the loop thread.
+Between decode steps the loop admits waiting requests (up to `max_batch` running, as the KV budget allows: see
+`ownllm.generate.kv_cache`), prefills one prompt chunk, then advances every running sequence by one token in a
+single batched forward; each request keeps its own sampling parameters, constraint (a grammar state of its own;
+the constrained rows' masks are computed together before each step), stop strings and token budget, and leaves the
+batch the moment it finishes or its client goes away. Events go to each request's `sink` from the loop thread.
+
+A request starts after the longest prefix the KV cache already holds for it (an earlier turn of its conversation,
+a system prompt other requests share) and prefills the rest. Its KV grows as it does; when the budget is spent,
+the request admitted last is preempted: its KV is freed, it goes back to the head of the queue, and it is computed
+again from the tokens it had (its stream pauses; its sampler state is kept, so its tokens are the same).
 
 What decodes the batch is the engine's: `Engine.batched_model` (the slot forward of the transformers
 backend, llama.cpp's batched decoding of a GGUF). `SerialScheduler` offers the same interface for engines that
@@ -30,6 +35,7 @@ import torch
 from ownllm.errors import OwnLLMError
 from ownllm.generate.constraints import fill_masks
 from ownllm.generate.engine import BatchedModel, Completion, Decoding, Engine, TextDelta, choose_step
+from ownllm.generate.kv_cache import KVCache, default_kv_memory
 from ownllm.generate.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -55,15 +61,22 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     # set by the loop
-    slot: int | None = None
-    prefilled: int = 0
+    sequence: int | None = None  # its KV in the batched model (`KVCache`)
+    known: list[int] = field(default_factory=list)  # what its KV must hold before it decodes on
+    kv_tokens: list[int] = field(default_factory=list)  # what its KV holds, in order
+    cached_tokens: int = 0  # prompt tokens the prefix cache gave it
+    caught_up: bool = False  # looked for a longer cached prefix just before its first prefill chunk
     decoding: Decoding | None = None
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None
-    next_token: int | None = None
+    next_token: int | None = None  # chosen, not yet in the KV
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    @property
+    def prefilling(self) -> bool:
+        return len(self.kv_tokens) < len(self.known)
 
 
 class _Loop:
@@ -149,7 +162,15 @@ class BatchScheduler(_Loop):
     """Continuous batching over the engine's batched forward (`Engine.batched_model`)."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, kv_memory: int | None = None, prefix_caching: bool = True) -> None:
+        """
+        Args:
+            max_batch: sequences decoded together.
+            max_len: tokens per sequence (prompt and completion; default: the model's context).
+            prefill_chunk: prompt tokens per prefill forward (chunks start at its multiples).
+            kv_memory: bytes of KV all sequences (and the prefix cache) may hold; default `default_kv_memory`.
+            prefix_caching: start requests from the KV of earlier ones that began the same way.
+        """
         super().__init__(engine, max_queue=max_queue)
         self.max_batch = max_batch
         self.max_len = min(max_len or engine.context_length, engine.context_length)
@@ -159,9 +180,24 @@ class BatchScheduler(_Loop):
             raise OwnLLMError(f"{engine.name} cannot decode in batches: {engine.batching_mode()[1]}",
                               kind="unsupported")
         self.model: BatchedModel = model
+        if model.fixed_capacity is not None:  # llama.cpp: its context is sized at start, a stream per sequence
+            budget = model.fixed_capacity * (model.max_sequences or max_batch)
+        else:
+            memory = kv_memory if kv_memory is not None else default_kv_memory(model.token_bytes, max_batch,
+                                                                              self.max_len)
+            budget = memory // max(1, model.token_bytes)
+            _check_kv_memory(kv_memory, model)
+            if budget < self.max_len:
+                need = self.max_len * model.token_bytes
+                raise OwnLLMError(f"--kv-memory {memory:,} bytes holds {budget:,} tokens of KV, less than one sequence "
+                                  f"of {self.max_len:,} tokens ({need / 2**20:,.0f} MiB at {model.token_bytes:,} bytes "
+                                  "per token)", param="kv_memory",
+                                  hint="give more, or a smaller --max-model-len")
+        self.kv = KVCache(model, budget_tokens=budget, max_len=self.max_len, prefix_caching=prefix_caching,
+                          extra_positions=getattr(model, "prefix_len", 0))
         self.running: list[Request] = []
-        self.free_slots = list(range(max_batch))
         self.retiring: set[str] = set()
+        self.headroom = 128  # tokens of answer a sequence starts with room for (it grows from there)
 
     @property
     def context_length(self) -> int:
@@ -172,7 +208,8 @@ class BatchScheduler(_Loop):
 
     @property
     def batching(self) -> dict[str, Any]:
-        return {"mode": "batched", "max_batch": self.max_batch}
+        return {"mode": "batched", "max_batch": self.max_batch, "kv_tokens": self.kv.budget,
+                "kv_bytes": self.kv.budget * self.model.token_bytes, "prefix_caching": self.kv.prefix_caching}
 
     def load_adapter(self, name: str, folder: Any) -> None:
         self.retiring.discard(name)
@@ -212,21 +249,42 @@ class BatchScheduler(_Loop):
                 self._finish(request, _failed(exc))
 
     def _admit(self) -> None:
-        while self.waiting and self.free_slots:
-            request = self.waiting.popleft()
+        """Start waiting requests in order while the batch has room and the KV budget allows (the first that does
+        not fit waits, and so do the ones behind it)."""
+        while self.waiting and len(self.running) < self.max_batch:
+            request = self.waiting[0]
             if request.cancelled.is_set():
+                self.waiting.popleft()
                 continue
-            try:
-                request.decoding = Decoding(self.engine, request.prompt_ids, request.params, request.seed)
-                request.decoding.started = request.enqueued_at  # time in the queue counts towards TTFT
-                request.generator = torch.Generator().manual_seed(request.seed)
-                request.seen = torch.tensor(request.prompt_ids, dtype=torch.long)
-            except Exception as exc:  # this request's own problem: it fails, the others go on
-                log.exception("could not start request %s", request.id)
-                self._emit(request, _failed(exc))
-                continue
-            request.slot = self.free_slots.pop(0)
+            if request.decoding is None:  # a new request (a preempted one keeps its state)
+                try:
+                    request.decoding = Decoding(self.engine, request.prompt_ids, request.params, request.seed)
+                    request.decoding.started = request.enqueued_at  # time in the queue counts towards TTFT
+                    request.generator = torch.Generator().manual_seed(request.seed)
+                    request.seen = torch.tensor(request.prompt_ids, dtype=torch.long)
+                    request.known = list(request.prompt_ids)
+                except Exception as exc:  # this request's own problem: it fails, the others go on
+                    self.waiting.popleft()
+                    log.exception("could not start request %s", request.id)
+                    self._emit(request, _failed(exc))
+                    continue
+            # room for the prompt and the first stretch of the answer; it grows from there (`_make_room`)
+            remaining = request.params.max_new_tokens - len(request.decoding.steps)
+            want = min(len(request.known) + max(1, min(remaining, self.headroom)), self.max_len)
+            sources = [(r.sequence, r.kv_tokens, self._owner(r)) for r in self.running if r.sequence is not None]
+            start = self.kv.start(request.known, self._owner(request), sources, want)  # type: ignore[arg-type]
+            if start is None:
+                return  # memory is short: it waits for running sequences to finish
+            self.waiting.popleft()
+            request.sequence = start.sequence
+            request.kv_tokens = request.known[: start.cached]
+            if request.next_token is None:  # a preempted request's count stays that of its first start
+                request.cached_tokens = start.cached
             self.running.append(request)
+
+    def _owner(self, request: Request) -> Any:
+        """Whose weights computed a sequence's keys: the base model, or the adapter by name and weights."""
+        return None if request.adapter is None else (request.adapter, self.model.adapters.get(request.adapter))
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.running if r.cancelled.is_set()]:
@@ -240,12 +298,14 @@ class BatchScheduler(_Loop):
         for name in list(self.retiring - in_use):
             self.retiring.discard(name)
             self.model.adapters.pop(name, None)
+            self.kv.forget_owner(name)
 
     def _finish(self, request: Request, error: BaseException | None) -> None:
         if request in self.running:
             self.running.remove(request)
-            self.free_slots.append(request.slot)  # type: ignore[arg-type]
-            self.free_slots.sort()  # keep busy slots low
+            # its KV stays for later requests that start the same way, unless it broke (then it is not trusted)
+            self.kv.finish(request.sequence, request.kv_tokens if error is None else None)  # type: ignore[arg-type]
+            request.sequence = None
         if error is not None:
             self._emit(request, error)
         elif not request.cancelled.is_set():
@@ -253,27 +313,70 @@ class BatchScheduler(_Loop):
             tail = request.decoding.flush()
             if tail is not None:
                 self._emit(request, tail)
-            self._emit(request, request.decoding.completion())
+            completion = request.decoding.completion()
+            completion.cached_tokens = request.cached_tokens
+            self._emit(request, completion)
+
+    def _make_room(self, request: Request, tokens: int) -> bool:
+        """Room for `tokens` tokens in the request's KV, preempting the requests admitted after it if need be;
+        False when it was preempted itself (it waits at the head of the queue)."""
+        while not self.kv.grow(request.sequence, tokens):  # type: ignore[arg-type]
+            victim = self.running[-1]  # the last admitted gives way (the first always can go on)
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's KV and put it first in the queue: it is computed again from the tokens it had
+        (what its client has already been sent stays sent; decoding resumes where it was)."""
+        log.info("request %s waits for KV memory (%d tokens)", request.id, len(request.kv_tokens))
+        self.running.remove(request)
+        self.kv.preempted(request.sequence)  # type: ignore[arg-type]
+        request.sequence = None
+        request.known = list(request.kv_tokens) if request.next_token is not None else request.known
+        request.kv_tokens = []
+        request.caught_up = False
+        with self.cond:
+            self.waiting.appendleft(request)
 
     def _prefill_one_chunk(self) -> None:
-        request = next((r for r in self.running if r.prefilled < len(r.prompt_ids)), None)
+        request = next((r for r in self.running if r.prefilling), None)
         if request is None:
             return
-        start = request.prefilled
-        chunk = request.prompt_ids[start : start + self.prefill_chunk]
+        if not request.caught_up:
+            request.caught_up = True
+            sources = [(r.sequence, r.kv_tokens, self._owner(r)) for r in self.running if r.sequence is not None]
+            have = self.kv.catch_up(request.sequence, request.known, len(request.kv_tokens),  # type: ignore[arg-type]
+                                    self._owner(request), sources)
+            if have > len(request.kv_tokens):
+                request.kv_tokens = request.known[:have]
+                if request.next_token is None:
+                    request.cached_tokens = have
+        start = len(request.kv_tokens)
+        # chunks end at multiples of prefill_chunk, with or without a cached prefix: the same positions are then
+        # computed in the same forwards as without the cache
+        end = min(len(request.known), (start // self.prefill_chunk + 1) * self.prefill_chunk)
+        chunk = request.known[start:end]
+        if not self._make_room(request, end):
+            return
         try:
-            logits = self.model.forward(torch.tensor([chunk]), torch.tensor([request.slot]), torch.tensor([start]),
-                                        [request.adapter])
+            logits = self.model.forward(torch.tensor([chunk]), torch.tensor([request.sequence]),
+                                        torch.tensor([start]), [request.adapter])
         except Exception as exc:  # a prefill holds one request: only that one fails
             log.exception("prefill of request %s failed", request.id)
             self._finish(request, _failed(exc))
             return
-        request.prefilled += len(chunk)
-        if request.prefilled == len(request.prompt_ids):
+        request.kv_tokens.extend(chunk)
+        if not request.prefilling and request.next_token is None:  # (a resumed request has its next token)
             self._take(request, logits[0])
 
     def _decode_step(self) -> None:
-        rows = [r for r in self.running if r.next_token is not None]
+        rows = [r for r in self.running if r.next_token is not None and not r.prefilling]
+        for request in list(rows):
+            if request in self.running and not self._make_room(request, len(request.kv_tokens) + 1):
+                rows.remove(request)
+        rows = [r for r in rows if r in self.running]  # (making room may have preempted rows after it)
         if not rows:
             return
         grammars = [r.decoding.grammar for r in rows if r.decoding is not None and r.decoding.grammar is not None]
@@ -296,13 +399,14 @@ class BatchScheduler(_Loop):
                     self._finish(request, _failed(exc))
             rows, logits = [r for r, _ in kept], [row for _, row in kept]
         for request, row in zip(rows, logits, strict=True):
+            request.kv_tokens.append(request.next_token)  # type: ignore[arg-type]
             self._take(request, row)
 
     def _decode(self, rows: list[Request]) -> torch.Tensor:
-        # the token fed now is the last one kept: it goes right after the prompt and the tokens before it
-        positions = [len(r.prompt_ids) + len(r.decoding.steps) - 1 for r in rows]  # type: ignore[union-attr]
-        return self.model.forward(torch.tensor([[r.next_token] for r in rows]), torch.tensor([r.slot for r in rows]),
-                                  torch.tensor(positions), [r.adapter for r in rows])
+        # the token fed now is the last one chosen: it goes right after what the sequence holds
+        return self.model.forward(torch.tensor([[r.next_token] for r in rows]),
+                                  torch.tensor([r.sequence for r in rows]),
+                                  torch.tensor([len(r.kv_tokens) for r in rows]), [r.adapter for r in rows])
 
     def _take(self, request: Request, logits: torch.Tensor) -> None:
         """Choose the request's next token, stream what became final, finish it if it is done."""
@@ -322,6 +426,7 @@ class BatchScheduler(_Loop):
         if delta is not None:
             self._emit(request, delta)
         if decoding.done or len(request.prompt_ids) + len(decoding.steps) >= self.max_len:
+            request.next_token = None
             self._finish(request, None)
         else:
             request.next_token = token
@@ -382,6 +487,19 @@ class SerialScheduler(_Loop):
                 self.current = None
 
 
+def _check_kv_memory(kv_memory: int | None, model: BatchedModel) -> None:
+    """A --kv-memory the machine does not have is refused at start, not discovered by a failed allocation later."""
+    device = getattr(model, "device", None)
+    if kv_memory is None or device is None or device.type != "cpu":
+        return
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if kv_memory > free:
+        raise OwnLLMError(f"--kv-memory {kv_memory / 2**30:,.2f} GiB is more than the free memory "
+                          f"({free / 2**30:,.2f} GiB)", param="kv_memory", hint="give less")
+
+
 def _failed(exc: BaseException) -> OwnLLMError:
     """What a request's client is told when its generation broke: our error as it is, anything else by class only
     (the details are in the server's log, not in another user's reply)."""
@@ -390,12 +508,13 @@ def _failed(exc: BaseException) -> OwnLLMError:
     return OwnLLMError(f"generation failed: {exc.__class__.__name__}", kind="resource")
 
 
-def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None
-                   ) -> BatchScheduler | SerialScheduler:
+def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
+                   kv_memory: int | None = None, prefix_caching: bool = True) -> BatchScheduler | SerialScheduler:
     """Continuous batching where the engine can batch (`Engine.batching_mode`), else one request at a time."""
     mode, reason = engine.batching_mode()
     if mode == "batched":
-        return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
+        return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, max_len=max_len, kv_memory=kv_memory,
+                              prefix_caching=prefix_caching)
     log.info("serving %s one request at a time: %s", engine.name, reason)
     return SerialScheduler(engine, max_queue=max_queue, reason=reason)
 

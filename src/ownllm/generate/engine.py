@@ -17,6 +17,7 @@ import torch
 
 from ownllm.errors import ContextWindowExceeded, OwnLLMError, check_text
 from ownllm.generate.constraints import Constraint, Grammars, GrammarState
+from ownllm.generate.kv_cache import KVStorage
 from ownllm.generate.params import SamplingParams
 from ownllm.generate.sampling import StepExplanation, pick_token, top_logprobs
 from ownllm.generate.text import IncrementalText
@@ -83,6 +84,7 @@ class Completion:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     parsed: Any = None
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache had (not computed again)
 
     @property
     def completion_tokens(self) -> int:
@@ -94,15 +96,17 @@ class Completion:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-class BatchedModel(Protocol):
-    """A forward over slots of a shared KV cache (`SlotModel`, `LlamaCppSlots`): what the scheduler drives."""
+class BatchedModel(KVStorage, Protocol):
+    """A forward over many sequences' KV (`SlotModel`, `LlamaCppSlots`): what the scheduler drives. The KV itself
+    is handed out by `ownllm.generate.kv_cache.KVCache` through the `KVStorage` methods."""
 
     adapters: dict[str, Any]
 
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
                 adapters: list[str | None] | None = None) -> torch.Tensor:
         """Logits [rows, vocab] (on the CPU) of the last position of each row: one prefill chunk (rows = 1) or one
-        decoding step (one token per row), each row in its own slot at its own position."""
+        decoding step (one token per row), each row in its own sequence (`slots`: sequence ids) at its own
+        position."""
         ...
 
     def load_adapter(self, name: str, folder: Path) -> Any:

@@ -1,8 +1,10 @@
 """llama.cpp's own batched decoding behind the slot interface of `SlotModel`, for serving GGUF models.
 
-Each scheduler slot is a llama.cpp sequence id in one context, with a KV stream of its own (not llama.cpp's unified
-cache: attention then reads only the sequence's own cells); a decode step is one `llama_decode` over a batch that
-holds one token per running sequence. Token choice stays in ownllm
+Each sequence is a llama.cpp sequence id in one context, with a KV stream of its own (not llama.cpp's unified
+cache: attention then reads only the sequence's own cells) sized at start; a decode step is one `llama_decode` over
+a batch that holds one token per running sequence. The prefix cache (`KVCache`) reuses a finished sequence's stream
+in place, as llama.cpp's own server reuses a slot (`truncate` drops what the new request does not share); it does
+not copy between streams. Token choice stays in ownllm
 (`pick_token`), so sampling means the same on every backend.
 """
 
@@ -43,11 +45,29 @@ class LlamaCppSlots:
         self._vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
         self._batch = lc.llama_batch_init(params.n_batch, 0, 1)
         self.adapters: dict[str, Any] = {}
+        self.token_bytes = 0  # the context is allocated at start; KVCache counts streams instead
+        self.fixed_capacity: int | None = max_len
+        self.max_sequences: int | None = slots
         atexit.register(self.close)  # runs before the engine's own close (atexit is last-in, first-out)
 
     def load_adapter(self, name: str, folder: Any) -> None:
         raise OwnLLMError("LoRA adapters are served on the transformers backend", kind="unsupported",
                           param="adapter")
+
+    # --- KV storage (`ownllm.generate.kv_cache.KVStorage`): a fixed stream per sequence id ---------------
+    def reserve(self, sequence: int, tokens: int) -> None:
+        if tokens > self.max_len:
+            raise OwnLLMError(f"a sequence holds at most {self.max_len} tokens here", kind="resource")
+
+    def truncate(self, sequence: int, tokens: int) -> None:
+        self._lc.llama_memory_seq_rm(self._memory, sequence, tokens, -1)
+
+    def copy_prefix(self, source: int, target: int, tokens: int) -> bool:
+        return False  # streams are separate (kv_unified off): no copies between them
+
+    def release(self, sequence: int) -> None:
+        if self._ctx:
+            self._lc.llama_memory_seq_rm(self._memory, sequence, -1, -1)
 
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
                 adapters: list[str | None] | None = None) -> torch.Tensor:

@@ -1,14 +1,15 @@
-"""A decoder forward pass over a slot KV cache, for continuous batching (nanoGPT-sized on purpose).
+"""A decoder forward pass over per-sequence KV, for continuous batching (nanoGPT-sized on purpose).
 
-Each running sequence owns one slot of a preallocated cache [slots, kv_heads, max_len, head_dim] per layer,
-so sequences of different lengths decode together in one batched forward: rows are slots, each with its
-own position, and attends over its own slot's keys only. Prompts are prefilled in chunks into
-their slot. Weights are the loaded transformers model's, fused (q|k|v and gate|up) for fewer, larger
-matmuls. Everything else is transformers' forward op for op, with its casts, in the model's dtype: in bf16 a
-rounding step done differently (even a more precise one) moves the logits by whole bf16 ulps, which 30 layers
-turn into other greedy answers than the CLI's (tests/generate/test_slot_parity.py). LoRA adapters (PEFT
-folders) add their low-rank delta per row, as PEFT computes it, so base and adapter requests share a batch. A
-prompt-tuning prefix (learned embeddings) goes in front of every sequence at positions 0..P-1, as the
+Each running sequence owns a KV buffer [layers, 2, kv_heads, positions, head_dim] that grows as it does
+(`reserve`, driven by `ownllm.generate.kv_cache.KVCache`: the budget, the prefix cache, preemption), so sequences
+of different lengths decode together in one batched forward: each row has its own position and attends over its
+own sequence's keys only, read in place (no gather: a buffer is one contiguous tensor). Prompts are prefilled in
+chunks. Weights are the loaded transformers model's, fused (q|k|v and gate|up) for fewer, larger matmuls.
+Everything else is transformers' forward op for op, with its casts, in the model's dtype: in bf16 a rounding step
+done differently (even a more precise one) moves the logits by whole bf16 ulps, which 30 layers turn into other
+greedy answers than the CLI's (tests/generate/test_slot_parity.py). LoRA adapters (PEFT folders) add their
+low-rank delta per row, as PEFT computes it, so base and adapter requests share a batch. A prompt-tuning prefix
+(learned embeddings) goes in front of every sequence at positions 0..P-1, as the
 single-stream engine puts it.
 
 Architectures: llama, mistral, qwen2 (the Llama block, biases optional), phi3 (the same block with fused
@@ -254,9 +255,16 @@ class SlotModel:
         self.prefix = None if prefix is None else prefix.to(device=self.device, dtype=self.dtype)
         self.prefix_len = 0 if prefix is None else int(prefix.shape[0])
         positions = max_len + self.prefix_len
-        shape = (slots, self.kv_heads, positions, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        # KV per sequence id, grown on demand (`reserve`): [layers, 2 (k, v), kv_heads, positions, head_dim]
+        self.buffers: dict[int, torch.Tensor] = {}
+        self._views: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per layer (k, v) [kv, pos, D]
+        self.token_bytes = len(self.layers) * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+        self.fixed_capacity: int | None = None
+        self.max_sequences: int | None = None
+        # torch's CPU sdpa kernel for one bf16/fp16 query runs 2-6x slower than for the same values in fp32
+        # (measured: 687 vs 116 us over 1,500 keys); the fp32 call on the exact bf16 values, rounded back once,
+        # differs from it by at most an ulp of the output (the slot parity test's decode bound holds)
+        self._upcast_decode = self.dtype != torch.float32 and self.device.type == "cpu"
         self.cos, self.sin = self._rotary_tables(positions)
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
@@ -276,7 +284,35 @@ class SlotModel:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+        """Bytes of KV the sequences hold now."""
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+    # --- KV storage (`ownllm.generate.kv_cache.KVStorage`) -----------------------------------------
+    def reserve(self, sequence: int, positions: int) -> None:
+        """Room for `positions` positions (prefix included) in `sequence`: a new buffer, or a larger one with the
+        old one's contents."""
+        positions = min(positions, self.max_len + self.prefix_len)
+        old = self.buffers.get(sequence)
+        if old is not None and old.shape[3] >= positions:
+            return
+        shape = (len(self.layers), 2, self.kv_heads, positions, self.head_dim)
+        buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if old is not None:
+            buffer[:, :, :, : old.shape[3]] = old
+        self.buffers[sequence] = buffer
+        self._views[sequence] = [(buffer[index, 0], buffer[index, 1]) for index in range(len(self.layers))]
+
+    def truncate(self, sequence: int, tokens: int) -> None:
+        pass  # positions past a sequence's length are never read
+
+    def copy_prefix(self, source: int, target: int, tokens: int) -> bool:
+        positions = tokens + self.prefix_len
+        self.buffers[target][:, :, :, :positions] = self.buffers[source][:, :, :, :positions]
+        return True
+
+    def release(self, sequence: int) -> None:
+        self.buffers.pop(sequence, None)
+        self._views.pop(sequence, None)
 
     # --- adapters ------------------------------------------------------------------------------
     def load_adapter(self, name: str, folder: Path) -> LoraAdapter:
@@ -331,39 +367,41 @@ class SlotModel:
         return moved  # type: ignore[return-value]
 
     # --- the forward pass -------------------------------------------------------------------
-    def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: list[int],
-                starts: list[int], window: int | None, mask: tuple[int, torch.Tensor | None],
-                rows_at: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """Store k/v in the rows' slots and attend, each row over exactly its own keys (within its window).
+    def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: list[int],
+                starts: list[int], window: int | None, mask: tuple[int, torch.Tensor | None]) -> torch.Tensor:
+        """Store k/v in the rows' sequences and attend, each row over exactly its own keys (within its window).
 
         The sdpa calls are transformers' own (sdpa_attention_forward on CPU, softmax in fp32 inside the
         kernel): a fresh prompt is causal with no mask, a later chunk (or one longer than the window) gets a mask
-        over the cache from `mask` = (first key, mask), a decoding row (its slot and position in `rows_at`, on
-        the model's device) attends unmasked over its own keys. One
+        over the cache from `mask` = (first key, mask), a decoding row attends unmasked over its own keys. One
         call per decoding row rather than one over rows padded to the longest: padding reorders the kernel's
         sums (bf16 logits then drift by whole ulps from the CLI's), and the per-row calls skip both the padded
-        work and the gather of the slots' caches.
+        work and a gather of the sequences' keys.
         """
-        k_cache, v_cache = self.k_cache[index], self.v_cache[index]
         length = q.shape[2]
         if length > 1:  # one prefill chunk (rows = 1)
-            slot, start = slots[0], starts[0]
-            k_cache[slot, :, start : start + length] = k[0]
-            v_cache[slot, :, start : start + length] = v[0]
+            k_cache, v_cache = self._views[sequences[0]][index]
+            start = starts[0]
             end = start + length
+            k_cache[:, start:end] = k[0]
+            v_cache[:, start:end] = v[0]
             first, chunk_mask = mask
-            return F.scaled_dot_product_attention(q, k_cache[slot : slot + 1, :, first:end],
-                                                  v_cache[slot : slot + 1, :, first:end], attn_mask=chunk_mask,
-                                                  is_causal=chunk_mask is None, scale=self.scaling, enable_gqa=True)
-        assert rows_at is not None
-        slot_index, start_index = rows_at
-        k_cache[slot_index, :, start_index] = k[:, :, 0]
-        v_cache[slot_index, :, start_index] = v[:, :, 0]
-        keys = [(slot, _first_key(start, window), start + 1) for slot, start in zip(slots, starts, strict=True)]
-        return torch.cat([
-            F.scaled_dot_product_attention(q[row : row + 1], k_cache[slot : slot + 1, :, first:end],
-                                           v_cache[slot : slot + 1, :, first:end], scale=self.scaling, enable_gqa=True)
-            for row, (slot, first, end) in enumerate(keys)])
+            return F.scaled_dot_product_attention(q, k_cache[None, :, first:end], v_cache[None, :, first:end],
+                                                  attn_mask=chunk_mask, is_causal=chunk_mask is None,
+                                                  scale=self.scaling, enable_gqa=True)
+        outputs = []
+        upcast = self._upcast_decode
+        for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
+            k_cache, v_cache = self._views[sequence][index]
+            k_cache[:, start] = k[row, :, 0]
+            v_cache[:, start] = v[row, :, 0]
+            first = _first_key(start, window)
+            query = q[row : row + 1]
+            keys, values = k_cache[None, :, first : start + 1], v_cache[None, :, first : start + 1]
+            if upcast:
+                query, keys, values = query.float(), keys.float(), values.float()
+            outputs.append(F.scaled_dot_product_attention(query, keys, values, scale=self.scaling, enable_gqa=True))
+        return torch.cat(outputs).to(q.dtype)
 
     def _chunk_mask(self, start: int, length: int, window: int | None) -> tuple[int, torch.Tensor | None]:
         """(first key, boolean mask [1, 1, length, keys]) for a prefill chunk at `start`: causal, and within the
@@ -398,7 +436,8 @@ class SlotModel:
 
         Args:
             tokens: [rows, T] token ids (T = 1 for decoding; rows = 1 for a prefill chunk).
-            slots: [rows] cache slot of each row.
+            slots: [rows] sequence id of each row (a sequence without room gets `max_len` positions: the scheduler
+                reserves them as sequences grow, direct callers need not).
             starts: [rows] position of each row's first token in its sequence (= tokens already in its slot; a
                 prompt-tuning prefix is not counted: the first chunk, at 0, brings it in).
             adapters: per row, an adapter name or None for the base model.
@@ -422,16 +461,16 @@ class SlotModel:
         else:  # every later position sits after the prefix
             start_list = [start + self.prefix_len for start in start_list]
         slot_list = slots.tolist()
+        for sequence in slot_list:
+            if sequence not in self.buffers:
+                self.reserve(sequence, self.max_len + self.prefix_len)
         positions = torch.tensor(start_list, device=self.device)[:, None] + torch.arange(length, device=self.device)
         tables = {kind: (self.cos[kind][positions][:, None], self.sin[kind][positions][:, None])
                   for kind in weights.rope_types}  # [rows, 1, T, rotary dims]
         masks: dict[int | None, tuple[int, torch.Tensor | None]] = {}
-        rows_at = None
         if length > 1:
             for window in {layer.window for layer in self.layers}:
                 masks[window] = self._chunk_mask(start_list[0], length, window)
-        else:  # built once per step, not once per layer (a copy to the device each time on a GPU)
-            rows_at = (slots.to(self.device), positions[:, 0])
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         q_width, kv_width = h * d, kv * d
         for index, layer in enumerate(self.layers):
@@ -449,7 +488,7 @@ class SlotModel:
                 q = self._rope(layer.q_norm(qkv[:, :h]), cos, sin)
                 k = self._rope(layer.k_norm(qkv[:, h : h + kv]), cos, sin)  # type: ignore[misc]
             attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
-                                    masks.get(layer.window, (0, None)), rows_at)
+                                    masks.get(layer.window, (0, None)))
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
             out = self._plus_lora(F.linear(attended, layer.o, layer.o_bias),
                                   self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]]))

@@ -203,7 +203,7 @@ def create_app(state: ServerState) -> FastAPI:
                                      bool(body.stream_options and body.stream_options.include_usage)), generation)
         completions = await _collect(request, generation)
         items = [(texts[index // body.n] if body.echo else "", c) for index, c in enumerate(completions)]
-        return formats.text_response(body.model, sum(len(ids) for ids in encoded), items)
+        return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, body.n)
 
     # --- embeddings, tokenize -------------------------------------------------------------------
     @app.post("/v1/embeddings")
@@ -351,8 +351,8 @@ async def _chat_stream(model: str, prompt_tokens: int, n: int, events: AsyncIter
         yield _data({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
                      "choices": [], **extra})
     if include_usage:
-        yield _data(formats.chat_chunk(chunk_id, model, created, [], formats.usage(prompt_tokens, completions),
-                                       True))
+        yield _data(formats.chat_chunk(chunk_id, model, created, [],
+                                       formats.usage(prompt_tokens, completions, n=max(1, len(completions))), True))
 
 
 async def _text_stream(model: str, prompt_tokens: int, events: AsyncIterator[tuple[int, Any]], echo: str,
@@ -379,7 +379,7 @@ async def _text_stream(model: str, prompt_tokens: int, events: AsyncIterator[tup
             yield chunk(index, prefix, event.finish_reason)
     if include_usage:
         yield _data({"id": chunk_id, "object": "text_completion", "created": created, "model": model,
-                     "choices": [], "usage": formats.usage(prompt_tokens, completions)})
+                     "choices": [], "usage": formats.usage(prompt_tokens, completions, n=max(1, len(completions)))})
 
 
 def _tgi_details(completion: Completion) -> dict[str, Any]:

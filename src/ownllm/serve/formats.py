@@ -13,10 +13,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completions: list[Completion]) -> dict[str, int]:
+def usage(prompt_tokens: int, completions: list[Completion], n: int = 1) -> dict[str, Any]:
+    """OpenAI's usage object. `completions` are `n` choices per prompt, in order; a prompt counts once, and so do
+    its tokens the prefix cache had (`prompt_tokens_details.cached_tokens`: its choices share one prompt)."""
     completion_tokens = sum(c.completion_tokens for c in completions)
+    groups = [completions[start : start + n] for start in range(0, len(completions), max(1, n))]
+    cached = min(prompt_tokens, sum(max(c.cached_tokens for c in group) for group in groups))
     return {"prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+            "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _token_bytes(token: str) -> list[int]:
@@ -44,13 +49,14 @@ def completion_logprobs(items: list[TokenLogprob] | None, offset: int) -> dict[s
 
 def chat_response(model: str, prompt_tokens: int, completions: list[Completion], extra: dict | None = None
                   ) -> dict[str, Any]:
+    """A chat.completion: `completions` are the choices of one prompt."""
     return {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": None,
         "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
                      "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
                     for i, c in enumerate(completions)],
-        "usage": usage(prompt_tokens, completions), **(extra or {}),
+        "usage": usage(prompt_tokens, completions, n=len(completions)), **(extra or {}),
     }
 
 
@@ -63,14 +69,15 @@ def chat_chunk(chunk_id: str, model: str, created: int, choices: list[dict[str, 
     return chunk
 
 
-def text_response(model: str, prompt_tokens: int, items: list[tuple[str, Completion]]) -> dict[str, Any]:
-    """`items`: (echoed prompt or "", completion) per choice."""
+def text_response(model: str, prompt_tokens: int, items: list[tuple[str, Completion]], n: int = 1
+                  ) -> dict[str, Any]:
+    """`items`: (echoed prompt or "", completion) per choice, `n` per prompt."""
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
         "system_fingerprint": None,
         "choices": [{"index": i, "text": echo + c.text, "logprobs": completion_logprobs(c.logprobs, len(echo)),
                      "finish_reason": c.finish_reason} for i, (echo, c) in enumerate(items)],
-        "usage": usage(prompt_tokens, [c for _, c in items]),
+        "usage": usage(prompt_tokens, [c for _, c in items], n),
     }
 
 

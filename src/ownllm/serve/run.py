@@ -15,10 +15,13 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
                 max_batch: int = 16, max_queue: int = 64, max_body: int = 1 << 20, max_model_len: int | None = None,
                 dtype: str = "auto", backend: str = "auto", embedding_model: str = "all-MiniLM-L6-v2",
                 rag_store: str | None = None, default_max_tokens: int = 512, data_dir: Path | None = None,
-                max_jobs: int = 1, job_threads: int | None = None, metrics_public: bool = False) -> ServerState:
+                max_jobs: int = 1, job_threads: int | None = None, metrics_public: bool = False,
+                kv_memory: int | None = None, prefix_caching: bool = True) -> ServerState:
     """Everything a server needs: engine, scheduler (not started yet: `serve` runs it, or call
     `state.scheduler.start()` to run it in a thread), adapters, limits; with `data_dir`, the files and
-    fine-tuning jobs API (its manager not started yet: `serve` starts it, or call `state.jobs.start()`)."""
+    fine-tuning jobs API (its manager not started yet: `serve` starts it, or call `state.jobs.start()`). `kv_memory`
+    caps the KV of all sequences and the prefix cache in bytes (default `ownllm.generate.kv_cache.default_kv_memory`);
+    `prefix_caching` lets requests start from the KV of earlier ones that began the same way."""
     from ownllm.generate.batching import make_scheduler
     from ownllm.generate.open import open_engine
 
@@ -26,7 +29,8 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
         raise OwnLLMError("max-batch and max-queue must be at least 1", param="max_batch")
     engine = open_engine(model, dtype=dtype, backend=backend, batch_rows=min(max_batch, 8))
     scheduler = make_scheduler(engine, max_batch=max_batch, max_queue=max_queue,
-                               max_len=max_model_len or min(engine.context_length, 2048))
+                               max_len=max_model_len or min(engine.context_length, 2048), kv_memory=kv_memory,
+                               prefix_caching=prefix_caching)
     for name, folder in (adapters or {}).items():
         scheduler.load_adapter(name, Path(folder))
     rag_index = None
@@ -57,7 +61,12 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
     many) or one at a time and why, the context window per sequence, the address."""
     batching = state.scheduler.batching
     if batching["mode"] == "batched":
-        mode = f"batched, up to {batching['max_batch']} sequences"
+        if batching["kv_bytes"]:
+            memory = f"KV budget {batching['kv_bytes'] / 2**30:.2f} GiB = {batching['kv_tokens']:,} tokens"
+        else:
+            memory = f"KV for {batching['kv_tokens']:,} tokens"
+        caching = "prefix cache on" if batching["prefix_caching"] else "prefix cache off"
+        mode = f"batched, up to {batching['max_batch']} sequences, {memory}, {caching}"
     else:
         mode = f"one request at a time: {batching['reason']}"
     return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}) on "

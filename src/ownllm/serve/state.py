@@ -42,7 +42,8 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(waiting=lambda: len(self.scheduler.waiting),
-                               running=lambda: len(self.scheduler.running_requests()))
+                               running=lambda: len(self.scheduler.running_requests()),
+                               kv_cache=lambda: getattr(self.scheduler, "kv", None))
 
     @property
     def context_length(self) -> int:

@@ -1,0 +1,142 @@
+"""KV memory that grows with use, and the prefix cache, on the real model: with the cache on, requests start from
+earlier requests' KV and give the tokens they give with it off (greedy and seeded); under a small budget they wait,
+evict and preempt, and all finish with the same tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ownllm.generate.batching import BatchScheduler, Request
+from ownllm.generate.engine import Completion
+from ownllm.generate.kv_cache import parse_memory
+from ownllm.generate.params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = ("You are the help desk of a small bakery. Answer in one short sentence. Opening hours are 7 to 18 on "
+          "weekdays and 8 to 14 on Saturdays; we are closed on Sundays. We bake sourdough, rye and spelt bread, and "
+          "croissants on weekends. Orders for cakes need two days' notice.")
+QUESTIONS = ["When do you open on Saturday?", "Do you bake rye bread?", "Can I order a cake for tomorrow?",
+             "Are you open on Sunday?"]
+GREEDY = SamplingParams(max_new_tokens=24)
+SEEDED = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95)
+
+
+def chat(engine: Any, *turns: tuple[str, str]) -> list[int]:
+    messages = [{"role": "system", "content": SYSTEM}]
+    messages += [{"role": role, "content": text} for role, text in turns]
+    return engine.render_chat(messages)
+
+
+def run(scheduler: BatchScheduler, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None,
+        adapters: list[str | None] | None = None) -> list[Completion]:
+    """All prompts queued at once, run to the end in this thread."""
+    results: dict[int, Any] = {}
+
+    def keep(index: int) -> Any:
+        return lambda event: results.__setitem__(index, event) if isinstance(event, Completion | Exception) else None
+
+    seeds = seeds or [0] * len(prompts)
+    adapters = adapters or [None] * len(prompts)
+    scheduler.submit_all([Request(p, params, s, keep(i), adapter=a)
+                          for i, (p, s, a) in enumerate(zip(prompts, seeds, adapters, strict=True))])
+    scheduler.run_until_done()
+    assert all(isinstance(results[i], Completion) for i in range(len(prompts))), results
+    return [results[i] for i in range(len(prompts))]
+
+
+def tokens(completions: list[Completion]) -> list[list[int]]:
+    return [c.token_ids for c in completions]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_cache_on_and_off_give_the_same_tokens(engine: Any, params: SamplingParams) -> None:
+    """A shared system prompt (copied from a running sequence, then from finished ones), a partial match (turn 2
+    shares turn 1's prompt and part of its answer) and an exact repeat: the same tokens as without the cache."""
+    first = [chat(engine, ("user", q)) for q in QUESTIONS]
+    off = BatchScheduler(engine, max_batch=4, max_len=512, prefix_caching=False)
+    on = BatchScheduler(engine, max_batch=4, max_len=512)
+    seeds = [11, 12, 13, 14]
+    wave_off, wave_on = run(off, first, params, seeds), run(on, first, params, seeds)
+    assert tokens(wave_on) == tokens(wave_off)
+    assert sum(c.cached_tokens for c in wave_on) >= 3 * 40  # the later three started from the first's system prompt
+    assert all(c.cached_tokens == 0 for c in wave_off)
+    # turn 2 resends turn 1 (its answer as the template renders it) and asks on; and one exact repeat
+    second = [chat(engine, ("user", q), ("assistant", c.text), ("user", "Thanks. And on Monday?"))
+              for q, c in zip(QUESTIONS, wave_off, strict=True)] + [first[0]]
+    again_off, again_on = run(off, second, params, [21, 22, 23, 24, 11]), run(on, second, params, [21, 22, 23, 24, 11])
+    assert tokens(again_on) == tokens(again_off)
+    assert again_on[-1].token_ids == wave_on[0].token_ids
+    assert again_on[-1].cached_tokens == len(first[0]) - 1  # all but the token whose logits choose the first token
+    for prompt, previous, completion in zip(first, wave_on, again_on, strict=False):
+        assert completion.cached_tokens >= len(prompt)  # turn 1's prompt and some of its answer: not computed again
+    stats = on.kv.stats
+    assert stats.hit_tokens == sum(c.cached_tokens for c in wave_on + again_on) and stats.hit_tokens > 0
+
+
+def test_a_small_budget_evicts_and_preempts_and_every_request_finishes_the_same(engine: Any) -> None:
+    """A budget for about two of four long requests: they wait, cached prefixes are dropped, running ones are
+    preempted and computed again — and each gives the tokens it gives with memory to spare."""
+    prompts = [chat(engine, ("user", q + " Please explain at length.")) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    roomy = run(BatchScheduler(engine, max_batch=4, max_len=256, prefix_caching=False), prompts, params)
+    tight = BatchScheduler(engine, max_batch=4, max_len=256)
+    tight.headroom = 16
+    # two requests start (each with room for its prompt and 16 tokens) but cannot both grow to 48 tokens
+    start = -(-(max(len(p) for p in prompts) + 16) // 16) * 16
+    tight.kv.budget = max(2 * start + 16, 256)
+    squeezed = run(tight, prompts, params)
+    assert tokens(squeezed) == tokens(roomy)
+    assert tight.kv.stats.preemptions > 0
+    assert tight.kv.used <= tight.kv.budget
+    again = run(tight, prompts[:1], SamplingParams(max_new_tokens=8))  # the cache is usable after all that
+    assert again[0].token_ids == roomy[0].token_ids[:8]
+
+
+def test_a_prefix_cached_for_one_adapter_is_never_reused_for_another(engine: Any, adapter_dir: Path) -> None:
+    prompt = chat(engine, ("user", QUESTIONS[0]))
+    off = BatchScheduler(engine, max_batch=4, max_len=512, prefix_caching=False)
+    on = BatchScheduler(engine, max_batch=4, max_len=512)
+    for scheduler in (off, on):
+        scheduler.load_adapter("tuned", adapter_dir)
+        scheduler.load_adapter("other", adapter_dir)  # the same files: the same weights, but another adapter
+    order = [None, "tuned", None, "other", "tuned"]
+    expected = [run(off, [prompt], GREEDY, adapters=[a])[0] for a in order]
+    got = [run(on, [prompt], GREEDY, adapters=[a])[0] for a in order]
+    assert tokens(got) == tokens(expected)
+    assert expected[0].token_ids != expected[1].token_ids  # the adapter changes the answer
+    # each adapter's first request computes its prompt; only a repeat for the same adapter (or base) is cached
+    assert [c.cached_tokens for c in got] == [0, 0, len(prompt) - 1, 0, len(prompt) - 1]
+    on.unload_adapter("tuned")
+    run(on, [prompt], SamplingParams(max_new_tokens=1))  # the loop drops a retired adapter's cached prefixes
+    assert all(h.owner is None or h.owner[0] != "tuned" for h in on.kv.finished.values())
+
+
+def test_memory_grows_with_use(engine: Any) -> None:
+    """Nothing is reserved up front; a sequence holds its prompt and a stretch ahead, and grows past it."""
+    scheduler = BatchScheduler(engine, max_batch=64, max_len=2048, prefix_caching=False)
+    assert scheduler.model.cache_bytes == 0  # 64 x 2048 positions are a budget, not an allocation
+    scheduler.headroom = 16
+    prompt = chat(engine, ("user", QUESTIONS[0]))
+    sizes = []
+    real_reserve = scheduler.model.reserve
+    scheduler.model.reserve = lambda sequence, positions: (sizes.append(positions), real_reserve(sequence, positions))
+    long = run(scheduler, [prompt], SamplingParams(max_new_tokens=64, ignore_eos=True))[0]
+    assert len(long.token_ids) == 64
+    assert sizes[0] == -(-(len(prompt) + 16) // 16) * 16 and len(sizes) > 1  # its prompt and 16, then grown
+    assert scheduler.kv.used == 0 and scheduler.model.cache_bytes == 0  # freed when it finished (cache off)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5G", 1_500_000_000),
+                                                ("800 MB", 800_000_000), ("1048576", 1 << 20)])
+def test_memory_sizes(text: str, expected: int) -> None:
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "2XB", "nanG", "infG", "1e999G"])
+def test_memory_sizes_that_are_not(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_memory(text)
