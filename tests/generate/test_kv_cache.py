@@ -71,7 +71,7 @@ def test_cache_on_and_off_give_the_same_tokens(engine: Any, params: SamplingPara
     assert tokens(again_on) == tokens(again_off)
     assert again_on[-1].token_ids == wave_on[0].token_ids
     assert again_on[-1].cached_tokens == len(first[0]) - 1  # all but the token whose logits choose the first token
-    for prompt, previous, completion in zip(first, wave_on, again_on, strict=False):
+    for prompt, completion in zip(first, again_on, strict=False):
         assert completion.cached_tokens >= len(prompt)  # turn 1's prompt and some of its answer: not computed again
     stats = on.kv.stats
     assert stats.hit_tokens == sum(c.cached_tokens for c in wave_on + again_on) and stats.hit_tokens > 0
@@ -140,3 +140,31 @@ def test_memory_sizes(text: str, expected: int) -> None:
 def test_memory_sizes_that_are_not(text: str) -> None:
     with pytest.raises(ValueError):
         parse_memory(text)
+
+
+@pytest.mark.skipif(not __import__("ownllm.generate.llamacpp", fromlist=["x"]).llama_cpp_available(),
+                    reason="llama-cpp-python (extra `llama`) is not installed")
+def test_llama_cpp_reuses_a_finished_stream_in_place(default_model: str) -> None:
+    """On llama.cpp a finished sequence's stream is taken over by the next request that shares its prefix (its
+    later cells dropped), as llama-server reuses a slot. Only the cache's use is checked after the first wave:
+    llama.cpp's batched decoding is not batch-invariant (the same prompt decoded next to another request can take
+    another greedy path even with the cache off), and its KV of a token decoded alone differs in the last bits from
+    the same token prefilled (llama-server's own prompt cache warns of the same)."""
+    from ownllm.generate.open import open_engine
+
+    engine = open_engine(default_model, backend="llama.cpp")
+    first = [chat(engine, ("user", q)) for q in QUESTIONS[:2]]
+    results = []
+    for caching in (False, True):
+        scheduler = BatchScheduler(engine, max_batch=2, max_len=512, prefix_caching=caching)
+        try:
+            wave = run(scheduler, first, GREEDY, [1, 2])
+            turn2 = chat(engine, ("user", QUESTIONS[0]), ("assistant", wave[0].text), ("user", "And on Sunday?"))
+            results.append(wave + run(scheduler, [turn2, first[1]], GREEDY, [3, 4]))
+            assert scheduler.kv.stats.reuse_counts.get("copy", 0) == 0  # streams are never copied
+        finally:
+            scheduler.model.close()  # type: ignore[attr-defined]
+    off, on = results
+    assert tokens(on[:2]) == tokens(off[:2])
+    assert [c.cached_tokens for c in off] == [0, 0, 0, 0]
+    assert on[2].cached_tokens >= len(first[0]) and on[3].cached_tokens == len(first[1]) - 1
