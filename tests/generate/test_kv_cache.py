@@ -168,3 +168,32 @@ def test_llama_cpp_reuses_a_finished_stream_in_place(default_model: str) -> None
     assert tokens(on[:2]) == tokens(off[:2])
     assert [c.cached_tokens for c in off] == [0, 0, 0, 0]
     assert on[2].cached_tokens >= len(first[0]) and on[3].cached_tokens == len(first[1]) - 1
+
+
+def test_a_request_preempted_again_while_it_is_recomputed_keeps_all_it_had(engine: Any) -> None:
+    """Preempted mid-answer, then again before or during its re-prefill (which takes several chunks): what it must
+    hold again never shrinks, and it ends with the tokens of a run that was never preempted."""
+    prompt = chat(engine, ("user", " ".join(["river city market light winter garden story"] * 45)))
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    expected = run(BatchScheduler(engine, max_batch=2, max_len=1024, prefix_caching=False), [prompt], params)[0]
+    scheduler = BatchScheduler(engine, max_batch=2, max_len=1024, prefix_caching=False)
+    done: list[Any] = []
+    request = Request(prompt, params, 0, lambda e: done.append(e) if isinstance(e, Completion) else None)
+    scheduler.submit(request)
+    while len(request.kv_tokens) < len(prompt) + 3:  # prefilled (two chunks) and three tokens decoded
+        scheduler._step()
+    held = list(request.kv_tokens)
+    scheduler._preempt(request)  # what making room for an earlier request does to the last admitted one
+    assert request.known == held
+    with scheduler.cond:
+        scheduler._admit()
+    scheduler._preempt(request)  # again, before its first re-prefill chunk
+    assert request.known == held
+    with scheduler.cond:
+        scheduler._admit()
+    scheduler._prefill_one_chunk()
+    assert 0 < len(request.kv_tokens) < len(held)
+    scheduler._preempt(request)  # and again, between its re-prefill chunks
+    assert request.known == held
+    scheduler.run_until_done()
+    assert done[0].token_ids == expected.token_ids

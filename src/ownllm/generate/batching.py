@@ -66,6 +66,7 @@ class Request:
     kv_tokens: list[int] = field(default_factory=list)  # what its KV holds, in order
     cached_tokens: int = 0  # prompt tokens the prefix cache gave it
     caught_up: bool = False  # looked for a longer cached prefix just before its first prefill chunk
+    owner: Any = None  # whose weights compute its keys (`BatchScheduler._owner`), fixed when it starts
     decoding: Decoding | None = None
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None
@@ -271,11 +272,19 @@ class BatchScheduler(_Loop):
             # room for the prompt and the first stretch of the answer; it grows from there (`_make_room`)
             remaining = request.params.max_new_tokens - len(request.decoding.steps)
             want = min(len(request.known) + max(1, min(remaining, self.headroom)), self.max_len)
-            sources = [(r.sequence, r.kv_tokens, self._owner(r)) for r in self.running if r.sequence is not None]
-            start = self.kv.start(request.known, self._owner(request), sources, want)  # type: ignore[arg-type]
+            sources = [(r.sequence, r.kv_tokens, r.owner) for r in self.running if r.sequence is not None]
+            owner = self._owner(request)
+            try:
+                start = self.kv.start(request.known, owner, sources, want)  # type: ignore[arg-type]
+            except Exception as exc:  # (an allocation that failed): this request fails, the loop goes on
+                self.waiting.popleft()
+                log.exception("could not start request %s", request.id)
+                self._emit(request, _failed(exc))
+                continue
             if start is None:
                 return  # memory is short: it waits for running sequences to finish
             self.waiting.popleft()
+            request.owner = owner
             request.sequence = start.sequence
             request.kv_tokens = request.known[: start.cached]
             if request.next_token is None:  # a preempted request's count stays that of its first start
@@ -334,7 +343,8 @@ class BatchScheduler(_Loop):
         self.running.remove(request)
         self.kv.preempted(request.sequence)  # type: ignore[arg-type]
         request.sequence = None
-        request.known = list(request.kv_tokens) if request.next_token is not None else request.known
+        if not request.prefilling:  # it was decoding: all it holds is what it must hold again (a request still
+            request.known = list(request.kv_tokens)  # prefilling, fresh or resumed, keeps its `known` whole)
         request.kv_tokens = []
         request.caught_up = False
         with self.cond:
@@ -346,9 +356,9 @@ class BatchScheduler(_Loop):
             return
         if not request.caught_up:
             request.caught_up = True
-            sources = [(r.sequence, r.kv_tokens, self._owner(r)) for r in self.running if r.sequence is not None]
+            sources = [(r.sequence, r.kv_tokens, r.owner) for r in self.running if r.sequence is not None]
             have = self.kv.catch_up(request.sequence, request.known, len(request.kv_tokens),  # type: ignore[arg-type]
-                                    self._owner(request), sources)
+                                    request.owner, sources)
             if have > len(request.kv_tokens):
                 request.kv_tokens = request.known[:have]
                 if request.next_token is None:

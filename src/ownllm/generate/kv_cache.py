@@ -105,6 +105,7 @@ class KVCache:
         self.used = 0
         self.stats = CacheStats()
         self._ids = itertools.count()
+        self._cached_count = 0
 
     # --- accounting -------------------------------------------------------------------------------
     def _round(self, tokens: int) -> int:
@@ -119,8 +120,9 @@ class KVCache:
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens held by finished sequences (the prefix cache)."""
-        return sum(len(held.tokens) for held in self.finished.values() if held.tokens is not None)
+        """Tokens held by finished sequences (the prefix cache). A count kept as they come and go: /metrics reads
+        it from the HTTP thread while the engine thread changes `finished`."""
+        return self._cached_count
 
     def usage(self) -> float:
         """Share of the budget held, running and cached together."""
@@ -152,6 +154,8 @@ class KVCache:
 
     def _drop(self, sequence: int) -> None:
         held = self.finished.pop(sequence, None) or self.live.pop(sequence)
+        if held.tokens is not None:
+            self._cached_count -= len(held.tokens)
         self.used -= held.capacity
         self.storage.release(sequence)
 
@@ -177,11 +181,16 @@ class KVCache:
             if self.free + evictable < extra:
                 return None  # (it stays where it is in the LRU order)
             del self.finished[source]  # type: ignore[arg-type]
+            self._cached_count -= len(held.tokens)  # type: ignore[arg-type]
+            held.tokens, held.owner = None, owner
             self.live[source] = held  # type: ignore[index]
             self._evict_for(extra)
-            self.storage.truncate(source, match)  # type: ignore[arg-type]
-            self._grow_to(source, capacity)  # type: ignore[arg-type]
-            held.tokens, held.owner = None, owner
+            try:
+                self.storage.truncate(source, match)  # type: ignore[arg-type]
+                self._grow_to(source, capacity)  # type: ignore[arg-type]
+            except BaseException:
+                self._drop(source)  # type: ignore[arg-type]
+                raise
             self.stats.queried_tokens += len(known)
             self._hit(match, "in place")
             return Start(source, match)  # type: ignore[arg-type]
@@ -197,7 +206,12 @@ class KVCache:
         self.live[sequence] = _Held(capacity, owner=owner)
         self.used += capacity
         self.stats.queried_tokens += len(known)
-        if match and source is not None and self.storage.copy_prefix(source, sequence, match):
+        try:
+            copied = bool(match) and source is not None and self.storage.copy_prefix(source, sequence, match)
+        except BaseException:
+            self._drop(sequence)
+            raise
+        if copied:
             if source in self.finished:
                 self.finished.move_to_end(source)
             self._hit(match, "copy")
@@ -283,6 +297,7 @@ class KVCache:
             return
         held.tokens = np.asarray(tokens, dtype=np.int64)
         self.finished[sequence] = held
+        self._cached_count += len(held.tokens)
 
     def preempted(self, sequence: int) -> None:
         """A running sequence gives its memory back (it will be computed again)."""

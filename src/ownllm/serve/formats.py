@@ -15,10 +15,11 @@ def new_id(prefix: str) -> str:
 
 def usage(prompt_tokens: int, completions: list[Completion], n: int = 1) -> dict[str, Any]:
     """OpenAI's usage object. `completions` are `n` choices per prompt, in order; a prompt counts once, and so do
-    its tokens the prefix cache had (`prompt_tokens_details.cached_tokens`: its choices share one prompt)."""
+    its tokens the prefix cache had (`prompt_tokens_details.cached_tokens`): the least any of its choices got, since
+    the later choices of a new prompt start from the first one's KV, which was not in any cache before."""
     completion_tokens = sum(c.completion_tokens for c in completions)
     groups = [completions[start : start + n] for start in range(0, len(completions), max(1, n))]
-    cached = min(prompt_tokens, sum(max(c.cached_tokens for c in group) for group in groups))
+    cached = min(prompt_tokens, sum(min(c.cached_tokens for c in group) for group in groups))
     return {"prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached}}
