@@ -63,3 +63,12 @@ def check_text(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise OwnLLMError(f"{what} is not valid UTF-8 text (at character {exc.start + 1})", param=what) from None
+
+
+def is_valid_text(text: str) -> bool:
+    """`check_text` as a yes/no, for checks that collect problems rather than stop at the first."""
+    try:
+        check_text(text, "text")
+    except OwnLLMError:
+        return False
+    return True

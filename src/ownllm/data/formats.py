@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ownllm.errors import is_valid_text
 from ownllm.json_schema import instance_problem, schema_problem
 from ownllm.models.tool_template import EMPTY_PARAMETERS, TOOL_NAME
 
@@ -96,7 +97,7 @@ def _check_messages(messages: Any, where: str, problems: list[str],
         if not isinstance(content, str) or not content.strip():
             problems.append(f"{field}.content is empty or not a string")
             return None
-        if not _is_unicode(content):
+        if not is_valid_text(content):
             problems.append(f"{field}.content is not valid UTF-8 text")
             return None
         if role == "tool":
@@ -115,15 +116,6 @@ def _check_messages(messages: Any, where: str, problems: list[str],
         problems.append(f"{where}: no assistant turn (nothing to learn from)")
         return None
     return clean
-
-
-def _is_unicode(text: str) -> bool:
-    """Bytes that are not UTF-8 reach Python as lone surrogates, which no tokenizer (and no UTF-8 file) can take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_tools(value: Any, where: str, problems: list[str]) -> dict[str, dict[str, Any]] | None:
@@ -196,7 +188,7 @@ def _check_calls(value: Any, field: str, tools: dict[str, dict[str, Any]] | None
             problems.append(f"{where}.function.arguments do not match the parameters of {name!r}: {mismatch}")
             return None
         text = json.dumps(parsed, ensure_ascii=False)
-        if not _is_unicode(text):
+        if not is_valid_text(text):
             problems.append(f"{where}.function.arguments is not valid UTF-8 text")
             return None
         call_id = call.get("id")

@@ -35,7 +35,7 @@ import torch
 from ownllm.errors import OwnLLMError
 from ownllm.generate.constraints import fill_masks
 from ownllm.generate.engine import BatchedModel, Completion, Decoding, Engine, TextDelta, choose_step
-from ownllm.generate.kv_cache import KVCache, default_kv_memory
+from ownllm.generate.kv_cache import KVCache, kv_budget
 from ownllm.generate.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class BatchScheduler(_Loop):
             max_batch: sequences decoded together.
             max_len: tokens per sequence (prompt and completion; default: the model's context).
             prefill_chunk: prompt tokens per prefill forward (chunks start at its multiples).
-            kv_memory: bytes of KV all sequences (and the prefix cache) may hold; default `default_kv_memory`.
+            kv_memory: bytes of KV all sequences (and the prefix cache) may hold; default and checks: `kv_budget`.
             prefix_caching: start requests from the KV of earlier ones that began the same way.
         """
         super().__init__(engine, max_queue=max_queue)
@@ -181,19 +181,7 @@ class BatchScheduler(_Loop):
             raise OwnLLMError(f"{engine.name} cannot decode in batches: {engine.batching_mode()[1]}",
                               kind="unsupported")
         self.model: BatchedModel = model
-        if model.fixed_capacity is not None:  # llama.cpp: its context is sized at start, a stream per sequence
-            budget = model.fixed_capacity * (model.max_sequences or max_batch)
-        else:
-            memory = kv_memory if kv_memory is not None else default_kv_memory(model.token_bytes, max_batch,
-                                                                              self.max_len)
-            budget = memory // max(1, model.token_bytes)
-            _check_kv_memory(kv_memory, model)
-            if budget < self.max_len:
-                need = self.max_len * model.token_bytes
-                raise OwnLLMError(f"--kv-memory {memory:,} bytes holds {budget:,} tokens of KV, less than one sequence "
-                                  f"of {self.max_len:,} tokens ({need / 2**20:,.0f} MiB at {model.token_bytes:,} bytes "
-                                  "per token)", param="kv_memory",
-                                  hint="give more, or a smaller --max-model-len")
+        budget = kv_budget(model, kv_memory, max_batch, self.max_len)
         self.kv = KVCache(model, budget_tokens=budget, max_len=self.max_len, prefix_caching=prefix_caching,
                           extra_positions=getattr(model, "prefix_len", 0))
         self.running: list[Request] = []
@@ -272,10 +260,9 @@ class BatchScheduler(_Loop):
             # room for the prompt and the first stretch of the answer; it grows from there (`_make_room`)
             remaining = request.params.max_new_tokens - len(request.decoding.steps)
             want = min(len(request.known) + max(1, min(remaining, self.headroom)), self.max_len)
-            sources = [(r.sequence, r.kv_tokens, r.owner) for r in self.running if r.sequence is not None]
             owner = self._owner(request)
             try:
-                start = self.kv.start(request.known, owner, sources, want)  # type: ignore[arg-type]
+                start = self.kv.start(request.known, owner, self._sources(), want)
             except Exception as exc:  # (an allocation that failed): this request fails, the loop goes on
                 self.waiting.popleft()
                 log.exception("could not start request %s", request.id)
@@ -290,6 +277,10 @@ class BatchScheduler(_Loop):
             if request.next_token is None:  # a preempted request's count stays that of its first start
                 request.cached_tokens = start.cached
             self.running.append(request)
+
+    def _sources(self) -> list[tuple[int, list[int], Any]]:
+        """What the running sequences hold, for `KVCache` to copy prefixes from: (sequence, tokens, owner)."""
+        return [(r.sequence, r.kv_tokens, r.owner) for r in self.running if r.sequence is not None]
 
     def _owner(self, request: Request) -> Any:
         """Whose weights computed a sequence's keys: the base model, or the adapter by name and weights."""
@@ -356,9 +347,8 @@ class BatchScheduler(_Loop):
             return
         if not request.caught_up:
             request.caught_up = True
-            sources = [(r.sequence, r.kv_tokens, r.owner) for r in self.running if r.sequence is not None]
             have = self.kv.catch_up(request.sequence, request.known, len(request.kv_tokens),  # type: ignore[arg-type]
-                                    request.owner, sources)
+                                    request.owner, self._sources())
             if have > len(request.kv_tokens):
                 request.kv_tokens = request.known[:have]
                 if request.next_token is None:
@@ -495,19 +485,6 @@ class SerialScheduler(_Loop):
                 self._emit(request, _failed(exc))
             finally:
                 self.current = None
-
-
-def _check_kv_memory(kv_memory: int | None, model: BatchedModel) -> None:
-    """A --kv-memory the machine does not have is refused at start, not discovered by a failed allocation later."""
-    device = getattr(model, "device", None)
-    if kv_memory is None or device is None or device.type != "cpu":
-        return
-    import psutil
-
-    free = psutil.virtual_memory().available
-    if kv_memory > free:
-        raise OwnLLMError(f"--kv-memory {kv_memory / 2**30:,.2f} GiB is more than the free memory "
-                          f"({free / 2**30:,.2f} GiB)", param="kv_memory", hint="give less")
 
 
 def _failed(exc: BaseException) -> OwnLLMError:

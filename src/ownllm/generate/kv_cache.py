@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ownllm.errors import OwnLLMError
+
 GROWTH = 1.25  # capacity grows by at least a quarter: ~7 copies from 300 to 1,500 tokens, at most 25% unused
 MIN_MATCH_BLOCKS = 1  # a shared prefix shorter than a block is not worth a copy
 
@@ -256,13 +258,13 @@ class KVCache:
                 best, source, finished = length, sequence, is_finished
         if best < MIN_MATCH_BLOCKS * self.block:
             return 0, None, False
-        if not finished and self.storage.fixed_capacity is not None:
+        if not finished and self._fixed is not None:
             return 0, None, False  # llama.cpp cannot copy between streams
         if finished:
             held = self.finished[source]  # type: ignore[index]
             assert held.tokens is not None
             # take it over when the request keeps most of it (or the storage cannot copy): else copy, and keep it
-            in_place = best * 2 >= len(held.tokens) or self.storage.fixed_capacity is not None
+            in_place = best * 2 >= len(held.tokens) or self._fixed is not None
             return best, source, in_place
         return best, source, False
 
@@ -309,11 +311,6 @@ class KVCache:
         for sequence in [s for s, h in self.finished.items() if h.owner is not None and h.owner[0] == name]:
             self._drop(sequence)
 
-    def clear(self) -> None:
-        """Free every finished sequence (the running ones are the scheduler's)."""
-        for sequence in list(self.finished):
-            self._drop(sequence)
-
 
 def _same_owner(a: Any, b: Any) -> bool:
     if a is None or b is None:
@@ -328,13 +325,29 @@ def _common_prefix(a: np.ndarray, b: np.ndarray, limit: int) -> int:
     return int(differ[0]) if differ.size else n
 
 
-def default_kv_memory(token_bytes: int, max_batch: int, max_len: int) -> int:
-    """What `max_batch` full-length sequences would hold, but at most a quarter of the memory free now (and at
-    least one full sequence): an upper bound, allocated only as sequences grow."""
+def kv_budget(storage: KVStorage, kv_memory: int | None, max_batch: int, max_len: int) -> int:
+    """Tokens of KV a batched model may hold. llama.cpp: its streams, sized at start. Otherwise `kv_memory` bytes,
+    by default what `max_batch` full-length sequences would hold but at most a quarter of the memory free now (and at
+    least one full sequence): an upper bound, allocated only as sequences grow. A `kv_memory` below one sequence, or
+    above the free memory of the CPU it would live on, is refused."""
+    if storage.fixed_capacity is not None:
+        return storage.fixed_capacity * (storage.max_sequences or max_batch)
     import psutil
 
-    full = max_batch * max_len * token_bytes
-    return max(min(full, psutil.virtual_memory().available // 4), max_len * token_bytes)
+    free = psutil.virtual_memory().available
+    one_sequence = max_len * storage.token_bytes
+    if kv_memory is None:
+        return max(min(max_batch * one_sequence, free // 4), one_sequence) // max(1, storage.token_bytes)
+    device = getattr(storage, "device", None)
+    if device is not None and device.type == "cpu" and kv_memory > free:
+        raise OwnLLMError(f"--kv-memory {kv_memory / 2**30:,.2f} GiB is more than the free memory "
+                          f"({free / 2**30:,.2f} GiB)", param="kv_memory", hint="give less")
+    budget = kv_memory // max(1, storage.token_bytes)
+    if budget < max_len:
+        raise OwnLLMError(f"--kv-memory {kv_memory:,} bytes holds {budget:,} tokens of KV, less than one sequence of "
+                          f"{max_len:,} tokens ({one_sequence / 2**20:,.0f} MiB at {storage.token_bytes:,} bytes per "
+                          "token)", param="kv_memory", hint="give more, or a smaller --max-model-len")
+    return budget
 
 
 def parse_memory(text: str) -> int:

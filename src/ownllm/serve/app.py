@@ -351,8 +351,7 @@ async def _chat_stream(model: str, prompt_tokens: int, n: int, events: AsyncIter
         yield _data({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
                      "choices": [], **extra})
     if include_usage:
-        yield _data(formats.chat_chunk(chunk_id, model, created, [],
-                                       formats.usage(prompt_tokens, completions, n=max(1, len(completions))), True))
+        yield _data(formats.chat_chunk(chunk_id, model, created, [], formats.usage(prompt_tokens, completions), True))
 
 
 async def _text_stream(model: str, prompt_tokens: int, events: AsyncIterator[tuple[int, Any]], echo: str,
@@ -379,7 +378,7 @@ async def _text_stream(model: str, prompt_tokens: int, events: AsyncIterator[tup
             yield chunk(index, prefix, event.finish_reason)
     if include_usage:
         yield _data({"id": chunk_id, "object": "text_completion", "created": created, "model": model,
-                     "choices": [], "usage": formats.usage(prompt_tokens, completions, n=max(1, len(completions)))})
+                     "choices": [], "usage": formats.usage(prompt_tokens, completions)})
 
 
 def _tgi_details(completion: Completion) -> dict[str, Any]:

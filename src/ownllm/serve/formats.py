@@ -13,12 +13,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completions: list[Completion], n: int = 1) -> dict[str, Any]:
-    """OpenAI's usage object. `completions` are `n` choices per prompt, in order; a prompt counts once, and so do
-    its tokens the prefix cache had (`prompt_tokens_details.cached_tokens`): the least any of its choices got, since
-    the later choices of a new prompt start from the first one's KV, which was not in any cache before."""
+def usage(prompt_tokens: int, completions: list[Completion], n: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage object. `completions` are `n` choices per prompt, in order (None: all of one prompt); a prompt
+    counts once, and so do its tokens the prefix cache had (`prompt_tokens_details.cached_tokens`): the least any of
+    its choices got, since the later choices of a new prompt start from the first one's KV, which no cache held."""
     completion_tokens = sum(c.completion_tokens for c in completions)
-    groups = [completions[start : start + n] for start in range(0, len(completions), max(1, n))]
+    size = max(1, n or len(completions))
+    groups = [completions[start : start + size] for start in range(0, len(completions), size)]
     cached = min(prompt_tokens, sum(min(c.cached_tokens for c in group) for group in groups))
     return {"prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
@@ -57,7 +58,7 @@ def chat_response(model: str, prompt_tokens: int, completions: list[Completion],
         "choices": [{"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
                      "logprobs": chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
                     for i, c in enumerate(completions)],
-        "usage": usage(prompt_tokens, completions, n=len(completions)), **(extra or {}),
+        "usage": usage(prompt_tokens, completions), **(extra or {}),
     }
 
 
@@ -70,7 +71,7 @@ def chat_chunk(chunk_id: str, model: str, created: int, choices: list[dict[str, 
     return chunk
 
 
-def text_response(model: str, prompt_tokens: int, items: list[tuple[str, Completion]], n: int = 1
+def text_response(model: str, prompt_tokens: int, items: list[tuple[str, Completion]], n: int
                   ) -> dict[str, Any]:
     """`items`: (echoed prompt or "", completion) per choice, `n` per prompt."""
     return {

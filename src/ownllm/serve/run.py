@@ -20,7 +20,7 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     """Everything a server needs: engine, scheduler (not started yet: `serve` runs it, or call
     `state.scheduler.start()` to run it in a thread), adapters, limits; with `data_dir`, the files and
     fine-tuning jobs API (its manager not started yet: `serve` starts it, or call `state.jobs.start()`). `kv_memory`
-    caps the KV of all sequences and the prefix cache in bytes (default `ownllm.generate.kv_cache.default_kv_memory`);
+    caps the KV of all sequences and the prefix cache in bytes (`ownllm.generate.kv_cache.kv_budget`);
     `prefix_caching` lets requests start from the KV of earlier ones that began the same way."""
     from ownllm.generate.batching import make_scheduler
     from ownllm.generate.open import open_engine

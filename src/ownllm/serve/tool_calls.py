@@ -93,5 +93,4 @@ async def chat_stream(model: str, prompt_tokens: int, n: int, events: AsyncItera
                 finish = "tool_calls"
             yield chunk(index, {}, finish)
     if include_usage:
-        yield formats.chat_chunk(chunk_id, model, created, [], formats.usage(prompt_tokens, completions,
-                                                                            n=max(1, len(completions))), True)
+        yield formats.chat_chunk(chunk_id, model, created, [], formats.usage(prompt_tokens, completions), True)
