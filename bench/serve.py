@@ -172,7 +172,9 @@ def main() -> None:
             continue
         port = free_port()
         command = contestants(folder, port, args.context)[name]
-        its_levels = [int(c) for c in args.cache_off_at.split(",")] if "no-prefix-cache" in name else levels
+        its_levels = [int(c) for c in args.cache_off_at.split(",") if c] if "no-prefix-cache" in name else levels
+        if not its_levels:
+            continue
         with tempfile.TemporaryFile() as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
             url = f"http://127.0.0.1:{port}"

@@ -191,7 +191,8 @@ def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
     token_bytes = batched.model.token_bytes
     assert isinstance(batched, BatchScheduler) and batched.batching == {
         "mode": "batched", "max_batch": 4, "kv_tokens": 4 * 256, "kv_bytes": 4 * 256 * token_bytes,
-        "prefix_caching": True}  # by default the budget holds max_batch full sequences (when memory allows)
+        "prefix_caching": True, "int4_rows": 0}  # by default the budget holds max_batch full sequences (when
+    # memory allows); no 4-bit kernel unless asked for (the server does) and in bf16
 
 
 @pytest.fixture(scope="module")

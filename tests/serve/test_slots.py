@@ -54,7 +54,7 @@ def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> N
 
     batching = httpx.get(f"{strict_server.url}/health").json()["batching"]
     assert batching == {"mode": "batched", "max_batch": 1, "kv_tokens": 2048, "kv_bytes": batching["kv_bytes"],
-                        "prefix_caching": True}
+                        "prefix_caching": True, "int4_rows": 0}  # fp32: no int4 kernel
     assert batching["kv_bytes"] == 2048 * 30 * 2 * 3 * 64 * 4  # 30 layers, k and v, 3 heads of 64, fp32
     log = strict_server.log.read_text()
     assert f"batched, up to 1 sequences, KV budget {batching['kv_bytes'] / 2**30:.2f} GiB = 2,048 tokens, " \
@@ -76,3 +76,30 @@ def test_a_model_that_cannot_batch_is_served_one_at_a_time_with_the_reason(engin
     assert batching["mode"] == "serial" and "gpt2" in batching["reason"]
     line = startup_line(state, "127.0.0.1", 8000)
     assert f"one request at a time: {batching['reason']}" in line and "context 256" in line
+
+
+def test_a_bf16_server_runs_the_ggufs_4bit_weights_in_narrow_steps_and_says_so(default_model: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from ownllm.serve.app import create_app
+    from ownllm.serve.run import build_state, startup_line
+
+    state = build_state(default_model, dtype="bf16", max_batch=2, max_model_len=256)
+    limit = state.scheduler.model.four_bit_rows  # measured on this CPU: 0 where the int4 kernel is no faster
+    line = startup_line(state, "127.0.0.1", 8000)
+    if limit:
+        assert f"GGUF 4-bit weights as stored in steps of up to {limit} tokens" in line
+    else:
+        assert "4-bit" not in line
+    state.scheduler.start()
+    try:
+        client = TestClient(create_app(state))
+        assert client.get("/health").json()["batching"]["int4_rows"] == limit
+        reply = client.post("/v1/chat/completions", json={
+            "model": state.model_name, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"]
+    finally:
+        state.scheduler.stop(drain_seconds=1)
+    off = build_state(default_model, dtype="bf16", max_batch=2, max_model_len=256, four_bit=False)
+    assert off.scheduler.batching["int4_rows"] == 0 and "4-bit" not in startup_line(off, "127.0.0.1", 8000)

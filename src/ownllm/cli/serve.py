@@ -30,6 +30,10 @@ def serve(
     prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache",
                                                help="start requests from the KV of earlier ones that began the same "
                                                     "way")] = True,
+    gguf_int4: Annotated[bool, typer.Option("--gguf-int4/--no-gguf-int4",
+                                            help="run a GGUF model's Q4_0/Q4_1/Q4_K tensors as stored (int4 kernel, "
+                                                 "bf16 on the CPU) in decode steps of few rows, where measured faster; "
+                                                 "off: every step uses the dequantized weights")] = True,
     embedding_model: Annotated[str, typer.Option(help="model for /v1/embeddings")] = "all-MiniLM-L6-v2",
     rag_store: Annotated[str | None, typer.Option(help="document store for chat requests with \"rag\"")] = None,
     backend: BackendOpt = "auto",
@@ -80,7 +84,8 @@ def serve(
                         max_body=max_body, max_model_len=max_model_len, dtype=dtype, backend=backend,
                         embedding_model=embedding_model, rag_store=rag_store,
                         data_dir=home, max_jobs=max_jobs, job_threads=job_threads,
-                        metrics_public=metrics_public, kv_memory=kv_bytes, prefix_caching=prefix_cache)
+                        metrics_public=metrics_public, kv_memory=kv_bytes, prefix_caching=prefix_cache,
+                        four_bit=gguf_int4)
     err.print(f"[dim]{escape(startup_line(state, host, port))}[/dim]", soft_wrap=True)  # one line, for log readers
     run_server(state, host=host, port=port)
 

@@ -163,7 +163,8 @@ class BatchScheduler(_Loop):
     """Continuous batching over the engine's batched forward (`Engine.batched_model`)."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
-                 prefill_chunk: int = 256, kv_memory: int | None = None, prefix_caching: bool = True) -> None:
+                 prefill_chunk: int = 256, kv_memory: int | None = None, prefix_caching: bool = True,
+                 four_bit: bool = False) -> None:
         """
         Args:
             max_batch: sequences decoded together.
@@ -171,12 +172,13 @@ class BatchScheduler(_Loop):
             prefill_chunk: prompt tokens per prefill forward (chunks start at its multiples).
             kv_memory: bytes of KV all sequences (and the prefix cache) may hold; default and checks: `kv_budget`.
             prefix_caching: start requests from the KV of earlier ones that began the same way.
+            four_bit: a GGUF's 4-bit tensors run as stored in steps of few rows (`Engine.batched_model`).
         """
         super().__init__(engine, max_queue=max_queue)
         self.max_batch = max_batch
         self.max_len = min(max_len or engine.context_length, engine.context_length)
         self.prefill_chunk = prefill_chunk
-        model = engine.batched_model(max_batch, self.max_len)
+        model = engine.batched_model(max_batch, self.max_len, four_bit=four_bit)
         if model is None:
             raise OwnLLMError(f"{engine.name} cannot decode in batches: {engine.batching_mode()[1]}",
                               kind="unsupported")
@@ -198,7 +200,8 @@ class BatchScheduler(_Loop):
     @property
     def batching(self) -> dict[str, Any]:
         return {"mode": "batched", "max_batch": self.max_batch, "kv_tokens": self.kv.budget,
-                "kv_bytes": self.kv.budget * self.model.token_bytes, "prefix_caching": self.kv.prefix_caching}
+                "kv_bytes": self.kv.budget * self.model.token_bytes, "prefix_caching": self.kv.prefix_caching,
+                "int4_rows": getattr(self.model, "four_bit_rows", 0)}
 
     def load_adapter(self, name: str, folder: Any) -> None:
         self.retiring.discard(name)
@@ -496,12 +499,13 @@ def _failed(exc: BaseException) -> OwnLLMError:
 
 
 def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
-                   kv_memory: int | None = None, prefix_caching: bool = True) -> BatchScheduler | SerialScheduler:
+                   kv_memory: int | None = None, prefix_caching: bool = True, four_bit: bool = False
+                   ) -> BatchScheduler | SerialScheduler:
     """Continuous batching where the engine can batch (`Engine.batching_mode`), else one request at a time."""
     mode, reason = engine.batching_mode()
     if mode == "batched":
         return BatchScheduler(engine, max_batch=max_batch, max_queue=max_queue, max_len=max_len, kv_memory=kv_memory,
-                              prefix_caching=prefix_caching)
+                              prefix_caching=prefix_caching, four_bit=four_bit)
     log.info("serving %s one request at a time: %s", engine.name, reason)
     return SerialScheduler(engine, max_queue=max_queue, reason=reason)
 

@@ -261,9 +261,10 @@ class Engine:
         else ("serial", why not): the server's start-up line and /health say it, `make_scheduler` acts on it."""
         return "serial", f"the {self.backend} backend decodes one sequence at a time"
 
-    def batched_model(self, slots: int, max_len: int) -> BatchedModel | None:
+    def batched_model(self, slots: int, max_len: int, *, four_bit: bool = False) -> BatchedModel | None:
         """A forward over `slots` sequences of up to `max_len` tokens each, decoded together, or None when this
-        backend or model cannot (see `batching_mode`)."""
+        backend or model cannot (see `batching_mode`); `four_bit`: run a GGUF's 4-bit tensors as stored where
+        that is faster (`ownllm.generate.slots.SlotModel`)."""
         return None
 
     def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]

@@ -76,10 +76,10 @@ class TransformersEngine(Engine):
         prefix = f", {self.prefix.shape[0]} prompt-tuning tokens first" if self.prefix is not None else ""
         return "batched", f"slot forward for {self.model.config.model_type} on {self.device}{prefix}"
 
-    def batched_model(self, slots: int, max_len: int) -> SlotModel | None:
+    def batched_model(self, slots: int, max_len: int, *, four_bit: bool = False) -> SlotModel | None:
         if slot_support(self.model) is not None:
             return None
-        return SlotModel(self.model, slots=slots, max_len=max_len, prefix=self.prefix)
+        return SlotModel(self.model, slots=slots, max_len=max_len, prefix=self.prefix, four_bit=four_bit)
 
     def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
                            ) -> list[Completion]:

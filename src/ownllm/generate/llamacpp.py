@@ -60,7 +60,7 @@ class LlamaCppEngine(Engine):
     def batching_mode(self) -> tuple[str, str]:
         return "batched", "llama.cpp batched decoding"
 
-    def batched_model(self, slots: int, max_len: int) -> LlamaCppSlots:
+    def batched_model(self, slots: int, max_len: int, *, four_bit: bool = False) -> LlamaCppSlots:
         return LlamaCppSlots(self.llama_model, slots=slots, max_len=max_len)
 
     def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]

@@ -32,8 +32,8 @@ def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device
     if backend == "auto":
         backend = "llama.cpp" if source.kind == "gguf" and llama_cpp_available() else "transformers"
     if backend == "llama.cpp":
-        gguf = source.path if source.kind == "gguf" else source.path / "model.gguf"
-        if source.kind in ("hub", "adapter") or not gguf.is_file():
+        gguf = source.gguf_file
+        if gguf is None:
             raise OwnLLMError(f"'{spec}' has no GGUF file for the llama.cpp backend", param="backend",
                               kind="unsupported", hint="use --backend transformers")
         return LlamaCppEngine(gguf, load_tokenizer(source), name=source.name)

@@ -10,6 +10,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.models.adapters import Adapter
 from ownllm.models.dtype import DtypeChoice, choose_dtype
 from ownllm.models.gguf_file import check_gguf
+from ownllm.models.gguf_int4 import remember_gguf
 from ownllm.models.resolve import ResolvedModel, resolve
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
     if quantize is None:
         model.to(device)
     model.eval()
+    if quantize is None and device == "cpu" and source.gguf_file is not None:
+        remember_gguf(model, source.gguf_file)  # its 4-bit tensors can then run as stored (generate/slots.py)
     log.info("loaded %s on %s in %s (%s)", source.name, device, choice.dtype, choice.reason)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, dtype=choice, device=device)
 

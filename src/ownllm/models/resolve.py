@@ -30,6 +30,15 @@ class ResolvedModel:
     def path(self) -> Path:
         return Path(self.location)
 
+    @property
+    def gguf_file(self) -> Path | None:
+        """The GGUF file the weights are (a .gguf) or were converted from (a pulled folder keeps it), if any."""
+        if self.kind == "gguf":
+            return self.path
+        if self.kind == "folder" and (self.path / "model.gguf").is_file():
+            return self.path / "model.gguf"
+        return None
+
 
 def resolve(spec: str) -> ResolvedModel:
     """Turn what the user typed into a place to load from, or an error that says what exists."""

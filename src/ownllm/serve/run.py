@@ -16,12 +16,13 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
                 dtype: str = "auto", backend: str = "auto", embedding_model: str = "all-MiniLM-L6-v2",
                 rag_store: str | None = None, default_max_tokens: int = 512, data_dir: Path | None = None,
                 max_jobs: int = 1, job_threads: int | None = None, metrics_public: bool = False,
-                kv_memory: int | None = None, prefix_caching: bool = True) -> ServerState:
+                kv_memory: int | None = None, prefix_caching: bool = True, four_bit: bool = True) -> ServerState:
     """Everything a server needs: engine, scheduler (not started yet: `serve` runs it, or call
     `state.scheduler.start()` to run it in a thread), adapters, limits; with `data_dir`, the files and
     fine-tuning jobs API (its manager not started yet: `serve` starts it, or call `state.jobs.start()`). `kv_memory`
     caps the KV of all sequences and the prefix cache in bytes (`ownllm.generate.kv_cache.kv_budget`);
-    `prefix_caching` lets requests start from the KV of earlier ones that began the same way."""
+    `prefix_caching` lets requests start from the KV of earlier ones that began the same way; `four_bit` runs a
+    GGUF model's Q4 tensors as stored in decode steps of few rows, where measured faster (a single user's speed)."""
     from ownllm.generate.batching import make_scheduler
     from ownllm.generate.open import open_engine
 
@@ -30,7 +31,7 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     engine = open_engine(model, dtype=dtype, backend=backend, batch_rows=min(max_batch, 8))
     scheduler = make_scheduler(engine, max_batch=max_batch, max_queue=max_queue,
                                max_len=max_model_len or min(engine.context_length, 2048), kv_memory=kv_memory,
-                               prefix_caching=prefix_caching)
+                               prefix_caching=prefix_caching, four_bit=four_bit)
     for name, folder in (adapters or {}).items():
         scheduler.load_adapter(name, Path(folder))
     rag_index = None
@@ -67,6 +68,8 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
             memory = f"KV for {batching['kv_tokens']:,} tokens"
         caching = "prefix cache on" if batching["prefix_caching"] else "prefix cache off"
         mode = f"batched, up to {batching['max_batch']} sequences, {memory}, {caching}"
+        if batching.get("int4_rows"):
+            mode += f", GGUF 4-bit weights as stored in steps of up to {batching['int4_rows']} tokens"
     else:
         mode = f"one request at a time: {batching['reason']}"
     return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}) on "

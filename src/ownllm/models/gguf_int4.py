@@ -1,0 +1,288 @@
+"""A GGUF's 4-bit weights kept as the file stores them, for torch's CPU int4 matmul kernel.
+
+A GGUF model is loaded through transformers, which dequantizes every tensor to the compute dtype: a Q4 file's
+weights then take four times the memory and, when decoding a few rows, four times the memory traffic per token.
+Q4_0, Q4_1 and Q4_K all store each group of 32 weights as 4-bit integers q with one scale and one offset
+(w = scale * q + offset), which is exactly the layout of `torch.ops.aten._weight_int4pack_mm_for_cpu`
+(w = (q - 8) * scale + zero per group of 32); so those tensors can run as stored, the file's own integers,
+with the group's scale and offset rounded to bf16 as the kernel takes them (the dequantized path rounds each
+weight to bf16 instead). Q8_0 (scale * q, q an 8-bit integer; the usual type of the embedding that doubles as
+the output layer) is two such 4-bit planes, q = 16 * high + low, summed: the same integers, half the bytes of
+bf16. Other types (Q5, Q6_K, floats) stay dequantized.
+
+Each tensor read here is checked against the weight transformers loaded for it (same values up to that
+rounding, rows in the same order), so a name mapping or row permutation this module gets wrong leaves that
+tensor dequantized instead of running wrong weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ownllm.errors import OwnLLMError
+from ownllm.home import atomic_write_json, ownllm_home
+from ownllm.models.gguf_file import GGUFTensor, gguf_tensors
+
+log = logging.getLogger(__name__)
+
+GROUP = 32  # weights per scale/offset: the kernel's group size and the sub-block of every type read here
+_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
+
+
+@dataclass
+class FourBitRows:
+    """One matrix as 4-bit integers per group of 32 along the input: w[n, k] = scale[n, g] * q[n, k] + offset[n, g]
+    with g = k // 32; `kind` is the GGUF type it came from."""
+
+    q: np.ndarray  # [out, in] uint8 in 0..15
+    scale: np.ndarray  # [out, in / 32] float32
+    offset: np.ndarray  # [out, in / 32] float32
+    kind: str
+
+    def dequantized(self) -> np.ndarray:
+        rows, columns = self.q.shape
+        grouped = self.q.reshape(rows, columns // GROUP, GROUP).astype(np.float32)
+        return (grouped * self.scale[..., None] + self.offset[..., None]).reshape(rows, columns)
+
+    def permuted(self, order: np.ndarray) -> FourBitRows:
+        return FourBitRows(self.q[order], self.scale[order], self.offset[order], self.kind)
+
+
+Planes = list[FourBitRows]  # a matrix as 4-bit planes whose weights add up: one (Q4 types) or two (Q8_0)
+
+
+@dataclass
+class Int4Weight:
+    """A matrix in the int4 kernel's packed layout, one (packed integers, scales and zeros) pair per plane;
+    `linear` computes x @ w.T."""
+
+    planes: list[tuple[Any, Any]]  # (torch uint8 tiling of the integers, [in / 32, out, 2] in the activation dtype)
+    out_features: int
+
+    def linear(self, x: Any) -> Any:
+        import torch
+
+        flat = x.reshape(-1, x.shape[-1])
+        outs = [torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales_and_zeros)
+                for packed, scales_and_zeros in self.planes]
+        out = outs[0] if len(outs) == 1 else (outs[0].float() + outs[1].float()).to(flat.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def pack(parts: list[Planes], dtype: Any) -> Int4Weight | None:
+    """The parts' rows one after another (a fused q|k|v or gate|up) in the kernel's layout, computing in `dtype`;
+    None when the parts have different numbers of planes (one Q8_0 among Q4s: they then run dequantized)."""
+    import torch
+
+    if len({len(planes) for planes in parts}) != 1:
+        return None
+    packs = []
+    for plane in range(len(parts[0])):
+        rows = [planes[plane] for planes in parts]
+        q = torch.from_numpy(np.concatenate([part.q for part in rows])).to(torch.int32)
+        scale = torch.from_numpy(np.concatenate([part.scale for part in rows]))
+        offset = torch.from_numpy(np.concatenate([part.offset for part in rows]))
+        zero = offset + 8 * scale  # the kernel centres the integers: (q - 8) * scale + zero
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        packs.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros))
+    return Int4Weight(packs, sum(int(planes[0].q.shape[0]) for planes in parts))
+
+
+def _halves(data: np.ndarray) -> np.ndarray:
+    """Low and high nibbles of `data` [..., 16] as [..., 32] (llama.cpp: the low nibbles are weights 0-15)."""
+    return np.concatenate([data & 0x0F, data >> 4], axis=-1)
+
+
+def four_bit_planes(tensor: GGUFTensor) -> Planes | None:
+    """A GGUF matrix as 4-bit planes (integers, scales, offsets), or None for a type that is not one."""
+    kind = tensor.kind
+    if kind not in _TYPES or len(tensor.shape) != 2:
+        return None
+    columns, rows = tensor.shape  # GGUF lists the fastest-moving dimension first
+    if columns % (256 if kind == "Q4_K" else GROUP):
+        return None
+    raw = np.asarray(tensor.data).reshape(rows, -1)
+    if kind == "Q8_0":
+        blocks = raw.reshape(rows, columns // GROUP, 34)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = blocks[..., 2:].copy().view(np.int8).reshape(rows, columns)
+        high = (q >> 4).astype(np.int16)  # -8..7 (an arithmetic shift: floor), low = q - 16 * high in 0..15
+        low = (q.astype(np.int16) - 16 * high).astype(np.uint8)
+        return [FourBitRows((high + 8).astype(np.uint8), 16 * d, -128 * d, kind),
+                FourBitRows(low, d, np.zeros_like(d), kind)]
+    if kind in ("Q4_0", "Q4_1"):
+        block = 18 if kind == "Q4_0" else 20
+        blocks = raw.reshape(rows, columns // GROUP, block)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if kind == "Q4_0":
+            offset = -8 * d
+            nibbles = blocks[..., 2:]
+        else:
+            offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            nibbles = blocks[..., 4:]
+        q = _halves(nibbles).reshape(rows, columns)
+        return [FourBitRows(q, d, offset, kind)]
+    # Q4_K: super-blocks of 256 = 8 groups of 32, each with a 6-bit scale and min under two fp16 factors
+    blocks = raw.reshape(rows, columns // 256, 144)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed_scales = blocks[..., 4:16].reshape(rows, -1, 3, 4)
+    low, high, mixed = packed_scales[..., 0, :], packed_scales[..., 1, :], packed_scales[..., 2, :]
+    scales = np.concatenate([low & 0x3F, (mixed & 0x0F) | ((low >> 2) & 0x30)], axis=-1)
+    minimums = np.concatenate([high & 0x3F, (mixed >> 4) | ((high >> 2) & 0x30)], axis=-1)
+    # 128 bytes per super-block: four runs of 32 bytes, low nibbles = group 2i, high nibbles = group 2i + 1
+    runs = blocks[..., 16:].reshape(rows, -1, 4, 32)
+    q = np.stack([runs & 0x0F, runs >> 4], axis=3).reshape(rows, columns)
+    scale = (d[..., None] * scales.astype(np.float32)).reshape(rows, -1)
+    offset = -(dmin[..., None] * minimums.astype(np.float32)).reshape(rows, -1)
+    return [FourBitRows(q, scale, offset, kind)]
+
+
+def _llama_order(rows: int, heads: int) -> np.ndarray:
+    """The row order transformers' LlamaTensorProcessor gives q/k (llama.cpp's converter interleaves each
+    head's rotary halves; loading undoes it)."""
+    dim = rows // heads // 2
+    return np.arange(rows).reshape(heads, dim, 2).swapaxes(2, 1).reshape(rows)
+
+
+_files: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
+
+
+def remember_gguf(model: Any, path: Path) -> None:
+    """Note that `model` was loaded from `path`, so its 4-bit tensors can be read again when a forward wants them."""
+    _files[model] = path
+
+
+def four_bit_weights(model: Any) -> dict[str, Planes]:
+    """{parameter name: its 4-bit planes} for the model's weights stored as Q4_0/Q4_1/Q4_K/Q8_0 in the GGUF it came
+    from, each checked against the loaded weight; {} for a model not loaded from a GGUF (or a file that cannot
+    be read again: the model then runs on its dequantized weights, as it would without this)."""
+    path = _files.get(model)
+    if path is None:
+        return {}
+    try:
+        architecture, tensors = gguf_tensors(path)
+        names = _parameter_names(model, architecture)
+    except (OSError, ValueError, KeyError, struct.error, OwnLLMError) as exc:
+        log.warning("%s: 4-bit tensors not read (%s); running dequantized weights", path, exc)
+        return {}
+    parameters = dict(model.named_parameters())
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    found: dict[str, Planes] = {}
+    for tensor in tensors:
+        name = names.get(tensor.name)
+        weight = parameters.get(name) if name else None
+        if weight is None or weight.dim() != 2:
+            continue
+        planes = four_bit_planes(tensor)
+        if planes is None or planes[0].q.shape != tuple(weight.shape):
+            continue
+        candidates = [planes]
+        if ".attn_q." in tensor.name or ".attn_k." in tensor.name:
+            order = _llama_order(planes[0].q.shape[0], heads if ".attn_q." in tensor.name else kv_heads)
+            candidates.append([plane.permuted(order) for plane in planes])
+        match = next((c for c in candidates if _same_weights(c, weight)), None)
+        if match is not None:
+            found[name] = match  # type: ignore[index]
+    return found
+
+
+def _parameter_names(model: Any, architecture: str) -> dict[str, str]:
+    """{GGUF tensor name: the model's parameter name}, by gguf's own name map for the architecture (what
+    transformers' GGUF loader uses)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == architecture), None)
+    if arch is None:
+        return {}
+    name_map = get_tensor_name_map(arch, model.config.num_hidden_layers)
+    names = {}
+    for parameter, _ in model.named_parameters():
+        module, _, suffix = parameter.rpartition(".")
+        tensor = name_map.get_name(module)
+        if tensor is not None:
+            names[f"{tensor}.{suffix}"] = parameter
+    return names
+
+
+def _same_weights(planes: Planes, weight: Any) -> bool:
+    """Whether the planes dequantize to the loaded weight (up to its dtype's rounding): rows in another order or
+    another tensor differ by the weights' own size."""
+    import torch
+
+    rows = np.unique(np.linspace(0, weight.shape[0] - 1, 512).astype(np.int64))  # a large matrix: 512 of its rows
+    sample = [FourBitRows(p.q[rows], p.scale[rows], p.offset[rows], p.kind) for p in planes]
+    ours = torch.from_numpy(sum(plane.dequantized() for plane in sample)).to(weight.dtype)  # type: ignore[arg-type]
+    return bool(torch.allclose(ours.float(), weight.detach()[torch.from_numpy(rows)].float(), rtol=1e-2, atol=1e-6))
+
+
+def int4_row_limit(hidden: int, intermediate: int) -> int:
+    """Up to how many rows (tokens) per forward the int4 kernel beats bf16 matmuls on this CPU (0: never),
+    measured on one layer's shapes out of the caches and kept per CPU + torch in hardware.json."""
+    import torch
+
+    from ownllm.models.dtype import cpu_model
+
+    signature = f"int4|{cpu_model()}|{torch.__version__}|{hidden}|{intermediate}"
+    key = hashlib.sha256(signature.encode()).hexdigest()[:16]
+    cache = ownllm_home() / "hardware.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    limits = known.get("int4_rows") if isinstance(known.get("int4_rows"), dict) else {}
+    if isinstance(limits.get(key), int):
+        return limits[key]
+    limit = _measure_row_limit(hidden, intermediate)
+    known["int4_rows"] = {**limits, key: limit}
+    atomic_write_json(cache, known)
+    return limit
+
+
+def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 << 20) -> int:
+    import torch
+
+    shapes = [(3 * hidden, hidden), (hidden, hidden), (2 * intermediate, hidden), (hidden, intermediate)]
+    shapes = [(out, inner) for out, inner in shapes if inner % GROUP == 0]
+    copies = max(1, budget_bytes // (sum(o * i for o, i in shapes) * 2))
+    dense = [torch.randn(o, i).to(torch.bfloat16) for _ in range(copies) for o, i in shapes]
+    four = [pack([[FourBitRows(np.random.randint(0, 16, (o, i), dtype=np.uint8),
+                               np.full((o, i // GROUP), 0.01, np.float32), np.zeros((o, i // GROUP), np.float32),
+                               "Q4_0")]], torch.bfloat16) for o, i in shapes] * copies
+
+    def best(run: Any, inputs: dict[int, Any]) -> float:
+        fastest = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            run(inputs)
+            fastest = min(fastest, time.perf_counter() - start)
+        return fastest
+
+    def run_dense(inputs: dict[int, Any]) -> None:
+        for weight in dense:
+            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+
+    def run_four_bit(inputs: dict[int, Any]) -> None:
+        for weight, (_, columns) in zip(four, shapes * copies, strict=True):
+            weight.linear(inputs[columns])  # type: ignore[union-attr]
+
+    limit = 0
+    with torch.inference_mode():
+        for rows in (1, 2, 4, 8, 12, 16, 24, 32):
+            inputs = {i: torch.randn(rows, i).to(torch.bfloat16) for _, i in shapes}
+            if best(run_four_bit, inputs) >= 0.9 * best(run_dense, inputs):
+                break
+            limit = rows
+    return limit
