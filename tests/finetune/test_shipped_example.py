@@ -14,7 +14,8 @@ def test_the_shipped_example_teaches_new_facts_and_keeps_old_ones(tmp_path: Path
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "facts"
     result = run_cli("finetune", "--config", str(root / "examples" / "finetune-facts.yaml"), "--out", str(out),
-                     "--max-steps", "80", "--replay", "16", "--save-every", "80", timeout=900)
+                     "--max-steps", "80", "--replay", "16", "--save-every", "80",
+                     timeout=3600)  # a hang guard: ~260 s here, a 1.7x slower box under load passed 900
     assert result.returncode == 0, result.stderr[-2000:]
     assert "held-out facts" in result.stdout and "retention" in result.stdout
     checks = json.loads((out / "meta.json").read_text())["checks"]
