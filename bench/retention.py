@@ -58,9 +58,11 @@ def select_general(model: str) -> None:
           + ", ".join(f"{d} {right}/{total}" for d, (right, total) in by_domain.items()))
 
 
-def run_set(name: str, recipe: Path, out: Path, extra: list[str]) -> dict[str, float]:
+def run_set(name: str, recipe: Path, out: Path, extra: list[str], model: str | None = None) -> dict[str, float]:
     train, held_out = SETS[name]
     config = yaml.safe_load(recipe.read_text())
+    if model:
+        config["model"] = model
     config["data"] = str(train)
     config["checks"] = {"held-out": str(held_out), "retention": str(GENERAL)}
     config.pop("out", None)
@@ -93,7 +95,8 @@ def report(rows: dict[str, dict[str, float]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", help="base model (default: the recipe's; smollm2-135m-instruct for "
+                        "--select-general)")
     parser.add_argument("--select-general", action="store_true", help="rebuild general.jsonl for --model and stop")
     parser.add_argument("--recipe", type=Path, default=ROOT / "examples" / "finetune-facts.yaml")
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated: " + ", ".join(SETS))
@@ -101,15 +104,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every set's figures here")
     args, extra = parser.parse_known_args()  # anything else goes to `ownllm finetune` (e.g. --max-steps 40)
     if args.select_general:
-        select_general(args.model)
+        select_general(args.model or "smollm2-135m-instruct")
         return
     if not GENERAL.is_file():
         raise SystemExit(f"{GENERAL} is missing: run with --select-general first")
+    names = args.sets.split(",")
+    unknown = [name for name in names if name not in SETS]
+    if unknown:
+        raise SystemExit(f"unknown set(s) {', '.join(unknown)} (sets: {', '.join(SETS)})")
     rows = {}
-    for name in args.sets.split(","):
-        if name not in SETS:
-            raise SystemExit(f"unknown set '{name}' (sets: {', '.join(SETS)})")
-        rows[name] = run_set(name, args.recipe, args.out, extra)
+    for name in names:
+        rows[name] = run_set(name, args.recipe, args.out, extra, args.model)
         print(f"{name}: held-out {rows[name]['held_out']:.0%}, retention {rows[name]['retention']:.0%}, "
               f"{rows[name]['minutes']} min", flush=True)
     report(rows)

@@ -85,8 +85,10 @@ def test_every_q4_matrix_of_the_default_model_is_found_in_the_loaded_models_orde
     found = four_bit_weights(model)
     layers = model.config.num_hidden_layers
     assert len(found) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer (Q4_1) + the embedding (Q8_0)
-    assert {planes[0].kind for planes in found.values()} == {"Q4_1", "Q8_0"}
-    assert len(found["model.embed_tokens.weight"]) == 2
+    assert {matrix.tensor.kind for matrix in found.values()} == {"Q4_1", "Q8_0"}
+    assert len(found["model.embed_tokens.weight"].planes()) == 2
+    assert found["model.layers.0.self_attn.q_proj.weight"].order is not None  # llama's q rows, as loaded
+    assert found["model.layers.0.self_attn.v_proj.weight"].order is None
 
 
 def test_no_gguf_or_a_broken_one_leaves_the_dequantized_weights(default_model: str, tmp_path: Path,
@@ -99,10 +101,60 @@ def test_no_gguf_or_a_broken_one_leaves_the_dequantized_weights(default_model: s
     folder = tmp_path / "copy"
     shutil.copytree(resolve(default_model).path, folder, ignore=shutil.ignore_patterns("model.gguf"))
     assert resolve(str(folder)).gguf_file is None
-    broken = tmp_path / "broken.gguf"
-    with (resolve(default_model).path / "model.gguf").open("rb") as source:
-        broken.write_bytes(source.read(1 << 16))  # the header and part of the vocabulary, no tensor table
-    remember_gguf(model, broken)
-    with caplog.at_level(logging.WARNING):
-        assert four_bit_weights(model) == {}
-    assert "4-bit tensors not read" in caplog.text and str(broken) in caplog.text
+    whole = (resolve(default_model).path / "model.gguf").read_bytes()
+    for size in (1 << 16, len(whole) - 300_000):  # no tensor table; every table entry but the last tensors' bytes
+        broken = tmp_path / f"broken-{size}.gguf"
+        broken.write_bytes(whole[:size])
+        remember_gguf(model, broken)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert four_bit_weights(model) == {}
+        assert "4-bit tensors not used" in caplog.text and str(broken) in caplog.text
+
+
+def test_a_hostile_tensor_table_is_an_error_not_a_crash(gguf_path: Path, tmp_path: Path) -> None:
+    import struct
+
+    from ownllm.models.gguf_file import gguf_tensors
+
+    data = bytearray(gguf_path.read_bytes())
+    key = b"general.alignment"
+    hostile = tmp_path / "align0.gguf"
+    # the file has no alignment key: rename the architecture's key to it, with a u32 type and value 0
+    arch_key = b"general.architecture"
+    at = data.index(arch_key)
+    length_at = at - 8
+    (length,) = struct.unpack_from("<Q", data, length_at)
+    (type_id,) = struct.unpack_from("<I", data, at + length)
+    assert type_id == 8  # a string: replace it with a u32 0 and keep everything after it as it was
+    (value_length,) = struct.unpack_from("<Q", data, at + length + 4)
+    after = at + length + 4 + 8 + value_length
+    patched = data[:length_at] + struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, 0) + data[after:]
+    hostile.write_bytes(bytes(patched))
+    with pytest.raises(ValueError, match="alignment"):
+        gguf_tensors(hostile)
+
+
+@pytest.mark.parametrize("cached", [[1, 2], None, "x", {"int4_rows": [3]}, {"int4_rows": {"k": -5}},
+                                    {"int4_rows": {"k": True}}, {"int4_rows": {"k": 10**30}}])
+def test_a_damaged_hardware_file_is_measured_again(cached: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    import json
+
+    from ownllm.models import gguf_int4
+
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    monkeypatch.setattr(gguf_int4, "_measure_row_limit", lambda hidden, intermediate: 12)
+    (tmp_path / "hardware.json").write_text(json.dumps(cached))
+    if isinstance(cached, dict):  # the damaged value under this machine's own key
+        key = next(iter(cached["int4_rows"])) if isinstance(cached["int4_rows"], dict) else None
+        if key is not None:
+            import hashlib
+
+            import torch
+
+            from ownllm.models.dtype import cpu_model
+
+            real = hashlib.sha256(f"int4|{cpu_model()}|{torch.__version__}|64|128".encode()).hexdigest()[:16]
+            (tmp_path / "hardware.json").write_text(json.dumps({"int4_rows": {real: cached["int4_rows"][key]}}))
+    assert gguf_int4.int4_row_limit(64, 128) == 12
+    assert gguf_int4.int4_row_limit(64, 128) == 12  # now kept

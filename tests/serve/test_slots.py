@@ -54,7 +54,8 @@ def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> N
 
     batching = httpx.get(f"{strict_server.url}/health").json()["batching"]
     assert batching == {"mode": "batched", "max_batch": 1, "kv_tokens": 2048, "kv_bytes": batching["kv_bytes"],
-                        "prefix_caching": True, "int4_rows": 0}  # fp32: no int4 kernel
+                        "prefix_caching": True, "int4_rows": 0,  # fp32: no int4 kernel, and why
+                        "int4_note": "GGUF 4-bit weights off: int4 kernel runs bf16 on the CPU, this is float32 on cpu"}
     assert batching["kv_bytes"] == 2048 * 30 * 2 * 3 * 64 * 4  # 30 layers, k and v, 3 heads of 64, fp32
     log = strict_server.log.read_text()
     assert f"batched, up to 1 sequences, KV budget {batching['kv_bytes'] / 2**30:.2f} GiB = 2,048 tokens, " \

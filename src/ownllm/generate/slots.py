@@ -22,6 +22,7 @@ why a model is not covered: the engine then serves it one request at a time and 
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,9 @@ import torch.nn.functional as F
 
 from ownllm.errors import OwnLLMError
 from ownllm.models.adapters import Adapter, LoraWeights
-from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, int4_row_limit, pack
+from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, has_gguf, int4_row_limit, pack
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "phi3", "gemma3_text"}
 # Projections a served LoRA adapter may touch, over every architecture above (phi3 fuses q|k|v and gate|up).
@@ -336,13 +339,31 @@ class SlotModel:
         self.cos, self.sin = self._rotary_tables(positions)
         self.four_bit = _FourBit([_FourBitLayer(None, None, None, None)] * len(self.layers), None)
         self.four_bit_rows = 0
-        if four_bit and self.dtype == torch.bfloat16 and self.device.type == "cpu":
-            stored = _four_bit(model, weights)
-            if stored.layers or stored.lm_head:
-                self.four_bit = stored
-                self.four_bit_rows = int4_row_limit(self.config.hidden_size, self.intermediate)
+        self.four_bit_note: str | None = None  # why a GGUF model's 4-bit weights are not used, when they are not
+        if four_bit and has_gguf(model):
+            self._use_four_bit(model, weights)
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
+
+    def _use_four_bit(self, model: Any, weights: _Weights) -> None:
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            self.four_bit_note = f"GGUF 4-bit weights off: int4 kernel runs bf16 on the CPU, this is " \
+                                 f"{str(self.dtype).removeprefix('torch.')} on {self.device.type}"
+            return
+        limit = int4_row_limit(self.config.hidden_size, self.intermediate)  # first: 0 needs no file read
+        if limit == 0:
+            self.four_bit_note = "GGUF 4-bit weights off: measured no faster than bf16 on this CPU"
+            return
+        try:
+            stored = _four_bit(model, weights)
+        except Exception as exc:  # a shape the kernel refuses costs the speed-up, not the server
+            log.warning("GGUF 4-bit weights not packed (%s: %s); running dequantized weights",
+                        exc.__class__.__name__, exc)
+            stored = _FourBit([], None)
+        if not stored.layers and stored.lm_head is None:
+            self.four_bit_note = "GGUF 4-bit weights off: no Q4_0/Q4_1/Q4_K/Q8_0 matrices usable (see the log)"
+            return
+        self.four_bit, self.four_bit_rows = stored, limit
 
     def _rotary_tables(self, positions: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """cos/sin [positions, rotary dims] per rotary kind, in the model dtype, from the model's own rotary module

@@ -94,15 +94,13 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: i
 
     signature = f"{cpu_model()}|{sorted(flags)}|{torch.__version__}|{shapes}|{rows}"
     key = hashlib.sha256(signature.encode()).hexdigest()[:16]
-    cache = ownllm_home() / "hardware.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = read_hardware()
     if not isinstance(known.get("choices"), dict):
-        known = {"choices": {}}
-    if key in known["choices"]:
-        return DtypeChoice(**known["choices"][key])
+        known["choices"] = {}
+    cached = known["choices"].get(key)
+    if isinstance(cached, dict) and cached.get("dtype") in ("float32", "bfloat16") and isinstance(
+            cached.get("reason"), str):
+        return DtypeChoice(cached["dtype"], cached["reason"])
     decode32 = _time_decode(torch.float32, shapes, rows)
     decode16 = _time_decode(torch.bfloat16, shapes, rows)
     # Decoding is memory-bound matrix-vector work on these shapes, and dominates generation time:
@@ -113,8 +111,22 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: i
     else:
         choice = DtypeChoice("float32", f"native bf16 measured no faster ({measured})")
     known["choices"][key] = {"dtype": choice.dtype, "reason": choice.reason}
-    atomic_write_json(cache, known)
+    write_hardware(known)
     return choice
+
+
+def read_hardware() -> dict[str, Any]:
+    """What was measured on this machine ($OWNLLM_HOME/hardware.json); {} when absent, unreadable or not an
+    object (a damaged file is measured again, never an error)."""
+    try:
+        known = json.loads((ownllm_home() / "hardware.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def write_hardware(known: dict[str, Any]) -> None:
+    atomic_write_json(ownllm_home() / "hardware.json", known)
 
 
 def _time_decode(dtype: object, shapes: list[tuple[int, int]], rows: int = 1, budget_bytes: int = 96 << 20

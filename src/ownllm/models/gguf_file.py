@@ -48,7 +48,8 @@ _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 
 def gguf_tensors(path: Path) -> tuple[str, list[GGUFTensor]]:
     """(architecture, tensors) of a GGUF file, reading the tensor table only: gguf's GGUFReader parses every
-    metadata value (seconds for a 262k-token vocabulary), this skips them."""
+    metadata value (seconds for a 262k-token vocabulary), this skips them. A malformed or truncated file raises
+    ValueError, struct.error or OwnLLMError."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     data = np.memmap(path, dtype=np.uint8, mode="r")
@@ -97,6 +98,8 @@ def gguf_tensors(path: Path) -> tuple[str, list[GGUFTensor]]:
             alignment = take("I")
         else:
             skip(kind)
+    if alignment <= 0:
+        raise ValueError(f"general.alignment is {alignment}")
     infos = []
     for _ in range(tensor_count):
         name = text()
@@ -108,7 +111,11 @@ def gguf_tensors(path: Path) -> tuple[str, list[GGUFTensor]]:
     base = -(-offset // alignment) * alignment
     tensors = []
     for name, kind, shape, start in infos:
+        if kind not in GGML_QUANT_SIZES:
+            raise ValueError(f"tensor {name}: unknown type {kind.name}")
         block, block_bytes = GGML_QUANT_SIZES[kind]
         size = int(np.prod(shape)) // block * block_bytes
+        if base + start + size > data.size:
+            raise ValueError(f"tensor {name} ends past the end of the file (truncated?)")
         tensors.append(GGUFTensor(name, kind.name, shape, data[base + start : base + start + size]))
     return architecture, tensors

@@ -18,9 +18,7 @@ tensor dequantized instead of running wrong weights.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import struct
 import time
 import weakref
 from dataclasses import dataclass
@@ -29,14 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from ownllm.errors import OwnLLMError
-from ownllm.home import atomic_write_json, ownllm_home
+from ownllm.models.dtype import read_hardware, write_hardware
 from ownllm.models.gguf_file import GGUFTensor, gguf_tensors
 
 log = logging.getLogger(__name__)
 
 GROUP = 32  # weights per scale/offset: the kernel's group size and the sub-block of every type read here
 _TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
+ROW_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32)  # the forward widths measured for `int4_row_limit`
 
 
 @dataclass
@@ -79,11 +77,26 @@ class Int4Weight:
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def pack(parts: list[Planes], dtype: Any) -> Int4Weight | None:
-    """The parts' rows one after another (a fused q|k|v or gate|up) in the kernel's layout, computing in `dtype`;
-    None when the parts have different numbers of planes (one Q8_0 among Q4s: they then run dequantized)."""
+@dataclass
+class StoredMatrix:
+    """A GGUF tensor that holds one of the model's matrices, and the row order the model has it in."""
+
+    tensor: GGUFTensor
+    order: np.ndarray | None  # rows as transformers loaded them (llama's q and k), None: as stored
+
+    def planes(self) -> Planes:
+        planes = four_bit_planes(self.tensor)
+        assert planes is not None  # only 4-bit tensors are kept (`four_bit_weights`)
+        return planes if self.order is None else [plane.permuted(self.order) for plane in planes]
+
+
+def pack(matrices: list[StoredMatrix], dtype: Any) -> Int4Weight | None:
+    """The matrices' rows one after another (a fused q|k|v or gate|up) in the kernel's layout, computing in
+    `dtype`; None when they have different numbers of planes (one Q8_0 among Q4s: they then run dequantized).
+    Unpacked here, one projection at a time, so only its integers are ever held unpacked."""
     import torch
 
+    parts = [matrix.planes() for matrix in matrices]
     if len({len(planes) for planes in parts}) != 1:
         return None
     packs = []
@@ -163,24 +176,34 @@ def remember_gguf(model: Any, path: Path) -> None:
     _files[model] = path
 
 
-def four_bit_weights(model: Any) -> dict[str, Planes]:
-    """{parameter name: its 4-bit planes} for the model's weights stored as Q4_0/Q4_1/Q4_K/Q8_0 in the GGUF it came
-    from, each checked against the loaded weight; {} for a model not loaded from a GGUF (or a file that cannot
-    be read again: the model then runs on its dequantized weights, as it would without this)."""
+def has_gguf(model: Any) -> bool:
+    return model in _files
+
+
+def four_bit_weights(model: Any) -> dict[str, StoredMatrix]:
+    """{parameter name: where its 4-bit planes are} for the model's weights stored as Q4_0/Q4_1/Q4_K/Q8_0 in the
+    GGUF it came from, each checked against the loaded weight; {} for a model not loaded from a GGUF, or a file
+    that cannot be read again (truncated, changed, hostile): the model then runs on its dequantized weights, as it
+    would without this, and a warning says why."""
     path = _files.get(model)
     if path is None:
         return {}
     try:
-        architecture, tensors = gguf_tensors(path)
-        names = _parameter_names(model, architecture)
-    except (OSError, ValueError, KeyError, struct.error, OwnLLMError) as exc:
-        log.warning("%s: 4-bit tensors not read (%s); running dequantized weights", path, exc)
+        return _checked_matrices(model, path)
+    except Exception as exc:  # any failure costs the speed-up, never the server
+        log.warning("%s: 4-bit tensors not used (%s: %s); running dequantized weights", path,
+                    exc.__class__.__name__, exc)
         return {}
+
+
+def _checked_matrices(model: Any, path: Path) -> dict[str, StoredMatrix]:
+    architecture, tensors = gguf_tensors(path)
+    names = _parameter_names(model, architecture)
     parameters = dict(model.named_parameters())
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    found: dict[str, Planes] = {}
+    found: dict[str, StoredMatrix] = {}
     for tensor in tensors:
         name = names.get(tensor.name)
         weight = parameters.get(name) if name else None
@@ -189,13 +212,14 @@ def four_bit_weights(model: Any) -> dict[str, Planes]:
         planes = four_bit_planes(tensor)
         if planes is None or planes[0].q.shape != tuple(weight.shape):
             continue
-        candidates = [planes]
+        orders: list[np.ndarray | None] = [None]
         if ".attn_q." in tensor.name or ".attn_k." in tensor.name:
-            order = _llama_order(planes[0].q.shape[0], heads if ".attn_q." in tensor.name else kv_heads)
-            candidates.append([plane.permuted(order) for plane in planes])
-        match = next((c for c in candidates if _same_weights(c, weight)), None)
-        if match is not None:
-            found[name] = match  # type: ignore[index]
+            orders.append(_llama_order(planes[0].q.shape[0], heads if ".attn_q." in tensor.name else kv_heads))
+        for order in orders:
+            candidate = planes if order is None else [plane.permuted(order) for plane in planes]
+            if _same_weights(candidate, weight):
+                found[name] = StoredMatrix(tensor, order)  # type: ignore[index]
+                break
     return found
 
 
@@ -237,17 +261,15 @@ def int4_row_limit(hidden: int, intermediate: int) -> int:
 
     signature = f"int4|{cpu_model()}|{torch.__version__}|{hidden}|{intermediate}"
     key = hashlib.sha256(signature.encode()).hexdigest()[:16]
-    cache = ownllm_home() / "hardware.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = read_hardware()
     limits = known.get("int4_rows") if isinstance(known.get("int4_rows"), dict) else {}
-    if isinstance(limits.get(key), int):
-        return limits[key]
+    cached = limits.get(key)
+    # a verdict of 0 (never faster) is measured again at the next start: one taken while the CPU was busy with
+    # something else must not switch the speed-up off for good; anything not a row count is measured again too
+    if type(cached) is int and 0 < cached <= ROW_COUNTS[-1]:
+        return cached
     limit = _measure_row_limit(hidden, intermediate)
-    known["int4_rows"] = {**limits, key: limit}
-    atomic_write_json(cache, known)
+    write_hardware({**known, "int4_rows": {**limits, key: limit}})
     return limit
 
 
@@ -264,7 +286,7 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
 
     def best(run: Any, inputs: dict[int, Any]) -> float:
         fastest = float("inf")
-        for _ in range(3):
+        for _ in range(5):
             start = time.perf_counter()
             run(inputs)
             fastest = min(fastest, time.perf_counter() - start)
@@ -280,7 +302,7 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
 
     limit = 0
     with torch.inference_mode():
-        for rows in (1, 2, 4, 8, 12, 16, 24, 32):
+        for rows in ROW_COUNTS:
             inputs = {i: torch.randn(rows, i).to(torch.bfloat16) for _, i in shapes}
             if best(run_four_bit, inputs) >= 0.9 * best(run_dense, inputs):
                 break

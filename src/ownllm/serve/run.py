@@ -70,6 +70,8 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
         mode = f"batched, up to {batching['max_batch']} sequences, {memory}, {caching}"
         if batching.get("int4_rows"):
             mode += f", GGUF 4-bit weights as stored in steps of up to {batching['int4_rows']} tokens"
+        elif batching.get("int4_note"):
+            mode += f", {batching['int4_note']}"
     else:
         mode = f"one request at a time: {batching['reason']}"
     return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}) on "
