@@ -158,3 +158,10 @@ def test_a_damaged_hardware_file_is_measured_again(cached: Any, tmp_path: Path, 
             (tmp_path / "hardware.json").write_text(json.dumps({"int4_rows": {real: cached["int4_rows"][key]}}))
     assert gguf_int4.int4_row_limit(64, 128) == 12
     assert gguf_int4.int4_row_limit(64, 128) == 12  # now kept
+
+
+def test_the_row_limit_measurement_runs() -> None:
+    """On small shapes: a row count from the list, or 0 where the int4 kernel is never faster."""
+    from ownllm.models.gguf_int4 import ROW_COUNTS, _measure_row_limit
+
+    assert _measure_row_limit(64, 128, budget_bytes=1 << 20) in (0, *ROW_COUNTS)

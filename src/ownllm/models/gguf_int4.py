@@ -94,9 +94,13 @@ def pack(matrices: list[StoredMatrix], dtype: Any) -> Int4Weight | None:
     """The matrices' rows one after another (a fused q|k|v or gate|up) in the kernel's layout, computing in
     `dtype`; None when they have different numbers of planes (one Q8_0 among Q4s: they then run dequantized).
     Unpacked here, one projection at a time, so only its integers are ever held unpacked."""
+    return pack_planes([matrix.planes() for matrix in matrices], dtype)
+
+
+def pack_planes(parts: list[Planes], dtype: Any) -> Int4Weight | None:
+    """`pack` on planes already unpacked."""
     import torch
 
-    parts = [matrix.planes() for matrix in matrices]
     if len({len(planes) for planes in parts}) != 1:
         return None
     packs = []
@@ -280,7 +284,7 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
     shapes = [(out, inner) for out, inner in shapes if inner % GROUP == 0]
     copies = max(1, budget_bytes // (sum(o * i for o, i in shapes) * 2))
     dense = [torch.randn(o, i).to(torch.bfloat16) for _ in range(copies) for o, i in shapes]
-    four = [pack([[FourBitRows(np.random.randint(0, 16, (o, i), dtype=np.uint8),
+    four = [pack_planes([[FourBitRows(np.random.randint(0, 16, (o, i), dtype=np.uint8),
                                np.full((o, i // GROUP), 0.01, np.float32), np.zeros((o, i // GROUP), np.float32),
                                "Q4_0")]], torch.bfloat16) for o, i in shapes] * copies
 
