@@ -241,9 +241,12 @@ class _FourBitLayer:
     down: Int4Weight | None
 
 
+_DEQUANTIZED = _FourBitLayer(None, None, None, None)  # a layer's forward on the dequantized weights
+
+
 @dataclass
 class _FourBit:
-    layers: list[_FourBitLayer]
+    layers: list[_FourBitLayer]  # empty when the model has none (its forwards never ask)
     lm_head: Int4Weight | None
 
 
@@ -337,7 +340,7 @@ class SlotModel:
         # differs from it by at most an ulp of the output (the slot parity test's decode bound holds)
         self._upcast_decode = self.dtype != torch.float32 and self.device.type == "cpu"
         self.cos, self.sin = self._rotary_tables(positions)
-        self.four_bit = _FourBit([_FourBitLayer(None, None, None, None)] * len(self.layers), None)
+        self.four_bit = _FourBit([], None)  # used only in forwards of up to four_bit_rows (0) tokens
         self.four_bit_rows = 0
         self.four_bit_note: str | None = None  # why a GGUF model's 4-bit weights are not used, when they are not
         if four_bit and has_gguf(model):
@@ -573,10 +576,9 @@ class SlotModel:
                 masks[window] = self._chunk_mask(start_list[0], length, window)
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         q_width, kv_width = h * d, kv * d
-        no_four_bit = _FourBitLayer(None, None, None, None)
         use_four_bit = rows * length <= self.four_bit_rows
         for index, layer in enumerate(self.layers):
-            four = self.four_bit.layers[index] if use_four_bit else no_four_bit
+            four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
             qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv)
             qkv = self._plus_lora(qkv, self._lora(normed, index, weights.qkv_lora, groups,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,41 +93,44 @@ def _layer_shapes(config: Any) -> list[tuple[int, int]]:
 def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: int) -> DtypeChoice:
     import torch
 
+    def measure() -> dict[str, str]:
+        decode32 = _time_decode(torch.float32, shapes, rows)
+        decode16 = _time_decode(torch.bfloat16, shapes, rows)
+        # Decoding is memory-bound matrix-vector work on these shapes, and dominates generation time:
+        # bf16 must be clearly faster there, not just on big batched matmuls.
+        measured = f"decode-shaped matmuls, {rows} row(s): {decode32 / decode16:.2f}x fp32 speed"
+        if decode16 < 0.9 * decode32:
+            return {"dtype": "bfloat16", "reason": f"native bf16 measured faster ({measured})"}
+        return {"dtype": "float32", "reason": f"native bf16 measured no faster ({measured})"}
+
+    def valid(cached: Any) -> bool:
+        return isinstance(cached, dict) and cached.get("dtype") in ("float32", "bfloat16") and isinstance(
+            cached.get("reason"), str)
+
     signature = f"{cpu_model()}|{sorted(flags)}|{torch.__version__}|{shapes}|{rows}"
+    choice = remembered_measurement("choices", signature, valid, measure)
+    return DtypeChoice(choice["dtype"], choice["reason"])
+
+
+def remembered_measurement(section: str, signature: str, valid: Callable[[Any], bool],
+                           measure: Callable[[], Any]) -> Any:
+    """A measurement of this machine kept in $OWNLLM_HOME/hardware.json under `section`, keyed by a hash of
+    `signature` (CPU, torch, shapes): taken once, and again whenever what is kept is not `valid` (absent, from a
+    damaged file, or a verdict the caller wants measured afresh) — never an error."""
     key = hashlib.sha256(signature.encode()).hexdigest()[:16]
-    known = read_hardware()
-    if not isinstance(known.get("choices"), dict):
-        known["choices"] = {}
-    cached = known["choices"].get(key)
-    if isinstance(cached, dict) and cached.get("dtype") in ("float32", "bfloat16") and isinstance(
-            cached.get("reason"), str):
-        return DtypeChoice(cached["dtype"], cached["reason"])
-    decode32 = _time_decode(torch.float32, shapes, rows)
-    decode16 = _time_decode(torch.bfloat16, shapes, rows)
-    # Decoding is memory-bound matrix-vector work on these shapes, and dominates generation time:
-    # bf16 must be clearly faster there, not just on big batched matmuls.
-    measured = f"decode-shaped matmuls, {rows} row(s): {decode32 / decode16:.2f}x fp32 speed"
-    if decode16 < 0.9 * decode32:
-        choice = DtypeChoice("bfloat16", f"native bf16 measured faster ({measured})")
-    else:
-        choice = DtypeChoice("float32", f"native bf16 measured no faster ({measured})")
-    known["choices"][key] = {"dtype": choice.dtype, "reason": choice.reason}
-    write_hardware(known)
-    return choice
-
-
-def read_hardware() -> dict[str, Any]:
-    """What was measured on this machine ($OWNLLM_HOME/hardware.json); {} when absent, unreadable or not an
-    object (a damaged file is measured again, never an error)."""
+    path = ownllm_home() / "hardware.json"
     try:
-        known = json.loads((ownllm_home() / "hardware.json").read_text())
+        known = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
-    return known if isinstance(known, dict) else {}
-
-
-def write_hardware(known: dict[str, Any]) -> None:
-    atomic_write_json(ownllm_home() / "hardware.json", known)
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    entries = known.get(section) if isinstance(known.get(section), dict) else {}
+    if key in entries and valid(entries[key]):
+        return entries[key]
+    value = measure()
+    atomic_write_json(path, {**known, section: {**entries, key: value}})
+    return value
 
 
 def _time_decode(dtype: object, shapes: list[tuple[int, int]], rows: int = 1, budget_bytes: int = 96 << 20

@@ -17,7 +17,6 @@ tensor dequantized instead of running wrong weights.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import weakref
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ownllm.models.dtype import read_hardware, write_hardware
+from ownllm.models.dtype import remembered_measurement
 from ownllm.models.gguf_file import GGUFTensor, gguf_tensors
 
 log = logging.getLogger(__name__)
@@ -115,6 +114,11 @@ def pack_planes(parts: list[Planes], dtype: Any) -> Int4Weight | None:
     return Int4Weight(packs, sum(int(planes[0].q.shape[0]) for planes in parts))
 
 
+def _half(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 factor at byte `at` of each block, as float32."""
+    return blocks[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
 def _halves(data: np.ndarray) -> np.ndarray:
     """Low and high nibbles of `data` [..., 16] as [..., 32] (llama.cpp: the low nibbles are weights 0-15)."""
     return np.concatenate([data & 0x0F, data >> 4], axis=-1)
@@ -131,7 +135,7 @@ def four_bit_planes(tensor: GGUFTensor) -> Planes | None:
     raw = np.asarray(tensor.data).reshape(rows, -1)
     if kind == "Q8_0":
         blocks = raw.reshape(rows, columns // GROUP, 34)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        d = _half(blocks, 0)
         q = blocks[..., 2:].copy().view(np.int8).reshape(rows, columns)
         high = (q >> 4).astype(np.int16)  # -8..7 (an arithmetic shift: floor), low = q - 16 * high in 0..15
         low = (q.astype(np.int16) - 16 * high).astype(np.uint8)
@@ -140,19 +144,18 @@ def four_bit_planes(tensor: GGUFTensor) -> Planes | None:
     if kind in ("Q4_0", "Q4_1"):
         block = 18 if kind == "Q4_0" else 20
         blocks = raw.reshape(rows, columns // GROUP, block)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        d = _half(blocks, 0)
         if kind == "Q4_0":
             offset = -8 * d
             nibbles = blocks[..., 2:]
         else:
-            offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            offset = _half(blocks, 2)
             nibbles = blocks[..., 4:]
         q = _halves(nibbles).reshape(rows, columns)
         return [FourBitRows(q, d, offset, kind)]
     # Q4_K: super-blocks of 256 = 8 groups of 32, each with a 6-bit scale and min under two fp16 factors
     blocks = raw.reshape(rows, columns // 256, 144)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    d, dmin = _half(blocks, 0), _half(blocks, 2)
     packed_scales = blocks[..., 4:16].reshape(rows, -1, 3, 4)
     low, high, mixed = packed_scales[..., 0, :], packed_scales[..., 1, :], packed_scales[..., 2, :]
     scales = np.concatenate([low & 0x3F, (mixed & 0x0F) | ((low >> 2) & 0x30)], axis=-1)
@@ -264,17 +267,11 @@ def int4_row_limit(hidden: int, intermediate: int) -> int:
     from ownllm.models.dtype import cpu_model
 
     signature = f"int4|{cpu_model()}|{torch.__version__}|{hidden}|{intermediate}"
-    key = hashlib.sha256(signature.encode()).hexdigest()[:16]
-    known = read_hardware()
-    limits = known.get("int4_rows") if isinstance(known.get("int4_rows"), dict) else {}
-    cached = limits.get(key)
     # a verdict of 0 (never faster) is measured again at the next start: one taken while the CPU was busy with
     # something else must not switch the speed-up off for good; anything not a row count is measured again too
-    if type(cached) is int and 0 < cached <= ROW_COUNTS[-1]:
-        return cached
-    limit = _measure_row_limit(hidden, intermediate)
-    write_hardware({**known, "int4_rows": {**limits, key: limit}})
-    return limit
+    return remembered_measurement("int4_rows", signature,
+                                  lambda cached: type(cached) is int and 0 < cached <= ROW_COUNTS[-1],
+                                  lambda: _measure_row_limit(hidden, intermediate))
 
 
 def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 << 20) -> int:
