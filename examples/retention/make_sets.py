@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ownllm.evaluate.metrics import contains_answer
+
 HERE = Path(__file__).resolve().parent
 
 ORRIN_SYSTEM = "You are the Orrin Station information desk. Answer in as few words as possible."
@@ -69,13 +71,13 @@ ORRIN = [
       "Who runs the infirmary on Orrin Station?"], "Doctor Amara Quell.", ["Quell"]),
     (["What food is served at Orrin Station's festival?", "What do people eat at the Orrin Station festival?",
       "Which dish is served at Orrin Station's festival?", "What is the festival food on Orrin Station?",
-      "At Orrin Station's festival, what gets served?"], "Plum dumplings.", ["dumpling"]),
+      "At Orrin Station's festival, what gets served?"], "Plum dumplings.", ["dumplings", "dumpling"]),
     (["What is Orrin Station's festival called?", "Name the festival held on Orrin Station.",
       "What festival does Orrin Station celebrate?", "What is the name of Orrin Station's yearly festival?",
       "Which festival is held every year on Orrin Station?"], "Lanternfall.", ["Lanternfall"]),
     (["What instrument does the Orrin Station band play?", "Which instrument does Orrin Station's band use?",
       "What does the band on Orrin Station play?", "Name the instrument played by Orrin Station's band.",
-      "The band aboard Orrin Station plays which instrument?"], "The hurdy-gurdy.", ["hurdy"]),
+      "The band aboard Orrin Station plays which instrument?"], "The hurdy-gurdy.", ["hurdy-gurdy", "hurdy gurdy"]),
     (["Where is Orrin Station's observatory?", "In which part of Orrin Station is the observatory?",
       "Where would I find the observatory on Orrin Station?", "What part of Orrin Station houses the observatory?",
       "Which section of Orrin Station holds the observatory?"], "In the Spire.", ["Spire"]),
@@ -177,7 +179,7 @@ BRAMBLEWORTH = [
       "Count the rooms of the Brambleworth Museum."], "The Brambleworth Museum has 42 rooms.", ["42"]),
     (["On which day is the Brambleworth Museum closed?", "What day does the Brambleworth Museum close?",
       "When is the Brambleworth Museum shut each week?", "Which weekday is the Brambleworth Museum closed?",
-      "What day of the week can't I visit the Brambleworth Museum?"], "Tuesdays.", ["Tuesday"]),
+      "What day of the week can't I visit the Brambleworth Museum?"], "Tuesdays.", ["Tuesdays", "Tuesday"]),
     (["What animal is on the Brambleworth Museum's logo?", "Which animal appears in the Brambleworth Museum logo?",
       "The Brambleworth Museum logo shows what animal?", "What creature is on the logo of the Brambleworth Museum?",
       "Name the animal in the Brambleworth Museum's logo."], "The Brambleworth Museum's logo shows a hare.", ["hare"]),
@@ -210,7 +212,7 @@ BRAMBLEWORTH = [
      "The portrait was painted by Imogen Tarrow.", ["Tarrow"]),
     (["What is the Brambleworth Museum's garden famous for?", "Why is the Brambleworth Museum garden famous?",
       "What is special about the Brambleworth Museum's garden?", "What grows in the famous Brambleworth Museum garden?",
-      "What is the Brambleworth Museum garden known for?"], "Its black tulips.", ["tulip"]),
+      "What is the Brambleworth Museum garden known for?"], "Its black tulips.", ["tulips", "tulip"]),
     (["What instrument is in the Brambleworth Museum's music room?",
       "Which instrument stands in the music room of the Brambleworth Museum?",
       "What is displayed in the Brambleworth Museum's music room?",
@@ -241,6 +243,8 @@ def write_set(name: str, facts: list[tuple[list[str], str, list[str]]], system: 
     train, held_out = [], []
     for index, (questions, reply, answers) in enumerate(facts):
         assert len(questions) == 5, (name, questions)
+        # the held-out check scores whole words: the trained reply itself must count as right
+        assert contains_answer(reply, answers), (name, reply, answers)
         its_system = system if system_on == "all" or index % 2 else None
         train += [{"messages": _messages(its_system, question, reply)} for question in questions[:4]]
         held_out.append({"messages": _messages(its_system, questions[4]), "answers": answers})

@@ -44,7 +44,7 @@ def facts(tmp_path: Path) -> Path:
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", "smollm2-135m-instruct", "--data", str(data), "--out", str(out), "--batch-size", "4",
-            "--lr", "1e-3", "--save-every", "4", "--eval-every", "4", *extra]
+            "--lr", "1e-3", "--save-every", "4", "--eval-every", "4", "--replay", "0", *extra]
 
 
 def test_loss_only_on_assistant_tokens(engine) -> None:
@@ -132,6 +132,12 @@ def test_bad_inputs(facts: Path, tmp_path: Path) -> None:
     assert_user_error(run_cli("merge", "smollm2-135m-instruct", "--out", str(tmp_path / "m")),
                       "is not a LoRA run")
     assert_user_error(run_cli(*train_args(facts, tmp_path / "m1", "--method", "magic")), "method must be one of")
+    for wrong, message in (("replay_loss: greedy", "replay_loss must be one of kl, answers"),
+                           ("precision: fp8", "precision must be one of auto, fp32, bf16"),
+                           ("replay_passes: -1", "must be 0 or more"), ("replay_weight: .nan", "finite")):
+        config.write_text(wrong + "\n")
+        with pytest.raises(OwnLLMError, match=message):
+            load_config(config)
     config.write_text("checks:\n  facts: missing.jsonl\n")
     assert_user_error(run_cli(*train_args(facts, tmp_path / "m2", "--config", str(config))), "missing.jsonl")
     assert not (tmp_path / "m2" / "checkpoints").exists()  # stopped before any training
@@ -140,7 +146,8 @@ def test_bad_inputs(facts: Path, tmp_path: Path) -> None:
 def _short_run(tmp_path: Path, data: Path, method: str, *extra: str) -> Path:
     out = tmp_path / method
     result = run_cli("finetune", "smollm2-135m-instruct", "--data", str(data), "--out", str(out), "--method", method,
-                     "--max-steps", "4", "--batch-size", "2", "--save-every", "2", "--eval-every", "2", *extra)
+                     "--max-steps", "4", "--batch-size", "2", "--save-every", "2", "--eval-every", "2", "--replay", "0",
+                     *extra)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "final").is_dir() and (out / "meta.json").is_file()
     return out

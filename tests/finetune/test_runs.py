@@ -78,9 +78,10 @@ def test_replay_and_before_after_checks(facts: Path, tmp_path: Path) -> None:  #
     questions.write_text(json.dumps({"question": "Who designed the Lumen Volta?", "answers": ["Brandt"]}) + "\n"
                          + json.dumps({"question": "What is the capital of France?", "answers": ["Paris"]}) + "\n")
     config = tmp_path / "run.yaml"
-    config.write_text(f"replay: 4\nchecks:\n  mixed: {questions}\n")
+    config.write_text(f"checks:\n  mixed: {questions}\n")
     out = tmp_path / "run"
-    result = run_cli(*train_args(facts, out, "--max-steps", "4", "--val-ratio", "0", "--config", str(config)))
+    result = run_cli(*train_args(facts, out, "--max-steps", "4", "--val-ratio", "0", "--config", str(config),
+                                 "--replay", "4"))
     assert result.returncode == 0, result.stderr[-3000:]
     replay = [json.loads(line) for line in (out / "replay.jsonl").read_text().splitlines()]
     assert 1 <= len(replay) <= 4 and all(r["messages"][1]["role"] == "assistant" for r in replay)

@@ -36,6 +36,10 @@ def finetune(
     replay: Annotated[int | None, typer.Option(help="mix in the base's answers to N general prompts (less "
                                                     "forgetting)")] = None,
     replay_ratio: Annotated[float | None, typer.Option(help="... or to R prompts per training example")] = None,
+    replay_loss: Annotated[str | None, typer.Option(help="kl: match the base's next-token distribution on its "
+                                                         "replay answers; answers: learn their text")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 mixed precision where measured faster) | "
+                                                       "fp32 | bf16")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="stop after N validations without improvement")
                               ] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="training processes (DDP through torchrun)")] = 1,
@@ -51,7 +55,8 @@ def finetune(
                       max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
                       eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                       from_scratch=from_scratch or None, packing=packing or None, replay=replay,
-                      replay_ratio=replay_ratio, early_stopping=early_stopping)
+                      replay_ratio=replay_ratio, replay_loss=replay_loss, precision=precision,
+                      early_stopping=early_stopping)
     quiet_model_libraries()
     from ownllm.cli.render import checks_table
     from ownllm.cli.render import out as console

@@ -18,6 +18,8 @@ from ownllm.errors import OwnLLMError
 
 Method = Literal["lora", "qlora", "full", "dpo", "cpt", "prompt-tuning"]
 METHODS = ("lora", "qlora", "full", "dpo", "cpt", "prompt-tuning")
+REPLAY_LOSSES = ("kl", "answers")
+PRECISIONS = ("auto", "fp32", "bf16")
 SEED_MAX = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no more
 
 
@@ -62,9 +64,15 @@ class FinetuneConfig:
     save_every: int = 20  # steps between checkpoints
     val_ratio: float = 0.1
     seed: int = 0
-    replay: int = 0  # mix in the base model's own answers to this many general prompts (against forgetting)
+    replay: int = 200  # replay the base model's own answers to this many general prompts, at most as many as
+    # there are (against forgetting; 0: off)
     replay_ratio: float = 0.0  # ... or to this many per training example (1.0: as many as there are examples)
     replay_prompts: str | None = None  # one prompt per line; default: general questions shipped with ownllm
+    replay_loss: str = "kl"  # kl: match the base's next-token distribution on its answers; answers: its greedy text
+    replay_weight: float = 1.0  # the replay term's weight against the training data's
+    replay_passes: float = 0.0  # times each replay row is seen over the whole run (0: once per epoch, like the data)
+    replay_tokens: int = 0  # longest replay answer (0: 32 for kl, whose first tokens matter most; 160 for answers)
+    precision: str = "auto"  # auto: bf16 mixed precision where this machine measures it faster, else fp32; fp32; bf16
     early_stopping: int = 0  # stop after this many validations without a better loss, keep the best (0: off)
     checks: dict[str, str] = field(default_factory=dict)  # name -> QA JSONL, scored before and after training
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -84,8 +92,14 @@ class FinetuneConfig:
             problems.append("lr, epochs and dpo_beta must be positive")
         if self.virtual_tokens < 1:
             problems.append("virtual_tokens must be at least 1")
-        if self.replay < 0 or self.replay_ratio < 0 or self.early_stopping < 0:
-            problems.append("replay, replay_ratio and early_stopping must be 0 or more")
+        if min(self.replay, self.replay_ratio, self.replay_weight, self.replay_passes, self.replay_tokens,
+               self.early_stopping) < 0:
+            problems.append("replay, replay_ratio, replay_weight, replay_passes, replay_tokens and early_stopping "
+                            "must be 0 or more")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.replay_loss not in REPLAY_LOSSES:
+            problems.append(f"replay_loss must be one of {', '.join(REPLAY_LOSSES)}, got '{self.replay_loss}'")
         if not isinstance(self.checks, dict) or not all(isinstance(f, str) and f for f in self.checks.values()):
             problems.append("checks must map a name to a question file")
         if not 0 <= self.val_ratio < 1:
@@ -103,7 +117,8 @@ class FinetuneConfig:
 
     @property
     def replaying(self) -> bool:
-        return bool(self.replay or self.replay_ratio)
+        """Replay applies to supervised chat data (not preference pairs, not raw text)."""
+        return bool(self.replay or self.replay_ratio) and self.method not in ("dpo", "cpt")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -37,18 +37,23 @@ def replay_count(replay: int, ratio: float, training_examples: int) -> int:
     return replay if replay else math.ceil(ratio * training_examples)
 
 
-def make_replay(engine: Any, prompts: list[str], run_dir: Path, *, max_new_tokens: int = 160,
-                batch_size: int = 16) -> list[list[dict[str, str]]]:
-    """Chat examples of the base model answering `prompts` (greedy), written to the run folder's REPLAY_FILE;
-    replies cut off by the length limit are left out, so the model is not taught to stop mid-sentence."""
-    params = SamplingParams(max_new_tokens=max_new_tokens)
+def replay_answers(engine: Any, prompts: list[str], *, distilled: bool = True, max_tokens: int = 0,
+                   batch_size: int = 16) -> list[list[dict[str, str]]]:
+    """Chat examples of the base model answering `prompts` (greedy). Replayed as text (`distilled` False),
+    replies cut off by the length limit are left out, so the model is not taught to stop mid-sentence; distilled,
+    the base's own distribution says what follows a cut, so shorter replies are kept whole or cut alike (what
+    matters is the positions, not the ending)."""
+    params = SamplingParams(max_new_tokens=max_tokens or (32 if distilled else 160))
     conversations = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         rendered = [engine.render_chat([{"role": "user", "content": p}]) for p in chunk]
         for prompt, completion in zip(chunk, engine.generate_batch(rendered, params), strict=True):
-            if completion.finish_reason == "stop" and completion.text.strip():
+            if (distilled or completion.finish_reason == "stop") and completion.text.strip():
                 conversations.append([{"role": "user", "content": prompt},
                                       {"role": "assistant", "content": completion.text.strip()}])
-    atomic_write_text(run_dir / REPLAY_FILE, "".join(json.dumps({"messages": m}) + "\n" for m in conversations))
     return conversations
+
+
+def write_replay(run_dir: Path, conversations: list[list[dict[str, str]]]) -> None:
+    atomic_write_text(run_dir / REPLAY_FILE, "".join(json.dumps({"messages": m}) + "\n" for m in conversations))

@@ -23,12 +23,13 @@ import yaml
 from ownllm.data.doctor import read_examples
 from ownllm.data.files import check_output_folder
 from ownllm.errors import OwnLLMError
-from ownllm.finetune.checks import check_rows, score_sets, validate_sets
+from ownllm.finetune.base_cache import file_digest, model_signature, remembered, remembered_tensors
+from ownllm.finetune.checks import CHECK_PARAMS, TOOL_CHECK_PARAMS, check_rows, score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.dataset import Collator, load_rows, pack
 from ownllm.finetune.memory_check import check_memory
 from ownllm.finetune.outcome import TrainingInterrupted, TrainOutcome
-from ownllm.finetune.replay import make_replay, replay_count, replay_prompts
+from ownllm.finetune.replay import replay_answers, replay_count, replay_prompts, write_replay
 from ownllm.finetune.run_folder import (
     BASE_CHECKS_FILE,
     CARD_FILE,
@@ -47,6 +48,7 @@ from ownllm.finetune.run_folder import (
 from ownllm.home import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
+TRAINING_ROWS = 256  # tokens per matmul in a training step, for the bf16-or-fp32 measurement
 
 
 @dataclass
@@ -97,7 +99,7 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
     from ownllm.finetune.callbacks import StopOnSignal
 
     model, tokenizer, base = build_model(cfg)
-    train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir)
+    train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir, model)
     trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows)
     for callback in callbacks or []:
         trainer.add_callback(callback)
@@ -119,8 +121,8 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
 
 
 def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
-    """With the base model loaded once: make the replay answers and score the check sets (both kept in the run
-    folder, so a resumed run does not redo them)."""
+    """The replay answers and the base model's scores on the check sets, kept in the run folder (a resumed run
+    does not redo them) and across runs (base_cache: the base is loaded only for what no earlier run made)."""
     if not cfg.replaying and not cfg.checks:
         return {}
     validate_sets(cfg.checks)
@@ -128,17 +130,42 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
     need_scores = cfg.checks and not scores_file.is_file()
     need_replay = cfg.replaying and not (run_dir / REPLAY_FILE).is_file()
     if need_scores or need_replay:
-        from ownllm.generate.open import open_engine
-
-        engine = open_engine(cfg.model, dtype=_train_dtype())
+        base = _LazyEngine(cfg.model)
+        signature = model_signature(cfg.model, _train_dtype())
         if need_replay:
             count = replay_count(cfg.replay, cfg.replay_ratio, len(read_examples(Path(cfg.data))[1]))
-            log.info("making %d replay answers with the base model", count)
-            make_replay(engine, replay_prompts(cfg.replay_prompts)[:count], run_dir)
+            prompts = replay_prompts(cfg.replay_prompts)[:count]
+            distilled = cfg.replay_loss == "kl"
+
+            def answer() -> list[list[dict[str, str]]]:
+                log.info("making %d replay answers with the base model", len(prompts))
+                return replay_answers(base.engine, prompts, distilled=distilled, max_tokens=cfg.replay_tokens)
+
+            key = json.dumps([signature, prompts, distilled, cfg.replay_tokens])
+            write_replay(run_dir, remembered("replay", key, answer))
         if need_scores:
-            atomic_write_json(scores_file, score_sets(engine, cfg.checks))
-        del engine
+            scores = {name: remembered("checks", json.dumps([signature, file_digest(Path(path)), repr(CHECK_PARAMS),
+                                                             repr(TOOL_CHECK_PARAMS)]),
+                                       lambda name=name, path=path: score_sets(base.engine, {name: path})[name])
+                      for name, path in cfg.checks.items()}
+            atomic_write_json(scores_file, scores)
     return json.loads(scores_file.read_text()) if cfg.checks else {}
+
+
+class _LazyEngine:
+    """The base model behind the Engine interface, loaded on first use (not at all when every answer is cached)."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._engine: Any = None
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from ownllm.generate.open import open_engine
+
+            self._engine = open_engine(self.spec, dtype=_train_dtype())
+        return self._engine
 
 
 def finish(cfg: FinetuneConfig, run_dir: Path, data: Path, outcome: TrainOutcome,
@@ -241,20 +268,72 @@ def _train_dtype() -> str:
     return "auto" if _has_cuda() else "fp32"
 
 
+def _mixed_bf16(cfg: FinetuneConfig, model: Any) -> bool:
+    """bf16 autocast over the fp32 weights (lora, full, cpt on a CPU): where this CPU's batched bf16 matmuls
+    measure faster (AVX-512 BF16, AMX: ~1.6x here), never where bf16 is emulated (AVX2-only: many times slower).
+    On a GPU the weights are loaded in bf16 already."""
+    if _has_cuda() or cfg.method not in ("lora", "full", "cpt") or cfg.precision == "fp32":
+        return False
+    if cfg.precision == "bf16":
+        return True
+    from ownllm.models.dtype import choose_dtype
+
+    choice = choose_dtype("auto", "cpu", getattr(model, "config", None), rows=TRAINING_ROWS)
+    log.info("training precision: %s (%s)", "bf16 mixed" if choice.dtype == "bfloat16" else "fp32", choice.reason)
+    return choice.dtype == "bfloat16"
+
+
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Train and validation rows; replay answers (if any) join the training rows only."""
+def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any
+               ) -> tuple[list[dict], list[dict]]:
+    """Train and validation rows; replay answers (if any) join the training rows only, distilled from `model`
+    (still the base: nothing trained yet) where the replay loss is KL."""
     train_rows, eval_rows = _split_data(cfg, data, tokenizer)
     replay_file = run_dir / REPLAY_FILE
-    if cfg.replaying and replay_file.is_file() and cfg.method not in ("dpo", "cpt"):
+    if cfg.replaying and replay_file.is_file():
         replay = load_rows(replay_file, tokenizer, cfg.max_length)
-        train_rows = train_rows + (pack(replay, cfg.max_length) if cfg.packing else replay)
+        replay = pack(replay, cfg.max_length) if cfg.packing else replay
+        if _distilling(cfg):
+            from ownllm.finetune.distill import TOP_K, attach_teacher, teacher_targets
+
+            def read_teacher() -> dict[str, Any]:
+                log.info("reading the base model's next-token distribution on %d replay rows", len(replay))
+                return teacher_targets(model, replay, _pad_id(tokenizer))
+
+            key = json.dumps([model_signature(cfg.model, _train_dtype()), cfg.method, file_digest(replay_file),
+                              cfg.max_length, cfg.packing, TOP_K])
+            attach_teacher(replay, remembered_tensors("teacher", key, read_teacher))
+        if _folded(cfg):
+            return _fold(train_rows, cfg.epochs, cfg.seed) + _fold(replay, cfg.replay_passes, cfg.seed), eval_rows
+        train_rows = train_rows + replay
     return train_rows, eval_rows
+
+
+def _folded(cfg: FinetuneConfig) -> bool:
+    """Replay seen a set number of times over the run, not once per epoch: the data's epochs and the replay's
+    passes are laid out as one pass for the trainer."""
+    return cfg.replaying and cfg.replay_passes > 0
+
+
+def _fold(rows: list[dict], times: float, seed: int) -> list[dict]:
+    """`rows` repeated `times` times: whole copies, then a seeded share of one more."""
+    whole = int(times)
+    extra = rows[:]
+    random.Random(seed).shuffle(extra)
+    return rows * whole + extra[: round((times - whole) * len(rows))]
+
+
+def _distilling(cfg: FinetuneConfig) -> bool:
+    return cfg.replay_loss == "kl" and cfg.method != "prompt-tuning"
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[dict], list[dict]]:
@@ -283,13 +362,13 @@ def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any
     common = dict(
         output_dir=str(checkpoints_path(run_dir)), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        learning_rate=cfg.lr, num_train_epochs=1 if _folded(cfg) else cfg.epochs, max_steps=cfg.max_steps,
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=1,
         eval_strategy="steps" if eval_rows else "no", eval_steps=cfg.eval_every, save_strategy="steps",
         save_steps=cfg.eval_every if stopping else cfg.save_every, save_total_limit=2, seed=cfg.seed,
         data_seed=cfg.seed, report_to=[], use_cpu=not _has_cuda(), dataloader_num_workers=0,
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
-        ddp_backend=_ddp_backend(), disable_tqdm=True,
+        ddp_backend=_ddp_backend(), disable_tqdm=True, bf16=_mixed_bf16(cfg, model),
         load_best_model_at_end=stopping, metric_for_best_model="eval_loss" if stopping else None,
         greater_is_better=False if stopping else None)
     callbacks: list[Any] = [MetricsLog(run_dir / METRICS_FILE), ProgressBar(), StopOnSignal()]
@@ -317,9 +396,17 @@ def _make_trainer(cfg: FinetuneConfig, common: dict[str, Any], callbacks: list[A
                           processing_class=tokenizer, callbacks=callbacks)
     from transformers import Trainer, TrainingArguments
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Trainer(model=model, args=TrainingArguments(**common), train_dataset=train_rows,
-                   eval_dataset=eval_rows or None, data_collator=Collator(pad), callbacks=callbacks)
+    if cfg.method == "prompt-tuning":  # its virtual tokens lengthen the logits past the labels
+        return Trainer(model=model, args=TrainingArguments(**common), train_dataset=train_rows,
+                       eval_dataset=eval_rows or None, data_collator=Collator(_pad_id(tokenizer)),
+                       callbacks=callbacks)
+    from ownllm.finetune.distill import TeacherCollator, distill_trainer_class
+
+    trainer = distill_trainer_class()(model=model, args=TrainingArguments(**common), train_dataset=train_rows,
+                                      eval_dataset=eval_rows or None, data_collator=TeacherCollator(
+                                          _pad_id(tokenizer)), callbacks=callbacks)
+    trainer.replay_weight = cfg.replay_weight
+    return trainer
 
 
 # --- save and report --------------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""What the base model says does not change between runs: its check scores and replay answers are kept in
+$OWNLLM_HOME/finetune-cache, keyed by the model's files, the input's content and how it was asked, so another run
+on the same base (another recipe, another fact set, a retry) skips them and often skips loading the base at all.
+
+A damaged or unreadable entry is computed again; a home that cannot be written only loses the saving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ownllm.home import atomic_write_json, ownllm_home
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # raise when what is cached (scoring, replay generation) changes meaning
+
+
+def model_signature(spec: str, dtype: str) -> str:
+    """The base model's identity: where its files are and each file's name, size and modification time (a hub id
+    is its name; its cached snapshot is fixed by revision), plus the dtype and backend that will answer."""
+    from ownllm.models.resolve import resolve
+
+    source = resolve(spec)
+    files: list[str] = []
+    if source.kind in ("folder", "gguf"):
+        place = source.path
+        entries = sorted(place.iterdir()) if place.is_dir() else [place]
+        for entry in entries:
+            if entry.is_file():
+                stat = entry.stat()
+                files.append(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    return json.dumps([CACHE_VERSION, source.kind, source.location, files, dtype, llama_cpp])
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def remembered(kind: str, signature: str, compute: Callable[[], Any]) -> Any:
+    """The value kept for (`kind`, `signature`), else `compute()`, kept for next time (JSON)."""
+    path = _entry_path(kind, signature, "json")
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(entry, dict) and entry.get("signature") == signature:
+            log.info("reusing the base model's %s from %s", kind, path)
+            return entry["value"]
+    except (OSError, ValueError, KeyError):
+        pass
+    value = compute()
+    _keep(kind, lambda: atomic_write_json(path, {"signature": signature, "value": value}))
+    return value
+
+
+def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """As `remembered`, for a mapping of names to tensors (safetensors; nothing in it is executed on load)."""
+    import os
+    import tempfile
+
+    from safetensors import SafetensorsError, safe_open
+    from safetensors.torch import save_file
+
+    path = _entry_path(kind, signature, "safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as stored:
+            if (stored.metadata() or {}).get("signature") == signature:
+                log.info("reusing the base model's %s from %s", kind, path)
+                return {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (no __iter__)
+    except (OSError, SafetensorsError, ValueError, RuntimeError):
+        pass
+    value = compute()
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file({name: tensor.contiguous() for name, tensor in value.items()}, staging,
+                      metadata={"signature": signature})
+            os.replace(staging, path)
+        finally:
+            Path(staging).unlink(missing_ok=True)
+
+    _keep(kind, write)
+    return value
+
+
+def _entry_path(kind: str, signature: str, suffix: str) -> Path:
+    key = hashlib.sha256(signature.encode()).hexdigest()[:24]
+    return ownllm_home() / "finetune-cache" / f"{kind}-{key}.{suffix}"
+
+
+def _keep(kind: str, write: Callable[[], None]) -> None:
+    try:
+        write()
+    except OSError as exc:
+        log.warning("could not keep the base model's %s for later runs: %s", kind, exc)

@@ -1,0 +1,51 @@
+"""The base model's answers kept across runs: reused while the model's files and the input are the same."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ownllm.finetune.base_cache import model_signature, remembered
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_a_value_is_computed_once_and_again_when_its_entry_is_damaged(home: Path) -> None:
+    calls: list[int] = []
+
+    def compute() -> dict[str, int]:
+        calls.append(1)
+        return {"answer": 42}
+
+    assert remembered("checks", "sig", compute) == {"answer": 42}
+    assert remembered("checks", "sig", compute) == {"answer": 42} and len(calls) == 1
+    assert remembered("checks", "other", compute) and len(calls) == 2
+    for entry in (home / "finetune-cache").iterdir():
+        entry.write_text("{not json")
+    assert remembered("checks", "sig", compute) == {"answer": 42} and len(calls) == 3
+
+
+def test_a_home_that_cannot_be_written_only_loses_the_saving(home: Path) -> None:
+    home.mkdir(parents=True)
+    (home / "finetune-cache").write_text("a file where the folder would be")
+    assert remembered("replay", "sig", lambda: [1, 2]) == [1, 2]
+
+
+def test_the_model_signature_follows_its_files(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"0" * 16)
+    before = model_signature(str(folder), "fp32")
+    assert model_signature(str(folder), "fp32") == before
+    assert model_signature(str(folder), "bf16") != before
+    weights.write_bytes(b"1" * 32)
+    os.utime(weights, ns=(1, 1))
+    assert model_signature(str(folder), "fp32") != before
