@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_tool_recipe_teaches_the_call_format(tmp_path: Path, default_model: str) -> None:
     out = tmp_path / "tools"
     result = run_cli("finetune", "--config", str(ROOT / "examples" / "finetune-tools.yaml"), "--out", str(out),
-                     "--max-steps", "12", "--replay", "8", "--save-every", "12",
+                     "--max-steps", "12", "--replay", "8", "--replay-ratio", "0", "--save-every", "12",
                      timeout=3600)  # a hang guard (~260 s here)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "valid tool call" in result.stdout and "no call where none is needed" in result.stdout

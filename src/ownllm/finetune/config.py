@@ -66,7 +66,7 @@ class FinetuneConfig:
     seed: int = 0
     replay: int = 200  # replay the base model's own answers to this many general prompts, at most as many as
     # there are (against forgetting; 0: off)
-    replay_ratio: float = 0.0  # ... or to this many per training example (1.0: as many as there are examples)
+    replay_ratio: float = 0.0  # ... or, when set, to this many per training example (1.0: one each)
     replay_prompts: str | None = None  # one prompt per line; default: general questions shipped with ownllm
     replay_loss: str = "kl"  # kl: match the base's next-token distribution on its answers; answers: its greedy text
     replay_weight: float = 1.0  # the replay term's weight against the training data's

@@ -31,10 +31,10 @@ def replay_prompts(path: str | None) -> list[str]:
 
 
 def replay_count(replay: int, ratio: float, training_examples: int) -> int:
-    """How many replay prompts: `replay` if given, else `ratio` per training example."""
+    """How many replay prompts: `ratio` per training example when a ratio is set, else `replay`."""
     import math
 
-    return replay if replay else math.ceil(ratio * training_examples)
+    return math.ceil(ratio * training_examples) if ratio else replay
 
 
 def replay_answers(engine: Any, prompts: list[str], *, distilled: bool = True, max_tokens: int = 0,
