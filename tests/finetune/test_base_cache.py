@@ -49,3 +49,22 @@ def test_the_model_signature_follows_its_files(tmp_path: Path) -> None:
     weights.write_bytes(b"1" * 32)
     os.utime(weights, ns=(1, 1))
     assert model_signature(str(folder), "fp32") != before
+
+
+def test_tensors_are_kept_with_their_signature_and_recomputed_when_damaged(home: Path) -> None:
+    import torch
+
+    from ownllm.finetune.base_cache import remembered_tensors
+
+    calls: list[int] = []
+
+    def compute() -> dict[str, torch.Tensor]:
+        calls.append(1)
+        return {"ids": torch.arange(6, dtype=torch.int32).reshape(2, 3), "logprobs": torch.zeros(2, 3)}
+
+    first = remembered_tensors("teacher", "sig", compute)
+    again = remembered_tensors("teacher", "sig", compute)
+    assert len(calls) == 1 and torch.equal(first["ids"], again["ids"]) and again["ids"].dtype == torch.int32
+    for entry in (home / "finetune-cache").iterdir():
+        entry.write_bytes(b"\x00" * 40)
+    assert torch.equal(remembered_tensors("teacher", "sig", compute)["ids"], first["ids"]) and len(calls) == 2

@@ -64,7 +64,7 @@ def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str
     import os
     import tempfile
 
-    from safetensors import SafetensorsError, safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     path = _entry_path(kind, signature, "safetensors")
@@ -73,7 +73,7 @@ def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str
             if (stored.metadata() or {}).get("signature") == signature:
                 log.info("reusing the base model's %s from %s", kind, path)
                 return {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (no __iter__)
-    except (OSError, SafetensorsError, ValueError, RuntimeError):
+    except (OSError, SafetensorError, ValueError, RuntimeError):
         pass
     value = compute()
 
