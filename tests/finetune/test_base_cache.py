@@ -68,3 +68,16 @@ def test_tensors_are_kept_with_their_signature_and_recomputed_when_damaged(home:
     for entry in (home / "finetune-cache").iterdir():
         entry.write_bytes(b"\x00" * 40)
     assert torch.equal(remembered_tensors("teacher", "sig", compute)["ids"], first["ids"]) and len(calls) == 2
+
+
+def test_a_kept_value_the_caller_finds_wrong_is_computed_again(home: Path) -> None:
+    import torch
+
+    from ownllm.finetune.base_cache import remembered_tensors
+
+    assert remembered("replay", "sig", lambda: "not conversations") == "not conversations"
+    assert remembered("replay", "sig", lambda: [], valid=lambda value: isinstance(value, list)) == []
+    remembered_tensors("teacher", "sig", lambda: {"ids": torch.full((1, 2), 10**9)})
+    fresh = remembered_tensors("teacher", "sig", lambda: {"ids": torch.zeros(1, 2)},
+                               valid=lambda kept: bool((kept["ids"] < 100).all()))
+    assert fresh["ids"].max() == 0

@@ -113,3 +113,17 @@ def test_replay_passes_fold_the_data_epochs_and_the_replay_into_one_pass() -> No
     assert _folded(load_config(None, data="x", replay=8, replay_passes=1))
     assert not _folded(load_config(None, data="x", replay=8))
     assert not _folded(load_config(None, data="x", replay=8, replay_passes=1, method="dpo"))  # no replay there
+
+
+def test_damaged_teacher_targets_do_not_fit(model_and_rows) -> None:
+    from ownllm.finetune.distill import teacher_fits
+
+    model, rows, pad = model_and_rows
+    replay = [dict(rows[1])]
+    targets = teacher_targets(model, replay, pad)
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    assert teacher_fits(replay, targets, vocabulary)
+    assert not teacher_fits(replay, {**targets, "counts": targets["counts"] + 1}, vocabulary)
+    assert not teacher_fits(replay, {**targets, "ids": targets["ids"] + vocabulary}, vocabulary)
+    assert not teacher_fits(replay, {**targets, "logprobs": targets["logprobs"].double()}, vocabulary)
+    assert not teacher_fits(replay, {"ids": targets["ids"]}, vocabulary)

@@ -275,3 +275,17 @@ def test_files_and_jobs_routes_answer_hostile_input_with_4xx(server: Server, htt
     assert failed.status == "failed" and "missing from the server's data folder" in failed.error.message
     assert "Traceback" not in server.log.read_text()
 
+
+
+def test_a_job_replays_against_forgetting_and_its_checkpoints_count_the_replay_rows(tmp_path: Path) -> None:
+    from ownllm.jobs.worker import config_for
+
+    store = JobStore(tmp_path)
+    job = {"method": json.dumps({"type": "supervised"}), "hyperparameters": json.dumps({}), "training_file": "f",
+           "validation_file": None, "id": "ftjob-x", "seed": 1}
+    cfg = config_for(store, job, "smollm2-135m-instruct", examples=10)  # auto: 10 epochs, batch 1
+    assert cfg.replaying and cfg.replay_loss == "kl"
+    # 10 examples + 25 replay rows (2.5 per example) a step each, 10 epochs, about four checkpoints
+    assert cfg.save_every == cfg.eval_every == 88
+    dpo = config_for(store, {**job, "method": json.dumps({"type": "dpo"})}, "smollm2-135m-instruct", examples=10)
+    assert not dpo.replaying and dpo.save_every == 25

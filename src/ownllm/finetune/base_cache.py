@@ -44,12 +44,14 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def remembered(kind: str, signature: str, compute: Callable[[], Any]) -> Any:
-    """The value kept for (`kind`, `signature`), else `compute()`, kept for next time (JSON)."""
+def remembered(kind: str, signature: str, compute: Callable[[], Any],
+               valid: Callable[[Any], bool] = lambda value: True) -> Any:
+    """The value kept for (`kind`, `signature`) when `valid` accepts it, else `compute()`, kept for next time
+    (JSON)."""
     path = _entry_path(kind, signature, "json")
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(entry, dict) and entry.get("signature") == signature:
+        if isinstance(entry, dict) and entry.get("signature") == signature and valid(entry.get("value")):
             log.info("reusing the base model's %s from %s", kind, path)
             return entry["value"]
     except (OSError, ValueError, KeyError):
@@ -59,7 +61,8 @@ def remembered(kind: str, signature: str, compute: Callable[[], Any]) -> Any:
     return value
 
 
-def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str, Any]],
+                       valid: Callable[[dict[str, Any]], bool] = lambda value: True) -> dict[str, Any]:
     """As `remembered`, for a mapping of names to tensors (safetensors; nothing in it is executed on load)."""
     import os
     import tempfile
@@ -71,8 +74,10 @@ def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str
     try:
         with safe_open(str(path), framework="pt") as stored:
             if (stored.metadata() or {}).get("signature") == signature:
-                log.info("reusing the base model's %s from %s", kind, path)
-                return {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (no __iter__)
+                kept = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (no __iter__)
+                if valid(kept):
+                    log.info("reusing the base model's %s from %s", kind, path)
+                    return kept
     except (OSError, SafetensorError, ValueError, RuntimeError):
         pass
     value = compute()

@@ -64,12 +64,12 @@ class FinetuneConfig:
     save_every: int = 20  # steps between checkpoints
     val_ratio: float = 0.1
     seed: int = 0
-    replay: int = 200  # replay the base model's own answers to this many general prompts, at most as many as
-    # there are (against forgetting; 0: off)
-    replay_ratio: float = 0.0  # ... or, when set, to this many per training example (1.0: one each)
+    replay: int = 0  # replay the base model's own answers to this many general prompts (against forgetting) ...
+    replay_ratio: float = 2.5  # ... or to this many per training example, at most as many as there are prompts
+    # (both 0: no replay)
     replay_prompts: str | None = None  # one prompt per line; default: general questions shipped with ownllm
     replay_loss: str = "kl"  # kl: match the base's next-token distribution on its answers; answers: its greedy text
-    replay_weight: float = 1.0  # the replay term's weight against the training data's
+    replay_weight: float = 1.0  # the KL replay term's weight against the training data's (kl only)
     replay_passes: float = 0.0  # times each replay row is seen over the whole run (0: once per epoch, like the data)
     replay_tokens: int = 0  # longest replay answer (0: 32 for kl, whose first tokens matter most; 160 for answers)
     precision: str = "auto"  # auto: bf16 mixed precision where this machine measures it faster, else fp32; fp32; bf16
@@ -96,6 +96,8 @@ class FinetuneConfig:
                self.early_stopping) < 0:
             problems.append("replay, replay_ratio, replay_weight, replay_passes, replay_tokens and early_stopping "
                             "must be 0 or more")
+        if self.replay_tokens > 1024:
+            problems.append(f"replay_tokens must be at most 1024, got {self.replay_tokens}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.replay_loss not in REPLAY_LOSSES:

@@ -70,6 +70,19 @@ def teacher_targets(model: Any, rows: list[dict[str, Any]], pad_id: int, *, batc
     return {"ids": torch.cat(ids), "logprobs": torch.cat(logprobs), "counts": torch.tensor(counts)}
 
 
+def teacher_fits(rows: list[dict[str, Any]], targets: dict[str, Any], vocabulary: int) -> bool:
+    """Whether `targets` are well-formed top-k targets for exactly these rows (a kept copy may be damaged)."""
+    try:
+        ids, logprobs, counts = targets["ids"], targets["logprobs"], targets["counts"]
+        return (ids.dtype == torch.int32 and logprobs.dtype == torch.float32 and ids.ndim == 2
+                and ids.shape == logprobs.shape and ids.shape[1] == TOP_K
+                and counts.tolist() == [sum(label != IGNORE for label in row["labels"][1:]) for row in rows]
+                and int(ids.shape[0]) == sum(counts.tolist()) and bool(((ids >= 0) & (ids < vocabulary)).all())
+                and bool(torch.isfinite(logprobs).all()) and bool((logprobs <= 0).all()))
+    except (KeyError, AttributeError, TypeError, RuntimeError):
+        return False
+
+
 def attach_teacher(rows: list[dict[str, Any]], targets: dict[str, torch.Tensor]) -> None:
     """Give each row its share of `targets` (in place); a mismatch (targets of other rows) is an error."""
     counts = targets["counts"].tolist()

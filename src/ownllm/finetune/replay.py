@@ -27,14 +27,24 @@ def replay_prompts(path: str | None) -> list[str]:
         raise OwnLLMError(f"no such replay prompts file: {path}", kind="not_found", param="replay_prompts")
     else:
         text = read_text_file(Path(path), param="replay_prompts")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise OwnLLMError(f"{path}: no replay prompts (one per line)", param="replay_prompts")
+    return prompts
 
 
 def replay_count(replay: int, ratio: float, training_examples: int) -> int:
-    """How many replay prompts: `ratio` per training example when a ratio is set, else `replay`."""
+    """How many replay prompts: `replay` if given, else `ratio` per training example."""
     import math
 
-    return math.ceil(ratio * training_examples) if ratio else replay
+    return replay if replay else math.ceil(ratio * training_examples)
+
+
+def replay_rows(cfg: Any, training_examples: int) -> int:
+    """How many replay rows a run of `cfg` adds to each epoch (0 where it does not replay)."""
+    if not cfg.replaying:
+        return 0
+    return min(replay_count(cfg.replay, cfg.replay_ratio, training_examples), len(replay_prompts(cfg.replay_prompts)))
 
 
 def replay_answers(engine: Any, prompts: list[str], *, distilled: bool = True, max_tokens: int = 0,

@@ -135,21 +135,34 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
         if need_replay:
             count = replay_count(cfg.replay, cfg.replay_ratio, len(read_examples(Path(cfg.data))[1]))
             prompts = replay_prompts(cfg.replay_prompts)[:count]
-            distilled = cfg.replay_loss == "kl"
+            distilled = _distilling(cfg)  # text replay (prompt-tuning, answers) keeps only whole answers
 
             def answer() -> list[list[dict[str, str]]]:
                 log.info("making %d replay answers with the base model", len(prompts))
                 return replay_answers(base.engine, prompts, distilled=distilled, max_tokens=cfg.replay_tokens)
 
             key = json.dumps([signature, prompts, distilled, cfg.replay_tokens])
-            write_replay(run_dir, remembered("replay", key, answer))
+            write_replay(run_dir, remembered("replay", key, answer, _conversations))
         if need_scores:
             scores = {name: remembered("checks", json.dumps([signature, file_digest(Path(path)), repr(CHECK_PARAMS),
                                                              repr(TOOL_CHECK_PARAMS)]),
-                                       lambda name=name, path=path: score_sets(base.engine, {name: path})[name])
+                                       lambda name=name, path=path: score_sets(base.engine, {name: path})[name],
+                                       _check_scores)
                       for name, path in cfg.checks.items()}
             atomic_write_json(scores_file, scores)
     return json.loads(scores_file.read_text()) if cfg.checks else {}
+
+
+def _conversations(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, list) and len(m) == 2 and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                    and t.get("role") in ("user", "assistant") for t in m)
+        for m in value)
+
+
+def _check_scores(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("score"), int | float | None)
+            and isinstance(value.get("metric"), str) and isinstance(value.get("misses"), list))
 
 
 class _LazyEngine:
@@ -299,7 +312,7 @@ def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, m
         replay = load_rows(replay_file, tokenizer, cfg.max_length)
         replay = pack(replay, cfg.max_length) if cfg.packing else replay
         if _distilling(cfg):
-            from ownllm.finetune.distill import TOP_K, attach_teacher, teacher_targets
+            from ownllm.finetune.distill import TOP_K, attach_teacher, teacher_fits, teacher_targets
 
             def read_teacher() -> dict[str, Any]:
                 log.info("reading the base model's next-token distribution on %d replay rows", len(replay))
@@ -307,7 +320,9 @@ def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, m
 
             key = json.dumps([model_signature(cfg.model, _train_dtype()), cfg.method, file_digest(replay_file),
                               cfg.max_length, cfg.packing, TOP_K])
-            attach_teacher(replay, remembered_tensors("teacher", key, read_teacher))
+            vocabulary = model.get_output_embeddings().weight.shape[0]
+            attach_teacher(replay, remembered_tensors("teacher", key, read_teacher,
+                                                      lambda kept: teacher_fits(replay, kept, vocabulary)))
         if _folded(cfg):
             return _fold(train_rows, cfg.epochs, cfg.seed) + _fold(replay, cfg.replay_passes, cfg.seed), eval_rows
         train_rows = train_rows + replay

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.config import FinetuneConfig, LoraSettings
 from ownllm.finetune.outcome import TrainingInterrupted
+from ownllm.finetune.replay import replay_rows
 from ownllm.finetune.run import run
 from ownllm.finetune.run_folder import METRICS_FILE, checkpoint_name, checkpoint_step, latest_checkpoint
 from ownllm.home import atomic_write_text
@@ -62,18 +63,20 @@ def resolved_hyperparameters(job: dict[str, Any], examples: int) -> dict[str, An
 
 
 def config_for(store: JobStore, job: dict[str, Any], base: str, examples: int) -> FinetuneConfig:
+    """ownllm's fine-tuning defaults (LoRA, replay by distillation against forgetting) with the job's
+    hyper-parameters; about four checkpoints per job, counting the replay rows each epoch adds."""
     hp = resolved_hyperparameters(job, examples)
-    steps_per_epoch = math.ceil(examples / hp["batch_size"])
-    total = hp.get("max_steps") or steps_per_epoch * hp["n_epochs"]
-    every = max(1, math.ceil(total / 4))  # about four checkpoints per job
     method = "dpo" if json.loads(job["method"]).get("type") == "dpo" else "lora"
-    return FinetuneConfig(
+    cfg = FinetuneConfig(
         model=base, data=str(store.file_path(job["training_file"])),
         validation=str(store.file_path(job["validation_file"])) if job["validation_file"] else None,
         out=str(store.runs_dir / job["id"]), method=method, epochs=float(hp["n_epochs"]),
         max_steps=hp.get("max_steps", -1), batch_size=hp["batch_size"], lr=BASE_LR * hp["learning_rate_multiplier"],
-        eval_every=every, save_every=every, val_ratio=0.0, seed=int(job["seed"]),
-        dpo_beta=hp.get("beta", 0.1), lora=LoraSettings())
+        val_ratio=0.0, seed=int(job["seed"]), dpo_beta=hp.get("beta", 0.1), lora=LoraSettings())
+    steps_per_epoch = math.ceil((examples + replay_rows(cfg, examples)) / hp["batch_size"])
+    total = hp.get("max_steps") or steps_per_epoch * hp["n_epochs"]
+    cfg.eval_every = cfg.save_every = max(1, math.ceil(total / 4))
+    return cfg
 
 
 class JobProgress(TrainerCallback):
