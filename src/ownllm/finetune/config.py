@@ -64,9 +64,9 @@ class FinetuneConfig:
     save_every: int = 20  # steps between checkpoints
     val_ratio: float = 0.1
     seed: int = 0
-    replay: int = 0  # replay the base model's own answers to this many general prompts (against forgetting) ...
-    replay_ratio: float = 2.5  # ... or to this many per training example, at most as many as there are prompts
-    # (both 0: no replay)
+    replay: int | None = None  # replay the base's own answers to this many general prompts (0: off) ...
+    replay_ratio: float = 2.5  # ... or, with no count given, to this many per training example, at most as many
+    # as there are prompts (against forgetting)
     replay_prompts: str | None = None  # one prompt per line; default: general questions shipped with ownllm
     replay_loss: str = "kl"  # kl: match the base's next-token distribution on its answers; answers: its greedy text
     replay_weight: float = 1.0  # the KL replay term's weight against the training data's (kl only)
@@ -92,7 +92,7 @@ class FinetuneConfig:
             problems.append("lr, epochs and dpo_beta must be positive")
         if self.virtual_tokens < 1:
             problems.append("virtual_tokens must be at least 1")
-        if min(self.replay, self.replay_ratio, self.replay_weight, self.replay_passes, self.replay_tokens,
+        if min(self.replay or 0, self.replay_ratio, self.replay_weight, self.replay_passes, self.replay_tokens,
                self.early_stopping) < 0:
             problems.append("replay, replay_ratio, replay_weight, replay_passes, replay_tokens and early_stopping "
                             "must be 0 or more")
@@ -120,7 +120,8 @@ class FinetuneConfig:
     @property
     def replaying(self) -> bool:
         """Replay applies to supervised chat data (not preference pairs, not raw text)."""
-        return bool(self.replay or self.replay_ratio) and self.method not in ("dpo", "cpt")
+        count = self.replay if self.replay is not None else self.replay_ratio
+        return bool(count) and self.method not in ("dpo", "cpt")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,11 +146,12 @@ def _check_types(config: Any, prefix: str = "") -> list[str]:
                     problems.append(f"{prefix}{name} must be a finite number, got {value}")
                 continue
         expected = {"int": int, "float": float, "bool": bool, "str": str, "Method": str,
-                    "str | None": (str, type(None))}.get(kind)
+                    "str | None": (str, type(None)), "int | None": (int, type(None))}.get(kind)
         if expected is None:
             continue
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
-            what = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(kind, "text")
+            what = {"int": "a whole number", "int | None": "a whole number", "float": "a number",
+                    "bool": "true or false"}.get(kind, "text")
             problems.append(f"{prefix}{name} must be {what}, got {value!r}")
     return problems
 

@@ -33,11 +33,11 @@ def replay_prompts(path: str | None) -> list[str]:
     return prompts
 
 
-def replay_count(replay: int, ratio: float, training_examples: int) -> int:
-    """How many replay prompts: `replay` if given, else `ratio` per training example."""
+def replay_count(replay: int | None, ratio: float, training_examples: int) -> int:
+    """How many replay prompts: `replay` if given (0: none), else `ratio` per training example."""
     import math
 
-    return replay if replay else math.ceil(ratio * training_examples)
+    return replay if replay is not None else math.ceil(ratio * training_examples)
 
 
 def replay_rows(cfg: Any, training_examples: int) -> int:
