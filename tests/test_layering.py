@@ -11,7 +11,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "ownllm"
 LEAVES = {"errors", "home", "json_schema"}
 BLOCKS = {"models", "data", "generate"}
-CAPABILITIES = {"finetune", "evaluate", "rag", "jobs"}
+CAPABILITIES = {"finetune", "evaluate", "rag", "jobs", "export"}
 # What each package may import besides itself and the leaves. Capabilities never import each other sideways
 # except where one is built on the other: jobs run fine-tuning, fine-tuning measures retention with evaluate.
 ALLOWED: dict[str, set[str]] = {
@@ -25,8 +25,9 @@ ALLOWED: dict[str, set[str]] = {
     "rag": BLOCKS,
     "finetune": BLOCKS | {"evaluate"},
     "jobs": BLOCKS | {"finetune"},
+    "export": BLOCKS | {"finetune", "evaluate"},  # a tuned run is merged first; compare measures perplexity/QA
     "client": set(),  # HTTP clients of a server: nothing server-side
-    "serve": BLOCKS | {"rag", "jobs"},
+    "serve": BLOCKS | {"rag", "jobs", "evaluate"},  # evaluate: the web UI's model comparison
     "api": BLOCKS | CAPABILITIES,
     "cli": BLOCKS | CAPABILITIES | {"serve", "client"},
     "__init__": {"api", "models"},

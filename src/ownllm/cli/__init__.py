@@ -18,7 +18,7 @@ from typing import Annotated, Any, NamedTuple
 
 import typer
 
-from ownllm.cli import data, evaluate, finetune, generate, jobs, models, rag, serve
+from ownllm.cli import data, evaluate, export, finetune, generate, heads, jobs, models, rag, serve
 from ownllm.cli.options import settings
 from ownllm.errors import OwnLLMError
 
@@ -38,14 +38,24 @@ COMMANDS: dict[str, Callable[..., None] | Group] = {
     "chat": generate.chat,
     "estimate": models.estimate,
     "serve": serve.serve,
+    "ui": serve.ui,
     "finetune": finetune.finetune,
     "merge": finetune.merge,
-    "eval": Group("Evaluate models: perplexity, QA metrics, LLM-as-judge, harness tasks, compare.", {
+    "score": heads.score,
+    "classify": heads.classify,
+    "export": export.export,
+    "quantize": Group("Choose a quantization by measurement on your own model and data.", {
+        "compare": export.quantize_compare,
+    }),
+    "eval": Group("Evaluate models: perplexity, QA, judge, harness, compare, text-to-SQL, reward, classify.", {
         "perplexity": evaluate.perplexity,
         "qa": evaluate.qa,
         "judge": evaluate.judge,
         "harness": evaluate.harness,
         "compare": evaluate.compare,
+        "sql": evaluate.sql,
+        "reward": evaluate.reward,
+        "classify": evaluate.classify,
     }),
     "rag": Group("Answer from your own documents: index, query, ask, eval.", {
         "index": rag.index,

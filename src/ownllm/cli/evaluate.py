@@ -228,3 +228,83 @@ def compare(
         console.print(f"{name:12s} base {metrics['base'][name]:.4f}  tuned {metrics['tuned'][name]:.4f}  "
                       f"delta {metrics['delta'][name]:+.4f}")
     console.print(f"report: {out}/report.md, {out}/report.json, {out}/chart.png")
+
+
+def sql(
+    model: ModelArg,
+    db: Annotated[Path, typer.Option("--db", help="the SQLite database the queries run on (opened read-only)")],
+    data: DataOpt,
+    out: OutOpt = None,
+    batch_size: Annotated[int, typer.Option(help="questions generated together")] = 16,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    timeout: Annotated[float, typer.Option(help="seconds one query may run")] = 2.0,
+    limit: Annotated[int | None, typer.Option(help="score only the first N questions")] = None,
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Text-to-SQL by execution: run each generated query read-only and compare its rows with the gold query's."""
+    at_least_one(batch_size=batch_size, limit=limit)
+    if not timeout > 0:
+        raise OwnLLMError("--timeout must be more than 0 seconds", param="timeout")
+    _check_out(out)
+    from ownllm.evaluate import sql as scoring
+
+    database = scoring.ReadOnlyDatabase(db, timeout=timeout)
+    items = scoring.read_sql_set(data)[:limit]
+    gold = scoring.check_gold(database, items, data)  # a broken gold query stops before a model loads
+    quiet_model_libraries()
+    from ownllm.evaluate.reports import write_results
+    from ownllm.generate.open import open_engine
+    from ownllm.generate.params import SamplingParams
+
+    engine = open_engine(model, dtype=dtype)
+    progress, task = _progress(len(items), "writing queries")
+    with progress:
+        results = scoring.run_sql_eval(engine, database, items, gold, SamplingParams(max_new_tokens=max_new_tokens),
+                                       batch_size=batch_size, progress=lambda n: progress.advance(task, n))
+    summary = scoring.summarize_sql(results)
+    if out is not None:
+        write_results(out, "sql", scoring.results_as_rows(results), {"model": model, "db": str(db), **summary})
+    _print_summary(f"text-to-SQL: {model} on {data}", summary, as_json)
+
+
+def reward(
+    run: Annotated[Path, typer.Argument(help="a reward-model run folder (ownllm finetune --method reward)")],
+    data: DataOpt,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pairwise accuracy of a reward model: the share of preference pairs whose chosen reply scores higher."""
+    from ownllm.finetune.dataset import load_preference_rows
+    from ownllm.finetune.reward_model import check_reward_run
+
+    check_reward_run(run)
+    pairs = load_preference_rows(data)  # a line without both answers: named before the model loads
+    quiet_model_libraries()
+    from ownllm.finetune.reward_model import load_reward_model, pairwise_accuracy
+
+    model, tokenizer = load_reward_model(run)
+    _print_summary(f"reward model {run} on {data}", pairwise_accuracy(model, tokenizer, pairs), as_json)
+
+
+def classify(
+    run: Annotated[Path, typer.Argument(help="a classification run folder (ownllm finetune --task classify)")],
+    data: DataOpt,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy and macro-F1 of a classifier on labelled JSONL; --out adds per-item results and confusion.png."""
+    _check_out(out)
+    from ownllm.finetune.classify import read_labelled
+
+    items = read_labelled(data)  # a line without a label: named before the model loads
+    quiet_model_libraries()
+    from ownllm.evaluate.reports import write_results
+    from ownllm.finetune.classify import Classifier, evaluate_classifier
+
+    classifier = Classifier(run)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    summary, rows = evaluate_classifier(classifier, items, out / "confusion.png" if out is not None else None)
+    if out is not None:
+        write_results(out, "classify", rows, summary)
+    _print_summary(f"classifier {run} on {data}", summary, as_json)

@@ -17,7 +17,8 @@ def finetune(
                                                             "prompt/completion, text)")] = None,
     out: Annotated[str | None, typer.Option("--out", help="run folder (default runs/finetune)")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config (options below override it)")] = None,
-    method: Annotated[str | None, typer.Option(help="lora | qlora | full | dpo | cpt | prompt-tuning")] = None,
+    method: Annotated[str | None, typer.Option(help="lora | qlora | full | dpo | cpt | prompt-tuning | grpo | rloo "
+                                                    "| reward")] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="cpt: pretrain a small fresh model")] = False,
     packing: Annotated[bool, typer.Option("--packing", help="pack examples into full-length rows")] = False,
     validation: Annotated[str | None, typer.Option(help="validation file (default: split from --data)")] = None,
@@ -42,6 +43,16 @@ def finetune(
                                                        "fp32 | bf16")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="stop after N validations without improvement")
                               ] = None,
+    reward_fn: Annotated[list[str] | None, typer.Option("--reward-fn", help="grpo/rloo: exact | contains | "
+                                                    "regex:PATTERN | json-valid | json-schema:FILE | "
+                                                    "sql-exec:DB.sqlite | file.py:function (repeatable)")] = None,
+    reward: Annotated[str | None, typer.Option("--reward", help="grpo/rloo: a reward-model run folder (RLHF)")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help="grpo/rloo: KL penalty weight")] = None,
+    num_generations: Annotated[int | None, typer.Option(help="grpo/rloo: completions per prompt")] = None,
+    max_completion_length: Annotated[int | None, typer.Option(help="grpo/rloo: most tokens per completion")] = None,
+    temperature: Annotated[float | None, typer.Option(help="grpo/rloo: sampling temperature")] = None,
+    task: Annotated[str | None, typer.Option(help="generate | classify (a classification head on "
+                                                  "{text, label} lines)")] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="training processes (DDP through torchrun)")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run folder from its latest checkpoint")
                       ] = False,
@@ -56,7 +67,17 @@ def finetune(
                       eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                       from_scratch=from_scratch or None, packing=packing or None, replay=replay,
                       replay_ratio=replay_ratio, replay_loss=replay_loss, precision=precision,
-                      early_stopping=early_stopping)
+                      early_stopping=early_stopping, reward_fn=reward_fn or None, reward_model=reward,
+                      rl_beta=beta, num_generations=num_generations, max_completion_length=max_completion_length,
+                      temperature=temperature, task=task)
+    if cfg.method in ("grpo", "rloo") and cfg.data and Path(cfg.data).is_file():
+        from ownllm.finetune.grpo import check_rl
+
+        check_rl(cfg, Path(cfg.data))  # a broken reward function or prompt file: exit 2 before a model loads
+    elif cfg.task == "classify" and cfg.data and Path(cfg.data).is_file():
+        from ownllm.finetune.classify import read_labelled
+
+        read_labelled(Path(cfg.data))  # a line without a label: named before a model loads
     quiet_model_libraries()
     from ownllm.cli.render import checks_table
     from ownllm.cli.render import out as console
@@ -64,8 +85,10 @@ def finetune(
 
     result = run_training(cfg, resume=resume, overwrite=overwrite, processes=nproc)
     evaluation = f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    use = {"reward": "ownllm score", "classify": "ownllm classify"}.get("classify" if cfg.task == "classify"
+                                                                       else cfg.method, "ownllm chat")
     console.print(f"{result.steps} steps in {result.seconds:.0f} s, train loss {result.train_loss:.4f}{evaluation}; "
-                  f"run folder {result.run_dir} (use it: ownllm chat {result.run_dir})")
+                  f"run folder {result.run_dir} (use it: {use} {result.run_dir})")
     if result.checks:
         console.print(checks_table(result.checks))
 

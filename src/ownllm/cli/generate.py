@@ -19,6 +19,7 @@ from ownllm.cli.options import (
     MaxNewTokensOpt,
     ModelArg,
     NumBeamsOpt,
+    QuantOpt,
     RegexOpt,
     RepetitionPenaltyOpt,
     SchemaOpt,
@@ -101,6 +102,7 @@ def generate(
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    quant: QuantOpt = None,
 ) -> None:
     """Generate text, with any decoding strategy, and optionally see each step's probabilities. --schema, --regex,
     --grammar or --choice make the output follow a JSON schema, a pattern, a grammar or a list of answers."""
@@ -116,7 +118,7 @@ def generate(
     from ownllm.generate.engine import Completion
     from ownllm.generate.open import open_engine
 
-    engine = open_engine(model, backend=backend, dtype=dtype, device=device)
+    engine = open_engine(model, backend=backend, dtype=dtype, device=device, quant=quant)
     if params.constraint is not None:
         engine.check_constraint(params.constraint)
     source = engine.render_chat([{"role": "user", "content": text}]) if chat else text
@@ -163,6 +165,7 @@ def chat(
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    quant: QuantOpt = None,
 ) -> None:
     """Chat with streaming replies. Commands: /reset, /save FILE, /exit. Also reads turns from a pipe. --schema,
     --regex, --grammar or --choice constrain every reply."""
@@ -176,7 +179,7 @@ def chat(
     from ownllm.generate.engine import Completion, TextDelta
     from ownllm.generate.open import open_engine
 
-    engine = open_engine(model, backend=backend, dtype=dtype, device=device)
+    engine = open_engine(model, backend=backend, dtype=dtype, device=device, quant=quant)
     if params.constraint is not None:
         engine.check_constraint(params.constraint)
     session = ChatSession(engine=engine, system=system, params=params)

@@ -20,6 +20,8 @@ ModelArg = Annotated[str, typer.Argument(help="alias, pulled name, HF folder, .g
 BackendOpt = Annotated[str, typer.Option(help="auto | transformers | llama.cpp")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (measured for this machine) | fp32 | bf16 | fp16")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+QuantOpt = Annotated[str | None, typer.Option("--quant", help="run quantized (transformers backend, bitsandbytes): "
+                                                             "int8 | nf4", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
 
 # Sampling: a verb's default for max-new-tokens is its own; None elsewhere means "not given" (see sampling_params).

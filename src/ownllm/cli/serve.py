@@ -90,6 +90,53 @@ def serve(
     run_server(state, host=host, port=port)
 
 
+def ui(
+    model: ModelArg,
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=FOLDER of a LoRA adapter (repeatable)")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[list[str] | None, typer.Option(help="accepted API key (repeatable); none: no auth")] = None,
+    rag_store: Annotated[str | None, typer.Option(help="document store for the Documents page (default: one in the "
+                                                       "data folder, made by the first upload)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="files, fine-tuning jobs and documents (default: "
+                                                        "OWNLLM_HOME/server)")] = None,
+    browser: Annotated[bool, typer.Option("--browser/--no-browser", help="open the web UI in a browser")] = True,
+) -> None:
+    """Serve a model with the web UI (playground, data, fine-tuning, documents) and open it in the browser: `ownllm
+    serve` plus a browser tab. The same server and API: the UI is a client of it."""
+    if not 0 <= port <= 65535:
+        raise OwnLLMError(f"port must be from 0 to 65535, got {port}", param="port")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+    if browser:
+        import threading
+
+        threading.Thread(target=_open_when_ready, args=(url,), daemon=True).start()
+    from ownllm.cli.render import err
+
+    err.print(f"[dim]web UI: {url}[/dim]", soft_wrap=True, highlight=False)
+    serve(model, adapter=adapter, host=host, port=port, api_key=api_key, rag_store=rag_store, data_dir=data_dir,
+          metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, kv_memory=None,
+          prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",
+          jobs=True, max_jobs=1, job_threads=None)
+
+
+def _open_when_ready(url: str, timeout: float = 600.0) -> None:
+    """Open the browser once the server answers /health (loading the model takes a while), not before."""
+    import time
+    import urllib.request
+    import webbrowser
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "health", timeout=2) as response:
+                if response.status == 200:
+                    webbrowser.open(url)
+                    return
+        except OSError:
+            time.sleep(0.5)
+
+
 def bench_serve(
     url: Annotated[str, typer.Option(help="base URL of any OpenAI-compatible server")] = "http://127.0.0.1:8000",
     concurrency: Annotated[str, typer.Option(help="comma-separated levels")] = "1,4,8,16",

@@ -40,10 +40,6 @@ def model_signature(spec: str, dtype: str) -> str:
     return json.dumps([CACHE_VERSION, source.kind, source.location, files, dtype, llama_cpp])
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def remembered(kind: str, signature: str, compute: Callable[[], Any],
                valid: Callable[[Any], bool] = lambda value: True) -> Any:
     """The value kept for (`kind`, `signature`) when `valid` accepts it, else `compute()`, kept for next time

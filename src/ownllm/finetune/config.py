@@ -15,9 +15,10 @@ import yaml
 
 from ownllm.data.files import read_text_file
 from ownllm.errors import OwnLLMError
+from ownllm.finetune.rl_config import HEAD_METHODS, RL_METHODS, place_reward_files, rl_problems
 
-Method = Literal["lora", "qlora", "full", "dpo", "cpt", "prompt-tuning"]
-METHODS = ("lora", "qlora", "full", "dpo", "cpt", "prompt-tuning")
+Method = Literal["lora", "qlora", "full", "dpo", "cpt", "prompt-tuning", "grpo", "rloo", "reward"]
+METHODS = ("lora", "qlora", "full", "dpo", "cpt", "prompt-tuning", *RL_METHODS, *HEAD_METHODS)
 REPLAY_LOSSES = ("kl", "answers")
 PRECISIONS = ("auto", "fp32", "bf16")
 SEED_MAX = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no more
@@ -76,6 +77,15 @@ class FinetuneConfig:
     early_stopping: int = 0  # stop after this many validations without a better loss, keep the best (0: off)
     checks: dict[str, str] = field(default_factory=dict)  # name -> QA JSONL, scored before and after training
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # online RL (grpo, rloo; checked in rl_config.py)
+    reward_fn: list[str] = field(default_factory=list)  # exact | contains | regex:P | json-valid | json-schema:FILE
+    # | sql-exec:DB.sqlite | file.py:function; several are summed
+    reward_model: str | None = None  # a reward-model run folder scoring each completion (RLHF)
+    rl_beta: float = 0.04  # weight of the KL penalty to the reference model (the model before RL; 0: none)
+    num_generations: int = 4  # completions sampled per prompt (the group GRPO/RLOO compares)
+    max_completion_length: int = 64  # most tokens per sampled completion
+    temperature: float = 1.0  # sampling temperature of the completions
+    task: str = "generate"  # generate | classify: a classification head + LoRA on {"text", "label"} lines
 
     def __post_init__(self) -> None:
         problems = _check_types(self)
@@ -112,6 +122,7 @@ class FinetuneConfig:
             problems.append(f"seed must be from 0 to {SEED_MAX}, got {self.seed}")
         if not self.out:
             problems.append("out must name a run folder")
+        problems += rl_problems(self)
         if not isinstance(self.lora, LoraSettings):
             problems.append("lora must be a mapping of LoRA settings (r, alpha, dropout, targets)")
         if problems:
@@ -121,7 +132,7 @@ class FinetuneConfig:
     def replaying(self) -> bool:
         """Replay applies to supervised chat data (not preference pairs, not raw text)."""
         count = self.replay if self.replay is not None else self.replay_ratio
-        return bool(count) and self.method not in ("dpo", "cpt")
+        return bool(count) and self.method not in ("dpo", "cpt", *RL_METHODS, *HEAD_METHODS) and self.task == "generate"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,7 +194,7 @@ def _relative_to(folder: Path, values: dict[str, Any]) -> dict[str, Any]:
             values[key] = place(values[key])
     if isinstance(values.get("checks"), dict):
         values["checks"] = {name: place(str(file)) for name, file in values["checks"].items()}
-    return values
+    return place_reward_files(folder, values)
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> FinetuneConfig:

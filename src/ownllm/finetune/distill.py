@@ -70,13 +70,18 @@ def teacher_targets(model: Any, rows: list[dict[str, Any]], pad_id: int, *, batc
     return {"ids": torch.cat(ids), "logprobs": torch.cat(logprobs), "counts": torch.tensor(counts)}
 
 
+def _learned_counts(rows: list[dict[str, Any]]) -> list[int]:
+    """How many learned positions each row has: how many teacher targets it takes."""
+    return [sum(label != IGNORE for label in row["labels"][1:]) for row in rows]
+
+
 def teacher_fits(rows: list[dict[str, Any]], targets: dict[str, Any], vocabulary: int) -> bool:
     """Whether `targets` are well-formed top-k targets for exactly these rows (a kept copy may be damaged)."""
     try:
         ids, logprobs, counts = targets["ids"], targets["logprobs"], targets["counts"]
         return (ids.dtype == torch.int32 and logprobs.dtype == torch.float32 and ids.ndim == 2
                 and ids.shape == logprobs.shape and ids.shape[1] == TOP_K
-                and counts.tolist() == [sum(label != IGNORE for label in row["labels"][1:]) for row in rows]
+                and counts.tolist() == _learned_counts(rows)
                 and int(ids.shape[0]) == sum(counts.tolist()) and bool(((ids >= 0) & (ids < vocabulary)).all())
                 and bool(torch.isfinite(logprobs).all()) and bool((logprobs <= 0).all()))
     except (KeyError, AttributeError, TypeError, RuntimeError):
@@ -86,8 +91,7 @@ def teacher_fits(rows: list[dict[str, Any]], targets: dict[str, Any], vocabulary
 def attach_teacher(rows: list[dict[str, Any]], targets: dict[str, torch.Tensor]) -> None:
     """Give each row its share of `targets` (in place); a mismatch (targets of other rows) is an error."""
     counts = targets["counts"].tolist()
-    expected = [sum(label != IGNORE for label in row["labels"][1:]) for row in rows]
-    if counts != expected:
+    if counts != _learned_counts(rows):
         raise ValueError("teacher targets do not match the replay rows")
     for row, ids, logprobs in zip(rows, targets["ids"].split(counts), targets["logprobs"].split(counts),
                                   strict=True):

@@ -9,7 +9,6 @@ resume skips the batches already seen), LoRA comes from peft. The run folder (it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -21,15 +20,16 @@ from typing import Any
 import yaml
 
 from ownllm.data.doctor import read_examples
-from ownllm.data.files import check_output_folder
+from ownllm.data.files import check_output_folder, file_sha256
 from ownllm.errors import OwnLLMError
-from ownllm.finetune.base_cache import file_digest, model_signature, remembered, remembered_tensors
+from ownllm.finetune.base_cache import model_signature, remembered, remembered_tensors
 from ownllm.finetune.checks import CHECK_PARAMS, TOOL_CHECK_PARAMS, check_rows, score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.dataset import Collator, load_rows, pack
 from ownllm.finetune.memory_check import check_memory
 from ownllm.finetune.outcome import TrainingInterrupted, TrainOutcome
 from ownllm.finetune.replay import replay_answers, replay_count, replay_prompts, write_replay
+from ownllm.finetune.rl_config import RL_METHODS, own_trainer
 from ownllm.finetune.run_folder import (
     BASE_CHECKS_FILE,
     CARD_FILE,
@@ -45,6 +45,7 @@ from ownllm.finetune.run_folder import (
     latest_checkpoint,
     write_record,
 )
+from ownllm.finetune.trainer_setup import has_cuda, run_callbacks, trainer_arguments, use_own_callbacks
 from ownllm.home import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,10 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, p
     fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     run_dir, data = setup(cfg, resume=resume, overwrite=overwrite)
     try:
-        memory = check_memory(cfg, processes=processes)
-        if memory.risky:
+        # the estimate models supervised batches; RL and head runs (own_trainer) hold other tensors, and may start
+        # from a run folder, which the estimate cannot read
+        memory = None if own_trainer(cfg) else check_memory(cfg, processes=processes)
+        if memory is not None and memory.risky:
             log.warning(memory.message())
         base_scores = prepare(cfg, run_dir)
         if processes > 1:
@@ -97,6 +100,11 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
           ) -> TrainOutcome:
     """Build, train and save final/ (in this process; under torchrun, one of several)."""
     from ownllm.finetune.callbacks import StopOnSignal
+
+    if own_trainer(cfg):  # online RL, reward models, classification heads: their own data and trainer
+        from ownllm.finetune.own_trainers import train_own
+
+        return train_own(cfg, run_dir, data, resume=resume, callbacks=callbacks)
 
     model, tokenizer, base = build_model(cfg)
     train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir, model)
@@ -144,7 +152,7 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
             key = json.dumps([signature, prompts, distilled, cfg.replay_tokens])
             write_replay(run_dir, remembered("replay", key, answer, _conversations))
         if need_scores:
-            scores = {name: remembered("checks", json.dumps([signature, file_digest(Path(path)), repr(CHECK_PARAMS),
+            scores = {name: remembered("checks", json.dumps([signature, file_sha256(Path(path)), repr(CHECK_PARAMS),
                                                              repr(TOOL_CHECK_PARAMS)]),
                                        lambda name=name, path=path: score_sets(base.engine, {name: path})[name],
                                        _check_scores)
@@ -278,14 +286,14 @@ def _fresh_model(config: Any) -> Any:
 
 def _train_dtype() -> str:
     # fp32 on CPUs: bf16 training without native support is many times slower, and fp32 is always correct
-    return "auto" if _has_cuda() else "fp32"
+    return "auto" if has_cuda() else "fp32"
 
 
 def _mixed_bf16(cfg: FinetuneConfig, model: Any) -> bool:
     """bf16 autocast over the fp32 weights (lora, full, cpt on a CPU): where this CPU's batched bf16 matmuls
     measure faster (AVX-512 BF16, AMX: ~1.6x here), never where bf16 is emulated (AVX2-only: many times slower).
     On a GPU the weights are loaded in bf16 already."""
-    if _has_cuda() or cfg.method not in ("lora", "full", "cpt") or cfg.precision == "fp32":
+    if has_cuda() or cfg.method not in ("lora", "full", "cpt") or cfg.precision == "fp32":
         return False
     if cfg.precision == "bf16":
         return True
@@ -294,12 +302,6 @@ def _mixed_bf16(cfg: FinetuneConfig, model: Any) -> bool:
     choice = choose_dtype("auto", "cpu", getattr(model, "config", None), rows=TRAINING_ROWS)
     log.info("training precision: %s (%s)", "bf16 mixed" if choice.dtype == "bfloat16" else "fp32", choice.reason)
     return choice.dtype == "bfloat16"
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any
@@ -318,7 +320,7 @@ def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, m
                 log.info("reading the base model's next-token distribution on %d replay rows", len(replay))
                 return teacher_targets(model, replay, _pad_id(tokenizer))
 
-            key = json.dumps([model_signature(cfg.model, _train_dtype()), cfg.method, file_digest(replay_file),
+            key = json.dumps([model_signature(cfg.model, _train_dtype()), cfg.method, file_sha256(replay_file),
                               cfg.max_length, cfg.packing, TOP_K])
             vocabulary = model.get_output_embeddings().weight.shape[0]
             attach_teacher(replay, remembered_tensors("teacher", key, read_teacher,
@@ -371,31 +373,21 @@ def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[d
 def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict],
                   eval_rows: list[dict]) -> Any:
     """transformers' Trainer (or TRL's DPOTrainer) with ownllm's config mapped onto its arguments, once."""
-    from ownllm.finetune.callbacks import MetricsLog, ProgressBar, StopOnSignal
-
     stopping = bool(cfg.early_stopping and eval_rows)
     common = dict(
-        output_dir=str(checkpoints_path(run_dir)), per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, num_train_epochs=1 if _folded(cfg) else cfg.epochs, max_steps=cfg.max_steps,
-        lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=1,
-        eval_strategy="steps" if eval_rows else "no", eval_steps=cfg.eval_every, save_strategy="steps",
-        save_steps=cfg.eval_every if stopping else cfg.save_every, save_total_limit=2, seed=cfg.seed,
-        data_seed=cfg.seed, report_to=[], use_cpu=not _has_cuda(), dataloader_num_workers=0,
+        trainer_arguments(cfg, run_dir, has_eval=bool(eval_rows)),
+        num_train_epochs=1 if _folded(cfg) else cfg.epochs, save_steps=cfg.eval_every if stopping else cfg.save_every,
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
-        ddp_backend=_ddp_backend(), disable_tqdm=True, bf16=_mixed_bf16(cfg, model),
+        ddp_backend=_ddp_backend(), bf16=_mixed_bf16(cfg, model),
         load_best_model_at_end=stopping, metric_for_best_model="eval_loss" if stopping else None,
         greater_is_better=False if stopping else None)
-    callbacks: list[Any] = [MetricsLog(run_dir / METRICS_FILE), ProgressBar(), StopOnSignal()]
+    callbacks = run_callbacks(run_dir)
     if stopping:
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping))
     trainer = _make_trainer(cfg, common, callbacks, model, tokenizer, train_rows, eval_rows)
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for default in (PrinterCallback, ProgressCallback):  # ProgressBar shows the same, more compactly
-        trainer.remove_callback(default)
+    use_own_callbacks(trainer)
     return trainer
 
 
@@ -440,7 +432,7 @@ def save_final(cfg: FinetuneConfig, run_dir: Path, trainer: Any, tokenizer: Any,
 def report(cfg: FinetuneConfig, run_dir: Path, result: RunResult, data: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
     _plot(rows, run_dir / LOSS_PLOT)
-    digest = hashlib.sha256(data.read_bytes()).hexdigest()[:16] if data.is_file() else "folder"
+    digest = file_sha256(data)[:16] if data.is_file() else "folder"
     meta = {"status": "succeeded", "steps": result.steps, "train_loss": result.train_loss,
             "eval_loss": result.eval_loss, "seconds": round(result.seconds, 1), "data_sha256": digest,
             "trained_tokens": result.trained_tokens, "checks": result.checks, "versions": _versions()}
@@ -451,8 +443,19 @@ def report(cfg: FinetuneConfig, run_dir: Path, result: RunResult, data: Path) ->
             f"- time: {result.seconds:.0f} s, {result.trained_tokens} trained tokens (padding not counted)",
             *_checks_lines(result.checks), "", "## Hyper-parameters", "", "```yaml",
             yaml.safe_dump(cfg.as_dict(), sort_keys=False).strip(), "```", "", f"![loss]({LOSS_PLOT})", "",
+            *_rl_lines(cfg),
             f"Use it: `ownllm chat {run_dir}` or `ownllm merge {run_dir} --out merged/`."]
     atomic_write_text(run_dir / CARD_FILE, "\n".join(card) + "\n")
+
+
+def _rl_lines(cfg: FinetuneConfig) -> list[str]:
+    """Online RL runs: their rewards and the reward/KL/length plot."""
+    if cfg.method not in RL_METHODS:
+        return []
+    from ownllm.finetune.grpo import REWARD_PLOT
+
+    rewards = [f"`{r}`" for r in cfg.reward_fn] + ([f"reward model `{cfg.reward_model}`"] if cfg.reward_model else [])
+    return [f"Rewards: {', '.join(rewards)}.", "", f"![reward, KL, completion length]({REWARD_PLOT})", ""]
 
 
 def _checks_lines(checks: dict[str, dict[str, Any]]) -> list[str]:
@@ -496,4 +499,4 @@ def _ddp_backend() -> str | None:
     """gloo for CPU processes under torchrun (NCCL, the default, needs GPUs); nothing when alone."""
     import os
 
-    return "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda() else None
+    return "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_cuda() else None

@@ -14,7 +14,7 @@ Backend = Literal["auto", "transformers", "llama.cpp"]
 
 
 def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device: str = "auto",
-                batch_rows: int = 1) -> Engine:
+                batch_rows: int = 1, quant: str | None = None) -> Engine:
     """Load a model behind the Engine interface.
 
     Args:
@@ -24,13 +24,17 @@ def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device
         dtype: transformers backend only: auto, fp32, bf16 or fp16.
         device: transformers backend only: auto, cpu or cuda.
         batch_rows: sequences usually decoded together (a server's batch), for the dtype measurement.
+        quant: transformers backend only: int8 or nf4 (bitsandbytes); None runs the weights as they are.
     """
     if backend not in ("auto", "transformers", "llama.cpp"):
         raise OwnLLMError(f"unknown backend '{backend}'", param="backend",
                           hint="use auto, transformers or llama.cpp")
     source = resolve(spec)
     if backend == "auto":
-        backend = "llama.cpp" if source.kind == "gguf" and llama_cpp_available() else "transformers"
+        backend = "llama.cpp" if source.kind == "gguf" and llama_cpp_available() and quant is None else "transformers"
+    if backend == "llama.cpp" and quant is not None:
+        raise OwnLLMError("--quant applies to the transformers backend; a GGUF runs in llama.cpp as it is quantized",
+                          param="quant", hint="quantize a GGUF once with: ownllm export MODEL --quant q4_k_m")
     if backend == "llama.cpp":
         gguf = source.gguf_file
         if gguf is None:
@@ -39,4 +43,4 @@ def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device
         return LlamaCppEngine(gguf, load_tokenizer(source), name=source.name)
     from ownllm.generate.hf import TransformersEngine
 
-    return TransformersEngine(load_model(source, dtype=dtype, device=device, batch_rows=batch_rows))
+    return TransformersEngine(load_model(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quant))

@@ -84,14 +84,17 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
         dtype: auto (measured for this hardware), fp32, bf16 or fp16.
         device: auto, cpu or cuda[:N].
         batch_rows: how many sequences will usually decode together (the dtype is measured for that).
-        quantize: "4bit" loads the weights as NF4 with bitsandbytes (QLoRA), computing in `dtype`.
+        quantize: "4bit" (QLoRA) or "nf4" loads the weights as NF4 with bitsandbytes, computing in `dtype`;
+            "int8" as LLM.int8 (bitsandbytes' 8-bit absmax with outliers kept in 16 bits).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
+    if quantize is not None:
+        check_quant(quantize)
     if source.kind == "adapter":
-        return _load_adapter(source, dtype=dtype, device=device, batch_rows=batch_rows)
+        return _load_adapter(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize)
     device = pick_device(device)
     tokenizer = load_tokenizer(source)
     location, args = _source_args(source)
@@ -100,7 +103,7 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
     choice = choose_dtype(dtype, device, config, batch_rows)
     extra = _gguf_model_args(source)
     if quantize is not None:
-        extra.update(_four_bit(choice.dtype, device))
+        extra.update(_eight_bit(device) if quantize == "int8" else _four_bit(choice.dtype, device))
     with _hub_errors(source):
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=getattr(torch, choice.dtype), **args, **extra
@@ -131,14 +134,40 @@ def _four_bit(compute_dtype: str, device: str) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows: int) -> LoadedModel:
+QUANTS = ("int8", "nf4")  # what --quant offers for running a model (the transformers backend)
+
+
+def check_quant(quantize: str) -> None:
+    """A --quant value bitsandbytes can load with ("4bit" is QLoRA's own name for nf4)."""
+    if quantize not in (*QUANTS, "4bit"):
+        raise OwnLLMError(f"unknown quantization '{quantize}' for running a model", param="quant",
+                          hint=f"use one of {', '.join(QUANTS)} (or export a GGUF: ownllm export MODEL --quant q8_0)")
+
+
+def _eight_bit(device: str) -> dict[str, Any]:
+    """LLM.int8 (absmax 8-bit with fp16 outliers); checked before loading, so a missing backend costs no work."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise OwnLLMError("8-bit loading needs bitsandbytes", kind="unsupported", param="quant",
+                          hint="pip install bitsandbytes (0.45+ has CPU and CUDA backends)") from None
+    except RuntimeError as exc:
+        raise OwnLLMError(f"bitsandbytes cannot run here: {exc}", kind="unsupported", param="quant") from None
+    # "inputs will be cast to float16", once per layer on every forward: how its kernel works, nothing to fix
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
+
+
+def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows: int,
+                  quantize: str | None = None) -> LoadedModel:
     """Base model + adapter: LoRA merged for inference speed (the weights in memory are the tuned model), prompt
     tuning as learned embeddings put before every prompt (there is nothing to merge)."""
     adapter = Adapter.open(source.path)  # checked before the base is loaded: a bad folder costs no work
     if adapter.base_model is None:
         raise OwnLLMError(f"{source.path}: the adapter does not say which base model it belongs to",
                           kind="not_found", param="model")
-    base = load_model(adapter.base_model, dtype=dtype, device=device, batch_rows=batch_rows)
+    base = load_model(adapter.base_model, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize)
     tokenizer = load_tokenizer(source) if (source.path / "tokenizer_config.json").is_file() else base.tokenizer
     if adapter.kind == "prompt_tuning":
         return LoadedModel(model=base.model, tokenizer=tokenizer, source=source, dtype=base.dtype,

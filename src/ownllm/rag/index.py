@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ownllm.data.files import check_output_file
+from ownllm.data.files import check_output_file, file_sha256
 from ownllm.errors import OwnLLMError
 from ownllm.models.embeddings import DEFAULT_EMBEDDING_MODEL, Embedder, load_embedder
 from ownllm.rag.chunking import Chunk, chunk_sections
@@ -45,10 +44,6 @@ class BuildReport:
     unchanged: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
     chunks: int = 0
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def collect_files(paths: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ownllm.errors import OwnLLMError
 from ownllm.generate.engine import Completion, TextDelta
 from ownllm.rag.context import IDK, RagContext
-from ownllm.serve import errors, formats, tool_calls
+from ownllm.serve import errors, formats, tool_calls, ui_api, ui_static
 from ownllm.serve.errors import APIError
 from ownllm.serve.protocol import (
     ChatCompletionRequest,
@@ -33,6 +33,7 @@ from ownllm.serve.protocol import (
 from ownllm.serve.state import Generation, ServerState, render_prompt
 
 PUBLIC_PATHS = {"/health", "/openapi.json"}
+PUBLIC_PATHS |= ui_static.public_paths()  # the web UI's page and assets; its API calls carry the key
 
 
 class _Guard:
@@ -151,6 +152,8 @@ def create_app(state: ServerState) -> FastAPI:
         from ownllm.serve.fine_tuning import router
 
         app.include_router(router(state.jobs.store, state.jobs, state.model_name))
+    app.include_router(ui_api.router(state))  # explain, data check, documents: the web UI's extensions
+    ui_static.mount(app)
 
     # --- chat -------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=None)

@@ -1,0 +1,182 @@
+"""Online RL (`--method grpo` or `rloo`): sample several completions per prompt, score them with reward functions
+and/or a reward model, and push the policy (LoRA on the base) towards the better ones, held near the model it
+started from by a KL penalty. TRL's GRPOTrainer / RLOOTrainer do the work; this module maps ownllm's config,
+data and run folder onto them, so a run has the same checkpoints, resume, metrics.jsonl and run card as SFT.
+
+Data: JSONL, one prompt per line — `messages` (chat; a final assistant reply becomes the `reference` column the
+built-in rewards compare with) or `prompt` (text or messages) with an optional `reference`; every other field is
+handed to the reward functions as a column. Logged per step (metrics.jsonl, plotted in reward.png): the mean
+reward (and per function), the KL to the starting model, the completion length, the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ownllm.data.jsonl import fail_if_any, read_jsonl
+from ownllm.errors import OwnLLMError
+from ownllm.finetune.config import FinetuneConfig
+from ownllm.finetune.outcome import TrainingInterrupted, TrainOutcome
+from ownllm.finetune.rewards import REFERENCE, RewardFailed, load_reward, validate_rewards
+from ownllm.finetune.run_folder import (
+    METRICS_FILE,
+    RunRecord,
+    checkpoints_path,
+    final_model_path,
+    latest_checkpoint,
+    write_record,
+)
+from ownllm.finetune.trainer_setup import has_cuda, run_callbacks, trainer_arguments, use_own_callbacks
+
+log = logging.getLogger(__name__)
+REWARD_PLOT = "reward.png"
+
+
+def load_prompts(path: Path) -> list[dict[str, Any]]:
+    """The prompt rows of an RL data file (see the module docstring); problems are named with file and line."""
+    rows, problems = [], []
+    for record in read_jsonl(path):
+        data, where = dict(record.data), f"{path.name} line {record.line}"
+        messages = data.pop("messages", None)
+        if messages is not None:
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in (
+                        "system", "user", "assistant") for m in messages)):
+                problems.append(f"{where}: 'messages' must be a list of {{role, content}} messages")
+                continue
+            turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+            if turns[-1]["role"] == "assistant":
+                data.setdefault(REFERENCE, turns.pop()["content"])
+            if not turns or turns[-1]["role"] != "user":
+                problems.append(f"{where}: the prompt must end with a user message")
+                continue
+            data["prompt"] = turns
+        elif isinstance(data.get("prompt"), str) and data["prompt"].strip():
+            data["prompt"] = [{"role": "user", "content": data["prompt"]}]
+        elif not isinstance(data.get("prompt"), list) or not data["prompt"]:
+            problems.append(f"{where}: needs 'messages' or 'prompt'")
+            continue
+        if REFERENCE in data and not isinstance(data[REFERENCE], str):
+            problems.append(f"{where}: '{REFERENCE}' must be text")
+            continue
+        rows.append(data)
+    fail_if_any(problems)
+    if not rows:
+        raise OwnLLMError(f"{path}: no prompts", param="data")
+    return rows
+
+
+def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Data and reward functions, read and tried before any model loads: a bad file or function stops here."""
+    rows = load_prompts(data)
+    rewards = [load_reward(spec) for spec in cfg.reward_fn]
+    validate_rewards(rewards, rows)
+    if cfg.reward_model:
+        from ownllm.finetune.reward_model import check_reward_run
+
+        check_reward_run(Path(cfg.reward_model))
+    return rows, rewards
+
+
+def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callbacks: list[Any] | None = None
+             ) -> TrainOutcome:
+    """Build the policy, the rewards and TRL's trainer; train (resuming from the latest checkpoint); save final/."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from ownllm.models.load import load_model
+
+    rows, rewards = check_rl(cfg, data)
+    cuda = has_cuda()
+    loaded = load_model(cfg.model, dtype="auto" if cuda else "fp32")  # fp32 on a CPU, as run.py trains
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.config.use_cache = True  # sampling the completions is most of the time
+    reward_funcs: list[Any] = list(rewards)
+    reward_tokenizers: list[Any] = [None] * len(rewards)
+    if cfg.reward_model:
+        from ownllm.finetune.reward_model import load_reward_model
+
+        scorer, scorer_tokenizer = load_reward_model(Path(cfg.reward_model))
+        reward_funcs.append(scorer)
+        reward_tokenizers.append(scorer_tokenizer)
+    targets: Any = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
+    peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                             target_modules=targets, task_type="CAUSAL_LM")
+    common = dict(
+        trainer_arguments(cfg, run_dir, has_eval=False),
+        per_device_train_batch_size=cfg.batch_size * cfg.num_generations,  # a group of completions per prompt
+        bf16=cuda, gradient_checkpointing=False,  # on a CPU: fp32, and memory is not what is short
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, beta=cfg.rl_beta, log_completions=False)
+    if cfg.method == "rloo":
+        from trl import RLOOConfig as ArgsClass
+        from trl import RLOOTrainer as TrainerClass
+    else:
+        from trl import GRPOConfig as ArgsClass
+        from trl import GRPOTrainer as TrainerClass
+    trainer = TrainerClass(model=model, reward_funcs=reward_funcs, args=ArgsClass(**common),
+                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                           reward_processing_classes=reward_tokenizers if cfg.reward_model else None,
+                           callbacks=run_callbacks(run_dir),
+                           peft_config=peft_config)
+    stopper = use_own_callbacks(trainer, callbacks)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log.warning("no checkpoint in %s: starting from the beginning", run_dir)
+    started = time.time()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except RewardFailed as exc:
+        # the steps done so far are kept: fix the function, then --resume
+        trainer._save_checkpoint(trainer.model, trial=None)
+        raise OwnLLMError(f"{exc.message} at step {trainer.state.global_step + 1}; checkpoint saved in "
+                          f"{checkpoints_path(run_dir)}", kind="training_failed", param="reward_fn",
+                          hint="fix it, then run the same command with --resume") from None
+    if stopper.stopped_at is not None:
+        raise TrainingInterrupted(run_dir, stopper.stopped_at)
+    save_final(run_dir, trainer, tokenizer, RunRecord(base_model=loaded.source.location, method=cfg.method,
+                                                      spec=cfg.model))
+    plot_rewards(run_dir)
+    return TrainOutcome(output.global_step, float(output.training_loss), None, time.time() - started,
+                        int(trainer.state.num_input_tokens_seen or 0))
+
+
+def save_final(run_dir: Path, trainer: Any, tokenizer: Any, record: RunRecord) -> Path:
+    """final/ (the adapter, its tokenizer and the run record), whole or not at all."""
+    from ownllm.home import atomic_folder
+
+    final = final_model_path(run_dir)
+    with atomic_folder(final) as staging:
+        trainer.model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        write_record(staging, record)
+    return final
+
+
+def plot_rewards(run_dir: Path) -> Path:
+    """reward.png: mean reward, KL and completion length per step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
+    series = [("reward", "mean reward"), ("kl", "KL to the start"), ("completions/mean_length", "completion tokens")]
+    fig, axes = plt.subplots(1, len(series), figsize=(12, 3.5))
+    for axis, (key, label) in zip(axes, series, strict=True):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            axis.plot(*zip(*points, strict=True))
+        axis.set_xlabel("step")
+        axis.set_title(label)
+    fig.tight_layout()
+    path = run_dir / REWARD_PLOT
+    staging = run_dir / f".{REWARD_PLOT}.tmp.png"
+    fig.savefig(staging, dpi=100)
+    plt.close(fig)
+    staging.replace(path)  # whole or not at all
+    return path

@@ -1,0 +1,97 @@
+"""Online RL on the real default model, a few tiny steps: GRPO with a verifiable reward logs reward, KL and
+completion length per step, resumes after kill -9, and stops with a checkpoint naming a reward function that
+raises mid-training; RLOO runs through the same path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ownllm.errors import OwnLLMError
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+TINY = ("--batch-size", "1", "--num-generations", "2", "--max-completion-length", "8", "--lora-r", "4")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("grpo") / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Reply with a JSON object whose key \"name\" is {name}."}) + "\n"
+                            for name in ("Ada", "Bo", "Cy", "Di")))
+    return data
+
+
+def grpo_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "smollm2-135m-instruct", "--method", "grpo", "--data", str(data), "--out", str(out),
+            "--reward-fn", "json-valid", "--reward-fn", "regex:name", *TINY, *extra]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def test_grpo_logs_rewards_and_resumes_after_kill(default_model: str, prompts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    arguments = grpo_args(prompts, out, "--max-steps", "2", "--save-every", "1")
+    process = subprocess.Popen([sys.executable, "-m", "ownllm", *arguments], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file():
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / "checkpoints" / "checkpoint-1").is_dir() and not (out / "final").exists()
+    result = run_cli(*arguments, "--resume", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [r for r in rows(out) if "reward" in r]
+    assert [r["step"] for r in logged] == [1, 2]  # no step logged twice, none lost
+    for row in logged:
+        assert 0 <= row["reward"] <= 2 and "kl" in row and row["completions/mean_length"] > 0
+        assert "rewards/json_valid/mean" in row and "rewards/regex_name/mean" in row
+    assert (out / "final" / "adapter_config.json").is_file() and (out / "reward.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "(grpo)" in card and "`json-valid`" in card and "reward.png" in card
+
+
+def train_here(data: Path, out: Path, method: str, rewards: list[str], max_steps: int, save_every: int = 100) -> Any:
+    """In this process (the imports and the model load are the slow part of a tiny run; the CLI path is above)."""
+    from ownllm.finetune.config import load_config
+    from ownllm.finetune.run import run
+
+    return run(load_config(model="smollm2-135m-instruct", data=str(data), out=str(out), method=method,
+                           reward_fn=rewards, batch_size=1, num_generations=2, max_completion_length=8, lora_r=4,
+                           max_steps=max_steps, save_every=save_every))
+
+
+def test_a_reward_raising_mid_training_stops_with_a_checkpoint(default_model: str, prompts: Path,
+                                                               tmp_path: Path) -> None:
+    rewards = tmp_path / "flaky.py"
+    rewards.write_text("def flaky(prompts, completions, trainer_state=None, **kwargs):\n"
+                       "    if trainer_state is not None and trainer_state.global_step >= 1:\n"
+                       "        raise RuntimeError('the grader is down')\n"
+                       "    return [0.5 for _ in completions]\n")
+    out = tmp_path / "run"
+    with pytest.raises(OwnLLMError) as caught:
+        train_here(prompts, out, "grpo", [f"{rewards}:flaky"], max_steps=3)
+    assert caught.value.kind == "training_failed"  # the CLI: one error line, exit 2
+    assert "flaky.py:flaky raised RuntimeError: the grader is down at step 2" in str(caught.value)
+    assert "--resume" in str(caught.value)
+    assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
+
+
+def test_rloo_runs_one_step(default_model: str, prompts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rloo"
+    result = train_here(prompts, out, "rloo", ["json-valid"], max_steps=1)
+    assert result.steps == 1 and [r["step"] for r in rows(out) if "reward" in r] == [1]
+    assert (out / "final" / "adapter_config.json").is_file()

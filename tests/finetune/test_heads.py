@@ -1,0 +1,86 @@
+"""Heads on the base, trained with LoRA on the real default model: a reward model beats chance on held-out
+preference pairs, a classifier on the shipped tickets beats the majority class; bad lines are named before
+training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ownllm.errors import OwnLLMError
+from tests.conftest import assert_user_error, run_cli
+
+pytestmark = pytest.mark.slow
+TICKETS = Path(__file__).resolve().parents[2] / "examples" / "classify"
+TASKS = ["bake bread", "change a tyre", "learn Spanish", "plant tomatoes", "write a CV", "fix a leaking tap",
+         "train for a 10k run", "brew coffee", "save money", "paint a wall", "start a blog", "clean a laptop",
+         "make pasta", "tie a tie", "fall asleep faster", "prepare for an interview"]
+HELD_OUT = ["grow basil", "repair a bike chain", "make tea", "study for an exam", "wash a car", "sew a button"]
+RUDE = ["No.", "Figure it out yourself.", "Not my problem.", "Stop asking me that."]
+
+
+def pairs(tasks: list[str]) -> str:
+    return "".join(json.dumps({
+        "prompt": f"How do I {task}?",
+        "chosen": f"Happy to help! To {task}, start with the basics, take it one step at a time and check your "
+                  "progress as you go.",
+        "rejected": RUDE[number % len(RUDE)]}) + "\n" for number, task in enumerate(tasks))
+
+
+def train_here(**settings: Any) -> Any:
+    from ownllm.finetune.config import load_config
+    from ownllm.finetune.run import run
+
+    return run(load_config(model="smollm2-135m-instruct", val_ratio=0, lora_r=8, **settings))
+
+
+def test_reward_model_beats_chance_on_held_out_pairs(default_model: str, tmp_path: Path) -> None:
+    train, held = tmp_path / "prefs.jsonl", tmp_path / "held.jsonl"
+    train.write_text(pairs(TASKS))
+    held.write_text(pairs(HELD_OUT))
+    out = tmp_path / "rm"
+    train_here(data=str(train), out=str(out), method="reward", max_steps=3, batch_size=8, lr=1e-3)
+    assert json.loads((out / "final" / "ownllm_run.json").read_text())["method"] == "reward"
+    result = run_cli("eval", "reward", str(out), "--data", str(held), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["pairs"] == len(HELD_OUT) and summary["pairwise_accuracy"] > 0.5
+    from ownllm.finetune.reward_model import load_reward_model, render, score_texts  # `ownllm score`, in-process
+
+    model, tokenizer = load_reward_model(out)
+    question = [{"role": "user", "content": "How do I knit a scarf?"}]
+    polite, rude = score_texts(model, tokenizer, [render(tokenizer, question, "Happy to help! Take it one step at a "
+                                                         "time."), render(tokenizer, question, "No.")])
+    assert polite > rude
+
+
+def test_classifier_beats_the_majority_class(default_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "cls"
+    train_here(data=str(TICKETS / "tickets-train.jsonl"), out=str(out), task="classify", max_steps=12, batch_size=8,
+               lr=1e-3)
+    from ownllm.finetune.classify import Classifier, evaluate_classifier, read_labelled
+
+    plot = tmp_path / "confusion.png"
+    summary, rows = evaluate_classifier(Classifier(out), read_labelled(TICKETS / "tickets-test.jsonl"), plot)
+    assert summary["accuracy"] >= summary["majority_accuracy"] + 0.2, summary
+    assert summary["macro_f1"] > 0.5 and plot.stat().st_size > 1000 and len(rows) == summary["items"]
+    label, probabilities = Classifier(out).classify(["Where is my parcel? It never arrived."])[0]
+    assert label in probabilities and sum(probabilities.values()) == pytest.approx(1, abs=1e-3)
+
+
+def test_bad_lines_are_named_before_training(tmp_path: Path) -> None:
+    unlabelled = tmp_path / "labels.jsonl"
+    unlabelled.write_text('{"text": "refund please", "label": "billing"}\n{"text": "it broke"}\n')
+    with pytest.raises(OwnLLMError, match=r"labels\.jsonl line 2: needs 'label'"):
+        train_here(data=str(unlabelled), out=str(tmp_path / "c"), task="classify")
+    assert not (tmp_path / "c").exists()
+    half = tmp_path / "half.jsonl"
+    half.write_text('{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}\n'
+                    '{"prompt": "Hi?", "chosen": "Hey"}\n')
+    result = run_cli("finetune", "--method", "reward", "--data", str(half), "--out", str(tmp_path / "r"))
+    assert_user_error(result, "half.jsonl")
+    with pytest.raises(OwnLLMError, match="method lora"):
+        train_here(data=str(unlabelled), out=str(tmp_path / "c"), task="classify", method="full")
