@@ -63,3 +63,16 @@ def test_quantize_compare_bad_input(default_model: str, tmp_path: Path) -> None:
     assert_user_error(run_cli("quantize", "compare", default_model, "--data", str(tmp_path / "none.txt"),
                               "--formats", "bf16", "--out", str(tmp_path / "r")), "no such file")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_server_runs_quantized_one_request_at_a_time(default_model: str) -> None:
+    """`ownllm serve --quant int8`: bitsandbytes weights are not plain weights, so the server says it decodes one
+    request at a time and why, and its engine answers from the 8-bit weights."""
+    from ownllm.generate.params import SamplingParams
+    from ownllm.serve.run import build_state, startup_line
+
+    state = build_state(default_model, quant="int8", dtype="fp32", max_batch=4)
+    assert "one request at a time: the weights are quantized" in startup_line(state, "127.0.0.1", 8000)
+    assert state.engine.model.get_memory_footprint() < 300e6  # 8-bit linear layers, not the 538 MB of fp32
+    prompt = state.engine.render_chat([{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in state.engine.generate(prompt, SamplingParams(strategy="greedy", max_new_tokens=8)).text

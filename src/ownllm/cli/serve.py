@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from ownllm.cli.options import BackendOpt, DtypeOpt, JsonOpt, ModelArg, at_least_one, check_url, quiet_model_libraries
+from ownllm.cli.options import (
+    BackendOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    QuantOpt,
+    at_least_one,
+    check_url,
+    quiet_model_libraries,
+)
 from ownllm.errors import OwnLLMError
 
 
@@ -38,6 +47,7 @@ def serve(
     rag_store: Annotated[str | None, typer.Option(help="document store for chat requests with \"rag\"")] = None,
     backend: BackendOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quant: QuantOpt = None,
     data_dir: Annotated[Path | None, typer.Option(help="files and fine-tuning jobs (default: OWNLLM_HOME/server)")
                         ] = None,
     jobs: Annotated[bool, typer.Option("--jobs/--no-jobs", help="offer /v1/files and /v1/fine_tuning/jobs")] = True,
@@ -85,7 +95,7 @@ def serve(
                         embedding_model=embedding_model, rag_store=rag_store,
                         data_dir=home, max_jobs=max_jobs, job_threads=job_threads,
                         metrics_public=metrics_public, kv_memory=kv_bytes, prefix_caching=prefix_cache,
-                        four_bit=gguf_int4)
+                        four_bit=gguf_int4, quant=quant)
     err.print(f"[dim]{escape(startup_line(state, host, port))}[/dim]", soft_wrap=True)  # one line, for log readers
     run_server(state, host=host, port=port)
 
@@ -117,7 +127,7 @@ def ui(
     serve(model, adapter=adapter, host=host, port=port, api_key=api_key, rag_store=rag_store, data_dir=data_dir,
           metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, kv_memory=None,
           prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",
-          jobs=True, max_jobs=1, job_threads=None)
+          jobs=True, max_jobs=1, job_threads=None, quant=None)
 
 
 def _open_when_ready(url: str, timeout: float = 600.0) -> None:

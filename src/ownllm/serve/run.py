@@ -16,19 +16,22 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
                 dtype: str = "auto", backend: str = "auto", embedding_model: str = "all-MiniLM-L6-v2",
                 rag_store: str | None = None, default_max_tokens: int = 512, data_dir: Path | None = None,
                 max_jobs: int = 1, job_threads: int | None = None, metrics_public: bool = False,
-                kv_memory: int | None = None, prefix_caching: bool = True, four_bit: bool = True) -> ServerState:
+                kv_memory: int | None = None, prefix_caching: bool = True, four_bit: bool = True,
+                quant: str | None = None) -> ServerState:
     """Everything a server needs: engine, scheduler (not started yet: `serve` runs it, or call
     `state.scheduler.start()` to run it in a thread), adapters, limits; with `data_dir`, the files and
     fine-tuning jobs API (its manager not started yet: `serve` starts it, or call `state.jobs.start()`). `kv_memory`
     caps the KV of all sequences and the prefix cache in bytes (`ownllm.generate.kv_cache.kv_budget`);
     `prefix_caching` lets requests start from the KV of earlier ones that began the same way; `four_bit` runs a
-    GGUF model's Q4 tensors as stored in decode steps of few rows, where measured faster (a single user's speed)."""
+    GGUF model's Q4 tensors as stored in decode steps of few rows, where measured faster (a single user's speed);
+    `quant` (int8, nf4) runs the transformers backend's weights through bitsandbytes (one request at a time: the
+    batched forward needs plain weights)."""
     from ownllm.generate.batching import make_scheduler
     from ownllm.generate.open import open_engine
 
     if max_batch < 1 or max_queue < 1:
         raise OwnLLMError("max-batch and max-queue must be at least 1", param="max_batch")
-    engine = open_engine(model, dtype=dtype, backend=backend, batch_rows=min(max_batch, 8))
+    engine = open_engine(model, dtype=dtype, backend=backend, batch_rows=min(max_batch, 8), quant=quant)
     scheduler = make_scheduler(engine, max_batch=max_batch, max_queue=max_queue,
                                max_len=max_model_len or min(engine.context_length, 2048), kv_memory=kv_memory,
                                prefix_caching=prefix_caching, four_bit=four_bit)
