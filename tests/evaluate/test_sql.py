@@ -123,6 +123,10 @@ def test_cli_gold_failure_names_the_line_before_a_model_loads(tmp_path: Path) ->
     result = run_cli("eval", "sql", "no-such-model-would-fail-later", "--db", str(EXAMPLE / "shop.sqlite"),
                      "--data", str(data))
     assert_user_error(result, "test.jsonl line 3", "gold query fails", "no such table: nowhere")
+    for endless in ("inf", "1e300"):  # the per-query hang guard cannot be switched off
+        result = run_cli("eval", "sql", "no-such-model", "--db", str(EXAMPLE / "shop.sqlite"), "--data", str(data),
+                         "--timeout", endless)
+        assert_user_error(result, "--timeout must be more than 0 and at most 600 seconds")
 
 
 @pytest.mark.slow

@@ -235,10 +235,14 @@ def test_bad_input_is_one_error_line_and_no_file(default_model: str, prompt_tuni
     assert_user_error(run_cli("export", str(gpt2), "--out", str(out)), "gpt2")
     assert_user_error(run_cli("export", default_model, "--format", "gguf-lora", "--out", str(out)),
                       "not a LoRA run")
+    assert_user_error(run_cli("export", default_model, "--out", str(out), "--quant", ""), "--quant is empty")
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert_user_error(run_cli("export", default_model, "--out", str(tmp_path / "notes.txt")), "not a GGUF file")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
     if not HAS_LLAMA:
         assert_user_error(run_cli("export", default_model, "--quant", "q4_k_m", "--out", str(out)),
                           "ownllm[llama]")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "notes.txt"]
 
 
 def test_the_cli_writes_a_lora_gguf(adapter_dir: Path, tmp_path: Path) -> None:

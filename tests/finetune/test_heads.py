@@ -84,3 +84,8 @@ def test_bad_lines_are_named_before_training(tmp_path: Path) -> None:
     assert_user_error(result, "half.jsonl")
     with pytest.raises(OwnLLMError, match="method lora"):
         train_here(data=str(unlabelled), out=str(tmp_path / "c"), task="classify", method="full")
+
+
+def test_empty_text_is_refused_before_a_model_loads(tmp_path: Path) -> None:
+    for verb in ("classify", "score"):
+        assert_user_error(run_cli(verb, str(tmp_path / "no-run"), "  "), "text is empty")

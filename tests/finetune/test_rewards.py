@@ -123,3 +123,14 @@ def test_cli_stops_a_broken_reward_before_training(user_rewards: Path, tmp_path:
     result = run_cli("finetune", "--method", "grpo", "--data", str(data), "--out", str(out), "--reward-fn",
                      f"{user_rewards}:nothing_here")
     assert_user_error(result, "my_rewards.py", "no function 'nothing_here'")
+
+
+def test_a_reward_file_that_exits_is_an_error_not_a_silent_exit(tmp_path: Path) -> None:
+    """sys.exit in a user's reward file (at import or in the function) must not end the run quietly with its code."""
+    (tmp_path / "exits.py").write_text("raise SystemExit(0)\n")
+    with pytest.raises(OwnLLMError, match="SystemExit"):
+        load_reward(f"{tmp_path / 'exits.py'}:f")
+    (tmp_path / "exits_later.py").write_text("import sys\n\ndef f(prompts, completions, **kw):\n    sys.exit(3)\n")
+    reward = load_reward(f"{tmp_path / 'exits_later.py'}:f")
+    with pytest.raises(RewardFailed, match="SystemExit"):
+        reward(prompts=["p"], completions=["c"])

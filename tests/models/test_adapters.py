@@ -160,3 +160,21 @@ def test_a_prompt_tuning_run_loads_with_its_prefix(default_model: str, tmp_path:
     assert not hasattr(loaded.model, "peft_config")
     for name, weight in loaded.model.state_dict().items():  # the base itself is untouched
         assert torch.equal(weight, base.model.state_dict()[name]), name
+
+
+def test_a_scoring_head_is_not_a_text_model(tmp_path: Path) -> None:
+    """A reward-model or classification run's adapter (task SEQ_CLS) is refused by every text path (chat, generate,
+    serve --adapter, export), which would otherwise drop its head and write text with an untrained LM head."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\0")
+    with pytest.raises(OwnLLMError, match="scoring head"):
+        Adapter.open(tmp_path)
+
+
+def test_quantizing_a_gguf_file_is_refused_before_loading(tmp_path: Path) -> None:
+    from ownllm.models.load import load_model
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(OwnLLMError, match="already quantized") as caught:
+        load_model(str(tmp_path / "model.gguf"), quantize="nf4")
+    assert caught.value.param == "quant"

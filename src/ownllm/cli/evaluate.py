@@ -244,8 +244,8 @@ def sql(
 ) -> None:
     """Text-to-SQL by execution: run each generated query read-only and compare its rows with the gold query's."""
     at_least_one(batch_size=batch_size, limit=limit)
-    if not timeout > 0:
-        raise OwnLLMError("--timeout must be more than 0 seconds", param="timeout")
+    if not 0 < timeout <= 600:  # a hang guard per query: inf (or 1e300) would switch it off
+        raise OwnLLMError(f"--timeout must be more than 0 and at most 600 seconds, got {timeout}", param="timeout")
     _check_out(out)
     from ownllm.evaluate import sql as scoring
 

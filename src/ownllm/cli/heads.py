@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ownllm.cli.options import JsonOpt, quiet_model_libraries
-from ownllm.errors import check_text
+from ownllm.errors import OwnLLMError, check_text
 
 RunArg = Annotated[Path, typer.Argument(help="the run folder (or its final/)")]
 TextsArg = Annotated[list[str], typer.Argument(help="text(s) to score")]
@@ -24,6 +24,8 @@ def score(
     """Print the reward a reward-model run (ownllm finetune --method reward) gives each text."""
     for text in texts + ([prompt] if prompt else []):
         check_text(text, "text")
+        if not text.strip():
+            raise OwnLLMError("text is empty: give the text to score", param="text")
     from ownllm.finetune.reward_model import check_reward_run
 
     check_reward_run(run)
@@ -50,6 +52,8 @@ def classify(
     text."""
     for text in texts:
         check_text(text, "text")
+        if not text.strip():
+            raise OwnLLMError("text is empty: give the text to classify", param="text")
     from ownllm.finetune.classify import Classifier
 
     quiet_model_libraries()

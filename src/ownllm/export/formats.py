@@ -37,6 +37,8 @@ def check_request(format: str, quant: str | None, out: Path) -> ExportRequest:
     if fmt not in FORMATS:
         raise OwnLLMError(f"unknown format '{format}'", param="format", hint=f"use one of {', '.join(FORMATS)}")
     chosen = quant.strip().lower() if quant is not None else None
+    if chosen == "":
+        raise OwnLLMError("--quant is empty", param="quant", hint=f"use one of {', '.join(GGUF_QUANTS)}")
     if fmt == "hf":
         if chosen is not None:
             raise OwnLLMError("--quant does not apply to --format hf (an HF folder keeps the full weights)",
@@ -68,9 +70,17 @@ def _check_file_out(out: Path) -> None:
         raise OwnLLMError(f"--out {out} is a folder; name the .gguf file to write", param="out")
     if out.exists() and not out.is_file():
         raise OwnLLMError(f"--out {out} is not a regular file", param="out")
+    if out.is_file() and out.stat().st_size and _head(out) != b"GGUF":  # an earlier export may be replaced
+        raise OwnLLMError(f"--out {out} exists and is not a GGUF file: refusing to replace it", param="out",
+                          hint="name a new file, or remove that one first")
     if not out.absolute().parent.is_dir():
         raise OwnLLMError(f"--out {out}: the folder {out.absolute().parent} does not exist", kind="not_found",
                           param="out", hint="create it first, or name a file in an existing folder")
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(4)
 
 
 def _check_folder_out(out: Path) -> None:

@@ -155,14 +155,17 @@ def render(tokenizer: Any, prompt: list[dict[str, str]] | None, reply: str) -> s
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def score_texts(model: Any, tokenizer: Any, texts: list[str], *, batch_size: int = 8) -> list[float]:
-    """The reward of each text (already rendered)."""
+def score_texts(model: Any, tokenizer: Any, texts: list[str], *, batch_size: int = 8, max_length: int = 2048
+                ) -> list[float]:
+    """The reward of each text (already rendered); a text longer than `max_length` tokens is scored on its last
+    `max_length` (the answer is at the end), so one long text cannot stall the scorer."""
     import torch
 
     scores: list[float] = []
+    tokenizer.truncation_side = "left"
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
+                          add_special_tokens=False, truncation=True, max_length=max_length)
         with torch.inference_mode():
             scores += model(**batch).logits[:, 0].float().tolist()
     return scores

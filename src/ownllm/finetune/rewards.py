@@ -169,7 +169,7 @@ def _user_function(spec: str) -> RewardFn:
         module = importlib.util.module_from_spec(loader)
         sys.modules[module_name] = module
         loader.loader.exec_module(module)
-    except Exception as exc:  # the user's module: anything may go wrong while it runs
+    except (Exception, SystemExit) as exc:  # the user's module: anything may go wrong while it runs, sys.exit too
         raise OwnLLMError(f"reward {spec}: importing {file} failed: {type(exc).__name__}: {exc}",
                           param="reward_fn") from None
     function = getattr(module, name, None)
@@ -213,7 +213,7 @@ def _named(function: RewardFn, spec: str) -> RewardFn:
             values = function(prompts=prompts, completions=completions, **kwargs)
         except OwnLLMError:
             raise
-        except Exception as exc:  # the user's code: whatever it raises, the message must name it
+        except (Exception, SystemExit) as exc:  # the user's code: whatever it raises, the message must name it
             raise RewardFailed(spec, f"raised {type(exc).__name__}: {exc}") from exc
         problem = _not_rewards(values, len(completions))
         if problem:

@@ -79,6 +79,10 @@ class Adapter:
             usable = " and ".join(_LABELS[k] for k in kinds)
             raise OwnLLMError(f"{config_file}: peft_type {peft_type} cannot be used here ({usable} adapters can)",
                               kind="unsupported", param=param)
+        if config.get("task_type") == "SEQ_CLS":  # its head scores or labels text; the LM head never trained
+            raise OwnLLMError(f"{folder} is a scoring head (a reward-model or classification run), not a model that "
+                              "writes text", kind="unsupported", param=param,
+                              hint="use ownllm score, ownllm classify or ownllm eval reward|classify")
         record = read_record(folder)
         base = record.base_model if record is not None else config.get("base_model_name_or_path")
         return cls(kind=kind, path=folder, base_model=base or None, config=config)

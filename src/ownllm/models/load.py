@@ -93,6 +93,10 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
     source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
     if quantize is not None:
         check_quant(quantize)
+        if source.kind == "gguf":  # transformers cannot put bitsandbytes on weights it dequantizes from a GGUF
+            raise OwnLLMError(f"--quant applies to Hugging Face model folders; {source.path} is a GGUF file, already "
+                              "quantized as stored", param="quant",
+                              hint="run it as it is (no --quant), or --backend llama.cpp")
     if source.kind == "adapter":
         return _load_adapter(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize)
     device = pick_device(device)
