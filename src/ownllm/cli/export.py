@@ -10,6 +10,16 @@ import typer
 from ownllm.cli.options import ModelArg, quiet_model_libraries
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, a container stopping) ends an export as Ctrl-C does: its temp file removed, not left behind."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def export(
     model: Annotated[str, typer.Argument(help="a model (alias, folder, .gguf, hub id) or a fine-tuning run folder")],
     out: Annotated[Path, typer.Option("--out", help="the .gguf file to write (a folder for --format hf)")],
@@ -24,6 +34,7 @@ def export(
     from ownllm.export.formats import check_request
 
     check_request(format, quant, out)  # a typo or a missing folder is reported before anything loads
+    _interrupt_on_sigterm()
     quiet_model_libraries()
     from ownllm.cli.render import out as console
     from ownllm.export.export import export as run_export
