@@ -69,6 +69,10 @@ def test_classifier_beats_the_majority_class(default_model: str, tmp_path: Path)
     assert summary["macro_f1"] > 0.5 and plot.stat().st_size > 1000 and len(rows) == summary["items"]
     label, probabilities = Classifier(out).classify(["Where is my parcel? It never arrived."])[0]
     assert label in probabilities and sum(probabilities.values()) == pytest.approx(1, abs=1e-3)
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text('{"text": "I want my money back", "label": "refund-request"}\n')
+    assert_user_error(run_cli("eval", "classify", str(out), "--data", str(unseen)),
+                      "unseen.jsonl line 1: label 'refund-request' is not one the classifier knows")
 
 
 def test_bad_lines_are_named_before_training(tmp_path: Path) -> None:

@@ -302,6 +302,11 @@ def classify(
     from ownllm.finetune.classify import Classifier, evaluate_classifier
 
     classifier = Classifier(run)
+    unknown = [item for item in items if item.label not in classifier.labels]
+    if unknown:  # such a line could only ever count as wrong: more likely a typo or the wrong file
+        first = unknown[0]
+        raise OwnLLMError(f"{data.name} line {first.line}: label '{first.label}' is not one the classifier knows "
+                          f"({', '.join(classifier.labels)}); {len(unknown)} line(s) like it", param="data")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     summary, rows = evaluate_classifier(classifier, items, out / "confusion.png" if out is not None else None)
