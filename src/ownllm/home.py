@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -28,11 +29,26 @@ def models_dir() -> Path:
     return path
 
 
+def usual_mode(base: int) -> int:
+    """`base` (0o666 for files, 0o777 for folders) under the process umask: the permissions open() and mkdir()
+    give, which mkstemp's 0600 and mkdtemp's 0700 would otherwise replace (an output private to its writer)."""
+    return base & ~_process_umask()
+
+
+@functools.cache
+def _process_umask() -> int:
+    # read once: setting it to learn it leaves a moment in which another thread's files get umask 0
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, usual_mode(0o666))
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -51,6 +67,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        staging.chmod(usual_mode(0o777))
         yield staging
         if out.exists():
             shutil.rmtree(out)
@@ -58,3 +75,6 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+_process_umask()  # learnt at import, before the server or a job starts threads

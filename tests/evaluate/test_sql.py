@@ -104,6 +104,8 @@ def test_extract_sql_from_replies() -> None:
 def test_bad_database_and_data(tmp_path: Path) -> None:
     with pytest.raises(OwnLLMError, match="no such database"):
         ReadOnlyDatabase(tmp_path / "missing.sqlite")
+    with pytest.raises(OwnLLMError, match="is a folder, not a SQLite database file"):
+        ReadOnlyDatabase(tmp_path)
     junk = tmp_path / "junk.sqlite"
     junk.write_text("not a database")
     with pytest.raises(OwnLLMError, match="not a SQLite database"):

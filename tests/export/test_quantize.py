@@ -63,6 +63,14 @@ def test_quantize_compare_bad_input(default_model: str, tmp_path: Path) -> None:
     assert_user_error(run_cli("quantize", "compare", default_model, "--data", str(tmp_path / "none.txt"),
                               "--formats", "bf16", "--out", str(tmp_path / "r")), "no such file")
     assert not (tmp_path / "r").exists()
+    from ownllm.errors import OwnLLMError
+    from ownllm.export.compare import compare_formats
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "Capital of France?", "answer": "Paris"}\n{"answer": "no question"}\n')
+    for data, needle in ((tmp_path, "is a folder"), (questions, r"q\.jsonl line 2")):
+        with pytest.raises(OwnLLMError, match=needle):  # before any model loads: a missing model is not reached
+            compare_formats("no-such-model", data, tmp_path / "r", formats=["bf16"])
 
 
 def test_a_server_runs_quantized_one_request_at_a_time(default_model: str) -> None:

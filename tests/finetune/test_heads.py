@@ -73,6 +73,38 @@ def test_classifier_beats_the_majority_class(default_model: str, tmp_path: Path)
     unseen.write_text('{"text": "I want my money back", "label": "refund-request"}\n')
     assert_user_error(run_cli("eval", "classify", str(out), "--data", str(unseen)),
                       "unseen.jsonl line 1: label 'refund-request' is not one the classifier knows")
+    _served_classifier_answers(out, default_model)
+
+
+def _served_classifier_answers(run: Path, default_model: str) -> None:
+    """POST /v1/classify on a real server: labels and probabilities like the Python API; bad requests are 4xx."""
+    import httpx
+
+    from ownllm.finetune.classify import Classifier
+    from tests.serve.conftest import Server
+
+    server = Server(default_model, "--classifier", f"tickets={run}", "--no-jobs", "--max-batch", "1")
+    try:
+        texts = ["Where is my parcel? It never arrived.", "I was charged twice this month."]
+        reply = httpx.post(f"{server.url}/v1/classify", json={"model": "tickets", "input": texts}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        expected = Classifier(run).classify(texts)
+        assert [(d["label"], d["index"]) for d in body["data"]] == [(label, i) for i, (label, _) in
+                                                                     enumerate(expected)]
+        assert body["data"][0]["probabilities"] == pytest.approx(expected[0][1], abs=1e-3)
+        assert body["usage"]["prompt_tokens"] > 0 and not body["data"][0]["truncated"]
+        models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+        assert {"id": "tickets", "task": "classify"}.items() <= next(m for m in models if m["id"] == "tickets").items()
+        for request, status in (({"model": "nope", "input": "hi"}, 404), ({"model": "tickets", "input": []}, 400),
+                                ({"model": "tickets", "input": "  "}, 400), ({"model": "tickets"}, 400)):
+            reply = httpx.post(f"{server.url}/v1/classify", json=request, timeout=30)
+            assert reply.status_code == status and "error" in reply.json(), (request, reply.text)
+    finally:
+        server.stop()
+    assert_user_error(run_cli("serve", default_model, "--classifier", f"x={run}/missing"),
+                      "is not a finished classification run")
+    assert_user_error(run_cli("serve", default_model, "--classifier", "tickets"), "--classifier takes NAME=FOLDER")
 
 
 def test_bad_lines_are_named_before_training(tmp_path: Path) -> None:

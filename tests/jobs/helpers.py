@@ -10,6 +10,14 @@ import openai
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
+def small_facts(folder: Path) -> Path:
+    """The shipped facts' first four facts (16 lines) as facts-train.jsonl in `folder`: a job on them makes 40
+    replay answers, not the whole file's 200, and the base model's answers are cached across the jobs of a run."""
+    path = folder / "facts-train.jsonl"
+    path.write_text("".join((EXAMPLES / "facts-train.jsonl").read_text().splitlines(True)[:16]))
+    return path
+
+
 def wait_for(client: openai.OpenAI, job_id: str, statuses: tuple[str, ...], timeout: float = 400) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +16,13 @@ import openai
 import pytest
 
 from tests.conftest import run_cli
-from tests.jobs.helpers import EXAMPLES, upload, wait_for
+from tests.jobs.helpers import EXAMPLES, small_facts, upload, wait_for
 from tests.serve.conftest import Server
 
 pytestmark = pytest.mark.slow
 KEY = "sk-jobs-test"
 QUESTION = [{"role": "user", "content": "Who founded Norvale Instruments?"}]
+FACTS = small_facts(Path(tempfile.mkdtemp(prefix="ownllm-jobs-")))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def server(default_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def start_until_first_checkpoint(client: openai.OpenAI, model: str, *, max_steps: int) -> Any:
     """A job on the shipped facts, returned once it has saved a checkpoint (something to resume from)."""
-    job = client.fine_tuning.jobs.create(model=model, training_file=upload(client, EXAMPLES / "facts-train.jsonl"),
+    job = client.fine_tuning.jobs.create(model=model, training_file=upload(client, FACTS),
                                          hyperparameters={"batch_size": 4, "max_steps": max_steps})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not client.fine_tuning.jobs.checkpoints.list(job.id).data:
@@ -45,9 +47,9 @@ def start_until_first_checkpoint(client: openai.OpenAI, model: str, *, max_steps
 
 def test_upload_train_and_chat_with_the_new_model_at_once(server: Server, default_model: str) -> None:
     client = server.client(KEY)
-    file_id = upload(client, EXAMPLES / "facts-train.jsonl")
+    file_id = upload(client, FACTS)
     assert client.files.retrieve(file_id).filename == "facts-train.jsonl"
-    assert client.files.content(file_id).read() == (EXAMPLES / "facts-train.jsonl").read_bytes()
+    assert client.files.content(file_id).read() == FACTS.read_bytes()
     job = client.fine_tuning.jobs.create(model=default_model, training_file=file_id, suffix="norvale", seed=7,
                                          hyperparameters={"n_epochs": 1, "batch_size": 4,
                                                           "learning_rate_multiplier": 5.0, "max_steps": 8})
@@ -78,7 +80,7 @@ def test_upload_train_and_chat_with_the_new_model_at_once(server: Server, defaul
 
 def test_a_bad_file_fails_the_job_with_line_numbers(server: Server, default_model: str, tmp_path: Path) -> None:
     client = server.client(KEY)
-    lines = (EXAMPLES / "facts-train.jsonl").read_text().splitlines()[:12]
+    lines = FACTS.read_text().splitlines()[:12]
     lines[2] = '{"messages": [{"role": "robot", "content": "hi"}]}'
     lines[5] = "{not json"
     bad = tmp_path / "bad.jsonl"
@@ -95,8 +97,7 @@ def test_a_bad_file_fails_the_job_with_line_numbers(server: Server, default_mode
 
 def test_cancel_stops_a_running_job(server: Server, default_model: str) -> None:
     client = server.client(KEY)
-    job = client.fine_tuning.jobs.create(model=default_model, training_file=upload(client, EXAMPLES /
-                                                                                   "facts-train.jsonl"),
+    job = client.fine_tuning.jobs.create(model=default_model, training_file=upload(client, FACTS),
                                          hyperparameters={"n_epochs": 10})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until it really trains
@@ -189,3 +190,43 @@ def test_a_killed_worker_is_restarted_and_resumes(server: Server, default_model:
     assert done.status == "succeeded", done.error
     assert any(e.message.startswith("Resuming from step")
                for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data)
+
+
+def test_a_reinforcement_job_trains_against_a_grader(server: Server, default_model: str, tmp_path: Path) -> None:
+    """method reinforcement = GRPO with the grader as the reward: its mean reward is logged per step; graders that
+    cannot run here are refused up front, and a line missing a field the grader reads fails the job, named."""
+    client = server.client(KEY)
+    capitals = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
+                ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Cuba", "Havana"), ("Iran", "Tehran")]
+    prompts = tmp_path / "capitals.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"The capital of {country}?"}],
+                                           "answer": city}) + "\n" for country, city in capitals))
+    grader = {"type": "string_check", "name": "capital", "input": "{{sample.output_text}}",
+              "reference": "{{item.answer}}", "operation": "ilike"}
+    training_file = upload(client, prompts)
+
+    def create(grader: dict[str, Any], file_id: str = training_file) -> Any:
+        return client.fine_tuning.jobs.create(model=default_model, training_file=file_id, method={
+            "type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
+                "max_steps": 1, "batch_size": 1, "compute_multiplier": 0.5}}})
+
+    job = create(grader)
+    assert job.method.type == "reinforcement"
+    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any(m.startswith("Step 1/1: training loss=") and "mean reward=" in m for m in messages), messages
+    metrics = client.files.content(done.result_files[0]).read().decode().splitlines()
+    assert metrics[0] == "step,train_loss,valid_loss,train_mean_reward" and len(metrics) == 2
+    assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+
+    for bad, needle in (({**grader, "type": "python", "source": "import os"}, "run the request's code"),
+                        ({**grader, "operation": "regex"}, "operation: must be one of eq, ne, like, ilike"),
+                        ({**grader, "reference": "{{answer}}"}, "is not a field ownllm fills"),
+                        ({"type": "multi"}, "multi graders are not supported")):
+        with pytest.raises(openai.BadRequestError, match=needle):
+            create(bad)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(prompts.read_text().replace(', "answer": "Lima"', ""))
+    failed = wait_for(client, create(grader, upload(client, missing)).id, ("failed", "succeeded"), timeout=120)
+    assert failed.status == "failed" and "missing.jsonl line 6: needs 'answer'" in failed.error.message

@@ -278,7 +278,7 @@ def reward(
     from ownllm.finetune.reward_model import check_reward_run
 
     check_reward_run(run)
-    pairs = load_preference_rows(data)  # a line without both answers: named before the model loads
+    pairs = load_preference_rows(data, "eval reward")  # a line without both answers: named before the model loads
     quiet_model_libraries()
     from ownllm.finetune.reward_model import load_reward_model, pairwise_accuracy
 

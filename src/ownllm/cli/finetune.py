@@ -45,7 +45,8 @@ def finetune(
                               ] = None,
     reward_fn: Annotated[list[str] | None, typer.Option("--reward-fn", help="grpo/rloo: exact | contains | "
                                                     "regex:PATTERN | json-valid | json-schema:FILE | "
-                                                    "sql-exec:DB.sqlite | file.py:function (repeatable)")] = None,
+                                                    "sql-exec:DB.sqlite | openai-grader:FILE.json | file.py:function "
+                                                    "(repeatable)")] = None,
     reward: Annotated[str | None, typer.Option("--reward", help="grpo/rloo: a reward-model run folder (RLHF)")] = None,
     beta: Annotated[float | None, typer.Option("--beta", help="grpo/rloo: KL penalty weight")] = None,
     num_generations: Annotated[int | None, typer.Option(help="grpo/rloo: completions per prompt")] = None,

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from ownllm.cli.options import JsonOpt, at_least_one, check_url
+from ownllm.errors import OwnLLMError
 
 UrlOpt = Annotated[str | None, typer.Option("--url", help="server (default $OWNLLM_URL or http://127.0.0.1:8000)")]
 KeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key (default $OWNLLM_API_KEY)")]
@@ -68,7 +69,9 @@ def create(
     training_file: Annotated[str, typer.Argument(help="a file id, or a local JSONL file to upload first")],
     model: Annotated[str, typer.Option("--model", help="the server's base model")],
     validation_file: Annotated[str | None, typer.Option(help="file id or local file")] = None,
-    method: Annotated[str, typer.Option(help="supervised | dpo")] = "supervised",
+    method: Annotated[str, typer.Option(help="supervised | dpo | reinforcement")] = "supervised",
+    grader: Annotated[Path | None, typer.Option(help="reinforcement: a JSON file holding an OpenAI grader "
+                                                     "(string_check, text_similarity)")] = None,
     epochs: Annotated[int | None, typer.Option(help="n_epochs (default auto)")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     lr_multiplier: Annotated[float | None, typer.Option(help="learning_rate_multiplier")] = None,
@@ -79,6 +82,17 @@ def create(
     url: UrlOpt = None, api_key: KeyOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Create a fine-tuning job (uploading local files first)."""
+    if (grader is not None) != (method == "reinforcement"):
+        raise OwnLLMError("--grader goes with --method reinforcement, and reinforcement needs a --grader",
+                          param="grader")
+    block: dict[str, Any] = {}
+    if grader is not None:
+        from ownllm.data.files import read_text_file
+
+        try:
+            block["grader"] = json.loads(read_text_file(grader, param="grader"))
+        except json.JSONDecodeError as exc:
+            raise OwnLLMError(f"{grader} is not valid JSON: {exc}", param="grader") from None
     client = _client(url, api_key)
 
     def file_id(value: str | None) -> str | None:
@@ -89,7 +103,8 @@ def create(
     hyper = {k: v for k, v in {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier":
                                lr_multiplier, "max_steps": max_steps}.items() if v is not None}
     job = client.create(model=model, training_file=file_id(training_file), validation_file=file_id(validation_file),
-                        suffix=suffix, seed=seed, method={"type": method, method: {"hyperparameters": hyper}})
+                        suffix=suffix, seed=seed, method={"type": method, method: {"hyperparameters": hyper,
+                                                                                    **block}})
     _show(job, as_json)
     if wait and _follow(client, job["id"]) != "succeeded":
         raise typer.Exit(1)  # the job's own error is printed above; scripts need to tell it from a success

@@ -54,6 +54,9 @@ def serve(
     max_jobs: Annotated[int, typer.Option(min=1, help="fine-tuning jobs trained at the same time")] = 1,
     job_threads: Annotated[int | None, typer.Option(min=1, help="CPU threads per training job (default: half the "
                                                               "cores; serving keeps the rest)")] = None,
+    classifier: Annotated[list[str] | None, typer.Option(help="NAME=RUN of a classification run (ownllm finetune "
+                                                              "--task classify) for POST /v1/classify "
+                                                              "(repeatable)")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (chat, completions, embeddings, models, files, fine-tuning jobs) with
     continuous batching."""
@@ -77,12 +80,8 @@ def serve(
 
         check_output_folder(home, param="data_dir")
     keys = list(api_key or []) + [k for k in os.environ.get("OWNLLM_API_KEYS", "").split(",") if k]
-    adapters = {}
-    for item in adapter or []:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise OwnLLMError(f"--adapter takes NAME=FOLDER, got '{item}'", param="adapter")
-        adapters[name] = Path(folder)
+    adapters = _named_folders(adapter, "adapter")
+    classifiers = _named_folders(classifier, "classifier")
     quiet_model_libraries()
     from rich.markup import escape
 
@@ -95,9 +94,22 @@ def serve(
                         embedding_model=embedding_model, rag_store=rag_store,
                         data_dir=home, max_jobs=max_jobs, job_threads=job_threads,
                         metrics_public=metrics_public, kv_memory=kv_bytes, prefix_caching=prefix_cache,
-                        four_bit=gguf_int4, quant=quant)
+                        four_bit=gguf_int4, quant=quant, classifiers=classifiers)
     err.print(f"[dim]{escape(startup_line(state, host, port))}[/dim]", soft_wrap=True)  # one line, for log readers
     run_server(state, host=host, port=port)
+
+
+def _named_folders(items: list[str] | None, option: str) -> dict[str, Path]:
+    """NAME=FOLDER options (--adapter, --classifier) as {name: folder}; a name given twice is an error."""
+    named: dict[str, Path] = {}
+    for item in items or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise OwnLLMError(f"--{option} takes NAME=FOLDER, got '{item}'", param=option)
+        if name in named:
+            raise OwnLLMError(f"--{option} names '{name}' twice", param=option)
+        named[name] = Path(folder)
+    return named
 
 
 def ui(
@@ -127,7 +139,7 @@ def ui(
     serve(model, adapter=adapter, host=host, port=port, api_key=api_key, rag_store=rag_store, data_dir=data_dir,
           metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, kv_memory=None,
           prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",
-          jobs=True, max_jobs=1, job_threads=None, quant=None)
+          jobs=True, max_jobs=1, job_threads=None, quant=None, classifier=None)
 
 
 def _open_when_ready(url: str, timeout: float = 600.0) -> None:

@@ -71,6 +71,8 @@ class ReadOnlyDatabase:
 
     def __init__(self, path: Path, *, timeout: float = TIMEOUT_S) -> None:
         path = Path(path)
+        if path.is_dir():
+            raise OwnLLMError(f"{path} is a folder, not a SQLite database file", param="db")
         if not path.is_file():
             raise OwnLLMError(f"no such database: {path}", kind="not_found", param="db")
         self.path, self.timeout = path, timeout

@@ -76,8 +76,11 @@ def compare_formats(spec: str, data: Path, out: Path, *, formats: list[str] | No
     from ownllm.export.source import inspect_source
 
     chosen = check_formats(formats or default_formats())
+    if data.is_dir():
+        raise OwnLLMError(f"--data {data} is a folder, not a text or questions file", param="data")
     if not data.is_file():
         raise OwnLLMError(f"no such file: {data}", kind="not_found", param="data")
+    _check_data(data)  # once, before any model loads: each format's worker reads it again
     check_output_folder(out, param="out", replaces=REPORT)
     gguf_formats = [f for f in chosen if f in GGUF_FORMATS]
     info = inspect_source(spec, supported=ARCHITECTURES if gguf_formats else None)
@@ -96,6 +99,18 @@ def compare_formats(spec: str, data: Path, out: Path, *, formats: list[str] | No
         (staging / "report.md").write_text(markdown(report))
         _chart(report, staging / "chart.png")
     return report
+
+
+def _check_data(data: Path) -> None:
+    """A question file's lines (named with file and line when bad), or text that is UTF-8 and not empty."""
+    from ownllm.data.files import read_text_file
+    from ownllm.evaluate.qa import read_questions
+
+    if is_question_file(data):
+        read_questions(data)
+    elif not read_text_file(data, param="data").strip():
+        raise OwnLLMError(f"--data {data} is empty: give text to measure perplexity on, or a question file",
+                          param="data")
 
 
 def _export_files(info: Any, formats: list[str], folder: Path, say: Callable[[str], None]) -> dict[str, Path]:

@@ -22,6 +22,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.export.formats import K_QUANTS, require_llama_quantizer
 from ownllm.export.source import ExportSource
 from ownllm.export.vocab import add_vocab
+from ownllm.home import usual_mode
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +233,7 @@ class _staging:
     def __enter__(self) -> Path:
         fd, name = tempfile.mkstemp(dir=self.out.absolute().parent, prefix=f".{self.out.name}.", suffix=self.suffix)
         os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would make the export private to its writer
+        os.chmod(name, usual_mode(0o666))  # mkstemp's 0600 would make the export private to its writer
         self.path = Path(name)
         return self.path
 

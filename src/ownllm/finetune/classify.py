@@ -6,7 +6,6 @@ probabilities; `ownllm eval classify` accuracy, macro-F1 and a confusion-matrix 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,17 @@ from ownllm.data.jsonl import fail_if_any, read_jsonl
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.outcome import TrainOutcome
-from ownllm.finetune.reward_model import _train_and_save, base_folder, head_model, load_head, lora_for_head
+from ownllm.finetune.reward_model import (
+    DEFAULT_SCORE_LENGTH,
+    HEAD_FILE,
+    _train_and_save,
+    base_folder,
+    head_model,
+    head_settings,
+    load_head,
+    lora_for_head,
+)
 from ownllm.finetune.run_folder import final_model_path, read_record
-
-HEAD_FILE = "ownllm_head.json"
 
 
 @dataclass(frozen=True)
@@ -99,18 +105,25 @@ class Classifier:
         if record is None or record.method != "classify" or not (final / HEAD_FILE).is_file():
             raise OwnLLMError(f"{run} is not a finished classification run (ownllm finetune --task classify)",
                               kind="not_found", param="model")
-        self.labels: list[str] = json.loads((final / HEAD_FILE).read_text(encoding="utf-8"))["labels"]
+        settings = head_settings(final)
+        labels = settings.get("labels")
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+            raise OwnLLMError(f"{final / HEAD_FILE}: 'labels' must list the classifier's label names",
+                              param="model")
+        self.labels: list[str] = labels
+        self.max_length = int(settings.get("max_length", DEFAULT_SCORE_LENGTH))  # what the head was trained on
         self.model, self.tokenizer = load_head(final, len(self.labels))
 
-    def classify(self, texts: list[str], *, batch_size: int = 8, max_length: int = 512
+    def classify(self, texts: list[str], *, batch_size: int = 8, max_length: int | None = None
                  ) -> list[tuple[str, dict[str, float]]]:
-        """(label, {label: probability}) per text."""
+        """(label, {label: probability}) per text; a text longer than `max_length` tokens (default: the run's own
+        max_length) is classified on its first `max_length`."""
         import torch
 
         out = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                                   truncation=True, max_length=max_length)
+                                   truncation=True, max_length=max_length or self.max_length)
             with torch.inference_mode():
                 probabilities = torch.softmax(self.model(**batch).logits.float(), dim=-1).tolist()
             for row in probabilities:

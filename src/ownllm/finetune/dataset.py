@@ -53,8 +53,9 @@ def load_rows(path: Path, tokenizer: Any, max_length: int) -> list[dict[str, lis
     return rows
 
 
-def load_preference_rows(path: Path) -> list[dict[str, Any]]:
-    """Preference pairs in TRL's conversational form: prompt messages, chosen and rejected replies."""
+def load_preference_rows(path: Path, method: str = "DPO") -> list[dict[str, Any]]:
+    """Preference pairs in TRL's conversational form: prompt messages, chosen and rejected replies (`method`
+    names what needs them, in the error for a file without any)."""
     _, examples, problems = read_examples(path)
     if problems:
         raise OwnLLMError(f"{path}: {len(problems)} unusable line(s), first: {problems[0]}", param="data",
@@ -62,7 +63,7 @@ def load_preference_rows(path: Path) -> list[dict[str, Any]]:
     rows = [{"prompt": e.messages, "chosen": [{"role": "assistant", "content": e.chosen}],
              "rejected": [{"role": "assistant", "content": e.rejected}]} for e in examples if e.chosen is not None]
     if not rows:
-        raise OwnLLMError(f"{path}: DPO needs preference pairs (prompt, chosen, rejected)", param="data")
+        raise OwnLLMError(f"{path}: {method} needs preference pairs (prompt, chosen, rejected)", param="data")
     return rows
 
 

@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 REWARD_PLOT = "reward.png"
 
 
-def load_prompts(path: Path) -> list[dict[str, Any]]:
-    """The prompt rows of an RL data file (see the module docstring); problems are named with file and line."""
+def load_prompts(path: Path, places: list[str] | None = None) -> list[dict[str, Any]]:
+    """The prompt rows of an RL data file (see the module docstring); problems are named with file and line (each
+    row's "FILE line N" is appended to `places` when given)."""
     rows, problems = [], []
     for record in read_jsonl(path):
         data, where = dict(record.data), f"{path.name} line {record.line}"
@@ -64,6 +65,8 @@ def load_prompts(path: Path) -> list[dict[str, Any]]:
             problems.append(f"{where}: '{REFERENCE}' must be text")
             continue
         rows.append(data)
+        if places is not None:
+            places.append(where)
     fail_if_any(problems)
     if not rows:
         raise OwnLLMError(f"{path}: no prompts", param="data")
@@ -72,9 +75,10 @@ def load_prompts(path: Path) -> list[dict[str, Any]]:
 
 def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[list[dict[str, Any]], list[Any]]:
     """Data and reward functions, read and tried before any model loads: a bad file or function stops here."""
-    rows = load_prompts(data)
+    where: list[str] = []
+    rows = load_prompts(data, where)
     rewards = [load_reward(spec) for spec in cfg.reward_fn]
-    validate_rewards(rewards, rows)
+    validate_rewards(rewards, rows, where)
     if cfg.reward_model:
         from ownllm.finetune.reward_model import check_reward_run
 

@@ -21,6 +21,8 @@ from ownllm.finetune.run_folder import (
 )
 
 REWARD_METHOD = "reward"
+HEAD_FILE = "ownllm_head.json"
+DEFAULT_SCORE_LENGTH = 2048  # runs made before the head file kept their max_length
 
 
 def base_folder(spec: str) -> str:
@@ -72,9 +74,9 @@ def train_reward(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool
     from ownllm.finetune.dataset import load_preference_rows
     from ownllm.finetune.trainer_setup import has_cuda, run_callbacks, trainer_arguments
 
-    rows = load_preference_rows(data)
+    rows = load_preference_rows(data, "a reward model")
     if cfg.validation:
-        train_rows, eval_rows = rows, load_preference_rows(Path(cfg.validation))
+        train_rows, eval_rows = rows, load_preference_rows(Path(cfg.validation), "a reward model")
     else:
         random.Random(cfg.seed).shuffle(rows)
         held = round(len(rows) * cfg.val_ratio) if len(rows) >= 10 else 0
@@ -109,8 +111,8 @@ def _train_and_save(cfg: FinetuneConfig, run_dir: Path, trainer: Any, tokenizer:
     with atomic_folder(final_model_path(run_dir)) as staging:
         trainer.model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if extra:
-            (staging / "ownllm_head.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
+        head = {"max_length": cfg.max_length, **(extra or {})}  # scoring truncates where training did
+        (staging / HEAD_FILE).write_text(json.dumps(head, indent=2), encoding="utf-8")
         write_record(staging, RunRecord(base_model=base, method=cfg.method if cfg.method != "lora" else "classify",
                                         spec=cfg.model))
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
@@ -144,9 +146,28 @@ def load_head(final: Path, num_labels: int) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def head_settings(final: Path) -> dict[str, Any]:
+    """What a head run saved beside its weights: the labels (classifiers), the longest text it trained on."""
+    path = final / HEAD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise OwnLLMError(f"{path} cannot be read: {error}", param="model") from None
+    if not isinstance(settings, dict):
+        raise OwnLLMError(f"{path} must hold a JSON object", param="model")
+    return settings
+
+
 def load_reward_model(run: Path) -> tuple[Any, Any]:
-    """The reward model of a run, and its tokenizer, ready to score (GRPO takes both as a reward)."""
-    return load_head(check_reward_run(run), 1)
+    """The reward model of a run, and its tokenizer, ready to score (GRPO takes both as a reward); the tokenizer
+    truncates to the run's own max_length."""
+    final = check_reward_run(run)
+    model, tokenizer = load_head(final, 1)
+    if tokenizer is not None:
+        tokenizer.model_max_length = int(head_settings(final).get("max_length", DEFAULT_SCORE_LENGTH))
+    return model, tokenizer
 
 
 def render(tokenizer: Any, prompt: list[dict[str, str]] | None, reply: str) -> str:
@@ -155,20 +176,27 @@ def render(tokenizer: Any, prompt: list[dict[str, str]] | None, reply: str) -> s
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def score_texts(model: Any, tokenizer: Any, texts: list[str], *, batch_size: int = 8, max_length: int = 2048
+def score_texts(model: Any, tokenizer: Any, texts: list[str], *, batch_size: int = 8, max_length: int | None = None
                 ) -> list[float]:
-    """The reward of each text (already rendered); a text longer than `max_length` tokens is scored on its last
-    `max_length` (the answer is at the end), so one long text cannot stall the scorer."""
+    """The reward of each text (already rendered); a text longer than `max_length` tokens (default: what the run
+    trained on, as load_reward_model set it) is scored on its last `max_length` (the answer is at the end), so one
+    long text cannot stall the scorer."""
     import torch
 
     scores: list[float] = []
     tokenizer.truncation_side = "left"
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False, truncation=True, max_length=max_length)
+                          add_special_tokens=False, truncation=True,
+                          max_length=max_length or _length_limit(tokenizer))
         with torch.inference_mode():
             scores += model(**batch).logits[:, 0].float().tolist()
     return scores
+
+
+def _length_limit(tokenizer: Any) -> int:
+    limit = tokenizer.model_max_length
+    return int(limit) if isinstance(limit, int) and limit < 1_000_000 else DEFAULT_SCORE_LENGTH  # 1e30: unset
 
 
 def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]]) -> dict[str, Any]:

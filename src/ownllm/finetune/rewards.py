@@ -9,6 +9,8 @@ completion — and returns one float per completion (None: no reward for that on
     regex:PATTERN       1.0 when PATTERN matches somewhere in the completion
     json-valid          1.0 when the completion (or its first ``` block) parses as JSON
     json-schema:FILE    1.0 when it parses and matches the JSON schema in FILE
+    openai-grader:FILE.json  an OpenAI reinforcement fine-tuning grader (string_check, text_similarity;
+                        ownllm.finetune.graders), its {{item.FIELD}} templates read from the data's fields
     sql-exec:DB.sqlite  1.0 when the completion's query returns the same rows as the `reference` query, run
                         read-only on DB (ownllm.evaluate.sql); 0.2 when it runs but returns other rows (a
                         shaped step up from text that is not a query at all), 0.0 otherwise
@@ -34,7 +36,7 @@ from ownllm.errors import OwnLLMError
 
 RewardFn = Callable[..., list[float | None]]
 BUILTINS = ("exact", "contains", "regex:PATTERN", "json-valid", "json-schema:FILE", "sql-exec:DB.sqlite",
-            "FILE.py:FUNCTION")
+            "openai-grader:FILE.json", "FILE.py:FUNCTION")
 REFERENCE = "reference"  # the dataset column the built-ins compare with
 SQL_RUNS_WRONG = 0.2
 VALIDATION_ROWS = 3
@@ -197,6 +199,10 @@ def load_reward(spec: str) -> RewardFn:
         function = _json_schema(spec[12:])
     elif spec.startswith("sql-exec:") and spec[9:]:
         function = _sql_exec(spec[9:])
+    elif spec.startswith("openai-grader:") and spec[14:]:
+        from ownllm.finetune.graders import load_grader_file
+
+        function = load_grader_file(spec[14:])
     elif re.match(r"^.+\.py:[A-Za-z_]\w*$", spec):
         function = _user_function(spec)
     else:
@@ -222,6 +228,7 @@ def _named(function: RewardFn, spec: str) -> RewardFn:
 
     reward.__name__ = re.sub(r"\W+", "_", spec.rsplit("/", 1)[-1]).strip("_") or "reward"
     reward.spec = spec  # type: ignore[attr-defined]
+    reward.item_fields = getattr(function, "item_fields", [])  # type: ignore[attr-defined]
     return reward
 
 
@@ -239,9 +246,17 @@ def _not_rewards(values: Any, count: int) -> str | None:
     return None
 
 
-def validate_rewards(functions: list[RewardFn], rows: list[dict[str, Any]]) -> None:
+def validate_rewards(functions: list[RewardFn], rows: list[dict[str, Any]], where: list[str] | None = None) -> None:
     """Call every function on the first few rows — each row's reference answer as its completion, or an empty one
-    where it has none — so a broken function stops the run before any model loads."""
+    where it has none — so a broken function stops the run before any model loads; a field a grader reads must be
+    on every row (`where`: each row's "FILE line N", for the message)."""
+    for function in functions:
+        for index, row in enumerate(rows):
+            missing = [name for name in getattr(function, "item_fields", []) if name not in row]
+            if missing:
+                place = where[index] if where else f"row {index + 1}"
+                raise OwnLLMError(f"{place}: needs '{missing[0]}', which the reward {function.__name__} reads",
+                                  param="data")
     sample = rows[:VALIDATION_ROWS]
     if not sample:
         return

@@ -7,6 +7,7 @@ Whatever a file holds (not JSON, not UTF-8, no known format, nothing at all), va
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from ownllm.data.doctor import scan_examples
@@ -30,6 +31,18 @@ def validate_files(store: JobStore, job: dict[str, Any]) -> tuple[int, str | Non
         path = store.file_path(file_id)
         if not path.is_file():
             return 0, f"The {label} {meta['filename']} ({file_id}) is missing from the server's data folder", field
+        if method == "reinforcement":
+            found_prompts, problem = _prompt_rows(path, job)
+            if problem:
+                message = problem.replace(str(path), meta["filename"]).replace(path.name, meta["filename"])
+                return 0, f"The {label} {meta['filename']} cannot be used for reinforcement fine-tuning: {message}", \
+                    field
+            if field == "training_file":
+                examples = found_prompts
+                if examples < 10:
+                    return 0, f"The training file {meta['filename']} has {examples} prompt(s); at least 10 are " \
+                              "needed", field
+            continue
         fmt, found, problems = scan_examples(path)
         if problems:
             # messages name the upload's own file name, not where the server keeps it
@@ -52,6 +65,23 @@ def validate_files(store: JobStore, job: dict[str, Any]) -> tuple[int, str | Non
                 return 0, f"The training file {meta['filename']} has {examples} example(s); at least 10 are " \
                           "needed", field
     return examples, None, "training_file"
+
+
+def _prompt_rows(path: Path, job: dict[str, Any]) -> tuple[int, str | None]:
+    """(prompts, None) or (0, the problem): each line a prompt (messages ending with a user turn) holding every
+    field the job's grader reads."""
+    from ownllm.errors import OwnLLMError
+    from ownllm.finetune.graders import grader_reward
+    from ownllm.finetune.grpo import load_prompts
+    from ownllm.finetune.rewards import validate_rewards
+
+    try:
+        where: list[str] = []
+        rows = load_prompts(path, where)
+        validate_rewards([grader_reward(json.loads(job["method"])["reinforcement"]["grader"])], rows, where)
+    except OwnLLMError as exc:
+        return 0, exc.message
+    return len(rows), None
 
 
 def validate_or_fail(store: JobStore, job: dict[str, Any]) -> int | None:

@@ -59,6 +59,8 @@ def resolved_hyperparameters(job: dict[str, Any], examples: int) -> dict[str, An
     return {"n_epochs": epochs, "batch_size": batch,
             "learning_rate_multiplier": float(pick("learning_rate_multiplier", 1.0)),
             **({"beta": float(given["beta"])} if "beta" in given and given["beta"] != "auto" else {}),
+            **({"compute_multiplier": float(pick("compute_multiplier", 1.0))}
+               if json.loads(job["method"]).get("type") == "reinforcement" else {}),
             **({"max_steps": int(given["max_steps"])} if given.get("max_steps") else {})}
 
 
@@ -66,14 +68,23 @@ def config_for(store: JobStore, job: dict[str, Any], base: str, examples: int) -
     """ownllm's fine-tuning defaults (LoRA, replay by distillation against forgetting) with the job's
     hyper-parameters; about four checkpoints per job, counting the replay rows each epoch adds."""
     hp = resolved_hyperparameters(job, examples)
-    method = "dpo" if json.loads(job["method"]).get("type") == "dpo" else "lora"
+    method_spec = json.loads(job["method"])
+    method = {"dpo": "dpo", "reinforcement": "grpo"}.get(method_spec.get("type"), "lora")
+    rl: dict[str, Any] = {}
+    if method == "grpo":  # the grader as a reward function, from a file beside the run (the run folder is made later)
+        grader = store.runs_dir / f"{job['id']}.grader.json"
+        if not grader.is_file():
+            atomic_write_text(grader, json.dumps(method_spec["reinforcement"]["grader"]))
+        rl = {"reward_fn": [f"openai-grader:{grader}"],
+              "num_generations": max(2, round(4 * hp["compute_multiplier"]))}
     cfg = FinetuneConfig(
         model=base, data=str(store.file_path(job["training_file"])),
-        validation=str(store.file_path(job["validation_file"])) if job["validation_file"] else None,
+        validation=str(store.file_path(job["validation_file"])) if job["validation_file"] and method != "grpo"
+        else None,
         out=str(store.runs_dir / job["id"]), method=method, epochs=float(hp["n_epochs"]),
         max_steps=hp.get("max_steps", -1), batch_size=hp["batch_size"], lr=BASE_LR * hp["learning_rate_multiplier"],
-        val_ratio=0.0, seed=int(job["seed"]), dpo_beta=hp.get("beta", 0.1), lora=LoraSettings())
-    steps_per_epoch = math.ceil((examples + replay_rows(cfg, examples)) / hp["batch_size"])
+        val_ratio=0.0, seed=int(job["seed"]), dpo_beta=hp.get("beta", 0.1), lora=LoraSettings(), **rl)
+    steps_per_epoch = math.ceil((examples + (0 if rl else replay_rows(cfg, examples))) / hp["batch_size"])
     total = hp.get("max_steps") or steps_per_epoch * hp["n_epochs"]
     cfg.eval_every = cfg.save_every = max(1, math.ceil(total / 4))
     return cfg
@@ -92,8 +103,11 @@ class JobProgress(TrainerCallback):
         step, total = state.global_step, state.max_steps
         if "loss" in logs:
             self.last = {"step": step, "train_loss": round(float(logs["loss"]), 6), "total_steps": total}
-            self.store.add_event(self.job["id"], f"Step {step}/{total}: training loss={logs['loss']:.4f}",
-                                 data=dict(self.last), kind="metrics")
+            message = f"Step {step}/{total}: training loss={logs['loss']:.4f}"
+            if "reward" in logs:  # reinforcement: the grader's mean score of this step's samples
+                self.last["train_mean_reward"] = round(float(logs["reward"]), 6)
+                message += f", mean reward={logs['reward']:.4f}"
+            self.store.add_event(self.job["id"], message, data=dict(self.last), kind="metrics")
         elif "eval_loss" in logs:
             self.last["valid_loss"] = round(float(logs["eval_loss"]), 6)
             self.store.add_event(self.job["id"], f"Step {step}/{total}: validation loss={logs['eval_loss']:.4f}",
@@ -107,7 +121,8 @@ class JobProgress(TrainerCallback):
 
 
 def metrics_csv(run_dir: Path) -> str:
-    """step, train_loss, valid_loss per step (OpenAI's result file columns that apply here)."""
+    """step, train_loss, valid_loss (and train_mean_reward for reinforcement) per step: OpenAI's result file columns
+    that apply here."""
     rows: dict[int, dict[str, Any]] = {}
     for line in (run_dir / METRICS_FILE).read_text().splitlines():
         record = json.loads(line)
@@ -116,8 +131,12 @@ def metrics_csv(run_dir: Path) -> str:
             row["train_loss"] = record["loss"]
         if "eval_loss" in record:
             row["valid_loss"] = record["eval_loss"]
+        if "reward" in record:
+            row["train_mean_reward"] = record["reward"]
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["step", "train_loss", "valid_loss"])
+    rewarded = any("train_mean_reward" in row for row in rows.values())
+    writer = csv.DictWriter(out, fieldnames=["step", "train_loss", "valid_loss", *(["train_mean_reward"] if rewarded
+                                                                                  else [])], restval="")
     writer.writeheader()
     writer.writerows(rows[step] for step in sorted(rows))
     return out.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from ownllm.errors import OwnLLMError
 from ownllm.models.adapters import Adapter
 from ownllm.models.dtype import DtypeChoice, choose_dtype
-from ownllm.models.gguf_file import check_gguf
+from ownllm.models.gguf_file import check_gguf, one_reader_per_file
 from ownllm.models.gguf_int4 import remember_gguf
 from ownllm.models.resolve import ResolvedModel, resolve
 
@@ -71,8 +72,12 @@ def load_tokenizer(spec: str | ResolvedModel) -> Any:
 
     source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
     location, args = _source_args(source)
-    with _hub_errors(source):
+    with _hub_errors(source), _gguf_reading(source):
         return AutoTokenizer.from_pretrained(location, **args)
+
+
+def _gguf_reading(source: ResolvedModel) -> contextlib.AbstractContextManager[None]:
+    return one_reader_per_file() if source.kind == "gguf" else contextlib.nullcontext()
 
 
 def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = "auto", batch_rows: int = 1,
@@ -100,18 +105,19 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
     if source.kind == "adapter":
         return _load_adapter(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize)
     device = pick_device(device)
-    tokenizer = load_tokenizer(source)
-    location, args = _source_args(source)
-    with _hub_errors(source):
-        config = AutoConfig.from_pretrained(location, **args)
-    choice = choose_dtype(dtype, device, config, batch_rows)
-    extra = _gguf_model_args(source)
-    if quantize is not None:
-        extra.update(_eight_bit(device) if quantize == "int8" else _four_bit(choice.dtype, device))
-    with _hub_errors(source):
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=getattr(torch, choice.dtype), **args, **extra
-        )
+    with _gguf_reading(source):  # tokenizer, config and weights from one parse of a GGUF's metadata
+        tokenizer = load_tokenizer(source)
+        location, args = _source_args(source)
+        with _hub_errors(source):
+            config = AutoConfig.from_pretrained(location, **args)
+        choice = choose_dtype(dtype, device, config, batch_rows)
+        extra = _gguf_model_args(source)
+        if quantize is not None:
+            extra.update(_eight_bit(device) if quantize == "int8" else _four_bit(choice.dtype, device))
+        with _hub_errors(source):
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=getattr(torch, choice.dtype), **args, **extra
+            )
     if quantize is None:
         model.to(device)
     model.eval()

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ownllm.errors import OwnLLMError
 from ownllm.generate.engine import Completion, TextDelta
 from ownllm.rag.context import IDK, RagContext
-from ownllm.serve import errors, formats, tool_calls, ui_api, ui_static
+from ownllm.serve import classify_api, errors, formats, tool_calls, ui_api, ui_static
 from ownllm.serve.errors import APIError
 from ownllm.serve.protocol import (
     ChatCompletionRequest,
@@ -126,6 +126,8 @@ def create_app(state: ServerState) -> FastAPI:
         cards += [formats.model_card(name, state.created, parent=state.model_name, root=name)
                   for name in state.adapters]  # where its files are is the server's business
         cards.append(formats.model_card(state.embedding_model, state.created, owned_by="sentence-transformers"))
+        cards += [formats.model_card(name, state.created, task="classify")
+                  for name in state.classifiers]  # POST /v1/classify, not chat
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}")
@@ -140,7 +142,7 @@ def create_app(state: ServerState) -> FastAPI:
         if state.jobs is not None:
             state.jobs.publish_models()
         if model_id not in state.adapters:
-            if model_id in state.model_ids() or model_id == state.embedding_model:
+            if model_id in state.model_ids() or model_id in (state.embedding_model, *state.classifiers):
                 raise APIError(403, f"The model '{model_id}' is a base model of this server and cannot be deleted",
                                param="model", code="model_not_deletable")
             raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
@@ -153,6 +155,7 @@ def create_app(state: ServerState) -> FastAPI:
 
         app.include_router(router(state.jobs.store, state.jobs, state.model_name))
     app.include_router(ui_api.router(state))  # explain, data check, documents: the web UI's extensions
+    app.include_router(classify_api.router(state))
     ui_static.mount(app)
 
     # --- chat -------------------------------------------------------------------------------

@@ -48,8 +48,18 @@ class DpoHyperparameters(SupervisedHyperparameters):
         "auto", description="'auto' or a number greater than 0 and at most 2")
 
 
+class ReinforcementHyperparameters(SupervisedHyperparameters):
+    """OpenAI's reinforcement hyper-parameters that map onto GRPO; eval_interval, eval_samples and reasoning_effort
+    do not (no separate eval pass, no reasoning models here) and are refused as unknown."""
+
+    compute_multiplier: Auto | Annotated[Number, Field(ge=0.5, le=4, allow_inf_nan=False)] = Field(
+        "auto", description="'auto' or a number from 0.5 to 4 (completions sampled per prompt: 4 x this)")
+
+
 HYPERPARAMETERS: dict[str, type[SupervisedHyperparameters]] = {"supervised": SupervisedHyperparameters,
-                                                              "dpo": DpoHyperparameters}
+                                                              "dpo": DpoHyperparameters,
+                                                              "reinforcement": ReinforcementHyperparameters}
+METHODS = tuple(HYPERPARAMETERS)
 
 
 class MethodBlock(BaseModel):
@@ -57,11 +67,16 @@ class MethodBlock(BaseModel):
     hyperparameters: dict[str, Any] | None = None
 
 
+class ReinforcementBlock(MethodBlock):
+    grader: dict[str, Any] | None = None
+
+
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo"] = "supervised"
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
     supervised: MethodBlock | None = None
     dpo: MethodBlock | None = None
+    reinforcement: ReinforcementBlock | None = None
 
 
 class CreateJobRequest(ValidUnicode):
@@ -102,16 +117,29 @@ def checked_hyperparameters(values: dict[str, Any] | None, method: str, param: s
 
 def checked_method(body: CreateJobRequest) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the method as stored, the top-level hyperparameters as stored), both checked."""
+    from ownllm.finetune.graders import grader_problem
+
     spec = body.method or MethodSpec()
-    other = "dpo" if spec.type == "supervised" else "supervised"
-    if getattr(spec, other) is not None:
-        raise APIError(400, f"method.{other} is given but method.type is '{spec.type}'", param=f"method.{other}",
-                       code="invalid_value")
+    for other in METHODS:
+        if other != spec.type and getattr(spec, other) is not None:
+            raise APIError(400, f"method.{other} is given but method.type is '{spec.type}'", param=f"method.{other}",
+                           code="invalid_value")
     block = getattr(spec, spec.type)
     method: dict[str, Any] = {"type": spec.type}
     if block is not None:
         method[spec.type] = {"hyperparameters": checked_hyperparameters(
             block.hyperparameters, spec.type, f"method.{spec.type}.hyperparameters")}
+    if spec.type == "reinforcement":
+        grader = block.grader if block is not None else None
+        if grader is None:
+            raise APIError(400, "method.reinforcement.grader is required: the grader that scores each sampled "
+                           "answer (string_check or text_similarity)", param="method.reinforcement.grader",
+                           code="invalid_value")
+        problem = grader_problem(grader)
+        if problem:
+            field = ".".join(filter(None, ("method.reinforcement.grader", problem[0])))
+            raise APIError(400, f"{field}: {problem[1]}", param=field, code="invalid_value")
+        method["reinforcement"]["grader"] = grader
     # the worker overlays the method's hyper-parameters on the top-level ones, so both take the method's names
     return method, checked_hyperparameters(body.hyperparameters, spec.type, "hyperparameters")
 
@@ -140,7 +168,9 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "error": json.loads(row["error"]) if row["error"] else None, "user_provided_suffix": row["suffix"],
         "seed": row["seed"], "estimated_finish": None, "integrations": [], "metadata": None,
         "method": {"type": method_type, method_type: {"hyperparameters": {**shown, **(
-            {"beta": hyper.get("beta", "auto")} if method_type == "dpo" else {})}}},
+            {"beta": hyper.get("beta", "auto")} if method_type == "dpo" else {}), **(
+            {"compute_multiplier": hyper.get("compute_multiplier", "auto")} if method_type == "reinforcement"
+            else {})}, **({"grader": method["reinforcement"]["grader"]} if method_type == "reinforcement" else {})}},
     }
 
 

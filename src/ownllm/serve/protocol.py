@@ -358,6 +358,25 @@ class EmbeddingRequest(_Open):
         return value
 
 
+class ClassifyRequest(_Open):
+    """POST /v1/classify (an ownllm extension): label text with a classification run served by `--classifier`."""
+
+    model: str
+    input: str | list[str] = Field(union_mode="left_to_right")
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("give at least one text")
+        if len(texts) > 256:
+            raise ValueError(f"at most 256 inputs per request, got {len(texts)}")
+        if any(not text.strip() for text in texts):
+            raise ValueError("every input must be non-empty text")
+        return value
+
+
 class TokenizeRequest(_Open):
     model: str | None = None
     prompt: str | None = None

@@ -17,7 +17,7 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
                 rag_store: str | None = None, default_max_tokens: int = 512, data_dir: Path | None = None,
                 max_jobs: int = 1, job_threads: int | None = None, metrics_public: bool = False,
                 kv_memory: int | None = None, prefix_caching: bool = True, four_bit: bool = True,
-                quant: str | None = None) -> ServerState:
+                quant: str | None = None, classifiers: dict[str, Path] | None = None) -> ServerState:
     """Everything a server needs: engine, scheduler (not started yet: `serve` runs it, or call
     `state.scheduler.start()` to run it in a thread), adapters, limits; with `data_dir`, the files and
     fine-tuning jobs API (its manager not started yet: `serve` starts it, or call `state.jobs.start()`). `kv_memory`
@@ -25,12 +25,23 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     `prefix_caching` lets requests start from the KV of earlier ones that began the same way; `four_bit` runs a
     GGUF model's Q4 tensors as stored in decode steps of few rows, where measured faster (a single user's speed);
     `quant` (int8, nf4) runs the transformers backend's weights through bitsandbytes (one request at a time: the
-    batched forward needs plain weights)."""
+    batched forward needs plain weights). `classifiers` (name: classification run) are answered by POST
+    /v1/classify."""
     from ownllm.generate.batching import make_scheduler
     from ownllm.generate.open import open_engine
 
     if max_batch < 1 or max_queue < 1:
         raise OwnLLMError("max-batch and max-queue must be at least 1", param="max_batch")
+    taken = {*(adapters or {}), *(classifiers or {})}
+    clashes = sorted(set(adapters or {}) & set(classifiers or {}))
+    if clashes or model in taken:
+        raise OwnLLMError(f"the name '{(clashes or [model])[0]}' is given twice: each adapter and classifier needs "
+                          "its own name, not the model's", param="classifier")
+    loaded_classifiers = {}
+    if classifiers:
+        from ownllm.finetune.classify import Classifier
+
+        loaded_classifiers = {name: Classifier(Path(run)) for name, run in classifiers.items()}
     engine = open_engine(model, dtype=dtype, backend=backend, batch_rows=min(max_batch, 8), quant=quant)
     scheduler = make_scheduler(engine, max_batch=max_batch, max_queue=max_queue,
                                max_len=max_model_len or min(engine.context_length, 2048), kv_memory=kv_memory,
@@ -49,7 +60,7 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
                         api_keys=list(api_keys or []), metrics_public=metrics_public,
                         adapters={k: Path(v) for k, v in (adapters or {}).items()},
                         limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens),
-                        embedding_model=embedding_model, rag_index=rag_index)
+                        embedding_model=embedding_model, rag_index=rag_index, classifiers=loaded_classifiers)
     if data_dir is not None:
         from ownllm.jobs.manager import JobManager
         from ownllm.jobs.store import JobStore

@@ -38,6 +38,7 @@ class ServerState:
     embedding_model: str = "all-MiniLM-L6-v2"
     rag_index: Any = None
     jobs: Any = None  # ownllm.jobs.manager.JobManager when the server runs fine-tuning jobs
+    classifiers: dict[str, Any] = field(default_factory=dict)  # name: ownllm.finetune.classify.Classifier
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
