@@ -27,7 +27,9 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": BLOCKS | {"finetune"},
     "export": BLOCKS | {"finetune", "evaluate"},  # a tuned run is merged first; compare measures perplexity/QA
     "client": set(),  # HTTP clients of a server: nothing server-side
-    "serve": BLOCKS | {"rag", "jobs", "evaluate"},  # evaluate: the web UI's model comparison
+    # evaluate: the web UI's model comparison; finetune: classification runs answered by /v1/classify and
+    # reinforcement graders checked when a job is created
+    "serve": BLOCKS | {"rag", "jobs", "evaluate", "finetune"},
     "api": BLOCKS | CAPABILITIES,
     "cli": BLOCKS | CAPABILITIES | {"serve", "client"},
     "__init__": {"api", "models"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ import pytest
 from ownllm.jobs.manager import JobManager
 from ownllm.jobs.store import JobStore
 from ownllm.jobs.validate import validate_files
-from tests.jobs.helpers import EXAMPLES, upload, wait_for
+from tests.jobs.helpers import small_facts, upload, wait_for
 from tests.serve.conftest import Server
 
-GOOD = (EXAMPLES / "facts-train.jsonl").read_bytes()
+FACTS = small_facts(Path(tempfile.mkdtemp(prefix="ownllm-jobs-")))  # 40 replay answers per job, not 200
+GOOD = FACTS.read_bytes()
 RANDOM_BYTES = random.Random(0).randbytes(4000)
 TINY = {"n_epochs": 1, "batch_size": 1, "max_steps": 1}  # one step: a job that trains in seconds
 
@@ -131,7 +133,7 @@ def http(server: Server) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def good_file(server: Server) -> str:
-    return upload(server.client(), EXAMPLES / "facts-train.jsonl")
+    return upload(server.client(), FACTS)
 
 
 @pytest.mark.slow
@@ -181,7 +183,8 @@ BAD_HYPERPARAMETERS = [
     ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": False}}}},
      "method.dpo.hyperparameters.batch_size"),
     ({"method": {"type": "dpo", "supervised": {"hyperparameters": {}}}}, "method.supervised"),
-    ({"method": {"type": "reinforcement"}}, "method.type"),
+    ({"method": {"type": "unsupervised"}}, "method.type"),
+    ({"method": {"type": "reinforcement"}}, "method.reinforcement.grader"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**63}, "seed"),
     ({"seed": True}, "seed"),

@@ -37,6 +37,15 @@ _REFUSED = {
 }
 
 
+def text_of(value: Any) -> str:
+    """A prompt or completion as text: a string as is, chat messages as their last message's content."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return str(value[-1].get("content") or "")
+    return "" if value is None else str(value)
+
+
 def grader_problem(grader: Any) -> tuple[str, str] | None:
     """(field, problem) for a grader ownllm cannot run, else None; fields are relative to the grader object."""
     if not isinstance(grader, dict):
@@ -110,8 +119,6 @@ def grader_reward(grader: dict[str, Any]) -> Any:
         return float(expected.casefold() in given.casefold())
 
     def openai_grader(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
-        from ownllm.finetune.rewards import text_of
-
         rows = [{key: values[index] for key, values in columns.items() if isinstance(values, list)}
                 for index in range(len(completions))]
         return [score(text_of(completion), row) for completion, row in zip(completions, rows, strict=True)]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.errors import OwnLLMError
+from ownllm.finetune.graders import load_grader_file, text_of
 
 RewardFn = Callable[..., list[float | None]]
 BUILTINS = ("exact", "contains", "regex:PATTERN", "json-valid", "json-schema:FILE", "sql-exec:DB.sqlite",
@@ -49,15 +50,6 @@ class RewardFailed(OwnLLMError):
     def __init__(self, name: str, problem: str) -> None:
         super().__init__(f"reward function {name} {problem}", kind="training_failed", param="reward_fn")
         self.name = name
-
-
-def text_of(value: Any) -> str:
-    """A prompt or completion as text: a string as is, chat messages as their last message's content."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        return str(value[-1].get("content") or "")
-    return "" if value is None else str(value)
 
 
 def _references(kwargs: dict[str, Any], count: int, name: str) -> list[str]:
@@ -200,8 +192,6 @@ def load_reward(spec: str) -> RewardFn:
     elif spec.startswith("sql-exec:") and spec[9:]:
         function = _sql_exec(spec[9:])
     elif spec.startswith("openai-grader:") and spec[14:]:
-        from ownllm.finetune.graders import load_grader_file
-
         function = load_grader_file(spec[14:])
     elif re.match(r"^.+\.py:[A-Za-z_]\w*$", spec):
         function = _user_function(spec)
