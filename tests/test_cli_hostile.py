@@ -87,6 +87,7 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
     (["estimate", "7B", "--seq-len", "-5"], ("seq-len must be at least 1",)),
     (["serve", DEFAULT_MODEL, "--port", "99999"], ("port must be from 0 to 65535",)),
     (["serve", DEFAULT_MODEL, "--kv-memory", "lots"], ("--kv-memory takes a size like 2GiB",)),
+    (["serve", DEFAULT_MODEL, "--classifier", "tickets"], ("--classifier takes NAME=FOLDER",)),
     (["serve", DEFAULT_MODEL, "--kv-memory", "1MiB", "--no-jobs"], ("--kv-memory", "less than one sequence of 2,048")),
     (["serve", DEFAULT_MODEL, "--kv-memory", "1TiB", "--no-jobs"], ("--kv-memory", "more than the free memory")),
     (["bench", "serve", "--workload", "games"], ("--workload takes one of random, chat, rag",)),

@@ -48,10 +48,14 @@ def files(source, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @functools.cache
 def _hf_from_gguf(path: Path):
-    """The file read back by transformers' own GGUF loader (once per file: loads are the slow part here)."""
+    """The file read back by transformers' own GGUF loader (once per file: loads are the slow part here; its
+    metadata parsed once, not once for the config and again for the weights)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    from ownllm.models.gguf_file import one_reader_per_file
+
+    with one_reader_per_file():
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval()
 
 
@@ -60,7 +64,10 @@ def _tokenizer_from_gguf(path: Path):
     """The file's tokenizer as transformers rebuilds it (a slow conversion: only where a test reads it)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    from ownllm.models.gguf_file import one_reader_per_file
+
+    with one_reader_per_file():
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def _greedy(model, ids: torch.Tensor, steps: int = 10) -> list[int]:

@@ -102,9 +102,16 @@ def _served_classifier_answers(run: Path, default_model: str) -> None:
             assert reply.status_code == status and "error" in reply.json(), (request, reply.text)
     finally:
         server.stop()
-    assert_user_error(run_cli("serve", default_model, "--classifier", f"x={run}/missing"),
-                      "is not a finished classification run")
-    assert_user_error(run_cli("serve", default_model, "--classifier", "tickets"), "--classifier takes NAME=FOLDER")
+    from ownllm.cli.serve import _named_folders  # the CLI's parsing; its one-line errors: tests/test_cli_hostile.py
+    from ownllm.serve.run import build_state
+
+    with pytest.raises(OwnLLMError, match="is not a finished classification run"):  # before the model loads
+        build_state("no-such-model", classifiers={"x": run / "missing"})
+    with pytest.raises(OwnLLMError, match="given twice"):
+        build_state("no-such-model", adapters={"x": run}, classifiers={"x": run})
+    for bad, needle in ((["tickets"], "--classifier takes NAME=FOLDER"), (["a=1", "a=2"], "names 'a' twice")):
+        with pytest.raises(OwnLLMError, match=needle):
+            _named_folders(bad, "classifier")
 
 
 def test_bad_lines_are_named_before_training(tmp_path: Path) -> None:

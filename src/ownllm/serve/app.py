@@ -185,7 +185,7 @@ def create_app(state: ServerState) -> FastAPI:
         if body.stream:
             return _sse(_chat_stream(body.model, len(prompt_ids), body.n, generation.events(), include_usage, extra),
                         generation)
-        completions = await _collect(request, generation)
+        completions = await generation.completions_while_connected(request)
         response = formats.chat_response(body.model, len(prompt_ids), completions, extra)
         return tool_calls.apply_to_response(response, completions) if plan is not None else response
 
@@ -207,7 +207,7 @@ def create_app(state: ServerState) -> FastAPI:
         if body.stream:
             return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
                                      bool(body.stream_options and body.stream_options.include_usage)), generation)
-        completions = await _collect(request, generation)
+        completions = await generation.completions_while_connected(request)
         items = [(texts[index // body.n] if body.echo else "", c) for index, c in enumerate(completions)]
         return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, body.n)
 
@@ -253,7 +253,8 @@ def create_app(state: ServerState) -> FastAPI:
             return await tgi_stream(body)
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.encode(body.inputs, "inputs")
-        (completion,) = await _collect(request, state.submit([ids], params, prompt_param="inputs"))
+        generation = state.submit([ids], params, prompt_param="inputs")
+        (completion,) = await generation.completions_while_connected(request)
         result: dict[str, Any] = {"generated_text": completion.text}
         if body.parameters.details:
             result["details"] = _tgi_details(completion)
@@ -296,18 +297,6 @@ async def _compile_constraint(state: ServerState, params: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(None, state.engine.check_constraint, params.constraint)
 
 
-async def _collect(request: Request, generation: Generation) -> list[Completion]:
-    """Every sequence's Completion; if the client leaves first (nobody will read the answer), its sequences are
-    cancelled at once instead of holding their batch slots to the end."""
-    task = asyncio.ensure_future(generation.completions())
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            generation.close()
-            raise APIError(499, "the client closed the request", code="client_closed_request")
 
 
 def _data(payload: dict[str, Any]) -> str:

@@ -166,6 +166,23 @@ class Generation:
                 done[index] = event
         return [done[i] for i in range(self.count)]
 
+    async def completions_while_connected(self, http_request: Any) -> list[Completion]:
+        """`completions()`, watching the client: one that leaves first (nobody will read the answer) gets its
+        sequences cancelled at once instead of holding batch slots to the end (a 500-question comparison nobody
+        waits for would hold everybody else's for minutes), and a 499."""
+        task = asyncio.ensure_future(self.completions())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if await http_request.is_disconnected():
+                    raise APIError(499, "the client closed the request", code="client_closed_request")
+        finally:
+            if not task.done():
+                task.cancel()
+                self.close()
+
 
 def render_prompt(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
     try:

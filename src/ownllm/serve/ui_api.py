@@ -31,7 +31,7 @@ from ownllm.errors import ContextWindowExceeded, OwnLLMError
 from ownllm.serve import tool_calls
 from ownllm.serve.errors import APIError
 from ownllm.serve.protocol import ChatCompletionRequest, Float
-from ownllm.serve.state import Generation, ServerState
+from ownllm.serve.state import ServerState
 
 MAX_EVAL_ITEMS = 500  # questions per comparison: a request must end in minutes, not hours
 EVAL_CHUNK = 16  # sequences queued at a time (the queue has room for other users' requests meanwhile)
@@ -84,21 +84,6 @@ def _tidy(message: str, *folders: Path | str) -> str:
     return message
 
 
-async def _collect(request: Request, generation: Generation) -> list[Any]:
-    """Every sequence's Completion; a client that leaves first gets its sequences cancelled at once (a
-    500-question comparison nobody waits for must not hold the batch slots of everybody else for minutes)."""
-    task = asyncio.ensure_future(generation.completions())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise APIError(499, "the client closed the request", code="client_closed_request")
-    finally:
-        if not task.done():
-            task.cancel()
-            generation.close()
 
 
 def _readable_document(path: Path, name: str) -> None:
@@ -148,7 +133,8 @@ def router(state: ServerState) -> APIRouter:
             params = dataclasses.replace(params, explain=body.top)
         except OwnLLMError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
-        (completion,) = await _collect(request, state.submit([prompt_ids], params, adapter=adapter))
+        generation = state.submit([prompt_ids], params, adapter=adapter)
+        (completion,) = await generation.completions_while_connected(request)
         steps = completion.explanations or []
         pieces = _pieces(state.engine.tokenizer, completion.token_ids)
         temperature = params.temperature if params.strategy == "sample" else 1.0
@@ -370,7 +356,8 @@ async def _answer(request: Request, state: ServerState, items: list[Any], prompt
     results = []
     for start in range(0, len(items), EVAL_CHUNK):
         chunk = prompts[start : start + EVAL_CHUNK]
-        completions = await _collect(request, state.submit(chunk, params, adapter=adapter, prompt_param="file"))
+        generation = state.submit(chunk, params, adapter=adapter, prompt_param="file")
+        completions = await generation.completions_while_connected(request)
         for item, completion in zip(items[start : start + EVAL_CHUNK], completions, strict=True):
             prediction = completion.text.strip()
             results.append(QAResult(item.line, item.question, prediction, item.answers,
