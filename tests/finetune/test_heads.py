@@ -94,6 +94,9 @@ def _served_classifier_answers(run: Path, default_model: str) -> None:
                                                                      enumerate(expected)]
         assert body["data"][0]["probabilities"] == pytest.approx(expected[0][1], abs=1e-3)
         assert body["usage"]["prompt_tokens"] > 0 and not body["data"][0]["truncated"]
+        chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                          json={"model": "tickets", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "is a classifier" in chat.json()["error"]["message"]
         models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
         assert {"id": "tickets", "task": "classify"}.items() <= next(m for m in models if m["id"] == "tickets").items()
         for request, status in (({"model": "nope", "input": "hi"}, 404), ({"model": "tickets", "input": []}, 400),

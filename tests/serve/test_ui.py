@@ -454,3 +454,10 @@ def test_documents_refuse_what_they_cannot_index_and_keep_the_old_version(server
     # names in any script stay apart (they once both became "_.txt", the second replacing the first)
     assert add("данные.txt", b"Apples grow in the orchard.\n").json()["filename"] == "данные.txt"
     assert add("отчёт.txt", b"Bananas ripen in the sun.\n").json()["status"] == "added"
+    listed = api(server, "GET", "/v1/rag/documents").json()["data"]
+    ferry = next(d for d in listed if d["filename"] == "ferry.jsonl")
+    assert ferry["id"].startswith("doc-") and "/" not in ferry["id"]  # where the server keeps files stays its own
+    assert api(server, "DELETE", f"/v1/rag/documents/{ferry['id']}").json()["deleted"] is True
+    assert "ferry.jsonl" not in {d["filename"] for d in api(server, "GET", "/v1/rag/documents").json()["data"]}
+    gone = api(server, "DELETE", f"/v1/rag/documents/{ferry['id']}")
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "id"

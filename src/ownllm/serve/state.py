@@ -71,6 +71,9 @@ class ServerState:
             self.jobs.publish_models()  # a job may have succeeded since the manager's last look
         if model in self.adapters:
             return model
+        if model in self.classifiers:
+            raise APIError(400, f"The model '{model}' is a classifier: it labels text (POST /v1/classify), it does "
+                           "not write any", param="model", code="model_not_supported")
         raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
     def check_key(self, authorization: str | None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -75,6 +76,12 @@ def safe_filename(name: str | None, default: str) -> str:
     """An uploaded file's base name, safe as a file name here (no folders, no control characters)."""
     base = _SAFE_NAME.sub("_", Path(name or "").name).strip(" .")
     return base[:120] or default
+
+
+def document_id(source: str) -> str:
+    """A document's id in the API: stable for its indexed path, without telling clients where the server keeps
+    files."""
+    return "doc-" + hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 def _tidy(message: str, *folders: Path | str) -> str:
@@ -221,8 +228,24 @@ def router(state: ServerState) -> APIRouter:
             return {"object": "list", "data": [], "store": None}
         files = await asyncio.get_running_loop().run_in_executor(None, state.rag_index.store.files)
         return {"object": "list", "store": "ready",
-                "data": [{"object": "document", "id": source, "filename": Path(source).name}
+                "data": [{"object": "document", "id": document_id(source), "filename": Path(source).name}
                          for source in sorted(files)]}
+
+    @api.delete("/v1/rag/documents/{doc_id}")
+    async def delete_document(doc_id: str) -> dict[str, Any]:
+        """The document out of the index (its chunks no longer answer); a file the server holds is removed too,
+        a file the index was built from elsewhere (--rag-store) is left where it is."""
+        loop = asyncio.get_running_loop()
+        async with build_lock:
+            files = await loop.run_in_executor(None, state.rag_index.store.files) if state.rag_index else {}
+            source = next((s for s in files if document_id(s) == doc_id), None)
+            if source is None:
+                raise APIError(404, f"No document with id '{doc_id[:80]}'", param="id", code="document_not_found")
+            await loop.run_in_executor(None, state.rag_index.store.delete_file, source)
+            held = state.jobs is not None and Path(source).parent == (documents_folder() / "files").resolve()
+            if held:
+                Path(source).unlink(missing_ok=True)
+        return {"object": "document", "id": doc_id, "filename": Path(source).name, "deleted": True}
 
     @api.post("/v1/rag/documents")
     async def add_document(file: Annotated[UploadFile, File()]) -> dict[str, Any]:
@@ -268,7 +291,8 @@ def router(state: ServerState) -> APIRouter:
         finally:
             staged.unlink(missing_ok=True)
             previous.unlink(missing_ok=True)
-        return {"object": "document", "id": str(target.resolve()), "filename": name, "chunks": built.chunks,
+        return {"object": "document", "id": document_id(str(target.resolve())), "filename": name,
+                "chunks": built.chunks,
                 "status": "added" if built.added else "updated" if built.updated else "unchanged"}
 
     @api.post("/v1/rag/context")

@@ -123,7 +123,7 @@ async function ask() {
       return li;
     }));
     const models = await getJSON("/v1/models");
-    const model = models.data.find((m) => m.owned_by !== "sentence-transformers" && !m.parent)?.id;
+    const model = models.data.find((m) => m.owned_by !== "sentence-transformers" && !m.task && !m.parent)?.id;
     let text = "";
     await postStream("/v1/chat/completions", {
       model, messages: [{ role: "user", content: question }], rag: { k, min_score: minScore }, stream: true,

@@ -18,7 +18,7 @@ export async function enter() {
   clearError($("eval-error"));
   try {
     const { data } = await getJSON("/v1/models");
-    const models = data.filter((m) => m.owned_by !== "sentence-transformers").map((m) => m.id);
+    const models = data.filter((m) => m.owned_by !== "sentence-transformers" && !m.task).map((m) => m.id);
     for (const [id, index] of [["eval-a", 0], ["eval-b", models.length - 1]]) {
       const select = $(id);
       const chosen = select.value;

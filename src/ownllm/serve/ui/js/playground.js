@@ -28,7 +28,7 @@ export async function enter() {
   clearError($("playground-error"));
   try {
     const { data } = await getJSON("/v1/models");
-    const models = data.filter((m) => m.owned_by !== "sentence-transformers").map((m) => m.id);
+    const models = data.filter((m) => m.owned_by !== "sentence-transformers" && !m.task).map((m) => m.id);
     fill($("model"), models, false);
     fill($("model-b"), models, true);
   } catch (err) {
