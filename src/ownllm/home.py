@@ -69,6 +69,9 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     try:
         staging.chmod(usual_mode(0o777))
         yield staging
+        for written in staging.rglob("*"):  # writers that make private files (safetensors: 0600) get usual ones
+            if written.is_file() and not written.is_symlink() and written.stat().st_mode & 0o777 == 0o600:
+                written.chmod(usual_mode(0o666))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -52,3 +52,26 @@ def test_a_field_the_grader_reads_must_be_on_every_line(tmp_path: Path) -> None:
     rows = [{"prompt": "a", "answer": "x"}, {"prompt": "b"}]
     with pytest.raises(OwnLLMError, match=r"data\.jsonl line 7: needs 'answer'"):
         validate_rewards([reward_for(CHECK, tmp_path)], rows, ["data.jsonl line 3", "data.jsonl line 7"])
+
+
+def test_malformed_templates_and_types_are_refused_up_front() -> None:
+    for grader, field in (({**CHECK, "type": ["string_check"]}, "type"), ({**CHECK, "reference": "{{item.}}"},
+                          "reference"), ({**CHECK, "reference": "{{item.a..b}}"}, "reference"),
+                          ({**CHECK, "reference": "{{item-answer}}"}, "reference"),
+                          ({**CHECK, "input": "{{sample.output_text}} {{ bogus"}, "input"),
+                          ({"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "x",
+                            "evaluation_metric": "fuzzy_match", "pass_threshold": float("inf")}, "pass_threshold")):
+        assert grader_problem(grader)[0] == field, grader
+
+
+def test_a_field_whose_type_changes_between_lines_is_named(tmp_path: Path) -> None:
+    from ownllm.finetune.grpo import as_table, load_prompts
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "a", "answer": "x"}\n{"prompt": "b", "answer": 5}\n')
+    with pytest.raises(OwnLLMError, match=r"mixed\.jsonl line 2: 'answer' is a number, but text on line 1"):
+        load_prompts(mixed)
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text('{"prompt": "a", "meta": {"n": 1}}\n{"prompt": "b", "meta": {"n": "x"}}\n')
+    with pytest.raises(OwnLLMError, match=r"nested\.jsonl: its fields do not form one table"):
+        as_table(load_prompts(nested), nested)

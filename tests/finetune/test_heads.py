@@ -99,6 +99,9 @@ def _served_classifier_answers(run: Path, default_model: str) -> None:
         assert chat.status_code == 400 and "is a classifier" in chat.json()["error"]["message"]
         models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
         assert {"id": "tickets", "task": "classify"}.items() <= next(m for m in models if m["id"] == "tickets").items()
+        huge = {"model": "tickets", "input": ["refund " * 200] * 256}  # ~51k tokens: refused before any forward
+        reply = httpx.post(f"{server.url}/v1/classify", json=huge, timeout=120)
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "too_many_tokens", reply.text
         for request, status in (({"model": "nope", "input": "hi"}, 404), ({"model": "tickets", "input": []}, 400),
                                 ({"model": "tickets", "input": "  "}, 400), ({"model": "tickets"}, 400)):
             reply = httpx.post(f"{server.url}/v1/classify", json=request, timeout=30)

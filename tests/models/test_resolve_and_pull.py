@@ -50,6 +50,14 @@ def test_corrupt_gguf_is_named(tmp_path: Path) -> None:
     truncated.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x05" * 20)
     with pytest.raises(OwnLLMError, match="corrupt or truncated"):
         check_gguf(truncated)
+    import struct
+
+    key = b"deep"  # one metadata value: an array of arrays of ... 5,000 deep (a crafted file, not a model)
+    deep = tmp_path / "deep.gguf"
+    deep.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+                     + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0))
+    with pytest.raises(OwnLLMError, match="nested more than"):
+        check_gguf(deep)
 
 
 def test_user_aliases_extend_and_are_checked(empty_home: Path) -> None:

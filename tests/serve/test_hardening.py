@@ -168,6 +168,7 @@ def test_lone_surrogate_is_a_400(server) -> None:
     error = _error(httpx.post(f"{server.url}/v1/chat/completions", content=body,
                               headers={"content-type": "application/json"}), 400)
     assert "Unicode" in error["message"] and "messages[0].content" in error["message"]
+    assert error["param"] == "messages[0].content"
 
 
 def test_stream_past_the_context_is_refused_before_it_starts(server) -> None:

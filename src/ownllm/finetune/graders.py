@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ownllm.errors import OwnLLMError
 OPERATIONS = ("eq", "ne", "like", "ilike")
 METRICS = ("fuzzy_match",)
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
+_FIELD = re.compile(r"sample\.output_text|item(\.[A-Za-z_]\w*)+")
 _REFUSED = {
     "python": "python graders run the request's code on this machine, which ownllm does not do for an API request: "
               "put the function in a file and train with `ownllm finetune --method grpo --reward-fn FILE.py:FUNCTION`",
@@ -51,6 +53,8 @@ def grader_problem(grader: Any) -> tuple[str, str] | None:
     if not isinstance(grader, dict):
         return "", "must be a grader object"
     kind = grader.get("type")
+    if not isinstance(kind, str):
+        return "type", f"must be a string (string_check or text_similarity), got {json.dumps(kind)[:60]}"
     if kind in _REFUSED:
         return "type", _REFUSED[kind]
     if kind not in ("string_check", "text_similarity"):
@@ -60,9 +64,11 @@ def grader_problem(grader: Any) -> tuple[str, str] | None:
         if not isinstance(value, str) or not value.strip():
             return field, "must be a template string, e.g. \"{{sample.output_text}}\" or \"{{item.answer}}\""
         for name in _TEMPLATE.findall(value):
-            if name != "sample.output_text" and not name.startswith("item."):
+            if not _FIELD.fullmatch(name):
                 return field, f"{{{{{name}}}}} is not a field ownllm fills: use {{{{sample.output_text}}}} or " \
                               "{{item.FIELD}}"
+        if "{{" in _TEMPLATE.sub("", value) or "}}" in _TEMPLATE.sub("", value):
+            return field, "has a '{{' or '}}' that is not part of a {{sample.output_text}} or {{item.FIELD}} field"
     if "name" in grader and not isinstance(grader["name"], str):
         return "name", "must be a string"
     if kind == "string_check" and grader.get("operation") not in OPERATIONS:
@@ -71,8 +77,10 @@ def grader_problem(grader: Any) -> tuple[str, str] | None:
         if grader.get("evaluation_metric") not in METRICS:
             return "evaluation_metric", f"must be {', '.join(METRICS)} (the other metrics are not supported here)"
         threshold = grader.get("pass_threshold")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
-            return "pass_threshold", "must be a number"
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+                                      or not math.isfinite(threshold)):
+            return "pass_threshold", "must be a finite number (accepted for OpenAI's shape; the reward is the " \
+                                     "similarity itself)"
     return None
 
 

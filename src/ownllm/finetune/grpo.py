@@ -40,6 +40,7 @@ def load_prompts(path: Path, places: list[str] | None = None) -> list[dict[str, 
     """The prompt rows of an RL data file (see the module docstring); problems are named with file and line (each
     row's "FILE line N" is appended to `places` when given)."""
     rows, problems = [], []
+    kinds: dict[str, tuple[str, int]] = {}  # column: (JSON type, the line it was first seen on)
     for record in read_jsonl(path):
         data, where = dict(record.data), f"{path.name} line {record.line}"
         messages = data.pop("messages", None)
@@ -64,6 +65,7 @@ def load_prompts(path: Path, places: list[str] | None = None) -> list[dict[str, 
         if REFERENCE in data and not isinstance(data[REFERENCE], str):
             problems.append(f"{where}: '{REFERENCE}' must be text")
             continue
+        problems += _type_changes(data, kinds, where, record.line)
         rows.append(data)
         if places is not None:
             places.append(where)
@@ -73,10 +75,49 @@ def load_prompts(path: Path, places: list[str] | None = None) -> list[dict[str, 
     return rows
 
 
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else "null"
+
+
+def _type_changes(row: dict[str, Any], kinds: dict[str, tuple[str, int]], where: str, line: int) -> list[str]:
+    """A column whose JSON type differs from an earlier line's (the rows become one table for the trainer, and
+    reward functions get one column per field): named with both lines. null fits any column."""
+    problems = []
+    for key, value in row.items():
+        if key == "prompt" or value is None:
+            continue
+        kind = _json_kind(value)
+        first_kind, first_line = kinds.setdefault(key, (kind, line))
+        if first_kind != kind:
+            problems.append(f"{where}: '{key}' is {kind}, but {first_kind} on line {first_line}: give it one type "
+                            "on every line")
+    return problems
+
+
+def as_table(rows: list[dict[str, Any]], path: Path) -> Any:
+    """The rows as the trainer's dataset, or an error naming the file when their fields do not form one table
+    (types that differ inside nested fields: the line-by-line check names the plain cases)."""
+    import pyarrow
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_list(rows)
+    except (pyarrow.ArrowException, TypeError, ValueError) as exc:
+        raise OwnLLMError(f"{path.name}: its fields do not form one table ({exc}): give each field the same type "
+                          "(and nested fields the same shape) on every line", param="data") from None
+
+
 def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[list[dict[str, Any]], list[Any]]:
     """Data and reward functions, read and tried before any model loads: a bad file or function stops here."""
     where: list[str] = []
     rows = load_prompts(data, where)
+    as_table(rows, data)
     rewards = [load_reward(spec) for spec in cfg.reward_fn]
     validate_rewards(rewards, rows, where)
     if cfg.reward_model:
@@ -89,7 +130,6 @@ def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[list[dict[str, Any]], lis
 def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callbacks: list[Any] | None = None
              ) -> TrainOutcome:
     """Build the policy, the rewards and TRL's trainer; train (resuming from the latest checkpoint); save final/."""
-    from datasets import Dataset
     from peft import LoraConfig
 
     from ownllm.models.load import load_model
@@ -123,7 +163,7 @@ def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, ca
         from trl import GRPOConfig as ArgsClass
         from trl import GRPOTrainer as TrainerClass
     trainer = TrainerClass(model=model, reward_funcs=reward_funcs, args=ArgsClass(**common),
-                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                           train_dataset=as_table(rows, data), processing_class=tokenizer,
                            reward_processing_classes=reward_tokenizers if cfg.reward_model else None,
                            callbacks=run_callbacks(run_dir),
                            peft_config=peft_config)

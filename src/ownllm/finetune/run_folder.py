@@ -11,8 +11,6 @@ Layering: this module imports nothing from ownllm but `ownllm.errors`, so that t
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -86,13 +84,8 @@ def read_record(model_folder: Path) -> RunRecord | None:
 
 def write_record(model_folder: Path, record: RunRecord) -> Path:
     """Write the run record into `model_folder` whole or not at all (temp file + rename)."""
+    from ownllm.home import atomic_write_text
+
     path = model_folder / RECORD_FILE
-    fd, staging = tempfile.mkstemp(dir=model_folder, prefix=f".{RECORD_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(asdict(record), indent=2, ensure_ascii=False) + "\n")
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(asdict(record), indent=2, ensure_ascii=False) + "\n")
     return path

@@ -72,12 +72,13 @@ def _prompt_rows(path: Path, job: dict[str, Any]) -> tuple[int, str | None]:
     field the job's grader reads."""
     from ownllm.errors import OwnLLMError
     from ownllm.finetune.graders import grader_reward
-    from ownllm.finetune.grpo import load_prompts
+    from ownllm.finetune.grpo import as_table, load_prompts
     from ownllm.finetune.rewards import validate_rewards
 
     try:
         where: list[str] = []
         rows = load_prompts(path, where)
+        as_table(rows, path)
         validate_rewards([grader_reward(json.loads(job["method"])["reinforcement"]["grader"])], rows, where)
     except OwnLLMError as exc:
         return 0, exc.message

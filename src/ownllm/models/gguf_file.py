@@ -25,7 +25,7 @@ def check_gguf(path: Path) -> str:
             raise OwnLLMError(f"'{path}' is not a GGUF file (bad magic bytes)", param="model")
     try:
         architecture, _ = gguf_tensors(path)
-    except (ValueError, KeyError, IndexError, OSError, struct.error, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, IndexError, OSError, struct.error, UnicodeDecodeError, RecursionError) as exc:
         raise OwnLLMError(
             f"'{path}' is a corrupt or truncated GGUF file ({exc.__class__.__name__}: {exc})", param="model"
         ) from None
@@ -83,6 +83,7 @@ class GGUFTensor:
 
 # value sizes of the fixed-width GGUF metadata types (8: string and 9: array are read by length)
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_NESTING = 8
 
 
 def gguf_tensors(path: Path) -> tuple[str, list[GGUFTensor]]:
@@ -109,18 +110,20 @@ def gguf_tensors(path: Path) -> tuple[str, list[GGUFTensor]]:
         return value
 
 
-    def skip(kind: int) -> None:
+    def skip(kind: int, depth: int = 0) -> None:
         nonlocal offset
         if kind == 8:
             length = take("Q")  # (read before adding: take moves the offset too)
             offset += length
         elif kind == 9:
+            if depth >= _MAX_NESTING:  # arrays of arrays of ...: no model has more than two levels
+                raise ValueError(f"metadata arrays nested more than {_MAX_NESTING} deep")
             inner, count = take("IQ")
             if inner in _SCALAR_BYTES:
                 offset += _SCALAR_BYTES[inner] * count
             else:
                 for _ in range(count):
-                    skip(inner)
+                    skip(inner, depth + 1)
         else:
             offset += _SCALAR_BYTES[kind]
 

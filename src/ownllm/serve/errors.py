@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +38,7 @@ def envelope(status: int, message: str, param: str | None = None, code: str | No
 
 
 _UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_NAMED_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*) is not valid Unicode text")
 
 
 def describe_validation_error(problems: list[dict]) -> tuple[str | None, str]:
@@ -57,7 +59,11 @@ def describe_validation_error(problems: list[dict]) -> tuple[str | None, str]:
     best = max(problems, key=lambda p: (len(path(p)), not str(p.get("type", "")).endswith("_type")))
     param = "".join(path(best)).lstrip(".") or None
     text = str(best.get("msg", "invalid value")).removeprefix("Value error, ")
-    return param, f"{param}: {text}" if param else text
+    if param is None:  # a check of the whole body (lone surrogates) names its field in the message
+        named = _NAMED_FIELD.match(text)
+        param = named.group(1) if named else None
+        return param, text
+    return param, f"{param}: {text}"
 
 
 def from_ownllm(exc: OwnLLMError) -> tuple[int, str | None]:

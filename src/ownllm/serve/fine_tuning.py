@@ -14,6 +14,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from ownllm.home import usual_mode
 from ownllm.jobs.manager import JobManager
 from ownllm.jobs.store import ACTIVE, JobStore, fine_tuned_name
 from ownllm.serve.errors import APIError
@@ -215,6 +216,7 @@ def router(store: JobStore, manager: JobManager, served_model: str) -> APIRouter
         if purpose not in UPLOAD_PURPOSES:
             raise APIError(400, f"'{purpose}' is not one of {list(UPLOAD_PURPOSES)} - 'purpose'", param="purpose")
         fd, staged = tempfile.mkstemp(dir=store.files_dir, prefix=".upload-", suffix=".tmp")
+        os.fchmod(fd, usual_mode(0o666))  # as the result files: mkstemp's 0600 would hide it from the owner's group
         try:
             with os.fdopen(fd, "wb") as handle:
                 while chunk := await file.read(1 << 20):

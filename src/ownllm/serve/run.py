@@ -32,11 +32,12 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
 
     if max_batch < 1 or max_queue < 1:
         raise OwnLLMError("max-batch and max-queue must be at least 1", param="max_batch")
-    taken = {*(adapters or {}), *(classifiers or {})}
-    clashes = sorted(set(adapters or {}) & set(classifiers or {}))
-    if clashes or model in taken:
-        raise OwnLLMError(f"the name '{(clashes or [model])[0]}' is given twice: each adapter and classifier needs "
-                          "its own name, not the model's", param="classifier")
+    reserved = {model, Path(model.rstrip("/")).name, embedding_model, f"sentence-transformers/{embedding_model}"}
+    clashes = sorted((set(adapters or {}) & set(classifiers or {})) | ({*(adapters or {}), *(classifiers or {})}
+                                                                       & reserved))
+    if clashes:
+        raise OwnLLMError(f"the name '{clashes[0]}' is given twice: each adapter and classifier needs its own name, "
+                          "not the model's or the embedding model's", param="classifier")
     loaded_classifiers = {}
     if classifiers:
         from ownllm.finetune.classify import Classifier
@@ -88,8 +89,9 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
             mode += f", {batching['int4_note']}"
     else:
         mode = f"one request at a time: {batching['reason']}"
+    heads = f"; classifiers {', '.join(sorted(state.classifiers))} at /v1/classify" if state.classifiers else ""
     return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}) on "
-            f"http://{host}:{port}/v1")
+            f"http://{host}:{port}/v1{heads}")
 
 
 def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> None:
