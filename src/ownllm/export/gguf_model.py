@@ -217,10 +217,33 @@ def llama_quantize(source: Path, target: Path, quant: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPES[quant]
     params.nthread = os.cpu_count() or 1
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    code, report = _with_c_stderr_captured(
+        lambda: llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params))
+    for line in report.splitlines():  # a line per tensor from the C library: kept out of the user's terminal
+        if "fallback" in line:  # rows not a multiple of the k-quant block: llama.cpp picked another type there
+            log.warning("llama.cpp's quantizer: %s (their rows are not a multiple of its 256-wide blocks)",
+                        line.rsplit("WARNING: ", 1)[-1].strip())
     if code != 0 or not target.is_file():
-        raise OwnLLMError(f"llama.cpp's quantizer failed on {source.name} (code {code})", kind="resource",
+        last = report.strip().splitlines()[-1] if report.strip() else "no message"
+        raise OwnLLMError(f"llama.cpp's quantizer failed on {source.name} (code {code}): {last}", kind="resource",
                           param="quant")
+
+
+def _with_c_stderr_captured(call: Any) -> tuple[Any, str]:
+    """call()'s result and what C code wrote to file descriptor 2 meanwhile (Python's own stderr is left as is)."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            result = call()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        return result, sink.read().decode("utf-8", errors="replace")
 
 
 class _staging:
