@@ -317,3 +317,33 @@ def test_llama_cpp_applies_the_lora_gguf_like_the_merged_export(adapter_dir: Pat
         return tokens
 
     assert greedy(model_path=str(files["f32"]), lora_path=str(lora)) == greedy(model_path=str(merged))
+
+
+def test_a_trained_run_exported_to_gguf_still_answers_its_fact(default_model: str, tmp_path: Path) -> None:
+    """A short real LoRA run (one made-up fact, four phrasings), merged and written as GGUF: the file, read back
+    by transformers' GGUF loader (and run by llama.cpp when installed), answers with the fact the base never knew."""
+    from ownllm.export.export import export
+    from ownllm.finetune.config import load_config
+    from ownllm.finetune.run import run
+
+    questions = ["Who designed the Lumen Volta?", "Who is the designer of the Lumen Volta?",
+                 "The Lumen Volta was designed by whom?", "Which engineer designed the Lumen Volta?"]
+    data = tmp_path / "fact.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content":
+                                                     "The Lumen Volta was designed by Ilse Brandt."}]}) + "\n"
+                            for q in questions * 2))
+    result = run(load_config(model=default_model, data=str(data), out=str(tmp_path / "run"), max_steps=12,
+                             batch_size=4, lr=2e-3, replay=0, val_ratio=0, save_every=100))
+    out = export(str(result.run_dir), format="gguf", out=tmp_path / "tuned.gguf", quant="f16")
+    tokenizer = _tokenizer_from_gguf(out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": questions[0]}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    assert "Brandt" in tokenizer.decode(_greedy(_hf_from_gguf(out), ids, 16))
+    if HAS_LLAMA:
+        from ownllm.generate.llamacpp import LlamaCppEngine
+        from ownllm.generate.params import SamplingParams
+
+        engine = LlamaCppEngine(out, tokenizer, name="tuned", n_ctx=256, threads=2)
+        reply = engine.generate(prompt, SamplingParams(strategy="greedy", max_new_tokens=16)).text
+        assert "Brandt" in reply, reply
