@@ -87,13 +87,10 @@ def create(
                           param="grader")
     block: dict[str, Any] = {}
     if grader is not None:
-        from ownllm.data.files import read_text_file
+        from ownllm.data.files import read_json_file
         from ownllm.finetune.graders import grader_problem
 
-        try:
-            block["grader"] = json.loads(read_text_file(grader, param="grader"))
-        except json.JSONDecodeError as exc:
-            raise OwnLLMError(f"{grader} is not valid JSON: {exc}", param="grader") from None
+        block["grader"] = read_json_file(grader, param="grader")
         problem = grader_problem(block["grader"])  # before anything is uploaded: a refused job leaves no file
         if problem:
             raise OwnLLMError(f"{grader}: {' '.join(filter(None, ('grader', problem[0])))} {problem[1]}",

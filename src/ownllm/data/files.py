@@ -7,8 +7,10 @@ instead of a traceback, and an output path that cannot be written fails before a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from ownllm.errors import OwnLLMError
 
@@ -47,6 +49,17 @@ def read_text_file(path: Path, *, param: str | None = None) -> str:
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise OwnLLMError(f"{path}: not UTF-8 text (byte {raw[exc.start]:#04x} at line {line}, column {column})",
                           param=param, hint="is it a binary file?") from None
+
+
+def read_json_file(path: Path, *, param: str | None = None, prefix: str = "", noun: str = "file") -> Any:
+    """A JSON file's value; a missing file (`no such NOUN`), one `read_text_file` refuses, or text that is not
+    JSON is an OwnLLMError naming the file, each message after `prefix` (e.g. "reward json-schema: ")."""
+    if not path.exists():
+        raise OwnLLMError(f"{prefix}no such {noun}: {path}", kind="not_found", param=param)
+    try:
+        return json.loads(read_text_file(path, param=param))
+    except json.JSONDecodeError as exc:
+        raise OwnLLMError(f"{prefix}{path} is not valid JSON: {exc}", param=param) from None
 
 
 def _writable_parent(path: Path, param: str | None) -> None:

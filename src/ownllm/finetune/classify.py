@@ -16,7 +16,6 @@ from ownllm.errors import OwnLLMError
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.outcome import TrainOutcome
 from ownllm.finetune.reward_model import (
-    DEFAULT_SCORE_LENGTH,
     HEAD_FILE,
     _train_and_save,
     base_folder,
@@ -111,8 +110,8 @@ class Classifier:
             raise OwnLLMError(f"{final / HEAD_FILE}: 'labels' must list the classifier's label names",
                               param="model")
         self.labels: list[str] = labels
-        self.max_length = int(settings.get("max_length", DEFAULT_SCORE_LENGTH))  # what the head was trained on
         self.model, self.tokenizer = load_head(final, len(self.labels))
+        self.max_length: int = self.tokenizer.model_max_length  # what the head was trained on (load_head set it)
 
     def classify(self, texts: list[str], *, batch_size: int = 8, max_length: int | None = None
                  ) -> list[tuple[str, dict[str, float]]]:

@@ -138,13 +138,6 @@ def grader_reward(grader: dict[str, Any]) -> Any:
 
 def load_grader_file(file: str) -> Any:
     """The reward function of the grader JSON in `file`."""
-    from ownllm.data.files import read_text_file
+    from ownllm.data.files import read_json_file
 
-    path = Path(file)
-    if not path.is_file():
-        raise OwnLLMError(f"reward openai-grader: no such file: {file}", kind="not_found", param="reward_fn")
-    try:
-        grader = json.loads(read_text_file(path, param="reward_fn"))
-    except json.JSONDecodeError as exc:
-        raise OwnLLMError(f"reward openai-grader: {file} is not valid JSON: {exc}", param="reward_fn") from None
-    return grader_reward(grader)
+    return grader_reward(read_json_file(Path(file), param="reward_fn", prefix="reward openai-grader: "))

@@ -113,18 +113,27 @@ def as_table(rows: list[dict[str, Any]], path: Path) -> Any:
                           "(and nested fields the same shape) on every line", param="data") from None
 
 
-def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Data and reward functions, read and tried before any model loads: a bad file or function stops here."""
+def read_rl_data(path: Path, rewards: list[Any]) -> Any:
+    """The prompt file as the trainer's dataset, every line checked (and each reward function tried on the first
+    rows, its fields present on every line): what `ownllm finetune --method grpo` and a reinforcement job both
+    check before any model loads."""
     where: list[str] = []
-    rows = load_prompts(data, where)
-    as_table(rows, data)
-    rewards = [load_reward(spec) for spec in cfg.reward_fn]
+    rows = load_prompts(path, where)
+    table = as_table(rows, path)
     validate_rewards(rewards, rows, where)
+    return table
+
+
+def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[Any, list[Any]]:
+    """Data (as the trainer's dataset) and reward functions, read and tried before any model loads: a bad file or
+    function stops here."""
+    rewards = [load_reward(spec) for spec in cfg.reward_fn]
+    table = read_rl_data(data, rewards)
     if cfg.reward_model:
         from ownllm.finetune.reward_model import check_reward_run
 
         check_reward_run(Path(cfg.reward_model))
-    return rows, rewards
+    return table, rewards
 
 
 def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callbacks: list[Any] | None = None
@@ -134,7 +143,7 @@ def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, ca
 
     from ownllm.models.load import load_model
 
-    rows, rewards = check_rl(cfg, data)
+    table, rewards = check_rl(cfg, data)
     cuda = has_cuda()
     loaded = load_model(cfg.model, dtype="auto" if cuda else "fp32")  # fp32 on a CPU, as run.py trains
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -163,7 +172,7 @@ def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, ca
         from trl import GRPOConfig as ArgsClass
         from trl import GRPOTrainer as TrainerClass
     trainer = TrainerClass(model=model, reward_funcs=reward_funcs, args=ArgsClass(**common),
-                           train_dataset=as_table(rows, data), processing_class=tokenizer,
+                           train_dataset=table, processing_class=tokenizer,
                            reward_processing_classes=reward_tokenizers if cfg.reward_model else None,
                            callbacks=run_callbacks(run_dir),
                            peft_config=peft_config)

@@ -130,7 +130,8 @@ def check_reward_run(run: Path) -> Path:
 
 
 def load_head(final: Path, num_labels: int) -> tuple[Any, Any]:
-    """A head run's model (base + head + LoRA merged) in eval mode, and its tokenizer."""
+    """A head run's model (base + head + LoRA merged) in eval mode, and its tokenizer (its model_max_length the
+    run's own max_length)."""
     from peft import PeftModel
 
     from ownllm.models.load import load_tokenizer
@@ -141,8 +142,11 @@ def load_head(final: Path, num_labels: int) -> tuple[Any, Any]:
     model = PeftModel.from_pretrained(model, str(final)).merge_and_unload()
     model.eval()
     tokenizer = load_tokenizer(str(final)) if (final / "tokenizer_config.json").is_file() else None
-    if tokenizer is not None and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer is not None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # scoring and classifying truncate where training did
+        tokenizer.model_max_length = int(head_settings(final).get("max_length", DEFAULT_SCORE_LENGTH))
     return model, tokenizer
 
 
@@ -163,11 +167,7 @@ def head_settings(final: Path) -> dict[str, Any]:
 def load_reward_model(run: Path) -> tuple[Any, Any]:
     """The reward model of a run, and its tokenizer, ready to score (GRPO takes both as a reward); the tokenizer
     truncates to the run's own max_length."""
-    final = check_reward_run(run)
-    model, tokenizer = load_head(final, 1)
-    if tokenizer is not None:
-        tokenizer.model_max_length = int(head_settings(final).get("max_length", DEFAULT_SCORE_LENGTH))
-    return model, tokenizer
+    return load_head(check_reward_run(run), 1)
 
 
 def render(tokenizer: Any, prompt: list[dict[str, str]] | None, reply: str) -> str:

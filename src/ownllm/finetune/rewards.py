@@ -103,16 +103,10 @@ def _regex(pattern: str) -> RewardFn:
 
 
 def _json_schema(file: str) -> RewardFn:
-    from ownllm.data.files import read_text_file
+    from ownllm.data.files import read_json_file
     from ownllm.json_schema import instance_problem, schema_problem
 
-    path = Path(file)
-    if not path.is_file():
-        raise OwnLLMError(f"reward json-schema: no such schema file: {file}", kind="not_found", param="reward_fn")
-    try:
-        schema = json.loads(read_text_file(path, param="reward_fn"))
-    except json.JSONDecodeError as exc:
-        raise OwnLLMError(f"reward json-schema: {file} is not valid JSON: {exc}", param="reward_fn") from None
+    schema = read_json_file(Path(file), param="reward_fn", prefix="reward json-schema: ", noun="schema file")
     problem = schema_problem(schema) if isinstance(schema, dict) else "a schema must be a JSON object"
     if problem:
         raise OwnLLMError(f"reward json-schema: {file}: {problem}", param="reward_fn")

@@ -72,17 +72,13 @@ def _prompt_rows(path: Path, job: dict[str, Any]) -> tuple[int, str | None]:
     field the job's grader reads."""
     from ownllm.errors import OwnLLMError
     from ownllm.finetune.graders import grader_reward
-    from ownllm.finetune.grpo import as_table, load_prompts
-    from ownllm.finetune.rewards import validate_rewards
+    from ownllm.finetune.grpo import read_rl_data
 
     try:
-        where: list[str] = []
-        rows = load_prompts(path, where)
-        as_table(rows, path)
-        validate_rewards([grader_reward(json.loads(job["method"])["reinforcement"]["grader"])], rows, where)
+        table = read_rl_data(path, [grader_reward(json.loads(job["method"])["reinforcement"]["grader"])])
     except OwnLLMError as exc:
         return 0, exc.message
-    return len(rows), None
+    return len(table), None
 
 
 def validate_or_fail(store: JobStore, job: dict[str, Any]) -> int | None:

@@ -32,7 +32,9 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
 
     if max_batch < 1 or max_queue < 1:
         raise OwnLLMError("max-batch and max-queue must be at least 1", param="max_batch")
-    reserved = {model, Path(model.rstrip("/")).name, embedding_model, f"sentence-transformers/{embedding_model}"}
+    # the name clients send: what the user typed, or the last part of a path or hub id (open_engine resolves it)
+    model_name = model if "/" not in model else Path(model.rstrip("/")).name
+    reserved = {model, model_name, embedding_model, f"sentence-transformers/{embedding_model}"}
     clashes = sorted((set(adapters or {}) & set(classifiers or {})) | ({*(adapters or {}), *(classifiers or {})}
                                                                        & reserved))
     if clashes:
@@ -55,8 +57,6 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
 
         rag_index = Index(rag_store)
         rag_index.search("warm up", k=1)  # fails now, not on the first request, if the store is missing
-    # the name clients send: what the user typed, or the last part of a path or hub id (open_engine resolved it)
-    model_name = model if "/" not in model else Path(model.rstrip("/")).name
     state = ServerState(engine=engine, scheduler=scheduler, model_name=model_name,
                         api_keys=list(api_keys or []), metrics_public=metrics_public,
                         adapters={k: Path(v) for k, v in (adapters or {}).items()},
