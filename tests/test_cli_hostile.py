@@ -5,6 +5,7 @@ marked slow), so each costs one process start."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,8 @@ CHAT_LINE = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    """A folder of hostile inputs: binary bytes, UTF-16, a plain file, a folder, a folder holding a user's file."""
+    """A folder of hostile inputs: binary bytes, UTF-16, a plain file, a folder, a pipe, JSON nested too deeply
+    to parse, a folder holding a user's file."""
     (tmp_path / "binary.jsonl").write_bytes(BINARY)
     (tmp_path / "binary.txt").write_bytes(BINARY)
     (tmp_path / "utf16.jsonl").write_bytes(json.dumps(CHAT_LINE).encode("utf-16"))
@@ -28,6 +30,8 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "a-file").write_text("not a folder\n")
     (tmp_path / "list.yaml").write_text("- lr\n- 0.1\n")
     (tmp_path / "a-folder").mkdir()
+    os.mkfifo(tmp_path / "a-pipe")  # nothing ever writes it: reading it would hang
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.txt").write_text("years of work\n")
     return tmp_path
@@ -94,6 +98,10 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
     (["rag", "ask", "cats", "--store", "{}/none.db", "--min-score", "nan"], ("min-score must be a finite number",)),
     (["bench", "serve", "--concurrency", "0"], ("concurrency levels must be at least 1",)),
     (["jobs", "list", "--url", "http://[::1"], ("--url", "not a valid URL")),
+    (["jobs", "create", "{}/train.jsonl", "--model", "m", "--method", "reinforcement", "--grader", "{}/a-pipe"],
+     ("--grader", "a-pipe is not a regular file")),
+    (["jobs", "create", "{}/train.jsonl", "--model", "m", "--method", "reinforcement", "--grader", "{}/deep.json"],
+     ("deep.json is not valid JSON here: nested too deeply",)),
     (["pull", DEFAULT_MODEL, "--name", "../outside"], ("--name", "not a plain model name")),
     (["generate", DEFAULT_MODEL, "x", "--strategy", "beam", "--num-beams", "100000"], ("at most 64",)),
     # bytes that are not UTF-8 in an argument (Python sees them as lone surrogates)

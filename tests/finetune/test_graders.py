@@ -75,3 +75,18 @@ def test_a_field_whose_type_changes_between_lines_is_named(tmp_path: Path) -> No
     nested.write_text('{"prompt": "a", "meta": {"n": 1}}\n{"prompt": "b", "meta": {"n": "x"}}\n')
     with pytest.raises(OwnLLMError, match=r"nested\.jsonl: its fields do not form one table"):
         as_table(load_prompts(nested), nested)
+
+
+def test_unknown_fields_and_single_brace_fields_are_refused(tmp_path: Path) -> None:
+    deep: list = []
+    for _ in range(600):  # deeper than a JSON reply can echo: nothing unchecked is stored with a job
+        deep = [deep]
+    assert grader_problem({**CHECK, "extra": deep}) == (
+        "extra", "is not a field of a string_check grader (its fields: type, name, input, reference, operation)")
+    assert grader_problem({**CHECK, "reference": "{item.answer}"}) == (
+        "reference", "{item.answer} has single braces: a field is written {{item.answer}}")
+    assert grader_problem({**CHECK, "reference": "{ sample.output_text } and {{item.answer}}"})[0] == "reference"
+    assert grader_problem({**CHECK, "reference": "{literal} {{item.answer}}"}) is None  # braces that are no field
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(OwnLLMError, match="nested too deeply"):
+        load_reward(f"openai-grader:{tmp_path / 'deep.json'}")

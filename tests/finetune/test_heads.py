@@ -111,8 +111,10 @@ def _served_classifier_answers(run: Path, default_model: str) -> None:
     from ownllm.cli.serve import _named_folders  # the CLI's parsing; its one-line errors: tests/test_cli_hostile.py
     from ownllm.serve.run import build_state
 
-    with pytest.raises(OwnLLMError, match="is not a finished classification run"):  # before the model loads
+    with pytest.raises(OwnLLMError, match="no such folder"):  # before the model loads
         build_state("no-such-model", classifiers={"x": run / "missing"})
+    with pytest.raises(OwnLLMError, match="is not a finished classification run"):
+        build_state("no-such-model", classifiers={"x": run.parent})
     with pytest.raises(OwnLLMError, match="given twice"):
         build_state("no-such-model", adapters={"x": run}, classifiers={"x": run})
     for bad, needle in ((["tickets"], "--classifier takes NAME=FOLDER"), (["a=1", "a=2"], "names 'a' twice")):

@@ -159,6 +159,13 @@ def test_a_killed_server_resumes_the_job_after_restart(default_model: str, tmp_p
         second.stop()
 
 
+def deeply_nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def test_cli_creates_a_dpo_job_from_a_local_file_and_waits(server: Server, default_model: str,
                                                           tmp_path: Path) -> None:
     pairs = tmp_path / "pairs.jsonl"
@@ -172,8 +179,14 @@ def test_cli_creates_a_dpo_job_from_a_local_file_and_waits(server: Server, defau
     assert result.returncode == 0, result.stderr[-2000:]
     assert "succeeded" in result.stdout and f"ft:{default_model}:polite:" in result.stdout
     assert "Step 2/2" in result.stdout  # the events, followed
-    job = server.client(KEY).fine_tuning.jobs.list(limit=1).data[0]
+    client = server.client(KEY)
+    job = client.fine_tuning.jobs.list(limit=1).data[0]
     assert job.method.type == "dpo" and job.status == "succeeded"
+    files = len(client.files.list().data)
+    refused = run_cli("jobs", "create", str(pairs), "--model", "no-such-model", "--method", "dpo", "--url",
+                      server.url, "--api-key", KEY)
+    assert refused.returncode == 2 and "no-such-model" in refused.stderr
+    assert len(client.files.list().data) == files  # the file it uploaded for the refused job is gone again
 
 
 def test_a_killed_worker_is_restarted_and_resumes(server: Server, default_model: str) -> None:
@@ -220,12 +233,16 @@ def test_a_reinforcement_job_trains_against_a_grader(server: Server, default_mod
     assert metrics[0] == "step,train_loss,valid_loss,train_mean_reward" and len(metrics) == 2
     assert done.fine_tuned_model in [m.id for m in client.models.list().data]
 
+    jobs = len(client.fine_tuning.jobs.list(limit=100).data)
     for bad, needle in (({**grader, "type": "python", "source": "import os"}, "run the request's code"),
                         ({**grader, "operation": "regex"}, "operation: must be one of eq, ne, like, ilike"),
                         ({**grader, "reference": "{{answer}}"}, "is not a field ownllm fills"),
-                        ({"type": "multi"}, "multi graders are not supported")):
+                        ({"type": "multi"}, "multi graders are not supported"),
+                        ({**grader, "reference": "{item.answer}"}, "has single braces"),
+                        ({**grader, "extra": deeply_nested(600)}, "extra: is not a field of a string_check")):
         with pytest.raises(openai.BadRequestError, match=needle):
             create(bad)
+    assert len(client.fine_tuning.jobs.list(limit=100).data) == jobs  # refused: none stored
     missing = tmp_path / "missing.jsonl"
     missing.write_text(prompts.read_text().replace(', "answer": "Lima"', ""))
     failed = wait_for(client, create(grader, upload(client, missing)).id, ("failed", "succeeded"), timeout=120)

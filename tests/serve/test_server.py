@@ -126,7 +126,8 @@ def _error(response: httpx.Response, status: int, code: str | None = None, param
 
 def test_error_envelopes(server) -> None:
     url = f"{server.url}/v1/chat/completions"
-    _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_json")
+    for body in (b"{not json", b'{"model": "\xff"}', b"[" * 5000 + b"]" * 5000, b'{"n": ' + b"9" * 5000 + b"}"):
+        _error(httpx.post(url, content=body, headers={"content-type": "application/json"}), 400, "invalid_json")
     _error(httpx.post(url, json={"model": "nope", "messages": HELLO}), 404, "model_not_found", "model")
     _error(httpx.post(url, json={"model": MODEL}), 400, param="messages")
     _error(httpx.post(url, json={"model": MODEL, "messages": HELLO, "temperature": -3}), 400, param="temperature")

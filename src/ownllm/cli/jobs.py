@@ -3,6 +3,7 @@ events, cancel)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -96,17 +97,25 @@ def create(
             raise OwnLLMError(f"{grader}: {' '.join(filter(None, ('grader', problem[0])))} {problem[1]}",
                               param="grader")
     client = _client(url, api_key)
+    uploaded: list[str] = []
 
     def file_id(value: str | None) -> str | None:
         if value is None or value.startswith("file-"):
             return value
-        return client.upload(Path(value))["id"]
+        uploaded.append(client.upload(Path(value))["id"])
+        return uploaded[-1]
 
     hyper = {k: v for k, v in {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier":
                                lr_multiplier, "max_steps": max_steps}.items() if v is not None}
-    job = client.create(model=model, training_file=file_id(training_file), validation_file=file_id(validation_file),
-                        suffix=suffix, seed=seed, method={"type": method, method: {"hyperparameters": hyper,
-                                                                                    **block}})
+    try:
+        job = client.create(model=model, training_file=file_id(training_file),
+                            validation_file=file_id(validation_file), suffix=suffix, seed=seed,
+                            method={"type": method, method: {"hyperparameters": hyper, **block}})
+    except OwnLLMError:
+        for uploaded_id in uploaded:  # a refused job leaves no file behind that only it would have used
+            with contextlib.suppress(OwnLLMError):
+                client.delete_file(uploaded_id)
+        raise
     _show(job, as_json)
     if wait and _follow(client, job["id"]) != "succeeded":
         raise typer.Exit(1)  # the job's own error is printed above; scripts need to tell it from a success

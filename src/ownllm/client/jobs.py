@@ -46,6 +46,9 @@ class JobsClient:
         with path.open("rb") as handle:
             return self._call("POST", "/files", files={"file": (path.name, handle)}, data={"purpose": purpose})
 
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/files/{file_id}")
+
     def create(self, **body: Any) -> dict[str, Any]:
         return self._call("POST", "/fine_tuning/jobs", json={k: v for k, v in body.items() if v is not None})
 

@@ -34,8 +34,11 @@ def read_text_file(path: Path, *, param: str | None = None) -> str:
     not UTF-8 or a file that cannot be read is an OwnLLMError naming the file (and the line, for bad bytes)."""
     if path.is_dir():
         raise OwnLLMError(f"{_option(param)}{path} is a folder, not a file", param=param)
-    if not path.is_file():
+    if not path.exists():
         raise OwnLLMError(f"no such file: {path}", kind="not_found", param=param)
+    if not path.is_file():  # a pipe would block or a device never end
+        raise OwnLLMError(f"{_option(param)}{path} is not a regular file (a pipe or a device)", param=param,
+                          hint="save it to a file first")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -60,6 +63,8 @@ def read_json_file(path: Path, *, param: str | None = None, prefix: str = "", no
         return json.loads(read_text_file(path, param=param))
     except json.JSONDecodeError as exc:
         raise OwnLLMError(f"{prefix}{path} is not valid JSON: {exc}", param=param) from None
+    except RecursionError:
+        raise OwnLLMError(f"{prefix}{path} is not valid JSON here: nested too deeply", param=param) from None
 
 
 def _writable_parent(path: Path, param: str | None) -> None:

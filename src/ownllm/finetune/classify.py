@@ -99,6 +99,9 @@ class Classifier:
     """A classification run's model, ready to label text."""
 
     def __init__(self, run: Path) -> None:
+        if not run.exists():
+            raise OwnLLMError(f"no such folder: {run} (a classification run: ownllm finetune --task classify)",
+                              kind="not_found", param="model")
         final = final_model_path(run) if final_model_path(run).is_dir() else run
         record = read_record(final) if final.is_dir() else None
         if record is None or record.method != "classify" or not (final / HEAD_FILE).is_file():

@@ -28,6 +28,9 @@ OPERATIONS = ("eq", "ne", "like", "ilike")
 METRICS = ("fuzzy_match",)
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 _FIELD = re.compile(r"sample\.output_text|item(\.[A-Za-z_]\w*)+")
+_SINGLE_BRACE = re.compile(r"\{\s*(sample|item)\.[\w.]*\s*\}")
+FIELDS = {"string_check": ("type", "name", "input", "reference", "operation"),
+          "text_similarity": ("type", "name", "input", "reference", "evaluation_metric", "pass_threshold")}
 _REFUSED = {
     "python": "python graders run the request's code on this machine, which ownllm does not do for an API request: "
               "put the function in a file and train with `ownllm finetune --method grpo --reward-fn FILE.py:FUNCTION`",
@@ -57,8 +60,11 @@ def grader_problem(grader: Any) -> tuple[str, str] | None:
         return "type", f"must be a string (string_check or text_similarity), got {json.dumps(kind)[:60]}"
     if kind in _REFUSED:
         return "type", _REFUSED[kind]
-    if kind not in ("string_check", "text_similarity"):
+    if kind not in FIELDS:
         return "type", f"must be string_check or text_similarity, got {json.dumps(kind)[:60]}"
+    unknown = [key for key in grader if key not in FIELDS[kind]]
+    if unknown:  # nothing unread is stored with the job (an unchecked value could be anything, nested any depth)
+        return str(unknown[0])[:60], f"is not a field of a {kind} grader (its fields: {', '.join(FIELDS[kind])})"
     for field in ("input", "reference"):
         value = grader.get(field)
         if not isinstance(value, str) or not value.strip():
@@ -67,8 +73,12 @@ def grader_problem(grader: Any) -> tuple[str, str] | None:
             if not _FIELD.fullmatch(name):
                 return field, f"{{{{{name}}}}} is not a field ownllm fills: use {{{{sample.output_text}}}} or " \
                               "{{item.FIELD}}"
-        if "{{" in _TEMPLATE.sub("", value) or "}}" in _TEMPLATE.sub("", value):
+        rest = _TEMPLATE.sub("", value)
+        if "{{" in rest or "}}" in rest:
             return field, "has a '{{' or '}}' that is not part of a {{sample.output_text}} or {{item.FIELD}} field"
+        single = _SINGLE_BRACE.search(rest)
+        if single:  # "{item.answer}" would be compared as that literal text: every reward 0
+            return field, f"{single.group(0)} has single braces: a field is written {{{{{single.group(0)[1:-1]}}}}}"
     if "name" in grader and not isinstance(grader["name"], str):
         return "name", "must be a string"
     if kind == "string_check" and grader.get("operation") not in OPERATIONS:

@@ -82,6 +82,9 @@ def sse_error(exc: BaseException) -> str:
     return f"data: {json.dumps(body(500, 'internal error while generating'))}\n\n"
 
 
+BODY_NOT_PARSED = "There was an error parsing the body"  # FastAPI's detail when decoding fails other than as JSON
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(_: Request, exc: APIError) -> JSONResponse:
@@ -104,6 +107,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        if exc.status_code == 400 and exc.detail == BODY_NOT_PARSED:  # what JSON's own errors say, and why
+            return envelope(400, "the request body is not valid JSON (bytes that are not UTF-8, nesting too deep or "
+                                 "a number too long to read)", None, "invalid_json")
         return envelope(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
