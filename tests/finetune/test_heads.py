@@ -106,6 +106,8 @@ def _served_classifier_answers(run: Path, default_model: str) -> None:
                                 ({"model": "tickets", "input": "  "}, 400), ({"model": "tickets"}, 400)):
             reply = httpx.post(f"{server.url}/v1/classify", json=request, timeout=30)
             assert reply.status_code == status and "error" in reply.json(), (request, reply.text)
+        blank = httpx.post(f"{server.url}/v1/classify", json={"model": "tickets", "input": ["ok", " "]}, timeout=30)
+        assert blank.status_code == 400 and "input[1] is empty" in blank.json()["error"]["message"], blank.text
     finally:
         server.stop()
     from ownllm.cli.serve import _named_folders  # the CLI's parsing; its one-line errors: tests/test_cli_hostile.py

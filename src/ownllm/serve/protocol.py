@@ -372,8 +372,10 @@ class ClassifyRequest(_Open):
             raise ValueError("give at least one text")
         if len(texts) > 256:
             raise ValueError(f"at most 256 inputs per request, got {len(texts)}")
-        if any(not text.strip() for text in texts):
-            raise ValueError("every input must be non-empty text")
+        blank = next((index for index, text in enumerate(texts) if not text.strip()), None)
+        if blank is not None:
+            where = "" if isinstance(value, str) else f"[{blank}]"
+            raise ValueError(f"input{where} is empty: every input must be non-empty text")
         return value
 
 
