@@ -83,6 +83,14 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     )
 
 
+def deeply_nested(depth: int) -> list:
+    """[[[...]]] `depth` lists deep: deeper than a JSON reply can echo (pydantic stops at 255 levels)."""
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def assert_user_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     """Exit 2, one `error:` line naming the problem, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

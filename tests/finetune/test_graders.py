@@ -10,6 +10,7 @@ import pytest
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.graders import grader_problem
 from ownllm.finetune.rewards import load_reward, validate_rewards
+from tests.conftest import deeply_nested
 
 CHECK = {"type": "string_check", "name": "city", "input": "{{ sample.output_text }}", "reference": "{{item.answer}}",
          "operation": "ilike"}
@@ -78,10 +79,7 @@ def test_a_field_whose_type_changes_between_lines_is_named(tmp_path: Path) -> No
 
 
 def test_unknown_fields_and_single_brace_fields_are_refused(tmp_path: Path) -> None:
-    deep: list = []
-    for _ in range(600):  # deeper than a JSON reply can echo: nothing unchecked is stored with a job
-        deep = [deep]
-    assert grader_problem({**CHECK, "extra": deep}) == (
+    assert grader_problem({**CHECK, "extra": deeply_nested(600)}) == (  # nothing unchecked is stored with a job
         "extra", "is not a field of a string_check grader (its fields: type, name, input, reference, operation)")
     assert grader_problem({**CHECK, "reference": "{item.answer}"}) == (
         "reference", "{item.answer} has single braces: a field is written {{item.answer}}")

@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import deeply_nested, run_cli
 from tests.jobs.helpers import EXAMPLES, small_facts, upload, wait_for
 from tests.serve.conftest import Server
 
@@ -157,13 +157,6 @@ def test_a_killed_server_resumes_the_job_after_restart(default_model: str, tmp_p
         assert done.fine_tuned_model in [m.id for m in client.models.list().data]
     finally:
         second.stop()
-
-
-def deeply_nested(depth: int) -> list:
-    value: list = []
-    for _ in range(depth):
-        value = [value]
-    return value
 
 
 def test_cli_creates_a_dpo_job_from_a_local_file_and_waits(server: Server, default_model: str,

@@ -19,12 +19,12 @@ from ownllm.finetune.reward_model import (
     HEAD_FILE,
     _train_and_save,
     base_folder,
+    finished_head_run,
     head_model,
     head_settings,
     load_head,
     lora_for_head,
 )
-from ownllm.finetune.run_folder import final_model_path, read_record
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,8 @@ class Classifier:
     """A classification run's model, ready to label text."""
 
     def __init__(self, run: Path) -> None:
-        if not run.exists():
-            raise OwnLLMError(f"no such folder: {run} (a classification run: ownllm finetune --task classify)",
-                              kind="not_found", param="model")
-        final = final_model_path(run) if final_model_path(run).is_dir() else run
-        record = read_record(final) if final.is_dir() else None
-        if record is None or record.method != "classify" or not (final / HEAD_FILE).is_file():
-            raise OwnLLMError(f"{run} is not a finished classification run (ownllm finetune --task classify)",
-                              kind="not_found", param="model")
+        final = finished_head_run(run, "classify", "classification run", "ownllm finetune --task classify", "model",
+                                  needs_settings=True)
         settings = head_settings(final)
         labels = settings.get("labels")
         if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):

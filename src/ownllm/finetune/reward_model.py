@@ -119,14 +119,24 @@ def _train_and_save(cfg: FinetuneConfig, run_dir: Path, trainer: Any, tokenizer:
                         int(trainer.state.num_input_tokens_seen or 0))
 
 
+def finished_head_run(run: Path, method: str, what: str, how: str, param: str, *, needs_settings: bool = False
+                      ) -> Path:
+    """final/ of a finished head run (reward model, classifier) whose record says `method`, or an error saying
+    what `run` is instead: `what` names the kind of run, `how` the command that makes one. `needs_settings`: its
+    HEAD_FILE too (a classifier's labels; reward runs older than the file do without it)."""
+    if not run.exists():
+        raise OwnLLMError(f"no such folder: {run} (a {what}: {how})", kind="not_found", param=param)
+    final = final_model_path(run) if final_model_path(run).is_dir() else run
+    record = read_record(final) if final.is_dir() else None
+    if record is None or record.method != method or (needs_settings and not (final / HEAD_FILE).is_file()):
+        raise OwnLLMError(f"{run} is not a finished {what} ({how})", kind="not_found", param=param)
+    return final
+
+
 def check_reward_run(run: Path) -> Path:
     """final/ of a finished reward-model run, or an error saying what `run` is instead."""
-    final = final_model_path(run) if (final_model_path(run)).is_dir() else run
-    record = read_record(final) if final.is_dir() else None
-    if record is None or record.method != REWARD_METHOD:
-        raise OwnLLMError(f"{run} is not a finished reward-model run (ownllm finetune --method reward)",
-                          kind="not_found", param="reward_model")
-    return final
+    return finished_head_run(run, REWARD_METHOD, "reward-model run", "ownllm finetune --method reward",
+                             "reward_model")
 
 
 def load_head(final: Path, num_labels: int) -> tuple[Any, Any]:
