@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import platformdirs
 import pytest
+
+from tests.cli_zygote import Zygote
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TEST_HOME = Path(os.environ.get("OWNLLM_TEST_HOME", platformdirs.user_cache_dir("ownllm-tests")))
@@ -70,17 +71,15 @@ def engine(default_model: str):
     return open_engine(default_model, dtype="fp32")
 
 
+_ZYGOTE = Zygote()
+
+
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run `ownllm ARGS` the way a user does: a fresh process, real stdin/stdout/stderr."""
-    return subprocess.run(
-        [sys.executable, "-m", "ownllm", *args],
-        input=input if input is not None else "",
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
+    """Run `ownllm ARGS` the way a user does: a process of its own, real stdin/stdout/stderr and exit status,
+    forked from one that has imported torch and transformers already (tests/cli_zygote.py)."""
+    return _ZYGOTE.run(list(args), input=input if input is not None else "",
+                       env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout)
 
 
 def deeply_nested(depth: int) -> list:

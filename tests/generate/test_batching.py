@@ -245,3 +245,6 @@ def test_generate_batch_runs_through_the_scheduler_with_more_prompts_than_slots(
     assert steps["n"] > 0
     assert [c.token_ids for c in together] == [engine.generate(p, params).token_ids for p in prompts]
     assert [c.prompt_tokens for c in together] == [len(i) for i in ids]
+    finished: list[int] = []  # the callers' progress bars: one tick per finished prompt, all in one call
+    batch = engine.generate_batch(prompts, params, max_batch=2, progress=finished.append)
+    assert finished == [1] * len(prompts) and [c.token_ids for c in batch] == [c.token_ids for c in together]

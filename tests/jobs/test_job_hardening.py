@@ -45,6 +45,42 @@ def assert_envelope(response: httpx.Response, status: int, param: str | None = N
     return error
 
 
+def test_a_cancel_is_final_at_once_and_the_stopping_worker_keeps_its_place(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reply to a cancel says `cancelled` (as OpenAI's does); the worker is told to stop, and until it has, the
+    next job does not start beside it (one running job at a time)."""
+    import subprocess
+    import sys
+
+    store = JobStore(tmp_path)
+    first, second = seed_job(store, GOOD, "a.jsonl"), seed_job(store, GOOD, "b.jsonl")
+    manager = JobManager(store, "base", on_model_ready=lambda *_: None)
+    # a worker that takes a moment to stop after SIGTERM, as a training step does
+    slow_stop = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.5), sys.exit(143)))"
+                 "; print('ready', flush=True); time.sleep(60)")
+    started: list[str] = []
+
+    def spawn(job: dict[str, Any]) -> None:
+        process = subprocess.Popen([sys.executable, "-c", slow_stop], stdout=subprocess.PIPE)
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        manager.workers[job["id"]] = process
+        started.append(job["id"])
+
+    monkeypatch.setattr(manager, "_spawn", spawn)
+    manager.tick()
+    assert started == [first["id"]]
+    store.set_status(first["id"], "running")
+    manager.cancel(first["id"])
+    assert store.get_job(first["id"])["status"] == "cancelled"  # type: ignore[index]
+    manager.tick()
+    assert started == [first["id"]]  # the cancelled job's worker is still stopping
+    manager.workers[first["id"]].wait(timeout=30)
+    manager.tick()
+    assert started == [first["id"], second["id"]]
+    assert store.get_job(first["id"])["status"] == "cancelled"  # type: ignore[index]
+    manager.workers[second["id"]].kill()
+
+
 # --- without a server: the data doctor and one manager tick ----------------------------------------------------
 @pytest.mark.parametrize(("content", "needle"), [
     (b"not json at all\n", "notes.jsonl line 1: invalid JSON"),

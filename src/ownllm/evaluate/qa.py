@@ -61,18 +61,15 @@ def read_questions(path: Path) -> list[QAItem]:
 
 def run_qa(engine: Engine, items: list[QAItem], params: SamplingParams | None = None, *, batch_size: int = 16,
            progress: Callable[[int], None] | None = None) -> list[QAResult]:
-    """Answer every item (greedy by default), `batch_size` at a time, and score each answer."""
+    """Answer every item (greedy by default), up to `batch_size` decoded together, and score each answer."""
     params = params or SamplingParams(max_new_tokens=64)
+    prompts = [engine.render_chat(item.messages) for item in items]
+    completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress)
     results: list[QAResult] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = [engine.render_chat(item.messages) for item in chunk]
-        for item, completion in zip(chunk, engine.generate_batch(prompts, params), strict=True):
-            prediction = completion.text.strip()
-            results.append(QAResult(item.line, item.question, prediction, item.answers,
-                                    score_all(prediction, item.answers)))
-        if progress:
-            progress(len(chunk))
+    for item, completion in zip(items, completions, strict=True):
+        prediction = completion.text.strip()
+        results.append(QAResult(item.line, item.question, prediction, item.answers,
+                                score_all(prediction, item.answers)))
     return results
 
 

@@ -224,17 +224,13 @@ def run_sql_eval(engine: Engine, db: ReadOnlyDatabase, items: list[SQLItem], gol
                  progress: Callable[[int], None] | None = None) -> list[SQLResult]:
     """Generate a query for every item through `engine` (greedy by default) and score it by execution."""
     params = params or SQL_PARAMS
+    prompts = [engine.render_chat(item.messages) for item in items]
+    completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress)
     results: list[SQLResult] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = [engine.render_chat(item.messages) for item in chunk]
-        completions = engine.generate_batch(prompts, params)
-        for item, rows, completion in zip(chunk, gold_rows[start : start + batch_size], completions, strict=True):
-            predicted = extract_sql(completion.text)
-            execution, exact, valid, error = score_query(db, predicted, item.gold, rows)
-            results.append(SQLResult(item.line, item.question, item.gold, predicted, execution, exact, valid, error))
-        if progress:
-            progress(len(chunk))
+    for item, rows, completion in zip(items, gold_rows, completions, strict=True):
+        predicted = extract_sql(completion.text)
+        execution, exact, valid, error = score_query(db, predicted, item.gold, rows)
+        results.append(SQLResult(item.line, item.question, item.gold, predicted, execution, exact, valid, error))
     return results
 
 

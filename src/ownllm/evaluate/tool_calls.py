@@ -113,22 +113,18 @@ def score_tool_calls(engine: Engine, items: list[ToolCallItem], params: Sampling
                      batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[ToolCallResult]:
     """Greedy replies (no grammar) to every item, each judged as a call or a plain reply."""
     params = params or SamplingParams(max_new_tokens=96)
+    prompts = [render_tool_chat(engine.tokenizer, item.messages, item.tools, parallel=item.parallel)
+               for item in items]
+    completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress)
     results = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = [render_tool_chat(engine.tokenizer, item.messages, item.tools, parallel=item.parallel)
-                   for item in chunk]
-        for item, completion in zip(chunk, engine.generate_batch(prompts, params), strict=True):
-            calls = read_calls(completion.text)
-            if item.expected:
-                valid = valid_calls(calls, item.tools)
-                right = valid and sorted(map(_canonical, calls or [])) == sorted(map(_canonical, item.expected))
-            else:  # prose expected: any block at all is a wrong call
-                valid = right = CALL_OPEN not in completion.text
-            results.append(ToolCallResult(item.line, item.question, completion.text, bool(item.expected), valid,
-                                          right))
-        if progress:
-            progress(len(chunk))
+    for item, completion in zip(items, completions, strict=True):
+        calls = read_calls(completion.text)
+        if item.expected:
+            valid = valid_calls(calls, item.tools)
+            right = valid and sorted(map(_canonical, calls or [])) == sorted(map(_canonical, item.expected))
+        else:  # prose expected: any block at all is a wrong call
+            valid = right = CALL_OPEN not in completion.text
+        results.append(ToolCallResult(item.line, item.question, completion.text, bool(item.expected), valid, right))
     return results
 
 

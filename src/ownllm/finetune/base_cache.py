@@ -44,17 +44,32 @@ def remembered(kind: str, signature: str, compute: Callable[[], Any],
                valid: Callable[[Any], bool] = lambda value: True) -> Any:
     """The value kept for (`kind`, `signature`) when `valid` accepts it, else `compute()`, kept for next time
     (JSON)."""
-    path = _entry_path(kind, signature, "json")
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(entry, dict) and entry.get("signature") == signature and valid(entry.get("value")):
-            log.info("reusing the base model's %s from %s", kind, path)
-            return entry["value"]
-    except (OSError, ValueError, KeyError):
-        pass
-    value = compute()
-    _keep(kind, lambda: atomic_write_json(path, {"signature": signature, "value": value}))
-    return value
+    return remembered_together(kind, {"value": signature}, lambda missing: {"value": compute()}, valid)["value"]
+
+
+def remembered_together(kind: str, signatures: dict[str, str], compute: Callable[[list[str]], dict[str, Any]],
+                        valid: Callable[[Any], bool] = lambda value: True) -> dict[str, Any]:
+    """As `remembered`, for named values best computed in one go (one batch of generation for several question
+    sets): `compute(names)` is called once, with the names no earlier run kept, and returns their values."""
+    values: dict[str, Any] = {}
+    for name, signature in signatures.items():
+        path = _entry_path(kind, signature, "json")
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(entry, dict) and entry.get("signature") == signature and valid(entry.get("value")):
+                log.info("reusing the base model's %s from %s", kind, path)
+                values[name] = entry["value"]
+        except (OSError, ValueError, KeyError):
+            pass
+    missing = [name for name in signatures if name not in values]
+    if missing:
+        fresh = compute(missing)
+        for name in missing:
+            path, record = _entry_path(kind, signatures[name], "json"), {"signature": signatures[name],
+                                                                          "value": fresh[name]}
+            _keep(kind, lambda path=path, record=record: atomic_write_json(path, record))
+            values[name] = fresh[name]
+    return {name: values[name] for name in signatures}
 
 
 def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str, Any]],

@@ -32,21 +32,26 @@ def check_rows(checks: dict[str, dict[str, Any]]) -> list[tuple[str, str, int | 
 
 
 def score_sets(engine: Any, sets: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """{name: {"score": share, "metric": "contains" | "valid_call", "items": n, "misses": [questions missed]}}."""
-    scores = {}
+    """{name: {"score": share, "metric": "contains" | "valid_call", "items": n, "misses": [questions missed]}}.
+    The question sets are answered in one batch, so no set waits for the slowest reply of the one before."""
+    scores: dict[str, dict[str, Any]] = {}
+    questions: dict[str, list[Any]] = {}
     for name, path in sets.items():
-        if is_tool_call_set(Path(path)):
-            calls = score_tool_calls(engine, read_tool_call_set(Path(path)), TOOL_CHECK_PARAMS)
-            summary = summarize_tool_calls(calls)
-            scores[name] = {"score": summary["valid_call"], "metric": "valid_call", "items": summary["call_items"],
-                            "right_call": summary["right_call"], "prose_kept": summary["prose_kept"],
-                            "misses": [r.question for r in calls if not r.valid]}
+        if not is_tool_call_set(Path(path)):
+            questions[name] = read_questions(Path(path))
             continue
-        results = run_qa(engine, read_questions(Path(path)), CHECK_PARAMS)
+        calls = score_tool_calls(engine, read_tool_call_set(Path(path)), TOOL_CHECK_PARAMS)
+        summary = summarize_tool_calls(calls)
+        scores[name] = {"score": summary["valid_call"], "metric": "valid_call", "items": summary["call_items"],
+                        "right_call": summary["right_call"], "prose_kept": summary["prose_kept"],
+                        "misses": [r.question for r in calls if not r.valid]}
+    answered = iter(run_qa(engine, [item for items in questions.values() for item in items], CHECK_PARAMS))
+    for name, items in questions.items():
+        results = [next(answered) for _ in items]
         summary = summarize(results)
         scores[name] = {"score": summary["contains"], "metric": "contains", "items": summary["items"],
                         "misses": [r.question for r in results if r.scores["contains"] < 1]}
-    return scores
+    return {name: scores[name] for name in sets}
 
 
 def validate_sets(sets: dict[str, str]) -> None:

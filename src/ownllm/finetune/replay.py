@@ -54,14 +54,13 @@ def replay_answers(engine: Any, prompts: list[str], *, distilled: bool = True, m
     the base's own distribution says what follows a cut, so shorter replies are kept whole or cut alike (what
     matters is the positions, not the ending)."""
     params = SamplingParams(max_new_tokens=max_tokens or (32 if distilled else 160))
+    rendered = [engine.render_chat([{"role": "user", "content": p}]) for p in prompts]
     conversations = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        rendered = [engine.render_chat([{"role": "user", "content": p}]) for p in chunk]
-        for prompt, completion in zip(chunk, engine.generate_batch(rendered, params), strict=True):
-            if (distilled or completion.finish_reason == "stop") and completion.text.strip():
-                conversations.append([{"role": "user", "content": prompt},
-                                      {"role": "assistant", "content": completion.text.strip()}])
+    for prompt, completion in zip(prompts, engine.generate_batch(rendered, params, max_batch=batch_size),
+                                  strict=True):
+        if (distilled or completion.finish_reason == "stop") and completion.text.strip():
+            conversations.append([{"role": "user", "content": prompt},
+                                  {"role": "assistant", "content": completion.text.strip()}])
     return conversations
 
 

@@ -22,7 +22,7 @@ import yaml
 from ownllm.data.doctor import read_examples
 from ownllm.data.files import check_output_folder, file_sha256
 from ownllm.errors import OwnLLMError
-from ownllm.finetune.base_cache import model_signature, remembered, remembered_tensors
+from ownllm.finetune.base_cache import model_signature, remembered, remembered_tensors, remembered_together
 from ownllm.finetune.checks import CHECK_PARAMS, TOOL_CHECK_PARAMS, check_rows, score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.dataset import Collator, load_rows, pack
@@ -152,11 +152,11 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
             key = json.dumps([signature, prompts, distilled, cfg.replay_tokens])
             write_replay(run_dir, remembered("replay", key, answer, _conversations))
         if need_scores:
-            scores = {name: remembered("checks", json.dumps([signature, file_sha256(Path(path)), repr(CHECK_PARAMS),
-                                                             repr(TOOL_CHECK_PARAMS)]),
-                                       lambda name=name, path=path: score_sets(base.engine, {name: path})[name],
-                                       _check_scores)
-                      for name, path in cfg.checks.items()}
+            keys = {name: json.dumps([signature, file_sha256(Path(path)), repr(CHECK_PARAMS), repr(TOOL_CHECK_PARAMS)])
+                    for name, path in cfg.checks.items()}
+            scores = remembered_together(
+                "checks", keys, lambda missing: score_sets(base.engine, {name: cfg.checks[name] for name in missing}),
+                _check_scores)
             atomic_write_json(scores_file, scores)
     return json.loads(scores_file.read_text()) if cfg.checks else {}
 

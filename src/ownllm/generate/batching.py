@@ -512,7 +512,7 @@ def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, 
 
 
 def generate_together(engine: Engine, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int], *,
-                      max_batch: int = 16) -> list[Completion]:
+                      max_batch: int = 16, progress: Callable[[int], None] | None = None) -> list[Completion]:
     """Completions of checked prompts (in their order), decoded together by a `BatchScheduler` run in this thread,
     prompt i sampling with `seeds[i]`: `Engine.generate_batch` for the backends that batch. Its cache holds the
     longest prompt plus `max_new_tokens` per row; the first row that fails raises its error."""
@@ -522,6 +522,8 @@ def generate_together(engine: Engine, prompt_ids: list[list[int]], params: Sampl
         def sink(event: Event) -> None:
             if isinstance(event, Completion | BaseException):
                 results[index] = event
+                if progress:
+                    progress(1)
         return sink
 
     longest = max(len(ids) for ids in prompt_ids)

@@ -8,7 +8,7 @@ once, so the CLI, the Python API, the server and evaluation all behave the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -239,10 +239,12 @@ class Engine:
             yield tail
         yield state.completion()
 
-    def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | None = None
-                       ) -> list[Completion]:
+    def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
+                       max_batch: int = 16, progress: Callable[[int], None] | None = None) -> list[Completion]:
         """Generate for many prompts: decoded together by the continuous-batching scheduler where the backend
-        batches (`batching_mode`), else one at a time (so is beam search, which is per prompt anyway).
+        batches (`batching_mode`), at most `max_batch` rows at a time, a waiting prompt taking the place of one
+        that finished; else one at a time (so is beam search, which is per prompt anyway). Pass every prompt in
+        one call: chunks of them wait for each chunk's longest reply. `progress(1)` is called as each finishes.
 
         With a fixed seed, prompt i samples with seed + i, so each row is reproducible on its own.
         """
@@ -252,8 +254,13 @@ class Engine:
         if not prompt_ids:
             return []
         if params.strategy == "beam" or self.batching_mode()[0] != "batched":
-            return [self.generate(ids, _with_seed(params, seed)) for ids, seed in zip(prompt_ids, seeds, strict=True)]
-        return self._generate_together(prompt_ids, params, seeds)
+            completions = []
+            for ids, seed in zip(prompt_ids, seeds, strict=True):
+                completions.append(self.generate(ids, _with_seed(params, seed)))
+                if progress:
+                    progress(1)
+            return completions
+        return self._generate_together(prompt_ids, params, seeds, max_batch=max_batch, progress=progress)
 
     # --- batching: what a backend can do, asked rather than guessed ----------------------------
     def batching_mode(self) -> tuple[str, str]:
@@ -267,8 +274,8 @@ class Engine:
         that is faster (`ownllm.generate.slots.SlotModel`)."""
         return None
 
-    def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
-                           ) -> list[Completion]:
+    def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int], *,
+                           max_batch: int, progress: Callable[[int], None] | None) -> list[Completion]:
         """The prompts through the continuous-batching scheduler; backends that batch implement it with
         `ownllm.generate.batching.generate_together` (that module builds on this one, so it cannot be called
         from here)."""

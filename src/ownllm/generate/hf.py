@@ -7,7 +7,7 @@ architecture has one, on the model's device.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -81,11 +81,11 @@ class TransformersEngine(Engine):
             return None
         return SlotModel(self.model, slots=slots, max_len=max_len, prefix=self.prefix, four_bit=four_bit)
 
-    def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
-                           ) -> list[Completion]:
+    def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int], *,
+                           max_batch: int, progress: Callable[[int], None] | None) -> list[Completion]:
         from ownllm.generate.batching import generate_together
 
-        return generate_together(self, prompt_ids, params, seeds)
+        return generate_together(self, prompt_ids, params, seeds, max_batch=max_batch, progress=progress)
 
     def _choose(self, logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
                 generator: torch.Generator, generated: list[int], grammar: GrammarState | None = None) -> Step:

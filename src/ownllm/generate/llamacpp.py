@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +63,11 @@ class LlamaCppEngine(Engine):
     def batched_model(self, slots: int, max_len: int, *, four_bit: bool = False) -> LlamaCppSlots:
         return LlamaCppSlots(self.llama_model, slots=slots, max_len=max_len)
 
-    def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int]
-                           ) -> list[Completion]:
+    def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int], *,
+                           max_batch: int, progress: Callable[[int], None] | None) -> list[Completion]:
         from ownllm.generate.batching import generate_together
 
-        return generate_together(self, prompt_ids, params, seeds)
+        return generate_together(self, prompt_ids, params, seeds, max_batch=max_batch, progress=progress)
 
     def _last_logits(self) -> torch.Tensor:
         """The logits of the last evaluated token (llama.cpp keeps only those unless logits_all)."""

@@ -61,6 +61,7 @@ class JobManager:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._publishing = threading.Lock()
+        self._stopping_pids: set[int] = set()  # cancelled jobs' workers of an earlier server, told to stop
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,8 +109,12 @@ class JobManager:
             self._reap()
             active = self.store.jobs_with_status(*ACTIVE)
             running = [j for j in active if self._has_worker(j)]
+            self._stopping_pids = {pid for pid in self._stopping_pids if _alive(pid)}
+            stopping = len(self._stopping_pids) + sum(  # workers of cancelled jobs, not stopped yet
+                1 for job_id, process in self.workers.items()
+                if process.poll() is None and job_id not in {j["id"] for j in running})
             for job in active:
-                if len(running) >= self.max_running:
+                if len(running) + stopping >= self.max_running:
                     break
                 if self._has_worker(job):
                     continue
@@ -187,19 +192,20 @@ class JobManager:
 
     # --- requests ------------------------------------------------------------------------------------
     def cancel(self, job_id: str) -> None:
-        """Ask the worker to stop (it checkpoints nothing new beyond a finished step, then marks the job
-        cancelled); a job without a worker is cancelled at once."""
+        """Cancel at once (the reply says `cancelled`, as OpenAI's does) and stop the job's worker: it stops at
+        its next step (killed if it has not within the grace time). A stopping worker still holds its place among
+        the running ones, so the next job does not start beside it."""
         self.store.update_job(job_id, cancel_requested=1)
         with self._lock:
             process = self.workers.get(job_id)
             job = self.store.get_job(job_id)
+            self.store.set_status(job_id, "cancelled", "Job cancelled")
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 threading.Thread(target=self._finish_cancel, args=(job_id, process), daemon=True).start()
-            elif job is not None and _alive(job["worker_pid"]):
+            elif job is not None and _alive(job["worker_pid"]):  # a worker of an earlier server
                 os.kill(job["worker_pid"], signal.SIGTERM)
-            else:
-                self.store.set_status(job_id, "cancelled", "Job cancelled")
+                self._stopping_pids.add(job["worker_pid"])
 
     def _finish_cancel(self, job_id: str, process: subprocess.Popen, grace: float = 20.0) -> None:
         try:
@@ -207,7 +213,6 @@ class JobManager:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        self.store.set_status(job_id, "cancelled", "Job cancelled")  # no-op if the worker already said so
 
     def delete_model(self, model_id: str) -> bool:
         jobs = [j for j in self.store.jobs_with_status("succeeded") if j["fine_tuned_model"] == model_id]

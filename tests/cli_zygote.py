@@ -1,0 +1,229 @@
+"""`ownllm` processes for the tests, forked from a process that has already imported torch and transformers.
+
+A CLI test runs `python -m ownllm ...` as a fresh process with its own stdin, stdout, stderr, working directory and
+exit status, as a user does; but ~6 of the ~7 seconds such a process takes to answer are the same imports every
+time (torch, transformers' modeling code), paid ~100 times in a suite run. Here one process per test worker (the
+"zygote") imports them once and forks a child per call; the child runs `ownllm`'s `__main__` exactly as
+`python -m ownllm` does. Nothing else is shared: the zygote never runs a model or starts a thread, and a call whose
+environment differs from the one the zygote was started with runs as a plain subprocess instead (some libraries
+read the environment when imported). `OWNLLM_TEST_FRESH_PROCESSES=1` turns the zygote off.
+
+Run as a script, this file is the zygote: `python cli_zygote.py SOCKET`."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import locale
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# Imported before forking: what nearly every `ownllm` verb that touches a model imports (not trl or datasets: they
+# start a thread, and a fork copies no threads).
+PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "ownllm.cli",
+           "ownllm.generate.engine", "ownllm.generate.hf", "ownllm.models.load")
+# Differences here need no fresh interpreter: pytest sets the first per test; scikit-learn (imported by tests in
+# the test process) sets the others for Intel's OpenMP, which torch's CPU build does not use (it has GNU's).
+PER_CALL_ENV = frozenset({"PYTEST_CURRENT_TEST", "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK"})
+START_TIMEOUT = 300.0  # a hang guard: the imports take ~6 s
+
+
+class _Child(Exception):
+    """Raised in a forked child to leave the zygote's loop and become `python -m ownllm`."""
+
+    def __init__(self, args: list[str]) -> None:
+        super().__init__()
+        self.args = args
+
+
+def _serve(socket_path: str) -> None:
+    import importlib
+
+    sys.path.pop(0)  # this file's folder (tests/): `python -m ownllm` has the working directory there instead
+    for name in PRELOAD:
+        importlib.import_module(name)
+    parent = os.getppid()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path + ".tmp")
+    listener.listen(16)
+    gc.freeze()  # the collector in a child leaves the inherited objects alone (and their pages shared)
+    os.rename(socket_path + ".tmp", socket_path)  # the client waits for this name: it appears once ready
+    waiting: dict[int, socket.socket] = {}
+    while os.getppid() == parent:  # the test worker is gone: so is its zygote
+        ready, _, _ = select.select([listener], [], [], 0.05)
+        if ready:
+            connection, _ = listener.accept()
+            message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+            request = json.loads(message)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                connection.close()
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                    os.close(fd)
+                os.chdir(request["cwd"])
+                sys.path.insert(0, request["cwd"])
+                os.environ.clear()
+                os.environ.update(request["env"])
+                raise _Child(request["args"])
+            for fd in fds:
+                os.close(fd)
+            connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            waiting[pid] = connection
+        while waiting:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            connection = waiting.pop(pid, None)
+            if connection is not None:
+                code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                with contextlib.suppress(OSError):  # the client gave up on it (its timeout)
+                    connection.sendall(json.dumps({"returncode": code}).encode() + b"\n")
+                connection.close()
+
+
+def _main() -> None:
+    try:
+        _serve(sys.argv[1])
+    except _Child as child:
+        os._exit(_run_ownllm(child.args))
+
+
+def _run_ownllm(args: list[str]) -> int:
+    """`python -m ownllm ARGS` in the forked child; its exit status. The interpreter's own teardown is skipped
+    (exit handlers and flushing are not): freeing the zygote's inherited objects writes to every page of them,
+    a copy of each, ~2 s of a `--help` that otherwise takes 0.2 s."""
+    import atexit
+    import runpy
+    import traceback
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.argv = ["ownllm", *args]
+    code = 0
+    try:
+        runpy.run_module("ownllm", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = (exc.code or 0) & 0xFF
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    return code
+
+
+class Zygote:
+    """The client side, one per test worker: `run` is `subprocess.run([python, -m, ownllm, *args], ...)`."""
+
+    def __init__(self) -> None:
+        self._env: dict[str, str] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._socket = ""
+        self._broken = False
+        self.forked = 0  # calls answered by a forked child (the others ran as plain subprocesses)
+
+    def run(self, args: list[str], *, input: str, env: dict[str, str], timeout: float
+            ) -> subprocess.CompletedProcess[str]:
+        if not self._usable(env):
+            return subprocess.run([sys.executable, "-m", "ownllm", *args], input=input, capture_output=True,
+                                  text=True, timeout=timeout, env=env)
+        stdin_read, stdin_write = os.pipe()
+        stdout_read, stdout_write = os.pipe()
+        stderr_read, stderr_write = os.pipe()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(self._socket)
+            socket.send_fds(client, [json.dumps({"args": args, "cwd": os.getcwd(), "env": env}).encode()],
+                            [stdin_read, stdout_write, stderr_write])
+        except OSError:
+            client.close()
+            for fd in (stdin_write, stdout_read, stderr_read):
+                os.close(fd)
+            self._broken = True
+            return self.run(args, input=input, env=env, timeout=timeout)
+        finally:
+            for fd in (stdin_read, stdout_write, stderr_write):
+                os.close(fd)
+        replies = client.makefile("rb")
+        pid = json.loads(replies.readline())["pid"]
+        self.forked += 1
+        outputs: dict[int, bytes] = {}
+
+        def drain(fd: int) -> None:
+            with os.fdopen(fd, "rb") as stream:
+                outputs[fd] = stream.read()
+
+        def feed() -> None:
+            with contextlib.suppress(BrokenPipeError), os.fdopen(stdin_write, "wb") as stream:
+                stream.write(input.encode(locale.getpreferredencoding(False)))
+
+        threads = [threading.Thread(target=drain, args=(fd,), daemon=True) for fd in (stdout_read, stderr_read)]
+        threads.append(threading.Thread(target=feed, daemon=True))
+        for thread in threads:
+            thread.start()
+        client.settimeout(timeout)
+        try:
+            returncode = json.loads(replies.readline())["returncode"]
+        except (TimeoutError, OSError):
+            os.kill(pid, signal.SIGKILL)
+            raise subprocess.TimeoutExpired(["ownllm", *args], timeout) from None
+        finally:
+            client.close()
+        for thread in threads:
+            thread.join(timeout)
+        return subprocess.CompletedProcess(["ownllm", *args], returncode, _text(outputs.get(stdout_read, b"")),
+                                           _text(outputs.get(stderr_read, b"")))
+
+    def _usable(self, env: dict[str, str]) -> bool:
+        if self._broken or os.environ.get("OWNLLM_TEST_FRESH_PROCESSES") == "1":
+            return False
+        if self._process is None:
+            return self._start(env)
+        return _settled(env) == _settled(self._env or {}) and self._process.poll() is None
+
+    def _start(self, env: dict[str, str]) -> bool:
+        self._socket = os.path.join(tempfile.mkdtemp(prefix="ownllm-zygote-"), "socket")
+        log = open(self._socket + ".log", "wb")  # noqa: SIM115 (the zygote's for its lifetime)
+        self._process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), self._socket],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        self._env = env
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(self._socket):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self._broken = True  # plain subprocesses from now on; the zygote's log says why
+                self._process.kill()
+                return False
+            time.sleep(0.05)
+        return True
+
+
+def _settled(env: dict[str, str]) -> dict[str, str]:
+    """What must be as the zygote's imports saw it; the rest of a call's environment is its child's alone."""
+    return {name: value for name, value in env.items() if name not in PER_CALL_ENV}
+
+
+def _text(data: bytes) -> str:
+    """As `subprocess.run(..., text=True)` decodes: the locale's encoding, universal newlines."""
+    return data.decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n")
+
+
+if __name__ == "__main__":
+    _main()

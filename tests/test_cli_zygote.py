@@ -1,0 +1,31 @@
+"""The tests' `ownllm` processes (tests/cli_zygote.py): forked from a process with the libraries imported, they
+behave as `python -m ownllm` does — stdin, stdout, stderr, exit status, working directory, environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests import conftest
+from tests.conftest import run_cli
+
+
+def test_a_forked_cli_has_its_own_stdio_status_directory_and_environment(default_model: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    before = conftest._ZYGOTE.forked
+    piped = run_cli("tokenize", default_model, "--no-show-tokens", input="some piped text")
+    assert piped.returncode == 0 and "tokens: " in piped.stdout
+    wrong = run_cli("generate", "no-such-model", "hi")
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: ") and wrong.stdout == ""
+    monkeypatch.chdir(tmp_path)
+    Path("data.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "hello"}]}) + "\n")
+    relative = run_cli("data", "check", "data.jsonl")  # a path relative to the caller's directory
+    assert relative.returncode == 0, relative.stderr
+    if os.environ.get("OWNLLM_TEST_FRESH_PROCESSES") != "1":
+        assert conftest._ZYGOTE.forked == before + 3  # none of these fell back to a plain subprocess
+    home = run_cli("models", "--json", env={"OWNLLM_HOME": str(tmp_path / "empty-home")})  # a fresh process
+    assert home.returncode == 0 and json.loads(home.stdout)["models"] == []
