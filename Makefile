@@ -31,7 +31,7 @@ demo: setup
 	$(OWNLLM) generate $(MODEL) "Write one sentence about the sea." --chat --max-new-tokens 40 --stream
 	echo "Give me three tips for learning Python." | $(OWNLLM) chat $(MODEL) --max-new-tokens 96
 
-# Teach the default model 20 new facts (about 8 minutes on 2 cores); prints before/after accuracy and retention.
+# Teach the default model 20 new facts (about 5 minutes on 2 cores); prints before/after accuracy and retention.
 finetune-demo: setup
 	$(OWNLLM) pull $(MODEL)
 	$(OWNLLM) finetune --config examples/finetune-facts.yaml --out runs/facts --overwrite
