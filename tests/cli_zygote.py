@@ -68,8 +68,8 @@ def _serve(socket_path: str) -> None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                listener.close()
-                connection.close()
+                for other in (listener, connection, *waiting.values()):
+                    other.close()
                 for target, fd in enumerate(fds):
                     os.dup2(fd, target)
                     os.close(fd)
