@@ -6,7 +6,8 @@ time (torch, transformers' modeling code), paid ~100 times in a suite run. Here 
 "zygote") imports them once and forks a child per call; the child runs `ownllm`'s `__main__` exactly as
 `python -m ownllm` does. Nothing else is shared: the zygote never runs a model or starts a thread, and a call whose
 environment differs from the one the zygote was started with runs as a plain subprocess instead (some libraries
-read the environment when imported). `OWNLLM_TEST_FRESH_PROCESSES=1` turns the zygote off.
+read the environment when imported). What a child cannot show: anything the libraries print or warn once while
+they are imported (that went to the zygote's log). `OWNLLM_TEST_FRESH_PROCESSES=1` turns the zygote off.
 
 Run as a script, this file is the zygote: `python cli_zygote.py SOCKET`."""
 
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Imported before forking: what nearly every `ownllm` verb that touches a model imports (not trl or datasets: they
@@ -120,20 +122,24 @@ def _run_ownllm(args: list[str]) -> int:
         else:
             print(exc.code, file=sys.stderr)
             code = 1
-    except BaseException:
+    except BaseException as exc:
         traceback.print_exc()
-        code = 1
+        code = -signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
+    if code == -signal.SIGINT:  # as Python ends on an uncaught KeyboardInterrupt: killed by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     return code
 
 
 class Zygote:
     """The client side, one per test worker: `run` is `subprocess.run([python, -m, ownllm, *args], ...)`."""
 
-    def __init__(self) -> None:
+    def __init__(self, base_env: Callable[[], dict[str, str]]) -> None:
+        self._base_env = base_env  # what a call without overrides runs with: the zygote starts with it
         self._env: dict[str, str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._socket = ""
@@ -162,8 +168,17 @@ class Zygote:
         finally:
             for fd in (stdin_read, stdout_write, stderr_write):
                 os.close(fd)
+        deadline = time.monotonic() + timeout  # one deadline for the whole call, as subprocess.run has
+        client.settimeout(timeout)
         replies = client.makefile("rb")
-        pid = json.loads(replies.readline())["pid"]
+        try:
+            pid = json.loads(replies.readline())["pid"]
+        except (OSError, ValueError):  # the zygote is stuck or gone: plain subprocesses from now on
+            client.close()
+            for fd in (stdin_write, stdout_read, stderr_read):
+                os.close(fd)
+            self._broken = True
+            return self.run(args, input=input, env=env, timeout=timeout)
         self.forked += 1
         outputs: dict[int, bytes] = {}
 
@@ -179,24 +194,27 @@ class Zygote:
         threads.append(threading.Thread(target=feed, daemon=True))
         for thread in threads:
             thread.start()
-        client.settimeout(timeout)
         try:
             returncode = json.loads(replies.readline())["returncode"]
-        except (TimeoutError, OSError):
-            os.kill(pid, signal.SIGKILL)
+            for thread in threads:  # output still open after the exit (a process it started holds it): no result
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    raise TimeoutError
+        except (OSError, ValueError):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
             raise subprocess.TimeoutExpired(["ownllm", *args], timeout) from None
         finally:
             client.close()
-        for thread in threads:
-            thread.join(timeout)
         return subprocess.CompletedProcess(["ownllm", *args], returncode, _text(outputs.get(stdout_read, b"")),
                                            _text(outputs.get(stderr_read, b"")))
 
     def _usable(self, env: dict[str, str]) -> bool:
         if self._broken or os.environ.get("OWNLLM_TEST_FRESH_PROCESSES") == "1":
             return False
-        if self._process is None:
-            return self._start(env)
+        if self._process is None and not self._start(self._base_env()):
+            return False
+        assert self._process is not None
         return _settled(env) == _settled(self._env or {}) and self._process.poll() is None
 
     def _start(self, env: dict[str, str]) -> bool:

@@ -71,7 +71,7 @@ def engine(default_model: str):
     return open_engine(default_model, dtype="fp32")
 
 
-_ZYGOTE = Zygote()
+_ZYGOTE = Zygote(lambda: {**os.environ, "COLUMNS": "200"})
 
 
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,

@@ -39,6 +39,13 @@ def test_eval_bad_inputs(default_model: str, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q?", "answers": ["A"]}\n{"question": "Q?", "answers": []}\n')
     assert_user_error(run_cli("eval", "qa", default_model, "--data", str(bad)), "line 2")
+    long = tmp_path / "long.jsonl"  # one question past the context window among good ones: named by its line
+    long.write_text("".join(json.dumps({"question": q, "answers": ["A"]}) + "\n"
+                            for q in ("Q?", "Q?", "word " * 9000, "Q?")))
+    out = tmp_path / "long-out"
+    assert_user_error(run_cli("eval", "qa", default_model, "--data", str(long), "--out", str(out)),
+                      "line 3: prompt (", "past the context window")
+    assert not out.exists()
     assert_user_error(run_cli("eval", "qa", default_model, "--data", str(tmp_path / "missing.jsonl")),
                       "no such file")
     empty = tmp_path / "empty.txt"

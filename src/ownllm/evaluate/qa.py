@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.data.jsonl import fail_if_any, read_jsonl
+from ownllm.errors import OwnLLMError
 from ownllm.evaluate.metrics import METRICS, score_all
 from ownllm.generate.engine import Engine
 from ownllm.generate.params import SamplingParams
@@ -64,6 +65,12 @@ def run_qa(engine: Engine, items: list[QAItem], params: SamplingParams | None = 
     """Answer every item (greedy by default), up to `batch_size` decoded together, and score each answer."""
     params = params or SamplingParams(max_new_tokens=64)
     prompts = [engine.render_chat(item.messages) for item in items]
+    for item, prompt in zip(items, prompts, strict=True):  # a question that cannot be asked, named by its line
+        try:
+            engine.check_request(engine.encode(prompt), params)
+        except OwnLLMError as exc:
+            raise OwnLLMError(f"line {item.line}: {exc.message}", kind=exc.kind, param=exc.param, hint=exc.hint,
+                              code=exc.code) from None
     completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress)
     results: list[QAResult] = []
     for item, completion in zip(items, completions, strict=True):

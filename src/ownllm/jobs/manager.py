@@ -7,6 +7,7 @@ All state is in jobs.db, so a restarted server picks up where the last one stopp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from ownllm.jobs.validate import validate_or_fail
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # worker starts per job before it is failed (crashes, not server restarts, count)
+CANCEL_GRACE = 20.0  # seconds a cancelled job's worker has to stop before it is killed
 
 
 def _alive(pid: int | None) -> bool:
@@ -61,7 +63,7 @@ class JobManager:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._publishing = threading.Lock()
-        self._stopping_pids: set[int] = set()  # cancelled jobs' workers of an earlier server, told to stop
+        self._stopping_pids: dict[int, float] = {}  # cancelled jobs' workers of an earlier server: pid -> kill time
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,7 +111,12 @@ class JobManager:
             self._reap()
             active = self.store.jobs_with_status(*ACTIVE)
             running = [j for j in active if self._has_worker(j)]
-            self._stopping_pids = {pid for pid in self._stopping_pids if _alive(pid)}
+            for pid, kill_at in list(self._stopping_pids.items()):
+                if not _alive(pid):
+                    del self._stopping_pids[pid]
+                elif time.monotonic() > kill_at:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
             stopping = len(self._stopping_pids) + sum(  # workers of cancelled jobs, not stopped yet
                 1 for job_id, process in self.workers.items()
                 if process.poll() is None and job_id not in {j["id"] for j in running})
@@ -205,9 +212,9 @@ class JobManager:
                 threading.Thread(target=self._finish_cancel, args=(job_id, process), daemon=True).start()
             elif job is not None and _alive(job["worker_pid"]):  # a worker of an earlier server
                 os.kill(job["worker_pid"], signal.SIGTERM)
-                self._stopping_pids.add(job["worker_pid"])
+                self._stopping_pids[job["worker_pid"]] = time.monotonic() + CANCEL_GRACE
 
-    def _finish_cancel(self, job_id: str, process: subprocess.Popen, grace: float = 20.0) -> None:
+    def _finish_cancel(self, job_id: str, process: subprocess.Popen, grace: float = CANCEL_GRACE) -> None:
         try:
             process.wait(timeout=grace)
         except subprocess.TimeoutExpired:

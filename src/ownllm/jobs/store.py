@@ -170,17 +170,27 @@ class JobStore:
             db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*values.values(), job_id))
 
     def set_status(self, job_id: str, status: str, message: str | None = None, **values: Any) -> None:
-        """Move a job on (never out of a final status) and say so in its events."""
-        job = self.get_job(job_id)
-        if job is None or job["status"] in FINAL:
-            return
-        if status in FINAL:
-            values["finished_at"] = int(time.time())
-        if status == "running" and not job["started_at"]:
-            values["started_at"] = int(time.time())
-        self.update_job(job_id, status=status, **values)
-        if message:
-            self.add_event(job_id, message, level="error" if status == "failed" else "info")
+        """Move a job on (never out of a final status) and say so in its events. One transaction, so a cancel
+        and a worker's own last word cannot both land: whichever comes first is final."""
+        for key in ("error", "result_files"):
+            if key in values and not isinstance(values[key], str | None):
+                values[key] = json.dumps(values[key])
+        with self.transaction() as db:
+            row = db.execute("SELECT status, started_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[0] in FINAL:
+                return
+            if status in FINAL:
+                values["finished_at"] = int(time.time())
+            if status == "running" and not row[1]:
+                values["started_at"] = int(time.time())
+            values["status"] = status
+            columns = ", ".join(f"{name} = ?" for name in values)
+            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*values.values(), job_id))
+            if message:
+                db.execute("INSERT INTO events (id, job_id, created_at, level, message, data, type) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (new_id("ftevent"), job_id, int(time.time()),
+                                                            "error" if status == "failed" else "info", message,
+                                                            None, "message"))
 
     # --- events and checkpoints ----------------------------------------------------------------
     def add_event(self, job_id: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
