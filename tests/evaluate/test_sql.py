@@ -116,6 +116,14 @@ def test_bad_database_and_data(tmp_path: Path) -> None:
         read_sql_set(bad)
 
 
+def test_a_question_past_the_context_window_is_named_by_its_line(default_model: str, tmp_path: Path) -> None:
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join((EXAMPLE / "test.jsonl").read_text().splitlines(True)[:2])
+                    + json.dumps({"question": "Count " * 9000 + "?", "sql": "SELECT COUNT(*) FROM customers"}) + "\n")
+    result = run_cli("eval", "sql", default_model, "--db", str(EXAMPLE / "shop.sqlite"), "--data", str(data))
+    assert_user_error(result, "line 3: prompt (", "past the context window")
+
+
 @pytest.mark.slow
 def test_cli_gold_failure_names_the_line_before_a_model_loads(tmp_path: Path) -> None:
     data = tmp_path / "test.jsonl"
