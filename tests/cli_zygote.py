@@ -160,11 +160,7 @@ class Zygote:
             socket.send_fds(client, [json.dumps({"args": args, "cwd": os.getcwd(), "env": env}).encode()],
                             [stdin_read, stdout_write, stderr_write])
         except OSError:
-            client.close()
-            for fd in (stdin_write, stdout_read, stderr_read):
-                os.close(fd)
-            self._broken = True
-            return self.run(args, input=input, env=env, timeout=timeout)
+            return self._give_up(client, (stdin_write, stdout_read, stderr_read), args, input, env, timeout)
         finally:
             for fd in (stdin_read, stdout_write, stderr_write):
                 os.close(fd)
@@ -173,12 +169,8 @@ class Zygote:
         replies = client.makefile("rb")
         try:
             pid = json.loads(replies.readline())["pid"]
-        except (OSError, ValueError):  # the zygote is stuck or gone: plain subprocesses from now on
-            client.close()
-            for fd in (stdin_write, stdout_read, stderr_read):
-                os.close(fd)
-            self._broken = True
-            return self.run(args, input=input, env=env, timeout=timeout)
+        except (OSError, ValueError):
+            return self._give_up(client, (stdin_write, stdout_read, stderr_read), args, input, env, timeout)
         self.forked += 1
         outputs: dict[int, bytes] = {}
 
@@ -208,6 +200,15 @@ class Zygote:
             client.close()
         return subprocess.CompletedProcess(["ownllm", *args], returncode, _text(outputs.get(stdout_read, b"")),
                                            _text(outputs.get(stderr_read, b"")))
+
+    def _give_up(self, client: socket.socket, fds: tuple[int, ...], args: list[str], input: str,
+                 env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """The zygote is stuck or gone: this call and every later one run as plain subprocesses."""
+        client.close()
+        for fd in fds:
+            os.close(fd)
+        self._broken = True
+        return self.run(args, input=input, env=env, timeout=timeout)
 
     def _usable(self, env: dict[str, str]) -> bool:
         if self._broken or os.environ.get("OWNLLM_TEST_FRESH_PROCESSES") == "1":

@@ -71,7 +71,11 @@ def engine(default_model: str):
     return open_engine(default_model, dtype="fp32")
 
 
-_ZYGOTE = Zygote(lambda: {**os.environ, "COLUMNS": "200"})
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200"}
+
+
+_ZYGOTE = Zygote(_cli_env)
 
 
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
@@ -79,7 +83,7 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     """Run `ownllm ARGS` the way a user does: a process of its own, real stdin/stdout/stderr and exit status,
     forked from one that has imported torch and transformers already (tests/cli_zygote.py)."""
     return _ZYGOTE.run(list(args), input=input if input is not None else "",
-                       env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout)
+                       env={**_cli_env(), **(env or {})}, timeout=timeout)
 
 
 def deeply_nested(depth: int) -> list:

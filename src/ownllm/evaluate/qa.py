@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.data.jsonl import fail_if_any, read_jsonl
-from ownllm.errors import OwnLLMError
 from ownllm.evaluate.metrics import METRICS, score_all
 from ownllm.generate.engine import Engine
 from ownllm.generate.params import SamplingParams
@@ -60,23 +59,13 @@ def read_questions(path: Path) -> list[QAItem]:
     return items
 
 
-def check_each(engine: Engine, lines: list[int], prompts: list[str], params: SamplingParams) -> None:
-    """Before any generation: a prompt that cannot be asked (past the context window) is an error naming its line."""
-    for line, prompt in zip(lines, prompts, strict=True):
-        try:
-            engine.check_request(engine.encode(prompt), params)
-        except OwnLLMError as exc:
-            raise OwnLLMError(f"line {line}: {exc.message}", kind=exc.kind, param=exc.param, hint=exc.hint,
-                              code=exc.code) from None
-
-
 def run_qa(engine: Engine, items: list[QAItem], params: SamplingParams | None = None, *, batch_size: int = 16,
            progress: Callable[[int], None] | None = None) -> list[QAResult]:
     """Answer every item (greedy by default), up to `batch_size` decoded together, and score each answer."""
     params = params or SamplingParams(max_new_tokens=64)
     prompts = [engine.render_chat(item.messages) for item in items]
-    check_each(engine, [item.line for item in items], prompts, params)
-    completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress)
+    completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
+                                        labels=[f"line {item.line}" for item in items])
     results: list[QAResult] = []
     for item, completion in zip(items, completions, strict=True):
         prediction = completion.text.strip()

@@ -24,7 +24,6 @@ from typing import Any
 
 from ownllm.data.jsonl import fail_if_any, read_jsonl
 from ownllm.errors import OwnLLMError
-from ownllm.evaluate.qa import check_each
 from ownllm.generate.engine import Engine
 from ownllm.generate.params import SamplingParams
 from ownllm.models.chat_template import Message
@@ -226,8 +225,8 @@ def run_sql_eval(engine: Engine, db: ReadOnlyDatabase, items: list[SQLItem], gol
     """Generate a query for every item through `engine` (greedy by default) and score it by execution."""
     params = params or SQL_PARAMS
     prompts = [engine.render_chat(item.messages) for item in items]
-    check_each(engine, [item.line for item in items], prompts, params)
-    completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress)
+    completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
+                                        labels=[f"line {item.line}" for item in items])
     results: list[SQLResult] = []
     for item, rows, completion in zip(items, gold_rows, completions, strict=True):
         predicted = extract_sql(completion.text)

@@ -33,12 +33,13 @@ def check_rows(checks: dict[str, dict[str, Any]]) -> list[tuple[str, str, int | 
 
 def score_sets(engine: Any, sets: dict[str, str]) -> dict[str, dict[str, Any]]:
     """{name: {"score": share, "metric": "contains" | "valid_call", "items": n, "misses": [questions missed]}}.
-    The question sets are answered in one batch, so no set waits for the slowest reply of the one before."""
+    The question files are answered in one batch (each once, whatever names it has), so no set waits for the
+    slowest reply of the one before."""
     scores: dict[str, dict[str, Any]] = {}
-    questions: dict[str, list[Any]] = {}
+    questions: dict[str, list[Any]] = {}  # file -> its questions
     for name, path in sets.items():
         if not is_tool_call_set(Path(path)):
-            questions[name] = read_questions(Path(path))
+            questions.setdefault(path, read_questions(Path(path)))
             continue
         calls = score_tool_calls(engine, read_tool_call_set(Path(path)), TOOL_CHECK_PARAMS)
         summary = summarize_tool_calls(calls)
@@ -46,11 +47,12 @@ def score_sets(engine: Any, sets: dict[str, str]) -> dict[str, dict[str, Any]]:
                         "right_call": summary["right_call"], "prose_kept": summary["prose_kept"],
                         "misses": [r.question for r in calls if not r.valid]}
     answered = iter(run_qa(engine, [item for items in questions.values() for item in items], CHECK_PARAMS))
-    for name, items in questions.items():
-        results = [next(answered) for _ in items]
-        summary = summarize(results)
-        scores[name] = {"score": summary["contains"], "metric": "contains", "items": summary["items"],
-                        "misses": [r.question for r in results if r.scores["contains"] < 1]}
+    results = {path: [next(answered) for _ in items] for path, items in questions.items()}
+    for name, path in sets.items():
+        if path in results:
+            summary = summarize(results[path])
+            scores[name] = {"score": summary["contains"], "metric": "contains", "items": summary["items"],
+                            "misses": [r.question for r in results[path] if r.scores["contains"] < 1]}
     return {name: scores[name] for name in sets}
 
 

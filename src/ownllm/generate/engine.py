@@ -240,16 +240,26 @@ class Engine:
         yield state.completion()
 
     def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
-                       max_batch: int = 16, progress: Callable[[int], None] | None = None) -> list[Completion]:
+                       max_batch: int = 16, progress: Callable[[int], None] | None = None,
+                       labels: list[str] | None = None) -> list[Completion]:
         """Generate for many prompts: decoded together by the continuous-batching scheduler where the backend
         batches (`batching_mode`), at most `max_batch` rows at a time, a waiting prompt taking the place of one
         that finished; else one at a time (so is beam search, which is per prompt anyway). Pass every prompt in
         one call: chunks of them wait for each chunk's longest reply. `progress(1)` is called as each finishes.
+        Every prompt is checked before any is generated; with `labels` (e.g. "line 3"), a refusal names its prompt.
 
         With a fixed seed, prompt i samples with seed + i, so each row is reproducible on its own.
         """
         params = params or SamplingParams()
-        prompt_ids = [self._prepare(p, params) for p in prompts]
+        prompt_ids = []
+        for index, prompt in enumerate(prompts):
+            try:
+                prompt_ids.append(self._prepare(prompt, params))
+            except OwnLLMError as exc:
+                if labels is not None:  # the same error (its class, code and fields), saying which prompt
+                    exc.message = f"{labels[index]}: {exc.message}"
+                    exc.args = (exc.message,)
+                raise
         seeds = [params.seed_for(i) for i in range(len(prompt_ids))]
         if not prompt_ids:
             return []

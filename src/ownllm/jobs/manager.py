@@ -117,9 +117,9 @@ class JobManager:
                 elif time.monotonic() > kill_at:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
+            running_ids = {job["id"] for job in running}
             stopping = len(self._stopping_pids) + sum(  # workers of cancelled jobs, not stopped yet
-                1 for job_id, process in self.workers.items()
-                if process.poll() is None and job_id not in {j["id"] for j in running})
+                1 for job_id, process in self.workers.items() if process.poll() is None and job_id not in running_ids)
             for job in active:
                 if len(running) + stopping >= self.max_running:
                     break

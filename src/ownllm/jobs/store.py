@@ -162,19 +162,12 @@ class JobStore:
         return self._all(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq", *statuses)
 
     def update_job(self, job_id: str, **values: Any) -> None:
-        for key in ("error", "result_files"):
-            if key in values and not isinstance(values[key], str | None):
-                values[key] = json.dumps(values[key])
-        columns = ", ".join(f"{name} = ?" for name in values)
         with self.transaction() as db:
-            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*values.values(), job_id))
+            _update_job(db, job_id, values)
 
     def set_status(self, job_id: str, status: str, message: str | None = None, **values: Any) -> None:
         """Move a job on (never out of a final status) and say so in its events. One transaction, so a cancel
         and a worker's own last word cannot both land: whichever comes first is final."""
-        for key in ("error", "result_files"):
-            if key in values and not isinstance(values[key], str | None):
-                values[key] = json.dumps(values[key])
         with self.transaction() as db:
             row = db.execute("SELECT status, started_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row[0] in FINAL:
@@ -183,22 +176,15 @@ class JobStore:
                 values["finished_at"] = int(time.time())
             if status == "running" and not row[1]:
                 values["started_at"] = int(time.time())
-            values["status"] = status
-            columns = ", ".join(f"{name} = ?" for name in values)
-            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*values.values(), job_id))
+            _update_job(db, job_id, {**values, "status": status})
             if message:
-                db.execute("INSERT INTO events (id, job_id, created_at, level, message, data, type) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (new_id("ftevent"), job_id, int(time.time()),
-                                                            "error" if status == "failed" else "info", message,
-                                                            None, "message"))
+                _insert_event(db, job_id, message, "error" if status == "failed" else "info", None, "message")
 
     # --- events and checkpoints ----------------------------------------------------------------
     def add_event(self, job_id: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None,
                   kind: str = "message") -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO events (id, job_id, created_at, level, message, data, type) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (new_id("ftevent"), job_id, int(time.time()), level, message,
-                                                        json.dumps(data) if data is not None else None, kind))
+            _insert_event(db, job_id, message, level, data, kind)
 
     def list_events(self, job_id: str, *, after: str | None = None, limit: int = 20) -> Page:
         return self._page("events", after, limit, True, "job_id = ?", (job_id,))
@@ -215,3 +201,18 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _update_job(db: sqlite3.Connection, job_id: str, values: dict[str, Any]) -> None:
+    """Inside a transaction: set a job's columns (`error` and `result_files` stored as JSON)."""
+    values = {name: json.dumps(value) if name in ("error", "result_files") and not isinstance(value, str | None)
+              else value for name, value in values.items()}
+    columns = ", ".join(f"{name} = ?" for name in values)
+    db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*values.values(), job_id))
+
+
+def _insert_event(db: sqlite3.Connection, job_id: str, message: str, level: str, data: dict[str, Any] | None,
+                  kind: str) -> None:
+    db.execute("INSERT INTO events (id, job_id, created_at, level, message, data, type) VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (new_id("ftevent"), job_id, int(time.time()), level, message,
+                json.dumps(data) if data is not None else None, kind))
