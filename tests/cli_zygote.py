@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # Imported before forking: what nearly every `ownllm` verb that touches a model imports (not trl or datasets: they
 # start a thread, and a fork copies no threads).
@@ -135,6 +136,56 @@ def _run_ownllm(args: list[str]) -> int:
     return code
 
 
+class ZygoteProcess:
+    """A forked `ownllm` child as much of `subprocess.Popen` as the tests use: `pid`, `returncode`, `poll`, `wait`,
+    `send_signal`, `terminate`, `kill`. It is the zygote's child, not this process's: its exit status comes over
+    the socket the zygote answers on."""
+
+    def __init__(self, args: list[str], replies: socket.socket) -> None:
+        self.args = args
+        self.pid = 0
+        self.returncode: int | None = None
+        self._replies = replies
+        self._buffer = b""
+
+    def read_reply(self, timeout: float | None) -> dict[str, Any]:
+        """The zygote's next line (the child's pid, then its exit status), or TimeoutExpired."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._replies], [], [], left)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            chunk = self._replies.recv(4096)
+            if not chunk:
+                raise OSError("the zygote closed the connection without an exit status")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.wait(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.read_reply(timeout)["returncode"]
+            self._replies.close()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # (a status not yet read: the pid is still the zygote's to reap)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class Zygote:
     """The client side, one per test worker: `run` is `subprocess.run([python, -m, ownllm, *args], ...)`."""
 
@@ -154,24 +205,14 @@ class Zygote:
         stdin_read, stdin_write = os.pipe()
         stdout_read, stdout_write = os.pipe()
         stderr_read, stderr_write = os.pipe()
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            client.connect(self._socket)
-            socket.send_fds(client, [json.dumps({"args": args, "cwd": os.getcwd(), "env": env}).encode()],
-                            [stdin_read, stdout_write, stderr_write])
-        except OSError:
-            return self._give_up(client, (stdin_write, stdout_read, stderr_read), args, input, env, timeout)
-        finally:
-            for fd in (stdin_read, stdout_write, stderr_write):
-                os.close(fd)
         deadline = time.monotonic() + timeout  # one deadline for the whole call, as subprocess.run has
-        client.settimeout(timeout)
-        replies = client.makefile("rb")
-        try:
-            pid = json.loads(replies.readline())["pid"]
-        except (OSError, ValueError):
-            return self._give_up(client, (stdin_write, stdout_read, stderr_read), args, input, env, timeout)
-        self.forked += 1
+        child = self._fork(args, env, (stdin_read, stdout_write, stderr_write), timeout)
+        for fd in (stdin_read, stdout_write, stderr_write):  # the child's ends: it has its own copies now
+            os.close(fd)
+        if child is None:
+            for fd in (stdin_write, stdout_read, stderr_read):
+                os.close(fd)
+            return self.run(args, input=input, env=env, timeout=timeout)
         outputs: dict[int, bytes] = {}
 
         def drain(fd: int) -> None:
@@ -187,28 +228,64 @@ class Zygote:
         for thread in threads:
             thread.start()
         try:
-            returncode = json.loads(replies.readline())["returncode"]
+            returncode = child.wait(max(0.0, deadline - time.monotonic()))
             for thread in threads:  # output still open after the exit (a process it started holds it): no result
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive():
-                    raise TimeoutError
-        except (OSError, ValueError):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                    raise subprocess.TimeoutExpired(["ownllm", *args], timeout)
+        except (subprocess.TimeoutExpired, OSError):
+            child.kill()
             raise subprocess.TimeoutExpired(["ownllm", *args], timeout) from None
-        finally:
-            client.close()
         return subprocess.CompletedProcess(["ownllm", *args], returncode, _text(outputs.get(stdout_read, b"")),
                                            _text(outputs.get(stderr_read, b"")))
 
-    def _give_up(self, client: socket.socket, fds: tuple[int, ...], args: list[str], input: str,
-                 env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-        """The zygote is stuck or gone: this call and every later one run as plain subprocesses."""
-        client.close()
-        for fd in fds:
-            os.close(fd)
-        self._broken = True
-        return self.run(args, input=input, env=env, timeout=timeout)
+    def popen(self, args: list[str], *, stdout: Any = None, stderr: Any = None, env: dict[str, str]
+              ) -> ZygoteProcess | subprocess.Popen[bytes]:
+        """`subprocess.Popen([python, -m, ownllm, *args], stdin=DEVNULL, stdout=..., stderr=...)` for a process
+        the test watches, signals or stops while it runs (a server, a training run to kill): `stdout` and
+        `stderr` are None (this process's), DEVNULL or an open file; `stderr` may be STDOUT."""
+        command = [sys.executable, "-m", "ownllm", *args]
+        if not self._usable(env):
+            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env)
+        opened = []
+
+        def target(where: Any, default: int) -> int:
+            if where is None:
+                return default
+            if where == subprocess.DEVNULL:
+                opened.append(os.open(os.devnull, os.O_RDWR))
+                return opened[-1]
+            return where.fileno()
+
+        stdin_fd = os.open(os.devnull, os.O_RDONLY)
+        stdout_fd = target(stdout, 1)
+        stderr_fd = stdout_fd if stderr == subprocess.STDOUT else target(stderr, 2)
+        try:
+            child = self._fork(args, env, (stdin_fd, stdout_fd, stderr_fd), START_TIMEOUT)
+        finally:
+            for fd in (stdin_fd, *opened):
+                os.close(fd)
+        if child is None:
+            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env)
+        return child
+
+    def _fork(self, args: list[str], env: dict[str, str], fds: tuple[int, int, int], timeout: float
+              ) -> ZygoteProcess | None:
+        """A child running `ownllm ARGS` with copies of `fds` as its stdin, stdout and stderr; None when the
+        zygote is stuck or gone (then this call and every later one run as plain subprocesses)."""
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            client.connect(self._socket)
+            socket.send_fds(client, [json.dumps({"args": args, "cwd": os.getcwd(), "env": env}).encode()],
+                            list(fds))
+            child = ZygoteProcess(["ownllm", *args], client)
+            child.pid = child.read_reply(timeout)["pid"]
+        except (OSError, ValueError, KeyError, subprocess.TimeoutExpired):
+            client.close()
+            self._broken = True
+            return None
+        self.forked += 1
+        return child
 
     def _usable(self, env: dict[str, str]) -> bool:
         if self._broken or os.environ.get("OWNLLM_TEST_FRESH_PROCESSES") == "1":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import pytest
@@ -84,6 +85,13 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
     forked from one that has imported torch and transformers already (tests/cli_zygote.py)."""
     return _ZYGOTE.run(list(args), input=input if input is not None else "",
                        env={**_cli_env(), **(env or {})}, timeout=timeout)
+
+
+def start_cli(*args: str, stdout: Any = None, stderr: Any = None, env: dict[str, str] | None = None) -> Any:
+    """Start `ownllm ARGS` and return at once, for a test that watches, signals or stops the process: what
+    `subprocess.Popen` returns (pid, poll, wait, send_signal, terminate, kill), forked like `run_cli`'s;
+    `stdout`/`stderr`: None, subprocess.DEVNULL or an open file (`stderr` also subprocess.STDOUT)."""
+    return _ZYGOTE.popen(list(args), stdout=stdout, stderr=stderr, env={**_cli_env(), **(env or {})})
 
 
 def deeply_nested(depth: int) -> list:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 
 from ownllm.errors import OwnLLMError
 from ownllm.generate.open import open_engine
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 FACTS = [
@@ -87,9 +85,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: P
     straight = tmp_path / "straight"
     assert run_cli(*train_args(facts, straight, *steps)).returncode == 0
     interrupted = tmp_path / "interrupted"
-    env = {**os.environ, "COLUMNS": "200"}
-    process = subprocess.Popen([sys.executable, "-m", "ownllm", *train_args(facts, interrupted, *steps)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = start_cli(*train_args(facts, interrupted, *steps), stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
     metrics = interrupted / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # wait for the step-4 checkpoint and a step past it, then kill -9

@@ -5,10 +5,8 @@ raises mid-training; RLOO runs through the same path."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 
 from ownllm.errors import OwnLLMError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 TINY = ("--batch-size", "1", "--num-generations", "2", "--max-completion-length", "8", "--lora-r", "4")
@@ -42,8 +40,7 @@ def rows(run: Path) -> list[dict]:
 def test_grpo_logs_rewards_and_resumes_after_kill(default_model: str, prompts: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     arguments = grpo_args(prompts, out, "--max-steps", "2", "--save-every", "1")
-    process = subprocess.Popen([sys.executable, "-m", "ownllm", *arguments], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"})
+    process = start_cli(*arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
         if (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file():
@@ -64,14 +61,15 @@ def test_grpo_logs_rewards_and_resumes_after_kill(default_model: str, prompts: P
     assert "(grpo)" in card and "`json-valid`" in card and "reward.png" in card
 
 
-def train_here(data: Path, out: Path, method: str, rewards: list[str], max_steps: int, save_every: int = 100) -> Any:
+def train_here(data: Path, out: Path, method: str, rewards: list[str], max_steps: int, save_every: int = 100,
+               rollouts: str = "auto") -> Any:
     """In this process (the imports and the model load are the slow part of a tiny run; the CLI path is above)."""
     from ownllm.finetune.config import load_config
     from ownllm.finetune.run import run
 
     return run(load_config(model="smollm2-135m-instruct", data=str(data), out=str(out), method=method,
                            reward_fn=rewards, batch_size=1, num_generations=2, max_completion_length=8, lora_r=4,
-                           max_steps=max_steps, save_every=save_every))
+                           max_steps=max_steps, save_every=save_every, rollouts=rollouts))
 
 
 def test_a_reward_raising_mid_training_stops_with_a_checkpoint(default_model: str, prompts: Path,
@@ -90,8 +88,8 @@ def test_a_reward_raising_mid_training_stops_with_a_checkpoint(default_model: st
     assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
 
 
-def test_rloo_runs_one_step(default_model: str, prompts: Path, tmp_path: Path) -> None:
+def test_rloo_runs_one_step_with_trls_own_rollouts(default_model: str, prompts: Path, tmp_path: Path) -> None:
     out = tmp_path / "rloo"
-    result = train_here(prompts, out, "rloo", ["json-valid"], max_steps=1)
+    result = train_here(prompts, out, "rloo", ["json-valid"], max_steps=1, rollouts="trl")
     assert result.steps == 1 and [r["step"] for r in rows(out) if "reward" in r] == [1]
     assert (out / "final" / "adapter_config.json").is_file()

@@ -4,16 +4,14 @@ before/after checks."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, start_cli
 from tests.finetune.test_finetune import FACTS, facts, train_args  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -26,13 +24,15 @@ def _rows(run: Path) -> list[dict]:
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(facts: Path, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "run"
     arguments = train_args(facts, out, "--max-steps", "8", "--save-every", "100", "--val-ratio", "0")
-    process = subprocess.Popen([sys.executable, "-m", "ownllm", *arguments], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stream:
+        process = start_cli(*arguments, stdout=subprocess.DEVNULL, stderr=stream)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not ((out / "metrics.jsonl").is_file() and _rows(out)):
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=240)
+    process.wait(timeout=240)
+    stderr = log.read_text()
     assert process.returncode == 130, stderr[-2000:]
     assert "stopped at step" in stderr and "--resume" in stderr and "Traceback" not in stderr
     checkpoints = list((out / "checkpoints").glob("checkpoint-*"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.conftest import start_cli
 
 
 def free_port() -> int:
@@ -28,9 +29,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ownllm-serve-{self.port}.log"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ownllm", "serve", *args, "--port", str(self.port)],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        with self.log.open("w") as log:
+            self.process = start_cli("serve", *args, "--port", str(self.port), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -52,6 +52,9 @@ def finetune(
     num_generations: Annotated[int | None, typer.Option(help="grpo/rloo: completions per prompt")] = None,
     max_completion_length: Annotated[int | None, typer.Option(help="grpo/rloo: most tokens per completion")] = None,
     temperature: Annotated[float | None, typer.Option(help="grpo/rloo: sampling temperature")] = None,
+    rollouts: Annotated[str | None, typer.Option(help="grpo/rloo: who samples the completions: auto (ownllm's "
+                                                      "batched engine where it covers the model) | ownllm | trl")
+                        ] = None,
     task: Annotated[str | None, typer.Option(help="generate | classify (a classification head on "
                                                   "{text, label} lines)")] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="training processes (DDP through torchrun)")] = 1,
@@ -70,7 +73,7 @@ def finetune(
                       replay_ratio=replay_ratio, replay_loss=replay_loss, precision=precision,
                       early_stopping=early_stopping, reward_fn=reward_fn or None, reward_model=reward,
                       rl_beta=beta, num_generations=num_generations, max_completion_length=max_completion_length,
-                      temperature=temperature, task=task)
+                      temperature=temperature, rollouts=rollouts, task=task)
     if cfg.method in ("grpo", "rloo") and cfg.data and Path(cfg.data).is_file():
         from ownllm.finetune.grpo import check_rl
 

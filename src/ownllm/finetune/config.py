@@ -87,6 +87,7 @@ class FinetuneConfig:
     num_generations: int = 4  # completions sampled per prompt (the group GRPO/RLOO compares)
     max_completion_length: int = 64  # most tokens per sampled completion
     temperature: float = 1.0  # sampling temperature of the completions
+    rollouts: str = "auto"  # who samples them: auto (ownllm's batched engine where it covers the model), ownllm, trl
     task: str = "generate"  # generate | classify: a classification head + LoRA on {"text", "label"} lines
 
     def __post_init__(self) -> None:

@@ -136,9 +136,9 @@ def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[Any, list[Any]]:
     return table, rewards
 
 
-def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callbacks: list[Any] | None = None
-             ) -> TrainOutcome:
-    """Build the policy, the rewards and TRL's trainer; train (resuming from the latest checkpoint); save final/."""
+def build_rl_trainer(cfg: FinetuneConfig, run_dir: Path, data: Path) -> tuple[Any, Any]:
+    """TRL's trainer for `cfg` (GRPO or RLOO on a fresh LoRA over the model, its rewards, ownllm's rollouts where
+    `cfg.rollouts` allows) and the model as loaded; nothing trained yet."""
     from peft import LoraConfig
 
     from ownllm.models.load import load_model
@@ -171,11 +171,19 @@ def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, ca
     else:
         from trl import GRPOConfig as ArgsClass
         from trl import GRPOTrainer as TrainerClass
-    trainer = TrainerClass(model=model, reward_funcs=reward_funcs, args=ArgsClass(**common),
-                           train_dataset=table, processing_class=tokenizer,
-                           reward_processing_classes=reward_tokenizers if cfg.reward_model else None,
-                           callbacks=run_callbacks(run_dir),
-                           peft_config=peft_config)
+    trainer = with_own_rollouts(TrainerClass)(
+        model=model, reward_funcs=reward_funcs, args=ArgsClass(**common), train_dataset=table,
+        processing_class=tokenizer, reward_processing_classes=reward_tokenizers if cfg.reward_model else None,
+        callbacks=run_callbacks(run_dir), peft_config=peft_config)
+    use_rollouts(trainer, loaded, cfg.rollouts)
+    return trainer, loaded
+
+
+def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callbacks: list[Any] | None = None
+             ) -> TrainOutcome:
+    """Build the policy, the rewards and TRL's trainer; train (resuming from the latest checkpoint); save final/."""
+    trainer, loaded = build_rl_trainer(cfg, run_dir, data)
+    tokenizer = loaded.tokenizer
     stopper = use_own_callbacks(trainer, callbacks)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
@@ -196,6 +204,54 @@ def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, ca
     plot_rewards(run_dir)
     return TrainOutcome(output.global_step, float(output.training_loss), None, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0))
+
+
+def with_own_rollouts(trainer_class: type) -> type:
+    """`trainer_class` (TRL's GRPOTrainer or RLOOTrainer) sampling its completions with `own_rollouts`
+    (a `PolicyRollouts`) when set; TRL's own generation otherwise, and for what ours does not take (images, a
+    prompt past the context, min-p or repetition-penalty sampling)."""
+
+    class OwnRollouts(trainer_class):  # type: ignore[misc, valid-type]
+        own_rollouts: Any = None
+        _rollout_calls: tuple[int, int] = (-1, 0)  # (step, rollouts sampled in it): each call its own seeds
+
+        def _generate_single_turn(self, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any,
+                                  *args: Any, **kwargs: Any) -> Any:
+            rollouts = self.own_rollouts
+            if (rollouts is None or images is not None or multimodal_fields or self.min_p
+                    or self.repetition_penalty != 1.0 or self.args.generation_kwargs
+                    or not rollouts.fits(prompt_ids, self.max_completion_length)):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+            step, calls = self._rollout_calls
+            calls = calls + 1 if step == self.state.global_step else 0
+            self._rollout_calls = (self.state.global_step, calls)
+            completion_ids = rollouts.sample(
+                prompt_ids, max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                top_p=self.top_p, top_k=self.top_k or 0,
+                seed=self.args.seed * 1_000_003 + self.state.global_step * 1_009 + calls)
+            return (completion_ids, None) if trainer_class.__name__ == "GRPOTrainer" else completion_ids
+
+    OwnRollouts.__name__ = OwnRollouts.__qualname__ = trainer_class.__name__
+    return OwnRollouts
+
+
+def use_rollouts(trainer: Any, loaded: Any, choice: str) -> None:
+    """Sample with ownllm's engine (`choice` auto where it covers the policy, or ownllm: an error where it does
+    not), or leave TRL's generation (trl); the choice is logged."""
+    from ownllm.finetune.rollouts import PolicyRollouts, rollout_support
+
+    if choice == "trl":
+        log.info("rollouts: TRL's generation (rollouts: trl)")
+        return
+    reason = rollout_support(trainer.model)
+    if reason is not None:
+        if choice == "ownllm":
+            raise OwnLLMError(f"rollouts: ownllm cannot sample this policy: {reason}", kind="unsupported",
+                              param="rollouts", hint="use rollouts: auto or trl")
+        log.info("rollouts: TRL's generation (%s)", reason)
+        return
+    trainer.own_rollouts = PolicyRollouts(loaded, trainer.model)
+    log.info("rollouts: ownllm's batched engine (continuous batching, a prompt's group sharing its prefill)")
 
 
 def save_final(run_dir: Path, trainer: Any, tokenizer: Any, record: RunRecord) -> Path:

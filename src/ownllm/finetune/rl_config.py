@@ -11,6 +11,7 @@ from typing import Any
 
 RL_METHODS = ("grpo", "rloo")
 HEAD_METHODS = ("reward",)  # a scalar head trained on preference pairs (reward_model.py)
+ROLLOUT_ENGINES = ("auto", "ownllm", "trl")  # who samples the completions (grpo.py, rollouts.py)
 TASKS = ("generate", "classify")  # classify: a classification head + LoRA on {"text", "label"} lines (classify.py)
 
 
@@ -45,6 +46,8 @@ def rl_problems(cfg: Any) -> list[str]:
             problems.append(f"{name} must be a number of 0 or more, got {value!r}")
     if isinstance(cfg.temperature, int | float) and cfg.temperature == 0 and cfg.method in RL_METHODS:
         problems.append("temperature must be above 0: greedy completions of one prompt are all the same")
+    if cfg.rollouts not in ROLLOUT_ENGINES:
+        problems.append(f"rollouts must be one of {', '.join(ROLLOUT_ENGINES)}, got {cfg.rollouts!r}")
     if cfg.task not in TASKS:
         problems.append(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     elif cfg.task == "classify" and cfg.method != "lora":

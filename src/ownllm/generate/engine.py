@@ -85,6 +85,7 @@ class Completion:
     decode_seconds: float = 0.0
     parsed: Any = None
     cached_tokens: int = 0  # prompt tokens the server's prefix cache had (not computed again)
+    stop_token_id: int | None = None  # the end-of-sequence token that ended it (not in token_ids), if one did
 
     @property
     def completion_tokens(self) -> int:
@@ -343,6 +344,7 @@ class Decoding:
         self.done = False
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.stop_token_id: int | None = None
         self.grammar = engine.grammars.start(params.constraint) if params.constraint is not None else None
 
     def add(self, step: Step) -> TextDelta | None:
@@ -351,7 +353,7 @@ class Decoding:
             self.first_token_at = time.perf_counter()
         # under a constraint EOS comes only where the grammar is complete: it ends the sequence even with ignore_eos
         if step.token_id in self.engine.eos_token_ids and (not self.params.ignore_eos or self.grammar is not None):
-            self.finish, self.done = "stop", True
+            self.finish, self.done, self.stop_token_id = "stop", True, step.token_id
             return None
         self.steps.append(step)
         self.pending.append(step.token_id)
@@ -394,4 +396,5 @@ class Decoding:
             explanations=[s.explanation for s in self.steps if s.explanation] if params.explain else None,
             prefill_seconds=first - self.started,
             decode_seconds=ended - first,
+            stop_token_id=self.stop_token_id,
         )
