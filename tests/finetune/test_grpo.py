@@ -59,6 +59,7 @@ def test_grpo_logs_rewards_and_resumes_after_kill(default_model: str, prompts: P
     assert (out / "final" / "adapter_config.json").is_file() and (out / "reward.png").is_file()
     card = (out / "README.md").read_text()
     assert "(grpo)" in card and "`json-valid`" in card and "reward.png" in card
+    assert "rollouts: ownllm's batched engine" in card  # the default where the batched forward covers the model
 
 
 def train_here(data: Path, out: Path, method: str, rewards: list[str], max_steps: int, save_every: int = 100,
@@ -92,4 +93,5 @@ def test_rloo_runs_one_step_with_trls_own_rollouts(default_model: str, prompts: 
     out = tmp_path / "rloo"
     result = train_here(prompts, out, "rloo", ["json-valid"], max_steps=1, rollouts="trl")
     assert result.steps == 1 and [r["step"] for r in rows(out) if "reward" in r] == [1]
+    assert result.notes == ["rollouts: TRL's generation (rollouts: trl)"]
     assert (out / "final" / "adapter_config.json").is_file()

@@ -39,7 +39,7 @@ def test_json_schema_and_sql_exec(tmp_path: Path) -> None:
     gold = "SELECT COUNT(*) FROM customers WHERE city = 'Berlin'"
     replies = [gold, "SELECT COUNT(*) FROM products", "DROP TABLE customers", "hello"]
     assert score(f"sql-exec:{EXAMPLE / 'shop.sqlite'}", [chat(r) for r in replies], reference=[gold] * 4) == [
-        1.0, 0.2, 0.0, 0.0]
+        1.0, 0.0, 0.0, 0.0]
 
 
 def test_bad_specs(tmp_path: Path) -> None:

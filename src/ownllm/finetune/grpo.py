@@ -175,7 +175,7 @@ def build_rl_trainer(cfg: FinetuneConfig, run_dir: Path, data: Path) -> tuple[An
         model=model, reward_funcs=reward_funcs, args=ArgsClass(**common), train_dataset=table,
         processing_class=tokenizer, reward_processing_classes=reward_tokenizers if cfg.reward_model else None,
         callbacks=run_callbacks(run_dir), peft_config=peft_config)
-    use_rollouts(trainer, loaded, cfg.rollouts)
+    trainer.rollouts_note = use_rollouts(trainer, loaded, cfg.rollouts)
     return trainer, loaded
 
 
@@ -203,7 +203,7 @@ def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, ca
                                                       spec=cfg.model))
     plot_rewards(run_dir)
     return TrainOutcome(output.global_step, float(output.training_loss), None, time.time() - started,
-                        int(trainer.state.num_input_tokens_seen or 0))
+                        int(trainer.state.num_input_tokens_seen or 0), [trainer.rollouts_note])
 
 
 def with_own_rollouts(trainer_class: type) -> type:
@@ -235,23 +235,23 @@ def with_own_rollouts(trainer_class: type) -> type:
     return OwnRollouts
 
 
-def use_rollouts(trainer: Any, loaded: Any, choice: str) -> None:
+def use_rollouts(trainer: Any, loaded: Any, choice: str) -> str:
     """Sample with ownllm's engine (`choice` auto where it covers the policy, or ownllm: an error where it does
-    not), or leave TRL's generation (trl); the choice is logged."""
+    not), or leave TRL's generation (trl). Returns what was chosen and why, for the log and the run card."""
     from ownllm.finetune.rollouts import PolicyRollouts, rollout_support
 
     if choice == "trl":
-        log.info("rollouts: TRL's generation (rollouts: trl)")
-        return
-    reason = rollout_support(trainer.model)
-    if reason is not None:
+        note = "rollouts: TRL's generation (rollouts: trl)"
+    elif (reason := rollout_support(trainer.model)) is not None:
         if choice == "ownllm":
             raise OwnLLMError(f"rollouts: ownllm cannot sample this policy: {reason}", kind="unsupported",
                               param="rollouts", hint="use rollouts: auto or trl")
-        log.info("rollouts: TRL's generation (%s)", reason)
-        return
-    trainer.own_rollouts = PolicyRollouts(loaded, trainer.model)
-    log.info("rollouts: ownllm's batched engine (continuous batching, a prompt's group sharing its prefill)")
+        note = f"rollouts: TRL's generation ({reason})"
+    else:
+        trainer.own_rollouts = PolicyRollouts(loaded, trainer.model)
+        note = "rollouts: ownllm's batched engine (continuous batching, a prompt's group sharing its prefill)"
+    log.info(note)
+    return note
 
 
 def save_final(run_dir: Path, trainer: Any, tokenizer: Any, record: RunRecord) -> Path:

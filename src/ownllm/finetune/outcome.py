@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ownllm.errors import OwnLLMError
@@ -17,6 +17,7 @@ class TrainOutcome:
     eval_loss: float | None
     seconds: float
     trained_tokens: int
+    notes: list[str] = field(default_factory=list)  # how it trained where the config leaves a choice (the card says)
 
 
 class TrainingInterrupted(OwnLLMError):

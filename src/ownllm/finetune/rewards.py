@@ -12,8 +12,8 @@ completion — and returns one float per completion (None: no reward for that on
     openai-grader:FILE.json  an OpenAI reinforcement fine-tuning grader (string_check, text_similarity;
                         ownllm.finetune.graders), its {{item.FIELD}} templates read from the data's fields
     sql-exec:DB.sqlite  1.0 when the completion's query returns the same rows as the `reference` query, run
-                        read-only on DB (ownllm.evaluate.sql); 0.2 when it runs but returns other rows (a
-                        shaped step up from text that is not a query at all), 0.0 otherwise
+                        read-only on DB (ownllm.evaluate.sql), else 0.0 (no credit for a query that merely runs:
+                        GRPO on an SFT model then traded right joins for short queries that run, bench/RESULTS.md)
     FILE.py:FUNCTION    your function
 
 Every function is called on a few rows before training (`validate_rewards`): one that is missing, raises or
@@ -39,7 +39,6 @@ RewardFn = Callable[..., list[float | None]]
 BUILTINS = ("exact", "contains", "regex:PATTERN", "json-valid", "json-schema:FILE", "sql-exec:DB.sqlite",
             "openai-grader:FILE.json", "FILE.py:FUNCTION")
 REFERENCE = "reference"  # the dataset column the built-ins compare with
-SQL_RUNS_WRONG = 0.2
 VALIDATION_ROWS = 3
 _FENCE = re.compile(r"```[a-zA-Z]*[ \t]*\n?(.*?)(?:```|$)", re.S)
 
@@ -138,7 +137,7 @@ def _sql_exec(file: str) -> RewardFn:
             except QueryError:
                 rewards.append(0.0)
                 continue
-            rewards.append(1.0 if same_result(rows, gold_rows[gold], ordered=is_ordered(gold)) else SQL_RUNS_WRONG)
+            rewards.append(1.0 if same_result(rows, gold_rows[gold], ordered=is_ordered(gold)) else 0.0)
         return rewards
 
     return sql_exec

@@ -62,6 +62,7 @@ class RunResult:
     seconds: float
     trained_tokens: int = 0
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"base": share, "tuned": share}
+    notes: list[str] = field(default_factory=list)  # `TrainOutcome.notes`
 
 
 def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False, processes: int = 1,
@@ -206,7 +207,7 @@ def finish(cfg: FinetuneConfig, run_dir: Path, data: Path, outcome: TrainOutcome
                 checks[name] |= {"right_call": {"base": before["right_call"], "tuned": after["right_call"]},
                                  "prose_kept": {"base": before["prose_kept"], "tuned": after["prose_kept"]}}
     result = RunResult(run_dir, final, outcome.steps, outcome.train_loss, outcome.eval_loss, outcome.seconds,
-                       outcome.trained_tokens, checks)
+                       outcome.trained_tokens, checks, outcome.notes)
     report(cfg, run_dir, result, data)
     return result
 
@@ -441,6 +442,7 @@ def report(cfg: FinetuneConfig, run_dir: Path, result: RunResult, data: Path) ->
             f"- steps: {result.steps}, final train loss {result.train_loss:.4f}"
             + (f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""),
             f"- time: {result.seconds:.0f} s, {result.trained_tokens} trained tokens (padding not counted)",
+            *[f"- {note}" for note in result.notes],
             *_checks_lines(result.checks), "", "## Hyper-parameters", "", "```yaml",
             yaml.safe_dump(cfg.as_dict(), sort_keys=False).strip(), "```", "", f"![loss]({LOSS_PLOT})", "",
             *_rl_lines(cfg),
