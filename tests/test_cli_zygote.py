@@ -29,3 +29,24 @@ def test_a_forked_cli_has_its_own_stdio_status_directory_and_environment(default
         assert conftest._ZYGOTE.forked == before + 3  # none of these fell back to a plain subprocess
     home = run_cli("models", "--json", env={"OWNLLM_HOME": str(tmp_path / "empty-home")})  # a fresh process
     assert home.returncode == 0 and json.loads(home.stdout)["models"] == []
+
+
+def test_a_started_cli_can_be_waited_for_polled_and_killed(default_model: str, tmp_path: Path) -> None:
+    """`start_cli` (servers, runs a test kills): Popen's pid, poll, wait, send_signal and exit status."""
+    import signal
+    import subprocess
+
+    from tests.conftest import start_cli
+    from tests.serve.conftest import free_port
+
+    log = tmp_path / "help.txt"
+    with log.open("w") as stream:
+        helped = start_cli("--help", stdout=stream, stderr=subprocess.STDOUT)
+    assert helped.wait(timeout=120) == 0 and helped.poll() == 0 and "Usage" in log.read_text()
+    server = start_cli("serve", default_model, "--no-jobs", "--port", str(free_port()), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    assert server.poll() is None and server.pid > 0
+    with pytest.raises(subprocess.TimeoutExpired):
+        server.wait(timeout=0.5)
+    server.send_signal(signal.SIGKILL)
+    assert server.wait(timeout=60) == -signal.SIGKILL
