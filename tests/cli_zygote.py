@@ -35,8 +35,10 @@ from typing import Any
 PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "ownllm.cli",
            "ownllm.generate.engine", "ownllm.generate.hf", "ownllm.models.load")
 # Differences here need no fresh interpreter: pytest sets the first per test; scikit-learn (imported by tests in
-# the test process) sets the others for Intel's OpenMP, which torch's CPU build does not use (it has GNU's).
-PER_CALL_ENV = frozenset({"PYTEST_CURRENT_TEST", "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK"})
+# the test process) sets the KMP ones for Intel's OpenMP, which torch's CPU build does not use (it has GNU's); a
+# TRL trainer run in the test process sets inductor's cache folder, read only when something compiles.
+PER_CALL_ENV = frozenset({"PYTEST_CURRENT_TEST", "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK",
+                          "TORCHINDUCTOR_CACHE_DIR"})
 START_TIMEOUT = 300.0  # a hang guard: the imports take ~6 s
 
 
@@ -163,8 +165,8 @@ class ZygoteProcess:
         return json.loads(line)
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+        if self.returncode is None:  # (a zygote gone without an answer: still None, as Popen.poll never raises)
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
                 self.wait(0)
         return self.returncode
 

@@ -80,3 +80,16 @@ def test_an_unknown_rollout_engine_is_named() -> None:
 
     with pytest.raises(OwnLLMError, match="rollouts must be one of auto, ownllm, trl"):
         load_config(model="m", data="d.jsonl", method="grpo", reward_fn=["exact"], rollouts="vllm")
+
+
+def test_a_lora_on_the_embeddings_is_not_sampled_without_it(default_model: str) -> None:
+    """PEFT keeps an embedding's LoRA apart (lora_embedding_A/B): the batched forward has no place for it, so such a
+    policy is left to TRL's generation rather than sampled without its embedding deltas."""
+    from peft import LoraConfig, get_peft_model
+
+    from ownllm.models.load import load_model
+
+    loaded = load_model(default_model, dtype="fp32")
+    model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                     task_type="CAUSAL_LM"))
+    assert rollout_support(model) == "1 LoRA modules sit outside the decoder's projections"

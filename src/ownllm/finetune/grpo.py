@@ -203,7 +203,7 @@ def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, ca
                                                       spec=cfg.model))
     plot_rewards(run_dir)
     return TrainOutcome(output.global_step, float(output.training_loss), None, time.time() - started,
-                        int(trainer.state.num_input_tokens_seen or 0), [trainer.rollouts_note])
+                        int(trainer.state.num_input_tokens_seen or 0), [rollouts_card_note(trainer)])
 
 
 def with_own_rollouts(trainer_class: type) -> type:
@@ -213,6 +213,8 @@ def with_own_rollouts(trainer_class: type) -> type:
 
     class OwnRollouts(trainer_class):  # type: ignore[misc, valid-type]
         own_rollouts: Any = None
+        rollouts_required = False  # rollouts: ownllm (a call it cannot take is an error, not a fallback)
+        rollout_fallbacks = 0  # calls TRL's generation sampled although ours was chosen (the card says)
         _rollout_calls: tuple[int, int] = (-1, 0)  # (step, rollouts sampled in it): each call its own seeds
 
         def _generate_single_turn(self, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any,
@@ -221,6 +223,12 @@ def with_own_rollouts(trainer_class: type) -> type:
             if (rollouts is None or images is not None or multimodal_fields or self.min_p
                     or self.repetition_penalty != 1.0 or self.args.generation_kwargs
                     or not rollouts.fits(prompt_ids, self.max_completion_length)):
+                if rollouts is not None:
+                    if self.rollouts_required:
+                        raise OwnLLMError(
+                            f"rollouts: ownllm cannot sample this step ({_why_not(self, rollouts, prompt_ids)})",
+                            kind="unsupported", param="rollouts", hint="use rollouts: auto or trl")
+                    self.rollout_fallbacks += 1
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
             step, calls = self._rollout_calls
             calls = calls + 1 if step == self.state.global_step else 0
@@ -233,6 +241,13 @@ def with_own_rollouts(trainer_class: type) -> type:
 
     OwnRollouts.__name__ = OwnRollouts.__qualname__ = trainer_class.__name__
     return OwnRollouts
+
+
+def _why_not(trainer: Any, rollouts: Any, prompt_ids: list[list[int]]) -> str:
+    if not rollouts.fits(prompt_ids, trainer.max_completion_length):
+        return (f"a prompt of {max(map(len, prompt_ids))} tokens + max_completion_length "
+                f"{trainer.max_completion_length} is past the model's context of {rollouts.engine.context_length}")
+    return "images, min-p, a repetition penalty or generation_kwargs: TRL's generation takes those"
 
 
 def use_rollouts(trainer: Any, loaded: Any, choice: str) -> str:
@@ -249,9 +264,19 @@ def use_rollouts(trainer: Any, loaded: Any, choice: str) -> str:
         note = f"rollouts: TRL's generation ({reason})"
     else:
         trainer.own_rollouts = PolicyRollouts(loaded, trainer.model)
+        trainer.rollouts_required = choice == "ownllm"
         note = "rollouts: ownllm's batched engine (continuous batching, a prompt's group sharing its prefill)"
     log.info(note)
     return note
+
+
+def rollouts_card_note(trainer: Any) -> str:
+    """The run card's line on who sampled the rollouts, with the calls that fell back to TRL's generation."""
+    fallbacks = getattr(trainer, "rollout_fallbacks", 0)
+    if not fallbacks:
+        return trainer.rollouts_note
+    return (f"{trainer.rollouts_note}; {fallbacks} sampling call(s) fell back to TRL's generation (a prompt past the "
+            "context, or sampling settings ours does not take)")
 
 
 def save_final(run_dir: Path, trainer: Any, tokenizer: Any, record: RunRecord) -> Path:

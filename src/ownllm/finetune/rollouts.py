@@ -46,9 +46,13 @@ def live_lora(model: Any) -> tuple[LoraWeights | None, str]:
                         return None, "DoRA adapters are not in the batched forward"
                     weights[index, projection] = (module.lora_A[name].weight, module.lora_B[name].weight)
                     scales.add(float(module.scaling[name]))
-    adapted = sum(1 for module in model.modules() if isinstance(module, LoraLayer) and name in module.lora_A)
+    # every adapted module, embeddings included (PEFT keeps theirs in lora_embedding_A, not lora_A)
+    adapted = sum(1 for module in model.modules() if isinstance(module, LoraLayer) and (
+        name in module.lora_A or name in getattr(module, "lora_embedding_A", {})))
     if adapted != len(weights):
         return None, f"{adapted - len(weights)} LoRA modules sit outside the decoder's projections"
+    if not weights:
+        return None, "the adapter has no LoRA modules on the decoder's projections"
     if len(scales) != 1:
         return None, "the LoRA modules do not share one scale (rank or alpha patterns)"
     return LoraWeights(weights, scales.pop()), ""
