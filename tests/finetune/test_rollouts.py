@@ -93,3 +93,28 @@ def test_a_lora_on_the_embeddings_is_not_sampled_without_it(default_model: str) 
     model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
                                                      task_type="CAUSAL_LM"))
     assert rollout_support(model) == "1 LoRA modules sit outside the decoder's projections"
+
+
+def test_a_step_ours_cannot_sample_is_an_error_when_ownllm_was_asked_for(default_model: str, tmp_path) -> None:
+    """`rollouts: ownllm` never falls back in silence (a prompt past the context here); `auto` would, and counts it
+    for the run card."""
+    import json
+
+    from ownllm.errors import OwnLLMError
+    from ownllm.finetune.config import load_config
+    from ownllm.finetune.grpo import build_rl_trainer, rollouts_card_note
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
+    cfg = load_config(model=default_model, data=str(data), out=str(tmp_path / "run"), method="grpo",
+                      reward_fn=["json-valid"], num_generations=2, max_completion_length=8, lora_r=4,
+                      rollouts="ownllm")
+    trainer, _ = build_rl_trainer(cfg, tmp_path / "run", data)
+    context = trainer.own_rollouts.engine.context_length
+    too_long = [[1] * context]
+    with pytest.raises(OwnLLMError, match=f"a prompt of {context} tokens \\+ max_completion_length 8 is past"):
+        trainer._generate_single_turn(too_long, None, {}, 2)
+    assert trainer._not_ours(trainer.own_rollouts, [[1] * 10], None, {}) is None
+    trainer.rollout_fallbacks = 1
+    assert rollouts_card_note(trainer).endswith("1 sampling call(s) fell back to TRL's generation (a prompt past "
+                                                "the context, or sampling settings ours does not take)")

@@ -220,15 +220,14 @@ def with_own_rollouts(trainer_class: type) -> type:
         def _generate_single_turn(self, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any,
                                   *args: Any, **kwargs: Any) -> Any:
             rollouts = self.own_rollouts
-            if (rollouts is None or images is not None or multimodal_fields or self.min_p
-                    or self.repetition_penalty != 1.0 or self.args.generation_kwargs
-                    or not rollouts.fits(prompt_ids, self.max_completion_length)):
-                if rollouts is not None:
-                    if self.rollouts_required:
-                        raise OwnLLMError(
-                            f"rollouts: ownllm cannot sample this step ({_why_not(self, rollouts, prompt_ids)})",
-                            kind="unsupported", param="rollouts", hint="use rollouts: auto or trl")
-                    self.rollout_fallbacks += 1
+            if rollouts is None:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+            reason = self._not_ours(rollouts, prompt_ids, images, multimodal_fields)
+            if reason is not None:
+                if self.rollouts_required:
+                    raise OwnLLMError(f"rollouts: ownllm cannot sample this step ({reason})", kind="unsupported",
+                                      param="rollouts", hint="use rollouts: auto or trl")
+                self.rollout_fallbacks += 1
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
             step, calls = self._rollout_calls
             calls = calls + 1 if step == self.state.global_step else 0
@@ -239,15 +238,21 @@ def with_own_rollouts(trainer_class: type) -> type:
                 seed=self.args.seed * 1_000_003 + self.state.global_step * 1_009 + calls)
             return (completion_ids, None) if trainer_class.__name__ == "GRPOTrainer" else completion_ids
 
+        def _not_ours(self, rollouts: Any, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any
+                      ) -> str | None:
+            """Why ownllm's engine cannot sample this call (TRL's generation then does), or None."""
+            if images is not None or multimodal_fields:
+                return "images: TRL's generation takes those"
+            if self.min_p or self.repetition_penalty != 1.0 or self.args.generation_kwargs:
+                return "min-p, a repetition penalty or generation_kwargs: TRL's generation takes those"
+            if not rollouts.fits(prompt_ids, self.max_completion_length):
+                return (f"a prompt of {max(map(len, prompt_ids))} tokens + max_completion_length "
+                        f"{self.max_completion_length} is past the model's context of "
+                        f"{rollouts.engine.context_length}")
+            return None
+
     OwnRollouts.__name__ = OwnRollouts.__qualname__ = trainer_class.__name__
     return OwnRollouts
-
-
-def _why_not(trainer: Any, rollouts: Any, prompt_ids: list[list[int]]) -> str:
-    if not rollouts.fits(prompt_ids, trainer.max_completion_length):
-        return (f"a prompt of {max(map(len, prompt_ids))} tokens + max_completion_length "
-                f"{trainer.max_completion_length} is past the model's context of {rollouts.engine.context_length}")
-    return "images, min-p, a repetition penalty or generation_kwargs: TRL's generation takes those"
 
 
 def use_rollouts(trainer: Any, loaded: Any, choice: str) -> str:
@@ -272,7 +277,7 @@ def use_rollouts(trainer: Any, loaded: Any, choice: str) -> str:
 
 def rollouts_card_note(trainer: Any) -> str:
     """The run card's line on who sampled the rollouts, with the calls that fell back to TRL's generation."""
-    fallbacks = getattr(trainer, "rollout_fallbacks", 0)
+    fallbacks = trainer.rollout_fallbacks
     if not fallbacks:
         return trainer.rollouts_note
     return (f"{trainer.rollouts_note}; {fallbacks} sampling call(s) fell back to TRL's generation (a prompt past the "
