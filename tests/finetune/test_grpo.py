@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ownllm.errors import OwnLLMError
-from tests.conftest import run_cli, start_cli
+from tests.conftest import assert_user_error, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 TINY = ("--batch-size", "1", "--num-generations", "2", "--max-completion-length", "8", "--lora-r", "4")
@@ -95,3 +95,15 @@ def test_rloo_runs_one_step_with_trls_own_rollouts(default_model: str, prompts: 
     assert result.steps == 1 and [r["step"] for r in rows(out) if "reward" in r] == [1]
     assert result.notes == ["rollouts: TRL's generation (rollouts: trl)"]
     assert (out / "final" / "adapter_config.json").is_file()
+
+
+def test_too_few_prompts_and_a_completion_past_the_context_are_named(default_model: str, prompts: Path,
+                                                                    tmp_path: Path) -> None:
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "Say hi."}) + "\n")  # a step takes 4 prompts by default: it never ran
+    assert_user_error(run_cli("finetune", default_model, "--method", "grpo", "--data", str(one), "--reward-fn",
+                              "json-valid", "--out", str(tmp_path / "one")),
+                      "one.jsonl: 1 prompt(s), but a step takes batch_size x grad_accum = 4")
+    huge = run_cli(*grpo_args(prompts, tmp_path / "huge", "--max-completion-length", "99999999999999999999"))
+    assert_user_error(huge, "max_completion_length 99999999999999999999 leaves no room for a prompt in the "
+                            "model's context of 8192 tokens")

@@ -108,7 +108,7 @@ def test_a_step_ours_cannot_sample_is_an_error_when_ownllm_was_asked_for(default
     data.write_text(json.dumps({"prompt": "Say hi."}) + "\n")
     cfg = load_config(model=default_model, data=str(data), out=str(tmp_path / "run"), method="grpo",
                       reward_fn=["json-valid"], num_generations=2, max_completion_length=8, lora_r=4,
-                      rollouts="ownllm")
+                      batch_size=1, grad_accum=1, rollouts="ownllm")
     trainer, _ = build_rl_trainer(cfg, tmp_path / "run", data)
     context = trainer.own_rollouts.engine.context_length
     too_long = [[1] * context]

@@ -129,6 +129,10 @@ def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[Any, list[Any]]:
     function stops here."""
     rewards = [load_reward(spec) for spec in cfg.reward_fn]
     table = read_rl_data(data, rewards)
+    per_step = cfg.batch_size * cfg.grad_accum
+    if len(table) < per_step:  # TRL's sampler then yields no batch at all, and no step ever runs
+        raise OwnLLMError(f"{data.name}: {len(table)} prompt(s), but a step takes batch_size x grad_accum = "
+                          f"{per_step}", param="data", hint="add prompts or lower --batch-size")
     if cfg.reward_model:
         from ownllm.finetune.reward_model import check_reward_run
 
@@ -146,6 +150,9 @@ def build_rl_trainer(cfg: FinetuneConfig, run_dir: Path, data: Path) -> tuple[An
     table, rewards = check_rl(cfg, data)
     cuda = has_cuda()
     loaded = load_model(cfg.model, dtype="auto" if cuda else "fp32")  # fp32 on a CPU, as run.py trains
+    if cfg.max_completion_length >= loaded.context_length:  # no prompt fits beside it: every step would run past
+        raise OwnLLMError(f"max_completion_length {cfg.max_completion_length} leaves no room for a prompt in the "
+                          f"model's context of {loaded.context_length} tokens", param="max_completion_length")
     model, tokenizer = loaded.model, loaded.tokenizer
     model.config.use_cache = True  # sampling the completions is most of the time
     reward_funcs: list[Any] = list(rewards)
