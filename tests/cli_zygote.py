@@ -36,9 +36,10 @@ PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama", 
            "ownllm.generate.engine", "ownllm.generate.hf", "ownllm.models.load")
 # Differences here need no fresh interpreter: pytest sets the first per test; scikit-learn (imported by tests in
 # the test process) sets the KMP ones for Intel's OpenMP, which torch's CPU build does not use (it has GNU's); a
-# TRL trainer run in the test process sets inductor's cache folder, read only when something compiles.
+# TRL trainer run in the test process sets inductor's cache folder, read only when something compiles; ownllm reads
+# OWNLLM_BATCH_INVARIANT when it builds a batched model, not on import.
 PER_CALL_ENV = frozenset({"PYTEST_CURRENT_TEST", "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK",
-                          "TORCHINDUCTOR_CACHE_DIR"})
+                          "TORCHINDUCTOR_CACHE_DIR", "OWNLLM_BATCH_INVARIANT"})
 START_TIMEOUT = 300.0  # a hang guard: the imports take ~6 s
 
 

@@ -176,14 +176,17 @@ def test_slot_greedy_and_logits_match_transformers(load: Callable[[str], Any], d
     assert ties <= MAX_TIES[dtype], ties
 
 
-def test_the_server_path_in_bf16_answers_paris(load: Callable[[str], Any]) -> None:
-    """Regression: batched bf16 answered the France question with 'L'Étoile, la Marseillaise, la femme,'."""
+def test_the_server_path_in_bf16_answers_as_transformers_does(load: Callable[[str], Any]) -> None:
+    """Regression: batched bf16 answered the France question with 'L'Étoile, la Marseillaise, la femme,' where
+    transformers' bf16 forward said Paris (on an AVX-512 BF16 CPU). On an AVX2-only CPU transformers' own bf16
+    forward gives that answer too: the slot path must answer as it does, Paris wherever it does."""
     from ownllm.generate.slots import SlotModel
 
     loaded = load("bf16")
     prompts = chat_prompts(loaded.tokenizer, [QUESTIONS[0], QUESTIONS[12]], system=None)  # the template's own
+    theirs, _ = transformers_greedy(loaded.model, prompts[0], 8)
     tokens, _ = slot_decode(SlotModel(loaded.model, slots=2, max_len=128), prompts, [1, 0], 8)
-    assert "Paris" in loaded.tokenizer.decode(tokens[0])
+    assert loaded.tokenizer.decode(tokens[0]) == loaded.tokenizer.decode(theirs)
 
 
 def test_lora_rows_match_peft_in_bf16(load: Callable[[str], Any], tmp_path: Path) -> None:

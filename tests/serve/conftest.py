@@ -23,14 +23,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         if "--data-dir" not in args and "--no-jobs" not in args:  # files and jobs of this server only
             args = (*args, "--data-dir", tempfile.mkdtemp(prefix="ownllm-server-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ownllm-serve-{self.port}.log"
         with self.log.open("w") as log:
-            self.process = start_cli("serve", *args, "--port", str(self.port), stdout=log, stderr=subprocess.STDOUT)
+            self.process = start_cli("serve", *args, "--port", str(self.port), stdout=log, stderr=subprocess.STDOUT,
+                                     env=env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

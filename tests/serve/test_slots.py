@@ -53,13 +53,43 @@ def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> N
     import httpx
 
     batching = httpx.get(f"{strict_server.url}/health").json()["batching"]
+    from ownllm.generate.slots import rows_round_alike
+
+    invariant = rows_round_alike(torch.float32, torch.device("cpu"))  # false on MKL's AVX2 fp32 path
     assert batching == {"mode": "batched", "max_batch": 1, "kv_tokens": 2048, "kv_bytes": batching["kv_bytes"],
                         "prefix_caching": True, "int4_rows": 0,  # fp32: no int4 kernel, and why
-                        "int4_note": "GGUF 4-bit weights off: int4 kernel runs bf16 on the CPU, this is float32 on cpu"}
+                        "int4_note": "GGUF 4-bit weights off: int4 kernel runs bf16 on the CPU, this is float32 on cpu",
+                        "batch_invariant": invariant}
     assert batching["kv_bytes"] == 2048 * 30 * 2 * 3 * 64 * 4  # 30 layers, k and v, 3 heads of 64, fp32
     log = strict_server.log.read_text()
     assert f"batched, up to 1 sequences, KV budget {batching['kv_bytes'] / 2**30:.2f} GiB = 2,048 tokens, " \
            "prefix cache on" in log
+    assert ("a seeded request's tokens can vary with the load (OWNLLM_BATCH_INVARIANT=1" in log) is not invariant
+
+
+def test_batch_invariance_gives_a_row_the_same_logits_alone_and_in_any_batch(engine, monkeypatch) -> None:
+    """OWNLLM_BATCH_INVARIANT: a decoding row's logits are the same bits alone, beside 2 rows or beside 6, on
+    every CPU (where the CPU's matmul rounds narrow steps differently, they are computed wide)."""
+    from ownllm.generate.slots import INVARIANT_ROWS, SlotModel, _linear
+
+    x, w = torch.randn(1, 1, 16), torch.randn(8, 16)
+    wide = torch.nn.functional.linear(torch.cat([x[0], torch.zeros(INVARIANT_ROWS - 1, 16)]), w)[:1]
+    assert torch.equal(_linear(x, w, min_rows=INVARIANT_ROWS), wide[None])
+    monkeypatch.setenv("OWNLLM_BATCH_INVARIANT", "1")
+    slots = SlotModel(engine.model, slots=8, max_len=64)
+    assert slots.invariant
+    prompt = engine.tokenizer("The sea is").input_ids
+    others = [engine.tokenizer(text).input_ids for text in ["Hi", "Once upon a time", "2 + 2 =", "Paris is",
+                                                             "Why", "The quick brown fox"]]
+    for slot, ids in enumerate([prompt, *others]):
+        slots.forward(torch.tensor([ids]), torch.tensor([slot]), torch.tensor([0]))
+    starts = [len(ids) for ids in [prompt, *others]]
+    results = []
+    for width in (1, 3, 7):
+        out = slots.forward(torch.tensor([[13]] * width), torch.tensor(list(range(width))),
+                            torch.tensor(starts[:width]))
+        results.append(out[0])
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
 def test_a_model_that_cannot_batch_is_served_one_at_a_time_with_the_reason(engine, tmp_path) -> None:

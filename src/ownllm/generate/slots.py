@@ -23,6 +23,7 @@ why a model is not covered: the engine then serves it one request at a time and 
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,28 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj",
 _FIXED_ROPE = {"default", "linear", "llama3", "yarn"}
 # Families whose config names each layer's attention (`layer_types`); mistral and phi3 window every layer or none.
 _TYPED_LAYERS = {"qwen2", "gemma3_text"}
+# The narrowest matmul whose every row rounds as in any wider one, on the CPUs measured: MKL's AVX2 fp32 path
+# computes one row as a gemv and two or three with another kernel, each off the wide result by an ulp or so.
+INVARIANT_ROWS = 4
+_rows_alike: dict[tuple[torch.dtype, str], bool] = {}
+
+
+def batch_invariance_asked() -> bool:
+    """`OWNLLM_BATCH_INVARIANT=1` (as vLLM's VLLM_BATCH_INVARIANT): a row's logits never depend on which other
+    rows share its forward, at the cost of narrow steps computed `INVARIANT_ROWS` wide where the CPU needs it."""
+    return os.environ.get("OWNLLM_BATCH_INVARIANT", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def rows_round_alike(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a matmul of 1-3 rows gives each row the same bits as a wider one here (probed once per dtype)."""
+    key = (dtype, device.type)
+    if key not in _rows_alike:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(INVARIANT_ROWS * 2, 256, generator=generator).to(device=device, dtype=dtype)
+        w = torch.randn(512, 256, generator=generator).to(device=device, dtype=dtype)
+        wide = F.linear(x, w)
+        _rows_alike[key] = all(torch.equal(F.linear(x[:rows], w), wide[:rows]) for rows in range(1, INVARIANT_ROWS))
+    return _rows_alike[key]
 
 
 def slot_support(model: Any) -> str | None:
@@ -287,10 +310,22 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
     return built_now
 
 
-def _project(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, four_bit: Int4Weight | None
-             ) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, min_rows: int = 0
+            ) -> torch.Tensor:
+    """F.linear, computed at least `min_rows` rows wide (zero rows added, then dropped): the kernel, and so each
+    row's rounding, is then the same whatever the batch (`rows_round_alike`)."""
+    rows = x.numel() // x.shape[-1]
+    if rows >= min_rows:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    padded = torch.cat([flat, flat.new_zeros(min_rows - rows, flat.shape[1])])
+    return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _project(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, four_bit: Int4Weight | None,
+             min_rows: int = 0) -> torch.Tensor:
     if four_bit is None:
-        return F.linear(x, dense, bias)
+        return _linear(x, dense, bias, min_rows)
     out = four_bit.linear(x)
     return out if bias is None else out + bias
 
@@ -343,8 +378,17 @@ class SlotModel:
         self.four_bit = _FourBit([], None)  # used only in forwards of up to four_bit_rows (0) tokens
         self.four_bit_rows = 0
         self.four_bit_note: str | None = None  # why a GGUF model's 4-bit weights are not used, when they are not
-        if four_bit and has_gguf(model):
+        # seeded sampling gives a request the same tokens under any load only where rows round alike
+        self.invariant = rows_round_alike(self.dtype, self.device)
+        self.min_rows = 0
+        if batch_invariance_asked():
+            self.min_rows = 0 if self.invariant else INVARIANT_ROWS
+            self.invariant = True
+            if four_bit and has_gguf(model):  # the int4 kernel in narrow steps, dense in wide ones: never alike
+                self.four_bit_note = "GGUF 4-bit weights off: OWNLLM_BATCH_INVARIANT is set"
+        elif four_bit and has_gguf(model):
             self._use_four_bit(model, weights)
+            self.invariant = self.invariant and not self.four_bit_rows  # int4 in narrow steps, dense in wide ones
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
 
@@ -449,7 +493,8 @@ class SlotModel:
                 pair = adapter.weights.get((layer, projection))
                 if pair is not None:
                     a, b = pair
-                    delta[rows, ..., offset : offset + size] = F.linear(F.linear(x_rows, a), b) * adapter.scale
+                    delta[rows, ..., offset : offset + size] = _linear(
+                        _linear(x_rows, a, min_rows=self.min_rows), b, min_rows=self.min_rows) * adapter.scale
                 offset += size
         return delta
 
@@ -580,7 +625,7 @@ class SlotModel:
         for index, layer in enumerate(self.layers):
             four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
-            qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv)
+            qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv, self.min_rows)
             qkv = self._plus_lora(qkv, self._lora(normed, index, weights.qkv_lora, groups,
                                                   _widths(weights.qkv_lora, [q_width, kv_width, kv_width])))
             qkv = qkv.view(rows, length, h + 2 * kv, d).transpose(1, 2)  # [rows, h+2kv, T, D]
@@ -595,25 +640,25 @@ class SlotModel:
             attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
                                     masks.get(layer.window, (0, None)))
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
-            out = self._plus_lora(_project(attended, layer.o, layer.o_bias, four.o),
+            out = self._plus_lora(_project(attended, layer.o, layer.o_bias, four.o, self.min_rows),
                                   self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]]))
             if layer.attn_out_norm is not None:
                 out = layer.attn_out_norm(out)
             x = x + out
             normed = layer.mlp_norm(x)
-            gate_up = _project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up)
+            gate_up = _project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up, self.min_rows)
             gate_up = self._plus_lora(gate_up, self._lora(normed, index, weights.gate_up_lora, groups,
                                                           _widths(weights.gate_up_lora, [self.intermediate] * 2)))
             gate, up = gate_up.split(self.intermediate, dim=-1)
             hidden = layer.act(gate) * up
-            out = self._plus_lora(_project(hidden, layer.down, layer.down_bias, four.down),
+            out = self._plus_lora(_project(hidden, layer.down, layer.down_bias, four.down, self.min_rows),
                                   self._lora(hidden, index, ("down_proj",), groups, [x.shape[-1]]))
             if layer.mlp_out_norm is not None:
                 out = layer.mlp_out_norm(out)
             x = x + out
         # logits in the model dtype, as transformers returns them (the sampler upcasts)
         lm_head = self.four_bit.lm_head if rows <= self.four_bit_rows else None
-        logits = _project(weights.final_norm(x[:, -1]), weights.lm_head, None, lm_head)
+        logits = _project(weights.final_norm(x[:, -1]), weights.lm_head, None, lm_head, self.min_rows)
         if weights.final_softcap is not None:
             logits = torch.tanh(logits / weights.final_softcap) * weights.final_softcap
         return logits.cpu()
