@@ -40,17 +40,21 @@ def test_the_faster_reader_reads_the_same_fields_and_tensors(gguf_path: Path) ->
 
 
 def test_a_load_parses_the_metadata_once_and_hands_out_copies(gguf_path: Path) -> None:
+    import gguf
     from transformers import modeling_gguf_pytorch_utils as hf_gguf
 
     from ownllm.models.gguf_file import one_reader_per_file
 
-    original = hf_gguf.load_gguf_checkpoint
+    original, original_map = hf_gguf.load_gguf_checkpoint, gguf.get_tensor_name_map
     with one_reader_per_file():
         first = hf_gguf.load_gguf_checkpoint(str(gguf_path), return_tensors=False)
         first["config"]["model_type"] = "edited by a caller"
         second = hf_gguf.load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is name_map  # built once per load
+        assert name_map.get_name("blk.3.attn_q") == original_map(gguf.MODEL_ARCH.LLAMA, 30).get_name("blk.3.attn_q")
     assert second["config"]["model_type"] == "llama" and len(second["tokenizer"]["tokens"]) == 49152
-    assert hf_gguf.load_gguf_checkpoint is original
+    assert hf_gguf.load_gguf_checkpoint is original and gguf.get_tensor_name_map is original_map
 
 
 @pytest.fixture(scope="module")
