@@ -64,32 +64,41 @@ def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> N
     log = strict_server.log.read_text()
     assert f"batched, up to 1 sequences, KV budget {batching['kv_bytes'] / 2**30:.2f} GiB = 2,048 tokens, " \
            "prefix cache on" in log
-    assert ("a seeded request's tokens can vary with the load (OWNLLM_BATCH_INVARIANT=1" in log) is not invariant
+    warning = "a seeded request's tokens can vary with the requests beside it (OWNLLM_BATCH_INVARIANT=1"
+    assert (warning in log) is not invariant
 
 
 def test_batch_invariance_gives_a_row_the_same_logits_alone_and_in_any_batch(engine, monkeypatch) -> None:
-    """OWNLLM_BATCH_INVARIANT: a decoding row's logits are the same bits alone, beside 2 rows or beside 6, on
-    every CPU (where the CPU's matmul rounds narrow steps differently, they are computed wide)."""
-    from ownllm.generate.slots import INVARIANT_ROWS, SlotModel, _linear
+    """OWNLLM_BATCH_INVARIANT: a decoding row's logits are the same bits alone or beside up to 10 other rows, with
+    one thread and with two, on every CPU (where the CPU's matmul rounds some widths differently, they are computed
+    wider); a value that is not on or off is an error, not silently off."""
+    from ownllm.errors import OwnLLMError
+    from ownllm.generate.slots import SlotModel, _linear, invariant_widths
 
     x, w = torch.randn(1, 1, 16), torch.randn(8, 16)
-    wide = torch.nn.functional.linear(torch.cat([x[0], torch.zeros(INVARIANT_ROWS - 1, 16)]), w)[:1]
-    assert torch.equal(_linear(x, w, min_rows=INVARIANT_ROWS), wide[None])
+    wide = torch.nn.functional.linear(torch.cat([x[0], torch.zeros(3, 16)]), w)[:1]
+    assert torch.equal(_linear(x, w, widths={1: 4}), wide[None]) and torch.equal(_linear(x, w, widths={2: 4}), x @ w.T)
+    monkeypatch.setenv("OWNLLM_BATCH_INVARIANT", "garbage")
+    with pytest.raises(OwnLLMError, match="OWNLLM_BATCH_INVARIANT='garbage': use 1 or 0"):
+        SlotModel(engine.model, slots=2, max_len=16)
     monkeypatch.setenv("OWNLLM_BATCH_INVARIANT", "1")
-    slots = SlotModel(engine.model, slots=8, max_len=64)
-    assert slots.invariant
-    prompt = engine.tokenizer("The sea is").input_ids
-    others = [engine.tokenizer(text).input_ids for text in ["Hi", "Once upon a time", "2 + 2 =", "Paris is",
-                                                             "Why", "The quick brown fox"]]
-    for slot, ids in enumerate([prompt, *others]):
-        slots.forward(torch.tensor([ids]), torch.tensor([slot]), torch.tensor([0]))
-    starts = [len(ids) for ids in [prompt, *others]]
-    results = []
-    for width in (1, 3, 7):
-        out = slots.forward(torch.tensor([[13]] * width), torch.tensor(list(range(width))),
-                            torch.tensor(starts[:width]))
-        results.append(out[0])
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    texts = ["The sea is", "Hi", "Once upon a time", "2 + 2 =", "Paris is", "Why", "The quick brown fox", "A", "Bo",
+             "It was a dark", "Rain"]
+    prompts = [engine.tokenizer(text).input_ids for text in texts]
+    threads = torch.get_num_threads()
+    try:
+        for count in sorted({1, 2}):
+            torch.set_num_threads(count)
+            slots = SlotModel(engine.model, slots=len(prompts), max_len=64)
+            assert slots.invariant and slots.widths == invariant_widths(torch.float32, torch.device("cpu"))
+            for slot, ids in enumerate(prompts):
+                slots.forward(torch.tensor([ids]), torch.tensor([slot]), torch.tensor([0]))
+            starts = [len(ids) for ids in prompts]
+            first = [slots.forward(torch.tensor([[13]] * width), torch.tensor(list(range(width))),
+                                   torch.tensor(starts[:width]))[0] for width in range(1, len(prompts) + 1)]
+            assert all(torch.equal(first[0], other) for other in first[1:]), count
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_model_that_cannot_batch_is_served_one_at_a_time_with_the_reason(engine, tmp_path) -> None:

@@ -132,7 +132,7 @@ def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[Any, list[Any]]:
     per_step = cfg.batch_size * cfg.grad_accum
     if len(table) < per_step:  # TRL's sampler then yields no batch at all, and no step ever runs
         raise OwnLLMError(f"{data.name}: {len(table)} prompt(s), but a step takes batch_size x grad_accum = "
-                          f"{per_step}", param="data", hint="add prompts or lower --batch-size")
+                          f"{per_step}", param="data", hint="add prompts or lower --batch-size or --grad-accum")
     if cfg.reward_model:
         from ownllm.finetune.reward_model import check_reward_run
 

@@ -47,28 +47,42 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj",
 _FIXED_ROPE = {"default", "linear", "llama3", "yarn"}
 # Families whose config names each layer's attention (`layer_types`); mistral and phi3 window every layer or none.
 _TYPED_LAYERS = {"qwen2", "gemma3_text"}
-# The narrowest matmul whose every row rounds as in any wider one, on the CPUs measured: MKL's AVX2 fp32 path
-# computes one row as a gemv and two or three with another kernel, each off the wide result by an ulp or so.
-INVARIANT_ROWS = 4
-_rows_alike: dict[tuple[torch.dtype, str], bool] = {}
+# Matmuls of up to PROBE_ROWS rows are probed against a wide one (wider ones are taken to round as it does).
+PROBE_ROWS = 64
+_probed_widths: dict[tuple[torch.dtype, str, int], dict[int, int]] = {}
+_ON, _OFF = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 
 
 def batch_invariance_asked() -> bool:
     """`OWNLLM_BATCH_INVARIANT=1` (as vLLM's VLLM_BATCH_INVARIANT): a row's logits never depend on which other
-    rows share its forward, at the cost of narrow steps computed `INVARIANT_ROWS` wide where the CPU needs it."""
-    return os.environ.get("OWNLLM_BATCH_INVARIANT", "").strip().lower() in {"1", "true", "yes", "on"}
+    rows share its forward, at the cost of narrow steps computed wider where the CPU needs it."""
+    value = os.environ.get("OWNLLM_BATCH_INVARIANT", "").strip().lower()
+    if value not in _ON | _OFF:
+        raise OwnLLMError(f"OWNLLM_BATCH_INVARIANT={os.environ['OWNLLM_BATCH_INVARIANT']!r}: use 1 or 0",
+                          param="OWNLLM_BATCH_INVARIANT")
+    return value in _ON
+
+
+def invariant_widths(dtype: torch.dtype, device: torch.device) -> dict[int, int]:
+    """Row counts whose matmul rounds a row otherwise than a wide one does here, each with the next count that
+    rounds alike ({} where all do). MKL's AVX2 fp32 path: 1 row is a gemv and 2-3 rows another kernel, and with
+    two threads 5-7 and 9-11 rows too. Probed once per dtype, device and thread count."""
+    key = (dtype, device.type, torch.get_num_threads())
+    if key not in _probed_widths:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(4 * PROBE_ROWS, 256, generator=generator).to(device=device, dtype=dtype)
+        w = torch.randn(512, 256, generator=generator).to(device=device, dtype=dtype)
+        wide = F.linear(x, w)
+        alike = [True] + [torch.equal(F.linear(x[:rows], w), wide[:rows]) for rows in range(1, PROBE_ROWS + 1)]
+        _probed_widths[key] = {rows: next((wider for wider in range(rows + 1, PROBE_ROWS + 1) if alike[wider]),
+                                   PROBE_ROWS + 1)
+                        for rows in range(1, PROBE_ROWS + 1) if not alike[rows]}
+    return _probed_widths[key]
 
 
 def rows_round_alike(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a matmul of 1-3 rows gives each row the same bits as a wider one here (probed once per dtype)."""
-    key = (dtype, device.type)
-    if key not in _rows_alike:
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(INVARIANT_ROWS * 2, 256, generator=generator).to(device=device, dtype=dtype)
-        w = torch.randn(512, 256, generator=generator).to(device=device, dtype=dtype)
-        wide = F.linear(x, w)
-        _rows_alike[key] = all(torch.equal(F.linear(x[:rows], w), wide[:rows]) for rows in range(1, INVARIANT_ROWS))
-    return _rows_alike[key]
+    """Whether every row of a matmul rounds the same whatever the number of rows, here."""
+    return not invariant_widths(dtype, device)
 
 
 def slot_support(model: Any) -> str | None:
@@ -310,22 +324,23 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
     return built_now
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, min_rows: int = 0
-            ) -> torch.Tensor:
-    """F.linear, computed at least `min_rows` rows wide (zero rows added, then dropped): the kernel, and so each
-    row's rounding, is then the same whatever the batch (`rows_round_alike`)."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            widths: dict[int, int] | None = None) -> torch.Tensor:
+    """F.linear; where `widths` (`invariant_widths`) names this number of rows, computed that many rows wide
+    (zero rows added, then dropped), so that each row rounds as in any wider batch."""
     rows = x.numel() // x.shape[-1]
-    if rows >= min_rows:
+    wide = widths.get(rows) if widths else None
+    if wide is None:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(min_rows - rows, flat.shape[1])])
+    padded = torch.cat([flat, flat.new_zeros(wide - rows, flat.shape[1])])
     return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _project(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, four_bit: Int4Weight | None,
-             min_rows: int = 0) -> torch.Tensor:
+             widths: dict[int, int] | None = None) -> torch.Tensor:
     if four_bit is None:
-        return _linear(x, dense, bias, min_rows)
+        return _linear(x, dense, bias, widths)
     out = four_bit.linear(x)
     return out if bias is None else out + bias
 
@@ -380,9 +395,9 @@ class SlotModel:
         self.four_bit_note: str | None = None  # why a GGUF model's 4-bit weights are not used, when they are not
         # seeded sampling gives a request the same tokens under any load only where rows round alike
         self.invariant = rows_round_alike(self.dtype, self.device)
-        self.min_rows = 0
+        self.widths: dict[int, int] = {}  # row counts computed wider (`_linear`): only when invariance is asked
         if batch_invariance_asked():
-            self.min_rows = 0 if self.invariant else INVARIANT_ROWS
+            self.widths = invariant_widths(self.dtype, self.device)
             self.invariant = True
             if four_bit and has_gguf(model):  # the int4 kernel in narrow steps, dense in wide ones: never alike
                 self.four_bit_note = "GGUF 4-bit weights off: OWNLLM_BATCH_INVARIANT is set"
@@ -494,7 +509,7 @@ class SlotModel:
                 if pair is not None:
                     a, b = pair
                     delta[rows, ..., offset : offset + size] = _linear(
-                        _linear(x_rows, a, min_rows=self.min_rows), b, min_rows=self.min_rows) * adapter.scale
+                        _linear(x_rows, a, widths=self.widths), b, widths=self.widths) * adapter.scale
                 offset += size
         return delta
 
@@ -625,7 +640,7 @@ class SlotModel:
         for index, layer in enumerate(self.layers):
             four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
-            qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv, self.min_rows)
+            qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv, self.widths)
             qkv = self._plus_lora(qkv, self._lora(normed, index, weights.qkv_lora, groups,
                                                   _widths(weights.qkv_lora, [q_width, kv_width, kv_width])))
             qkv = qkv.view(rows, length, h + 2 * kv, d).transpose(1, 2)  # [rows, h+2kv, T, D]
@@ -640,25 +655,25 @@ class SlotModel:
             attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
                                     masks.get(layer.window, (0, None)))
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
-            out = self._plus_lora(_project(attended, layer.o, layer.o_bias, four.o, self.min_rows),
+            out = self._plus_lora(_project(attended, layer.o, layer.o_bias, four.o, self.widths),
                                   self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]]))
             if layer.attn_out_norm is not None:
                 out = layer.attn_out_norm(out)
             x = x + out
             normed = layer.mlp_norm(x)
-            gate_up = _project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up, self.min_rows)
+            gate_up = _project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up, self.widths)
             gate_up = self._plus_lora(gate_up, self._lora(normed, index, weights.gate_up_lora, groups,
                                                           _widths(weights.gate_up_lora, [self.intermediate] * 2)))
             gate, up = gate_up.split(self.intermediate, dim=-1)
             hidden = layer.act(gate) * up
-            out = self._plus_lora(_project(hidden, layer.down, layer.down_bias, four.down, self.min_rows),
+            out = self._plus_lora(_project(hidden, layer.down, layer.down_bias, four.down, self.widths),
                                   self._lora(hidden, index, ("down_proj",), groups, [x.shape[-1]]))
             if layer.mlp_out_norm is not None:
                 out = layer.mlp_out_norm(out)
             x = x + out
         # logits in the model dtype, as transformers returns them (the sampler upcasts)
         lm_head = self.four_bit.lm_head if rows <= self.four_bit_rows else None
-        logits = _project(weights.final_norm(x[:, -1]), weights.lm_head, None, lm_head, self.min_rows)
+        logits = _project(weights.final_norm(x[:, -1]), weights.lm_head, None, lm_head, self.widths)
         if weights.final_softcap is not None:
             logits = torch.tanh(logits / weights.final_softcap) * weights.final_softcap
         return logits.cpu()

@@ -68,10 +68,12 @@ def _plain_views_reader(original: type) -> type:
         def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
             """An array of strings or numbers (the vocabulary, its scores and types) in one loop: the same parts
             as gguf's own recursion, which calls itself once per entry."""
+            if self.byte_order != "I" or int(raw_type) != array:  # other-endian files: gguf's own reading
+                return super()._get_field_parts(orig_offs, raw_type)
             plain = self._plain()
-            item = int(plain[orig_offs : orig_offs + 4].view(np.uint32)[0]) if int(raw_type) == array else None
+            item = int(plain[orig_offs : orig_offs + 4].view(np.uint32)[0])
             scalar = self.gguf_scalar_to_np.get(gguf.GGUFValueType(item)) if item not in (None, array) else None
-            if self.byte_order != "I" or (item != string and scalar is None):
+            if item != string and scalar is None:
                 return super()._get_field_parts(orig_offs, raw_type)
             item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
             parts: list[np.ndarray] = [item_type, count]

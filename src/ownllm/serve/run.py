@@ -87,8 +87,9 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
             mode += f", GGUF 4-bit weights as stored in steps of up to {batching['int4_rows']} tokens"
         elif batching.get("int4_note"):
             mode += f", {batching['int4_note']}"
-        if not batching.get("batch_invariant", True):
-            mode += ", a seeded request's tokens can vary with the load (OWNLLM_BATCH_INVARIANT=1 makes them exact)"
+        if batching.get("batch_invariant") is False:
+            mode += (", a seeded request's tokens can vary with the requests beside it (OWNLLM_BATCH_INVARIANT=1 "
+                     "stops that)")
     else:
         mode = f"one request at a time: {batching['reason']}"
     heads = f"; classifiers {', '.join(sorted(state.classifiers))} at /v1/classify" if state.classifiers else ""
