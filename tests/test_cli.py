@@ -88,6 +88,28 @@ def test_corrupt_gguf(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_gguf_with_bad_metadata_or_no_tensors_is_named(tmp_path: Path, default_model: str) -> None:
+    """Metadata check_gguf does not read (an unknown architecture, a name that is not UTF-8), and a file whose
+    tensor table is empty (transformers would run random weights): one error line each, naming the file."""
+    from ownllm.models.resolve import resolve
+
+    real = resolve(default_model).gguf_file
+    assert real is not None
+    data = real.read_bytes()
+    name_at = data.index(b"general.name") + len(b"general.name") + 4 + 8  # past the key, its type, its length
+    length = (5).to_bytes(8, "little")  # of the architecture's value, "llama"
+    cases = {
+        "tensorless.gguf": (data[:8] + (0).to_bytes(8, "little") + data[16:], "corrupt GGUF file (no tensors)"),
+        "llamb.gguf": (data.replace(length + b"llama", length + b"llamb", 1), "cannot be loaded"),
+        "badname.gguf": (data[:name_at] + b"\xff" + data[name_at + 1:], "cannot be loaded: UnicodeDecodeError"),
+    }
+    for name, (content, needle) in cases.items():
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        assert_user_error(run_cli("generate", str(bad), "hi", "--max-new-tokens", "2"), name, needle)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "needle"),
     [

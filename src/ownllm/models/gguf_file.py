@@ -24,13 +24,16 @@ def check_gguf(path: Path) -> str:
         if handle.read(4) != _MAGIC:
             raise OwnLLMError(f"'{path}' is not a GGUF file (bad magic bytes)", param="model")
     try:
-        architecture, _ = gguf_tensors(path)
-    except (ValueError, KeyError, IndexError, OSError, struct.error, UnicodeDecodeError, RecursionError) as exc:
+        architecture, tensors = gguf_tensors(path)
+    except (ValueError, KeyError, IndexError, OSError, struct.error, UnicodeDecodeError, RecursionError,
+            OverflowError) as exc:
         raise OwnLLMError(
             f"'{path}' is a corrupt or truncated GGUF file ({exc.__class__.__name__}: {exc})", param="model"
         ) from None
     if not architecture:
         raise OwnLLMError(f"'{path}' is a corrupt GGUF file (no general.architecture)", param="model")
+    if not tensors:  # transformers would fill every weight with random numbers and answer gibberish
+        raise OwnLLMError(f"'{path}' is a corrupt GGUF file (no tensors)", param="model")
     return architecture
 
 

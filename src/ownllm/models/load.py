@@ -187,7 +187,9 @@ def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows:
 
 
 class _hub_errors:
-    """Turn the hub's OSError (offline, no such repo) into an error that says how to get the model."""
+    """Turn the hub's OSError (offline, no such repo) into an error that says how to get the model, and what
+    transformers or gguf raise on a GGUF whose metadata `check_gguf` does not read (a version, an architecture
+    transformers does not load, text that is not UTF-8) into one that names the file."""
 
     def __init__(self, source: ResolvedModel) -> None:
         self.source = source
@@ -196,6 +198,10 @@ class _hub_errors:
         return None
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
+        if self.source.kind == "gguf" and isinstance(exc, (ValueError, UnicodeDecodeError, OverflowError, KeyError,
+                                                           IndexError)) and not isinstance(exc, OwnLLMError):
+            raise OwnLLMError(f"'{self.source.path}' cannot be loaded: {exc.__class__.__name__}: {exc}",
+                              param="model", hint="is it a complete GGUF of a supported architecture?") from None
         if exc is None or not isinstance(exc, OSError):
             return False
         if self.source.kind == "hub":
