@@ -77,7 +77,8 @@ def test_batch_invariance_gives_a_row_the_same_logits_alone_and_in_any_batch(eng
 
     x, w = torch.randn(1, 1, 16), torch.randn(8, 16)
     wide = torch.nn.functional.linear(torch.cat([x[0], torch.zeros(3, 16)]), w)[:1]
-    assert torch.equal(_linear(x, w, widths={1: 4}), wide[None]) and torch.equal(_linear(x, w, widths={2: 4}), x @ w.T)
+    assert torch.equal(_linear(x, w, padded_rows={1: 4}), wide[None])
+    assert torch.equal(_linear(x, w, padded_rows={2: 4}), x @ w.T)
     monkeypatch.setenv("OWNLLM_BATCH_INVARIANT", "garbage")
     with pytest.raises(OwnLLMError, match="OWNLLM_BATCH_INVARIANT='garbage': use 1 or 0"):
         SlotModel(engine.model, slots=2, max_len=16)
@@ -90,7 +91,7 @@ def test_batch_invariance_gives_a_row_the_same_logits_alone_and_in_any_batch(eng
         for count in sorted({1, 2}):
             torch.set_num_threads(count)
             slots = SlotModel(engine.model, slots=len(prompts), max_len=64)
-            assert slots.invariant and slots.widths == invariant_widths(torch.float32, torch.device("cpu"))
+            assert slots.invariant and slots.padded_rows == invariant_widths(torch.float32, torch.device("cpu"))
             for slot, ids in enumerate(prompts):
                 slots.forward(torch.tensor([ids]), torch.tensor([slot]), torch.tensor([0]))
             starts = [len(ids) for ids in prompts]

@@ -325,11 +325,11 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-            widths: dict[int, int] | None = None) -> torch.Tensor:
-    """F.linear; where `widths` (`invariant_widths`) names this number of rows, computed that many rows wide
+            padded_rows: dict[int, int] | None = None) -> torch.Tensor:
+    """F.linear; where `padded_rows` (`invariant_widths`) names this number of rows, computed that many rows wide
     (zero rows added, then dropped), so that each row rounds as in any wider batch."""
     rows = x.numel() // x.shape[-1]
-    wide = widths.get(rows) if widths else None
+    wide = padded_rows.get(rows) if padded_rows else None
     if wide is None:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
@@ -338,9 +338,9 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def _project(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, four_bit: Int4Weight | None,
-             widths: dict[int, int] | None = None) -> torch.Tensor:
+             padded_rows: dict[int, int] | None = None) -> torch.Tensor:
     if four_bit is None:
-        return _linear(x, dense, bias, widths)
+        return _linear(x, dense, bias, padded_rows)
     out = four_bit.linear(x)
     return out if bias is None else out + bias
 
@@ -395,9 +395,9 @@ class SlotModel:
         self.four_bit_note: str | None = None  # why a GGUF model's 4-bit weights are not used, when they are not
         # seeded sampling gives a request the same tokens under any load only where rows round alike
         self.invariant = rows_round_alike(self.dtype, self.device)
-        self.widths: dict[int, int] = {}  # row counts computed wider (`_linear`): only when invariance is asked
+        self.padded_rows: dict[int, int] = {}  # row counts computed wider (`_linear`), when invariance is asked
         if batch_invariance_asked():
-            self.widths = invariant_widths(self.dtype, self.device)
+            self.padded_rows = invariant_widths(self.dtype, self.device)
             self.invariant = True
             if four_bit and has_gguf(model):  # the int4 kernel in narrow steps, dense in wide ones: never alike
                 self.four_bit_note = "GGUF 4-bit weights off: OWNLLM_BATCH_INVARIANT is set"
@@ -508,8 +508,9 @@ class SlotModel:
                 pair = adapter.weights.get((layer, projection))
                 if pair is not None:
                     a, b = pair
-                    delta[rows, ..., offset : offset + size] = _linear(
-                        _linear(x_rows, a, widths=self.widths), b, widths=self.widths) * adapter.scale
+                    down = _linear(x_rows, a, padded_rows=self.padded_rows)
+                    delta[rows, ..., offset : offset + size] = _linear(down, b, padded_rows=self.padded_rows) \
+                        * adapter.scale
                 offset += size
         return delta
 
@@ -640,7 +641,7 @@ class SlotModel:
         for index, layer in enumerate(self.layers):
             four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
-            qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv, self.widths)
+            qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv, self.padded_rows)
             qkv = self._plus_lora(qkv, self._lora(normed, index, weights.qkv_lora, groups,
                                                   _widths(weights.qkv_lora, [q_width, kv_width, kv_width])))
             qkv = qkv.view(rows, length, h + 2 * kv, d).transpose(1, 2)  # [rows, h+2kv, T, D]
@@ -655,25 +656,25 @@ class SlotModel:
             attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
                                     masks.get(layer.window, (0, None)))
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
-            out = self._plus_lora(_project(attended, layer.o, layer.o_bias, four.o, self.widths),
+            out = self._plus_lora(_project(attended, layer.o, layer.o_bias, four.o, self.padded_rows),
                                   self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]]))
             if layer.attn_out_norm is not None:
                 out = layer.attn_out_norm(out)
             x = x + out
             normed = layer.mlp_norm(x)
-            gate_up = _project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up, self.widths)
+            gate_up = _project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up, self.padded_rows)
             gate_up = self._plus_lora(gate_up, self._lora(normed, index, weights.gate_up_lora, groups,
                                                           _widths(weights.gate_up_lora, [self.intermediate] * 2)))
             gate, up = gate_up.split(self.intermediate, dim=-1)
             hidden = layer.act(gate) * up
-            out = self._plus_lora(_project(hidden, layer.down, layer.down_bias, four.down, self.widths),
+            out = self._plus_lora(_project(hidden, layer.down, layer.down_bias, four.down, self.padded_rows),
                                   self._lora(hidden, index, ("down_proj",), groups, [x.shape[-1]]))
             if layer.mlp_out_norm is not None:
                 out = layer.mlp_out_norm(out)
             x = x + out
         # logits in the model dtype, as transformers returns them (the sampler upcasts)
         lm_head = self.four_bit.lm_head if rows <= self.four_bit_rows else None
-        logits = _project(weights.final_norm(x[:, -1]), weights.lm_head, None, lm_head, self.widths)
+        logits = _project(weights.final_norm(x[:, -1]), weights.lm_head, None, lm_head, self.padded_rows)
         if weights.final_softcap is not None:
             logits = torch.tanh(logits / weights.final_softcap) * weights.final_softcap
         return logits.cpu()

@@ -75,7 +75,7 @@ def _plain_views_reader(original: type) -> type:
                 return super()._get_field_parts(orig_offs, raw_type)
             plain = self._plain()
             item = int(plain[orig_offs : orig_offs + 4].view(np.uint32)[0])
-            scalar = self.gguf_scalar_to_np.get(gguf.GGUFValueType(item)) if item not in (None, array) else None
+            scalar = self.gguf_scalar_to_np.get(gguf.GGUFValueType(item)) if item != array else None
             if item != string and scalar is None:
                 return super()._get_field_parts(orig_offs, raw_type)
             item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)

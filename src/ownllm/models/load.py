@@ -199,7 +199,7 @@ class _hub_errors:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         if self.source.kind == "gguf" and isinstance(exc, (ValueError, UnicodeDecodeError, OverflowError, KeyError,
-                                                           IndexError)) and not isinstance(exc, OwnLLMError):
+                                                           IndexError)):
             raise OwnLLMError(f"'{self.source.path}' cannot be loaded: {exc.__class__.__name__}: {exc}",
                               param="model", hint="is it a complete GGUF of a supported architecture?") from None
         if exc is None or not isinstance(exc, OSError):
