@@ -90,7 +90,8 @@ def test_corrupt_gguf(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_gguf_with_bad_metadata_or_no_tensors_is_named(tmp_path: Path, default_model: str) -> None:
     """Metadata check_gguf does not read (an unknown architecture, a name that is not UTF-8), and a file whose
-    tensor table is empty (transformers would run random weights): one error line each, naming the file."""
+    tensor table is empty or lacks a tensor (transformers would run random weights): one error line each, naming
+    the file."""
     from ownllm.models.resolve import resolve
 
     real = resolve(default_model).gguf_file
@@ -102,6 +103,9 @@ def test_a_gguf_with_bad_metadata_or_no_tensors_is_named(tmp_path: Path, default
         "tensorless.gguf": (data[:8] + (0).to_bytes(8, "little") + data[16:], "corrupt GGUF file (no tensors)"),
         "llamb.gguf": (data.replace(length + b"llama", length + b"llamb", 1), "cannot be loaded"),
         "badname.gguf": (data[:name_at] + b"\xff" + data[name_at + 1:], "cannot be loaded: UnicodeDecodeError"),
+        # a tensor renamed to one no architecture reads: layer 0's query weights would be random
+        "holed.gguf": (data.replace(b"blk.0.attn_q.weight", b"blk.0.attn_x.weight", 1),
+                       "lacks 1 of the weights its architecture needs (model.layers.0.self_attn.q_proj.weight)"),
     }
     for name, (content, needle) in cases.items():
         bad = tmp_path / name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ownllm.errors import OwnLLMError
@@ -58,12 +59,21 @@ def _source_args(source: ResolvedModel) -> tuple[str, dict[str, Any]]:
     return source.location, {}
 
 
-def _gguf_model_args(source: ResolvedModel) -> dict[str, Any]:
-    if source.kind != "gguf":
-        return {}
-    from transformers import GgufConfig
+def load_gguf_weights(path: Path, *, dtype: Any) -> Any:
+    """transformers' model from a GGUF file, dequantized to `dtype`; refused where the file lacks tensors the
+    architecture needs (transformers would fill them with random values, and the model would answer gibberish)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
 
-    return {"quantization_config": GgufConfig(dequantize=True)}
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
+        output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise OwnLLMError(f"'{path}' lacks {len(missing)} of the weights its architecture needs ({shown}): it "
+                          "would run with random values there", param="model",
+                          hint="is it a complete GGUF? download or export it again")
+    return model
 
 
 def load_tokenizer(spec: str | ResolvedModel) -> Any:
@@ -111,13 +121,13 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
         with _hub_errors(source):
             config = AutoConfig.from_pretrained(location, **args)
         choice = choose_dtype(dtype, device, config, batch_rows)
-        extra = _gguf_model_args(source)
-        if quantize is not None:
-            extra.update(_eight_bit(device) if quantize == "int8" else _four_bit(choice.dtype, device))
         with _hub_errors(source):
-            model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=getattr(torch, choice.dtype), **args, **extra
-            )
+            if source.kind == "gguf":
+                model = load_gguf_weights(source.path, dtype=getattr(torch, choice.dtype))
+            else:
+                extra = {} if quantize is None else (
+                    _eight_bit(device) if quantize == "int8" else _four_bit(choice.dtype, device))
+                model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, choice.dtype), **extra)
     if quantize is None:
         model.to(device)
     model.eval()

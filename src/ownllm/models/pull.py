@@ -117,15 +117,14 @@ def _sha256(path: Path) -> str:
 
 def _convert_gguf(gguf: Path, staging: Path, *, dtype: str, source: str) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoTokenizer
+
+    from ownllm.models.load import load_gguf_weights
 
     architecture = check_gguf(gguf)
     started = time.time()
-    load_args = {"gguf_file": gguf.name, "dtype": getattr(torch, dtype)}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, **load_args, quantization_config=GgufConfig(dequantize=True)
-    )
+    model = load_gguf_weights(gguf, dtype=getattr(torch, dtype))
     _save(model, tokenizer, staging)
     # Keep the original file too: the llama.cpp backend runs it as it is.
     shutil.copyfile(gguf, staging / "model.gguf")
