@@ -107,3 +107,6 @@ def test_too_few_prompts_and_a_completion_past_the_context_are_named(default_mod
     huge = run_cli(*grpo_args(prompts, tmp_path / "huge", "--max-completion-length", "99999999999999999999"))
     assert_user_error(huge, "max_completion_length 99999999999999999999 leaves no room for a prompt in the "
                             "model's context of 8192 tokens")
+    # room for a short prompt, not for this file's: the longest prompt's line is named (it ran past the context)
+    tight = run_cli(*grpo_args(prompts, tmp_path / "tight", "--max-completion-length", "8190"))
+    assert_user_error(tight, "prompts.jsonl line ", "+ max_completion_length 8190 is past the model's context of 8192")

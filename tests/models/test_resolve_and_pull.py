@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -70,10 +71,16 @@ def test_user_aliases_extend_and_are_checked(empty_home: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pull_converts_once_with_manifest(empty_home: Path) -> None:
+def test_pull_converts_once_with_manifest(empty_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ownllm.models import pull as pulling
     from ownllm.models.pull import pull
 
-    model = pull("smollm2-135m-instruct")
+    conversions = []
+    convert = pulling._convert_gguf
+    monkeypatch.setattr(pulling, "_convert_gguf", lambda *a, **k: conversions.append(a) or convert(*a, **k))
+    with ThreadPoolExecutor(2) as pool:  # two pulls at once (a server and a CLI): one converts, one waits
+        model, again = pool.map(lambda _: pull("smollm2-135m-instruct"), range(2))
+    assert len(conversions) == 1 and again.path == model.path
     manifest = json.loads((model.path / "ownllm.json").read_text())
     assert manifest["params"] == 134_515_008
     assert manifest["dtype"] == "bfloat16" and manifest["context_length"] == 8192

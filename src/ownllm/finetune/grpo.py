@@ -113,22 +113,22 @@ def as_table(rows: list[dict[str, Any]], path: Path) -> Any:
                           "(and nested fields the same shape) on every line", param="data") from None
 
 
-def read_rl_data(path: Path, rewards: list[Any]) -> Any:
+def read_rl_data(path: Path, rewards: list[Any], places: list[str] | None = None) -> Any:
     """The prompt file as the trainer's dataset, every line checked (and each reward function tried on the first
     rows, its fields present on every line): what `ownllm finetune --method grpo` and a reinforcement job both
-    check before any model loads."""
-    where: list[str] = []
+    check before any model loads. Each row's "FILE line N" is appended to `places` when given."""
+    where: list[str] = [] if places is None else places
     rows = load_prompts(path, where)
     table = as_table(rows, path)
     validate_rewards(rewards, rows, where)
     return table
 
 
-def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[Any, list[Any]]:
+def check_rl(cfg: FinetuneConfig, data: Path, places: list[str] | None = None) -> tuple[Any, list[Any]]:
     """Data (as the trainer's dataset) and reward functions, read and tried before any model loads: a bad file or
-    function stops here."""
+    function stops here. Each row's "FILE line N" is appended to `places` when given."""
     rewards = [load_reward(spec) for spec in cfg.reward_fn]
-    table = read_rl_data(data, rewards)
+    table = read_rl_data(data, rewards, places)
     per_step = cfg.batch_size * cfg.grad_accum
     if len(table) < per_step:  # TRL's sampler then yields no batch at all, and no step ever runs
         raise OwnLLMError(f"{data.name}: {len(table)} prompt(s), but a step takes batch_size x grad_accum = "
@@ -140,6 +140,23 @@ def check_rl(cfg: FinetuneConfig, data: Path) -> tuple[Any, list[Any]]:
     return table, rewards
 
 
+def check_prompt_room(prompts: list[list[dict[str, str]]], places: list[str], tokenizer: Any,
+                      max_completion_length: int, context: int) -> None:
+    """Every prompt, rendered as the trainer renders it, leaves room for a whole completion in the model's
+    context; else an error naming the longest prompt's line (every step holding it would run past the context)."""
+    if max_completion_length >= context:
+        raise OwnLLMError(f"max_completion_length {max_completion_length} leaves no room for a prompt in the "
+                          f"model's context of {context} tokens", param="max_completion_length")
+    lengths = [len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False))
+               for prompt in prompts]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] + max_completion_length > context:
+        raise OwnLLMError(f"{places[longest]}: a prompt of {lengths[longest]} tokens + max_completion_length "
+                          f"{max_completion_length} is past the model's context of {context} tokens",
+                          param="max_completion_length",
+                          hint=f"lower max_completion_length to {context - lengths[longest]} or shorten the prompt")
+
+
 def build_rl_trainer(cfg: FinetuneConfig, run_dir: Path, data: Path) -> tuple[Any, Any]:
     """TRL's trainer for `cfg` (GRPO or RLOO on a fresh LoRA over the model, its rewards, ownllm's rollouts where
     `cfg.rollouts` allows) and the model as loaded; nothing trained yet."""
@@ -147,12 +164,11 @@ def build_rl_trainer(cfg: FinetuneConfig, run_dir: Path, data: Path) -> tuple[An
 
     from ownllm.models.load import load_model
 
-    table, rewards = check_rl(cfg, data)
+    places: list[str] = []
+    table, rewards = check_rl(cfg, data, places)
     cuda = has_cuda()
     loaded = load_model(cfg.model, dtype="auto" if cuda else "fp32")  # fp32 on a CPU, as run.py trains
-    if cfg.max_completion_length >= loaded.context_length:  # no prompt fits beside it: every step would run past
-        raise OwnLLMError(f"max_completion_length {cfg.max_completion_length} leaves no room for a prompt in the "
-                          f"model's context of {loaded.context_length} tokens", param="max_completion_length")
+    check_prompt_room(table["prompt"], places, loaded.tokenizer, cfg.max_completion_length, loaded.context_length)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.config.use_cache = True  # sampling the completions is most of the time
     reward_funcs: list[Any] = list(rewards)

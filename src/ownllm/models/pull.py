@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -11,11 +13,12 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ownllm.errors import OwnLLMError
-from ownllm.home import atomic_write_json, models_dir
+from ownllm.home import atomic_write_json, models_dir, ownllm_home
 from ownllm.models.aliases import Alias, load_aliases
 from ownllm.models.gguf_file import check_gguf
 from ownllm.models.registry import MANIFEST, LocalModel, local_model
@@ -38,6 +41,29 @@ def pull(source: str, *, name: str | None = None, force: bool = False) -> LocalM
     existing = local_model(target_name)
     if existing is not None and not force:
         return existing
+    with _pulling(target_name):
+        existing = local_model(target_name)
+        if existing is not None and not force:  # another process pulled it while this one waited
+            return existing
+        return _pull_unlocked(source, alias, target_name, force)
+
+
+@contextlib.contextmanager
+def _pulling(name: str) -> Iterator[None]:
+    """One pull of a model at a time on this machine: a second process waits for the first (a conversion is
+    minutes of CPU) and then finds the model there, instead of converting it again beside it."""
+    locks = ownllm_home() / "locks"  # beside the models, not among them: nothing there but whole models
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = locks / f"pull-{hashlib.sha256(name.encode()).hexdigest()[:16]}"  # a safe file name for any model name
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pull_unlocked(source: str, alias: Alias | None, target_name: str, force: bool) -> LocalModel:
     with tempfile.TemporaryDirectory(prefix=f".pull-{target_name}-", dir=models_dir()) as work:
         staging = Path(work) / "model"
         if alias is not None:
