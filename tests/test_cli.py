@@ -106,11 +106,25 @@ def test_a_gguf_with_bad_metadata_or_no_tensors_is_named(tmp_path: Path, default
         # a tensor renamed to one no architecture reads: layer 0's query weights would be random
         "holed.gguf": (data.replace(b"blk.0.attn_q.weight", b"blk.0.attn_x.weight", 1),
                        "lacks 1 of the weights its architecture needs (model.layers.0.self_attn.q_proj.weight)"),
+        # a block count below the file's layers: transformers would drop the rest without a word
+        "short.gguf": (_with_number(data, b"llama.block_count", 4, 29), "holds tensors of 30 layers, but its "
+                                                                         "metadata says 29 (block_count)"),
+        "layerless.gguf": (_with_number(data, b"llama.block_count", 4, 0), "its metadata says 0 (block_count)"),
+        # the final norm's one dimension halved (its data still in the file): a shape the architecture cannot take
+        "misshapen.gguf": (_with_number(data, b"output_norm.weight", 8, 288),
+                           "a tensor's shape does not fit the architecture its metadata describes"),
     }
     for name, (content, needle) in cases.items():
         bad = tmp_path / name
         bad.write_bytes(content)
         assert_user_error(run_cli("generate", str(bad), "hi", "--max-new-tokens", "2"), name, needle)
+
+
+def _with_number(data: bytes, key: bytes, size: int, value: int) -> bytes:
+    """`data` with the number right after `key`'s 4-byte type or dimension count (a metadata value, or a tensor's
+    first dimension) set to `value`."""
+    at = data.index(key) + len(key) + 4
+    return data[:at] + value.to_bytes(size, "little") + data[at + size:]
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
      ("--grader", "a-pipe is not a regular file")),
     (["jobs", "create", "{}/train.jsonl", "--model", "m", "--method", "reinforcement", "--grader", "{}/deep.json"],
      ("deep.json is not valid JSON here: nested too deeply",)),
-    (["pull", DEFAULT_MODEL, "--name", "../outside"], ("--name", "not a plain model name")),
+    (["pull", DEFAULT_MODEL, "--name", "../outside"], ("'../outside'", "not a plain model name")),
     (["generate", DEFAULT_MODEL, "x", "--strategy", "beam", "--num-beams", "100000"], ("at most 64",)),
     # bytes that are not UTF-8 in an argument (Python sees them as lone surrogates)
     (["tokenize", DEFAULT_MODEL, "hi \udcff"], ("not valid UTF-8",)),

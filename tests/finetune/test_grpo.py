@@ -110,3 +110,10 @@ def test_too_few_prompts_and_a_completion_past_the_context_are_named(default_mod
     # room for a short prompt, not for this file's: the longest prompt's line is named (it ran past the context)
     tight = run_cli(*grpo_args(prompts, tmp_path / "tight", "--max-completion-length", "8190"))
     assert_user_error(tight, "prompts.jsonl line ", "+ max_completion_length 8190 is past the model's context of 8192")
+    # a prompt longer than the context itself: no completion length can help, so the hint says to shorten it
+    long = tmp_path / "long.jsonl"
+    long.write_text(prompts.read_text() + json.dumps({"prompt": "word " * 9000}) + "\n")
+    result = run_cli(*grpo_args(long, tmp_path / "long"))
+    assert_user_error(result, f"long.jsonl line {len(prompts.read_text().splitlines()) + 1}: a prompt of ",
+                      "leaves no room for a completion in the model's context of 8192 tokens", "shorten the prompt")
+    assert "lower max_completion_length" not in result.stderr

@@ -109,6 +109,15 @@ def test_prompt_files(tmp_path: Path) -> None:
                    '{"answer": 1}\n')
     with pytest.raises(OwnLLMError, match=r"bad\.jsonl line 2"):
         load_prompts(bad)
+    # a conversation given as "prompt" is checked as "messages" is (the chat template would fail on it mid-load)
+    for line in ('{"prompt": [{"role": "user"}]}', '{"prompt": [1, 2]}', '{"prompt": ["hi"]}',
+                 '{"prompt": [{"role": "user", "content": 5}]}', '{"prompt": [{"role": "wizard", "content": "hi"}]}',
+                 '{"prompt": []}'):
+        bad.write_text('{"prompt": "Say hi"}\n' + line + "\n")
+        with pytest.raises(OwnLLMError, match=r"bad\.jsonl line 2: 'prompt' must be a list of \{role, content\}"):
+            load_prompts(bad)
+    bad.write_text('{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}\n')
+    assert load_prompts(bad)[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,3 +111,33 @@ def test_hub_id_offline_says_how_to_get_it(empty_home: Path, monkeypatch) -> Non
     with pytest.raises(OwnLLMError, match="hub or its local cache") as info:
         load_tokenizer("nobody-here/no-such-model-xyz")
     assert "ownllm pull" in str(info.value)
+
+
+def test_model_names_are_plain_and_a_pull_cleans_up_after_a_killed_one(empty_home: Path) -> None:
+    from ownllm.home import models_dir
+    from ownllm.models import pull as pulling
+
+    assert pulling.check_model_name("my-model.v2_1") == "my-model.v2_1"
+    for bad in (".hidden", "a/b", "..", "", "b" * 101, "ünï"):
+        with pytest.raises(OwnLLMError, match="not a plain model name"):
+            pulling.check_model_name(bad)
+    # names derived from a file or hub id: made plain (a leading dot would hide the model, ".." is the models folder)
+    assert pulling._derive_name("/x/.hidden.gguf") == "hidden"
+    assert pulling._derive_name("/x/Ünï Cødé.gguf") == "n-c-d-"
+    assert pulling._derive_name("org/" + "x" * 300) == "x" * 100
+    for hopeless in ("/x/..gguf", "org/..."):
+        with pytest.raises(OwnLLMError, match="cannot name a model after"):
+            pulling._derive_name(hopeless)
+    # a pull killed mid-conversion leaves its work folder; the next pull of that model removes it
+    with pulling._pulling("m") as prefix:
+        stale = models_dir() / f"{prefix}killed"
+        stale.mkdir()
+        other = models_dir() / ".pull-0123456789abcdef-busy"  # another model's pull: not touched
+        other.mkdir()
+    with pulling._pulling("m"):
+        assert not stale.exists() and other.exists()
+    # a model home where the lock cannot be written: an error that says so, not a traceback
+    shutil.rmtree(empty_home / "locks")
+    (empty_home / "locks").write_text("not a folder")
+    with pytest.raises(OwnLLMError, match="cannot write the pull lock"), pulling._pulling("m"):
+        pass

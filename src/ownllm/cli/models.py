@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated
 
 import typer
 
 from ownllm.cli.options import DtypeOpt, JsonOpt, at_least_one, quiet_model_libraries
-from ownllm.errors import OwnLLMError
 
 
 def pull(
@@ -18,9 +16,6 @@ def pull(
     force: Annotated[bool, typer.Option(help="pull again even if present")] = False,
 ) -> None:
     """Get a model once and convert it to a safetensors folder in the model home."""
-    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise OwnLLMError(f"--name {name!r} is not a plain model name", param="name",
-                          hint="letters, digits, '.', '_' and '-'; no '/', no leading dot")
     quiet_model_libraries()
     from ownllm.cli.render import err, human_bytes, out
     from ownllm.models.pull import pull as pull_model

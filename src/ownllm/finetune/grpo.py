@@ -43,12 +43,15 @@ def load_prompts(path: Path, places: list[str] | None = None) -> list[dict[str, 
     kinds: dict[str, tuple[str, int]] = {}  # column: (JSON type, the line it was first seen on)
     for record in read_jsonl(path):
         data, where = dict(record.data), f"{path.name} line {record.line}"
-        messages = data.pop("messages", None)
+        messages, field = data.pop("messages", None), "messages"
+        if messages is None and isinstance(data.get("prompt"), list):  # a conversation given as the prompt
+            messages, field = data.pop("prompt"), "prompt"
         if messages is not None:
             if not (isinstance(messages, list) and messages and all(
                     isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in (
                         "system", "user", "assistant") for m in messages)):
-                problems.append(f"{where}: 'messages' must be a list of {{role, content}} messages")
+                problems.append(f"{where}: '{field}' must be a list of {{role, content}} messages (role system, "
+                                "user or assistant; content text)")
                 continue
             turns = [{"role": m["role"], "content": m["content"]} for m in messages]
             if turns[-1]["role"] == "assistant":
@@ -59,7 +62,7 @@ def load_prompts(path: Path, places: list[str] | None = None) -> list[dict[str, 
             data["prompt"] = turns
         elif isinstance(data.get("prompt"), str) and data["prompt"].strip():
             data["prompt"] = [{"role": "user", "content": data["prompt"]}]
-        elif not isinstance(data.get("prompt"), list) or not data["prompt"]:
+        else:
             problems.append(f"{where}: needs 'messages' or 'prompt'")
             continue
         if REFERENCE in data and not isinstance(data[REFERENCE], str):
@@ -150,6 +153,9 @@ def check_prompt_room(prompts: list[list[dict[str, str]]], places: list[str], to
     lengths = [len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False))
                for prompt in prompts]
     longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] >= context:
+        raise OwnLLMError(f"{places[longest]}: a prompt of {lengths[longest]} tokens leaves no room for a completion "
+                          f"in the model's context of {context} tokens", param="data", hint="shorten the prompt")
     if lengths[longest] + max_completion_length > context:
         raise OwnLLMError(f"{places[longest]}: a prompt of {lengths[longest]} tokens + max_completion_length "
                           f"{max_completion_length} is past the model's context of {context} tokens",

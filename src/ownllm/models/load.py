@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 from ownllm.errors import OwnLLMError
 from ownllm.models.adapters import Adapter
 from ownllm.models.dtype import DtypeChoice, choose_dtype
-from ownllm.models.gguf_file import check_gguf, one_reader_per_file
+from ownllm.models.gguf_file import check_gguf, gguf_tensors, one_reader_per_file
 from ownllm.models.gguf_int4 import remember_gguf
 from ownllm.models.resolve import ResolvedModel, resolve
 
@@ -60,20 +62,56 @@ def _source_args(source: ResolvedModel) -> tuple[str, dict[str, Any]]:
 
 
 def load_gguf_weights(path: Path, *, dtype: Any) -> Any:
-    """transformers' model from a GGUF file, dequantized to `dtype`; refused where the file lacks tensors the
-    architecture needs (transformers would fill them with random values, and the model would answer gibberish)."""
+    """transformers' model from a GGUF file, dequantized to `dtype`; refused where the file's tensors do not make
+    the model its metadata describes: tensors missing (transformers would fill them with random values), a shape
+    that does not fit, or layers past its block count (transformers would drop them without a word)."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    model, info = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
-        output_loading_info=True)
+    with gguf_errors(path):
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
+                output_loading_info=True)
+        except RuntimeError as exc:  # transformers' "size mismatch for ...": a tensor's shape against the metadata
+            raise OwnLLMError(f"'{path}': a tensor's shape does not fit the architecture its metadata describes "
+                              f"({_first_line(exc)})", param="model",
+                              hint="is it a complete GGUF? download or export it again") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise OwnLLMError(f"'{path}' lacks {len(missing)} of the weights its architecture needs ({shown}): it "
                           "would run with random values there", param="model",
                           hint="is it a complete GGUF? download or export it again")
+    _, tensors = gguf_tensors(path)
+    blocks = {int(match[1]) for tensor in tensors if (match := re.match(r"blk\.(\d+)\.", tensor.name))}
+    layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    if layers < 1 or (blocks and max(blocks) >= layers):
+        raise OwnLLMError(f"'{path}' holds tensors of {max(blocks) + 1 if blocks else 0} layers, but its metadata "
+                          f"says {layers} (block_count): the model would run without the rest", param="model",
+                          hint="is its metadata intact? download or export it again")
     return model
+
+
+@contextlib.contextmanager
+def gguf_errors(path: Path) -> Iterator[None]:
+    """What transformers or gguf raise on a GGUF whose metadata `check_gguf` does not read (a version, an
+    architecture transformers does not load, text that is not UTF-8) as an error that names the file."""
+    try:
+        yield
+    except _GGUF_LOAD_ERRORS as exc:
+        raise _gguf_error(path, exc) from None
+
+
+_GGUF_LOAD_ERRORS = (ValueError, UnicodeDecodeError, OverflowError, KeyError, IndexError)
+
+
+def _gguf_error(path: Path, exc: BaseException) -> OwnLLMError:
+    return OwnLLMError(f"'{path}' cannot be loaded: {exc.__class__.__name__}: {_first_line(exc)}", param="model",
+                       hint="is it a complete GGUF of a supported architecture?")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def load_tokenizer(spec: str | ResolvedModel) -> Any:
@@ -208,10 +246,8 @@ class _hub_errors:
         return None
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
-        if self.source.kind == "gguf" and isinstance(exc, (ValueError, UnicodeDecodeError, OverflowError, KeyError,
-                                                           IndexError)):
-            raise OwnLLMError(f"'{self.source.path}' cannot be loaded: {exc.__class__.__name__}: {exc}",
-                              param="model", hint="is it a complete GGUF of a supported architecture?") from None
+        if self.source.kind == "gguf" and isinstance(exc, _GGUF_LOAD_ERRORS):
+            raise _gguf_error(self.source.path, exc) from None
         if exc is None or not isinstance(exc, OSError):
             return False
         if self.source.kind == "hub":

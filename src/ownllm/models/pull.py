@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import importlib.util
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -37,34 +38,64 @@ def pull(source: str, *, name: str | None = None, force: bool = False) -> LocalM
     """
     aliases = load_aliases()
     alias = aliases.get(source)
-    target_name = name or (alias.name if alias else _derive_name(source))
+    target_name = check_model_name(name) if name else (alias.name if alias else _derive_name(source))
     existing = local_model(target_name)
     if existing is not None and not force:
         return existing
-    with _pulling(target_name):
+    with _pulling(target_name) as work_prefix:
         existing = local_model(target_name)
         if existing is not None and not force:  # another process pulled it while this one waited
             return existing
-        return _pull_unlocked(source, alias, target_name, force)
+        return _pull_unlocked(source, alias, target_name, work_prefix)
+
+
+PLAIN_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it can name a folder in the model home (no '/', no leading dot, 100 characters at most)."""
+    if not PLAIN_MODEL_NAME.fullmatch(name):
+        raise OwnLLMError(f"model name {name[:120]!r} is not a plain model name", param="name",
+                          hint="1-100 letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return name
+
+
+def _derive_name(source: str) -> str:
+    """A plain model name from a .gguf file's name or a hub id's last part (other characters become '-')."""
+    stem = Path(source).stem if source.lower().endswith(".gguf") else source.rstrip("/").split("/")[-1]
+    plain = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).lstrip("._-")[:100]
+    if not plain:
+        raise OwnLLMError(f"cannot name a model after '{source[:200]}'", param="name",
+                          hint="give it a name: ownllm pull SOURCE --name NAME")
+    return plain
 
 
 @contextlib.contextmanager
-def _pulling(name: str) -> Iterator[None]:
+def _pulling(name: str) -> Iterator[str]:
     """One pull of a model at a time on this machine: a second process waits for the first (a conversion is
-    minutes of CPU) and then finds the model there, instead of converting it again beside it."""
+    minutes of CPU) and then finds the model there, instead of converting it again beside it. Yields the prefix
+    of this model's work folders; those left by a pull that was killed are removed first (none can be running)."""
+    key = hashlib.sha256(name.encode()).hexdigest()[:16]  # a safe, fixed-length file name for any model name
     locks = ownllm_home() / "locks"  # beside the models, not among them: nothing there but whole models
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = locks / f"pull-{hashlib.sha256(name.encode()).hexdigest()[:16]}"  # a safe file name for any model name
-    with lock.open("a") as handle:
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        handle = (locks / f"pull-{key}").open("a")
+    except OSError as exc:
+        raise OwnLLMError(f"cannot write the pull lock under {locks}: {exc.strerror or exc}", kind="resource",
+                          param="model", hint="OWNLLM_HOME must be a writable folder") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            prefix = f".pull-{key}-"
+            for stale in models_dir().glob(prefix + "*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            yield prefix
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _pull_unlocked(source: str, alias: Alias | None, target_name: str, force: bool) -> LocalModel:
-    with tempfile.TemporaryDirectory(prefix=f".pull-{target_name}-", dir=models_dir()) as work:
+def _pull_unlocked(source: str, alias: Alias | None, target_name: str, work_prefix: str) -> LocalModel:
+    with tempfile.TemporaryDirectory(prefix=work_prefix, dir=models_dir()) as work:
         staging = Path(work) / "model"
         if alias is not None:
             manifest = _pull_alias(alias, Path(work), staging)
@@ -79,24 +110,16 @@ def _pull_unlocked(source: str, alias: Alias | None, target_name: str, force: bo
         manifest["name"] = target_name
         atomic_write_json(staging / MANIFEST, manifest)
         final = models_dir() / target_name
-        if final.exists() and (force or local_model(target_name) is None):
-            # a model pulled again, or an unusable folder: out of the way first (a rename, so the old model is
-            # never half deleted under a reader)
-            shutil.rmtree(final.rename(Path(work) / "replaced"))
-        try:
-            staging.rename(final)  # same filesystem: the folder appears whole or not at all
-        except OSError:
-            if local_model(target_name) is None:
-                raise
-            # another pull of the same model finished first: it is whole, and ours goes with the work folder
+        if final.exists():
+            # a model pulled again (--force), or an unusable folder: renamed out of the way, never half deleted
+            # under a reader, and deleted with the work folder once the new one is in place
+            final.rename(Path(work) / "replaced")
+        staging.rename(final)  # same filesystem: the folder appears whole or not at all
     pulled = local_model(target_name)
-    assert pulled is not None
+    if pulled is None:
+        raise OwnLLMError(f"the pulled model vanished from {final} before it could be read", kind="resource",
+                          param="model")
     return pulled
-
-
-def _derive_name(source: str) -> str:
-    stem = Path(source).stem if source.lower().endswith(".gguf") else source.split("/")[-1]
-    return stem.lower()
 
 
 def _pull_alias(alias: Alias, work: Path, staging: Path) -> dict[str, Any]:
@@ -145,11 +168,12 @@ def _convert_gguf(gguf: Path, staging: Path, *, dtype: str, source: str) -> dict
     import torch
     from transformers import AutoTokenizer
 
-    from ownllm.models.load import load_gguf_weights
+    from ownllm.models.load import gguf_errors, load_gguf_weights
 
     architecture = check_gguf(gguf)
     started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with gguf_errors(gguf):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = load_gguf_weights(gguf, dtype=getattr(torch, dtype))
     _save(model, tokenizer, staging)
     # Keep the original file too: the llama.cpp backend runs it as it is.
