@@ -112,7 +112,8 @@ def test_a_gguf_with_bad_metadata_or_no_tensors_is_named(tmp_path: Path, default
         "layerless.gguf": (_with_number(data, b"llama.block_count", 4, 0), "its metadata says 0 (block_count)"),
         # the final norm's one dimension halved (its data still in the file): a shape the architecture cannot take
         "misshapen.gguf": (_with_number(data, b"output_norm.weight", 8, 288),
-                           "a tensor's shape does not fit the architecture its metadata describes"),
+                           "model.norm.weight is stored as [288], but the architecture its metadata describes "
+                           "takes [576]"),
     }
     for name, (content, needle) in cases.items():
         bad = tmp_path / name

@@ -68,14 +68,16 @@ def load_gguf_weights(path: Path, *, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM, GgufConfig
 
     with gguf_errors(path):
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
-                output_loading_info=True)
-        except RuntimeError as exc:  # transformers' "size mismatch for ...": a tensor's shape against the metadata
-            raise OwnLLMError(f"'{path}': a tensor's shape does not fit the architecture its metadata describes "
-                              f"({_first_line(exc)})", param="model",
-                              hint="is it a complete GGUF? download or export it again") from None
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
+            ignore_mismatched_sizes=True, output_loading_info=True)  # mismatches listed below, not raised unnamed
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
+        raise OwnLLMError(f"'{path}': {key} is stored as {list(stored)}, but the architecture its metadata "
+                          f"describes takes {list(expected)}{more}", param="model",
+                          hint="is it a complete GGUF? download or export it again")
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
