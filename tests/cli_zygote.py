@@ -199,6 +199,7 @@ class Zygote:
         self._socket = ""
         self._broken = False
         self.forked = 0  # calls answered by a forked child (the others ran as plain subprocesses)
+        self.fallback = ""  # why the last call that could not be forked ran as a plain subprocess
 
     def run(self, args: list[str], *, input: str, env: dict[str, str], timeout: float
             ) -> subprocess.CompletedProcess[str]:
@@ -283,9 +284,10 @@ class Zygote:
                             list(fds))
             child = ZygoteProcess(["ownllm", *args], client)
             child.pid = child.read_reply(timeout)["pid"]
-        except (OSError, ValueError, KeyError, subprocess.TimeoutExpired):
+        except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
             client.close()
             self._broken = True
+            self.fallback = f"the zygote did not answer: {exc!r}"
             return None
         self.forked += 1
         return child
@@ -296,7 +298,15 @@ class Zygote:
         if self._process is None and not self._start(self._base_env()):
             return False
         assert self._process is not None
-        return _settled(env) == _settled(self._env or {}) and self._process.poll() is None
+        if self._process.poll() is not None:
+            self.fallback = f"the zygote ended with {self._process.returncode}: see {self._socket}.log"
+            return False
+        wanted, started = _settled(env), _settled(self._env or {})
+        if wanted != started:
+            self.fallback = "the environment differs from the zygote's in " + ", ".join(
+                sorted(name for name in wanted.keys() | started.keys() if wanted.get(name) != started.get(name)))
+            return False
+        return True
 
     def _start(self, env: dict[str, str]) -> bool:
         self._socket = os.path.join(tempfile.mkdtemp(prefix="ownllm-zygote-"), "socket")
@@ -308,6 +318,7 @@ class Zygote:
         while not os.path.exists(self._socket):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self._broken = True  # plain subprocesses from now on; the zygote's log says why
+                self.fallback = f"the zygote did not start: see {self._socket}.log"
                 self._process.kill()
                 return False
             time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -76,7 +77,21 @@ def _cli_env() -> dict[str, str]:
     return {**os.environ, "COLUMNS": "200"}
 
 
-_ZYGOTE = Zygote(_cli_env)
+# The zygote starts with the environment as this file left it, not as the first CLI call of a worker happens to
+# find it (a test's monkeypatched home would make every later call differ and run as a plain subprocess).
+_ZYGOTE = Zygote(functools.partial(dict, _cli_env()))
+
+
+@pytest.fixture(autouse=True)
+def _environment_as_it_was() -> Any:
+    """Each test ends with the environment it started with: libraries run in the test process (a trainer, the
+    evaluation harness) set variables of their own, which would otherwise reach every later test's `ownllm`
+    processes and, differing from the zygote's, send each of them to a plain subprocess (~6 s more a call)."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,

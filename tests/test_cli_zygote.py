@@ -26,7 +26,8 @@ def test_a_forked_cli_has_its_own_stdio_status_directory_and_environment(default
     relative = run_cli("data", "check", "data.jsonl")  # a path relative to the caller's directory
     assert relative.returncode == 0, relative.stderr
     if os.environ.get("OWNLLM_TEST_FRESH_PROCESSES") != "1":
-        assert conftest._ZYGOTE.forked == before + 3  # none of these fell back to a plain subprocess
+        # none of these fell back to a plain subprocess
+        assert conftest._ZYGOTE.forked == before + 3, conftest._ZYGOTE.fallback
     home = run_cli("models", "--json", env={"OWNLLM_HOME": str(tmp_path / "empty-home")})  # a fresh process
     assert home.returncode == 0 and json.loads(home.stdout)["models"] == []
 

@@ -323,5 +323,8 @@ def test_gguf_int4_off_or_past_its_rows_is_the_dequantized_forward(load: Callabl
                                                       strict=True) for a, b in zip(got, want, strict=True))
     narrow = SlotModel(bf16.model, slots=3, max_len=128, four_bit=True)
     narrow.four_bit_rows = 64
-    tokens, _ = slot_decode(narrow, chat_prompts(bf16.tokenizer, [QUESTIONS[0]], system=None), [0], 8)
-    assert "Paris" in bf16.tokenizer.decode(tokens[0])
+    # A question whose first token wins by a wide margin (4.2 logits in fp32): the France one is a near tie
+    # there ("The" 25.36 vs "L" 25.26), which int4 weights turn into "L'Étoile" on some CPUs, fairly.
+    gold = QUESTIONS.index("What is the chemical symbol for gold?")
+    tokens, _ = slot_decode(narrow, chat_prompts(bf16.tokenizer, [QUESTIONS[gold]], system=None), [0], 8)
+    assert "Au" in bf16.tokenizer.decode(tokens[0])
