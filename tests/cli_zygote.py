@@ -41,6 +41,7 @@ PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama", 
 PER_CALL_ENV = frozenset({"PYTEST_CURRENT_TEST", "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK",
                           "TORCHINDUCTOR_CACHE_DIR", "OWNLLM_BATCH_INVARIANT"})
 START_TIMEOUT = 300.0  # a hang guard: the imports take ~6 s
+MAX_RESTARTS = 3  # zygotes that end early: then plain subprocesses for the rest of the run
 
 
 class _Child(Exception):
@@ -72,7 +73,15 @@ def _serve(socket_path: str) -> None:
             request = json.loads(message)
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # (no memory for another process now): this call runs as a plain subprocess
+                for fd in fds:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    connection.sendall(json.dumps({"error": f"fork failed: {exc}"}).encode() + b"\n")
+                connection.close()
+                continue
             if pid == 0:
                 for other in (listener, connection, *waiting.values()):
                     other.close()
@@ -200,6 +209,7 @@ class Zygote:
         self._broken = False
         self.forked = 0  # calls answered by a forked child (the others ran as plain subprocesses)
         self.fallback = ""  # why the last call that could not be forked ran as a plain subprocess
+        self.restarts = 0  # zygotes started again after one ended
 
     def run(self, args: list[str], *, input: str, env: dict[str, str], timeout: float
             ) -> subprocess.CompletedProcess[str]:
@@ -216,7 +226,8 @@ class Zygote:
         if child is None:
             for fd in (stdin_write, stdout_read, stderr_read):
                 os.close(fd)
-            return self.run(args, input=input, env=env, timeout=timeout)
+            return subprocess.run([sys.executable, "-m", "ownllm", *args], input=input, capture_output=True,
+                                  text=True, timeout=timeout, env=env)
         outputs: dict[int, bytes] = {}
 
         def drain(fd: int) -> None:
@@ -276,31 +287,44 @@ class Zygote:
     def _fork(self, args: list[str], env: dict[str, str], fds: tuple[int, int, int], timeout: float
               ) -> ZygoteProcess | None:
         """A child running `ownllm ARGS` with copies of `fds` as its stdin, stdout and stderr; None when the
-        zygote is stuck or gone (then this call and every later one run as plain subprocesses)."""
+        zygote could not fork this once (this call runs as a plain subprocess) or is stuck (a new one is started
+        for the next call)."""
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             client.connect(self._socket)
             socket.send_fds(client, [json.dumps({"args": args, "cwd": os.getcwd(), "env": env}).encode()],
                             list(fds))
             child = ZygoteProcess(["ownllm", *args], client)
-            child.pid = child.read_reply(timeout)["pid"]
-        except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+            reply = child.read_reply(timeout)
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
             client.close()
-            self._broken = True
             self.fallback = f"the zygote did not answer: {exc!r}"
+            if self._process is not None:  # stuck: the next call starts another
+                self._process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._process.wait(10)
             return None
+        if "pid" not in reply:
+            client.close()
+            self.fallback = reply.get("error", f"the zygote answered {reply}")
+            return None
+        child.pid = reply["pid"]
         self.forked += 1
         return child
 
     def _usable(self, env: dict[str, str]) -> bool:
         if self._broken or os.environ.get("OWNLLM_TEST_FRESH_PROCESSES") == "1":
             return False
+        if self._process is not None and self._process.poll() is not None:  # killed (the OOM killer?) or stuck
+            self.fallback = f"the zygote ended with {self._process.returncode}: see {self._socket}.log"
+            self.restarts += 1
+            self._process = None
+            if self.restarts > MAX_RESTARTS:
+                self._broken = True
+                return False
         if self._process is None and not self._start(self._base_env()):
             return False
         assert self._process is not None
-        if self._process.poll() is not None:
-            self.fallback = f"the zygote ended with {self._process.returncode}: see {self._socket}.log"
-            return False
         wanted, started = _settled(env), _settled(self._env or {})
         if wanted != started:
             self.fallback = "the environment differs from the zygote's in " + ", ".join(

@@ -51,3 +51,23 @@ def test_a_started_cli_can_be_waited_for_polled_and_killed(default_model: str, t
         server.wait(timeout=0.5)
     server.send_signal(signal.SIGKILL)
     assert server.wait(timeout=60) == -signal.SIGKILL
+
+
+def test_a_zygote_that_ended_is_replaced(tmp_path: Path) -> None:
+    """A zygote gone mid-run (the OOM killer, a crash) is started again for the next call, not left to send every
+    later call to a plain subprocess."""
+    from tests.cli_zygote import Zygote
+
+    env = conftest._cli_env()
+    zygote = Zygote(lambda: dict(env))
+    try:
+        assert zygote.run(["--help"], input="", env=env, timeout=300).returncode == 0
+        assert zygote._process is not None
+        zygote._process.kill()
+        zygote._process.wait(60)
+        again = zygote.run(["--help"], input="", env=env, timeout=300)
+        assert again.returncode == 0 and "Usage" in again.stdout
+        assert (zygote.forked, zygote.restarts) == (2, 1), zygote.fallback
+    finally:
+        if zygote._process is not None:
+            zygote._process.kill()
