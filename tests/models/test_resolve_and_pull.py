@@ -79,8 +79,10 @@ def test_pull_converts_once_with_manifest(empty_home: Path, monkeypatch: pytest.
     conversions = []
     convert = pulling._convert_gguf
     monkeypatch.setattr(pulling, "_convert_gguf", lambda *a, **k: conversions.append(a) or convert(*a, **k))
-    with ThreadPoolExecutor(2) as pool:  # two pulls at once (a server and a CLI): one converts, one waits
-        model, again = pool.map(lambda _: pull("smollm2-135m-instruct"), range(2))
+    # two pulls at once (a server and a CLI): one converts, one waits and finds it; a --force that waited for a
+    # pull made after it asked takes that one too
+    with ThreadPoolExecutor(2) as pool:
+        model, again = pool.map(lambda force: pull("smollm2-135m-instruct", force=force), [False, True])
     assert len(conversions) == 1 and again.path == model.path
     manifest = json.loads((model.path / "ownllm.json").read_text())
     assert manifest["params"] == 134_515_008
@@ -90,6 +92,19 @@ def test_pull_converts_once_with_manifest(empty_home: Path, monkeypatch: pytest.
     assert [m.name for m in list_local_models()] == ["smollm2-135m-instruct"]
     assert not [p for p in (empty_home / "models").iterdir() if p.name.startswith(".")]  # no temp left
     assert pull("smollm2-135m-instruct").path == model.path  # second pull: nothing to do
+    # --force pulls again, the new folder swapped in whole (the conversion replayed from the first one's output:
+    # what is tested here is pull's own part, the conversion above)
+    before = model.path.stat().st_ino
+
+    def converted_again(gguf: Path, staging: Path, **_: object) -> dict:
+        shutil.copytree(model.path, staging)
+        conversions.append(gguf)
+        return json.loads((model.path / "ownllm.json").read_text())
+
+    monkeypatch.setattr(pulling, "_convert_gguf", converted_again)
+    assert pull("smollm2-135m-instruct", force=True).path == model.path and len(conversions) == 2
+    assert model.path.stat().st_ino != before and (model.path / "model.safetensors").is_file()
+    assert [p.name for p in (empty_home / "models").iterdir()] == ["smollm2-135m-instruct"]
     assert resolve("smollm2-135m-instruct").kind == "folder"
 
 

@@ -42,11 +42,23 @@ def pull(source: str, *, name: str | None = None, force: bool = False) -> LocalM
     existing = local_model(target_name)
     if existing is not None and not force:
         return existing
+    asked = _folder_identity(target_name)
     with _pulling(target_name) as work_prefix:
         existing = local_model(target_name)
-        if existing is not None and not force:  # another process pulled it while this one waited
+        # another process pulled it while this one waited: a pull after this call was made, so --force has
+        # what it asked for too (two `pull --force` at once convert once)
+        if existing is not None and (not force or _folder_identity(target_name) != asked):
             return existing
         return _pull_unlocked(source, alias, target_name, work_prefix)
+
+
+def _folder_identity(name: str) -> tuple[int, int] | None:
+    """(inode, mtime) of the model's folder, None if it has none: a pull puts a new folder in place."""
+    try:
+        found = (models_dir() / name).stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
 
 
 PLAIN_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
