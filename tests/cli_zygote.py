@@ -19,6 +19,7 @@ import json
 import locale
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +43,8 @@ PER_CALL_ENV = frozenset({"PYTEST_CURRENT_TEST", "KMP_INIT_AT_FORK", "KMP_DUPLIC
                           "TORCHINDUCTOR_CACHE_DIR", "OWNLLM_BATCH_INVARIANT"})
 START_TIMEOUT = 300.0  # a hang guard: the imports take ~6 s
 MAX_RESTARTS = 3  # zygotes that end early: then plain subprocesses for the rest of the run
+FORK_TIMEOUT = 60.0  # a hang guard for the zygote's answer with the child's pid (a fork takes milliseconds)
+ORPHAN_STATUS = 255  # the exit status of a child whose zygote ended first (its real one went to no one)
 
 
 class _Child(Exception):
@@ -182,9 +185,20 @@ class ZygoteProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            self.returncode = self.read_reply(timeout)["returncode"]
+            try:
+                self.returncode = self.read_reply(timeout)["returncode"]
+            except OSError:  # the zygote ended before its child: wait for the child as Popen would, status unknown
+                self.returncode = self._wait_orphan(timeout)
             self._replies.close()
         return self.returncode
+
+    def _wait_orphan(self, timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while _alive(self.pid):
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            time.sleep(0.05)
+        return ORPHAN_STATUS
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:  # (a status not yet read: the pid is still the zygote's to reap)
@@ -289,20 +303,20 @@ class Zygote:
         """A child running `ownllm ARGS` with copies of `fds` as its stdin, stdout and stderr; None when the
         zygote could not fork this once (this call runs as a plain subprocess) or is stuck (a new one is started
         for the next call)."""
+        try:
+            message = json.dumps({"args": args, "cwd": os.getcwd(), "env": env}).encode()
+        except (OSError, ValueError) as exc:  # (a deleted working directory): nothing to do with the zygote
+            self.fallback = f"cannot describe the call: {exc!r}"
+            return None
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             client.connect(self._socket)
-            socket.send_fds(client, [json.dumps({"args": args, "cwd": os.getcwd(), "env": env}).encode()],
-                            list(fds))
+            socket.send_fds(client, [message], list(fds))
             child = ZygoteProcess(["ownllm", *args], client)
-            reply = child.read_reply(timeout)
+            reply = child.read_reply(min(timeout, FORK_TIMEOUT))
         except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
             client.close()
-            self.fallback = f"the zygote did not answer: {exc!r}"
-            if self._process is not None:  # stuck: the next call starts another
-                self._process.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._process.wait(10)
+            self._retire(f"the zygote did not answer: {exc!r}")  # stuck or gone: the next call starts another
             return None
         if "pid" not in reply:
             client.close()
@@ -315,13 +329,10 @@ class Zygote:
     def _usable(self, env: dict[str, str]) -> bool:
         if self._broken or os.environ.get("OWNLLM_TEST_FRESH_PROCESSES") == "1":
             return False
-        if self._process is not None and self._process.poll() is not None:  # killed (the OOM killer?) or stuck
-            self.fallback = f"the zygote ended with {self._process.returncode}: see {self._socket}.log"
-            self.restarts += 1
-            self._process = None
-            if self.restarts > MAX_RESTARTS:
-                self._broken = True
-                return False
+        if self._process is not None and self._process.poll() is not None:  # killed (the OOM killer?)
+            self._retire(f"the zygote ended with {self._process.returncode}")
+        if self._broken:
+            return False
         if self._process is None and not self._start(self._base_env()):
             return False
         assert self._process is not None
@@ -331,6 +342,32 @@ class Zygote:
                 sorted(name for name in wanted.keys() | started.keys() if wanted.get(name) != started.get(name)))
             return False
         return True
+
+    def _retire(self, reason: str) -> None:
+        """Stop the zygote (if it still runs) and remove its folder; the next call starts another, up to
+        MAX_RESTARTS times. Its children run on: their exit status then is ORPHAN_STATUS."""
+        self.fallback = reason
+        if self._process is None:
+            return
+        self._process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(10)
+        self._process = None
+        with contextlib.suppress(OSError):
+            os.unlink(self._socket)  # (its log stays, for the reason)
+        self.restarts += 1
+        if self.restarts > MAX_RESTARTS:
+            self._broken = True
+            self.fallback += f"; {MAX_RESTARTS} restarts used: plain subprocesses from now on"
+
+    def close(self) -> None:
+        """Stop the zygote and remove its folder (at the end of the test run)."""
+        if self._process is not None:
+            self._process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(10)
+            self._process = None
+            shutil.rmtree(os.path.dirname(self._socket), ignore_errors=True)
 
     def _start(self, env: dict[str, str]) -> bool:
         self._socket = os.path.join(tempfile.mkdtemp(prefix="ownllm-zygote-"), "socket")
@@ -347,6 +384,15 @@ class Zygote:
                 return False
             time.sleep(0.05)
         return True
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie no longer does)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _settled(env: dict[str, str]) -> dict[str, str]:

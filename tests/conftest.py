@@ -82,6 +82,10 @@ def _cli_env() -> dict[str, str]:
 _ZYGOTE = Zygote(functools.partial(dict, _cli_env()))
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _ZYGOTE.close()  # (in each test worker too: xdist's workers end without running atexit handlers)
+
+
 @pytest.fixture(autouse=True)
 def _environment_as_it_was() -> Any:
     """Each test ends with the environment it started with: libraries run in the test process (a trainer, the
@@ -89,9 +93,11 @@ def _environment_as_it_was() -> Any:
     processes and, differing from the zygote's, send each of them to a plain subprocess (~6 s more a call)."""
     before = dict(os.environ)
     yield
-    if os.environ != before:
-        os.environ.clear()
-        os.environ.update(before)
+    for name in [name for name in os.environ if name not in before]:
+        del os.environ[name]
+    for name, value in before.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,

@@ -61,17 +61,22 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def give_usual_modes(folder: Path) -> None:
+    """Files that writers made private (safetensors: 0600) get the modes open() gives, and so does `folder`."""
+    folder.chmod(usual_mode(0o777))
+    for written in folder.rglob("*"):
+        if written.is_file() and not written.is_symlink() and written.stat().st_mode & 0o777 == 0o600:
+            written.chmod(usual_mode(0o666))
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """Fill a staging folder beside `out`; on success it replaces `out` whole, on failure it disappears."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        staging.chmod(usual_mode(0o777))
         yield staging
-        for written in staging.rglob("*"):  # writers that make private files (safetensors: 0600) get usual ones
-            if written.is_file() and not written.is_symlink() and written.stat().st_mode & 0o777 == 0o600:
-                written.chmod(usual_mode(0o666))
+        give_usual_modes(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,6 +106,26 @@ def test_pull_converts_once_with_manifest(empty_home: Path, monkeypatch: pytest.
     assert pull("smollm2-135m-instruct", force=True).path == model.path and len(conversions) == 2
     assert model.path.stat().st_ino != before and (model.path / "model.safetensors").is_file()
     assert [p.name for p in (empty_home / "models").iterdir()] == ["smollm2-135m-instruct"]
+    assert model.path.stat().st_mode & 0o777 == ((model.path / "model.safetensors").stat().st_mode & 0o777) | 0o111
+
+    # a --force waiting while another pull puts a model in place: taken if it came from the same source, pulled
+    # again if that pull was of another source under the same name
+    for pulled_from, converts in (("alias:smollm2-135m-instruct", 0), ("file:/elsewhere/other.gguf", 1)):
+        done = len(conversions)
+        with ThreadPoolExecutor(1) as pool:
+            with pulling._pulling("smollm2-135m-instruct"):
+                waiting = pool.submit(pull, "smollm2-135m-instruct", force=True)
+                time.sleep(1)  # (at the lock now; were it not, it would find the new folder before it and pull)
+                assert not waiting.done()
+                other = empty_home / "models" / ".other"
+                shutil.copytree(model.path, other)
+                manifest = json.loads((other / "ownllm.json").read_text())
+                (other / "ownllm.json").write_text(json.dumps({**manifest, "pulled_from": pulled_from}))
+                model.path.rename(empty_home / "models" / ".old")
+                other.rename(model.path)
+                shutil.rmtree(empty_home / "models" / ".old")
+            waiting.result(timeout=300)
+        assert len(conversions) - done == converts, pulled_from
     assert resolve("smollm2-135m-instruct").kind == "folder"
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.util
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.errors import OwnLLMError
-from ownllm.home import atomic_write_json, models_dir, ownllm_home
+from ownllm.home import atomic_write_json, give_usual_modes, models_dir, ownllm_home
 from ownllm.models.aliases import Alias, load_aliases
 from ownllm.models.gguf_file import check_gguf
 from ownllm.models.registry import MANIFEST, LocalModel, local_model
@@ -43,13 +45,26 @@ def pull(source: str, *, name: str | None = None, force: bool = False) -> LocalM
     if existing is not None and not force:
         return existing
     asked = _folder_identity(target_name)
+    request = _request_key(source, alias)
     with _pulling(target_name) as work_prefix:
         existing = local_model(target_name)
-        # another process pulled it while this one waited: a pull after this call was made, so --force has
-        # what it asked for too (two `pull --force` at once convert once)
-        if existing is not None and (not force or _folder_identity(target_name) != asked):
+        if existing is not None and not force:  # another process pulled it while this one waited
             return existing
-        return _pull_unlocked(source, alias, target_name, work_prefix)
+        # another pull of the same source finished while this one waited, so after this call was made: --force
+        # has what it asked for (two `pull --force` at once convert once); another source under this name does not
+        if (existing is not None and _folder_identity(target_name) != asked and isinstance(existing.manifest, dict)
+                and existing.manifest.get("pulled_from") == request):
+            return existing
+        return _pull_unlocked(source, alias, target_name, work_prefix, request)
+
+
+def _request_key(source: str, alias: Alias | None) -> str:
+    """What a pull was asked to fetch, as recorded in the manifest: the alias, the GGUF file or the hub id."""
+    if alias is not None:
+        return f"alias:{alias.name}"
+    if Path(source).expanduser().is_file():
+        return f"file:{Path(source).expanduser().resolve()}"
+    return f"hub:{source}"
 
 
 def _folder_identity(name: str) -> tuple[int, int] | None:
@@ -106,8 +121,22 @@ def _pulling(name: str) -> Iterator[str]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _pull_unlocked(source: str, alias: Alias | None, target_name: str, work_prefix: str) -> LocalModel:
-    with tempfile.TemporaryDirectory(prefix=work_prefix, dir=models_dir()) as work:
+def _unwritable(exc: OSError) -> OwnLLMError:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return OwnLLMError(f"cannot write the model under {models_dir()}: {exc.strerror or exc}{where}",
+                       kind="resource", param="model", hint="OWNLLM_HOME and its models folder must be writable")
+
+
+def _pull_unlocked(source: str, alias: Alias | None, target_name: str, work_prefix: str, request: str
+                   ) -> LocalModel:
+    final = models_dir() / target_name
+    if final.is_dir() and not os.access(final, os.W_OK):  # it could not be moved aside: say so before converting
+        raise _unwritable(PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(final)))
+    try:
+        work_folder = tempfile.TemporaryDirectory(prefix=work_prefix, dir=models_dir())
+    except OSError as exc:
+        raise _unwritable(exc) from None
+    with work_folder as work:
         staging = Path(work) / "model"
         if alias is not None:
             manifest = _pull_alias(alias, Path(work), staging)
@@ -120,13 +149,17 @@ def _pull_unlocked(source: str, alias: Alias | None, target_name: str, work_pref
                 raise OwnLLMError(f"'{source}' is already a local folder; load it directly", param="model")
             manifest = _convert_hub(resolved.location, staging, dtype="bfloat16")
         manifest["name"] = target_name
+        manifest["pulled_from"] = request
         atomic_write_json(staging / MANIFEST, manifest)
-        final = models_dir() / target_name
-        if final.exists():
-            # a model pulled again (--force), or an unusable folder: renamed out of the way, never half deleted
-            # under a reader, and deleted with the work folder once the new one is in place
-            final.rename(Path(work) / "replaced")
-        staging.rename(final)  # same filesystem: the folder appears whole or not at all
+        give_usual_modes(staging)
+        try:
+            if final.exists():
+                # a model pulled again (--force), or an unusable folder: renamed out of the way, never half
+                # deleted under a reader, and deleted with the work folder once the new one is in place
+                final.rename(Path(work) / "replaced")
+            staging.rename(final)  # same filesystem: the folder appears whole or not at all
+        except OSError as exc:
+            raise _unwritable(exc) from None
     pulled = local_model(target_name)
     if pulled is None:
         raise OwnLLMError(f"the pulled model vanished from {final} before it could be read", kind="resource",
