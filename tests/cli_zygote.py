@@ -228,8 +228,7 @@ class Zygote:
     def run(self, args: list[str], *, input: str, env: dict[str, str], timeout: float
             ) -> subprocess.CompletedProcess[str]:
         if not self._usable(env):
-            return subprocess.run([sys.executable, "-m", "ownllm", *args], input=input, capture_output=True,
-                                  text=True, timeout=timeout, env=env)
+            return _plain_run(args, input=input, env=env, timeout=timeout)
         stdin_read, stdin_write = os.pipe()
         stdout_read, stdout_write = os.pipe()
         stderr_read, stderr_write = os.pipe()
@@ -240,8 +239,7 @@ class Zygote:
         if child is None:
             for fd in (stdin_write, stdout_read, stderr_read):
                 os.close(fd)
-            return subprocess.run([sys.executable, "-m", "ownllm", *args], input=input, capture_output=True,
-                                  text=True, timeout=timeout, env=env)
+            return _plain_run(args, input=input, env=env, timeout=timeout)
         outputs: dict[int, bytes] = {}
 
         def drain(fd: int) -> None:
@@ -344,15 +342,11 @@ class Zygote:
         return True
 
     def _retire(self, reason: str) -> None:
-        """Stop the zygote (if it still runs) and remove its folder; the next call starts another, up to
+        """Stop the zygote (if it still runs) and remove its socket; the next call starts another, up to
         MAX_RESTARTS times. Its children run on: their exit status then is ORPHAN_STATUS."""
         self.fallback = reason
-        if self._process is None:
+        if not self._stop():
             return
-        self._process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(10)
-        self._process = None
         with contextlib.suppress(OSError):
             os.unlink(self._socket)  # (its log stays, for the reason)
         self.restarts += 1
@@ -362,12 +356,18 @@ class Zygote:
 
     def close(self) -> None:
         """Stop the zygote and remove its folder (at the end of the test run)."""
-        if self._process is not None:
-            self._process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(10)
-            self._process = None
+        if self._stop():
             shutil.rmtree(os.path.dirname(self._socket), ignore_errors=True)
+
+    def _stop(self) -> bool:
+        """Kill the zygote and reap it; False if there was none."""
+        if self._process is None:
+            return False
+        self._process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(10)
+        self._process = None
+        return True
 
     def _start(self, env: dict[str, str]) -> bool:
         self._socket = os.path.join(tempfile.mkdtemp(prefix="ownllm-zygote-"), "socket")
@@ -384,6 +384,13 @@ class Zygote:
                 return False
             time.sleep(0.05)
         return True
+
+
+def _plain_run(args: list[str], *, input: str, env: dict[str, str], timeout: float
+               ) -> subprocess.CompletedProcess[str]:
+    """`python -m ownllm ARGS` as a fresh interpreter: a call the zygote does not take."""
+    return subprocess.run([sys.executable, "-m", "ownllm", *args], input=input, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def _alive(pid: int) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,12 +110,16 @@ def test_pull_converts_once_with_manifest(empty_home: Path, monkeypatch: pytest.
 
     # a --force waiting while another pull puts a model in place: taken if it came from the same source, pulled
     # again if that pull was of another source under the same name
+    looked = threading.Event()  # the waiting pull has seen the folder it asked to replace
+    identity = pulling._folder_identity
+    monkeypatch.setattr(pulling, "_folder_identity", lambda name: (identity(name), looked.set())[0])
     for pulled_from, converts in (("alias:smollm2-135m-instruct", 0), ("file:/elsewhere/other.gguf", 1)):
         done = len(conversions)
+        looked.clear()
         with ThreadPoolExecutor(1) as pool:
             with pulling._pulling("smollm2-135m-instruct"):
                 waiting = pool.submit(pull, "smollm2-135m-instruct", force=True)
-                time.sleep(1)  # (at the lock now; were it not, it would find the new folder before it and pull)
+                assert looked.wait(300)  # (the swap below then happens while it waits at the lock)
                 assert not waiting.done()
                 other = empty_home / "models" / ".other"
                 shutil.copytree(model.path, other)
