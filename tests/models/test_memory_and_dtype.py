@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ownllm.errors import OwnLLMError
@@ -63,3 +65,21 @@ def test_dtype_is_measured_where_bf16_is_native(monkeypatch, tmp_path) -> None:
     choice = dtype_module.choose_dtype("auto", "cpu")
     assert choice.dtype in ("float32", "bfloat16") and "measured" in choice.reason
     assert (tmp_path / "hardware.json").is_file()  # cached: the next load does not measure again
+
+
+def test_decode_attention_dtype_is_measured_once_and_kept(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    first = dtype_module.upcast_decode_attention(4, 2, 16, context=64)
+    kept = json.loads((tmp_path / "hardware.json").read_text())["decode_attention"]
+    assert list(kept.values()) == ["fp32" if first else "bf16"]
+    monkeypatch.setattr(dtype_module, "_measure_decode_attention", lambda *args: pytest.fail("measured again"))
+    assert dtype_module.upcast_decode_attention(4, 2, 16, context=64) == first
+    (tmp_path / "hardware.json").write_text(json.dumps({"decode_attention": {k: "fp64" for k in kept}}))
+    monkeypatch.setattr(dtype_module, "_measure_decode_attention", lambda *args: "fp32")
+    assert dtype_module.upcast_decode_attention(4, 2, 16, context=64)  # a damaged verdict is measured again
+
+
+def test_turns_time_every_run_each_round() -> None:
+    calls: list[str] = []
+    best = dtype_module.best_of_turns([lambda: calls.append("a"), lambda: calls.append("b")], rounds=3)
+    assert calls == ["a", "b"] * 3 and len(best) == 2 and all(0 <= t < 1 for t in best)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ownllm.errors import OwnLLMError
 from ownllm.models.adapters import Adapter, LoraWeights
+from ownllm.models.dtype import upcast_decode_attention
 from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, has_gguf, int4_row_limit, pack
 
 log = logging.getLogger(__name__)
@@ -385,10 +386,13 @@ class SlotModel:
         self.token_bytes = len(self.layers) * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
         self.fixed_capacity: int | None = None
         self.max_sequences: int | None = None
-        # torch's CPU sdpa kernel for one bf16/fp16 query runs 2-6x slower than for the same values in fp32
-        # (measured: 687 vs 116 us over 1,500 keys); the fp32 call on the exact bf16 values, rounded back once,
-        # differs from it by at most an ulp of the output (the slot parity test's decode bound holds)
-        self._upcast_decode = self.dtype != torch.float32 and self.device.type == "cpu"
+        # on some CPUs torch's sdpa kernel for one bf16/fp16 query runs 2-6x slower than for the same values in
+        # fp32, on others the reverse (`upcast_decode_attention` measures it); the fp32 call on the exact bf16
+        # values, rounded back once, differs from transformers' bf16 call by at most an ulp of the output (the
+        # slot parity test's decode bound holds either way)
+        self._upcast_decode = self.device.type == "cpu" and (
+            self.dtype == torch.float16 or (self.dtype == torch.bfloat16 and upcast_decode_attention(
+                self.heads, self.kv_heads, self.head_dim)))
         self.cos, self.sin = self._rotary_tables(positions)
         self.four_bit = _FourBit([], None)  # used only in forwards of up to four_bit_rows (0) tokens
         self.four_bit_rows = 0

@@ -94,8 +94,7 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: i
     import torch
 
     def measure() -> dict[str, str]:
-        decode32 = _time_decode(torch.float32, shapes, rows)
-        decode16 = _time_decode(torch.bfloat16, shapes, rows)
+        decode32, decode16 = _time_decodes((torch.float32, torch.bfloat16), shapes, rows)
         # Decoding is memory-bound matrix-vector work on these shapes, and dominates generation time:
         # bf16 must be clearly faster there, not just on big batched matmuls.
         measured = f"decode-shaped matmuls, {rows} row(s): {decode32 / decode16:.2f}x fp32 speed"
@@ -107,7 +106,8 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: i
         return isinstance(cached, dict) and cached.get("dtype") in ("float32", "bfloat16") and isinstance(
             cached.get("reason"), str)
 
-    signature = f"{cpu_model()}|{sorted(flags)}|{torch.__version__}|{shapes}|{rows}"
+    # "turns": verdicts from before the dtypes were timed in turns are measured again (some were noise)
+    signature = f"turns|{cpu_model()}|{sorted(flags)}|{torch.__version__}|{shapes}|{rows}"
     choice = remembered_measurement("choices", signature, valid, measure)
     return DtypeChoice(choice["dtype"], choice["reason"])
 
@@ -133,20 +133,68 @@ def remembered_measurement(section: str, signature: str, valid: Callable[[Any], 
     return value
 
 
-def _time_decode(dtype: object, shapes: list[tuple[int, int]], rows: int = 1, budget_bytes: int = 96 << 20
-                 ) -> float:
-    """Seconds for `rows`-row products through enough copies of a layer to fall out of the CPU caches."""
+def _time_decodes(dtypes: tuple[Any, ...], shapes: list[tuple[int, int]], rows: int = 1, rounds: int = 5,
+                  budget_bytes: int = 96 << 20) -> list[float]:
+    """Seconds per dtype for `rows`-row products through enough copies of a layer to fall out of the CPU caches,
+    the best of `rounds`. The dtypes take turns round by round, so that a burst of other work on the machine
+    slows both alike instead of deciding the verdict kept for good."""
     import torch
 
     layer_bytes = sum(o * i for o, i in shapes) * 4
     copies = max(1, budget_bytes // layer_bytes)
-    weights = [torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes]  # type: ignore[arg-type]
-    inputs = {i: torch.randn(rows, i).to(dtype) for _, i in shapes}  # type: ignore[arg-type]
-    best = float("inf")
+    weights = {dtype: [torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes] for dtype in dtypes}
+    inputs = {dtype: {i: torch.randn(rows, i).to(dtype) for _, i in shapes} for dtype in dtypes}
+    return best_of_turns([lambda dtype=dtype: _products(weights[dtype], inputs[dtype]) for dtype in dtypes], rounds)
+
+
+def _products(weights: list[Any], inputs: dict[int, Any]) -> None:
+    import torch
+
+    for weight in weights:
+        torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+
+
+def best_of_turns(runs: list[Callable[[], Any]], rounds: int = 5) -> list[float]:
+    """The fastest of `rounds` timings of each run (no grad), the runs taking turns within each round."""
+    import torch
+
+    best = [float("inf")] * len(runs)
     with torch.inference_mode():
-        for _ in range(4):
-            start = time.perf_counter()
-            for weight in weights:
-                torch.nn.functional.linear(inputs[weight.shape[1]], weight)
-            best = min(best, time.perf_counter() - start)
+        for _ in range(rounds):
+            for index, run in enumerate(runs):
+                start = time.perf_counter()
+                run()
+                best[index] = min(best[index], time.perf_counter() - start)
     return best
+
+
+def upcast_decode_attention(heads: int, kv_heads: int, head_dim: int, context: int = 1024) -> bool:
+    """Whether one-query bf16 attention over a sequence's cached keys runs clearly faster here when computed in
+    fp32 on the same values (rounded back once) than in bf16 itself. CPUs differ both ways: measured 687 vs
+    116 us per call for the fp32 call on an AVX-512 EPYC, 107 vs 385 us for bf16 on an AMX Xeon. Taken once
+    per CPU + torch + shape and kept in hardware.json."""
+    import torch
+
+    signature = f"attention|{cpu_model()}|{torch.__version__}|{heads}|{kv_heads}|{head_dim}|{context}"
+    verdict = remembered_measurement("decode_attention", signature, lambda cached: cached in ("fp32", "bf16"),
+                                     lambda: _measure_decode_attention(heads, kv_heads, head_dim, context))
+    return verdict == "fp32"
+
+
+def _measure_decode_attention(heads: int, kv_heads: int, head_dim: int, context: int, layers: int = 16) -> str:
+    import torch
+    import torch.nn.functional as F
+
+    # as the slot forward reads them: a window of each layer's cache buffer, longer than the sequence
+    caches = [torch.randn(2, kv_heads, 2 * context, head_dim).to(torch.bfloat16) for _ in range(layers)]
+    query = torch.randn(1, heads, 1, head_dim).to(torch.bfloat16)
+
+    def attend(upcast: bool) -> None:
+        for cache in caches:
+            q, k, v = query, cache[0][None, :, :context], cache[1][None, :, :context]
+            if upcast:
+                q, k, v = q.float(), k.float(), v.float()
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True).to(torch.bfloat16)
+
+    in_bf16, in_fp32 = best_of_turns([lambda: attend(False), lambda: attend(True)])
+    return "fp32" if in_fp32 < 0.8 * in_bf16 else "bf16"

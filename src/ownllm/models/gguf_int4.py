@@ -17,8 +17,8 @@ tensor dequantized instead of running wrong weights.
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ownllm.models.dtype import remembered_measurement
+from ownllm.models.dtype import best_of_turns, remembered_measurement
 from ownllm.models.gguf_file import GGUFTensor, gguf_tensors
 
 log = logging.getLogger(__name__)
@@ -285,14 +285,6 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
                                np.full((o, i // GROUP), 0.01, np.float32), np.zeros((o, i // GROUP), np.float32),
                                "Q4_0")]], torch.bfloat16) for o, i in shapes] * copies
 
-    def best(run: Any, inputs: dict[int, Any]) -> float:
-        fastest = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            run(inputs)
-            fastest = min(fastest, time.perf_counter() - start)
-        return fastest
-
     def run_dense(inputs: dict[int, Any]) -> None:
         for weight in dense:
             torch.nn.functional.linear(inputs[weight.shape[1]], weight)
@@ -302,10 +294,11 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
             weight.linear(inputs[columns])  # type: ignore[union-attr]
 
     limit = 0
-    with torch.inference_mode():
-        for rows in ROW_COUNTS:
-            inputs = {i: torch.randn(rows, i).to(torch.bfloat16) for _, i in shapes}
-            if best(run_four_bit, inputs) >= 0.9 * best(run_dense, inputs):
-                break
-            limit = rows
+    for rows in ROW_COUNTS:
+        inputs = {i: torch.randn(rows, i).to(torch.bfloat16) for _, i in shapes}
+        four_bit_time, dense_time = best_of_turns([functools.partial(run_four_bit, inputs),
+                                                    functools.partial(run_dense, inputs)])
+        if four_bit_time >= 0.9 * dense_time:
+            break
+        limit = rows
     return limit
