@@ -160,7 +160,7 @@ class _Layer:
     down: torch.Tensor
     down_bias: torch.Tensor | None
     mlp_out_norm: _Norm | None  # gemma3: so is the feed-forward output
-    act: Any  # the model's own activation module
+    act: Any  # the model's own activation module's forward
     window: int | None  # sliding-window layers attend over this many positions up to their own
     rope: str  # which rotary table (gemma3: "sliding_attention" or "full_attention")
 
@@ -225,7 +225,7 @@ def _weights(model: Any) -> _Weights:
                 gate_up=_fused(gate_up_modules), gate_up_bias=_fused_bias(gate_up_modules),
                 down=mlp.down_proj.weight, down_bias=mlp.down_proj.bias,
                 mlp_out_norm=_Norm.of(block.post_feedforward_layernorm, gemma) if gemma else None,
-                act=getattr(mlp, "act_fn", None) or mlp.activation_fn,
+                act=(getattr(mlp, "act_fn", None) or mlp.activation_fn).forward,  # (no module hooks to run)
                 window=(window if layer_type == "sliding_attention" else None) if typed else window,
                 rope=layer_type if gemma else "default"))  # gemma3: a rotary base per layer type
     embed_module = inner.embed_tokens
@@ -393,7 +393,9 @@ class SlotModel:
         self._upcast_decode = self.device.type == "cpu" and (
             self.dtype == torch.float16 or (self.dtype == torch.bfloat16 and upcast_decode_attention(
                 self.heads, self.kv_heads, self.head_dim)))
-        self.cos, self.sin = self._rotary_tables(positions)
+        self.cos, sin = self._rotary_tables(positions)
+        self.sin_turned = {kind: torch.cat([-table[:, : table.shape[1] // 2], table[:, table.shape[1] // 2 :]], -1)
+                           for kind, table in sin.items()}  # (`_rope`)
         self.four_bit = _FourBit([], None)  # used only in forwards of up to four_bit_rows (0) tokens
         self.four_bit_rows = 0
         self.four_bit_note: str | None = None  # why a GGUF model's 4-bit weights are not used, when they are not
@@ -569,7 +571,8 @@ class SlotModel:
             if upcast:
                 query, keys, values = query.float(), keys.float(), values.float()
             outputs.append(F.scaled_dot_product_attention(query, keys, values, scale=self.scaling, enable_gqa=True))
-        return torch.cat(outputs).to(q.dtype)
+        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return attended.to(q.dtype) if upcast else attended
 
     def _chunk_mask(self, start: int, length: int, window: int | None) -> tuple[int, torch.Tensor | None]:
         """(first key, boolean mask [1, 1, length, keys]) for a prefill chunk at `start`: causal, and within the
@@ -585,16 +588,16 @@ class SlotModel:
             allowed &= keys > queries - window
         return first, allowed[None, None]
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """transformers' apply_rotary_pos_emb (rotate_half), on the first `rotary dims` of each head (phi3 may
-        rotate only part of it)."""
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin_turned: torch.Tensor) -> torch.Tensor:
+        """transformers' apply_rotary_pos_emb, on the first `rotary dims` of each head (phi3 may rotate only part
+        of it), bit for bit: rotate_half(x) * sin = cat(-x2, x1) * cat(s1, s2) = roll(x) * cat(-s1, s2)
+        (`sin_turned`), a negation moved across a product (exact), in one op where rotate_half takes four."""
         rotary = cos.shape[-1]
         if rotary == x.shape[-1]:
-            half = rotary // 2
-            return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+            return x * cos + x.roll(rotary // 2, -1) * sin_turned
         turned, kept = x[..., :rotary], x[..., rotary:]
-        half = rotary // 2
-        turned = turned * cos + torch.cat([-turned[..., half:], turned[..., :half]], dim=-1) * sin
+        turned = turned * cos + turned.roll(rotary // 2, -1) * sin_turned
         return torch.cat([turned, kept], dim=-1)
 
     @torch.inference_mode()
@@ -633,7 +636,7 @@ class SlotModel:
             if sequence not in self.buffers:
                 self.reserve(sequence, self.max_len + self.prefix_len)
         positions = torch.tensor(start_list, device=self.device)[:, None] + torch.arange(length, device=self.device)
-        tables = {kind: (self.cos[kind][positions][:, None], self.sin[kind][positions][:, None])
+        tables = {kind: (self.cos[kind][positions][:, None], self.sin_turned[kind][positions][:, None])
                   for kind in weights.rope_types}  # [rows, 1, T, rotary dims]
         masks: dict[int | None, tuple[int, torch.Tensor | None]] = {}
         if length > 1:
@@ -646,33 +649,37 @@ class SlotModel:
             four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
             qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv, self.padded_rows)
-            qkv = self._plus_lora(qkv, self._lora(normed, index, weights.qkv_lora, groups,
-                                                  _widths(weights.qkv_lora, [q_width, kv_width, kv_width])))
+            if groups:
+                qkv = self._plus_lora(qkv, self._lora(normed, index, weights.qkv_lora, groups,
+                                                      _widths(weights.qkv_lora, [q_width, kv_width, kv_width])))
             qkv = qkv.view(rows, length, h + 2 * kv, d).transpose(1, 2)  # [rows, h+2kv, T, D]
-            cos, sin = tables[layer.rope]
+            cos, sin_turned = tables[layer.rope]
             v = qkv[:, h + kv :]
             if layer.q_norm is None:  # q and k turned in one go (elementwise: the same values as one by one)
-                qk = self._rope(qkv[:, : h + kv], cos, sin)
+                qk = self._rope(qkv[:, : h + kv], cos, sin_turned)
                 q, k = qk[:, :h], qk[:, h:]
             else:
-                q = self._rope(layer.q_norm(qkv[:, :h]), cos, sin)
-                k = self._rope(layer.k_norm(qkv[:, h : h + kv]), cos, sin)  # type: ignore[misc]
+                q = self._rope(layer.q_norm(qkv[:, :h]), cos, sin_turned)
+                k = self._rope(layer.k_norm(qkv[:, h : h + kv]), cos, sin_turned)  # type: ignore[misc]
             attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
                                     masks.get(layer.window, (0, None)))
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
-            out = self._plus_lora(_project(attended, layer.o, layer.o_bias, four.o, self.padded_rows),
-                                  self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]]))
+            out = _project(attended, layer.o, layer.o_bias, four.o, self.padded_rows)
+            if groups:
+                out = self._plus_lora(out, self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]]))
             if layer.attn_out_norm is not None:
                 out = layer.attn_out_norm(out)
             x = x + out
             normed = layer.mlp_norm(x)
             gate_up = _project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up, self.padded_rows)
-            gate_up = self._plus_lora(gate_up, self._lora(normed, index, weights.gate_up_lora, groups,
-                                                          _widths(weights.gate_up_lora, [self.intermediate] * 2)))
+            if groups:
+                gate_up = self._plus_lora(gate_up, self._lora(normed, index, weights.gate_up_lora, groups,
+                                                              _widths(weights.gate_up_lora, [self.intermediate] * 2)))
             gate, up = gate_up.split(self.intermediate, dim=-1)
             hidden = layer.act(gate) * up
-            out = self._plus_lora(_project(hidden, layer.down, layer.down_bias, four.down, self.padded_rows),
-                                  self._lora(hidden, index, ("down_proj",), groups, [x.shape[-1]]))
+            out = _project(hidden, layer.down, layer.down_bias, four.down, self.padded_rows)
+            if groups:
+                out = self._plus_lora(out, self._lora(hidden, index, ("down_proj",), groups, [x.shape[-1]]))
             if layer.mlp_out_norm is not None:
                 out = layer.mlp_out_norm(out)
             x = x + out

@@ -70,9 +70,12 @@ class Int4Weight:
         import torch
 
         flat = x.reshape(-1, x.shape[-1])
-        outs = [torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales_and_zeros)
-                for packed, scales_and_zeros in self.planes]
-        out = outs[0] if len(outs) == 1 else (outs[0].float() + outs[1].float()).to(flat.dtype)
+        if len(self.planes) == 1:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.planes[0][0], GROUP, self.planes[0][1])
+        else:
+            outs = [torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales_and_zeros)
+                    for packed, scales_and_zeros in self.planes]
+            out = (outs[0].float() + outs[1].float()).to(flat.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
 
