@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,7 @@ class _Layer:
     down: torch.Tensor
     down_bias: torch.Tensor | None
     mlp_out_norm: _Norm | None  # gemma3: so is the feed-forward output
-    act: Any  # the model's own activation module's forward
+    act: Callable[[torch.Tensor], torch.Tensor]  # the model's own activation module's forward
     window: int | None  # sliding-window layers attend over this many positions up to their own
     rope: str  # which rotary table (gemma3: "sliding_attention" or "full_attention")
 
@@ -496,15 +497,13 @@ class SlotModel:
         return lora
 
     def _lora(self, x: torch.Tensor, layer: int, projections: tuple[str, ...], groups: list[tuple[str, Any]],
-              width: list[int]) -> torch.Tensor | None:
-        """The adapters' fp32 delta for a (possibly fused) projection, row groups by adapter; None if none.
+              width: list[int]) -> torch.Tensor:
+        """The adapters' fp32 delta for a (possibly fused) projection, row groups by adapter.
 
         As PEFT's unmerged LoRA forward: input cast to fp32, B(A(x)) * scale in fp32. The caller adds it to
         the base output in fp32 and rounds once to the model dtype (`_plus_lora`); rows without an adapter
-        add zeros, which leaves their base output bit for bit.
+        add zeros, which leaves their base output bit for bit. Called only when some row has an adapter.
         """
-        if not groups:
-            return None
         delta = torch.zeros(*x.shape[:-1], sum(width), dtype=torch.float32, device=x.device)
         for name, rows in groups:
             adapter = self._adapter_here(name)
@@ -521,8 +520,8 @@ class SlotModel:
         return delta
 
     @staticmethod
-    def _plus_lora(out: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
-        return out if lora is None else (out.float() + lora).to(out.dtype)
+    def _plus_lora(out: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        return (out.float() + lora).to(out.dtype)
 
     def _adapter_here(self, name: str) -> LoraAdapter:
         """The adapter's weights on the model's device (loaded on the CPU; moved once, on first use)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import Any
 
 from ownllm.errors import OwnLLMError
 from ownllm.home import atomic_write_json, ownllm_home
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
@@ -129,7 +132,10 @@ def remembered_measurement(section: str, signature: str, valid: Callable[[Any], 
     if key in entries and valid(entries[key]):
         return entries[key]
     value = measure()
-    atomic_write_json(path, {**known, section: {**entries, key: value}})
+    try:
+        atomic_write_json(path, {**known, section: {**entries, key: value}})
+    except OSError as exc:  # a read-only home costs the next start this measurement again, nothing more
+        log.warning("could not keep the measurement in %s (%s); it is taken again at the next start", path, exc)
     return value
 
 
@@ -170,12 +176,13 @@ def best_of_turns(runs: list[Callable[[], Any]], rounds: int = 5) -> list[float]
 
 def upcast_decode_attention(heads: int, kv_heads: int, head_dim: int, context: int = 1024) -> bool:
     """Whether one-query bf16 attention over a sequence's cached keys runs clearly faster here when computed in
-    fp32 on the same values (rounded back once) than in bf16 itself. CPUs differ both ways: measured 687 vs
-    116 us per call for the fp32 call on an AVX-512 EPYC, 107 vs 385 us for bf16 on an AMX Xeon. Taken once
-    per CPU + torch + shape and kept in hardware.json."""
+    fp32 on the same values (rounded back once) than in bf16 itself. CPUs differ both ways: over 1,500 keys,
+    bf16 687 us against fp32 116 us per call on an AVX-512 EPYC, bf16 107 us against fp32 385 us on an AMX Xeon.
+    Taken once per CPU + torch + thread count + shape and kept in hardware.json."""
     import torch
 
-    signature = f"attention|{cpu_model()}|{torch.__version__}|{heads}|{kv_heads}|{head_dim}|{context}"
+    signature = (f"attention|{cpu_model()}|{sorted(cpu_flags())}|{torch.__version__}|{torch.get_num_threads()}|"
+                 f"{heads}|{kv_heads}|{head_dim}|{context}")
     verdict = remembered_measurement("decode_attention", signature, lambda cached: cached in ("fp32", "bf16"),
                                      lambda: _measure_decode_attention(heads, kv_heads, head_dim, context))
     return verdict == "fp32"
