@@ -7,6 +7,7 @@ we time both on the shapes decoding uses and keep the faster; the verdict is cac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -150,10 +151,12 @@ def _time_decodes(dtypes: tuple[Any, ...], shapes: list[tuple[int, int]], rows: 
     copies = max(1, budget_bytes // layer_bytes)
     weights = {dtype: [torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes] for dtype in dtypes}
     inputs = {dtype: {i: torch.randn(rows, i).to(dtype) for _, i in shapes} for dtype in dtypes}
-    return best_of_turns([lambda dtype=dtype: _products(weights[dtype], inputs[dtype]) for dtype in dtypes], rounds)
+    return best_of_turns([functools.partial(linear_products, weights[dtype], inputs[dtype]) for dtype in dtypes],
+                         rounds)
 
 
-def _products(weights: list[Any], inputs: dict[int, Any]) -> None:
+def linear_products(weights: list[Any], inputs: dict[int, Any]) -> None:
+    """Each weight [out, in] times the input of its width (`inputs[in]`): one timed pass over a layer's shapes."""
     import torch
 
     for weight in weights:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ownllm.models.dtype import best_of_turns, remembered_measurement
+from ownllm.models.dtype import best_of_turns, linear_products, remembered_measurement
 from ownllm.models.gguf_file import GGUFTensor, gguf_tensors
 
 log = logging.getLogger(__name__)
@@ -288,10 +288,6 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
                                np.full((o, i // GROUP), 0.01, np.float32), np.zeros((o, i // GROUP), np.float32),
                                "Q4_0")]], torch.bfloat16) for o, i in shapes] * copies
 
-    def run_dense(inputs: dict[int, Any]) -> None:
-        for weight in dense:
-            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
-
     def run_four_bit(inputs: dict[int, Any]) -> None:
         for weight, (_, columns) in zip(four, shapes * copies, strict=True):
             weight.linear(inputs[columns])  # type: ignore[union-attr]
@@ -300,7 +296,7 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
     for rows in ROW_COUNTS:
         inputs = {i: torch.randn(rows, i).to(torch.bfloat16) for _, i in shapes}
         four_bit_time, dense_time = best_of_turns([functools.partial(run_four_bit, inputs),
-                                                    functools.partial(run_dense, inputs)])
+                                                    functools.partial(linear_products, dense, inputs)])
         if four_bit_time >= 0.9 * dense_time:
             break
         limit = rows
