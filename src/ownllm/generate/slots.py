@@ -496,13 +496,14 @@ class SlotModel:
         self.adapters[name] = lora
         return lora
 
-    def _lora(self, x: torch.Tensor, layer: int, projections: tuple[str, ...], groups: list[tuple[str, Any]],
-              width: list[int]) -> torch.Tensor:
-        """The adapters' fp32 delta for a (possibly fused) projection, row groups by adapter.
+    def _plus_lora(self, out: torch.Tensor, x: torch.Tensor, layer: int, projections: tuple[str, ...],
+                   groups: list[tuple[str, Any]], width: list[int]) -> torch.Tensor:
+        """A (possibly fused) projection's base output `out` of input `x`, plus its adapters' deltas, row groups
+        by adapter. Called only when some row has an adapter.
 
-        As PEFT's unmerged LoRA forward: input cast to fp32, B(A(x)) * scale in fp32. The caller adds it to
-        the base output in fp32 and rounds once to the model dtype (`_plus_lora`); rows without an adapter
-        add zeros, which leaves their base output bit for bit. Called only when some row has an adapter.
+        As PEFT's unmerged LoRA forward: input cast to fp32, B(A(x)) * scale in fp32, added to the base output
+        in fp32 and rounded once to the model dtype; rows without an adapter add zeros, which leaves their base
+        output bit for bit.
         """
         delta = torch.zeros(*x.shape[:-1], sum(width), dtype=torch.float32, device=x.device)
         for name, rows in groups:
@@ -517,11 +518,7 @@ class SlotModel:
                     delta[rows, ..., offset : offset + size] = _linear(down, b, padded_rows=self.padded_rows) \
                         * adapter.scale
                 offset += size
-        return delta
-
-    @staticmethod
-    def _plus_lora(out: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
-        return (out.float() + lora).to(out.dtype)
+        return (out.float() + delta).to(out.dtype)
 
     def _adapter_here(self, name: str) -> LoraAdapter:
         """The adapter's weights on the model's device (loaded on the CPU; moved once, on first use)."""
@@ -649,8 +646,8 @@ class SlotModel:
             normed = layer.attn_norm(x)
             qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv, self.padded_rows)
             if groups:
-                qkv = self._plus_lora(qkv, self._lora(normed, index, weights.qkv_lora, groups,
-                                                      _widths(weights.qkv_lora, [q_width, kv_width, kv_width])))
+                qkv = self._plus_lora(qkv, normed, index, weights.qkv_lora, groups,
+                                      _widths(weights.qkv_lora, [q_width, kv_width, kv_width]))
             qkv = qkv.view(rows, length, h + 2 * kv, d).transpose(1, 2)  # [rows, h+2kv, T, D]
             cos, sin_turned = tables[layer.rope]
             v = qkv[:, h + kv :]
@@ -665,20 +662,20 @@ class SlotModel:
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
             out = _project(attended, layer.o, layer.o_bias, four.o, self.padded_rows)
             if groups:
-                out = self._plus_lora(out, self._lora(attended, index, ("o_proj",), groups, [x.shape[-1]]))
+                out = self._plus_lora(out, attended, index, ("o_proj",), groups, [x.shape[-1]])
             if layer.attn_out_norm is not None:
                 out = layer.attn_out_norm(out)
             x = x + out
             normed = layer.mlp_norm(x)
             gate_up = _project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up, self.padded_rows)
             if groups:
-                gate_up = self._plus_lora(gate_up, self._lora(normed, index, weights.gate_up_lora, groups,
-                                                              _widths(weights.gate_up_lora, [self.intermediate] * 2)))
+                gate_up = self._plus_lora(gate_up, normed, index, weights.gate_up_lora, groups,
+                                          _widths(weights.gate_up_lora, [self.intermediate] * 2))
             gate, up = gate_up.split(self.intermediate, dim=-1)
             hidden = layer.act(gate) * up
             out = _project(hidden, layer.down, layer.down_bias, four.down, self.padded_rows)
             if groups:
-                out = self._plus_lora(out, self._lora(hidden, index, ("down_proj",), groups, [x.shape[-1]]))
+                out = self._plus_lora(out, hidden, index, ("down_proj",), groups, [x.shape[-1]])
             if layer.mlp_out_norm is not None:
                 out = layer.mlp_out_norm(out)
             x = x + out
