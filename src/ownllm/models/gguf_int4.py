@@ -60,22 +60,23 @@ Planes = list[FourBitRows]  # a matrix as 4-bit planes whose weights add up: one
 
 @dataclass
 class Int4Weight:
-    """A matrix in the int4 kernel's packed layout, one (packed integers, scales and zeros) pair per plane;
-    `linear` computes x @ w.T."""
+    """A matrix in the int4 kernel's packed layout; `linear` computes x @ w.T. A matrix of several planes (Q8_0)
+    has them side by side along the input, each plane's groups scaled as that plane is, and the input repeated
+    once per plane: one kernel call whose fp32 sum adds the planes before the single rounding to the activation
+    dtype (two calls rounded each plane's product first, and read the same bytes)."""
 
-    planes: list[tuple[Any, Any]]  # (torch uint8 tiling of the integers, [in / 32, out, 2] in the activation dtype)
+    packed: Any  # torch uint8 tiling of the integers [out, planes x in]
+    scales_and_zeros: Any  # [planes x in / 32, out, 2] in the activation dtype
     out_features: int
+    plane_count: int = 1
 
     def linear(self, x: Any) -> Any:
         import torch
 
         flat = x.reshape(-1, x.shape[-1])
-        if len(self.planes) == 1:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.planes[0][0], GROUP, self.planes[0][1])
-        else:
-            outs = [torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales_and_zeros)
-                    for packed, scales_and_zeros in self.planes]
-            out = (outs[0].float() + outs[1].float()).to(flat.dtype)
+        if self.plane_count > 1:
+            flat = flat.repeat(1, self.plane_count)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -105,16 +106,18 @@ def pack_planes(parts: list[Planes], dtype: Any) -> Int4Weight | None:
 
     if len({len(planes) for planes in parts}) != 1:
         return None
-    packs = []
-    for plane in range(len(parts[0])):
-        rows = [planes[plane] for planes in parts]
-        q = torch.from_numpy(np.concatenate([part.q for part in rows])).to(torch.int32)
-        scale = torch.from_numpy(np.concatenate([part.scale for part in rows]))
-        offset = torch.from_numpy(np.concatenate([part.offset for part in rows]))
-        zero = offset + 8 * scale  # the kernel centres the integers: (q - 8) * scale + zero
-        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
-        packs.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros))
-    return Int4Weight(packs, sum(int(planes[0].q.shape[0]) for planes in parts))
+    # rows: the parts one after another; columns: the planes side by side (`Int4Weight`)
+    q = np.concatenate([np.concatenate([part[plane].q for part in parts]) for plane in range(len(parts[0]))], axis=1)
+    scale, offset = (np.concatenate([np.concatenate([getattr(part[plane], name) for part in parts])
+                                     for plane in range(len(parts[0]))], axis=1) for name in ("scale", "offset"))
+    scale, offset = torch.from_numpy(scale), torch.from_numpy(offset)
+    zero = offset + 8 * scale  # the kernel centres the integers: (q - 8) * scale + zero
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    # packed by blocks of rows (the kernel's layout is the same), so the int32 copy it takes stays small
+    packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q[row : row + 4096])
+                                                                           .to(torch.int32), 1)
+                        for row in range(0, q.shape[0], 4096)])
+    return Int4Weight(packed, scales_and_zeros, int(q.shape[0]), len(parts[0]))
 
 
 def _half(blocks: np.ndarray, at: int) -> np.ndarray:
