@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import threading
@@ -168,14 +169,23 @@ def test_model_names_are_plain_and_a_pull_cleans_up_after_a_killed_one(empty_hom
     for hopeless in ("/x/..gguf", "org/..."):
         with pytest.raises(OwnLLMError, match="cannot name a model after"):
             pulling._derive_name(hopeless)
-    # a pull killed mid-conversion leaves its work folder; the next pull of that model removes it
+    # a pull killed mid-conversion leaves its work folder; the next pull of that model removes it, and so does a
+    # pull of any other model, unless that model's pull is running (its lock is held)
     with pulling._pulling("m") as prefix:
         stale = models_dir() / f"{prefix}killed"
         stale.mkdir()
-        other = models_dir() / ".pull-0123456789abcdef-busy"  # another model's pull: not touched
-        other.mkdir()
-    with pulling._pulling("m"):
-        assert not stale.exists() and other.exists()
+        busy = models_dir() / ".pull-0123456789abcdef-busy"
+        busy.mkdir()
+        abandoned = models_dir() / ".pull-fedcba9876543210-killed"
+        (abandoned / "model").mkdir(parents=True)
+    with (empty_home / "locks" / "pull-0123456789abcdef").open("a") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)
+        with pulling._pulling("m"):
+            assert not stale.exists() and busy.exists() and not abandoned.exists()
+        with pulling._pulling("other"):
+            assert busy.exists()
+    with pulling._pulling("other"):
+        assert not busy.exists()
     # a model home where the lock cannot be written: an error that says so, not a traceback
     shutil.rmtree(empty_home / "locks")
     (empty_home / "locks").write_text("not a folder")

@@ -101,7 +101,9 @@ def _derive_name(source: str) -> str:
 def _pulling(name: str) -> Iterator[str]:
     """One pull of a model at a time on this machine: a second process waits for the first (a conversion is
     minutes of CPU) and then finds the model there, instead of converting it again beside it. Yields the prefix
-    of this model's work folders; those left by a pull that was killed are removed first (none can be running)."""
+    of this model's work folders; those left by a pull that was killed are removed first (none can be running), and
+    so are other models' whose pull is not running (their lock is free): a killed pull's partial download does not
+    hold the disk until that same model is pulled again."""
     key = hashlib.sha256(name.encode()).hexdigest()[:16]  # a safe, fixed-length file name for any model name
     locks = ownllm_home() / "locks"  # beside the models, not among them: nothing there but whole models
     try:
@@ -116,9 +118,31 @@ def _pulling(name: str) -> Iterator[str]:
             prefix = f".pull-{key}-"
             for stale in models_dir().glob(prefix + "*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            _remove_abandoned_pulls(locks, key)
             yield prefix
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_abandoned_pulls(locks: Path, own_key: str) -> None:
+    """Other models' pull work folders whose pull is not running: removed while holding their lock, taken without
+    waiting (a pull that is running holds it, and its folder is left alone)."""
+    for folder in models_dir().glob(".pull-*-*"):
+        key = folder.name.split("-")[1]
+        if key == own_key or not folder.is_dir():
+            continue
+        try:
+            with (locks / f"pull-{key}").open("a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # being pulled now
+                try:
+                    shutil.rmtree(folder, ignore_errors=True)
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        except OSError as exc:  # tidying up must never stop the pull that does it
+            log.warning("could not remove the abandoned pull folder %s: %s", folder, exc)
 
 
 def _unwritable(exc: OSError) -> OwnLLMError:
