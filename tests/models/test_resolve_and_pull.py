@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -186,6 +187,19 @@ def test_model_names_are_plain_and_a_pull_cleans_up_after_a_killed_one(empty_hom
             assert busy.exists()
     with pulling._pulling("other"):
         assert not busy.exists()
+    # names no pull makes, a link to a folder elsewhere, a lock that is a FIFO: left alone, no hang, no traceback
+    outside = empty_home / "elsewhere"
+    (outside / "keep").mkdir(parents=True)
+    linked = models_dir() / ".pull-00000000000000aa-link"
+    linked.symlink_to(outside)
+    odd = models_dir() / ".pull-zz-x"
+    odd.mkdir()
+    fifo_folder = models_dir() / ".pull-00000000000000bb-x"
+    fifo_folder.mkdir()
+    os.mkfifo(empty_home / "locks" / "pull-00000000000000bb")
+    with pulling._pulling("other"):
+        assert (outside / "keep").is_dir() and odd.is_dir() and fifo_folder.is_dir()
+    assert not (empty_home / "locks" / "pull-zz").exists()
     # a model home where the lock cannot be written: an error that says so, not a traceback
     shutil.rmtree(empty_home / "locks")
     (empty_home / "locks").write_text("not a folder")

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -126,23 +127,31 @@ def _pulling(name: str) -> Iterator[str]:
 
 def _remove_abandoned_pulls(locks: Path, own_key: str) -> None:
     """Other models' pull work folders whose pull is not running: removed while holding their lock, taken without
-    waiting (a pull that is running holds it, and its folder is left alone)."""
+    waiting (a pull that is running holds it, and its folder is left alone). Only names a pull makes are looked at
+    (`.pull-<16 hex digits>-...`), and a lock that is not a plain file (a link, a FIFO) leaves its folder alone."""
     for folder in models_dir().glob(".pull-*-*"):
         key = folder.name.split("-")[1]
-        if key == own_key or not folder.is_dir():
+        if key == own_key or len(key) != 16 or not all(c in "0123456789abcdef" for c in key):
             continue
         try:
-            with (locks / f"pull-{key}").open("a") as handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # being pulled now
-                try:
-                    shutil.rmtree(folder, ignore_errors=True)
-                finally:
-                    fcntl.flock(handle, fcntl.LOCK_UN)
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            handle = os.open(locks / f"pull-{key}", os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
         except OSError as exc:  # tidying up must never stop the pull that does it
+            log.warning("could not look at the abandoned pull folder %s: %s", folder, exc)
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(handle).st_mode):
+                continue
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being pulled now
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError as exc:
             log.warning("could not remove the abandoned pull folder %s: %s", folder, exc)
+        finally:
+            os.close(handle)  # (closing releases the lock)
 
 
 def _unwritable(exc: OSError) -> OwnLLMError:
