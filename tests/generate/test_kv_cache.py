@@ -197,3 +197,37 @@ def test_a_request_preempted_again_while_it_is_recomputed_keeps_all_it_had(engin
     assert request.known == held
     scheduler.run_until_done()
     assert done[0].token_ids == expected.token_ids
+
+
+def test_a_freed_kv_buffer_leaves_the_resident_memory() -> None:
+    """A sequence's CPU KV buffer is a mapping of its own, unmapped when its last tensor goes (a sequence that grew
+    into a larger one, or ended), whatever malloc would have kept in its heap."""
+    import gc
+
+    import torch
+
+    from ownllm.generate.slots import _kv_buffer
+
+    def mapping_of(address: int) -> tuple[int, int] | None:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                low, high = (int(part, 16) for part in line.split()[0].split("-"))
+                if low <= address < high:
+                    return low, high
+        return None
+
+    shape = (30, 2, 3, 2048, 64)  # 45 MiB
+    buffer = _kv_buffer(shape, torch.bfloat16, torch.device("cpu"))
+    assert buffer.shape == shape and buffer.dtype == torch.bfloat16 and buffer.is_contiguous()
+    assert not buffer.any()  # fresh pages read as zeros
+    buffer.fill_(1)
+    own = mapping_of(buffer.data_ptr())
+    assert own is not None and own[1] - own[0] >= buffer.numel() * 2  # (the kernel may merge it with a neighbour)
+    view = buffer[3, 1]  # a layer's view keeps the mapping alive
+    del buffer
+    gc.collect()
+    assert view.sum().item() == 3 * 2048 * 64 and mapping_of(view.data_ptr()) == own
+    del view
+    gc.collect()
+    assert mapping_of(own[0]) != own
+    assert _kv_buffer((30, 2, 3, 0, 64), torch.bfloat16, torch.device("cpu")).numel() == 0

@@ -23,6 +23,8 @@ why a model is not covered: the engine then serves it one request at a time and 
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import os
 import weakref
 from collections.abc import Callable
@@ -465,7 +467,7 @@ class SlotModel:
         if old is not None and old.shape[3] >= positions:
             return
         shape = (len(self.layers), 2, self.kv_heads, positions, self.head_dim)
-        buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
+        buffer = _kv_buffer(shape, self.dtype, self.device)
         if old is not None:
             buffer[:, :, :, : old.shape[3]] = old
         self.buffers[sequence] = buffer
@@ -685,6 +687,18 @@ class SlotModel:
         if weights.final_softcap is not None:
             logits = torch.tanh(logits / weights.final_softcap) * weights.final_softcap
         return logits.cpu()
+
+
+def _kv_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A sequence's KV buffer. On the CPU, in an anonymous mapping of its own, unmapped when the last tensor on it
+    goes: from malloc, buffers of a few MB (freed when a sequence grows or ends) land in glibc's heap once its
+    mmap threshold has risen past them, and stay resident after they are freed. Measured (bench/RESULTS.md): 32 chat
+    streams of the default model peaked at 3.4 GB resident with malloc'd buffers, 1.5 GB this way."""
+    count = math.prod(shape)
+    if device.type != "cpu" or count == 0:
+        return torch.empty(shape, dtype=dtype, device=device)
+    memory = mmap.mmap(-1, count * dtype.itemsize)  # zero pages until written: no cost for unused room
+    return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)
 
 
 def _first_key(position: int, window: int | None) -> int:
