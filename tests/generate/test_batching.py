@@ -91,6 +91,33 @@ def test_a_row_that_fails_fails_alone_and_the_others_go_on(scheduler, engine, mo
         assert isinstance(completion, Completion) and completion.token_ids == reference.token_ids
 
 
+def test_kv_that_cannot_grow_fails_its_own_request_alone(scheduler, engine, monkeypatch) -> None:
+    """An allocation that fails while a sequence grows (out of memory, or of mappings) fails that request only."""
+    real = scheduler.model.reserve
+    starving: set[int] = set()
+
+    def reserve(sequence, positions):
+        if sequence in starving:
+            raise OSError(12, "Cannot allocate memory")
+        return real(sequence, positions)
+
+    monkeypatch.setattr(scheduler.model, "reserve", reserve)
+    bad_events: queue.Queue = queue.Queue()
+    bad = Request(engine.encode("Tell me a long story"), SamplingParams(max_new_tokens=400, ignore_eos=True), 0,
+                  bad_events.put)
+    scheduler.submit(bad)
+    bad_events.get(timeout=60)  # decoding: its next growth is refused
+    starving.add(bad.sequence)
+    good = submit(scheduler, engine, "The capital of France is")
+    _, failed = collect(bad_events)
+    assert isinstance(failed, OwnLLMError) and "generation failed: OSError" in str(failed)
+    starving.clear()
+    _, completion = collect(good)
+    assert isinstance(completion, Completion)
+    reference = engine.generate("The capital of France is", SamplingParams(max_new_tokens=16))
+    assert completion.token_ids == reference.token_ids
+
+
 def test_a_prompt_the_model_cannot_take_fails_alone(scheduler, engine) -> None:
     # The server refuses such ids before they get here; the scheduler must contain them all the same.
     bad_events: queue.Queue = queue.Queue()

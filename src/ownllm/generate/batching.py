@@ -332,6 +332,16 @@ class BatchScheduler(_Loop):
                 return False
         return True
 
+    def _room_or_fail(self, request: Request, tokens: int) -> bool:
+        """`_make_room`, where an allocation that fails (the system is out of memory, or of mappings) fails this
+        request alone; its KV is as it was, and the others go on."""
+        try:
+            return self._make_room(request, tokens)
+        except Exception as exc:
+            log.exception("could not grow the KV of request %s", request.id)
+            self._finish(request, _failed(exc))
+            return False
+
     def _preempt(self, request: Request) -> None:
         """Free a running request's KV and put it first in the queue: it is computed again from the tokens it had
         (what its client has already been sent stays sent; decoding resumes where it was)."""
@@ -363,7 +373,7 @@ class BatchScheduler(_Loop):
         # computed in the same forwards as without the cache
         end = min(len(request.known), (start // self.prefill_chunk + 1) * self.prefill_chunk)
         chunk = request.known[start:end]
-        if not self._make_room(request, end):
+        if not self._room_or_fail(request, end):
             return
         try:
             logits = self.model.forward(torch.tensor([chunk]), torch.tensor([request.sequence]),
@@ -379,7 +389,7 @@ class BatchScheduler(_Loop):
     def _decode_step(self) -> None:
         rows = [r for r in self.running if r.next_token is not None and not r.prefilling]
         for request in list(rows):
-            if request in self.running and not self._make_room(request, len(request.kv_tokens) + 1):
+            if request in self.running and not self._room_or_fail(request, len(request.kv_tokens) + 1):
                 rows.remove(request)
         rows = [r for r in rows if r in self.running]  # (making room may have preempted rows after it)
         if not rows:

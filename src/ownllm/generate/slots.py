@@ -697,8 +697,11 @@ def _kv_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     count = math.prod(shape)
     if device.type != "cpu" or count == 0:
         return torch.empty(shape, dtype=dtype, device=device)
-    memory = mmap.mmap(-1, count * dtype.itemsize)  # zero pages until written: no cost for unused room
-    return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)
+    try:  # private: adjacent buffers merge into one kernel mapping (vm.max_map_count counts them)
+        memory = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # no mapping to be had (their count, the address space): malloc may still have room
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)  # zero pages until written
 
 
 def _first_key(position: int, window: int | None) -> int:
