@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -77,6 +78,22 @@ def test_decode_attention_dtype_is_measured_once_and_kept(monkeypatch, tmp_path)
     (tmp_path / "hardware.json").write_text(json.dumps({"decode_attention": {k: "fp64" for k in kept}}))
     monkeypatch.setattr(dtype_module, "_measure_decode_attention", lambda *args: "fp32")
     assert dtype_module.upcast_decode_attention(4, 2, 16, context=64)  # a damaged verdict is measured again
+
+
+def test_measurements_kept_by_another_process_meanwhile_are_kept_too(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    path = tmp_path / "hardware.json"
+    path.write_text(json.dumps({"choices": {"old": "x"}, "stray": 5}))
+
+    def measure_while_another_process_writes() -> str:
+        path.write_text(json.dumps({"choices": {"old": "x", "theirs": "y"}, "int4_rows": {"a": 12}}))
+        return "ours"
+
+    assert dtype_module.remembered_measurement("choices", "sig", lambda v: True,
+                                               measure_while_another_process_writes) == "ours"
+    kept = json.loads(path.read_text())
+    assert kept["int4_rows"] == {"a": 12} and set(kept["choices"]) == {"old", "theirs",
+                                                                        hashlib.sha256(b"sig").hexdigest()[:16]}
 
 
 def test_turns_time_every_run_each_round() -> None:

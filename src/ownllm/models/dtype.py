@@ -7,13 +7,17 @@ we time both on the shapes decoding uses and keep the faster; the verdict is cac
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import logging
+import os
 import platform
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,21 +127,46 @@ def remembered_measurement(section: str, signature: str, valid: Callable[[Any], 
     damaged file, or a verdict the caller wants measured afresh) — never an error."""
     key = hashlib.sha256(signature.encode()).hexdigest()[:16]
     path = ownllm_home() / "hardware.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    entries = known.get(section) if isinstance(known.get(section), dict) else {}
+    entries = _kept(path).get(section, {})
     if key in entries and valid(entries[key]):
         return entries[key]
     value = measure()
     try:
-        atomic_write_json(path, {**known, section: {**entries, key: value}})
+        with _file_lock(path.with_name("hardware.json.lock")):
+            # read again: another process may have kept its own measurements while this one measured
+            known = _kept(path)
+            atomic_write_json(path, {**known, section: {**known.get(section, {}), key: value}})
     except OSError as exc:  # a read-only home costs the next start this measurement again, nothing more
         log.warning("could not keep the measurement in %s (%s); it is taken again at the next start", path, exc)
     return value
+
+
+def _kept(path: Path) -> dict[str, Any]:
+    """hardware.json's sections ({} for a missing or damaged file, or a section that is not a mapping)."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {name: entries for name, entries in known.items() if isinstance(entries, dict)}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` for the read-and-write of a file that several processes update; where it cannot
+    be had (not a plain file, the home read-only) the update goes on without it."""
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        if stat.S_ISREG(os.fstat(handle).st_mode):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
 
 
 def _time_decodes(dtypes: tuple[Any, ...], shapes: list[tuple[int, int]], rows: int = 1, rounds: int = 5,
