@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def open_lock_file(path: Path) -> int | None:
+    """A descriptor of the lock file `path` (created if missing) to flock, or None when it is not a plain file.
+    Never follows a link nor waits on a FIFO: a lock file someone replaced can neither point the lock elsewhere nor
+    hang the caller. OSError when it cannot be opened at all."""
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+    if stat.S_ISREG(os.fstat(handle).st_mode):
+        return handle
+    os.close(handle)
+    return None
 
 
 def give_usual_modes(folder: Path) -> None:

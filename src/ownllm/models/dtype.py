@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import platform
-import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.errors import OwnLLMError
-from ownllm.home import atomic_write_json, ownllm_home
+from ownllm.home import atomic_write_json, open_lock_file, ownllm_home
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +156,14 @@ def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on `path` for the read-and-write of a file that several processes update; where it cannot
     be had (not a plain file, the home read-only) the update goes on without it."""
     try:
-        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+        handle = open_lock_file(path)
     except OSError:
+        handle = None
+    if handle is None:
         yield
         return
     try:
-        if stat.S_ISREG(os.fstat(handle).st_mode):
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX)
         yield
     finally:
         os.close(handle)

@@ -106,11 +106,13 @@ def pack_planes(parts: list[Planes], dtype: Any) -> Int4Weight | None:
 
     if len({len(planes) for planes in parts}) != 1:
         return None
-    # rows: the parts one after another; columns: the planes side by side (`Int4Weight`)
-    q = np.concatenate([np.concatenate([part[plane].q for part in parts]) for plane in range(len(parts[0]))], axis=1)
-    scale, offset = (np.concatenate([np.concatenate([getattr(part[plane], name) for part in parts])
-                                     for plane in range(len(parts[0]))], axis=1) for name in ("scale", "offset"))
-    scale, offset = torch.from_numpy(scale), torch.from_numpy(offset)
+    def side_by_side(field: str) -> np.ndarray:
+        """Rows: the parts one after another; columns: the planes side by side (`Int4Weight`)."""
+        return np.concatenate([np.concatenate([getattr(part[plane], field) for part in parts])
+                               for plane in range(len(parts[0]))], axis=1)
+
+    q = side_by_side("q")
+    scale, offset = torch.from_numpy(side_by_side("scale")), torch.from_numpy(side_by_side("offset"))
     zero = offset + 8 * scale  # the kernel centres the integers: (q - 8) * scale + zero
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
     # packed by blocks of rows (the kernel's layout is the same), so the int32 copy it takes stays small

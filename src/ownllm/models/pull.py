@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.errors import OwnLLMError
-from ownllm.home import atomic_write_json, give_usual_modes, models_dir, ownllm_home
+from ownllm.home import atomic_write_json, give_usual_modes, models_dir, open_lock_file, ownllm_home
 from ownllm.models.aliases import Alias, load_aliases
 from ownllm.models.gguf_file import check_gguf
 from ownllm.models.registry import MANIFEST, LocalModel, local_model
@@ -136,13 +135,13 @@ def _remove_abandoned_pulls(locks: Path, own_key: str) -> None:
         try:
             if folder.is_symlink() or not folder.is_dir():
                 continue
-            handle = os.open(locks / f"pull-{key}", os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+            handle = open_lock_file(locks / f"pull-{key}")
         except OSError as exc:  # tidying up must never stop the pull that does it
             log.warning("could not look at the abandoned pull folder %s: %s", folder, exc)
             continue
+        if handle is None:
+            continue
         try:
-            if not stat.S_ISREG(os.fstat(handle).st_mode):
-                continue
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
