@@ -35,7 +35,7 @@ def db(tmp_path: Path) -> ReadOnlyDatabase:
 
 
 def test_gold_queries_score_one(db: ReadOnlyDatabase) -> None:
-    for split in ("train.jsonl", "test.jsonl"):
+    for split in ("train.jsonl", "test.jsonl", "rl.jsonl"):
         items = read_sql_set(EXAMPLE / split)
         rows = check_gold(db, items, EXAMPLE / split)
         assert all(score_query(db, item.gold, item.gold, gold)[:3] == (1.0, 1.0, 1.0)
@@ -47,9 +47,12 @@ def test_test_split_has_unseen_phrasings_and_values() -> None:
     def pairs(split: str) -> list[tuple[str, str]]:
         return [(i.question, i.gold) for i in read_sql_set(EXAMPLE / split)]
 
-    train, test = pairs("train.jsonl"), pairs("test.jsonl")
-    assert not {sql for _, sql in test} & {sql for _, sql in train}  # no value combination seen in training
-    assert not {q for q, _ in test} & {q for q, _ in train}
+    train, test, rl = pairs("train.jsonl"), pairs("test.jsonl"), pairs("rl.jsonl")
+    assert not {sql for _, sql in test} & {sql for _, sql in train + rl}  # no value combination seen in training
+    assert not {q for q, _ in test} & {q for q, _ in train + rl}
+    # the reinforcement split asks training's value combinations in phrasings neither of the others uses
+    assert {sql for _, sql in rl} <= {sql for _, sql in train}
+    assert not {q for q, _ in rl} & {q for q, _ in train}
 
 
 @pytest.mark.parametrize("query", [
