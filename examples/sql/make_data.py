@@ -1,5 +1,6 @@
-"""Write examples/sql/train.jsonl and test.jsonl: questions about shop.sqlite with the SQLite query that answers
-each, generated from templates.
+"""Write examples/sql/train.jsonl, test.jsonl and rl.jsonl: questions about shop.sqlite with the SQLite query that
+answers each, generated from templates. rl.jsonl (for GRPO) asks training's value combinations in phrasings that
+neither other split uses.
 
     python examples/sql/make_data.py
 

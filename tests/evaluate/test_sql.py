@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,18 @@ def test_test_split_has_unseen_phrasings_and_values() -> None:
     # the reinforcement split asks training's value combinations in phrasings neither of the others uses
     assert {sql for _, sql in rl} <= {sql for _, sql in train}
     assert not {q for q, _ in rl} & {q for q, _ in train}
+
+
+def test_each_template_keeps_its_phrasings_to_one_split() -> None:
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        from make_data import DB_FILE, templates
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    with closing(sqlite3.connect(f"file:{DB_FILE}?mode=ro", uri=True)) as db:
+        for template in templates(db):
+            splits = (set(template.train), set(template.test), set(template.rl))
+            assert all(splits) and sum(len(split) for split in splits) == len(set().union(*splits)), template.sql
 
 
 @pytest.mark.parametrize("query", [
