@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -200,6 +201,18 @@ def test_model_names_are_plain_and_a_pull_cleans_up_after_a_killed_one(empty_hom
     with pulling._pulling("other"):
         assert (outside / "keep").is_dir() and odd.is_dir() and fifo_folder.is_dir()
     assert not (empty_home / "locks" / "pull-zz").exists()
+    # this model's own lock replaced by a FIFO or a link: an error naming it, no hang, nothing followed
+    own_lock = empty_home / "locks" / f"pull-{hashlib.sha256(b'm').hexdigest()[:16]}"
+    own_lock.unlink()
+    os.mkfifo(own_lock)
+    with pytest.raises(OwnLLMError, match=f"cannot write the pull lock {own_lock}"), pulling._pulling("m"):
+        pass
+    own_lock.unlink()
+    own_lock.symlink_to(outside / "lock")
+    with pytest.raises(OwnLLMError, match="cannot write the pull lock"), pulling._pulling("m"):
+        pass
+    assert not (outside / "lock").exists()
+    own_lock.unlink()
     # a model home where the lock cannot be written: an error that says so, not a traceback
     shutil.rmtree(empty_home / "locks")
     (empty_home / "locks").write_text("not a folder")

@@ -106,22 +106,25 @@ def _pulling(name: str) -> Iterator[str]:
     hold the disk until that same model is pulled again."""
     key = hashlib.sha256(name.encode()).hexdigest()[:16]  # a safe, fixed-length file name for any model name
     locks = ownllm_home() / "locks"  # beside the models, not among them: nothing there but whole models
+    lock = locks / f"pull-{key}"
     try:
         locks.mkdir(parents=True, exist_ok=True)
-        handle = (locks / f"pull-{key}").open("a")
+        handle = open_lock_file(lock)
     except OSError as exc:
-        raise OwnLLMError(f"cannot write the pull lock under {locks}: {exc.strerror or exc}", kind="resource",
+        raise OwnLLMError(f"cannot write the pull lock {lock}: {exc.strerror or exc}", kind="resource",
                           param="model", hint="OWNLLM_HOME must be a writable folder") from None
-    with handle:
+    if handle is None:
+        raise OwnLLMError(f"the pull lock {lock} is not a plain file", kind="resource", param="model",
+                          hint="remove it: a pull makes it again")
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            prefix = f".pull-{key}-"
-            for stale in models_dir().glob(prefix + "*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            _remove_abandoned_pulls(locks, key)
-            yield prefix
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        prefix = f".pull-{key}-"
+        for stale in models_dir().glob(prefix + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _remove_abandoned_pulls(locks, key)
+        yield prefix
+    finally:
+        os.close(handle)  # (closing releases the lock)
 
 
 def _remove_abandoned_pulls(locks: Path, own_key: str) -> None:
