@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import openai
 
+from tests.conftest import TEST_HOME
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
-def small_facts(folder: Path) -> Path:
-    """The shipped facts' first four facts (16 lines) as facts-train.jsonl in `folder`: a job on them makes 40
-    replay answers, not the whole file's 200, and the base model's answers are cached across the jobs of a run."""
+def small_facts() -> Path:
+    """The shipped facts' first four facts (16 lines) as facts-train.jsonl in the test home (one file per run, not
+    a temporary folder per importing process left behind): a job on them makes 40 replay answers, not the whole
+    file's 200, and the base model's answers are cached across the jobs of a run."""
+    folder = TEST_HOME / "test-data"
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "facts-train.jsonl"
-    path.write_text("".join((EXAMPLES / "facts-train.jsonl").read_text().splitlines(True)[:16]))
+    written = folder / f".facts-train.{os.getpid()}"  # each worker writes the same bytes, then swaps them in whole
+    written.write_text("".join((EXAMPLES / "facts-train.jsonl").read_text().splitlines(True)[:16]))
+    os.replace(written, path)
     return path
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from tests.serve.conftest import Server
 pytestmark = pytest.mark.slow
 KEY = "sk-jobs-test"
 QUESTION = [{"role": "user", "content": "Who founded Norvale Instruments?"}]
-FACTS = small_facts(Path(tempfile.mkdtemp(prefix="ownllm-jobs-")))
+FACTS = small_facts()
 
 
 @pytest.fixture(scope="module")

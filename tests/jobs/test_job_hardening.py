@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from ownllm.jobs.validate import validate_files
 from tests.jobs.helpers import small_facts, upload, wait_for
 from tests.serve.conftest import Server
 
-FACTS = small_facts(Path(tempfile.mkdtemp(prefix="ownllm-jobs-")))  # 40 replay answers per job, not 200
+FACTS = small_facts()  # 40 replay answers per job, not 200
 GOOD = FACTS.read_bytes()
 RANDOM_BYTES = random.Random(0).randbytes(4000)
 TINY = {"n_epochs": 1, "batch_size": 1, "max_steps": 1}  # one step: a job that trains in seconds
