@@ -203,7 +203,8 @@ class BatchScheduler(_Loop):
                 "kv_bytes": self.kv.budget * self.model.token_bytes, "prefix_caching": self.kv.prefix_caching,
                 "int4_rows": getattr(self.model, "four_bit_rows", 0),
                 "batch_invariant": getattr(self.model, "invariant", None),  # None: not known (llama.cpp)
-                **({"int4_note": note} if (note := getattr(self.model, "four_bit_note", None)) else {})}
+                **({"int4_note": note} if (note := getattr(self.model, "four_bit_note", None)) else {}),
+                **({"compiled_steps": note} if (note := getattr(self.model, "compiled_steps", None)) else {})}
 
     def load_adapter(self, name: str, folder: Any) -> None:
         self.retiring.discard(name)

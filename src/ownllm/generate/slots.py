@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from ownllm.errors import OwnLLMError
+from ownllm.generate import compiled_decode
+from ownllm.generate.compiled_decode import CompiledSteps
 from ownllm.models.adapters import Adapter, LoraWeights
 from ownllm.models.dtype import upcast_decode_attention
 from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, has_gguf, int4_row_limit, pack
@@ -139,12 +141,20 @@ class _Norm:
         return cls(1.0 + module.weight.float() if gemma else module.weight, eps, gemma)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # torch.rms_norm without a weight is transformers' x * rsqrt(mean(x^2) + eps) in fp32, bit for bit
-        # (checked in test_slot_parity), in one op instead of five
-        normed = torch.rms_norm(x.to(torch.float32), (x.shape[-1],), None, self.eps)
         if self.gemma:
-            return (normed * self.weight).type_as(x)
-        return self.weight * normed.to(x.dtype)
+            return (_rms(x, self.eps) * self.weight).type_as(x)
+        return llama_norm(x, self.weight, self.eps)
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # torch.rms_norm without a weight is transformers' x * rsqrt(mean(x^2) + eps) in fp32, bit for bit (checked in
+    # test_slot_parity), in one op instead of five
+    return torch.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps)
+
+
+def llama_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as transformers computes it (`_Norm`): normalise in fp32, round, scale in x's dtype."""
+    return weight * _rms(x, eps).to(x.dtype)
 
 
 @dataclass
@@ -415,6 +425,18 @@ class SlotModel:
             self.invariant = self.invariant and not self.four_bit_rows  # int4 in narrow steps, dense in wide ones
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
+        # one-row decode steps through compiled graphs, once they are there (`ownllm.generate.compiled_decode`)
+        self.compiled: CompiledSteps | None = None
+        self.compiled_note: str | None = None
+        if compiled_decode.wanted() and self.four_bit_rows:  # (the switch is checked wherever it is set)
+            spec, self.compiled_note = compiled_decode.spec_of(self)
+            if spec is not None:
+                self.compiled = CompiledSteps(spec)
+
+    @property
+    def compiled_steps(self) -> str | None:
+        """Whether one-row decode steps run compiled, are being compiled, or why not (None: not asked)."""
+        return self.compiled.note if self.compiled is not None else self.compiled_note
 
     def _use_four_bit(self, model: Any, weights: _Weights) -> None:
         if self.dtype != torch.bfloat16 or self.device.type != "cpu":
@@ -643,7 +665,11 @@ class SlotModel:
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         q_width, kv_width = h * d, kv * d
         use_four_bit = rows * length <= self.four_bit_rows
-        for index, layer in enumerate(self.layers):
+        compiled = self.compiled.ready if self.compiled is not None else None
+        one_compiled_row = compiled is not None and rows == length == 1 and not groups and use_four_bit
+        if one_compiled_row:
+            x = self._compiled_layers(compiled, x, slot_list[0], start_list[0], tables["default"])
+        for index, layer in enumerate([] if one_compiled_row else self.layers):
             four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
             qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv, self.padded_rows)
@@ -687,6 +713,29 @@ class SlotModel:
         if weights.final_softcap is not None:
             logits = torch.tanh(logits / weights.final_softcap) * weights.final_softcap
         return logits.cpu()
+
+
+    def _compiled_layers(self, graphs: tuple[Any, Any], x: torch.Tensor, sequence: int, start: int,
+                         table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Every layer of one decoding row, its norms and projections through the compiled graphs and its attention
+        as `forward` attends (the same ops in the same order: the same bits)."""
+        first_half, second_half = graphs
+        cos, sin_turned = table
+        h, four = self.heads, self.four_bit.layers
+        qk, v = first_half([x, self.layers[0].attn_norm.weight, four[0].qkv.packed, four[0].qkv.scales_and_zeros,
+                            cos, sin_turned])
+        for index, layer in enumerate(self.layers):
+            attended = self._attend(index, qk[:, :h], qk[:, h:], v, [sequence], [start], layer.window, (0, None))
+            projections = four[index]
+            x = second_half([x, attended.transpose(1, 2).reshape(1, 1, h * self.head_dim),
+                             projections.o.packed, projections.o.scales_and_zeros, layer.mlp_norm.weight,
+                             projections.gate_up.packed, projections.gate_up.scales_and_zeros,
+                             projections.down.packed, projections.down.scales_and_zeros])[0].view_as(x)  # (*)
+            if index + 1 < len(self.layers):
+                following = four[index + 1].qkv
+                qk, v = first_half([x, self.layers[index + 1].attn_norm.weight, following.packed,
+                                    following.scales_and_zeros, cos, sin_turned])
+        return x  # (*) the compiled graph hands x back as [1, hidden]: the same values
 
 
 def _kv_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,245 @@
+"""One-row decode steps of a Llama-block model compiled ahead of time (AOTInductor), for the single user.
+
+A decode step of one row through the slot forward is ~1,000 small eager ops, and on 2 CPU cores their dispatch
+costs as much as the int4 matmuls themselves (bench/RESULTS.md, session 37: 10.3 ms a token, 5.0 of it in the int4
+kernel). Two graphs cover everything in a layer but the attention over the cache:
+
+- `FirstHalf`: the attention norm, the fused q|k|v projection (int4) and the rotary turn of q and k;
+- `SecondHalf`: the o projection, the residual add, the feed-forward norm, gate|up, SiLU, down, the residual add.
+
+Each layer's weights are inputs, not constants, so one compiled pair serves every layer. The ops are the slot
+forward's own, in its order and dtypes; inductor is told to round where eager rounds (`emulate_precision_casts`)
+and to leave the norms' mean to aten's kernel (`compile_packages`), so the logits are bit for bit the eager
+forward's (tests/generate/test_compiled_decode.py).
+
+Compiling takes ~15-30 s of a core, so it runs in a child process in the background (the server answers with the
+eager forward meanwhile) and the packages are kept in the ownllm home, keyed by everything that shapes them: a
+second start loads them in a second or two. Wherever compiling cannot happen (no C++ compiler, another torch),
+the eager forward goes on and `note` says why.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ownllm.errors import OwnLLMError
+from ownllm.home import open_lock_file, ownllm_home
+
+log = logging.getLogger(__name__)
+_ON, _OFF = {"", "1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def wanted() -> bool:
+    """`OWNLLM_COMPILED_DECODE=0` keeps one-row steps eager (on by default)."""
+    value = os.environ.get("OWNLLM_COMPILED_DECODE", "").strip().lower()
+    if value not in _ON | _OFF:
+        raise OwnLLMError(f"OWNLLM_COMPILED_DECODE={os.environ['OWNLLM_COMPILED_DECODE']!r}: use 1 or 0",
+                          param="OWNLLM_COMPILED_DECODE")
+    return value in _ON
+
+
+def _int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """`Int4Weight.linear` of a one-plane matrix: its output width is the scales' second dimension."""
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, 32, scales_and_zeros)
+    return out.view(*x.shape[:-1], scales_and_zeros.shape[1])
+
+
+class FirstHalf(torch.nn.Module):
+    """A layer up to its attention: the norm, q|k|v and the rotary turn of q and k. Returns (q | k, v),
+    [1, heads + kv heads, 1, head_dim] and [1, kv heads, 1, head_dim]."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
+
+    def forward(self, x: torch.Tensor, norm: torch.Tensor, qkv_packed: torch.Tensor, qkv_scales: torch.Tensor,
+                cos: torch.Tensor, sin_turned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from ownllm.generate.slots import SlotModel, llama_norm
+
+        h, kv = self.heads, self.kv_heads
+        qkv = _int4(llama_norm(x, norm, self.eps), qkv_packed, qkv_scales)
+        qkv = qkv.view(1, 1, h + 2 * kv, self.head_dim).transpose(1, 2)
+        return SlotModel._rope(qkv[:, : h + kv], cos, sin_turned), qkv[:, h + kv :]
+
+
+class SecondHalf(torch.nn.Module):
+    """A layer after its attention: o projection, residual, feed-forward with its norm, residual. Returns x."""
+
+    def __init__(self, intermediate: int, eps: float) -> None:
+        super().__init__()
+        self.intermediate, self.eps = intermediate, eps
+
+    def forward(self, x: torch.Tensor, attended: torch.Tensor, o_packed: torch.Tensor, o_scales: torch.Tensor,
+                norm: torch.Tensor, gate_up_packed: torch.Tensor, gate_up_scales: torch.Tensor,
+                down_packed: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
+        from ownllm.generate.slots import llama_norm
+
+        x = x + _int4(attended, o_packed, o_scales)
+        gate, up = _int4(llama_norm(x, norm, self.eps), gate_up_packed, gate_up_scales).split(self.intermediate, -1)
+        return x + _int4(F.silu(gate) * up, down_packed, down_scales)
+
+
+def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(what the graphs are compiled for, None) for a `SlotModel` whose one-row steps they can run, else
+    (None, why not)."""
+    config = model.config
+    if model.device.type != "cpu" or not model.four_bit_rows:
+        return None, "compiled one-row steps need the GGUF 4-bit weights on the CPU"
+    if config.model_type not in ("llama", "mistral") or getattr(config, "hidden_act", None) != "silu":
+        return None, f"compiled one-row steps cover llama and mistral blocks (SiLU), not {config.model_type}"
+    layers, four = model.layers, model.four_bit.layers
+    plain = all(layer.qkv_bias is None and layer.o_bias is None and layer.gate_up_bias is None
+                and layer.down_bias is None and layer.q_norm is None and layer.attn_out_norm is None
+                and layer.mlp_out_norm is None for layer in layers)
+    stored = len(four) == len(layers) and all(
+        part is not None and part.plane_count == 1 for f in four for part in (f.qkv, f.o, f.gate_up, f.down))
+    if not plain or not stored:
+        return None, "compiled one-row steps need every projection in 4 bits, without biases"
+    epsilons = {layer.attn_norm.eps for layer in layers} | {layer.mlp_norm.eps for layer in layers}
+    first = four[0]
+    spec = {
+        "heads": model.heads, "kv_heads": model.kv_heads, "head_dim": model.head_dim,
+        "hidden": int(model.weights.embed.shape[1]), "intermediate": model.intermediate,
+        "rotary": int(model.cos["default"].shape[-1]), "eps": epsilons.pop() if len(epsilons) == 1 else None,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "shapes": {name: [list(part.packed.shape), list(part.scales_and_zeros.shape)]
+                   for name, part in (("qkv", first.qkv), ("o", first.o), ("gate_up", first.gate_up),
+                                      ("down", first.down))},
+        "torch": torch.__version__,
+        "code": _code_version(),
+    }
+    if spec["eps"] is None:
+        return None, "compiled one-row steps need one norm epsilon for all layers"
+    from ownllm.models.dtype import cpu_flags, cpu_model
+
+    spec["cpu"] = [cpu_model(), sorted(cpu_flags())]
+    return spec, None
+
+
+def _code_version() -> str:
+    """A hash of this module's source: the graphs and how they are compiled (a change compiles them anew)."""
+    try:
+        return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
+    except (OSError, TypeError):  # no source to read (a frozen install): the version stands for it
+        from importlib.metadata import version
+
+        return version("ownllm")
+
+
+def _key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _example_inputs(spec: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Inputs of the right shapes and dtypes (the graphs take weights as inputs: their values do not matter)."""
+    dtype = getattr(torch, spec["dtype"])
+    hidden, heads, head_dim = spec["hidden"], spec["heads"], spec["head_dim"]
+
+    def part(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        packed, scales = spec["shapes"][name]
+        return torch.randint(0, 255, packed, dtype=torch.uint8), torch.rand(scales).to(dtype)
+
+    x = torch.randn(1, 1, hidden).to(dtype)
+    norm = torch.rand(hidden).to(dtype)
+    table = torch.rand(1, 1, 1, spec["rotary"]).to(dtype)
+    first = (x, norm, *part("qkv"), table, table.clone())
+    second = (x, torch.randn(1, 1, heads * head_dim).to(dtype), *part("o"), norm, *part("gate_up"), *part("down"))
+    return first, second
+
+
+def compile_packages(spec: dict[str, Any], folder: Path) -> None:
+    """Compile both graphs for `spec` into folder/first.pt2 and folder/second.pt2: the child process's job. Written
+    whole or not at all; where another process's compile got there first, its folder stays."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.lowering import lowerings, make_fallback
+
+    inductor_config.emulate_precision_casts = True  # round where eager rounds: the same bits
+    # and the norms' mean of squares summed by aten's own kernel, as eager sums it: a generated reduction adds in
+    # another order, and about one norm in a thousand then rounds an element to another bf16
+    lowerings.pop(torch.ops.aten.mean.dim, None)
+    make_fallback(torch.ops.aten.mean.dim)
+    first_inputs, second_inputs = _example_inputs(spec)
+    graphs = {"first": (FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]), first_inputs),
+              "second": (SecondHalf(spec["intermediate"], spec["eps"]), second_inputs)}
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, (module, inputs) in graphs.items():
+            torch._inductor.aoti_compile_and_package(torch.export.export(module, inputs),
+                                                     package_path=str(staging / f"{name}.pt2"))
+        if not (folder / "second.pt2").is_file():
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class CompiledSteps:
+    """The compiled pair for one model, loaded (or compiled, then loaded) in the background.
+
+    `ready` is None until both graphs can run; `note` says where things stand (for the start-up line)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.folder = ownllm_home() / "compiled" / f"decode-{_key(spec)}"
+        self.note = ("one-row steps compiled (AOTInductor)" if (self.folder / "second.pt2").is_file() else
+                     "one-row steps compiling in the background (AOTInductor, once per model and CPU)")
+        self.ready: tuple[Any, Any] | None = None
+        self.thread = threading.Thread(target=self._load, name="ownllm-compile-decode", daemon=True)
+        self.thread.start()
+
+    def _load(self) -> None:
+        try:
+            if not (self.folder / "second.pt2").is_file():
+                self._compile_once()
+            from torch._inductor import aoti_load_package
+
+            # the loader's own run: the package's __call__ parses its input and output specs on every call
+            # (~12 us, 60 calls a token)
+            self.ready = (aoti_load_package(str(self.folder / "first.pt2")).loader.run,
+                          aoti_load_package(str(self.folder / "second.pt2")).loader.run)
+            self.note = "one-row steps compiled (AOTInductor)"
+        except Exception as exc:  # compiling is a speed-up: without it the eager forward goes on
+            self.note = f"one-row steps eager (compiling failed: {exc.__class__.__name__})"
+            log.warning("compiled one-row decode steps unavailable (%s: %s); decoding eagerly",
+                        exc.__class__.__name__, str(exc)[-500:])
+
+    def _compile_once(self) -> None:
+        """One compile per key at a time: the others (servers started meanwhile) wait on its lock, then load."""
+        locks = ownllm_home() / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        descriptor = open_lock_file(locks / f"compile-{self.folder.name}")
+        if descriptor is None:
+            raise OSError(f"the compile lock {locks / f'compile-{self.folder.name}'} is not a plain file")
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            if (self.folder / "second.pt2").is_file():
+                return
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            # a child process, one core, at a lower priority (it lowers its own): the server answers eagerly
+            # meanwhile, and a child whose server went away still finishes for the next start
+            result = subprocess.run(
+                [sys.executable, "-m", "ownllm.generate.compiled_decode", json.dumps(self.spec), str(self.folder)],
+                capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr.strip()[-500:] or f"exit {result.returncode}")
+        finally:
+            os.close(descriptor)
+
+
+if __name__ == "__main__":  # the child process of `CompiledSteps._load`
+    os.nice(10)
+    compile_packages(json.loads(sys.argv[1]), Path(sys.argv[2]))

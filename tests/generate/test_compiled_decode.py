@@ -1,0 +1,84 @@
+"""One-row decode steps through the AOTInductor graphs (ownllm.generate.compiled_decode): the same bits as the eager
+slot forward, and a compile that fails leaves the eager forward running with the reason."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.generate.test_slot_parity import QUESTIONS, chat_prompts
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def bf16(default_model: str) -> Any:
+    from ownllm.models.load import load_model
+
+    return load_model(default_model, dtype="bf16")
+
+
+def greedy_steps(slots: Any, prompt: list[int], sequence: int) -> list[torch.Tensor]:
+    """The prompt prefilled in one chunk, then STEPS one-row decode steps (greedy): every step's logits."""
+    logits = slots.forward(torch.tensor([prompt]), torch.tensor([sequence]), torch.tensor([0]))
+    steps = [logits]
+    for step in range(STEPS):
+        logits = slots.forward(torch.tensor([[int(logits[0].argmax())]]), torch.tensor([sequence]),
+                               torch.tensor([len(prompt) + step]))
+        steps.append(logits)
+    return steps
+
+
+def test_compiled_one_row_steps_give_the_eager_forwards_logits_bit_for_bit(bf16: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from ownllm.errors import OwnLLMError
+    from ownllm.generate.slots import SlotModel
+
+    monkeypatch.setenv("OWNLLM_COMPILED_DECODE", "garbage")
+    with pytest.raises(OwnLLMError, match="OWNLLM_COMPILED_DECODE='garbage': use 1 or 0"):
+        SlotModel(bf16.model, slots=2, max_len=256)
+    monkeypatch.setenv("OWNLLM_COMPILED_DECODE", "0")
+    eager = SlotModel(bf16.model, slots=2, max_len=256, four_bit=True)
+    assert eager.compiled is None and eager.compiled_steps is None
+    if not eager.four_bit_rows:
+        pytest.skip(f"no int4 steps on this CPU, so nothing to compile: {eager.four_bit_note}")
+    monkeypatch.delenv("OWNLLM_COMPILED_DECODE")
+    compiled = SlotModel(bf16.model, slots=2, max_len=256, four_bit=True)
+    assert compiled.compiled is not None, compiled.compiled_note
+    compiled.compiled.thread.join(timeout=1800)  # a hang guard: one compile is ~15-60 s of one core
+    assert compiled.compiled.ready is not None, compiled.compiled.note
+    assert compiled.compiled_steps == "one-row steps compiled (AOTInductor)"
+    # the second prompt is long enough that a norm rounding otherwise (a generated reduction) showed within 24 steps
+    for prompt in chat_prompts(bf16.tokenizer, [QUESTIONS[0], QUESTIONS[5]]):
+        want, got = greedy_steps(eager, prompt, 0), greedy_steps(compiled, prompt, 1)
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), \
+            [float((a - b).abs().max()) for a, b in zip(want, got, strict=True)]
+
+
+def test_a_compile_that_fails_leaves_the_eager_forward_and_says_why(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shapes the int4 kernel refuses: the child process fails, nothing half-written stays, the lock is free."""
+    from ownllm.generate.compiled_decode import CompiledSteps
+
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    spec = {"heads": 2, "kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 8, "rotary": 4, "eps": 1e-5,
+            "dtype": "bfloat16", "shapes": {name: [[3, 5], [1, 3, 2]] for name in ("qkv", "o", "gate_up", "down")},
+            "torch": torch.__version__, "code": "test", "cpu": ["test", []]}
+    steps = CompiledSteps(spec)
+    assert steps.note.startswith("one-row steps compiling")
+    steps.thread.join(timeout=600)
+    assert steps.ready is None and steps.note == "one-row steps eager (compiling failed: RuntimeError)"
+    compiled = tmp_path / "compiled"
+    assert not compiled.exists() or not any(compiled.iterdir())  # no staging folder left behind
+    locks = list((tmp_path / "locks").iterdir())
+    assert len(locks) == 1
+    descriptor = os.open(locks[0], os.O_WRONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not held by anyone
+    finally:
+        os.close(descriptor)
