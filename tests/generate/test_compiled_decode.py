@@ -53,6 +53,7 @@ def test_compiled_one_row_steps_give_the_eager_forwards_logits_bit_for_bit(bf16:
     compiled.compiled.thread.join(timeout=1800)  # a hang guard: one compile is ~15-60 s of one core
     assert compiled.compiled.ready is not None, compiled.compiled.note
     assert compiled.compiled_steps == "one-row steps compiled (AOTInductor)"
+    assert compiled.compiled.folder.parent.name == "compiled" and compiled.compiled.folder.is_dir()
     # the second prompt is long enough that a norm rounding otherwise (a generated reduction) showed within 24 steps
     for prompt in chat_prompts(bf16.tokenizer, [QUESTIONS[0], QUESTIONS[5]]):
         want, got = greedy_steps(eager, prompt, 0), greedy_steps(compiled, prompt, 1)
@@ -69,10 +70,11 @@ def test_a_compile_that_fails_leaves_the_eager_forward_and_says_why(tmp_path: Pa
     spec = {"heads": 2, "kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 8, "rotary": 4, "eps": 1e-5,
             "dtype": "bfloat16", "shapes": {name: [[3, 5], [1, 3, 2]] for name in ("qkv", "o", "gate_up", "down")},
             "torch": torch.__version__, "code": "test", "cpu": ["test", []]}
-    steps = CompiledSteps(spec)
+    steps = CompiledSteps(spec, check=lambda first, second: None)
     assert steps.note.startswith("one-row steps compiling")
     steps.thread.join(timeout=600)
-    assert steps.ready is None and steps.note == "one-row steps eager (compiling failed: RuntimeError)"
+    assert steps.ready is None
+    assert steps.note == "one-row steps eager (RuntimeError while compiling or loading; see the log)"
     compiled = tmp_path / "compiled"
     assert not compiled.exists() or not any(compiled.iterdir())  # no staging folder left behind
     locks = list((tmp_path / "locks").iterdir())
@@ -82,3 +84,27 @@ def test_a_compile_that_fails_leaves_the_eager_forward_and_says_why(tmp_path: Pa
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not held by anyone
     finally:
         os.close(descriptor)
+
+
+def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packages that do not load (truncated, swapped, stale) are removed under the lock and compiled again once; a
+    staging folder left by a killed compiler goes too. (The tiny spec fails to compile: it stays eager after.)"""
+    from ownllm.generate.compiled_decode import CompiledSteps
+
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    spec = {"heads": 2, "kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 8, "rotary": 4, "eps": 1e-5,
+            "dtype": "bfloat16", "shapes": {name: [[3, 5], [1, 3, 2]] for name in ("qkv", "o", "gate_up", "down")},
+            "torch": torch.__version__, "code": "damaged", "cpu": ["test", []]}
+    probe = CompiledSteps(spec, check=lambda first, second: None)  # (finds the folder name; fails to compile)
+    probe.thread.join(timeout=600)
+    folder = probe.folder
+    folder.mkdir(parents=True)
+    (folder / "first.pt2").write_bytes(b"not a package")
+    (folder / "second.pt2").write_bytes(b"PK\x03\x04 truncated")
+    stale = folder.with_name(f".{folder.name}.12345")
+    stale.mkdir()
+    steps = CompiledSteps(spec, check=lambda first, second: None)
+    assert steps.note == "one-row steps: loading their compiled graphs"
+    steps.thread.join(timeout=600)
+    assert steps.ready is None and steps.note.startswith("one-row steps eager (RuntimeError")
+    assert not folder.exists() and not stale.exists()

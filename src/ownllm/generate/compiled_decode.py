@@ -20,6 +20,7 @@ the eager forward goes on and `note` says why.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import inspect
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,29 @@ def _int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor)
     return out.view(*x.shape[:-1], scales_and_zeros.shape[1])
 
 
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # torch.rms_norm without a weight is transformers' x * rsqrt(mean(x^2) + eps) in fp32, bit for bit (checked in
+    # test_slot_parity), in one op instead of five
+    return torch.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps)
+
+
+def llama_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as transformers computes it (`_Norm`): normalise in fp32, round, scale in x's dtype."""
+    return weight * _rms(x, eps).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_turned: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb, on the first `rotary dims` of each head (phi3 may rotate only part
+    of it), bit for bit: rotate_half(x) * sin = cat(-x2, x1) * cat(s1, s2) = roll(x) * cat(-s1, s2)
+    (`sin_turned`), a negation moved across a product (exact), in one op where rotate_half takes four."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + x.roll(rotary // 2, -1) * sin_turned
+    turned, kept = x[..., :rotary], x[..., rotary:]
+    turned = turned * cos + turned.roll(rotary // 2, -1) * sin_turned
+    return torch.cat([turned, kept], dim=-1)
+
+
 class FirstHalf(torch.nn.Module):
     """A layer up to its attention: the norm, q|k|v and the rotary turn of q and k. Returns (q | k, v),
     [1, heads + kv heads, 1, head_dim] and [1, kv heads, 1, head_dim]."""
@@ -68,12 +93,10 @@ class FirstHalf(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, norm: torch.Tensor, qkv_packed: torch.Tensor, qkv_scales: torch.Tensor,
                 cos: torch.Tensor, sin_turned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from ownllm.generate.slots import SlotModel, llama_norm
-
         h, kv = self.heads, self.kv_heads
         qkv = _int4(llama_norm(x, norm, self.eps), qkv_packed, qkv_scales)
         qkv = qkv.view(1, 1, h + 2 * kv, self.head_dim).transpose(1, 2)
-        return SlotModel._rope(qkv[:, : h + kv], cos, sin_turned), qkv[:, h + kv :]
+        return rope(qkv[:, : h + kv], cos, sin_turned), qkv[:, h + kv :]
 
 
 class SecondHalf(torch.nn.Module):
@@ -86,8 +109,6 @@ class SecondHalf(torch.nn.Module):
     def forward(self, x: torch.Tensor, attended: torch.Tensor, o_packed: torch.Tensor, o_scales: torch.Tensor,
                 norm: torch.Tensor, gate_up_packed: torch.Tensor, gate_up_scales: torch.Tensor,
                 down_packed: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
-        from ownllm.generate.slots import llama_norm
-
         x = x + _int4(attended, o_packed, o_scales)
         gate, up = _int4(llama_norm(x, norm, self.eps), gate_up_packed, gate_up_scales).split(self.intermediate, -1)
         return x + _int4(F.silu(gate) * up, down_packed, down_scales)
@@ -130,14 +151,47 @@ def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
     return spec, None
 
 
-def _code_version() -> str:
-    """A hash of this module's source: the graphs and how they are compiled (a change compiles them anew)."""
-    try:
-        return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
-    except (OSError, TypeError):  # no source to read (a frozen install): the version stands for it
-        from importlib.metadata import version
+def checker(model: Any, spec: dict[str, Any]) -> Callable[[Any, Any], None]:
+    """What `CompiledSteps` runs before using a loaded pair: both graphs on the model's first layer (its real
+    weights, made-up activations) against the eager ops they were traced from; raises unless every bit agrees."""
+    layer, four = model.layers[0], model.four_bit.layers[0]
+    position = min(7, model.cos["default"].shape[0] - 1)
+    cos = model.cos["default"][position][None, None, None]
+    sin_turned = model.sin_turned["default"][position][None, None, None]
+    eager_first = FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"])
+    eager_second = SecondHalf(spec["intermediate"], spec["eps"])
 
-        return version("ownllm")
+    def check(first: Any, second: Any) -> None:
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for _ in range(4):
+                x = (torch.randn(1, 1, spec["hidden"], generator=generator) * 4).to(model.dtype)
+                attended = torch.randn(1, 1, spec["heads"] * spec["head_dim"], generator=generator).to(model.dtype)
+                first_inputs = [x, layer.attn_norm.weight, four.qkv.packed, four.qkv.scales_and_zeros, cos,
+                                sin_turned]
+                second_inputs = [x, attended, four.o.packed, four.o.scales_and_zeros, layer.mlp_norm.weight,
+                                 four.gate_up.packed, four.gate_up.scales_and_zeros, four.down.packed,
+                                 four.down.scales_and_zeros]
+                want_first, want_second = eager_first(*first_inputs), eager_second(*second_inputs)
+                got_first, got_second = first(list(first_inputs)), second(list(second_inputs))
+                if not (len(got_first) == 2 and len(got_second) == 1
+                        and all(torch.equal(w, g) for w, g in zip(want_first, got_first, strict=True))
+                        and torch.equal(want_second, got_second[0].reshape(want_second.shape))):
+                    raise RuntimeError("the compiled graphs do not compute what the eager ops do")
+
+    return check
+
+
+def _code_version() -> str:
+    """A hash of what the graphs are traced from: this module (the slot forward's norm and rotary turn too), and of
+    ownllm's version (a change compiles them anew; the check after loading catches what a key cannot)."""
+    from importlib.metadata import version
+
+    try:
+        sources = [inspect.getsource(sys.modules[__name__])]
+    except (OSError, TypeError):  # no source to read (a frozen install): the version stands for it
+        sources = []
+    return hashlib.sha256("".join([version("ownllm"), *sources]).encode()).hexdigest()[:16]
 
 
 def _key(spec: dict[str, Any]) -> str:
@@ -188,14 +242,17 @@ def compile_packages(spec: dict[str, Any], folder: Path) -> None:
 
 
 class CompiledSteps:
-    """The compiled pair for one model, loaded (or compiled, then loaded) in the background.
+    """The compiled pair for one model, loaded (or compiled, then loaded) in the background, and checked before use.
 
-    `ready` is None until both graphs can run; `note` says where things stand (for the start-up line)."""
+    `ready` is None until both graphs can run; `note` says where things stand (the start-up line, /health).
+    `check(first, second)` raises unless the graphs compute what the eager ops do (`SlotModel` runs them on a
+    layer's real weights): a package that loads but does not fit (stale, swapped, damaged) is compiled anew once,
+    then left eager."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.spec = spec
+    def __init__(self, spec: dict[str, Any], check: Callable[[Any, Any], None]) -> None:
+        self.spec, self.check = spec, check
         self.folder = ownllm_home() / "compiled" / f"decode-{_key(spec)}"
-        self.note = ("one-row steps compiled (AOTInductor)" if (self.folder / "second.pt2").is_file() else
+        self.note = ("one-row steps: loading their compiled graphs" if _complete(self.folder) else
                      "one-row steps compiling in the background (AOTInductor, once per model and CPU)")
         self.ready: tuple[Any, Any] | None = None
         self.thread = threading.Thread(target=self._load, name="ownllm-compile-decode", daemon=True)
@@ -203,22 +260,37 @@ class CompiledSteps:
 
     def _load(self) -> None:
         try:
-            if not (self.folder / "second.pt2").is_file():
-                self._compile_once()
-            from torch._inductor import aoti_load_package
-
-            # the loader's own run: the package's __call__ parses its input and output specs on every call
-            # (~12 us, 60 calls a token)
-            self.ready = (aoti_load_package(str(self.folder / "first.pt2")).loader.run,
-                          aoti_load_package(str(self.folder / "second.pt2")).loader.run)
+            for attempt in (1, 2):
+                if not _complete(self.folder):
+                    self._compile_once()
+                try:
+                    self.ready = self._loaded_and_checked()
+                    break
+                except Exception as exc:
+                    if attempt == 2:
+                        raise
+                    log.warning("the compiled graphs in %s are unusable (%s: %s); compiling them anew",
+                                self.folder, exc.__class__.__name__, str(exc)[-300:])
+                    with self._lock():
+                        _discard(self.folder)
             self.note = "one-row steps compiled (AOTInductor)"
         except Exception as exc:  # compiling is a speed-up: without it the eager forward goes on
-            self.note = f"one-row steps eager (compiling failed: {exc.__class__.__name__})"
+            self.note = f"one-row steps eager ({exc.__class__.__name__} while compiling or loading; see the log)"
             log.warning("compiled one-row decode steps unavailable (%s: %s); decoding eagerly",
                         exc.__class__.__name__, str(exc)[-500:])
 
-    def _compile_once(self) -> None:
-        """One compile per key at a time: the others (servers started meanwhile) wait on its lock, then load."""
+    def _loaded_and_checked(self) -> tuple[Any, Any]:
+        from torch._inductor import aoti_load_package
+
+        # the loader's own run: the package's __call__ parses its input and output specs on every call
+        # (~12 us, 60 calls a token)
+        first = aoti_load_package(str(self.folder / "first.pt2")).loader.run
+        second = aoti_load_package(str(self.folder / "second.pt2")).loader.run
+        self.check(first, second)
+        return first, second
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
         locks = ownllm_home() / "locks"
         locks.mkdir(parents=True, exist_ok=True)
         descriptor = open_lock_file(locks / f"compile-{self.folder.name}")
@@ -226,18 +298,44 @@ class CompiledSteps:
             raise OSError(f"the compile lock {locks / f'compile-{self.folder.name}'} is not a plain file")
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
-            if (self.folder / "second.pt2").is_file():
+            yield
+        finally:
+            os.close(descriptor)
+
+    def _compile_once(self) -> None:
+        """One compile per key at a time: the others (servers started meanwhile) wait on its lock, then load."""
+        with self._lock():
+            if _complete(self.folder):
                 return
+            _discard(self.folder)  # whatever is there is not a compiled pair (a half, a file, a link)
+            for stale in self.folder.parent.glob(f".{self.folder.name}.*"):  # a child killed mid-compile
+                _discard(stale)
             self.folder.parent.mkdir(parents=True, exist_ok=True)
             # a child process, one core, at a lower priority (it lowers its own): the server answers eagerly
             # meanwhile, and a child whose server went away still finishes for the next start
             result = subprocess.run(
                 [sys.executable, "-m", "ownllm.generate.compiled_decode", json.dumps(self.spec), str(self.folder)],
                 capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if result.returncode < 0:
+                raise RuntimeError(f"the compiler process was killed (signal {-result.returncode})")
             if result.returncode != 0:
-                raise RuntimeError(result.stderr.strip()[-500:] or f"exit {result.returncode}")
-        finally:
-            os.close(descriptor)
+                lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
+                raise RuntimeError("\n".join(lines[-5:])[-500:] or f"exit {result.returncode}")
+
+
+def _complete(folder: Path) -> bool:
+    """A compiled pair: a real folder (not a link) with both packages as plain files."""
+    return (folder.is_dir() and not folder.is_symlink()
+            and all((folder / name).is_file() and not (folder / name).is_symlink()
+                    for name in ("first.pt2", "second.pt2")))
+
+
+def _discard(path: Path) -> None:
+    """Remove what is at `path`, never following a link."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":  # the child process of `CompiledSteps._load`

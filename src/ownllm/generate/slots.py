@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ownllm.errors import OwnLLMError
 from ownllm.generate import compiled_decode
-from ownllm.generate.compiled_decode import CompiledSteps
+from ownllm.generate.compiled_decode import CompiledSteps, _rms, llama_norm, rope
 from ownllm.models.adapters import Adapter, LoraWeights
 from ownllm.models.dtype import upcast_decode_attention
 from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, has_gguf, int4_row_limit, pack
@@ -101,8 +101,8 @@ def slot_support(model: Any) -> str | None:
                 f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
     if any(not p.is_floating_point() for p in model.parameters()):
         return "the weights are quantized (4-bit or 8-bit): the batched forward needs plain weights"
-    for rope in _rope_parameters(config):
-        rope_type = rope.get("rope_type", "default")
+    for settings in _rope_parameters(config):
+        rope_type = settings.get("rope_type", "default")
         if rope_type not in _FIXED_ROPE:
             return (f"{rope_type} rotary scaling changes with the sequence length; the batched forward takes "
                     "fixed rotary tables only")
@@ -144,17 +144,6 @@ class _Norm:
         if self.gemma:
             return (_rms(x, self.eps) * self.weight).type_as(x)
         return llama_norm(x, self.weight, self.eps)
-
-
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    # torch.rms_norm without a weight is transformers' x * rsqrt(mean(x^2) + eps) in fp32, bit for bit (checked in
-    # test_slot_parity), in one op instead of five
-    return torch.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps)
-
-
-def llama_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm as transformers computes it (`_Norm`): normalise in fp32, round, scale in x's dtype."""
-    return weight * _rms(x, eps).to(x.dtype)
 
 
 @dataclass
@@ -431,7 +420,7 @@ class SlotModel:
         if compiled_decode.wanted() and self.four_bit_rows:  # (the switch is checked wherever it is set)
             spec, self.compiled_note = compiled_decode.spec_of(self)
             if spec is not None:
-                self.compiled = CompiledSteps(spec)
+                self.compiled = CompiledSteps(spec, compiled_decode.checker(self, spec))
 
     @property
     def compiled_steps(self) -> str | None:
@@ -608,17 +597,7 @@ class SlotModel:
             allowed &= keys > queries - window
         return first, allowed[None, None]
 
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin_turned: torch.Tensor) -> torch.Tensor:
-        """transformers' apply_rotary_pos_emb, on the first `rotary dims` of each head (phi3 may rotate only part
-        of it), bit for bit: rotate_half(x) * sin = cat(-x2, x1) * cat(s1, s2) = roll(x) * cat(-s1, s2)
-        (`sin_turned`), a negation moved across a product (exact), in one op where rotate_half takes four."""
-        rotary = cos.shape[-1]
-        if rotary == x.shape[-1]:
-            return x * cos + x.roll(rotary // 2, -1) * sin_turned
-        turned, kept = x[..., :rotary], x[..., rotary:]
-        turned = turned * cos + turned.roll(rotary // 2, -1) * sin_turned
-        return torch.cat([turned, kept], dim=-1)
+    _rope = staticmethod(rope)  # (in compiled_decode, which traces it too)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
