@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 ErrorKind = Literal["invalid_request", "not_found", "unsupported", "resource", "interrupted", "training_failed"]
@@ -72,3 +73,14 @@ def is_valid_text(text: str) -> bool:
     except OwnLLMError:
         return False
     return True
+
+
+def env_switch(name: str, *, default: bool) -> bool:
+    """An on/off environment variable (1/0, true/false, yes/no, on/off; unset or empty: `default`); any other value
+    is an error naming it."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+        raise OwnLLMError(f"{name}={os.environ[name]!r}: use 1 or 0", param=name)
+    return value in {"1", "true", "yes", "on"}

@@ -14,6 +14,10 @@ import torch
 from tests.generate.test_slot_parity import QUESTIONS, chat_prompts
 
 STEPS = 24
+# shapes the int4 kernel refuses: a compile of these fails in the child process
+TINY_SPEC = {"heads": 2, "kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 8, "rotary": 4, "eps": 1e-5,
+             "dtype": "bfloat16", "shapes": {name: [[3, 5], [1, 3, 2]] for name in ("qkv", "o", "gate_up", "down")},
+             "torch": torch.__version__, "cpu": ["test", []]}
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +71,7 @@ def test_a_compile_that_fails_leaves_the_eager_forward_and_says_why(tmp_path: Pa
     from ownllm.generate.compiled_decode import CompiledSteps
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
-    spec = {"heads": 2, "kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 8, "rotary": 4, "eps": 1e-5,
-            "dtype": "bfloat16", "shapes": {name: [[3, 5], [1, 3, 2]] for name in ("qkv", "o", "gate_up", "down")},
-            "torch": torch.__version__, "code": "test", "cpu": ["test", []]}
+    spec = {**TINY_SPEC, "code": "test"}
     steps = CompiledSteps(spec, check=lambda first, second: None)
     assert steps.note.startswith("one-row steps compiling")
     steps.thread.join(timeout=600)
@@ -92,9 +94,7 @@ def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypa
     from ownllm.generate.compiled_decode import CompiledSteps
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
-    spec = {"heads": 2, "kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 8, "rotary": 4, "eps": 1e-5,
-            "dtype": "bfloat16", "shapes": {name: [[3, 5], [1, 3, 2]] for name in ("qkv", "o", "gate_up", "down")},
-            "torch": torch.__version__, "code": "damaged", "cpu": ["test", []]}
+    spec = {**TINY_SPEC, "code": "damaged"}
     probe = CompiledSteps(spec, check=lambda first, second: None)  # (finds the folder name; fails to compile)
     probe.thread.join(timeout=600)
     folder = probe.folder

@@ -38,26 +38,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ownllm.errors import OwnLLMError
+from ownllm.errors import env_switch
 from ownllm.home import open_lock_file, ownllm_home
+from ownllm.models.gguf_int4 import int4_matmul
 
 log = logging.getLogger(__name__)
-_ON, _OFF = {"", "1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def wanted() -> bool:
     """`OWNLLM_COMPILED_DECODE=0` keeps one-row steps eager (on by default)."""
-    value = os.environ.get("OWNLLM_COMPILED_DECODE", "").strip().lower()
-    if value not in _ON | _OFF:
-        raise OwnLLMError(f"OWNLLM_COMPILED_DECODE={os.environ['OWNLLM_COMPILED_DECODE']!r}: use 1 or 0",
-                          param="OWNLLM_COMPILED_DECODE")
-    return value in _ON
-
-
-def _int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """`Int4Weight.linear` of a one-plane matrix: its output width is the scales' second dimension."""
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, 32, scales_and_zeros)
-    return out.view(*x.shape[:-1], scales_and_zeros.shape[1])
+    return env_switch("OWNLLM_COMPILED_DECODE", default=True)
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -94,7 +84,7 @@ class FirstHalf(torch.nn.Module):
     def forward(self, x: torch.Tensor, norm: torch.Tensor, qkv_packed: torch.Tensor, qkv_scales: torch.Tensor,
                 cos: torch.Tensor, sin_turned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, kv = self.heads, self.kv_heads
-        qkv = _int4(llama_norm(x, norm, self.eps), qkv_packed, qkv_scales)
+        qkv = int4_matmul(llama_norm(x, norm, self.eps), qkv_packed, qkv_scales)
         qkv = qkv.view(1, 1, h + 2 * kv, self.head_dim).transpose(1, 2)
         return rope(qkv[:, : h + kv], cos, sin_turned), qkv[:, h + kv :]
 
@@ -109,9 +99,10 @@ class SecondHalf(torch.nn.Module):
     def forward(self, x: torch.Tensor, attended: torch.Tensor, o_packed: torch.Tensor, o_scales: torch.Tensor,
                 norm: torch.Tensor, gate_up_packed: torch.Tensor, gate_up_scales: torch.Tensor,
                 down_packed: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
-        x = x + _int4(attended, o_packed, o_scales)
-        gate, up = _int4(llama_norm(x, norm, self.eps), gate_up_packed, gate_up_scales).split(self.intermediate, -1)
-        return x + _int4(F.silu(gate) * up, down_packed, down_scales)
+        x = x + int4_matmul(attended, o_packed, o_scales)
+        gate_up = int4_matmul(llama_norm(x, norm, self.eps), gate_up_packed, gate_up_scales)
+        gate, up = gate_up.split(self.intermediate, -1)
+        return x + int4_matmul(F.silu(gate) * up, down_packed, down_scales)
 
 
 def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -183,12 +174,13 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[Any, Any], None]:
 
 
 def _code_version() -> str:
-    """A hash of what the graphs are traced from: this module (the slot forward's norm and rotary turn too), and of
-    ownllm's version (a change compiles them anew; the check after loading catches what a key cannot)."""
+    """A hash of what the graphs are traced from: this module (the slot forward's norm and rotary turn too) and the
+    int4 matmul, and of ownllm's version (a change compiles them anew; the check after loading catches what a key
+    cannot)."""
     from importlib.metadata import version
 
     try:
-        sources = [inspect.getsource(sys.modules[__name__])]
+        sources = [inspect.getsource(sys.modules[__name__]), inspect.getsource(int4_matmul)]
     except (OSError, TypeError):  # no source to read (a frozen install): the version stands for it
         sources = []
     return hashlib.sha256("".join([version("ownllm"), *sources]).encode()).hexdigest()[:16]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ownllm.errors import OwnLLMError
+from ownllm.errors import OwnLLMError, env_switch
 from ownllm.generate import compiled_decode
 from ownllm.generate.compiled_decode import CompiledSteps, _rms, llama_norm, rope
 from ownllm.models.adapters import Adapter, LoraWeights
@@ -56,17 +55,12 @@ _TYPED_LAYERS = {"qwen2", "gemma3_text"}
 # Matmuls of up to PROBE_ROWS rows are probed against a wide one (wider ones are taken to round as it does).
 PROBE_ROWS = 64
 _probed_widths: dict[tuple[torch.dtype, str, int], dict[int, int]] = {}
-_ON, _OFF = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 
 
 def batch_invariance_asked() -> bool:
     """`OWNLLM_BATCH_INVARIANT=1` (as vLLM's VLLM_BATCH_INVARIANT): a row's logits never depend on which other
     rows share its forward, at the cost of narrow steps computed wider where the CPU needs it."""
-    value = os.environ.get("OWNLLM_BATCH_INVARIANT", "").strip().lower()
-    if value not in _ON | _OFF:
-        raise OwnLLMError(f"OWNLLM_BATCH_INVARIANT={os.environ['OWNLLM_BATCH_INVARIANT']!r}: use 1 or 0",
-                          param="OWNLLM_BATCH_INVARIANT")
-    return value in _ON
+    return env_switch("OWNLLM_BATCH_INVARIANT", default=False)
 
 
 def invariant_widths(dtype: torch.dtype, device: torch.device) -> dict[int, int]:

@@ -71,13 +71,19 @@ class Int4Weight:
     plane_count: int = 1
 
     def linear(self, x: Any) -> Any:
-        import torch
-
         flat = x.reshape(-1, x.shape[-1])
         if self.plane_count > 1:
             flat = flat.repeat(1, self.plane_count)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
-        return out.view(*x.shape[:-1], self.out_features)
+        return int4_matmul(flat, self.packed, self.scales_and_zeros).view(*x.shape[:-1], self.out_features)
+
+
+def int4_matmul(x: Any, packed: Any, scales_and_zeros: Any) -> Any:
+    """x @ w.T for a matrix in the int4 kernel's layout (`Int4Weight`'s fields): [..., in] -> [..., out], the output
+    width being the scales' second dimension. Also traced into the compiled decode graphs."""
+    import torch
+
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, GROUP, scales_and_zeros)
+    return out.view(*x.shape[:-1], scales_and_zeros.shape[1])
 
 
 @dataclass
