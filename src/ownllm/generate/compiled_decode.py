@@ -217,7 +217,7 @@ def compile_packages(spec: dict[str, Any], folder: Path) -> None:
     # and the norms' mean of squares summed by aten's own kernel, as eager sums it: a generated reduction adds in
     # another order, and about one norm in a thousand then rounds an element to another bf16
     lowerings.pop(torch.ops.aten.mean.dim, None)
-    make_fallback(torch.ops.aten.mean.dim)
+    make_fallback(torch.ops.aten.mean.dim, warn=False)  # warn=True is an error where $CI is set
     first_inputs, second_inputs = _example_inputs(spec)
     graphs = {"first": (FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]), first_inputs),
               "second": (SecondHalf(spec["intermediate"], spec["eps"]), second_inputs)}
