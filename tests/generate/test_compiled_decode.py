@@ -108,3 +108,34 @@ def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypa
     steps.thread.join(timeout=600)
     assert steps.ready is None and steps.note.startswith("one-row steps eager (RuntimeError")
     assert not folder.exists() and not stale.exists()
+
+
+def test_old_compiled_pairs_are_pruned_but_not_one_being_compiled(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a compile, only the KEPT_PAIRS most recently used pairs stay; a pair whose lock another process holds
+    (being compiled) stays whatever its age, and a link is never followed."""
+    from ownllm.generate.compiled_decode import KEPT_PAIRS, _prune
+
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    compiled = tmp_path / "compiled"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not ours")
+    pairs = []
+    for age in range(KEPT_PAIRS + 3):  # decode-00 the newest
+        folder = compiled / f"decode-{age:02d}"
+        folder.mkdir(parents=True)
+        (folder / "first.pt2").write_bytes(b"x")
+        os.utime(folder, (1e9 - age * 100, 1e9 - age * 100))
+        pairs.append(folder)
+    (compiled / "decode-link").symlink_to(outside)
+    oldest = pairs[-1]
+    (tmp_path / "locks").mkdir()
+    descriptor = os.open(tmp_path / "locks" / f"compile-{oldest.name}", os.O_WRONLY | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        _prune(pairs[0])  # pairs[0] was just compiled
+    finally:
+        os.close(descriptor)
+    assert [folder.exists() for folder in pairs] == [True] * KEPT_PAIRS + [False, False, True]
+    assert (outside / "keep.txt").is_file()

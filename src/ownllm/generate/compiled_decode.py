@@ -257,13 +257,15 @@ class CompiledSteps:
                     self._compile_once()
                 try:
                     self.ready = self._loaded_and_checked()
+                    with contextlib.suppress(OSError):  # last used now: `_prune` keeps the pairs in use
+                        os.utime(self.folder)
                     break
                 except Exception as exc:
                     if attempt == 2:
                         raise
                     log.warning("the compiled graphs in %s are unusable (%s: %s); compiling them anew",
                                 self.folder, exc.__class__.__name__, str(exc)[-300:])
-                    with self._lock():
+                    with _folder_lock(self.folder):
                         _discard(self.folder)
             self.note = "one-row steps compiled (AOTInductor)"
         except Exception as exc:  # compiling is a speed-up: without it the eager forward goes on
@@ -281,22 +283,9 @@ class CompiledSteps:
         self.check(first, second)
         return first, second
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        locks = ownllm_home() / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        descriptor = open_lock_file(locks / f"compile-{self.folder.name}")
-        if descriptor is None:
-            raise OSError(f"the compile lock {locks / f'compile-{self.folder.name}'} is not a plain file")
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(descriptor)
-
     def _compile_once(self) -> None:
         """One compile per key at a time: the others (servers started meanwhile) wait on its lock, then load."""
-        with self._lock():
+        with _folder_lock(self.folder):
             if _complete(self.folder):
                 return
             _discard(self.folder)  # whatever is there is not a compiled pair (a half, a file, a link)
@@ -313,6 +302,52 @@ class CompiledSteps:
             if result.returncode != 0:
                 lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
                 raise RuntimeError("\n".join(lines[-5:])[-500:] or f"exit {result.returncode}")
+        _prune(self.folder)
+
+
+KEPT_PAIRS = 8  # compiled pairs kept in the home (~3 MB each), the most recently used: one per model and CPU
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, wait: bool = True) -> Iterator[bool]:
+    """The lock of one compiled pair's folder (held while it is compiled or removed). Yields whether it is held:
+    always where `wait`, else only where no other process holds it."""
+    locks = ownllm_home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    descriptor = open_lock_file(locks / f"compile-{folder.name}")
+    if descriptor is None:
+        raise OSError(f"the compile lock {locks / f'compile-{folder.name}'} is not a plain file")
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)
+
+
+def _prune(kept: Path) -> None:
+    """Remove compiled pairs beyond the KEPT_PAIRS most recently used (by their folders' times), after `kept`
+    was compiled: old ones pile up as ownllm, torch or the models change. A pair whose lock another process holds
+    (it is being compiled) stays; one removed while a server runs it costs nothing (it is loaded) or a compile
+    at the next start."""
+    def last_used(folder: Path) -> float:
+        try:
+            return folder.lstat().st_mtime
+        except OSError:
+            return 0.0
+
+    pairs = [folder for folder in kept.parent.glob("decode-*") if folder != kept and folder.is_dir()
+             and not folder.is_symlink()]
+    for folder in sorted(pairs, key=last_used, reverse=True)[KEPT_PAIRS - 1 :]:
+        try:
+            with _folder_lock(folder, wait=False) as held:
+                if held:
+                    _discard(folder)
+        except OSError as exc:  # tidying up is no reason to give up the pair just compiled
+            log.warning("could not remove the old compiled pair %s (%s)", folder, exc)
 
 
 def _complete(folder: Path) -> bool:
