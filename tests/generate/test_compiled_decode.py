@@ -112,9 +112,10 @@ def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypa
 
 def test_old_compiled_pairs_are_pruned_but_not_one_being_compiled(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a compile, only the KEPT_PAIRS most recently used pairs stay; a pair whose lock another process holds
-    (being compiled) stays whatever its age, and a link is never followed."""
-    from ownllm.generate.compiled_decode import KEPT_PAIRS, _prune
+    """After a compile, only the KEPT_PAIRS most recently used pairs stay. A pair whose lock another process holds
+    (being compiled) stays whatever its age, and so does one another server loaded since the listing; a killed
+    compiler's staging folder goes where its key's lock is free; a link is never followed nor removed."""
+    from ownllm.generate import compiled_decode
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
     compiled = tmp_path / "compiled"
@@ -122,20 +123,33 @@ def test_old_compiled_pairs_are_pruned_but_not_one_being_compiled(tmp_path: Path
     outside.mkdir()
     (outside / "keep.txt").write_text("not ours")
     pairs = []
-    for age in range(KEPT_PAIRS + 3):  # decode-00 the newest
+    for age in range(compiled_decode.KEPT_PAIRS + 4):  # decode-00 the newest
         folder = compiled / f"decode-{age:02d}"
         folder.mkdir(parents=True)
         (folder / "first.pt2").write_bytes(b"x")
         os.utime(folder, (1e9 - age * 100, 1e9 - age * 100))
         pairs.append(folder)
-    (compiled / "decode-link").symlink_to(outside)
-    oldest = pairs[-1]
+    link = compiled / "decode-link"
+    link.symlink_to(outside)
+    oldest, loaded_meanwhile = pairs[-1], pairs[-2]
+    killed, compiling = compiled / ".decode-gone.123", compiled / f".{oldest.name}.456"
+    killed.mkdir()
+    compiling.mkdir()
     (tmp_path / "locks").mkdir()
     descriptor = os.open(tmp_path / "locks" / f"compile-{oldest.name}", os.O_WRONLY | os.O_CREAT, 0o644)
     fcntl.flock(descriptor, fcntl.LOCK_EX)
+    folder_lock = compiled_decode._folder_lock
+
+    def another_server_loads_it_first(folder: Path, wait: bool = True) -> Any:
+        if folder == loaded_meanwhile:
+            os.utime(folder)
+        return folder_lock(folder, wait)
+
+    monkeypatch.setattr(compiled_decode, "_folder_lock", another_server_loads_it_first)
     try:
-        _prune(pairs[0])  # pairs[0] was just compiled
+        compiled_decode._prune(pairs[0])  # pairs[0] was just compiled
     finally:
         os.close(descriptor)
-    assert [folder.exists() for folder in pairs] == [True] * KEPT_PAIRS + [False, False, True]
-    assert (outside / "keep.txt").is_file()
+    assert [folder.exists() for folder in pairs] == [True] * compiled_decode.KEPT_PAIRS + [False, False, True, True]
+    assert not killed.exists() and compiling.is_dir()
+    assert link.is_symlink() and (outside / "keep.txt").is_file()

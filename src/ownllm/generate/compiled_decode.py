@@ -330,22 +330,28 @@ def _folder_lock(folder: Path, wait: bool = True) -> Iterator[bool]:
 
 def _prune(kept: Path) -> None:
     """Remove compiled pairs beyond the KEPT_PAIRS most recently used (by their folders' times), after `kept`
-    was compiled: old ones pile up as ownllm, torch or the models change. A pair whose lock another process holds
-    (it is being compiled) stays; one removed while a server runs it costs nothing (it is loaded) or a compile
-    at the next start."""
+    was compiled: old ones pile up as ownllm, torch or the models change. Each goes under its own lock, and only if
+    no other process holds that lock (compiling it) and its time has not moved since the listing (another server
+    loaded it meanwhile); a staging folder of a compile killed midway goes where its key's lock is free. A pair
+    removed while a server runs it costs nothing (it is loaded) or a compile at its next start."""
     def last_used(folder: Path) -> float:
         try:
             return folder.lstat().st_mtime
         except OSError:
             return 0.0
 
-    pairs = [folder for folder in kept.parent.glob("decode-*") if folder != kept and folder.is_dir()
-             and not folder.is_symlink()]
-    for folder in sorted(pairs, key=last_used, reverse=True)[KEPT_PAIRS - 1 :]:
+    pairs = {folder: last_used(folder) for folder in kept.parent.glob("decode-*")
+             if folder != kept and folder.is_dir() and not folder.is_symlink()}
+    old = sorted(pairs, key=pairs.__getitem__, reverse=True)[KEPT_PAIRS - 1 :]
+    staging = [(folder, folder.with_name(folder.name[1:].rsplit(".", 1)[0]))  # .decode-<key>.<pid>
+               for folder in kept.parent.glob(".decode-*.*")]
+    for folder, key_folder in [(folder, folder) for folder in old] + staging:
         try:
-            with _folder_lock(folder, wait=False) as held:
-                if held:
+            with _folder_lock(key_folder, wait=False) as held:
+                if held and (folder not in pairs or last_used(folder) == pairs[folder]):
                     _discard(folder)
+                    if folder.exists() or folder.is_symlink():
+                        log.warning("could not remove the old compiled pair %s", folder)
         except OSError as exc:  # tidying up is no reason to give up the pair just compiled
             log.warning("could not remove the old compiled pair %s (%s)", folder, exc)
 
