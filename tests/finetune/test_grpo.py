@@ -63,14 +63,48 @@ def test_grpo_logs_rewards_and_resumes_after_kill(default_model: str, prompts: P
 
 
 def train_here(data: Path, out: Path, method: str, rewards: list[str], max_steps: int, save_every: int = 100,
-               rollouts: str = "auto") -> Any:
+               rollouts: str = "auto", **settings: Any) -> Any:
     """In this process (the imports and the model load are the slow part of a tiny run; the CLI path is above)."""
     from ownllm.finetune.config import load_config
     from ownllm.finetune.run import run
 
-    return run(load_config(model="smollm2-135m-instruct", data=str(data), out=str(out), method=method,
-                           reward_fn=rewards, batch_size=1, num_generations=2, max_completion_length=8, lora_r=4,
-                           max_steps=max_steps, save_every=save_every, rollouts=rollouts))
+    return run(load_config(**{**dict(model="smollm2-135m-instruct", data=str(data), out=str(out), method=method,
+                                     reward_fn=rewards, batch_size=1, num_generations=2, max_completion_length=8,
+                                     lora_r=4, max_steps=max_steps, save_every=save_every, rollouts=rollouts),
+                              **settings}))
+
+
+def test_reference_guidance_puts_the_reference_in_a_group_that_all_fails(default_model: str,
+                                                                         tmp_path: Path) -> None:
+    """A prompt whose reference no sample can match gets its reference as one completion of its group (and so a
+    gradient); a prompt every sample already earns full marks on is left as sampled."""
+    data = tmp_path / "guided.jsonl"
+    data.write_text(json.dumps({"prompt": "Name a colour.", "reference": "zebra quartz nineteen"}) + "\n"
+                    + json.dumps({"prompt": "Say hi.", "reference": "always"}) + "\n")
+    seen = tmp_path / "seen.jsonl"
+    rewards = tmp_path / "recorder.py"
+    rewards.write_text(
+        "import json\n"
+        "def exact_or_free(prompts, completions, reference, **kwargs):\n"
+        f"    with open({str(seen)!r}, 'a') as log:\n"
+        "        log.write(json.dumps([[c[0]['content'], r] for c, r in zip(completions, reference)]) + '\\n')\n"
+        "    return [1.0 if r == 'always' or c[0]['content'] == r else 0.0 for c, r in zip(completions, reference)]\n")
+    out = tmp_path / "run"
+    train_here(data, out, "grpo", [f"{rewards}:exact_or_free"], max_steps=2, batch_size=2, num_generations=3,
+               max_completion_length=12, reference_guidance=True)
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    # the rewards are tried on the data first; then each step scores its samples and the references (8) to guide
+    # its groups, and TRL scores the 6 completions it trains on
+    assert [len(call) for call in calls[1:]] == [8, 6, 8, 6]
+    trained_on = calls[2::2]
+    for call in trained_on:
+        by_reference = {reference: [text for text, r in call if r == reference] for _, reference in call}
+        assert len(by_reference["zebra quartz nineteen"]) == 3 and len(by_reference["always"]) == 3
+        assert by_reference["zebra quartz nineteen"].count("zebra quartz nineteen") == 1  # one member replaced
+        assert "always" not in by_reference["always"]  # that group earned full marks as sampled
+    logged = [r for r in rows(out) if "reward" in r]
+    assert [r["guidance/groups_guided"] for r in logged] == [0.5, 0.5]
+    assert all(r["reward"] > 0.5 for r in logged)  # the free group's 1.0 and the reference's
 
 
 def test_a_reward_raising_mid_training_stops_with_a_checkpoint(default_model: str, prompts: Path,

@@ -88,6 +88,8 @@ class FinetuneConfig:
     max_completion_length: int = 64  # most tokens per sampled completion
     temperature: float = 1.0  # sampling temperature of the completions
     rollouts: str = "auto"  # who samples them: auto (ownllm's batched engine where it covers the model), ownllm, trl
+    reference_guidance: bool = False  # a group none of whose completions earns its reference answer's reward gets
+    # the reference in place of one (guidance.py): a gradient where the policy never samples the right answer
     task: str = "generate"  # generate | classify: a classification head + LoRA on {"text", "label"} lines
 
     def __post_init__(self) -> None:

@@ -205,6 +205,7 @@ def build_rl_trainer(cfg: FinetuneConfig, run_dir: Path, data: Path) -> tuple[An
         processing_class=tokenizer, reward_processing_classes=reward_tokenizers if cfg.reward_model else None,
         callbacks=run_callbacks(run_dir), peft_config=peft_config)
     trainer.rollouts_note = use_rollouts(trainer, loaded, cfg.rollouts)
+    trainer.reference_guidance = cfg.reference_guidance
     return trainer, loaded
 
 
@@ -244,10 +245,38 @@ def with_own_rollouts(trainer_class: type) -> type:
         own_rollouts: Any = None
         rollouts_required = False  # rollouts: ownllm (a call it cannot take is an error, not a fallback)
         rollout_fallbacks = 0  # calls TRL's generation sampled although ours was chosen (the card says)
+        reference_guidance = False  # the reference in place of one completion of a group that all fail (guidance.py)
         _rollout_calls: tuple[int, int] = (-1, 0)  # (step, rollouts sampled in it): each call its own seeds
+
+        def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> Any:
+            self._step_inputs = inputs  # the rows behind this call's prompts, for reference guidance
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                self._step_inputs = None
 
         def _generate_single_turn(self, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any,
                                   *args: Any, **kwargs: Any) -> Any:
+            sampled = self._sampled(prompt_ids, images, multimodal_fields, *args, **kwargs)
+            inputs = getattr(self, "_step_inputs", None)
+            if not (self.reference_guidance and self.model.training and inputs and len(inputs) == len(prompt_ids)):
+                return sampled  # (a tool call's follow-up turn samples one completion per row: not a group)
+            from ownllm.finetune.guidance import guided_completions
+
+            pair = isinstance(sampled, tuple)
+            completion_ids, replaced = guided_completions(self, inputs, sampled[0] if pair else sampled,
+                                                          self.num_generations)
+            self._metrics["train"]["guidance/groups_guided"].append(
+                len(replaced) * self.num_generations / len(prompt_ids))
+            if not pair:
+                return completion_ids
+            logprobs = sampled[1]
+            if logprobs is not None and replaced:  # the sampler's own log-probs: none exist for the reference
+                logprobs = None
+            return completion_ids, logprobs
+
+        def _sampled(self, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any,
+                     *args: Any, **kwargs: Any) -> Any:
             rollouts = self.own_rollouts
             if rollouts is None:
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)

@@ -59,6 +59,8 @@ def rl_problems(cfg: Any) -> list[str]:
             problems.append(f"packing does not apply to method {cfg.method}")
     elif rewards or cfg.reward_model:
         problems.append("reward_fn and reward_model go with method grpo or rloo")
+    elif cfg.reference_guidance:
+        problems.append("reference_guidance goes with method grpo or rloo")
     return problems
 
 

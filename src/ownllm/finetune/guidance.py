@@ -1,0 +1,62 @@
+"""Reference guidance for online RL (`reference_guidance: true`): where none of a prompt's sampled completions
+earns the reward its reference answer earns, the reference takes the place of one of them.
+
+GRPO and RLOO learn only from the differences inside a group: a prompt whose completions all fail gives every
+one of them the same advantage, so no gradient, and a small model that never samples the right answer to a kind
+of question never learns it. Mixing the reference in as one member of such a group (off-policy guidance, as in
+LUFFY, Yan et al. 2025) gives the group a winner: the policy is pushed towards the reference and away from its
+own failures, with the same clipped objective and KL as every other completion. Groups where some completion
+already earns the reference's reward are left as sampled, so the rest of the run stays on-policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ownllm.finetune.rewards import REFERENCE
+
+
+def reference_ids(tokenizer: Any, reference: str, eos_token_id: int | None, max_tokens: int) -> list[int]:
+    """The reference answer as a completion: its tokens and the end-of-sequence token, as a sampled completion that
+    stopped ends, cut to `max_tokens` like one."""
+    ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
+    if eos_token_id is not None:
+        ids = [*ids, eos_token_id]
+    return ids[:max_tokens]
+
+
+def guided_completions(trainer: Any, inputs: list[dict[str, Any]], completion_ids: list[list[int]],
+                       group_size: int) -> tuple[list[list[int]], list[int]]:
+    """`completion_ids` (one per row of `inputs`, groups of `group_size` rows of one prompt in a row) with the
+    last completion of each group that no completion earns the reference's reward in replaced by the reference.
+    Returns the completions and the index of each row replaced. Rows without a reference are left alone.
+
+    The rewards are `trainer`'s own (TRL's `_calculate_rewards` with its reward weights), so a reward model, a
+    Python function and the built-ins decide alike."""
+    import torch
+
+    tokenizer = trainer.processing_class
+    groups = [range(start, start + group_size) for start in range(0, len(inputs), group_size)]
+    guided = [g for g in groups if isinstance(inputs[g[0]].get(REFERENCE), str) and inputs[g[0]][REFERENCE]]
+    if not guided:
+        return completion_ids, []
+    stops = list(trainer.eos_token_ids)  # the generation config's: what ends a sampled completion
+    stop = tokenizer.eos_token_id if tokenizer.eos_token_id in stops else (stops[0] if stops else None)
+    references = [reference_ids(tokenizer, inputs[g[0]][REFERENCE], stop, trainer.max_completion_length)
+                  for g in guided]
+    rows = [row for g in guided for row in g]
+    scored_inputs = [inputs[row] for row in rows] + [inputs[g[0]] for g in guided]
+    scored_ids = [completion_ids[row] for row in rows] + references
+    prompts = [x["prompt"] for x in scored_inputs]
+    texts = tokenizer.batch_decode(scored_ids, skip_special_tokens=True)
+    conversational = isinstance(prompts[0], list)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    per_function = trainer._calculate_rewards(scored_inputs, prompts, completions, scored_ids)
+    rewards = (per_function.cpu() * trainer.reward_weights.unsqueeze(0)).nansum(dim=1)
+    sampled, reference_rewards = rewards[:len(rows)].view(len(guided), group_size), rewards[len(rows):]
+    replaced, guided_ids = [], list(completion_ids)
+    for index, group in enumerate(guided):
+        if torch.isfinite(reference_rewards[index]) and bool((sampled[index] < reference_rewards[index]).all()):
+            guided_ids[group[-1]] = references[index]
+            replaced.append(group[-1])
+    return guided_ids, replaced
