@@ -2,8 +2,11 @@
 every stage. Each stage runs the `ownllm` CLI as a user would; results go to OUT/results.json and a markdown
 table on stdout.
 
-    OMP_NUM_THREADS=1 python bench/sql_rl.py --out /tmp/sql-bench [--grpo-steps 30] [--limit N] [--keep]
+    OMP_NUM_THREADS=1 python bench/sql_rl.py --out /tmp/sql-bench [--grpo-steps 30] [--limit N] [--keep] [--control]
 
+GRPO (examples/sql/grpo.yaml) trains on rl.jsonl, questions SFT never saw, with their gold queries as the
+reward's reference and as guidance. --control adds the fair comparison for that: SFT on train.jsonl + rl.jsonl
+with their gold queries (the same questions and answers GRPO had, taught directly).
 --keep reuses a stage whose run folder or result already exists in OUT (to continue an interrupted bench).
 """
 
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--grpo-steps", type=int, default=30)
     parser.add_argument("--limit", type=int, default=None, help="score only the first N test questions")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--control", action="store_true", help="also SFT on train.jsonl + rl.jsonl")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stages = {}
@@ -69,6 +73,12 @@ def main() -> None:
                          model=str(args.out / "sft"))
     stages["SFT+GRPO"] = {"train_seconds": grpo_seconds, **evaluate(str(args.out / "grpo"), args.out, "grpo",
                                                                     args.limit, args.keep)}
+    if args.control:
+        both = args.out / "train+rl.jsonl"
+        both.write_text((EXAMPLE / "train.jsonl").read_text() + (EXAMPLE / "rl.jsonl").read_text())
+        control_seconds = train("sft.yaml", args.out, "sft-train+rl", args.keep, "--data", str(both))
+        stages["control: SFT on train+rl"] = {"train_seconds": control_seconds, **evaluate(
+            str(args.out / "sft-train+rl"), args.out, "sft-train+rl", args.limit, args.keep)}
     (args.out / "results.json").write_text(json.dumps(stages, indent=2))
     print("| stage | execution accuracy | exact match | valid SQL | train time | eval time |")
     print("|---|---:|---:|---:|---:|---:|")
