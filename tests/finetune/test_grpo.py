@@ -107,6 +107,23 @@ def test_reference_guidance_puts_the_reference_in_a_group_that_all_fails(default
     assert all(r["reward"] > 0.5 for r in logged)  # the free group's 1.0 and the reference's
 
 
+def test_reference_guidance_needs_references_and_runs_in_two_processes(default_model: str, prompts: Path,
+                                                                       tmp_path: Path) -> None:
+    assert_user_error(run_cli(*grpo_args(prompts, tmp_path / "none", "--reference-guidance")),
+                      "prompts.jsonl: reference_guidance needs a 'reference' on some lines")
+    # one process's group has a reference and the other's not: both still score together (a collective call)
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(json.dumps({"prompt": "Name a colour.", "reference": "zebra quartz nineteen"}) + "\n"
+                    + json.dumps({"prompt": "Say hi."}) + "\n")
+    out = tmp_path / "ddp"
+    result = run_cli("finetune", "smollm2-135m-instruct", "--method", "grpo", "--data", str(data), "--out", str(out),
+                     "--reward-fn", "exact", "--reference-guidance", "--rollouts", "trl", "--max-steps", "2",
+                     *TINY, "--nproc", "2", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [r for r in rows(out) if "reward" in r]
+    assert [r["step"] for r in logged] == [1, 2] and all("guidance/groups_guided" in r for r in logged)
+
+
 def test_a_reward_raising_mid_training_stops_with_a_checkpoint(default_model: str, prompts: Path,
                                                                tmp_path: Path) -> None:
     rewards = tmp_path / "flaky.py"

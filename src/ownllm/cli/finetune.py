@@ -55,9 +55,10 @@ def finetune(
     rollouts: Annotated[str | None, typer.Option(help="grpo/rloo: who samples the completions: auto (ownllm's "
                                                       "batched engine where it covers the model) | ownllm | trl")
                         ] = None,
-    reference_guidance: Annotated[bool, typer.Option(
-        "--reference-guidance", help="grpo/rloo: a prompt none of whose completions earns its reference's reward "
-                                     "gets the reference as one of them")] = False,
+    reference_guidance: Annotated[bool | None, typer.Option(
+        "--reference-guidance/--no-reference-guidance",
+        help="grpo/rloo: a prompt none of whose completions earns its reference's reward gets the reference as "
+             "one of them")] = None,
     task: Annotated[str | None, typer.Option(help="generate | classify (a classification head on "
                                                   "{text, label} lines)")] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="training processes (DDP through torchrun)")] = 1,
@@ -77,7 +78,7 @@ def finetune(
                       early_stopping=early_stopping, reward_fn=reward_fn or None, reward_model=reward,
                       rl_beta=beta, num_generations=num_generations, max_completion_length=max_completion_length,
                       temperature=temperature, rollouts=rollouts,
-                      reference_guidance=reference_guidance or None, task=task)
+                      reference_guidance=reference_guidance, task=task)
     if cfg.method in ("grpo", "rloo") and cfg.data and Path(cfg.data).is_file():
         from ownllm.finetune.grpo import check_rl
 

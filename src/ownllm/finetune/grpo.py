@@ -136,6 +136,11 @@ def check_rl(cfg: FinetuneConfig, data: Path, places: list[str] | None = None) -
     if len(table) < per_step:  # TRL's sampler then yields no batch at all, and no step ever runs
         raise OwnLLMError(f"{data.name}: {len(table)} prompt(s), but a step takes batch_size x grad_accum = "
                           f"{per_step}", param="data", hint="add prompts or lower --batch-size or --grad-accum")
+    if cfg.reference_guidance and not (REFERENCE in table.column_names and any(
+            isinstance(r, str) and r.strip() for r in table[REFERENCE])):
+        raise OwnLLMError(f"{data.name}: reference_guidance needs a '{REFERENCE}' on some lines (the answer to put "
+                          "in a group that all fails; or a chat's final assistant message), and no line has one",
+                          param="reference_guidance", hint="add references or drop --reference-guidance")
     if cfg.reward_model:
         from ownllm.finetune.reward_model import check_reward_run
 
@@ -229,9 +234,10 @@ def train_rl(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, ca
                           hint="fix it, then run the same command with --resume") from None
     if stopper.stopped_at is not None:
         raise TrainingInterrupted(run_dir, stopper.stopped_at)
-    save_final(run_dir, trainer, tokenizer, RunRecord(base_model=loaded.source.location, method=cfg.method,
-                                                      spec=cfg.model))
-    plot_rewards(run_dir)
+    if trainer.is_world_process_zero():  # once, not once per training process (--nproc)
+        save_final(run_dir, trainer, tokenizer, RunRecord(base_model=loaded.source.location, method=cfg.method,
+                                                          spec=cfg.model))
+        plot_rewards(run_dir)
     return TrainOutcome(output.global_step, float(output.training_loss), None, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0), [rollouts_card_note(trainer)])
 
@@ -259,8 +265,11 @@ def with_own_rollouts(trainer_class: type) -> type:
                                   *args: Any, **kwargs: Any) -> Any:
             sampled = self._sampled(prompt_ids, images, multimodal_fields, *args, **kwargs)
             inputs = getattr(self, "_step_inputs", None)
-            if not (self.reference_guidance and self.model.training and inputs and len(inputs) == len(prompt_ids)):
-                return sampled  # (a tool call's follow-up turn samples one completion per row: not a group)
+            # GRPO passes the completions per prompt: 1 for a tool call's follow-up turn, whose rows are no group
+            per_prompt = args[0] if args else kwargs.get("num_generations", self.num_generations)
+            if not (self.reference_guidance and self.model.training and inputs and len(inputs) == len(prompt_ids)
+                    and per_prompt == self.num_generations):
+                return sampled
             from ownllm.finetune.guidance import guided_completions
 
             pair = isinstance(sampled, tuple)

@@ -32,31 +32,39 @@ def guided_completions(trainer: Any, inputs: list[dict[str, Any]], completion_id
     Returns the completions and the index of each row replaced. Rows without a reference are left alone.
 
     The rewards are `trainer`'s own (TRL's `_calculate_rewards` with its reward weights), so a reward model, a
-    Python function and the built-ins decide alike."""
+    Python function and the built-ins decide alike. That call gathers across training processes, so every
+    process makes it, with the same number of rows (each has the same batch), and reads its own slice back."""
     import torch
 
     tokenizer = trainer.processing_class
     groups = [range(start, start + group_size) for start in range(0, len(inputs), group_size)]
-    guided = [g for g in groups if isinstance(inputs[g[0]].get(REFERENCE), str) and inputs[g[0]][REFERENCE]]
-    if not guided:
-        return completion_ids, []
     stops = list(trainer.eos_token_ids)  # the generation config's: what ends a sampled completion
     stop = tokenizer.eos_token_id if tokenizer.eos_token_id in stops else (stops[0] if stops else None)
-    references = [reference_ids(tokenizer, inputs[g[0]][REFERENCE], stop, trainer.max_completion_length)
-                  for g in guided]
-    rows = [row for g in guided for row in g]
-    scored_inputs = [inputs[row] for row in rows] + [inputs[g[0]] for g in guided]
-    scored_ids = [completion_ids[row] for row in rows] + references
+    references: list[list[int] | None] = []
+    for group in groups:
+        reference = inputs[group[0]].get(REFERENCE)
+        usable = isinstance(reference, str) and reference.strip()
+        references.append(reference_ids(tokenizer, reference, stop, trainer.max_completion_length) if usable
+                          else None)
+    # a group without a reference is scored on its first completion in the reference's place, and never guided
+    scored_ids = list(completion_ids) + [ids if ids is not None else completion_ids[g[0]]
+                                         for ids, g in zip(references, groups, strict=True)]
+    scored_inputs = list(inputs) + [inputs[g[0]] for g in groups]
     prompts = [x["prompt"] for x in scored_inputs]
     texts = tokenizer.batch_decode(scored_ids, skip_special_tokens=True)
     conversational = isinstance(prompts[0], list)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-    per_function = trainer._calculate_rewards(scored_inputs, prompts, completions, scored_ids)
-    rewards = (per_function.cpu() * trainer.reward_weights.unsqueeze(0)).nansum(dim=1)
-    sampled, reference_rewards = rewards[:len(rows)].view(len(guided), group_size), rewards[len(rows):]
+    gathered = trainer._calculate_rewards(scored_inputs, prompts, completions, scored_ids).cpu()
+    mine = trainer.accelerator.process_index * len(scored_ids)
+    per_function = gathered[mine:mine + len(scored_ids)]
+    rewards = (per_function * trainer.reward_weights.unsqueeze(0)).nansum(dim=1)
+    sampled = rewards[:len(inputs)].view(len(groups), group_size)
     replaced, guided_ids = [], list(completion_ids)
-    for index, group in enumerate(guided):
-        if torch.isfinite(reference_rewards[index]) and bool((sampled[index] < reference_rewards[index]).all()):
-            guided_ids[group[-1]] = references[index]
+    for index, group in enumerate(groups):
+        reference_row = len(inputs) + index
+        if references[index] is None or bool(torch.isnan(per_function[reference_row]).all()):
+            continue  # no reference, or no reward function scored it
+        if bool((sampled[index] < rewards[reference_row]).all()):
+            guided_ids[group[-1]] = references[index]  # type: ignore[assignment]
             replaced.append(group[-1])
     return guided_ids, replaced

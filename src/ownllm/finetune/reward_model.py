@@ -108,13 +108,14 @@ def _train_and_save(cfg: FinetuneConfig, run_dir: Path, trainer: Any, tokenizer:
     if stopper.stopped_at is not None:
         raise TrainingInterrupted(run_dir, stopper.stopped_at)
     eval_loss = trainer.evaluate().get("eval_loss") if has_eval else None
-    with atomic_folder(final_model_path(run_dir)) as staging:
-        trainer.model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        head = {"max_length": cfg.max_length, **(extra or {})}  # scoring truncates where training did
-        (staging / HEAD_FILE).write_text(json.dumps(head, indent=2), encoding="utf-8")
-        write_record(staging, RunRecord(base_model=base, method=cfg.method if cfg.method != "lora" else "classify",
-                                        spec=cfg.model))
+    if trainer.is_world_process_zero():  # once, not once per training process (--nproc)
+        with atomic_folder(final_model_path(run_dir)) as staging:
+            trainer.model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            head = {"max_length": cfg.max_length, **(extra or {})}  # scoring truncates where training did
+            (staging / HEAD_FILE).write_text(json.dumps(head, indent=2), encoding="utf-8")
+            write_record(staging, RunRecord(base_model=base, method=cfg.method if cfg.method != "lora" else
+                                            "classify", spec=cfg.model))
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0))
 
