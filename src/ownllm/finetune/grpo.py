@@ -275,8 +275,12 @@ def with_own_rollouts(trainer_class: type) -> type:
             pair = isinstance(sampled, tuple)
             completion_ids, replaced = guided_completions(self, inputs, sampled[0] if pair else sampled,
                                                           self.num_generations)
-            self._metrics["train"]["guidance/groups_guided"].append(
-                len(replaced) * self.num_generations / len(prompt_ids))
+            import torch
+
+            # every process's groups, as TRL gathers its own metrics (each process holds the same number)
+            counts = self.accelerator.gather(torch.tensor([len(replaced), len(prompt_ids) // self.num_generations],
+                                                          device=self.accelerator.device)).view(-1, 2).sum(dim=0)
+            self._metrics["train"]["guidance/groups_guided"].append(counts[0].item() / counts[1].item())
             if not pair:
                 return completion_ids
             logprobs = sampled[1]

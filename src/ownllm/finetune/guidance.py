@@ -4,9 +4,10 @@ earns the reward its reference answer earns, the reference takes the place of on
 GRPO and RLOO learn only from the differences inside a group: a prompt whose completions all fail gives every
 one of them the same advantage, so no gradient, and a small model that never samples the right answer to a kind
 of question never learns it. Mixing the reference in as one member of such a group (off-policy guidance, as in
-LUFFY, Yan et al. 2025) gives the group a winner: the policy is pushed towards the reference and away from its
-own failures, with the same clipped objective and KL as every other completion. Groups where some completion
-already earns the reference's reward are left as sampled, so the rest of the run stays on-policy.
+LUFFY, Yan et al. 2025, without its policy shaping) gives the group a winner: the policy is pushed towards the
+reference and away from its own failures, through the same objective and KL penalty as every other completion
+(with one optimisation pass per batch, TRL's importance ratio is 1, so nothing is clipped). Groups where some
+completion already earns the reference's reward are left as sampled, so the rest of the run stays on-policy.
 """
 
 from __future__ import annotations
