@@ -283,10 +283,8 @@ def with_own_rollouts(trainer_class: type) -> type:
             self._metrics["train"]["guidance/groups_guided"].append(counts[0].item() / counts[1].item())
             if not pair:
                 return completion_ids
-            logprobs = sampled[1]
-            if logprobs is not None and replaced:  # the sampler's own log-probs: none exist for the reference
-                logprobs = None
-            return completion_ids, logprobs
+            # the sampler's own log-probs: none exist for a reference put in
+            return completion_ids, None if replaced else sampled[1]
 
         def _sampled(self, prompt_ids: list[list[int]], images: Any, multimodal_fields: Any,
                      *args: Any, **kwargs: Any) -> Any:
