@@ -98,14 +98,15 @@ def transformers_greedy(model: Any, prompt: list[int], steps: int) -> tuple[list
     logits: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, len(prompt), CHUNK):
-            out = model(input_ids=torch.tensor([prompt[start : start + CHUNK]]), cache=cache, use_cache=True,
-                        logits_to_keep=1)
+            out = model(input_ids=torch.tensor([prompt[start : start + CHUNK]], device=model.device), cache=cache,
+                        use_cache=True, logits_to_keep=1)
         for step in range(steps):
             row = out.logits[0, -1]
-            logits.append(row.float())
+            logits.append(row.float().cpu())  # where the slot forward returns its logits
             tokens.append(int(row.argmax()))
             if step < steps - 1:
-                out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=torch.tensor([[tokens[-1]]], device=model.device), cache=cache, use_cache=True,
+                            logits_to_keep=1)
     return tokens, logits
 
 
