@@ -16,7 +16,8 @@ from tests.generate.test_slot_parity import QUESTIONS, chat_prompts
 STEPS = 24
 # shapes the int4 kernel refuses: a compile of these fails in the child process
 TINY_SPEC = {"heads": 2, "kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 8, "rotary": 4, "eps": 1e-5,
-             "dtype": "bfloat16", "shapes": {name: [[3, 5], [1, 3, 2]] for name in ("qkv", "o", "gate_up", "down")},
+             "scale": 0.5, "upcast": True, "dtype": "bfloat16",
+             "shapes": {name: [[3, 5], [1, 3, 2]] for name in ("qkv", "o", "gate_up", "down")},
              "torch": torch.__version__, "cpu": ["test", []]}
 
 

@@ -2,12 +2,14 @@
 
 A decode step of one row through the slot forward is ~1,000 small eager ops, and on 2 CPU cores their dispatch
 costs as much as the int4 matmuls themselves (bench/RESULTS.md, session 37: 10.3 ms a token, 5.0 of it in the int4
-kernel). Two graphs cover everything in a layer but the attention over the cache:
+kernel). Two graphs cover everything in a layer but storing its new key and value in the cache:
 
 - `FirstHalf`: the attention norm, the fused q|k|v projection (int4) and the rotary turn of q and k;
-- `SecondHalf`: the o projection, the residual add, the feed-forward norm, gate|up, SiLU, down, the residual add.
+- `SecondHalf`: the attention over the cached keys (aten's sdpa kernel, in fp32 on the bf16 values where the slot
+  forward computes it so: `decode_attention`), the o projection, the residual add, the feed-forward norm, gate|up,
+  SiLU, down, the residual add. The number of keys is its one dynamic size.
 
-Each layer's weights are inputs, not constants, so one compiled pair serves every layer. The ops are the slot
+Each layer's weights and cache are inputs, not constants, so one compiled pair serves every layer. The ops are the slot
 forward's own, in its order and dtypes; inductor is told to round where eager rounds (`emulate_precision_casts`)
 and to leave the norms' mean to aten's kernel (`compile_packages`), so the logits are bit for bit the eager
 forward's (tests/generate/test_compiled_decode.py).
@@ -73,6 +75,15 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_turned: torch.Tensor) -> torch.
     return torch.cat([turned, kept], dim=-1)
 
 
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                     upcast: bool) -> torch.Tensor:
+    """One decoding row's attention over its own cached keys, unmasked, as transformers' sdpa call computes it; with
+    `upcast`, in fp32 on the same bf16/fp16 values (faster on some CPUs), left in fp32 for the caller to round."""
+    if upcast:
+        query, keys, values = query.float(), keys.float(), values.float()
+    return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
+
+
 class FirstHalf(torch.nn.Module):
     """A layer up to its attention: the norm, q|k|v and the rotary turn of q and k. Returns (q | k, v),
     [1, heads + kv heads, 1, head_dim] and [1, kv heads, 1, head_dim]."""
@@ -90,15 +101,22 @@ class FirstHalf(torch.nn.Module):
 
 
 class SecondHalf(torch.nn.Module):
-    """A layer after its attention: o projection, residual, feed-forward with its norm, residual. Returns x."""
+    """A layer from its attention on: the attention over the first `keys.shape[0]` positions of the layer's cache
+    (the new key and value stored there already), o projection, residual, feed-forward with its norm, residual.
+    Returns x."""
 
-    def __init__(self, intermediate: int, eps: float) -> None:
+    def __init__(self, heads: int, head_dim: int, intermediate: int, eps: float, scale: float, upcast: bool) -> None:
         super().__init__()
-        self.intermediate, self.eps = intermediate, eps
+        self.heads, self.head_dim, self.intermediate, self.eps = heads, head_dim, intermediate, eps
+        self.scale, self.upcast = scale, upcast
 
-    def forward(self, x: torch.Tensor, attended: torch.Tensor, o_packed: torch.Tensor, o_scales: torch.Tensor,
-                norm: torch.Tensor, gate_up_packed: torch.Tensor, gate_up_scales: torch.Tensor,
-                down_packed: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                keys: torch.Tensor, o_packed: torch.Tensor, o_scales: torch.Tensor, norm: torch.Tensor,
+                gate_up_packed: torch.Tensor, gate_up_scales: torch.Tensor, down_packed: torch.Tensor,
+                down_scales: torch.Tensor) -> torch.Tensor:
+        count = keys.shape[0]  # the keys attended, as a size: the graph's one dynamic dimension
+        attended = decode_attention(q, k_cache[None, :, :count], v_cache[None, :, :count], self.scale, self.upcast)
+        attended = attended.to(x.dtype).transpose(1, 2).reshape(1, 1, self.heads * self.head_dim)
         x = x + int4_matmul(attended, o_packed, o_scales)
         gate_up = int4_matmul(llama_norm(x, norm, self.eps), gate_up_packed, gate_up_scales)
         gate, up = gate_up.split(self.intermediate, -1)
@@ -121,12 +139,15 @@ def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
         part is not None and part.plane_count == 1 for f in four for part in (f.qkv, f.o, f.gate_up, f.down))
     if not plain or not stored:
         return None, "compiled one-row steps need every projection in 4 bits, without biases"
+    if any(layer.window is not None for layer in layers):
+        return None, "compiled one-row steps attend over the whole cache (no sliding-window layers)"
     epsilons = {layer.attn_norm.eps for layer in layers} | {layer.mlp_norm.eps for layer in layers}
     first = four[0]
     spec = {
         "heads": model.heads, "kv_heads": model.kv_heads, "head_dim": model.head_dim,
         "hidden": int(model.weights.embed.shape[1]), "intermediate": model.intermediate,
         "rotary": int(model.cos["default"].shape[-1]), "eps": epsilons.pop() if len(epsilons) == 1 else None,
+        "scale": float(model.scaling), "upcast": bool(model._upcast_decode),
         "dtype": str(model.dtype).removeprefix("torch."),
         "shapes": {name: [list(part.packed.shape), list(part.scales_and_zeros.shape)]
                    for name, part in (("qkv", first.qkv), ("o", first.o), ("gate_up", first.gate_up),
@@ -149,20 +170,21 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[Any, Any], None]:
     position = min(7, model.cos["default"].shape[0] - 1)
     cos = model.cos["default"][position][None, None, None]
     sin_turned = model.sin_turned["default"][position][None, None, None]
-    eager_first = FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"])
-    eager_second = SecondHalf(spec["intermediate"], spec["eps"])
+    eager_first, eager_second = _modules(spec)
 
     def check(first: Any, second: Any) -> None:
         generator = torch.Generator().manual_seed(0)
         with torch.inference_mode():
-            for _ in range(4):
+            for capacity, count in ((40, 17), (40, 40), (300, 1), (300, 257)):
                 x = (torch.randn(1, 1, spec["hidden"], generator=generator) * 4).to(model.dtype)
-                attended = torch.randn(1, 1, spec["heads"] * spec["head_dim"], generator=generator).to(model.dtype)
+                q = (torch.randn(1, spec["heads"], 1, spec["head_dim"], generator=generator) * 4).to(model.dtype)
+                k_cache, v_cache = (torch.randn(2, spec["kv_heads"], capacity, spec["head_dim"], generator=generator)
+                                    * 4).to(model.dtype)
                 first_inputs = [x, layer.attn_norm.weight, four.qkv.packed, four.qkv.scales_and_zeros, cos,
                                 sin_turned]
-                second_inputs = [x, attended, four.o.packed, four.o.scales_and_zeros, layer.mlp_norm.weight,
-                                 four.gate_up.packed, four.gate_up.scales_and_zeros, four.down.packed,
-                                 four.down.scales_and_zeros]
+                second_inputs = [x, q, k_cache, v_cache, torch.empty(count, dtype=torch.int8), four.o.packed,
+                                 four.o.scales_and_zeros, layer.mlp_norm.weight, four.gate_up.packed,
+                                 four.gate_up.scales_and_zeros, four.down.packed, four.down.scales_and_zeros]
                 want_first, want_second = eager_first(*first_inputs), eager_second(*second_inputs)
                 got_first, got_second = first(list(first_inputs)), second(list(second_inputs))
                 if not (len(got_first) == 2 and len(got_second) == 1
@@ -203,8 +225,25 @@ def _example_inputs(spec: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], tup
     norm = torch.rand(hidden).to(dtype)
     table = torch.rand(1, 1, 1, spec["rotary"]).to(dtype)
     first = (x, norm, *part("qkv"), table, table.clone())
-    second = (x, torch.randn(1, 1, heads * head_dim).to(dtype), *part("o"), norm, *part("gate_up"), *part("down"))
+    cache = torch.randn(spec["kv_heads"], 64, head_dim).to(dtype)  # one layer's keys (or values): [kv, capacity, D]
+    second = (x, torch.randn(1, heads, 1, head_dim).to(dtype), cache, cache.clone(), torch.empty(40, dtype=torch.int8),
+              *part("o"), norm, *part("gate_up"), *part("down"))
     return first, second
+
+
+def _modules(spec: dict[str, Any]) -> tuple[FirstHalf, SecondHalf]:
+    return (FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]),
+            SecondHalf(spec["heads"], spec["head_dim"], spec["intermediate"], spec["eps"], spec["scale"],
+                       spec["upcast"]))
+
+
+def _dynamic_shapes() -> dict[str, Any]:
+    """Per graph: the sizes that vary between calls (the second half's cache capacity and number of keys)."""
+    capacity = torch.export.Dim("capacity", min=2, max=1 << 24)
+    keys = torch.export.Dim("keys", min=1, max=1 << 24)
+    first = None
+    second = ({}, {}, {1: capacity}, {1: capacity}, {0: keys}, *[{}] * 7)
+    return {"first": first, "second": second}
 
 
 def compile_packages(spec: dict[str, Any], folder: Path) -> None:
@@ -219,14 +258,15 @@ def compile_packages(spec: dict[str, Any], folder: Path) -> None:
     lowerings.pop(torch.ops.aten.mean.dim, None)
     make_fallback(torch.ops.aten.mean.dim, warn=False)  # warn=True is an error where $CI is set
     first_inputs, second_inputs = _example_inputs(spec)
-    graphs = {"first": (FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]), first_inputs),
-              "second": (SecondHalf(spec["intermediate"], spec["eps"]), second_inputs)}
+    first_module, second_module = _modules(spec)
+    graphs = {"first": (first_module, first_inputs), "second": (second_module, second_inputs)}
+    dynamic = _dynamic_shapes()
     staging = folder.with_name(f".{folder.name}.{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
     try:
         for name, (module, inputs) in graphs.items():
-            torch._inductor.aoti_compile_and_package(torch.export.export(module, inputs),
-                                                     package_path=str(staging / f"{name}.pt2"))
+            exported = torch.export.export(module, inputs, dynamic_shapes=dynamic[name])
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(staging / f"{name}.pt2"))
         if not (folder / "second.pt2").is_file():
             os.replace(staging, folder)
     finally:

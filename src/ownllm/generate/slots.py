@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ownllm.errors import OwnLLMError, env_switch
 from ownllm.generate import compiled_decode
-from ownllm.generate.compiled_decode import CompiledSteps, _rms, llama_norm, rope
+from ownllm.generate.compiled_decode import CompiledSteps, _rms, decode_attention, llama_norm, rope
 from ownllm.models.adapters import Adapter, LoraWeights
 from ownllm.models.dtype import upcast_decode_attention
 from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, has_gguf, int4_row_limit, pack
@@ -569,11 +569,8 @@ class SlotModel:
             k_cache[:, start] = k[row, :, 0]
             v_cache[:, start] = v[row, :, 0]
             first = _first_key(start, window)
-            query = q[row : row + 1]
-            keys, values = k_cache[None, :, first : start + 1], v_cache[None, :, first : start + 1]
-            if upcast:
-                query, keys, values = query.float(), keys.float(), values.float()
-            outputs.append(F.scaled_dot_product_attention(query, keys, values, scale=self.scaling, enable_gqa=True))
+            outputs.append(decode_attention(q[row : row + 1], k_cache[None, :, first : start + 1],
+                                            v_cache[None, :, first : start + 1], self.scaling, upcast))
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return attended.to(q.dtype) if upcast else attended
 
@@ -690,20 +687,24 @@ class SlotModel:
 
     def _compiled_layers(self, graphs: tuple[Any, Any], x: torch.Tensor, sequence: int, start: int,
                          table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Every layer of one decoding row, its norms and projections through the compiled graphs and its attention
-        as `forward` attends (the same ops in the same order: the same bits)."""
+        """Every layer of one decoding row through the compiled graphs: its norms, projections and attention as
+        `forward` computes them (the same ops in the same order: the same bits). Only storing the new key and value
+        in the cache stays eager."""
         first_half, second_half = graphs
         cos, sin_turned = table
         h, four = self.heads, self.four_bit.layers
+        keys = torch.empty(start + 1, dtype=torch.int8)  # its length is the number of keys attended (a size)
         qk, v = first_half([x, self.layers[0].attn_norm.weight, four[0].qkv.packed, four[0].qkv.scales_and_zeros,
                             cos, sin_turned])
         for index, layer in enumerate(self.layers):
-            attended = self._attend(index, qk[:, :h], qk[:, h:], v, [sequence], [start], layer.window, (0, None))
+            k_cache, v_cache = self._views[sequence][index]
+            k_cache[:, start] = qk[0, h:, 0]
+            v_cache[:, start] = v[0, :, 0]
             projections = four[index]
-            x = second_half([x, attended.transpose(1, 2).reshape(1, 1, h * self.head_dim),
-                             projections.o.packed, projections.o.scales_and_zeros, layer.mlp_norm.weight,
-                             projections.gate_up.packed, projections.gate_up.scales_and_zeros,
-                             projections.down.packed, projections.down.scales_and_zeros])[0].view_as(x)  # (*)
+            x = second_half([x, qk[:, :h], k_cache, v_cache, keys, projections.o.packed,
+                             projections.o.scales_and_zeros, layer.mlp_norm.weight, projections.gate_up.packed,
+                             projections.gate_up.scales_and_zeros, projections.down.packed,
+                             projections.down.scales_and_zeros])[0].view_as(x)  # (*)
             if index + 1 < len(self.layers):
                 following = four[index + 1].qkv
                 qk, v = first_half([x, self.layers[index + 1].attn_norm.weight, following.packed,
