@@ -189,10 +189,18 @@ def test_metrics_move(server) -> None:
 
     before = value("ownllm_generation_tokens_total")
     requests_before = value('ownllm_requests_total{endpoint="/v1/chat/completions",status="200"}')
-    server.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, temperature=0)
+    firsts, gaps = value("ownllm_time_to_first_token_seconds_count"), value("ownllm_inter_token_latency_seconds_count")
+    server.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, temperature=0,
+                                            extra_body={"ignore_eos": True})
     assert value("ownllm_generation_tokens_total") >= before + 1
     assert value('ownllm_requests_total{endpoint="/v1/chat/completions",status="200"}') == requests_before + 1
-    assert value("ownllm_time_to_first_token_seconds_count") > 0
+    # a reply that is not streamed is timed all the same (in the engine's thread: its pieces never reach the loop)
+    assert value("ownllm_time_to_first_token_seconds_count") == firsts + 1
+    assert value("ownllm_inter_token_latency_seconds_count") >= gaps + 1
+    stream = server.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, temperature=0,
+                                                     stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert value("ownllm_time_to_first_token_seconds_count") == firsts + 2
     text = httpx.get(f"{server.url}/metrics").text
     assert "ownllm_queue_depth" in text and "ownllm_running_sequences" in text
 

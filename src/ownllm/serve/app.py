@@ -177,7 +177,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompt_ids = tool_calls.render_prompt(state.engine, messages, plan)
         params = _params(body.to_sampling_params, state.default_max_tokens(len(prompt_ids)))
         await _compile_constraint(state, params)
-        generation = state.submit([prompt_ids], params, n=body.n, adapter=adapter)
+        generation = state.submit([prompt_ids], params, n=body.n, adapter=adapter, stream=body.stream)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream and plan is not None:
             chunks = tool_calls.chat_stream(body.model, len(prompt_ids), body.n, generation.events(), include_usage)
@@ -203,7 +203,8 @@ def create_app(state: ServerState) -> FastAPI:
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
         params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
         await _compile_constraint(state, params)
-        generation = state.submit(encoded, params, n=body.n, adapter=adapter, prompt_param="prompt")
+        generation = state.submit(encoded, params, n=body.n, adapter=adapter, prompt_param="prompt",
+                                  stream=body.stream)
         if body.stream:
             return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
                                      bool(body.stream_options and body.stream_options.include_usage)), generation)
@@ -253,7 +254,7 @@ def create_app(state: ServerState) -> FastAPI:
             return await tgi_stream(body)
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.encode(body.inputs, "inputs")
-        generation = state.submit([ids], params, prompt_param="inputs")
+        generation = state.submit([ids], params, prompt_param="inputs", stream=False)
         (completion,) = await generation.completions_while_connected(request)
         result: dict[str, Any] = {"generated_text": completion.text}
         if body.parameters.details:

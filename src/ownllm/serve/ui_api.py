@@ -140,7 +140,7 @@ def router(state: ServerState) -> APIRouter:
             params = dataclasses.replace(params, explain=body.top)
         except OwnLLMError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
-        generation = state.submit([prompt_ids], params, adapter=adapter)
+        generation = state.submit([prompt_ids], params, adapter=adapter, stream=False)
         (completion,) = await generation.completions_while_connected(request)
         steps = completion.explanations or []
         pieces = _pieces(state.engine.tokenizer, completion.token_ids)
@@ -380,7 +380,7 @@ async def _answer(request: Request, state: ServerState, items: list[Any], prompt
     results = []
     for start in range(0, len(items), EVAL_CHUNK):
         chunk = prompts[start : start + EVAL_CHUNK]
-        generation = state.submit(chunk, params, adapter=adapter, prompt_param="file")
+        generation = state.submit(chunk, params, adapter=adapter, prompt_param="file", stream=False)
         completions = await generation.completions_while_connected(request)
         for item, completion in zip(items[start : start + EVAL_CHUNK], completions, strict=True):
             prediction = completion.text.strip()
