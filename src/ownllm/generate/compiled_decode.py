@@ -139,8 +139,9 @@ def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
         part is not None and part.plane_count == 1 for f in four for part in (f.qkv, f.o, f.gate_up, f.down))
     if not plain or not stored:
         return None, "compiled one-row steps need every projection in 4 bits, without biases"
-    if any(layer.window is not None for layer in layers):
-        return None, "compiled one-row steps attend over the whole cache (no sliding-window layers)"
+    longest = model.max_len + model.prefix_len  # a window at least this long never leaves out a key
+    if any(layer.window is not None and layer.window < longest for layer in layers):
+        return None, "compiled one-row steps attend over the whole cache (no sliding window shorter than the context)"
     epsilons = {layer.attn_norm.eps for layer in layers} | {layer.mlp_norm.eps for layer in layers}
     first = four[0]
     spec = {

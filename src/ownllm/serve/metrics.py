@@ -20,9 +20,10 @@ class Metrics:
                                 ["endpoint", "status"], registry=self.registry)
         self.prompt_tokens = Counter("ownllm_prompt_tokens", "prompt tokens processed", registry=self.registry)
         self.generated_tokens = Counter("ownllm_generation_tokens", "tokens generated", registry=self.registry)
+        # a reply that is not streamed is timed where the engine emits its pieces, a streamed one where they are sent
         self.ttft = Histogram("ownllm_time_to_first_token_seconds", "request arrival to first token",
                               buckets=_LATENCY, registry=self.registry)
-        self.itl = Histogram("ownllm_inter_token_latency_seconds", "time between streamed pieces",
+        self.itl = Histogram("ownllm_inter_token_latency_seconds", "time between pieces of text",
                              buckets=_LATENCY, registry=self.registry)
         queue = Gauge("ownllm_queue_depth", "requests waiting for a batch slot", registry=self.registry)
         queue.set_function(waiting)

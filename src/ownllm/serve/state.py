@@ -119,8 +119,9 @@ class Generation:
     Leaving the iteration early (client gone) or `close()` cancels what still runs.
 
     Without `stream`, the pieces of text never reach the event loop, only each sequence's Completion (and errors):
-    a piece handed over wakes the loop's thread, and on a machine with as many cores as the decode step's threads
-    that wake-up takes a core from the step at every token (one stream ran ~30% slower served than in process)."""
+    a piece handed over wakes the loop's thread at every token, on the cores the decode step's threads run on (the
+    loop's CPU per token for such a reply went from 0.23 to ~0.05 ms; bench/RESULTS.md, session 40). Their TTFT
+    and ITL are then taken where the engine emits them, a streamed reply's where the loop hands them on."""
 
     def __init__(self, state: ServerState, prompts: list[list[int]], params: SamplingParams, n: int,
                  adapter: str | None, stream: bool = True) -> None:
