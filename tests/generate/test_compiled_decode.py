@@ -66,6 +66,26 @@ def test_compiled_one_row_steps_give_the_eager_forwards_logits_bit_for_bit(bf16:
             [float((a - b).abs().max()) for a, b in zip(want, got, strict=True)]
 
 
+def test_only_a_window_shorter_than_the_context_keeps_one_row_steps_eager(bf16: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled attention reads every cached key: a sliding window that can leave keys out (shorter than the
+    context) needs the eager path; one at least as long as the context (Mistral's 4,096 under 2,048) does not."""
+    from ownllm.generate.compiled_decode import spec_of
+    from ownllm.generate.slots import SlotModel
+
+    monkeypatch.setenv("OWNLLM_COMPILED_DECODE", "0")  # only the spec is asked for here: nothing compiles
+    slots = SlotModel(bf16.model, slots=1, max_len=256, four_bit=True)
+    if not slots.four_bit_rows:
+        pytest.skip(f"no int4 steps on this CPU: {slots.four_bit_note}")
+    assert spec_of(slots)[0] is not None
+    for layer in slots.layers:
+        layer.window = 256
+    assert spec_of(slots)[0] is not None
+    slots.layers[3].window = 255
+    spec, why = spec_of(slots)
+    assert spec is None and "sliding window" in str(why)
+
+
 def test_a_compile_that_fails_leaves_the_eager_forward_and_says_why(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Shapes the int4 kernel refuses: the child process fails, nothing half-written stays, the lock is free."""
