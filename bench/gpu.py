@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from serve import free_port, wait_ready  # bench/serve.py, beside this file
 
 MODEL = "smollm2-135m-instruct"
 GOLD = "What is the capital of France?"
@@ -122,12 +122,6 @@ def section_sanity(report: Report, budget: float) -> dict[str, Any]:
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def section_server(report: Report, budget: float) -> dict[str, Any]:
     from openai import OpenAI
 
@@ -142,17 +136,10 @@ def section_server(report: Report, budget: float) -> dict[str, Any]:
     result: dict[str, Any] = {}
     try:
         started = time.perf_counter()
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited {server.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - started > 180:
-                raise RuntimeError("server not ready in 180 s")
-            time.sleep(0.5)
+        try:
+            wait_ready(url, server, seconds=180)
+        except RuntimeError as exc:
+            raise RuntimeError(f"ownllm serve {exc}: {log_path.read_text()[-2000:]}") from None
         result["ready_seconds"] = round(time.perf_counter() - started, 1)
         result["health"] = httpx.get(f"{url}/health", timeout=10).json()
         result["startup_lines"] = [line for line in log_path.read_text().splitlines() if line.strip()][:12]

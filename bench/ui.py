@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,12 +22,7 @@ import tempfile
 import time
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from serve import free_port  # bench/serve.py, beside this file
 
 
 def one_run(browser: object, model: str) -> dict[str, float]:
