@@ -93,7 +93,7 @@ def test_a_compile_that_fails_leaves_the_eager_forward_and_says_why(tmp_path: Pa
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
     spec = {**TINY_SPEC, "code": "test"}
-    steps = CompiledSteps(spec, check=lambda first, second: None)
+    steps = CompiledSteps(spec, check=lambda graphs: None)
     assert steps.note.startswith("one-row steps compiling")
     steps.thread.join(timeout=600)
     assert steps.ready is None
@@ -116,24 +116,25 @@ def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypa
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
     spec = {**TINY_SPEC, "code": "damaged"}
-    probe = CompiledSteps(spec, check=lambda first, second: None)  # (finds the folder name; fails to compile)
+    probe = CompiledSteps(spec, check=lambda graphs: None)  # (finds the folder name; fails to compile)
     probe.thread.join(timeout=600)
     folder = probe.folder
     folder.mkdir(parents=True)
     (folder / "first.pt2").write_bytes(b"not a package")
-    (folder / "second.pt2").write_bytes(b"PK\x03\x04 truncated")
+    (folder / "middle.pt2").write_bytes(b"PK\x03\x04 truncated")
+    (folder / "last.pt2").write_bytes(b"")
     stale = folder.with_name(f".{folder.name}.12345")
     stale.mkdir()
-    steps = CompiledSteps(spec, check=lambda first, second: None)
+    steps = CompiledSteps(spec, check=lambda graphs: None)
     assert steps.note == "one-row steps: loading their compiled graphs"
     steps.thread.join(timeout=600)
     assert steps.ready is None and steps.note.startswith("one-row steps eager (RuntimeError")
     assert not folder.exists() and not stale.exists()
 
 
-def test_old_compiled_pairs_are_pruned_but_not_one_being_compiled(tmp_path: Path,
+def test_old_compiled_sets_are_pruned_but_not_one_being_compiled(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a compile, only the KEPT_PAIRS most recently used pairs stay. A pair whose lock another process holds
+    """After a compile, only the KEPT_SETS most recently used sets stay. A set whose lock another process holds
     (being compiled) stays whatever its age, and so does one another server loaded since the listing; a killed
     compiler's staging folder goes where its key's lock is free; a link is never followed nor removed."""
     from ownllm.generate import compiled_decode
@@ -144,7 +145,7 @@ def test_old_compiled_pairs_are_pruned_but_not_one_being_compiled(tmp_path: Path
     outside.mkdir()
     (outside / "keep.txt").write_text("not ours")
     pairs = []
-    for age in range(compiled_decode.KEPT_PAIRS + 4):  # decode-00 the newest
+    for age in range(compiled_decode.KEPT_SETS + 4):  # decode-00 the newest
         folder = compiled / f"decode-{age:02d}"
         folder.mkdir(parents=True)
         (folder / "first.pt2").write_bytes(b"x")
@@ -171,6 +172,6 @@ def test_old_compiled_pairs_are_pruned_but_not_one_being_compiled(tmp_path: Path
         compiled_decode._prune(pairs[0])  # pairs[0] was just compiled
     finally:
         os.close(descriptor)
-    assert [folder.exists() for folder in pairs] == [True] * compiled_decode.KEPT_PAIRS + [False, False, True, True]
+    assert [folder.exists() for folder in pairs] == [True] * compiled_decode.KEPT_SETS + [False, False, True, True]
     assert not killed.exists() and compiling.is_dir()
     assert link.is_symlink() and (outside / "keep.txt").is_file()

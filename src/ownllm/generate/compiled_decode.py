@@ -2,14 +2,16 @@
 
 A decode step of one row through the slot forward is ~1,000 small eager ops, and on 2 CPU cores their dispatch
 costs as much as the int4 matmuls themselves (bench/RESULTS.md, session 37: 10.3 ms a token, 5.0 of it in the int4
-kernel). Two graphs cover everything in a layer but storing its new key and value in the cache:
+kernel). Three graphs cover a step's layers, one call a layer:
 
-- `FirstHalf`: the attention norm, the fused q|k|v projection (int4) and the rotary turn of q and k;
-- `SecondHalf`: the attention over the cached keys (aten's sdpa kernel, in fp32 on the bf16 values where the slot
-  forward computes it so: `decode_attention`), the o projection, the residual add, the feed-forward norm, gate|up,
-  SiLU, down, the residual add. The number of keys is its one dynamic size.
+- `FirstHalf`: the first layer's attention norm, fused q|k|v projection (int4) and rotary turn of q and k;
+- `MiddleLayer`: a layer's new key and value stored in its cache, the attention over the cached keys (aten's sdpa
+  kernel, in fp32 on the bf16 values where the slot forward computes it so: `decode_attention`), the o projection,
+  the residual add, the feed-forward norm, gate|up, SiLU, down, the residual add (`LastLayer`), then the next
+  layer's `FirstHalf`; the number of keys and the caches' capacity are its dynamic sizes;
+- `LastLayer`: the last layer's part of `MiddleLayer`.
 
-Each layer's weights and cache are inputs, not constants, so one compiled pair serves every layer. The ops are the slot
+Each layer's weights and cache are inputs, not constants, so one compiled set serves every layer. The ops are the slot
 forward's own, in its order and dtypes; inductor is told to round where eager rounds (`emulate_precision_casts`)
 and to leave the norms' mean to aten's kernel (`compile_packages`), so the logits are bit for bit the eager
 forward's (tests/generate/test_compiled_decode.py).
@@ -100,9 +102,10 @@ class FirstHalf(torch.nn.Module):
         return rope(qkv[:, : h + kv], cos, sin_turned), qkv[:, h + kv :]
 
 
-class SecondHalf(torch.nn.Module):
-    """A layer from its attention on: the attention over the first `keys.shape[0]` positions of the layer's cache
-    (the new key and value stored there already), o projection, residual, feed-forward with its norm, residual.
+class LastLayer(torch.nn.Module):
+    """A layer from storing its new key and value on: the new key (rotated, in `qk` after the query heads) and value
+    stored at `position` of the layer's cache (the graph writes into the cache tensors it is given), the attention
+    over the first `keys.shape[0]` positions, o projection, residual, feed-forward with its norm, residual.
     Returns x."""
 
     def __init__(self, heads: int, head_dim: int, intermediate: int, eps: float, scale: float, upcast: bool) -> None:
@@ -110,17 +113,45 @@ class SecondHalf(torch.nn.Module):
         self.heads, self.head_dim, self.intermediate, self.eps = heads, head_dim, intermediate, eps
         self.scale, self.upcast = scale, upcast
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                keys: torch.Tensor, o_packed: torch.Tensor, o_scales: torch.Tensor, norm: torch.Tensor,
-                gate_up_packed: torch.Tensor, gate_up_scales: torch.Tensor, down_packed: torch.Tensor,
-                down_scales: torch.Tensor) -> torch.Tensor:
-        count = keys.shape[0]  # the keys attended, as a size: the graph's one dynamic dimension
-        attended = decode_attention(q, k_cache[None, :, :count], v_cache[None, :, :count], self.scale, self.upcast)
-        attended = attended.to(x.dtype).transpose(1, 2).reshape(1, 1, self.heads * self.head_dim)
+    def forward(self, x: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, keys: torch.Tensor, position: torch.Tensor, o_packed: torch.Tensor,
+                o_scales: torch.Tensor, norm: torch.Tensor, gate_up_packed: torch.Tensor,
+                gate_up_scales: torch.Tensor, down_packed: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
+        h = self.heads
+        # a tensor index: a position taken from a size would be specialised by torch.export's bound checks
+        k_cache.index_copy_(1, position, qk[0, h:])
+        v_cache.index_copy_(1, position, v[0])
+        count = keys.shape[0]  # the keys attended, as a size: the graph's one dynamic dimension besides the caches'
+        attended = decode_attention(qk[:, :h], k_cache[None, :, :count], v_cache[None, :, :count], self.scale,
+                                    self.upcast)
+        attended = attended.to(x.dtype).transpose(1, 2).reshape(1, 1, h * self.head_dim)
         x = x + int4_matmul(attended, o_packed, o_scales)
         gate_up = int4_matmul(llama_norm(x, norm, self.eps), gate_up_packed, gate_up_scales)
         gate, up = gate_up.split(self.intermediate, -1)
         return x + int4_matmul(F.silu(gate) * up, down_packed, down_scales)
+
+
+class MiddleLayer(LastLayer):
+    """`LastLayer` followed by the next layer's `FirstHalf`, in one graph: one call a layer. Returns (x, q | k, v)
+    for the next layer."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float,
+                 upcast: bool) -> None:
+        super().__init__(heads, head_dim, intermediate, eps, scale, upcast)
+        self.following = FirstHalf(heads, kv_heads, head_dim, eps)
+
+    def forward(self, x: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,  # type: ignore[override]
+                v_cache: torch.Tensor, keys: torch.Tensor, position: torch.Tensor, o_packed: torch.Tensor,
+                o_scales: torch.Tensor, norm: torch.Tensor, gate_up_packed: torch.Tensor,
+                gate_up_scales: torch.Tensor, down_packed: torch.Tensor, down_scales: torch.Tensor,
+                next_norm: torch.Tensor, next_qkv_packed: torch.Tensor, next_qkv_scales: torch.Tensor,
+                cos: torch.Tensor, sin_turned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = super().forward(x, qk, v, k_cache, v_cache, keys, position, o_packed, o_scales, norm, gate_up_packed,
+                            gate_up_scales, down_packed, down_scales)
+        return x, *self.following(x, next_norm, next_qkv_packed, next_qkv_scales, cos, sin_turned)
+
+
+GRAPHS = ("first", "middle", "last")  # the packages of one compiled set, in the order `CompiledSteps.ready` has them
 
 
 def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -164,34 +195,55 @@ def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
     return spec, None
 
 
-def checker(model: Any, spec: dict[str, Any]) -> Callable[[Any, Any], None]:
-    """What `CompiledSteps` runs before using a loaded pair: both graphs on the model's first layer (its real
-    weights, made-up activations) against the eager ops they were traced from; raises unless every bit agrees."""
-    layer, four = model.layers[0], model.four_bit.layers[0]
-    position = min(7, model.cos["default"].shape[0] - 1)
-    cos = model.cos["default"][position][None, None, None]
-    sin_turned = model.sin_turned["default"][position][None, None, None]
-    eager_first, eager_second = _modules(spec)
+def layer_inputs(first: Any, second: Any, norm: torch.Tensor, mlp_norm: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """The weights each graph takes for one layer, in its order: `first` its q|k|v (an `Int4Weight`) after the
+    attention norm `norm`; `last` its o, gate|up and down (`second` holds them: a `_FourBitLayer`) and the feed-forward
+    norm. `middle` takes `last`'s weights and then the next layer's `first` ones."""
+    return {"first": [norm, first.packed, first.scales_and_zeros],
+            "last": [second.o.packed, second.o.scales_and_zeros, mlp_norm, second.gate_up.packed,
+                     second.gate_up.scales_and_zeros, second.down.packed, second.down.scales_and_zeros]}
 
-    def check(first: Any, second: Any) -> None:
+
+def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """What `CompiledSteps` runs before using a loaded set: every graph on the model's first two layers (their real
+    weights, made-up activations and caches) against the eager ops it was traced from; raises unless every bit
+    agrees, the keys and values the graphs store included."""
+    layers, four = model.layers, model.four_bit.layers
+    following = 1 if len(layers) > 1 else 0
+    weights = layer_inputs(four[0].qkv, four[0], layers[0].attn_norm.weight, layers[0].mlp_norm.weight)
+    next_weights = layer_inputs(four[following].qkv, four[following], layers[following].attn_norm.weight,
+                                layers[following].mlp_norm.weight)
+    position = min(7, model.cos["default"].shape[0] - 1)
+    table = [model.cos["default"][position][None, None, None], model.sin_turned["default"][position][None, None, None]]
+    eager = _modules(spec)
+
+    def check(graphs: dict[str, Any]) -> None:
         generator = torch.Generator().manual_seed(0)
+
+        def made_up(*shape: int) -> torch.Tensor:
+            return (torch.randn(*shape, generator=generator) * 4).to(model.dtype)
+
         with torch.inference_mode():
             for capacity, count in ((40, 17), (40, 40), (300, 1), (300, 257)):
-                x = (torch.randn(1, 1, spec["hidden"], generator=generator) * 4).to(model.dtype)
-                q = (torch.randn(1, spec["heads"], 1, spec["head_dim"], generator=generator) * 4).to(model.dtype)
-                k_cache, v_cache = (torch.randn(2, spec["kv_heads"], capacity, spec["head_dim"], generator=generator)
-                                    * 4).to(model.dtype)
-                first_inputs = [x, layer.attn_norm.weight, four.qkv.packed, four.qkv.scales_and_zeros, cos,
-                                sin_turned]
-                second_inputs = [x, q, k_cache, v_cache, torch.empty(count, dtype=torch.int8), four.o.packed,
-                                 four.o.scales_and_zeros, layer.mlp_norm.weight, four.gate_up.packed,
-                                 four.gate_up.scales_and_zeros, four.down.packed, four.down.scales_and_zeros]
-                want_first, want_second = eager_first(*first_inputs), eager_second(*second_inputs)
-                got_first, got_second = first(list(first_inputs)), second(list(second_inputs))
-                if not (len(got_first) == 2 and len(got_second) == 1
-                        and all(torch.equal(w, g) for w, g in zip(want_first, got_first, strict=True))
-                        and torch.equal(want_second, got_second[0].reshape(want_second.shape))):
-                    raise RuntimeError("the compiled graphs do not compute what the eager ops do")
+                x = made_up(1, 1, spec["hidden"])
+                qk = made_up(1, spec["heads"] + spec["kv_heads"], 1, spec["head_dim"])
+                v = made_up(1, spec["kv_heads"], 1, spec["head_dim"])
+                caches = made_up(2, spec["kv_heads"], capacity, spec["head_dim"])
+                where = [torch.empty(count, dtype=torch.int8), torch.tensor([count - 1])]
+                for name in GRAPHS:
+                    if name == "first":
+                        inputs = [x, *weights["first"], *table]
+                    else:
+                        inputs = [x, qk, v, *caches.clone(), *where, *weights["last"]]
+                        if name == "middle":
+                            inputs += [*next_weights["first"], *table]
+                    ours = inputs[:3] + [cache.clone() for cache in inputs[3:5]] + inputs[5:]  # (caches: written)
+                    want, got = eager[name](*inputs), graphs[name](ours)
+                    want = list(want) if isinstance(want, tuple) else [want]
+                    if not (len(got) == len(want)
+                            and all(torch.equal(w, g.reshape(w.shape)) for w, g in zip(want, got, strict=True))
+                            and all(torch.equal(w, g) for w, g in zip(inputs, ours, strict=True))):
+                        raise RuntimeError(f"the compiled graph '{name}' does not compute what the eager ops do")
 
     return check
 
@@ -213,10 +265,11 @@ def _key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _example_inputs(spec: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Inputs of the right shapes and dtypes (the graphs take weights as inputs: their values do not matter)."""
+def _example_inputs(spec: dict[str, Any]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Inputs of the right shapes and dtypes per graph (the graphs take weights as inputs: their values do not
+    matter)."""
     dtype = getattr(torch, spec["dtype"])
-    hidden, heads, head_dim = spec["hidden"], spec["heads"], spec["head_dim"]
+    hidden, heads, kv_heads, head_dim = spec["hidden"], spec["heads"], spec["kv_heads"], spec["head_dim"]
 
     def part(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         packed, scales = spec["shapes"][name]
@@ -225,30 +278,32 @@ def _example_inputs(spec: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], tup
     x = torch.randn(1, 1, hidden).to(dtype)
     norm = torch.rand(hidden).to(dtype)
     table = torch.rand(1, 1, 1, spec["rotary"]).to(dtype)
-    first = (x, norm, *part("qkv"), table, table.clone())
-    cache = torch.randn(spec["kv_heads"], 64, head_dim).to(dtype)  # one layer's keys (or values): [kv, capacity, D]
-    second = (x, torch.randn(1, heads, 1, head_dim).to(dtype), cache, cache.clone(), torch.empty(40, dtype=torch.int8),
-              *part("o"), norm, *part("gate_up"), *part("down"))
-    return first, second
+    first = (norm, *part("qkv"))
+    cache = torch.randn(kv_heads, 64, head_dim).to(dtype)  # one layer's keys (or values): [kv, capacity, D]
+    last = (x, torch.randn(1, heads + kv_heads, 1, head_dim).to(dtype), torch.randn(1, kv_heads, 1, head_dim).to(dtype),
+            cache, cache.clone(), torch.empty(40, dtype=torch.int8), torch.tensor([39]),
+            *part("o"), norm.clone(), *part("gate_up"), *part("down"))
+    return {"first": (x, *first, table, table.clone()), "middle": (*last, *first, table, table.clone()),
+            "last": last}
 
 
-def _modules(spec: dict[str, Any]) -> tuple[FirstHalf, SecondHalf]:
-    return (FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]),
-            SecondHalf(spec["heads"], spec["head_dim"], spec["intermediate"], spec["eps"], spec["scale"],
-                       spec["upcast"]))
+def _modules(spec: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    common = (spec["head_dim"], spec["intermediate"], spec["eps"], spec["scale"], spec["upcast"])
+    return {"first": FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]),
+            "middle": MiddleLayer(spec["heads"], spec["kv_heads"], *common),
+            "last": LastLayer(spec["heads"], *common)}
 
 
 def _dynamic_shapes() -> dict[str, Any]:
-    """Per graph: the sizes that vary between calls (the second half's cache capacity and number of keys)."""
+    """Per graph: the sizes that vary between calls (the caches' capacity and the number of keys)."""
     capacity = torch.export.Dim("capacity", min=2, max=1 << 24)
     keys = torch.export.Dim("keys", min=1, max=1 << 24)
-    first = None
-    second = ({}, {}, {1: capacity}, {1: capacity}, {0: keys}, *[{}] * 7)
-    return {"first": first, "second": second}
+    last = ({}, {}, {}, {1: capacity}, {1: capacity}, {0: keys}, *[{}] * 8)
+    return {"first": None, "middle": (*last, *[{}] * 5), "last": last}
 
 
 def compile_packages(spec: dict[str, Any], folder: Path) -> None:
-    """Compile both graphs for `spec` into folder/first.pt2 and folder/second.pt2: the child process's job. Written
+    """Compile the graphs for `spec` into folder/<name>.pt2 (`GRAPHS`): the child process's job. Written
     whole or not at all; where another process's compile got there first, its folder stays."""
     import torch._inductor.config as inductor_config
     from torch._inductor.lowering import lowerings, make_fallback
@@ -258,36 +313,33 @@ def compile_packages(spec: dict[str, Any], folder: Path) -> None:
     # another order, and about one norm in a thousand then rounds an element to another bf16
     lowerings.pop(torch.ops.aten.mean.dim, None)
     make_fallback(torch.ops.aten.mean.dim, warn=False)  # warn=True is an error where $CI is set
-    first_inputs, second_inputs = _example_inputs(spec)
-    first_module, second_module = _modules(spec)
-    graphs = {"first": (first_module, first_inputs), "second": (second_module, second_inputs)}
-    dynamic = _dynamic_shapes()
+    inputs, modules, dynamic = _example_inputs(spec), _modules(spec), _dynamic_shapes()
     staging = folder.with_name(f".{folder.name}.{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
     try:
-        for name, (module, inputs) in graphs.items():
-            exported = torch.export.export(module, inputs, dynamic_shapes=dynamic[name])
+        for name in GRAPHS:
+            exported = torch.export.export(modules[name], inputs[name], dynamic_shapes=dynamic[name])
             torch._inductor.aoti_compile_and_package(exported, package_path=str(staging / f"{name}.pt2"))
-        if not (folder / "second.pt2").is_file():
+        if not _complete(folder):
             os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 class CompiledSteps:
-    """The compiled pair for one model, loaded (or compiled, then loaded) in the background, and checked before use.
+    """The compiled set for one model, loaded (or compiled, then loaded) in the background, and checked before use.
 
-    `ready` is None until both graphs can run; `note` says where things stand (the start-up line, /health).
-    `check(first, second)` raises unless the graphs compute what the eager ops do (`SlotModel` runs them on a
-    layer's real weights): a package that loads but does not fit (stale, swapped, damaged) is compiled anew once,
-    then left eager."""
+    `ready` is None until every graph can run (their runners in `GRAPHS`' order); `note` says where things stand
+    (the start-up line, /health). `check({name: runner})` raises unless the graphs compute what the eager ops do
+    (`SlotModel` runs them on its layers' real weights): a package that loads but does not fit (stale, swapped,
+    damaged) is compiled anew once, then left eager."""
 
-    def __init__(self, spec: dict[str, Any], check: Callable[[Any, Any], None]) -> None:
+    def __init__(self, spec: dict[str, Any], check: Callable[[dict[str, Any]], None]) -> None:
         self.spec, self.check = spec, check
         self.folder = ownllm_home() / "compiled" / f"decode-{_key(spec)}"
         self.note = ("one-row steps: loading their compiled graphs" if _complete(self.folder) else
                      "one-row steps compiling in the background (AOTInductor, once per model and CPU)")
-        self.ready: tuple[Any, Any] | None = None
+        self.ready: tuple[Any, ...] | None = None
         self.thread = threading.Thread(target=self._load, name="ownllm-compile-decode", daemon=True)
         self.thread.start()
 
@@ -298,7 +350,7 @@ class CompiledSteps:
                     self._compile_once()
                 try:
                     self.ready = self._loaded_and_checked()
-                    with contextlib.suppress(OSError):  # last used now: `_prune` keeps the pairs in use
+                    with contextlib.suppress(OSError):  # last used now: `_prune` keeps the sets in use
                         os.utime(self.folder)
                     break
                 except Exception as exc:
@@ -314,22 +366,21 @@ class CompiledSteps:
             log.warning("compiled one-row decode steps unavailable (%s: %s); decoding eagerly",
                         exc.__class__.__name__, str(exc)[-500:])
 
-    def _loaded_and_checked(self) -> tuple[Any, Any]:
+    def _loaded_and_checked(self) -> tuple[Any, ...]:
         from torch._inductor import aoti_load_package
 
         # the loader's own run: the package's __call__ parses its input and output specs on every call
-        # (~12 us, 60 calls a token)
-        first = aoti_load_package(str(self.folder / "first.pt2")).loader.run
-        second = aoti_load_package(str(self.folder / "second.pt2")).loader.run
-        self.check(first, second)
-        return first, second
+        # (~12 us, a call a layer)
+        graphs = {name: aoti_load_package(str(self.folder / f"{name}.pt2")).loader.run for name in GRAPHS}
+        self.check(graphs)
+        return tuple(graphs[name] for name in GRAPHS)
 
     def _compile_once(self) -> None:
         """One compile per key at a time: the others (servers started meanwhile) wait on its lock, then load."""
         with _folder_lock(self.folder):
             if _complete(self.folder):
                 return
-            _discard(self.folder)  # whatever is there is not a compiled pair (a half, a file, a link)
+            _discard(self.folder)  # whatever is there is not a compiled set (a half, a file, a link)
             for stale in self.folder.parent.glob(f".{self.folder.name}.*"):  # a child killed mid-compile
                 _discard(stale)
             self.folder.parent.mkdir(parents=True, exist_ok=True)
@@ -346,12 +397,12 @@ class CompiledSteps:
         _prune(self.folder)
 
 
-KEPT_PAIRS = 8  # compiled pairs kept in the home (~3 MB each), the most recently used: one per model and CPU
+KEPT_SETS = 8  # compiled sets kept in the home (~3 MB each), the most recently used: one per model and CPU
 
 
 @contextlib.contextmanager
 def _folder_lock(folder: Path, wait: bool = True) -> Iterator[bool]:
-    """The lock of one compiled pair's folder (held while it is compiled or removed). Yields whether it is held:
+    """The lock of one compiled set's folder (held while it is compiled or removed). Yields whether it is held:
     always where `wait`, else only where no other process holds it."""
     locks = ownllm_home() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
@@ -370,10 +421,10 @@ def _folder_lock(folder: Path, wait: bool = True) -> Iterator[bool]:
 
 
 def _prune(kept: Path) -> None:
-    """Remove compiled pairs beyond the KEPT_PAIRS most recently used (by their folders' times), after `kept`
+    """Remove compiled sets beyond the KEPT_SETS most recently used (by their folders' times), after `kept`
     was compiled: old ones pile up as ownllm, torch or the models change. Each goes under its own lock, and only if
     no other process holds that lock (compiling it) and its time has not moved since the listing (another server
-    loaded it meanwhile); a staging folder of a compile killed midway goes where its key's lock is free. A pair
+    loaded it meanwhile); a staging folder of a compile killed midway goes where its key's lock is free. A set
     removed while a server runs it costs nothing (it is loaded) or a compile at its next start."""
     def last_used(folder: Path) -> float:
         try:
@@ -383,7 +434,7 @@ def _prune(kept: Path) -> None:
 
     pairs = {folder: last_used(folder) for folder in kept.parent.glob("decode-*")
              if folder != kept and folder.is_dir() and not folder.is_symlink()}
-    old = sorted(pairs, key=pairs.__getitem__, reverse=True)[KEPT_PAIRS - 1 :]
+    old = sorted(pairs, key=pairs.__getitem__, reverse=True)[KEPT_SETS - 1 :]
     staging = [(folder, folder.with_name(folder.name[1:].rsplit(".", 1)[0]))  # .decode-<key>.<pid>
                for folder in kept.parent.glob(".decode-*.*")]
     for folder, key_folder in [(folder, folder) for folder in old] + staging:
@@ -392,16 +443,16 @@ def _prune(kept: Path) -> None:
                 if held and (folder not in pairs or last_used(folder) == pairs[folder]):
                     _discard(folder)
                     if folder.exists() or folder.is_symlink():
-                        log.warning("could not remove the old compiled pair %s", folder)
-        except OSError as exc:  # tidying up is no reason to give up the pair just compiled
-            log.warning("could not remove the old compiled pair %s (%s)", folder, exc)
+                        log.warning("could not remove the old compiled set %s", folder)
+        except OSError as exc:  # tidying up is no reason to give up the set just compiled
+            log.warning("could not remove the old compiled set %s (%s)", folder, exc)
 
 
 def _complete(folder: Path) -> bool:
-    """A compiled pair: a real folder (not a link) with both packages as plain files."""
+    """A compiled set: a real folder (not a link) with every package (`GRAPHS`) as a plain file."""
     return (folder.is_dir() and not folder.is_symlink()
             and all((folder / name).is_file() and not (folder / name).is_symlink()
-                    for name in ("first.pt2", "second.pt2")))
+                    for name in [f"{graph}.pt2" for graph in GRAPHS]))
 
 
 def _discard(path: Path) -> None:

@@ -411,6 +411,7 @@ class SlotModel:
         # one-row decode steps through compiled graphs, once they are there (`ownllm.generate.compiled_decode`)
         self.compiled: CompiledSteps | None = None
         self.compiled_note: str | None = None
+        self._compiled_weights: tuple[list[torch.Tensor], list[list[torch.Tensor]], list[torch.Tensor]] | None = None
         if compiled_decode.wanted() and self.four_bit_rows:  # (the switch is checked wherever it is set)
             spec, self.compiled_note = compiled_decode.spec_of(self)
             if spec is not None:
@@ -685,31 +686,27 @@ class SlotModel:
         return logits.cpu()
 
 
-    def _compiled_layers(self, graphs: tuple[Any, Any], x: torch.Tensor, sequence: int, start: int,
+    def _compiled_layers(self, graphs: tuple[Any, ...], x: torch.Tensor, sequence: int, start: int,
                          table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Every layer of one decoding row through the compiled graphs: its norms, projections and attention as
-        `forward` computes them (the same ops in the same order: the same bits). Only storing the new key and value
-        in the cache stays eager."""
-        first_half, second_half = graphs
-        cos, sin_turned = table
-        h, four = self.heads, self.four_bit.layers
+        """Every layer of one decoding row through the compiled graphs, one call a layer: its norms, projections,
+        cache write and attention as `forward` computes them (the same ops in the same order: the same bits)."""
+        first, middle, last = graphs
+        if self._compiled_weights is None:  # each layer's weights in the graphs' order, listed once
+            four, layers = self.four_bit.layers, self.layers
+            inputs = [compiled_decode.layer_inputs(four[i].qkv, four[i], layers[i].attn_norm.weight,
+                                                   layers[i].mlp_norm.weight) for i in range(len(layers))]
+            self._compiled_weights = (inputs[0]["first"],
+                                      [inputs[i]["last"] + inputs[i + 1]["first"] for i in range(len(layers) - 1)],
+                                      inputs[-1]["last"])
+        first_weights, middle_weights, last_weights = self._compiled_weights
         keys = torch.empty(start + 1, dtype=torch.int8)  # its length is the number of keys attended (a size)
-        qk, v = first_half([x, self.layers[0].attn_norm.weight, four[0].qkv.packed, four[0].qkv.scales_and_zeros,
-                            cos, sin_turned])
-        for index, layer in enumerate(self.layers):
-            k_cache, v_cache = self._views[sequence][index]
-            k_cache[:, start] = qk[0, h:, 0]
-            v_cache[:, start] = v[0, :, 0]
-            projections = four[index]
-            x = second_half([x, qk[:, :h], k_cache, v_cache, keys, projections.o.packed,
-                             projections.o.scales_and_zeros, layer.mlp_norm.weight, projections.gate_up.packed,
-                             projections.gate_up.scales_and_zeros, projections.down.packed,
-                             projections.down.scales_and_zeros])[0].view_as(x)  # (*)
-            if index + 1 < len(self.layers):
-                following = four[index + 1].qkv
-                qk, v = first_half([x, self.layers[index + 1].attn_norm.weight, following.packed,
-                                    following.scales_and_zeros, cos, sin_turned])
-        return x  # (*) the compiled graph hands x back as [1, hidden]: the same values
+        position = torch.tensor([start])
+        qk, v = first([x, *first_weights, *table])
+        views = self._views[sequence]
+        for (k_cache, v_cache), weights in zip(views, middle_weights, strict=False):
+            x, qk, v = middle([x, qk, v, k_cache, v_cache, keys, position, *weights, *table])
+        k_cache, v_cache = views[-1]
+        return last([x, qk, v, k_cache, v_cache, keys, position, *last_weights])[0].view(1, 1, -1)
 
 
 def _kv_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
