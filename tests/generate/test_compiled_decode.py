@@ -1,5 +1,6 @@
-"""One-row decode steps through the AOTInductor graphs (ownllm.generate.compiled_decode): the same bits as the eager
-slot forward, and a compile that fails leaves the eager forward running with the reason."""
+"""One-row decode steps through the AOTInductor graphs (ownllm.generate.compiled_decode): the eager slot forward's
+numerics (its bits but for the order of the attention's sums), and a compile that fails leaves the eager forward
+running with the reason."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.generate.test_slot_parity import QUESTIONS, chat_prompts
 STEPS = 24
 # shapes the int4 kernel refuses: a compile of these fails in the child process
 TINY_SPEC = {"heads": 2, "kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediate": 8, "rotary": 4, "eps": 1e-5,
-             "scale": 0.5, "upcast": True, "dtype": "bfloat16",
+             "scale": 0.5, "dtype": "bfloat16",
              "shapes": {name: [[3, 5], [1, 3, 2]] for name in ("qkv", "o", "gate_up", "down")},
              "torch": torch.__version__, "cpu": ["test", []]}
 
@@ -28,21 +29,29 @@ def bf16(default_model: str) -> Any:
     return load_model(default_model, dtype="bf16")
 
 
-def greedy_steps(slots: Any, prompt: list[int], sequence: int) -> list[torch.Tensor]:
-    """The prompt prefilled in one chunk, then STEPS one-row decode steps (greedy): every step's logits."""
-    logits = slots.forward(torch.tensor([prompt]), torch.tensor([sequence]), torch.tensor([0]))
-    steps = [logits]
+def decode_steps(slots: Any, prompt: list[int], sequence: int, feed: list[int] | None = None
+                 ) -> tuple[list[int], list[torch.Tensor]]:
+    """The prompt prefilled in one chunk, then STEPS one-row decode steps, greedy or fed `feed`'s tokens: the token
+    each step's logits pick, and those logits."""
+    logits = slots.forward(torch.tensor([prompt]), torch.tensor([sequence]), torch.tensor([0]))[0]
+    tokens, steps = [int(logits.argmax())], [logits]
     for step in range(STEPS):
-        logits = slots.forward(torch.tensor([[int(logits[0].argmax())]]), torch.tensor([sequence]),
-                               torch.tensor([len(prompt) + step]))
+        fed = feed[step] if feed else tokens[-1]
+        logits = slots.forward(torch.tensor([[fed]]), torch.tensor([sequence]), torch.tensor([len(prompt) + step]))[0]
+        tokens.append(int(logits.argmax()))
         steps.append(logits)
-    return steps
+    return tokens, steps
 
 
-def test_compiled_one_row_steps_give_the_eager_forwards_logits_bit_for_bit(bf16: Any,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_one_row_steps_follow_the_eager_forward(bf16: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graphs' attention sums in its own order (`graph_attention`), so the compiled steps are held to the eager
+    forward as the slot forward is held to transformers (test_slot_parity's `compare`: logits within the bf16
+    bound, another token only at a tie at bf16 resolution), on the same tokens fed; everything else in the graphs
+    is checked bit for bit when they load. And the France question the bf16 server path once got wrong (the
+    hardening regression) is answered with Paris."""
     from ownllm.errors import OwnLLMError
     from ownllm.generate.slots import SlotModel
+    from tests.generate.test_slot_parity import compare
 
     monkeypatch.setenv("OWNLLM_COMPILED_DECODE", "garbage")
     with pytest.raises(OwnLLMError, match="OWNLLM_COMPILED_DECODE='garbage': use 1 or 0"):
@@ -59,11 +68,15 @@ def test_compiled_one_row_steps_give_the_eager_forwards_logits_bit_for_bit(bf16:
     assert compiled.compiled.ready is not None, compiled.compiled.note
     assert compiled.compiled_steps == "one-row steps compiled (AOTInductor)"
     assert compiled.compiled.folder.parent.name == "compiled" and compiled.compiled.folder.is_dir()
-    # the second prompt is long enough that a norm rounding otherwise (a generated reduction) showed within 24 steps
-    for prompt in chat_prompts(bf16.tokenizer, [QUESTIONS[0], QUESTIONS[5]]):
-        want, got = greedy_steps(eager, prompt, 0), greedy_steps(compiled, prompt, 1)
-        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), \
-            [float((a - b).abs().max()) for a, b in zip(want, got, strict=True)]
+    # measured over all 24 questions x 25 steps (session 41): logits at most 1.19 apart (0.39 on average), 7 other
+    # tokens, each where the eager forward's top two were 0-0.25 apart (exact ties to two bf16 ulps)
+    ties = 0
+    for prompt in chat_prompts(bf16.tokenizer, QUESTIONS[:6]):
+        want = decode_steps(eager, prompt, 0)
+        ties += compare(bf16.tokenizer, prompt, decode_steps(compiled, prompt, 1, feed=want[0]), want, "bf16")
+    assert ties <= 8, ties  # of 150 steps
+    france = chat_prompts(bf16.tokenizer, [QUESTIONS[0]], system=None)[0]
+    assert "Paris" in bf16.tokenizer.decode(decode_steps(compiled, france, 1)[0])
 
 
 def test_only_a_window_shorter_than_the_context_keeps_one_row_steps_eager(bf16: Any,
