@@ -43,6 +43,23 @@ def decode_steps(slots: Any, prompt: list[int], sequence: int, feed: list[int] |
     return tokens, steps
 
 
+def row_steps(slots: Any, prompts: list[list[int]], feed: list[list[int]] | None = None
+              ) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """`decode_steps` for rows decoding together (sequences 0, 1, ...): per row, its tokens and logits."""
+    rows = range(len(prompts))
+    logits = [slots.forward(torch.tensor([prompt]), torch.tensor([row]), torch.tensor([0]))[0]
+              for row, prompt in zip(rows, prompts, strict=True)]
+    steps = [([int(row_logits.argmax())], [row_logits]) for row_logits in logits]
+    for step in range(STEPS):
+        fed = [[feed[row][step] if feed else steps[row][0][-1]] for row in rows]
+        logits = slots.forward(torch.tensor(fed), torch.tensor(list(rows)),
+                               torch.tensor([len(prompt) + step for prompt in prompts]))
+        for row in rows:
+            steps[row][0].append(int(logits[row].argmax()))
+            steps[row][1].append(logits[row])
+    return steps
+
+
 def test_compiled_one_row_steps_follow_the_eager_forward(bf16: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The graphs' attention sums in its own order (`graph_attention`), so the compiled steps are held to the eager
     forward as the slot forward is held to transformers (test_slot_parity's `compare`: logits within the bf16
@@ -57,24 +74,31 @@ def test_compiled_one_row_steps_follow_the_eager_forward(bf16: Any, monkeypatch:
     with pytest.raises(OwnLLMError, match="OWNLLM_COMPILED_DECODE='garbage': use 1 or 0"):
         SlotModel(bf16.model, slots=2, max_len=256)
     monkeypatch.setenv("OWNLLM_COMPILED_DECODE", "0")
-    eager = SlotModel(bf16.model, slots=2, max_len=256, four_bit=True)
+    eager = SlotModel(bf16.model, slots=3, max_len=256, four_bit=True)
     assert eager.compiled is None and eager.compiled_steps is None
     if not eager.four_bit_rows:
         pytest.skip(f"no int4 steps on this CPU, so nothing to compile: {eager.four_bit_note}")
     monkeypatch.delenv("OWNLLM_COMPILED_DECODE")
-    compiled = SlotModel(bf16.model, slots=2, max_len=256, four_bit=True)
+    compiled = SlotModel(bf16.model, slots=3, max_len=256, four_bit=True)
     assert compiled.compiled is not None, compiled.compiled_note
     compiled.compiled.thread.join(timeout=1800)  # a hang guard: one compile is ~15-60 s of one core
     assert compiled.compiled.ready is not None, compiled.compiled.note
     assert compiled.compiled_steps == "one-row steps compiled (AOTInductor)"
     assert compiled.compiled.folder.parent.name == "compiled" and compiled.compiled.folder.is_dir()
     # measured over all 24 questions x 25 steps (session 41): logits at most 1.19 apart (0.39 on average), 7 other
-    # tokens, each where the eager forward's top two were 0-0.25 apart (exact ties to two bf16 ulps)
+    # tokens, each where the eager forward's top two were 0-0.25 apart (exact ties to two bf16 ulps); the same
+    # figures with the questions decoded three rows at a time
     ties = 0
     for prompt in chat_prompts(bf16.tokenizer, QUESTIONS[:6]):
         want = decode_steps(eager, prompt, 0)
         ties += compare(bf16.tokenizer, prompt, decode_steps(compiled, prompt, 1, feed=want[0]), want, "bf16")
     assert ties <= 8, ties  # of 150 steps
+    # steps of several rows run only the attention compiled (`RowAttention`), held to the same bound
+    prompts = chat_prompts(bf16.tokenizer, QUESTIONS[6:9])
+    want = row_steps(eager, prompts)
+    for prompt, got, wanted in zip(prompts, row_steps(compiled, prompts, [w[0] for w in want]), want, strict=True):
+        ties += compare(bf16.tokenizer, prompt, got, wanted, "bf16")
+    assert ties <= 12, ties  # of 225 steps
     france = chat_prompts(bf16.tokenizer, [QUESTIONS[0]], system=None)[0]
     assert "Paris" in bf16.tokenizer.decode(decode_steps(compiled, france, 1)[0])
 
@@ -125,7 +149,7 @@ def test_a_compile_that_fails_leaves_the_eager_forward_and_says_why(tmp_path: Pa
 def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Packages that do not load (truncated, swapped, stale) are removed under the lock and compiled again once; a
     staging folder left by a killed compiler goes too. (The tiny spec fails to compile: it stays eager after.)"""
-    from ownllm.generate.compiled_decode import CompiledSteps
+    from ownllm.generate.compiled_decode import GRAPHS, CompiledSteps
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
     spec = {**TINY_SPEC, "code": "damaged"}
@@ -133,9 +157,8 @@ def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypa
     probe.thread.join(timeout=600)
     folder = probe.folder
     folder.mkdir(parents=True)
-    (folder / "first.pt2").write_bytes(b"not a package")
-    (folder / "middle.pt2").write_bytes(b"PK\x03\x04 truncated")
-    (folder / "last.pt2").write_bytes(b"")
+    for name, damage in zip(GRAPHS, [b"not a package", b"PK\x03\x04 truncated", b""] * 2, strict=False):
+        (folder / f"{name}.pt2").write_bytes(damage)
     stale = folder.with_name(f".{folder.name}.12345")
     stale.mkdir()
     steps = CompiledSteps(spec, check=lambda graphs: None)

@@ -1,22 +1,26 @@
-"""One-row decode steps of a Llama-block model compiled ahead of time (AOTInductor), for the single user.
+"""One-row decode steps of a Llama-block model compiled ahead of time (AOTInductor), for the single user, and the
+decode attention of wider steps.
 
 A decode step of one row through the slot forward is ~1,000 small eager ops, and on 2 CPU cores their dispatch
 costs as much as the int4 matmuls themselves (bench/RESULTS.md, session 37: 10.3 ms a token, 5.0 of it in the int4
 kernel). Three graphs cover a step's layers, one call a layer:
 
 - `FirstHalf`: the first layer's attention norm, fused q|k|v projection (int4) and rotary turn of q and k;
-- `MiddleLayer`: a layer's new key and value stored in its cache, the attention over the cached keys (aten's sdpa
-  kernel, in fp32 on the bf16 values where the slot forward computes it so: `decode_attention`), the o projection,
-  the residual add, the feed-forward norm, gate|up, SiLU, down, the residual add (`LastLayer`), then the next
-  layer's `FirstHalf`; the number of keys and the caches' capacity are its dynamic sizes;
-- `LastLayer`: the last layer's part of `MiddleLayer`.
+- `MiddleLayer`: a layer's new key and value stored in its cache, the attention over the cached keys in fp32 on the
+  bf16 values (`graph_attention`), the o projection, the residual add, the feed-forward norm, gate|up, SiLU, down,
+  the residual add (`LastLayer`), then the next layer's `FirstHalf`; the number of keys and the caches' capacity are
+  its dynamic sizes;
+- `LastLayer`: the last layer's part of `MiddleLayer`;
+- `RowAttention`: in steps of several rows (which stay eager otherwise), one row's cache write and attention.
 
 Each layer's weights and cache are inputs, not constants, so one compiled set serves every layer. The ops are the slot
 forward's own, in its order and dtypes; inductor is told to round where eager rounds (`emulate_precision_casts`)
-and to leave the norms' mean to aten's kernel (`compile_packages`), so the logits are bit for bit the eager
-forward's (tests/generate/test_compiled_decode.py).
+and to leave the norms' mean to aten's kernel (`compile_packages`), so everything but the attention gives the eager
+forward's bits. The attention sums in another order than aten's sdpa kernel, so the logits are the eager forward's
+up to bf16 rounding, held to the same bound as the slot forward to transformers' (tests/generate/
+test_compiled_decode.py).
 
-Compiling takes ~15-30 s of a core, so it runs in a child process in the background (the server answers with the
+Compiling takes ~30 s of a core, so it runs in a child process in the background (the server answers with the
 eager forward meanwhile) and the packages are kept in the ownllm home, keyed by everything that shapes them: a
 second start loads them in a second or two. Wherever compiling cannot happen (no C++ compiler, another torch),
 the eager forward goes on and `note` says why.
@@ -115,6 +119,24 @@ class FirstHalf(torch.nn.Module):
         return rope(qkv[:, : h + kv], cos, sin_turned), qkv[:, h + kv :]
 
 
+class RowAttention(torch.nn.Module):
+    """One row of a decode step of several rows: its new key and value ([kv heads, 1, head_dim]) stored at
+    `position` of its cache, then `graph_attention` over the first `keys.shape[0]` positions, rounded to the
+    cache's dtype. Returns [1, heads, 1, head_dim]."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, keys: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        # a tensor index: a position taken from a size would be specialised by torch.export's bound checks
+        k_cache.index_copy_(1, position, k)
+        v_cache.index_copy_(1, position, v)
+        count = keys.shape[0]
+        return graph_attention(q, k_cache[:, :count], v_cache[:, :count], self.scale).to(k_cache.dtype)
+
+
 class LastLayer(torch.nn.Module):
     """A layer from storing its new key and value on: the new key (rotated, in `qk` after the query heads) and value
     stored at `position` of the layer's cache (the graph writes into the cache tensors it is given), the attention
@@ -130,8 +152,7 @@ class LastLayer(torch.nn.Module):
                 o_scales: torch.Tensor, norm: torch.Tensor, gate_up_packed: torch.Tensor,
                 gate_up_scales: torch.Tensor, down_packed: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
         h = self.heads
-        # a tensor index: a position taken from a size would be specialised by torch.export's bound checks
-        k_cache.index_copy_(1, position, qk[0, h:])
+        k_cache.index_copy_(1, position, qk[0, h:])  # (as `RowAttention` stores them)
         v_cache.index_copy_(1, position, v[0])
         count = keys.shape[0]  # the keys attended, as a size: the graph's one dynamic dimension besides the caches'
         attended = graph_attention(qk[:, :h], k_cache[:, :count], v_cache[:, :count], self.scale)
@@ -162,7 +183,7 @@ class MiddleLayer(LastLayer):
         return x, *self.following(x, next_norm, next_qkv_packed, next_qkv_scales, cos, sin_turned)
 
 
-GRAPHS = ("first", "middle", "last")  # the packages of one compiled set, in the order `CompiledSteps.ready` has them
+GRAPHS = ("first", "middle", "last", "attention")  # the packages of one compiled set, in `CompiledSteps.ready` order
 
 
 def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -251,6 +272,9 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None
                 for name in GRAPHS:
                     if name == "first":
                         inputs = [x, *weights["first"], *table]
+                    elif name == "attention":
+                        inputs = [qk[:, : spec["heads"]].contiguous(), qk[0, spec["heads"] :], v[0],
+                                  *caches.clone(), *where]
                     else:
                         inputs = [x, qk, v, *caches.clone(), *where, *weights["last"]]
                         if name == "middle":
@@ -306,14 +330,14 @@ def _example_inputs(spec: dict[str, Any]) -> dict[str, tuple[torch.Tensor, ...]]
             cache, cache.clone(), torch.empty(40, dtype=torch.int8), torch.tensor([39]),
             *part("o"), norm.clone(), *part("gate_up"), *part("down"))
     return {"first": (x, *first, table, table.clone()), "middle": (*last, *first, table, table.clone()),
-            "last": last}
+            "last": last, "attention": (last[1][:, :heads].contiguous(), last[1][0, heads:], last[2][0], *last[3:7])}
 
 
 def _modules(spec: dict[str, Any]) -> dict[str, torch.nn.Module]:
     common = (spec["head_dim"], spec["intermediate"], spec["eps"], spec["scale"])
     return {"first": FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]),
             "middle": MiddleLayer(spec["heads"], spec["kv_heads"], *common),
-            "last": LastLayer(spec["heads"], *common)}
+            "last": LastLayer(spec["heads"], *common), "attention": RowAttention(spec["scale"])}
 
 
 def _dynamic_shapes() -> dict[str, Any]:
@@ -321,7 +345,7 @@ def _dynamic_shapes() -> dict[str, Any]:
     capacity = torch.export.Dim("capacity", min=2, max=1 << 24)
     keys = torch.export.Dim("keys", min=1, max=1 << 24)
     last = ({}, {}, {}, {1: capacity}, {1: capacity}, {0: keys}, *[{}] * 8)
-    return {"first": None, "middle": (*last, *[{}] * 5), "last": last}
+    return {"first": None, "middle": (*last, *[{}] * 5), "last": last, "attention": ({}, *last[1:7])}
 
 
 def compile_packages(spec: dict[str, Any], folder: Path) -> None:
@@ -421,7 +445,7 @@ class CompiledSteps:
         _prune(self.folder)
 
 
-KEPT_SETS = 8  # compiled sets kept in the home (~3 MB each), the most recently used: one per model and CPU
+KEPT_SETS = 8  # compiled sets kept in the home (5-7 MB each), the most recently used: one per model and CPU
 
 
 @contextlib.contextmanager

@@ -563,6 +563,9 @@ class SlotModel:
             return F.scaled_dot_product_attention(q, k_cache[None, :, first:end], v_cache[None, :, first:end],
                                                   attn_mask=chunk_mask, is_causal=chunk_mask is None,
                                                   scale=self.scaling, enable_gqa=True)
+        compiled = self.compiled.ready if self.compiled is not None else None
+        if compiled is not None and window is None:  # (a set is compiled only where no window is shorter)
+            return self._compiled_attention(compiled[3], q, k, v, sequences, starts, index)
         outputs = []
         upcast = self._upcast_decode
         for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
@@ -574,6 +577,17 @@ class SlotModel:
                                             v_cache[None, :, first : start + 1], self.scaling, upcast))
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return attended.to(q.dtype) if upcast else attended
+
+    def _compiled_attention(self, graph: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            sequences: list[int], starts: list[int], index: int) -> torch.Tensor:
+        """`_attend`'s decoding rows through the compiled `RowAttention` graph, one call a row (the attention of
+        the one-row graphs: `graph_attention`)."""
+        outputs = []
+        for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
+            k_cache, v_cache = self._views[sequence][index]
+            outputs.append(graph([q[row : row + 1].contiguous(), k[row].contiguous(), v[row].contiguous(), k_cache,
+                                  v_cache, torch.empty(start + 1, dtype=torch.int8), torch.tensor([start])])[0])
+        return torch.cat(outputs).view(q.shape)
 
     def _chunk_mask(self, start: int, length: int, window: int | None) -> tuple[int, torch.Tensor | None]:
         """(first key, boolean mask [1, 1, length, keys]) for a prefill chunk at `start`: causal, and within the
@@ -690,7 +704,7 @@ class SlotModel:
                          table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Every layer of one decoding row through the compiled graphs, one call a layer: its norms, projections,
         cache write and attention as `forward` computes them (the same ops in the same order: the same bits)."""
-        first, middle, last = graphs
+        first, middle, last = graphs[:3]
         if self._compiled_weights is None:  # each layer's weights in the graphs' order, listed once
             four, layers = self.four_bit.layers, self.layers
             inputs = [compiled_decode.layer_inputs(four[i].qkv, four[i], layers[i].attn_norm.weight,
