@@ -83,7 +83,7 @@ def test_compiled_one_row_steps_follow_the_eager_forward(bf16: Any, monkeypatch:
     assert compiled.compiled is not None, compiled.compiled_note
     compiled.compiled.thread.join(timeout=1800)  # a hang guard: one compile is ~15-60 s of one core
     assert compiled.compiled.ready is not None, compiled.compiled.note
-    assert compiled.compiled_steps == "one-row steps compiled (AOTInductor)"
+    assert compiled.compiled_steps == "one-row steps and the decode attention compiled (AOTInductor)"
     assert compiled.compiled.folder.parent.name == "compiled" and compiled.compiled.folder.is_dir()
     # measured over all 24 questions x 25 steps (session 41): logits at most 1.19 apart (0.39 on average), 7 other
     # tokens, each where the eager forward's top two were 0-0.25 apart (exact ties to two bf16 ulps); the same

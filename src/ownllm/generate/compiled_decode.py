@@ -408,7 +408,7 @@ class CompiledSteps:
                                 self.folder, exc.__class__.__name__, str(exc)[-300:])
                     with _folder_lock(self.folder):
                         _discard(self.folder)
-            self.note = "one-row steps compiled (AOTInductor)"
+            self.note = "one-row steps and the decode attention compiled (AOTInductor)"
         except Exception as exc:  # compiling is a speed-up: without it the eager forward goes on
             self.note = f"one-row steps eager ({exc.__class__.__name__} while compiling or loading; see the log)"
             log.warning("compiled one-row decode steps unavailable (%s: %s); decoding eagerly",
