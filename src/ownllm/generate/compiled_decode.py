@@ -245,8 +245,10 @@ def _rounding_apart(want: torch.Tensor, got: torch.Tensor) -> bool:
 
 def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
     """What `CompiledSteps` runs before using a loaded set: every graph on the model's first two layers (their real
-    weights, made-up activations and caches) against the eager ops it was traced from; raises unless every bit
-    agrees, the keys and values the graphs store included."""
+    weights, made-up activations and caches) against the eager ops it was traced from; raises unless the keys and
+    values the graphs store and the first graph's outputs agree bit for bit, and the outputs computed after an
+    attention up to a few bf16 roundings (`_rounding_apart`; a review's deliberately broken graphs, e.g. a wrong
+    scale, swapped keys and values, a key left out, no MLP, were all caught, a softmax in bf16 was not)."""
     layers, four = model.layers, model.four_bit.layers
     following = 1 if len(layers) > 1 else 0
     weights = layer_inputs(four[0].qkv, four[0], layers[0].attn_norm.weight, layers[0].mlp_norm.weight)

@@ -550,7 +550,9 @@ class SlotModel:
         over the cache from `mask` = (first key, mask), a decoding row attends unmasked over its own keys. One
         call per decoding row rather than one over rows padded to the longest: padding reorders the kernel's
         sums (bf16 logits then drift by whole ulps from the CLI's), and the per-row calls skip both the padded
-        work and a gather of the sequences' keys.
+        work and a gather of the sequences' keys. Where the compiled graphs are loaded, decoding rows attend
+        through their `RowAttention` instead (`_compiled_attention`): the same per-row attention, its sums in
+        another order.
         """
         length = q.shape[2]
         if length > 1:  # one prefill chunk (rows = 1)
@@ -585,6 +587,7 @@ class SlotModel:
         outputs = []
         for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
             k_cache, v_cache = self._views[sequence][index]
+            assert k_cache.is_contiguous() and v_cache.is_contiguous()  # (as in `_compiled_layers`)
             outputs.append(graph([q[row : row + 1].contiguous(), k[row].contiguous(), v[row].contiguous(), k_cache,
                                   v_cache, torch.empty(start + 1, dtype=torch.int8), torch.tensor([start])])[0])
         return torch.cat(outputs).view(q.shape)
@@ -703,7 +706,8 @@ class SlotModel:
     def _compiled_layers(self, graphs: tuple[Any, ...], x: torch.Tensor, sequence: int, start: int,
                          table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Every layer of one decoding row through the compiled graphs, one call a layer: its norms, projections,
-        cache write and attention as `forward` computes them (the same ops in the same order: the same bits)."""
+        cache write and attention as `forward` computes them (the same ops in the same order: the same bits, but
+        for the order of the attention's sums: `compiled_decode.graph_attention`)."""
         first, middle, last = graphs[:3]
         if self._compiled_weights is None:  # each layer's weights in the graphs' order, listed once
             four, layers = self.four_bit.layers, self.layers
@@ -717,6 +721,8 @@ class SlotModel:
         position = torch.tensor([start])
         qk, v = first([x, *first_weights, *table])
         views = self._views[sequence]
+        # the graphs index the caches as contiguous [kv heads, capacity, head dim] (they take no strides)
+        assert all(k_cache.is_contiguous() and v_cache.is_contiguous() for k_cache, v_cache in views)
         for (k_cache, v_cache), weights in zip(views, middle_weights, strict=False):
             x, qk, v = middle([x, qk, v, k_cache, v_cache, keys, position, *weights, *table])
         k_cache, v_cache = views[-1]
