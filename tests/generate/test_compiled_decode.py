@@ -29,23 +29,11 @@ def bf16(default_model: str) -> Any:
     return load_model(default_model, dtype="bf16")
 
 
-def decode_steps(slots: Any, prompt: list[int], sequence: int, feed: list[int] | None = None
-                 ) -> tuple[list[int], list[torch.Tensor]]:
-    """The prompt prefilled in one chunk, then STEPS one-row decode steps, greedy or fed `feed`'s tokens: the token
-    each step's logits pick, and those logits."""
-    logits = slots.forward(torch.tensor([prompt]), torch.tensor([sequence]), torch.tensor([0]))[0]
-    tokens, steps = [int(logits.argmax())], [logits]
-    for step in range(STEPS):
-        fed = feed[step] if feed else tokens[-1]
-        logits = slots.forward(torch.tensor([[fed]]), torch.tensor([sequence]), torch.tensor([len(prompt) + step]))[0]
-        tokens.append(int(logits.argmax()))
-        steps.append(logits)
-    return tokens, steps
-
-
 def row_steps(slots: Any, prompts: list[list[int]], feed: list[list[int]] | None = None
               ) -> list[tuple[list[int], list[torch.Tensor]]]:
-    """`decode_steps` for rows decoding together (sequences 0, 1, ...): per row, its tokens and logits."""
+    """The prompts prefilled in one chunk each (sequences 0, 1, ...), then STEPS decode steps of all of them together,
+    greedy or fed `feed`'s tokens: per row, the token each step's logits pick, and those logits. One prompt: one-row
+    steps."""
     rows = range(len(prompts))
     logits = [slots.forward(torch.tensor([prompt]), torch.tensor([row]), torch.tensor([0]))[0]
               for row, prompt in zip(rows, prompts, strict=True)]
@@ -90,8 +78,9 @@ def test_compiled_one_row_steps_follow_the_eager_forward(bf16: Any, monkeypatch:
     # figures with the questions decoded three rows at a time
     ties = 0
     for prompt in chat_prompts(bf16.tokenizer, QUESTIONS[:6]):
-        want = decode_steps(eager, prompt, 0)
-        ties += compare(bf16.tokenizer, prompt, decode_steps(compiled, prompt, 1, feed=want[0]), want, "bf16")
+        [want] = row_steps(eager, [prompt])
+        [got] = row_steps(compiled, [prompt], [want[0]])
+        ties += compare(bf16.tokenizer, prompt, got, want, "bf16")
     assert ties <= 8, ties  # of 150 steps
     # steps of several rows run only the attention compiled (`RowAttention`), held to the same bound
     prompts = chat_prompts(bf16.tokenizer, QUESTIONS[6:9])
@@ -100,7 +89,7 @@ def test_compiled_one_row_steps_follow_the_eager_forward(bf16: Any, monkeypatch:
         ties += compare(bf16.tokenizer, prompt, got, wanted, "bf16")
     assert ties <= 12, ties  # of 225 steps
     france = chat_prompts(bf16.tokenizer, [QUESTIONS[0]], system=None)[0]
-    assert "Paris" in bf16.tokenizer.decode(decode_steps(compiled, france, 1)[0])
+    assert "Paris" in bf16.tokenizer.decode(row_steps(compiled, [france])[0][0])
 
 
 def test_only_a_window_shorter_than_the_context_keeps_one_row_steps_eager(bf16: Any,

@@ -20,7 +20,7 @@ forward's bits. The attention sums in another order than aten's sdpa kernel, so 
 up to bf16 rounding, held to the same bound as the slot forward to transformers' (tests/generate/
 test_compiled_decode.py).
 
-Compiling takes ~30 s of a core, so it runs in a child process in the background (the server answers with the
+Compiling takes 30-60 s of a core, so it runs in a child process in the background (the server answers with the
 eager forward meanwhile) and the packages are kept in the ownllm home, keyed by everything that shapes them: a
 second start loads them in a second or two. Wherever compiling cannot happen (no C++ compiler, another torch),
 the eager forward goes on and `note` says why.
@@ -228,13 +228,13 @@ def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
     return spec, None
 
 
-def layer_inputs(first: Any, second: Any, norm: torch.Tensor, mlp_norm: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """The weights each graph takes for one layer, in its order: `first` its q|k|v (an `Int4Weight`) after the
-    attention norm `norm`; `last` its o, gate|up and down (`second` holds them: a `_FourBitLayer`) and the feed-forward
-    norm. `middle` takes `last`'s weights and then the next layer's `first` ones."""
-    return {"first": [norm, first.packed, first.scales_and_zeros],
-            "last": [second.o.packed, second.o.scales_and_zeros, mlp_norm, second.gate_up.packed,
-                     second.gate_up.scales_and_zeros, second.down.packed, second.down.scales_and_zeros]}
+def layer_inputs(four: Any, norm: torch.Tensor, mlp_norm: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """The weights each graph takes for one layer (`four`: its `_FourBitLayer`), in its order: `first` the
+    attention norm and q|k|v; `last` o, the feed-forward norm, gate|up and down. `middle` takes `last`'s weights and
+    then the next layer's `first` ones."""
+    return {"first": [norm, four.qkv.packed, four.qkv.scales_and_zeros],
+            "last": [four.o.packed, four.o.scales_and_zeros, mlp_norm, four.gate_up.packed,
+                     four.gate_up.scales_and_zeros, four.down.packed, four.down.scales_and_zeros]}
 
 
 def _rounding_apart(want: torch.Tensor, got: torch.Tensor) -> bool:
@@ -251,9 +251,8 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None
     scale, swapped keys and values, a key left out, no MLP, were all caught, a softmax in bf16 was not)."""
     layers, four = model.layers, model.four_bit.layers
     following = 1 if len(layers) > 1 else 0
-    weights = layer_inputs(four[0].qkv, four[0], layers[0].attn_norm.weight, layers[0].mlp_norm.weight)
-    next_weights = layer_inputs(four[following].qkv, four[following], layers[following].attn_norm.weight,
-                                layers[following].mlp_norm.weight)
+    weights = layer_inputs(four[0], layers[0].attn_norm.weight, layers[0].mlp_norm.weight)
+    next_weights = layer_inputs(four[following], layers[following].attn_norm.weight, layers[following].mlp_norm.weight)
     position = min(7, model.cos["default"].shape[0] - 1)
     table = [model.cos["default"][position][None, None, None], model.sin_turned["default"][position][None, None, None]]
     eager = _modules(spec)

@@ -343,6 +343,7 @@ def _project(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, fo
 
 
 LoraAdapter = LoraWeights  # what SlotModel.adapters holds per name: deltas per (layer, projection) and the scale
+RowPlace = tuple[torch.Tensor, torch.Tensor]  # a decoding row's (keys attended as a length, new key's position)
 
 
 class SlotModel:
@@ -542,7 +543,8 @@ class SlotModel:
 
     # --- the forward pass -------------------------------------------------------------------
     def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: list[int],
-                starts: list[int], window: int | None, mask: tuple[int, torch.Tensor | None]) -> torch.Tensor:
+                starts: list[int], window: int | None, mask: tuple[int, torch.Tensor | None],
+                compiled_rows: tuple[Any, list[RowPlace]] | None = None) -> torch.Tensor:
         """Store k/v in the rows' sequences and attend, each row over exactly its own keys (within its window).
 
         The sdpa calls are transformers' own (sdpa_attention_forward on CPU, softmax in fp32 inside the
@@ -550,9 +552,9 @@ class SlotModel:
         over the cache from `mask` = (first key, mask), a decoding row attends unmasked over its own keys. One
         call per decoding row rather than one over rows padded to the longest: padding reorders the kernel's
         sums (bf16 logits then drift by whole ulps from the CLI's), and the per-row calls skip both the padded
-        work and a gather of the sequences' keys. Where the compiled graphs are loaded, decoding rows attend
-        through their `RowAttention` instead (`_compiled_attention`): the same per-row attention, its sums in
-        another order.
+        work and a gather of the sequences' keys. With `compiled_rows` (the compiled `RowAttention` graph and each
+        row's `_row_places`), decoding rows attend through that graph instead (`_compiled_attention`): the same
+        per-row attention, its sums in another order.
         """
         length = q.shape[2]
         if length > 1:  # one prefill chunk (rows = 1)
@@ -565,9 +567,8 @@ class SlotModel:
             return F.scaled_dot_product_attention(q, k_cache[None, :, first:end], v_cache[None, :, first:end],
                                                   attn_mask=chunk_mask, is_causal=chunk_mask is None,
                                                   scale=self.scaling, enable_gqa=True)
-        compiled = self.compiled.ready if self.compiled is not None else None
-        if compiled is not None and window is None:  # (a set is compiled only where no window is shorter)
-            return self._compiled_attention(compiled[3], q, k, v, sequences, starts, index)
+        if compiled_rows is not None and window is None:  # (a set is compiled only where no window is shorter)
+            return self._compiled_attention(*compiled_rows, q, k, v, sequences, index)
         outputs = []
         upcast = self._upcast_decode
         for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
@@ -580,17 +581,24 @@ class SlotModel:
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return attended.to(q.dtype) if upcast else attended
 
-    def _compiled_attention(self, graph: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            sequences: list[int], starts: list[int], index: int) -> torch.Tensor:
+    def _compiled_attention(self, graph: Any, places: list[RowPlace], q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, sequences: list[int], index: int) -> torch.Tensor:
         """`_attend`'s decoding rows through the compiled `RowAttention` graph, one call a row (the attention of
         the one-row graphs: `graph_attention`)."""
         outputs = []
-        for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
+        for row, (sequence, (keys, position)) in enumerate(zip(sequences, places, strict=True)):
             k_cache, v_cache = self._views[sequence][index]
-            assert k_cache.is_contiguous() and v_cache.is_contiguous()  # (as in `_compiled_layers`)
             outputs.append(graph([q[row : row + 1].contiguous(), k[row].contiguous(), v[row].contiguous(), k_cache,
-                                  v_cache, torch.empty(start + 1, dtype=torch.int8), torch.tensor([start])])[0])
+                                  v_cache, keys, position])[0])
         return torch.cat(outputs).view(q.shape)
+
+    def _row_places(self, sequences: list[int], starts: list[int]) -> list[RowPlace]:
+        """Per decoding row, what the compiled graphs take to find its place in its cache, made once a step (not
+        once a layer): the number of keys it attends, as a tensor's length (a size the graphs read), and the
+        position its new key goes to."""
+        # the graphs index the caches as contiguous [kv heads, capacity, head dim] (they take no strides)
+        assert all(view.is_contiguous() for sequence in sequences for pair in self._views[sequence] for view in pair)
+        return [(torch.empty(start + 1, dtype=torch.int8), torch.tensor([start])) for start in starts]
 
     def _chunk_mask(self, start: int, length: int, window: int | None) -> tuple[int, torch.Tensor | None]:
         """(first key, boolean mask [1, 1, length, keys]) for a prefill chunk at `start`: causal, and within the
@@ -654,9 +662,10 @@ class SlotModel:
         q_width, kv_width = h * d, kv * d
         use_four_bit = rows * length <= self.four_bit_rows
         compiled = self.compiled.ready if self.compiled is not None else None
-        one_compiled_row = compiled is not None and rows == length == 1 and not groups and use_four_bit
+        places = self._row_places(slot_list, start_list) if compiled is not None and length == 1 else None
+        one_compiled_row = places is not None and rows == 1 and not groups and use_four_bit
         if one_compiled_row:
-            x = self._compiled_layers(compiled, x, slot_list[0], start_list[0], tables["default"])
+            x = self._compiled_layers(compiled, x, slot_list[0], places[0], tables["default"])
         for index, layer in enumerate([] if one_compiled_row else self.layers):
             four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
@@ -674,7 +683,8 @@ class SlotModel:
                 q = self._rope(layer.q_norm(qkv[:, :h]), cos, sin_turned)
                 k = self._rope(layer.k_norm(qkv[:, h : h + kv]), cos, sin_turned)  # type: ignore[misc]
             attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
-                                    masks.get(layer.window, (0, None)))
+                                    masks.get(layer.window, (0, None)),
+                                    None if places is None else (compiled[3], places))  # type: ignore[index]
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
             out = _project(attended, layer.o, layer.o_bias, four.o, self.padded_rows)
             if groups:
@@ -703,7 +713,7 @@ class SlotModel:
         return logits.cpu()
 
 
-    def _compiled_layers(self, graphs: tuple[Any, ...], x: torch.Tensor, sequence: int, start: int,
+    def _compiled_layers(self, graphs: tuple[Any, ...], x: torch.Tensor, sequence: int, place: RowPlace,
                          table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Every layer of one decoding row through the compiled graphs, one call a layer: its norms, projections,
         cache write and attention as `forward` computes them (the same ops in the same order: the same bits, but
@@ -711,18 +721,15 @@ class SlotModel:
         first, middle, last = graphs[:3]
         if self._compiled_weights is None:  # each layer's weights in the graphs' order, listed once
             four, layers = self.four_bit.layers, self.layers
-            inputs = [compiled_decode.layer_inputs(four[i].qkv, four[i], layers[i].attn_norm.weight,
-                                                   layers[i].mlp_norm.weight) for i in range(len(layers))]
+            inputs = [compiled_decode.layer_inputs(four[i], layers[i].attn_norm.weight, layers[i].mlp_norm.weight)
+                      for i in range(len(layers))]
             self._compiled_weights = (inputs[0]["first"],
                                       [inputs[i]["last"] + inputs[i + 1]["first"] for i in range(len(layers) - 1)],
                                       inputs[-1]["last"])
         first_weights, middle_weights, last_weights = self._compiled_weights
-        keys = torch.empty(start + 1, dtype=torch.int8)  # its length is the number of keys attended (a size)
-        position = torch.tensor([start])
+        keys, position = place
         qk, v = first([x, *first_weights, *table])
         views = self._views[sequence]
-        # the graphs index the caches as contiguous [kv heads, capacity, head dim] (they take no strides)
-        assert all(k_cache.is_contiguous() and v_cache.is_contiguous() for k_cache, v_cache in views)
         for (k_cache, v_cache), weights in zip(views, middle_weights, strict=False):
             x, qk, v = middle([x, qk, v, k_cache, v_cache, keys, position, *weights, *table])
         k_cache, v_cache = views[-1]
