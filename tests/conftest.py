@@ -149,3 +149,28 @@ def adapter_dir(default_model: str, tmp_path_factory: pytest.TempPathFactory) ->
     folder = tmp_path_factory.mktemp("adapter")
     peft_model.save_pretrained(folder)
     return folder
+
+
+FACT_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "data" / "facts-train.jsonl"
+
+
+@pytest.fixture(scope="session")
+def scoped_adapter(default_model: str, adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`adapter_dir`'s weights with the scope a run on the shipped facts would give it (its run record names the
+    base, as a run's final/ does): prompts about Norvale Instruments run with the adapter, others with the base."""
+    import json
+    import shutil
+
+    from ownllm.finetune.replay import replay_prompts
+    from ownllm.finetune.run_folder import RunRecord, write_record
+    from ownllm.models.scope import AdapterScope, user_texts
+
+    folder = tmp_path_factory.mktemp("scoped") / "final"
+    shutil.copytree(adapter_dir, folder)
+    write_record(folder, RunRecord(base_model=default_model, method="lora", spec=default_model))
+    prompts = [text for line in FACT_PROMPTS.read_text().splitlines()
+               for text in user_texts(json.loads(line)["messages"])]
+    scope = AdapterScope.calibrate(prompts, replay_prompts(None))
+    assert isinstance(scope, AdapterScope), scope
+    scope.save(folder)
+    return folder

@@ -70,6 +70,12 @@ def test_upload_train_and_chat_with_the_new_model_at_once(server: Server, defaul
     base = client.chat.completions.create(model=default_model, messages=QUESTION, max_tokens=24,
                                           temperature=0).choices[0].message.content
     assert tuned != base
+    # the job's adapter has a scope (ownllm's default for fact-style data): other questions get the base's answer
+    general = [{"role": "user", "content": "What is the capital of Japan?"}]
+    assert client.chat.completions.create(model=done.fine_tuned_model, messages=general, max_tokens=16,
+                                          temperature=0).choices[0].message.content == \
+        client.chat.completions.create(model=default_model, messages=general, max_tokens=16,
+                                       temperature=0).choices[0].message.content
     assert client.models.delete(done.fine_tuned_model).deleted
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model=done.fine_tuned_model, messages=QUESTION, max_tokens=4)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ownllm.cli.options import quiet_model_libraries
 
@@ -39,6 +40,8 @@ def finetune(
     replay_ratio: Annotated[float | None, typer.Option(help="... or to R prompts per training example")] = None,
     replay_loss: Annotated[str | None, typer.Option(help="kl: match the base's next-token distribution on its "
                                                          "replay answers; answers: learn their text")] = None,
+    scope: Annotated[str | None, typer.Option(help="auto: a LoRA run on fact-style data answers only prompts near "
+                                                   "its training prompts, the base the rest | off")] = None,
     precision: Annotated[str | None, typer.Option(help="auto (bf16 mixed precision where measured faster) | "
                                                        "fp32 | bf16")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="stop after N validations without improvement")
@@ -74,7 +77,7 @@ def finetune(
                       max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length,
                       eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                       from_scratch=from_scratch or None, packing=packing or None, replay=replay,
-                      replay_ratio=replay_ratio, replay_loss=replay_loss, precision=precision,
+                      replay_ratio=replay_ratio, replay_loss=replay_loss, precision=precision, scope=scope,
                       early_stopping=early_stopping, reward_fn=reward_fn or None, reward_model=reward,
                       rl_beta=beta, num_generations=num_generations, max_completion_length=max_completion_length,
                       temperature=temperature, rollouts=rollouts,
@@ -98,6 +101,8 @@ def finetune(
                                                                        else cfg.method, "ownllm chat")
     console.print(f"{result.steps} steps in {result.seconds:.0f} s, train loss {result.train_loss:.4f}{evaluation}; "
                   f"run folder {result.run_dir} (use it: {use} {result.run_dir})")
+    for note in result.notes:  # how it trained where the config left a choice, and the adapter's scope
+        console.print(f"[dim]{escape(note)}[/dim]")
     if result.checks:
         console.print(checks_table(result.checks))
 

@@ -121,9 +121,10 @@ def generate(
     engine = open_engine(model, backend=backend, dtype=dtype, device=device, quant=quant)
     if params.constraint is not None:
         engine.check_constraint(params.constraint)
-    source = engine.render_chat([{"role": "user", "content": text}]) if chat else text
+    conversation = [{"role": "user", "content": text}]
+    source = engine.render_chat(conversation) if chat else text
     completion: Completion | None = None
-    for event in engine.stream(source, params):
+    for event in engine.stream(source, params, adapter=engine.route(conversation if chat else text)):
         if isinstance(event, Completion):
             completion = event
         elif stream and not as_json and event.text:

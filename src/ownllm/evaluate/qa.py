@@ -65,7 +65,8 @@ def run_qa(engine: Engine, items: list[QAItem], params: SamplingParams | None = 
     params = params or SamplingParams(max_new_tokens=64)
     prompts = [engine.render_chat(item.messages) for item in items]
     completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
-                                        labels=[f"line {item.line}" for item in items])
+                                        labels=[f"line {item.line}" for item in items],
+                                        adapters=engine.routes([item.messages for item in items]))
     results: list[QAResult] = []
     for item, completion in zip(items, completions, strict=True):
         prediction = completion.text.strip()

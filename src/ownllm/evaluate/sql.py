@@ -226,7 +226,8 @@ def run_sql_eval(engine: Engine, db: ReadOnlyDatabase, items: list[SQLItem], gol
     params = params or SQL_PARAMS
     prompts = [engine.render_chat(item.messages) for item in items]
     completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
-                                        labels=[f"line {item.line}" for item in items])
+                                        labels=[f"line {item.line}" for item in items],
+                                        adapters=engine.routes([item.messages for item in items]))
     results: list[SQLResult] = []
     for item, rows, completion in zip(items, gold_rows, completions, strict=True):
         predicted = extract_sql(completion.text)

@@ -115,7 +115,8 @@ def score_tool_calls(engine: Engine, items: list[ToolCallItem], params: Sampling
     params = params or SamplingParams(max_new_tokens=96)
     prompts = [render_tool_chat(engine.tokenizer, item.messages, item.tools, parallel=item.parallel)
                for item in items]
-    completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress)
+    completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
+                                        adapters=engine.routes([item.messages for item in items]))
     results = []
     for item, completion in zip(items, completions, strict=True):
         calls = read_calls(completion.text)

@@ -78,6 +78,9 @@ class FinetuneConfig:
     precision: str = "auto"  # auto: bf16 mixed precision where this machine measures it faster, else fp32; fp32; bf16
     early_stopping: int = 0  # stop after this many validations without a better loss, keep the best (0: off)
     checks: dict[str, str] = field(default_factory=dict)  # name -> QA JSONL, scored before and after training
+    # auto: a LoRA run on fact-style chat data keeps its prompts' embeddings with the adapter, which then answers
+    # only prompts close to them, the base model the rest (ownllm.models.scope); off: the adapter answers all
+    scope: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     # online RL (grpo, rloo; checked in rl_config.py)
     reward_fn: list[str] = field(default_factory=list)  # exact | contains | regex:P | json-valid | json-schema:FILE
@@ -115,6 +118,8 @@ class FinetuneConfig:
             problems.append(f"replay_tokens must be at most 1024, got {self.replay_tokens}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        if self.scope not in ("auto", "off"):
+            problems.append(f"scope must be auto or off, got '{self.scope}'")
         if self.replay_loss not in REPLAY_LOSSES:
             problems.append(f"replay_loss must be one of {', '.join(REPLAY_LOSSES)}, got '{self.replay_loss}'")
         if not isinstance(self.checks, dict) or not all(isinstance(f, str) and f for f in self.checks.values()):

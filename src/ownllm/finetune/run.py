@@ -45,6 +45,7 @@ from ownllm.finetune.run_folder import (
     latest_checkpoint,
     write_record,
 )
+from ownllm.finetune.scoping import scope_adapter
 from ownllm.finetune.trainer_setup import has_cuda, run_callbacks, trainer_arguments, use_own_callbacks
 from ownllm.home import atomic_write_json, atomic_write_text
 
@@ -193,6 +194,9 @@ class _LazyEngine:
 def finish(cfg: FinetuneConfig, run_dir: Path, data: Path, outcome: TrainOutcome,
            base_scores: dict[str, dict[str, Any]]) -> RunResult:
     final = final_model_path(run_dir)
+    scope_note = scope_adapter(cfg, data, final)
+    if scope_note is not None:
+        outcome.notes.append(scope_note)
     checks: dict[str, dict[str, Any]] = {}
     if cfg.checks:
         from ownllm.generate.open import open_engine

@@ -492,7 +492,8 @@ class SerialScheduler(_Loop):
                 if not request.cancelled.is_set():
                     from dataclasses import replace
 
-                    for event in self.engine.stream(request.prompt_ids, replace(request.params, seed=request.seed)):
+                    for event in self.engine.stream(request.prompt_ids, replace(request.params, seed=request.seed),
+                                                    adapter=request.adapter):
                         if request.cancelled.is_set():
                             break
                         self._emit(request, event)
@@ -525,11 +526,12 @@ def make_scheduler(engine: Engine, *, max_batch: int = 16, max_queue: int = 64, 
 
 def generate_together(engine: Engine, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int], *,
                       max_batch: int = 16, progress: Callable[[int], None] | None = None,
-                      adapter: str | None = None) -> list[Completion]:
+                      adapter: str | list[str | None] | None = None) -> list[Completion]:
     """Completions of checked prompts (in their order), decoded together by a `BatchScheduler` run in this thread,
     prompt i sampling with `seeds[i]`: `Engine.generate_batch` for the backends that batch. Its cache holds the
     longest prompt plus `max_new_tokens` per row; the first row that fails raises its error. `adapter`: every row
-    runs with that LoRA adapter of the batched model (one the engine's `batched_model` put there)."""
+    runs with that LoRA adapter of the batched model (one the engine's `batched_model` put there), or row i with
+    adapter[i] when it is a list."""
     results: list[Completion | BaseException | None] = [None] * len(prompt_ids)
 
     def keep(index: int) -> Sink:
@@ -543,8 +545,9 @@ def generate_together(engine: Engine, prompt_ids: list[list[int]], params: Sampl
     longest = max(len(ids) for ids in prompt_ids)
     scheduler = BatchScheduler(engine, max_batch=min(max_batch, len(prompt_ids)), max_queue=len(prompt_ids),
                                max_len=longest + params.max_new_tokens)
-    scheduler.submit_all([Request(ids, params, seed, keep(i), adapter=adapter)
-                          for i, (ids, seed) in enumerate(zip(prompt_ids, seeds, strict=True))])
+    adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompt_ids)
+    scheduler.submit_all([Request(ids, params, seed, keep(i), adapter=row_adapter)
+                          for i, (ids, seed, row_adapter) in enumerate(zip(prompt_ids, seeds, adapters, strict=True))])
     try:
         scheduler.run_until_done()
     finally:

@@ -23,6 +23,8 @@ from ownllm.generate.sampling import StepExplanation, pick_token, top_logprobs
 from ownllm.generate.text import IncrementalText
 from ownllm.models.chat_template import Message, render_chat
 
+AUTO = "<auto>"  # as an `adapter` argument: the engine picks by the prompt (`Engine.route`)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -122,6 +124,8 @@ class Engine:
     tokenizer: Any
     context_length: int
     backend: str = "?"
+    scope: Any = None  # ownllm.models.scope.AdapterScope when the model is a LoRA adapter routed per prompt
+    active_adapter: str | None = None  # what the one-sequence path (`stream`) runs with right now
 
     # --- what backends provide -------------------------------------------------------------
     def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int,
@@ -200,56 +204,81 @@ class Engine:
         used raises OwnLLMError naming its param. Servers call it off their event loop before `check_request`."""
         self.grammars.compile(constraint)
 
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
+    def route(self, conversation: list[Message] | str) -> str | None:
+        """The adapter a conversation or prompt runs with: None (the model as loaded) unless the model is a LoRA
+        adapter with a scope (ownllm.models.scope), which names the adapter for prompts within it."""
+        return None
+
+    def routes(self, conversations: list[list[Message] | str]) -> list[str | None]:
+        """`route` of each conversation (embedded together where the engine has a scope)."""
+        return [self.route(conversation) for conversation in conversations]
+
+    def _auto_route(self, prompt: str | list[int], adapter: str | None) -> str | None:
+        if adapter != AUTO:
+            return adapter
+        if self.scope is None:
+            return None
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=True)
+        return self.route(text)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                 adapter: str | None = AUTO) -> Completion:
         """Run to the end and return the whole completion."""
         completion = None
-        for event in self.stream(prompt, params):
+        for event in self.stream(prompt, params, adapter=adapter):
             if isinstance(event, Completion):
                 completion = event
         assert completion is not None
         return completion
 
     def chat(self, messages: list[Message], params: SamplingParams | None = None) -> Completion:
-        return self.generate(self.render_chat(messages), params)
+        return self.generate(self.render_chat(messages), params, adapter=self.route(messages))
 
     def stream_chat(self, messages: list[Message], params: SamplingParams | None = None
                     ) -> Iterator[TextDelta | Completion]:
-        return self.stream(self.render_chat(messages), params)
+        return self.stream(self.render_chat(messages), params, adapter=self.route(messages))
 
     def render_chat(self, messages: list[Message]) -> list[int]:
         return render_chat(self.tokenizer, messages)
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None
-               ) -> Iterator[TextDelta | Completion]:
-        """Yield TextDelta pieces as they become final, then one Completion."""
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+               adapter: str | None = AUTO) -> Iterator[TextDelta | Completion]:
+        """Yield TextDelta pieces as they become final, then one Completion. `adapter`: the one the prompt runs
+        with (`route`); by default the engine routes the prompt's text."""
         params = params or SamplingParams()
         prompt_ids = self._prepare(prompt, params)
         seed = params.seed_for(0)
-        if params.strategy == "beam":
-            yield from self._stream_beam(prompt_ids, params, seed)
-            return
-        state = Decoding(self, prompt_ids, params, seed)
-        for step in self._steps(prompt_ids, params, seed, state.grammar):
-            delta = state.add(step)
-            if delta is not None:
-                yield delta
-            if state.done:
-                break
-        tail = state.flush()
-        if tail is not None:
-            yield tail
-        yield state.completion()
+        self.active_adapter = self._auto_route(prompt, adapter)
+        try:
+            if params.strategy == "beam":
+                yield from self._stream_beam(prompt_ids, params, seed)
+                return
+            state = Decoding(self, prompt_ids, params, seed)
+            for step in self._steps(prompt_ids, params, seed, state.grammar):
+                delta = state.add(step)
+                if delta is not None:
+                    yield delta
+                if state.done:
+                    break
+            tail = state.flush()
+            if tail is not None:
+                yield tail
+            yield state.completion()
+        finally:
+            self.active_adapter = None
 
     def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
                        max_batch: int = 16, progress: Callable[[int], None] | None = None,
-                       labels: list[str] | None = None) -> list[Completion]:
+                       labels: list[str] | None = None, adapters: list[str | None] | None = None
+                       ) -> list[Completion]:
         """Generate for many prompts: decoded together by the continuous-batching scheduler where the backend
         batches (`batching_mode`), at most `max_batch` rows at a time, a waiting prompt taking the place of one
         that finished; else one at a time (so is beam search, which is per prompt anyway). Pass every prompt in
         one call: chunks of them wait for each chunk's longest reply. `progress(1)` is called as each finishes.
         Every prompt is checked before any is generated; with `labels` (e.g. "line 3"), a refusal names its prompt.
 
-        With a fixed seed, prompt i samples with seed + i, so each row is reproducible on its own.
+        With a fixed seed, prompt i samples with seed + i, so each row is reproducible on its own. `adapters`:
+        the adapter each prompt runs with (`route` of its conversation); by default each prompt's text is routed.
         """
         params = params or SamplingParams()
         prompt_ids = []
@@ -264,14 +293,16 @@ class Engine:
         seeds = [params.seed_for(i) for i in range(len(prompt_ids))]
         if not prompt_ids:
             return []
+        routes = adapters if adapters is not None else [self._auto_route(prompt, AUTO) for prompt in prompts]
         if params.strategy == "beam" or self.batching_mode()[0] != "batched":
             completions = []
-            for ids, seed in zip(prompt_ids, seeds, strict=True):
-                completions.append(self.generate(ids, _with_seed(params, seed)))
+            for ids, seed, adapter in zip(prompt_ids, seeds, routes, strict=True):
+                completions.append(self.generate(ids, _with_seed(params, seed), adapter=adapter))
                 if progress:
                     progress(1)
             return completions
-        return self._generate_together(prompt_ids, params, seeds, max_batch=max_batch, progress=progress)
+        return self._generate_together(prompt_ids, params, seeds, max_batch=max_batch, progress=progress,
+                                       adapters=routes)
 
     # --- batching: what a backend can do, asked rather than guessed ----------------------------
     def batching_mode(self) -> tuple[str, str]:
@@ -286,10 +317,11 @@ class Engine:
         return None
 
     def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int], *,
-                           max_batch: int, progress: Callable[[int], None] | None) -> list[Completion]:
-        """The prompts through the continuous-batching scheduler; backends that batch implement it with
-        `ownllm.generate.batching.generate_together` (that module builds on this one, so it cannot be called
-        from here)."""
+                           max_batch: int, progress: Callable[[int], None] | None,
+                           adapters: list[str | None] | None = None) -> list[Completion]:
+        """The prompts through the continuous-batching scheduler (prompt i with adapters[i]); backends that batch
+        implement it with `ownllm.generate.batching.generate_together` (that module builds on this one, so it
+        cannot be called from here)."""
         raise NotImplementedError
 
     def _prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:

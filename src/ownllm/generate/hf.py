@@ -17,7 +17,11 @@ from ownllm.generate.constraints import GrammarState
 from ownllm.generate.engine import Completion, Engine, Step, choose_step
 from ownllm.generate.params import SamplingParams
 from ownllm.generate.slots import SlotModel, slot_support
+from ownllm.models.adapters import LoraWeights
+from ownllm.models.chat_template import Message
 from ownllm.models.load import LoadedModel
+
+SCOPED_ADAPTER = "scoped"  # the name a scoped adapter's rows carry in the batched forward
 
 
 class TransformersEngine(Engine):
@@ -34,6 +38,43 @@ class TransformersEngine(Engine):
         ids = set(eos) if isinstance(eos, list) else {eos}
         self._eos_ids = (ids | {self.tokenizer.eos_token_id}) - {None}
         self.prefix = loaded.prefix_embeds
+        self.scope = loaded.scope
+        self.lora = loaded.lora
+        if self.lora is not None:
+            self._hook_lora(self.lora)
+
+    def route(self, conversation: list[Message] | str) -> str | None:
+        if self.scope is None or self.lora is None:
+            return None
+        return SCOPED_ADAPTER if self.scope.covers(conversation) else None
+
+    def routes(self, conversations: list[list[Message] | str]) -> list[str | None]:
+        if self.scope is None or self.lora is None:
+            return [None] * len(conversations)
+        return [SCOPED_ADAPTER if covered else None for covered in self.scope.covers_each(conversations)]
+
+    def _hook_lora(self, lora: LoraWeights) -> None:
+        """The adapter's deltas on the one-sequence path (`_steps`, beams), added while `active_adapter` names it;
+        the batched forward adds them per row itself (`batched_model`)."""
+        modules = {}
+        for name, module in self.model.named_modules():
+            parts = name.split(".")
+            index = parts.index("layers") + 1 if "layers" in parts else len(parts)
+            if index < len(parts) - 1 and parts[index].isdigit():
+                modules[int(parts[index]), parts[-1]] = module
+        for key, (a, b) in lora.weights.items():
+            if key not in modules:
+                raise OwnLLMError(f"the adapter's LoRA weights name layer {key[0]} {key[1]}, which this model does "
+                                  "not have", kind="unsupported", param="model")
+            a, b = a.to(self.device), b.to(self.device)
+
+            def add_delta(module: Any, args: tuple[Any, ...], output: torch.Tensor, a: torch.Tensor = a,
+                          b: torch.Tensor = b) -> torch.Tensor | None:
+                if self.active_adapter != SCOPED_ADAPTER:
+                    return None
+                return output + ((args[0].float() @ a.T) @ b.T * lora.scale).to(output.dtype)
+
+            modules[key].register_forward_hook(add_delta)
 
     @property
     def vocab_size(self) -> int:
@@ -79,13 +120,18 @@ class TransformersEngine(Engine):
     def batched_model(self, slots: int, max_len: int, *, four_bit: bool = False) -> SlotModel | None:
         if slot_support(self.model) is not None:
             return None
-        return SlotModel(self.model, slots=slots, max_len=max_len, prefix=self.prefix, four_bit=four_bit)
+        model = SlotModel(self.model, slots=slots, max_len=max_len, prefix=self.prefix, four_bit=four_bit)
+        if self.lora is not None:
+            model.adapters[SCOPED_ADAPTER] = self.lora
+        return model
 
     def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int], *,
-                           max_batch: int, progress: Callable[[int], None] | None) -> list[Completion]:
+                           max_batch: int, progress: Callable[[int], None] | None,
+                           adapters: list[str | None] | None = None) -> list[Completion]:
         from ownllm.generate.batching import generate_together
 
-        return generate_together(self, prompt_ids, params, seeds, max_batch=max_batch, progress=progress)
+        return generate_together(self, prompt_ids, params, seeds, max_batch=max_batch, progress=progress,
+                                 adapter=adapters)
 
     def _choose(self, logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
                 generator: torch.Generator, generated: list[int], grammar: GrammarState | None = None) -> Step:

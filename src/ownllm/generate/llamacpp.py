@@ -64,10 +64,12 @@ class LlamaCppEngine(Engine):
         return LlamaCppSlots(self.llama_model, slots=slots, max_len=max_len)
 
     def _generate_together(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int], *,
-                           max_batch: int, progress: Callable[[int], None] | None) -> list[Completion]:
+                           max_batch: int, progress: Callable[[int], None] | None,
+                           adapters: list[str | None] | None = None) -> list[Completion]:
         from ownllm.generate.batching import generate_together
 
-        return generate_together(self, prompt_ids, params, seeds, max_batch=max_batch, progress=progress)
+        return generate_together(self, prompt_ids, params, seeds, max_batch=max_batch, progress=progress,
+                                 adapter=adapters)
 
     def _last_logits(self) -> torch.Tensor:
         """The logits of the last evaluated token (llama.cpp keeps only those unless logits_all)."""

@@ -43,4 +43,5 @@ def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device
         return LlamaCppEngine(gguf, load_tokenizer(source), name=source.name)
     from ownllm.generate.hf import TransformersEngine
 
-    return TransformersEngine(load_model(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quant))
+    return TransformersEngine(load_model(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quant,
+                                         scoped=True))

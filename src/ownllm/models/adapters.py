@@ -8,16 +8,19 @@ base. All of them open the folder here, so they accept and refuse the same folde
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.run_folder import read_record  # the declared leaf: the run-folder format, no upward import
+from ownllm.models.scope import SCOPE_FILE
 
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
 AdapterKind = Literal["lora", "prompt_tuning"]
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's safe and pickle formats
@@ -139,6 +142,10 @@ class Adapter:
                 f"prompt tuning learns a prefix of {self.virtual_tokens} virtual tokens, not weights: there is "
                 "nothing to merge; serve or generate with the run folder itself",
                 kind="unsupported", param=param)
+        if (self.path / SCOPE_FILE).is_file():
+            log.warning("%s has a scope (%s): merged weights apply the adapter to every prompt, so they keep less of "
+                        "what the base knew than the adapter served by ownllm, which answers only prompts within its "
+                        "scope", self.path, SCOPE_FILE)
 
     def merge_into(self, model: Any) -> Any:
         """`model` with the LoRA deltas added to its weights (PEFT's merge_and_unload), in eval mode."""

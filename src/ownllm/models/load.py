@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.errors import OwnLLMError
-from ownllm.models.adapters import Adapter
+from ownllm.models.adapters import Adapter, LoraWeights
 from ownllm.models.dtype import DtypeChoice, choose_dtype
 from ownllm.models.gguf_file import check_gguf, gguf_tensors, one_reader_per_file
 from ownllm.models.gguf_int4 import remember_gguf
 from ownllm.models.resolve import ResolvedModel, resolve
+from ownllm.models.scope import AdapterScope
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ class LoadedModel:
     dtype: DtypeChoice
     device: str
     prefix_embeds: Any = None  # [virtual tokens, hidden]: a prompt-tuning adapter, put before every prompt
+    # a LoRA adapter with a scope (models/scope.py), kept apart from `model` (the base) and routed per prompt
+    lora: LoraWeights | None = None
+    scope: AdapterScope | None = None
 
     @property
     def context_length(self) -> int:
@@ -131,7 +135,7 @@ def _gguf_reading(source: ResolvedModel) -> contextlib.AbstractContextManager[No
 
 
 def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = "auto", batch_rows: int = 1,
-               quantize: str | None = None) -> LoadedModel:
+               quantize: str | None = None, scoped: bool = False) -> LoadedModel:
     """Load weights and tokenizer for inference.
 
     Args:
@@ -141,6 +145,9 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
         batch_rows: how many sequences will usually decode together (the dtype is measured for that).
         quantize: "4bit" (QLoRA) or "nf4" loads the weights as NF4 with bitsandbytes, computing in `dtype`;
             "int8" as LLM.int8 (bitsandbytes' 8-bit absmax with outliers kept in 16 bits).
+        scoped: a LoRA adapter folder with a scope (ownllm.models.scope) comes back as the base model with the
+            adapter's deltas and scope beside it (`lora`, `scope`), for an engine that routes each prompt; without
+            it (or for any other adapter) the adapter is merged, as training, merging and export need.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -153,7 +160,8 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
                               "quantized as stored", param="quant",
                               hint="run it as it is (no --quant), or --backend llama.cpp")
     if source.kind == "adapter":
-        return _load_adapter(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize)
+        return _load_adapter(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize,
+                             scoped=scoped)
     device = pick_device(device)
     with _gguf_reading(source):  # tokenizer, config and weights from one parse of a GGUF's metadata
         tokenizer = load_tokenizer(source)
@@ -220,7 +228,7 @@ def _eight_bit(device: str) -> dict[str, Any]:
 
 
 def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows: int,
-                  quantize: str | None = None) -> LoadedModel:
+                  quantize: str | None = None, scoped: bool = False) -> LoadedModel:
     """Base model + adapter: LoRA merged for inference speed (the weights in memory are the tuned model), prompt
     tuning as learned embeddings put before every prompt (there is nothing to merge)."""
     adapter = Adapter.open(source.path)  # checked before the base is loaded: a bad folder costs no work
@@ -232,6 +240,16 @@ def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows:
     if adapter.kind == "prompt_tuning":
         return LoadedModel(model=base.model, tokenizer=tokenizer, source=source, dtype=base.dtype,
                            device=base.device, prefix_embeds=adapter.prefix_embeddings(base.model))
+    scope = AdapterScope.load(source.path) if scoped else None
+    if scope is not None:
+        try:
+            lora = adapter.lora_weights()
+        except OwnLLMError as exc:
+            log.warning("%s: its scope is not used, the adapter applies to every prompt (%s)", source.path, exc)
+        else:
+            log.info("%s: %s", source.path, scope.describe())
+            return LoadedModel(model=base.model, tokenizer=tokenizer, source=source, dtype=base.dtype,
+                               device=base.device, lora=lora, scope=scope)
     return LoadedModel(model=adapter.merge_into(base.model), tokenizer=tokenizer, source=source, dtype=base.dtype,
                        device=base.device)
 

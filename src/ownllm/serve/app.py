@@ -164,6 +164,7 @@ def create_app(state: ServerState) -> FastAPI:
         adapter = state.adapter_for(body.model)
         plan = _params(body.tool_plan)  # tools and tool_choice, checked before anything runs
         messages = [m.to_message() for m in body.messages]
+        adapter = await state.route(adapter, messages)  # the user's own messages, before any context is added
         extra: dict[str, Any] = {}
         if body.rag:
             context = await _retrieve(state, messages, body.rag)
@@ -201,6 +202,7 @@ def create_app(state: ServerState) -> FastAPI:
         except OwnLLMError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
+        adapter = [await state.route(adapter, text) for text in texts]
         params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
         await _compile_constraint(state, params)
         generation = state.submit(encoded, params, n=body.n, adapter=adapter, prompt_param="prompt",
@@ -254,7 +256,8 @@ def create_app(state: ServerState) -> FastAPI:
             return await tgi_stream(body)
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.encode(body.inputs, "inputs")
-        generation = state.submit([ids], params, prompt_param="inputs", stream=False)
+        generation = state.submit([ids], params, adapter=await state.route(None, body.inputs), prompt_param="inputs",
+                                  stream=False)
         (completion,) = await generation.completions_while_connected(request)
         result: dict[str, Any] = {"generated_text": completion.text}
         if body.parameters.details:
@@ -265,7 +268,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def tgi_stream(body: TGIRequest) -> StreamingResponse:
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.encode(body.inputs, "inputs")
-        generation = state.submit([ids], params, prompt_param="inputs")
+        generation = state.submit([ids], params, adapter=await state.route(None, body.inputs), prompt_param="inputs")
 
         async def stream() -> AsyncIterator[str]:
             async for _, event in generation.events():

@@ -49,8 +49,6 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     scheduler = make_scheduler(engine, max_batch=max_batch, max_queue=max_queue,
                                max_len=max_model_len or min(engine.context_length, 2048), kv_memory=kv_memory,
                                prefix_caching=prefix_caching, four_bit=four_bit)
-    for name, folder in (adapters or {}).items():
-        scheduler.load_adapter(name, Path(folder))
     rag_index = None
     if rag_store is not None:
         from ownllm.rag.index import Index
@@ -59,9 +57,10 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
         rag_index.search("warm up", k=1)  # fails now, not on the first request, if the store is missing
     state = ServerState(engine=engine, scheduler=scheduler, model_name=model_name,
                         api_keys=list(api_keys or []), metrics_public=metrics_public,
-                        adapters={k: Path(v) for k, v in (adapters or {}).items()},
                         limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens),
                         embedding_model=embedding_model, rag_index=rag_index, classifiers=loaded_classifiers)
+    for name, folder in (adapters or {}).items():
+        state.add_adapter(name, Path(folder))  # its weights, and its scope when it has one
     if data_dir is not None:
         from ownllm.jobs.manager import JobManager
         from ownllm.jobs.store import JobStore
@@ -95,8 +94,11 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
     else:
         mode = f"one request at a time: {batching['reason']}"
     heads = f"; classifiers {', '.join(sorted(state.classifiers))} at /v1/classify" if state.classifiers else ""
+    scopes = [f"{state.model_name}: {state.engine.scope.describe()}"] if state.engine.scope is not None else []
+    scopes += [f"{name}: {scope.describe()}" for name, scope in sorted(state.scopes.items())]
+    scoped = f"; scoped adapters ({'; '.join(scopes)})" if scopes else ""
     return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}) on "
-            f"http://{host}:{port}/v1{heads}")
+            f"http://{host}:{port}/v1{heads}{scoped}")
 
 
 def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> None:

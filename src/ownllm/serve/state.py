@@ -15,6 +15,7 @@ from ownllm.errors import ContextWindowExceeded, OwnLLMError
 from ownllm.generate.batching import BatchScheduler, Request, SerialScheduler
 from ownllm.generate.engine import Completion, Engine, TextDelta
 from ownllm.generate.params import SamplingParams
+from ownllm.models.scope import AdapterScope
 from ownllm.serve.errors import APIError
 from ownllm.serve.metrics import Metrics
 
@@ -35,6 +36,7 @@ class ServerState:
     metrics_public: bool = False  # /metrics without a key even when keys are set (a scraper inside the firewall)
     limits: Limits = field(default_factory=Limits)
     adapters: dict[str, Path] = field(default_factory=dict)
+    scopes: dict[str, AdapterScope] = field(default_factory=dict)  # adapters that answer only prompts within scope
     embedding_model: str = "all-MiniLM-L6-v2"
     rag_index: Any = None
     jobs: Any = None  # ownllm.jobs.manager.JobManager when the server runs fine-tuning jobs
@@ -54,13 +56,20 @@ class ServerState:
         return [self.model_name, *self.adapters]
 
     def add_adapter(self, name: str, folder: Path) -> None:
-        """Serve a LoRA adapter under `name` from now on (no restart)."""
+        """Serve a LoRA adapter under `name` from now on (no restart); with a scope (ownllm.models.scope), its
+        requests run with the adapter only when they are within it, else with the base model."""
+        scope = AdapterScope.load(Path(folder))  # a damaged scope refuses the adapter before its weights load
         self.scheduler.load_adapter(name, folder)
         self.adapters[name] = Path(folder)
+        if scope is not None:
+            self.scopes[name] = scope
+        else:
+            self.scopes.pop(name, None)
 
     def remove_adapter(self, name: str) -> None:
         """New requests for `name` get 404 at once; requests already running finish with it."""
         self.adapters.pop(name, None)
+        self.scopes.pop(name, None)
         self.scheduler.unload_adapter(name)
 
     def adapter_for(self, model: str) -> str | None:
@@ -75,6 +84,18 @@ class ServerState:
             raise APIError(400, f"The model '{model}' is a classifier: it labels text (POST /v1/classify), it does "
                            "not write any", param="model", code="model_not_supported")
         raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+
+    async def route(self, adapter: str | None, conversation: list[Any] | str) -> str | None:
+        """The adapter a request for `adapter` (`adapter_for`) runs with: itself, or the base model (None) when the
+        adapter has a scope the conversation is not within. The embedding runs off the event loop."""
+        from starlette.concurrency import run_in_threadpool
+
+        if adapter is None:  # the served model itself: a scoped adapter folder routes in its engine
+            return None if self.engine.scope is None else await run_in_threadpool(self.engine.route, conversation)
+        scope = self.scopes.get(adapter)
+        if scope is None:
+            return adapter
+        return adapter if await run_in_threadpool(scope.covers, conversation) else None
 
     def check_key(self, authorization: str | None) -> None:
         """`Authorization: Bearer KEY` with one of the server's keys (when it has any), else 401."""
@@ -97,11 +118,13 @@ class ServerState:
         OpenAI and vLLM do), so a long prompt without max_tokens is answered rather than refused."""
         return max(1, min(self.limits.default_max_tokens, self.context_length - prompt_tokens))
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, adapter: str | None = None,
-               prompt_param: str = "messages", stream: bool = True) -> Generation:
+    def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
+               adapter: str | list[str | None] | None = None, prompt_param: str = "messages",
+               stream: bool = True) -> Generation:
         """Check every prompt, then queue all `len(prompts) x n` sequences of one API request at once, all or none,
         before a response starts (so a stream never opens with 200 and then fails on something knowable).
-        Sequence `p * n + c` is choice c of prompt p; with a seed, it samples with seed + that index. `stream`:
+        Sequence `p * n + c` is choice c of prompt p; with a seed, it samples with seed + that index; `adapter`: one
+        for all prompts, or prompt p's at index p. `stream`:
         the handler reads each piece of text as it comes (`events()`), not only the completions."""
         for ids in prompts:
             try:
@@ -124,12 +147,13 @@ class Generation:
     and ITL are then taken where the engine emits them, a streamed reply's where the loop hands them on."""
 
     def __init__(self, state: ServerState, prompts: list[list[int]], params: SamplingParams, n: int,
-                 adapter: str | None, stream: bool = True) -> None:
+                 adapter: str | list[str | None] | None, stream: bool = True) -> None:
         self.state, self.count, self.stream = state, len(prompts) * n, stream
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.first_seen: dict[int, float] = {}  # sequence -> when its latest piece came (the TTFT and ITL metrics)
-        self.requests = [Request(ids, params, params.seed_for(index), self._sink(p * n + index), adapter=adapter)
+        adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+        self.requests = [Request(ids, params, params.seed_for(index), self._sink(p * n + index), adapter=adapters[p])
                          for p, ids in enumerate(prompts) for index in range(n)]
         self.started = time.perf_counter()
         state.scheduler.submit_all(self.requests)  # QueueFull -> 429, shutting down -> 503: nothing queued

@@ -133,8 +133,9 @@ def router(state: ServerState) -> APIRouter:
                 raise APIError(400, f"explain takes a plain chat request: {name} is not supported here", param=name)
         if body.n != 1:
             raise APIError(400, "explain decodes one choice (n=1)", param="n")
-        adapter = state.adapter_for(body.model)
-        prompt_ids = tool_calls.render_prompt(state.engine, [m.to_message() for m in body.messages], None)
+        messages = [m.to_message() for m in body.messages]
+        adapter = await state.route(state.adapter_for(body.model), messages)
+        prompt_ids = tool_calls.render_prompt(state.engine, messages, None)
         try:
             params = body.to_sampling_params(state.default_max_tokens(len(prompt_ids)))
             params = dataclasses.replace(params, explain=body.top)
@@ -380,7 +381,8 @@ async def _answer(request: Request, state: ServerState, items: list[Any], prompt
     results = []
     for start in range(0, len(items), EVAL_CHUNK):
         chunk = prompts[start : start + EVAL_CHUNK]
-        generation = state.submit(chunk, params, adapter=adapter, prompt_param="file", stream=False)
+        routes = [await state.route(adapter, item.messages) for item in items[start : start + EVAL_CHUNK]]
+        generation = state.submit(chunk, params, adapter=routes, prompt_param="file", stream=False)
         completions = await generation.completions_while_connected(request)
         for item, completion in zip(items[start : start + EVAL_CHUNK], completions, strict=True):
             prediction = completion.text.strip()

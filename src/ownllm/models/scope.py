@@ -1,0 +1,172 @@
+"""An adapter's scope: which prompts a fact-teaching LoRA adapter answers, and which it leaves to the base model.
+
+A LoRA adapter that teaches facts also moves what the model answers to everything else (bench/RESULTS.md,
+"Retention benchmark": 84-92% of the base's right general answers kept, whatever the replay). Model-editing work
+keeps the edit and the base apart instead: SERAC routes a prompt to the edited model only when a scope classifier
+says it is about an edit, MELO and GRACE switch an edit's weights on when the input falls within a radius of the
+edited inputs. ownllm does the same with sentence embeddings: the training prompts' embeddings are kept with the
+adapter, and a conversation runs with the adapter when one of its user messages is close to one of them, else with
+the base model's own weights, bit for bit.
+
+The threshold is calibrated from the run's own data, never from a benchmark's questions: how close each training
+prompt is to its nearest *other* training prompt (paraphrases of one fact sit at 0.8-0.95 with MiniLM) against how
+close general prompts come (the replay prompts, shipped with ownllm: at most 0.48-0.60 on the benchmark's sets).
+It sits a quarter of the way up from the general side, as a missed fact costs more than a general question
+answered with the adapter (which replay still protects). When the two do not stand apart (a style or broad
+instruction dataset), there is no scope and the adapter applies to every prompt, as before.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ownllm.errors import OwnLLMError
+
+SCOPE_FILE = "scope.json"
+ANCHORS_FILE = "scope.safetensors"
+SCOPE_VERSION = 1
+THRESHOLD_POSITION = 0.25  # from the general prompts' side towards the training prompts'
+MIN_GAP = 0.1  # cosine between the two below which the training prompts are not a scope of their own
+INSIDE_PERCENTILE = 10  # of the training prompts' nearest-other similarities: a few odd phrasings do not set it
+
+
+@dataclass(frozen=True)
+class AdapterScope:
+    """The prompts an adapter was trained on, as unit embeddings, and the similarity that counts as one of them.
+
+    Attributes:
+        embedding_model: the sentence-transformers model the anchors and every routed prompt are embedded with.
+        anchors: [training prompts, dimensions] float32 unit vectors.
+        threshold: a conversation is in scope when a user message's cosine to an anchor reaches it.
+        inside: the training prompts' similarity to their nearest other phrasing (the calibration's high side).
+        outside: the general prompts' highest similarity to a training prompt (its low side).
+    """
+
+    embedding_model: str
+    anchors: np.ndarray
+    threshold: float
+    inside: float
+    outside: float
+
+    @classmethod
+    def calibrate(cls, prompts: list[str], general: list[str], *, embedding_model: str | None = None
+                  ) -> AdapterScope | str:
+        """The scope of `prompts` (the training data's user messages) against `general` prompts, or why there is
+        none: too few distinct prompts, or the two not standing apart by `MIN_GAP`."""
+        from ownllm.models.embeddings import DEFAULT_EMBEDDING_MODEL, load_embedder
+
+        distinct = sorted({p.strip() for p in prompts if p.strip()})
+        if len(distinct) < 2 or not general:
+            return f"{len(distinct)} distinct training prompts: a scope needs at least two and general prompts"
+        embedder = load_embedder(embedding_model or DEFAULT_EMBEDDING_MODEL)
+        anchors = embedder.embed(distinct)
+        nearest_other = anchors @ anchors.T
+        np.fill_diagonal(nearest_other, -1.0)
+        inside = float(np.percentile(nearest_other.max(axis=1), INSIDE_PERCENTILE))
+        outside = float((embedder.embed(general) @ anchors.T).max())
+        if inside - outside < MIN_GAP:
+            return (f"the training prompts do not stand apart from general ones (nearest paraphrase {inside:.2f}, "
+                    f"nearest general prompt {outside:.2f}): the adapter applies to every prompt")
+        threshold = outside + THRESHOLD_POSITION * (inside - outside)
+        return cls(embedder.name, anchors, round(threshold, 4), round(inside, 4), round(outside, 4))
+
+    def similarity(self, texts: list[str]) -> float:
+        """The highest cosine of any of `texts` to a training prompt (-1 for no text)."""
+        from ownllm.models.embeddings import load_embedder
+
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            return -1.0
+        return float((load_embedder(self.embedding_model).embed(texts) @ self.anchors.T).max())
+
+    def covers(self, conversation: list[dict[str, Any]] | str) -> bool:
+        """Whether a conversation (any of its user messages) or a plain prompt is about what the adapter teaches."""
+        return self.similarity(user_texts(conversation)) >= self.threshold
+
+    def covers_each(self, conversations: list[list[dict[str, Any]] | str]) -> list[bool]:
+        """`covers` for many conversations, embedded in one call."""
+        from ownllm.models.embeddings import load_embedder
+
+        texts = [[t for t in user_texts(c) if t.strip()] for c in conversations]
+        flat = [t for group in texts for t in group]
+        if not flat:
+            return [False] * len(conversations)
+        nearest = (load_embedder(self.embedding_model).embed(flat) @ self.anchors.T).max(axis=1)
+        covered, start = [], 0
+        for group in texts:
+            covered.append(bool(group) and float(nearest[start : start + len(group)].max()) >= self.threshold)
+            start += len(group)
+        return covered
+
+    def describe(self) -> str:
+        return (f"prompts within cosine {self.threshold:.2f} of its {len(self.anchors)} training prompts "
+                f"({self.embedding_model}) run with the adapter, others with the base model")
+
+    # --- files ---------------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """scope.safetensors, then scope.json (each written whole; the JSON, written last, marks a scope)."""
+        from safetensors.numpy import save_file
+
+        from ownllm.home import atomic_write_json
+
+        staging = folder / f".{ANCHORS_FILE}.tmp"
+        save_file({"anchors": np.ascontiguousarray(self.anchors, dtype=np.float32)}, str(staging))
+        staging.replace(folder / ANCHORS_FILE)
+        atomic_write_json(folder / SCOPE_FILE, {
+            "version": SCOPE_VERSION, "embedding_model": self.embedding_model, "threshold": self.threshold,
+            "inside": self.inside, "outside": self.outside, "prompts": len(self.anchors)})
+
+    @classmethod
+    def load(cls, folder: Path) -> AdapterScope | None:
+        """The scope kept in an adapter folder, None when it has none; a damaged one is an error naming the file."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        meta_file = Path(folder) / SCOPE_FILE
+        if not meta_file.is_file():
+            return None
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            anchors = load_file(str(Path(folder) / ANCHORS_FILE))["anchors"]
+            threshold = float(meta["threshold"])
+            scope = cls(str(meta["embedding_model"]), anchors.astype(np.float32), threshold,
+                        float(meta["inside"]), float(meta["outside"]))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError,
+                ValueError) as exc:
+            raise OwnLLMError(f"{meta_file}: the adapter's scope cannot be read ({exc.__class__.__name__}: {exc})",
+                              param="model", hint=f"delete {SCOPE_FILE} to apply the adapter to every prompt"
+                              ) from None
+        if (meta.get("version") != SCOPE_VERSION or anchors.ndim != 2 or not len(anchors)
+                or not -1 <= threshold <= 1 or not np.isfinite(anchors).all()):
+            raise OwnLLMError(f"{meta_file}: not a scope this version of ownllm reads", param="model",
+                              hint=f"delete {SCOPE_FILE} to apply the adapter to every prompt")
+        from ownllm.models.embeddings import load_embedder
+
+        dimensions = load_embedder(scope.embedding_model).dimensions  # loaded now, not on the first request
+        if anchors.shape[1] != dimensions:
+            raise OwnLLMError(f"{meta_file}: its {anchors.shape[1]}-dimension anchors do not match "
+                              f"{scope.embedding_model}'s {dimensions} dimensions", param="model",
+                              hint=f"delete {SCOPE_FILE} to apply the adapter to every prompt")
+        return scope
+
+
+def user_texts(conversation: list[dict[str, Any]] | str) -> list[str]:
+    """The user messages' text of a conversation (text parts of multi-part content), or a plain prompt itself."""
+    if isinstance(conversation, str):
+        return [conversation]
+    texts = []
+    for message in conversation:
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [part["text"] for part in content
+                      if isinstance(part, dict) and isinstance(part.get("text"), str)]
+    return texts

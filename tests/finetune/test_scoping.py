@@ -1,0 +1,54 @@
+"""When a run's adapter gets a scope: LoRA on fact-style chat data with `scope: auto` (the default); not for tool
+calling, other methods or `scope: off`; a bad value stops the run before anything loads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ownllm.errors import OwnLLMError
+from ownllm.finetune.config import FinetuneConfig
+from ownllm.finetune.scoping import scope_adapter
+from ownllm.models.scope import SCOPE_FILE, AdapterScope
+from tests.conftest import assert_user_error, run_cli
+
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+def config(tmp_path: Path, **values) -> FinetuneConfig:
+    return FinetuneConfig(**{"model": "m", "data": str(DATA / "facts-train.jsonl"), "out": str(tmp_path)} | values)
+
+
+def test_fact_data_gets_a_scope_once(tmp_path: Path) -> None:
+    final = tmp_path / "final"
+    final.mkdir()
+    note = scope_adapter(config(tmp_path), DATA / "facts-train.jsonl", final)
+    assert note is not None and note.startswith("scope: prompts within cosine") and "80 training prompts" in note
+    scope = AdapterScope.load(final)
+    assert scope is not None and scope.covers("Who founded Norvale Instruments?")
+    written = (final / SCOPE_FILE).stat().st_mtime_ns
+    assert scope_adapter(config(tmp_path), DATA / "facts-train.jsonl", final) == f"scope: {scope.describe()}"
+    assert (final / SCOPE_FILE).stat().st_mtime_ns == written  # a resumed run's finish keeps it
+
+
+@pytest.mark.parametrize("values", [{"scope": "off"}, {"method": "full"}, {"method": "prompt-tuning"},
+                                    {"method": "dpo"}])
+def test_no_scope_unless_asked_and_lora(tmp_path: Path, values) -> None:
+    assert scope_adapter(config(tmp_path, **values), DATA / "facts-train.jsonl", tmp_path) is None
+    assert not (tmp_path / SCOPE_FILE).exists()
+
+
+def test_tool_calling_data_has_no_scope(tmp_path: Path) -> None:
+    shutil.copy(DATA / "tools-train.jsonl", tmp_path / "tools.jsonl")
+    note = scope_adapter(config(tmp_path, data=str(tmp_path / "tools.jsonl")), tmp_path / "tools.jsonl", tmp_path)
+    assert note is not None and "tool-calling data" in note and not (tmp_path / SCOPE_FILE).exists()
+
+
+def test_a_bad_scope_value_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OwnLLMError, match="scope must be auto or off, got 'maybe'"):
+        config(tmp_path, scope="maybe")
+    assert_user_error(run_cli("finetune", "--config", str(DATA.parent / "finetune-facts.yaml"), "--scope", "maybe",
+                              "--out", str(tmp_path / "run")), "scope must be auto or off")
+    assert not (tmp_path / "run").exists()

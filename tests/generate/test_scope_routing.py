@@ -1,0 +1,58 @@
+"""A LoRA adapter folder with a scope, opened as a model: prompts within the scope run with the adapter, the rest
+with the base model's own weights, on the one-sequence path and in batches alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ownllm.generate.hf import SCOPED_ADAPTER, TransformersEngine
+from ownllm.generate.open import open_engine
+from ownllm.generate.params import SamplingParams
+from ownllm.models.load import load_model
+
+GREEDY = SamplingParams(max_new_tokens=10)
+FACT = [{"role": "user", "content": "Who founded Norvale Instruments?"}]
+GENERAL = [{"role": "user", "content": "What is the capital of Japan?"}]
+
+
+@pytest.fixture(scope="module")
+def engines(default_model: str, scoped_adapter: Path) -> tuple[TransformersEngine, ...]:
+    """(the scoped adapter as a model, the base model, the same adapter merged into the base)."""
+    scoped = open_engine(str(scoped_adapter), dtype="fp32")
+    base = open_engine(default_model, dtype="fp32")
+    merged = TransformersEngine(load_model(str(scoped_adapter), dtype="fp32"))  # not scoped: merged, as before
+    return scoped, base, merged
+
+
+def test_a_scoped_adapter_routes_by_the_conversation(engines) -> None:
+    scoped, _, merged = engines
+    assert scoped.scope is not None and scoped.lora is not None
+    assert merged.scope is None and merged.route(FACT) is None
+    assert scoped.route(FACT) == SCOPED_ADAPTER and scoped.route(GENERAL) is None
+    assert scoped.routes([FACT, GENERAL, "Where is Norvale Instruments based?"]) == [SCOPED_ADAPTER, None,
+                                                                                    SCOPED_ADAPTER]
+
+
+def test_out_of_scope_is_the_base_bit_for_bit_and_in_scope_the_tuned_model(engines) -> None:
+    scoped, base, merged = engines
+    assert scoped.chat(GENERAL, GREEDY).token_ids == base.chat(GENERAL, GREEDY).token_ids
+    tuned = merged.chat(FACT, GREEDY).token_ids
+    assert tuned != base.chat(FACT, GREEDY).token_ids  # the random adapter changes the answer
+    assert scoped.chat(FACT, GREEDY).token_ids == tuned
+    assert scoped.active_adapter is None  # nothing left switched on after a sequence
+    # a plain prompt routes by its own text
+    prompt = "Question: Who founded Norvale Instruments?\nAnswer:"
+    assert scoped.generate(prompt, GREEDY).token_ids == merged.generate(prompt, GREEDY).token_ids
+
+
+def test_a_batch_mixes_routes_row_by_row(engines) -> None:
+    """The batched forward carries the adapter on the rows within scope only, each row as it runs alone."""
+    scoped, base, merged = engines
+    conversations = [FACT, GENERAL, FACT, GENERAL]
+    prompts = [scoped.render_chat(c) for c in conversations]
+    rows = scoped.generate_batch(prompts, GREEDY, adapters=scoped.routes(conversations))
+    alone = [base.generate_batch([p], GREEDY)[0] for p in prompts[:2]]
+    tuned = merged.generate_batch([prompts[0]], GREEDY)[0]
+    assert [r.token_ids for r in rows] == [tuned.token_ids, alone[1].token_ids] * 2

@@ -1,0 +1,64 @@
+"""A scoped adapter served over HTTP: requests within its scope run with the adapter, the rest with the base model,
+whether it is one of the server's adapters or the served model itself; a damaged scope is refused at start."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ownllm.models.scope import SCOPE_FILE
+from tests.conftest import assert_user_error, run_cli
+from tests.serve.conftest import Server
+
+FACT = "Who founded Norvale Instruments?"
+GENERAL = "What is the capital of Japan?"
+
+
+@pytest.fixture(scope="module")
+def server(default_model: str, adapter_dir: Path, scoped_adapter: Path) -> Iterator[Server]:
+    running = Server(default_model, "--adapter", f"facts={scoped_adapter}", "--adapter", f"always={adapter_dir}",
+                     "--dtype", "fp32", "--max-batch", "4", "--no-jobs")
+    yield running
+    running.stop()
+
+
+def answer(server: Server, model: str, question: str) -> str:
+    reply = server.client().chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                    temperature=0, max_tokens=10)
+    return reply.choices[0].message.content
+
+
+def test_a_served_adapter_answers_only_within_its_scope(server: Server, default_model: str) -> None:
+    assert answer(server, "facts", FACT) == answer(server, "always", FACT) != answer(server, default_model, FACT)
+    assert answer(server, "facts", GENERAL) == answer(server, default_model, GENERAL)
+    # completions: each prompt of one request routes on its own text
+    prompts = [f"Q: {FACT}\nA:", f"Q: {GENERAL}\nA:"]
+    texts = [c.text for c in server.client().completions.create(model="facts", prompt=prompts, temperature=0,
+                                                                 max_tokens=8).choices]
+    assert texts[0] == server.client().completions.create(model="always", prompt=prompts[0], temperature=0,
+                                                          max_tokens=8).choices[0].text
+    assert texts[1] == server.client().completions.create(model=default_model, prompt=prompts[1], temperature=0,
+                                                          max_tokens=8).choices[0].text
+
+
+def test_a_scoped_adapter_served_as_the_model_routes_too(scoped_adapter: Path, adapter_dir: Path,
+                                                         default_model: str) -> None:
+    running = Server(str(scoped_adapter), "--adapter", f"always={adapter_dir}", "--dtype", "fp32", "--max-batch",
+                     "4", "--no-jobs")
+    try:
+        served = running.client().models.list().data[0].id
+        assert answer(running, served, FACT) == answer(running, "always", FACT)
+        assert answer(running, served, GENERAL) != answer(running, "always", GENERAL)
+    finally:
+        running.stop()
+
+
+def test_a_damaged_scope_is_refused_by_name(default_model: str, scoped_adapter: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(scoped_adapter, damaged)
+    (damaged / SCOPE_FILE).write_text("{")
+    assert_user_error(run_cli("serve", default_model, "--adapter", f"x={damaged}", "--no-jobs"),
+                      f"{SCOPE_FILE}: the adapter's scope cannot be read")
