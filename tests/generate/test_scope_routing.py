@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ownllm.generate.engine import Completion
 from ownllm.generate.hf import SCOPED_ADAPTER, TransformersEngine
 from ownllm.generate.open import open_engine
 from ownllm.generate.params import SamplingParams
@@ -56,3 +57,20 @@ def test_a_batch_mixes_routes_row_by_row(engines) -> None:
     alone = [base.generate_batch([p], GREEDY)[0] for p in prompts[:2]]
     tuned = merged.generate_batch([prompts[0]], GREEDY)[0]
     assert [r.token_ids for r in rows] == [tuned.token_ids, alone[1].token_ids] * 2
+
+
+def test_interleaved_and_abandoned_streams_keep_their_own_route(engines) -> None:
+    """The adapter is switched on only around a stream's own steps: two streams read in turns each get what they
+    would alone, and one left unfinished leaves nothing switched on."""
+    scoped, base, merged = engines
+    fact, general = scoped.stream_chat(FACT, GREEDY), scoped.stream_chat(GENERAL, GREEDY)
+    ends: dict[str, list[int]] = {}
+    for name, stream in [("fact", fact), ("general", general)] * GREEDY.max_new_tokens * 2:
+        event = next(stream, None)
+        if isinstance(event, Completion):
+            ends[name] = event.token_ids
+    assert ends == {"fact": merged.chat(FACT, GREEDY).token_ids, "general": base.chat(GENERAL, GREEDY).token_ids}
+    abandoned = scoped.stream_chat(FACT, GREEDY)
+    next(abandoned)
+    assert scoped.active_adapter is None
+    assert scoped.chat(GENERAL, GREEDY).token_ids == ends["general"]

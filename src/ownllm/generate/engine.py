@@ -7,6 +7,8 @@ once, so the CLI, the Python API, the server and evaluation all behave the same.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -125,7 +127,24 @@ class Engine:
     context_length: int
     backend: str = "?"
     scope: Any = None  # ownllm.models.scope.AdapterScope when the model is a LoRA adapter routed per prompt
-    active_adapter: str | None = None  # what the one-sequence path (`stream`) runs with right now
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter the one-sequence path (`stream`) is computing with in this thread, this very moment: set
+        only around each of a stream's own steps, so streams interleaved or abandoned never run with another's."""
+        return getattr(self._running(), "adapter", None)
+
+    def _running(self) -> threading.local:
+        return self.__dict__.setdefault("_running_local", threading.local())  # per engine, per thread
+
+    @contextlib.contextmanager
+    def _running_with(self, adapter: str | None) -> Iterator[None]:
+        previous = self.active_adapter
+        self._running().adapter = adapter
+        try:
+            yield
+        finally:
+            self._running().adapter = previous
 
     # --- what backends provide -------------------------------------------------------------
     def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int,
@@ -248,24 +267,28 @@ class Engine:
         params = params or SamplingParams()
         prompt_ids = self._prepare(prompt, params)
         seed = params.seed_for(0)
-        self.active_adapter = self._auto_route(prompt, adapter)
-        try:
-            if params.strategy == "beam":
-                yield from self._stream_beam(prompt_ids, params, seed)
-                return
-            state = Decoding(self, prompt_ids, params, seed)
-            for step in self._steps(prompt_ids, params, seed, state.grammar):
-                delta = state.add(step)
-                if delta is not None:
-                    yield delta
-                if state.done:
-                    break
-            tail = state.flush()
-            if tail is not None:
-                yield tail
-            yield state.completion()
-        finally:
-            self.active_adapter = None
+        adapter = self._auto_route(prompt, adapter)
+        if params.strategy == "beam":
+            with self._running_with(adapter):
+                events = list(self._stream_beam(prompt_ids, params, seed))  # one search, then its text
+            yield from events
+            return
+        state = Decoding(self, prompt_ids, params, seed)
+        steps = self._steps(prompt_ids, params, seed, state.grammar)
+        while True:
+            with self._running_with(adapter):
+                step = next(steps, None)
+            if step is None:
+                break
+            delta = state.add(step)
+            if delta is not None:
+                yield delta
+            if state.done:
+                break
+        tail = state.flush()
+        if tail is not None:
+            yield tail
+        yield state.completion()
 
     def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | None = None, *,
                        max_batch: int = 16, progress: Callable[[int], None] | None = None,
