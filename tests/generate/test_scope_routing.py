@@ -74,3 +74,22 @@ def test_interleaved_and_abandoned_streams_keep_their_own_route(engines) -> None
     next(abandoned)
     assert scoped.active_adapter is None
     assert scoped.chat(GENERAL, GREEDY).token_ids == ends["general"]
+
+
+def test_scoring_forwards_route_by_the_scored_text(engines) -> None:
+    """Perplexity and log-likelihoods call the model directly: `scoring` puts the adapter on where the text routes."""
+    import torch
+
+    scoped, base, merged = engines
+    ids = scoped.encode("Norvale Instruments was founded by a woman from Kestrelmoor.")
+
+    def logits(engine: TransformersEngine) -> torch.Tensor:
+        with torch.inference_mode():
+            return engine.model(input_ids=torch.tensor([ids])).logits[0]
+
+    with scoped.scoring(ids):
+        routed = logits(scoped)
+    assert torch.allclose(routed, logits(merged), atol=1e-3)
+    assert torch.equal(logits(scoped), logits(base))  # outside `scoring`: the base's own weights
+    with scoped.scoring("What is the capital of Japan?"):
+        assert torch.equal(logits(scoped), logits(base))

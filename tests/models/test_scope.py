@@ -4,6 +4,7 @@ refused by name."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,9 +94,24 @@ def test_a_scope_survives_its_folder_and_a_damaged_one_is_named(tmp_path: Path, 
     with pytest.raises(OwnLLMError, match="not a scope this version"):
         AdapterScope.load(tmp_path)
     (tmp_path / SCOPE_FILE).write_text(json.dumps(meta))
-    save_file({"anchors": scope.anchors[:, :100].copy()}, str(tmp_path / ANCHORS_FILE))
+    short = scope.anchors[:, :100] / np.linalg.norm(scope.anchors[:, :100], axis=1, keepdims=True)
+    save_file({"anchors": short.astype(np.float32)}, str(tmp_path / ANCHORS_FILE))
     with pytest.raises(OwnLLMError, match="100-dimension anchors do not match all-MiniLM-L6-v2's 384"):
         AdapterScope.load(tmp_path)
-    save_file({"anchors": np.full_like(scope.anchors, np.nan)}, str(tmp_path / ANCHORS_FILE))
-    with pytest.raises(OwnLLMError, match="not a scope this version"):
+    for anchors in (np.full_like(scope.anchors, np.nan), scope.anchors * 100):  # not finite, not unit length
+        save_file({"anchors": anchors}, str(tmp_path / ANCHORS_FILE))
+        with pytest.raises(OwnLLMError, match="not a scope this version"):
+            AdapterScope.load(tmp_path)
+    scope.save(tmp_path)
+    for model in ("", "/tmp", "someone/any-hub-model"):  # never loaded: a file must not pick the code that runs
+        (tmp_path / SCOPE_FILE).write_text(json.dumps(meta | {"embedding_model": model}))
+        with pytest.raises(OwnLLMError, match="embedding_model must be all-MiniLM-L6-v2"):
+            AdapterScope.load(tmp_path)
+    (tmp_path / SCOPE_FILE).write_text("[" * 100_000)
+    with pytest.raises(OwnLLMError, match="cannot be read"):
+        AdapterScope.load(tmp_path)
+    (tmp_path / SCOPE_FILE).write_text(json.dumps(meta))
+    (tmp_path / ANCHORS_FILE).unlink()
+    os.mkfifo(tmp_path / ANCHORS_FILE)  # reading it would wait forever
+    with pytest.raises(OwnLLMError, match="not a regular file"):
         AdapterScope.load(tmp_path)

@@ -35,7 +35,7 @@ def _harness_lm(engine: Engine) -> Any:
         def _score(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
             ids = (context_ids + continuation_ids)[-engine.context_length:]
             n = len(continuation_ids)
-            with torch.inference_mode():
+            with torch.inference_mode(), engine.scoring(context_ids):
                 logits = self.model(input_ids=torch.tensor([ids], device=engine.device)).logits[0].float().cpu()
             logprobs = torch.log_softmax(logits[-n - 1 : -1], dim=-1)
             targets = torch.tensor(ids[-n:])

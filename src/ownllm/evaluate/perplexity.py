@@ -100,7 +100,8 @@ def perplexity(engine: Engine, documents: list[Document], *, max_length: int | N
         raise OwnLLMError(f"stride must be in 1..max-length ({max_length})", param="stride")
     total_nll, scored = 0.0, 0
     for document in documents:
-        nll, count = _document_nll(model, engine.device, document, max_length, stride, progress)
+        with engine.scoring(document.ids):  # a scoped adapter (ownllm.models.scope): on where its text routes
+            nll, count = _document_nll(model, engine.device, document, max_length, stride, progress)
         total_nll, scored = total_nll + nll, scored + count
     if scored == 0:
         raise OwnLLMError("no tokens to score (documents of one token?)", param="data")

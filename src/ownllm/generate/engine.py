@@ -137,6 +137,11 @@ class Engine:
     def _running(self) -> threading.local:
         return self.__dict__.setdefault("_running_local", threading.local())  # per engine, per thread
 
+    def scoring(self, prompt: str | list[int]) -> contextlib.AbstractContextManager[None]:
+        """Around direct forwards of the model that score `prompt` (perplexity, log-likelihoods): the adapter its
+        text routes to is on during them, as it would be for generating from it."""
+        return self._running_with(self._auto_route(prompt, AUTO))
+
     @contextlib.contextmanager
     def _running_with(self, adapter: str | None) -> Iterator[None]:
         previous = self.active_adapter

@@ -21,7 +21,7 @@ from ownllm.models.adapters import LoraWeights
 from ownllm.models.chat_template import Message
 from ownllm.models.load import LoadedModel
 
-SCOPED_ADAPTER = "scoped"  # the name a scoped adapter's rows carry in the batched forward
+SCOPED_ADAPTER = "<scoped>"  # the name a scoped adapter's rows carry in the batched forward (no served name may be)
 
 
 class TransformersEngine(Engine):

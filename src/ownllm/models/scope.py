@@ -127,31 +127,39 @@ class AdapterScope:
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        meta_file = Path(folder) / SCOPE_FILE
-        if not meta_file.is_file():
+        from ownllm.models.embeddings import DEFAULT_EMBEDDING_MODEL
+
+        meta_file, anchors_file = Path(folder) / SCOPE_FILE, Path(folder) / ANCHORS_FILE
+        if not meta_file.exists() and not meta_file.is_symlink():
             return None
+        hint = f"delete {SCOPE_FILE} to apply the adapter to every prompt"
+        for path in (meta_file, anchors_file):
+            if not path.is_file():  # a folder, a FIFO or a device would hang or mislead the reads below
+                raise OwnLLMError(f"{path}: the adapter's scope is not a regular file", param="model", hint=hint)
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            anchors = load_file(str(Path(folder) / ANCHORS_FILE))["anchors"]
+            anchors = load_file(str(anchors_file))["anchors"]
             threshold = float(meta["threshold"])
             scope = cls(str(meta["embedding_model"]), anchors.astype(np.float32), threshold,
                         float(meta["inside"]), float(meta["outside"]))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError,
-                ValueError) as exc:
+                ValueError, RecursionError) as exc:
             raise OwnLLMError(f"{meta_file}: the adapter's scope cannot be read ({exc.__class__.__name__}: {exc})",
                               param="model", hint=f"delete {SCOPE_FILE} to apply the adapter to every prompt"
                               ) from None
         if (meta.get("version") != SCOPE_VERSION or anchors.ndim != 2 or not len(anchors)
-                or not -1 <= threshold <= 1 or not np.isfinite(anchors).all()):
-            raise OwnLLMError(f"{meta_file}: not a scope this version of ownllm reads", param="model",
-                              hint=f"delete {SCOPE_FILE} to apply the adapter to every prompt")
+                or not 0 < threshold < 1 or not np.isfinite(anchors).all()
+                or not np.allclose(np.linalg.norm(anchors.astype(np.float32), axis=1), 1, atol=1e-2)):
+            raise OwnLLMError(f"{meta_file}: not a scope this version of ownllm reads", param="model", hint=hint)
+        if scope.embedding_model != DEFAULT_EMBEDDING_MODEL:  # never a path or hub id a file names: loaded as code
+            raise OwnLLMError(f"{meta_file}: embedding_model must be {DEFAULT_EMBEDDING_MODEL}, the model scopes are "
+                              f"made with, not {scope.embedding_model!r}", param="model", hint=hint)
         from ownllm.models.embeddings import load_embedder
 
         dimensions = load_embedder(scope.embedding_model).dimensions  # loaded now, not on the first request
         if anchors.shape[1] != dimensions:
             raise OwnLLMError(f"{meta_file}: its {anchors.shape[1]}-dimension anchors do not match "
-                              f"{scope.embedding_model}'s {dimensions} dimensions", param="model",
-                              hint=f"delete {SCOPE_FILE} to apply the adapter to every prompt")
+                              f"{scope.embedding_model}'s {dimensions} dimensions", param="model", hint=hint)
         return scope
 
 

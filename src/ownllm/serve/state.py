@@ -14,6 +14,7 @@ from typing import Any
 from ownllm.errors import ContextWindowExceeded, OwnLLMError
 from ownllm.generate.batching import BatchScheduler, Request, SerialScheduler
 from ownllm.generate.engine import Completion, Engine, TextDelta
+from ownllm.generate.hf import SCOPED_ADAPTER
 from ownllm.generate.params import SamplingParams
 from ownllm.models.scope import AdapterScope
 from ownllm.serve.errors import APIError
@@ -58,6 +59,8 @@ class ServerState:
     def add_adapter(self, name: str, folder: Path) -> None:
         """Serve a LoRA adapter under `name` from now on (no restart); with a scope (ownllm.models.scope), its
         requests run with the adapter only when they are within it, else with the base model."""
+        if name == SCOPED_ADAPTER:  # the served folder's own adapter rows carry it
+            raise OwnLLMError(f"the adapter name '{name}' is reserved", param="adapter")
         scope = AdapterScope.load(Path(folder))  # a damaged scope refuses the adapter before its weights load
         self.scheduler.load_adapter(name, folder)
         self.adapters[name] = Path(folder)
