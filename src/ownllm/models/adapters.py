@@ -142,16 +142,16 @@ class Adapter:
                 f"prompt tuning learns a prefix of {self.virtual_tokens} virtual tokens, not weights: there is "
                 "nothing to merge; serve or generate with the run folder itself",
                 kind="unsupported", param=param)
-        if (self.path / SCOPE_FILE).is_file():
-            log.warning("%s has a scope (%s): merged weights apply the adapter to every prompt, so they keep less of "
-                        "what the base knew than the adapter served by ownllm, which answers only prompts within its "
-                        "scope", self.path, SCOPE_FILE)
 
     def merge_into(self, model: Any) -> Any:
         """`model` with the LoRA deltas added to its weights (PEFT's merge_and_unload), in eval mode."""
         from peft import PeftModel
 
         self.check_mergeable()
+        if (self.path / SCOPE_FILE).is_file():  # said once, where merge, export and a merged load all pass
+            log.warning("%s has a scope (%s): merged weights apply the adapter to every prompt, so they keep less of "
+                        "what the base knew than the adapter served by ownllm, which answers only prompts within its "
+                        "scope", self.path, SCOPE_FILE)
         merged = PeftModel.from_pretrained(model, str(self.path)).merge_and_unload()
         merged.eval()
         return merged
