@@ -44,9 +44,7 @@ class TransformersEngine(Engine):
             self._hook_lora(self.lora)
 
     def route(self, conversation: list[Message] | str) -> str | None:
-        if self.scope is None or self.lora is None:
-            return None
-        return SCOPED_ADAPTER if self.scope.covers(conversation) else None
+        return self.routes([conversation])[0]
 
     def routes(self, conversations: list[list[Message] | str]) -> list[str | None]:
         if self.scope is None or self.lora is None:

@@ -75,18 +75,9 @@ class AdapterScope:
         threshold = outside + THRESHOLD_POSITION * (inside - outside)
         return cls(embedder.name, anchors, round(threshold, 4), round(inside, 4), round(outside, 4))
 
-    def similarity(self, texts: list[str]) -> float:
-        """The highest cosine of any of `texts` to a training prompt (-1 for no text)."""
-        from ownllm.models.embeddings import load_embedder
-
-        texts = [t for t in texts if t.strip()]
-        if not texts:
-            return -1.0
-        return float((load_embedder(self.embedding_model).embed(texts) @ self.anchors.T).max())
-
     def covers(self, conversation: list[dict[str, Any]] | str) -> bool:
         """Whether a conversation (any of its user messages) or a plain prompt is about what the adapter teaches."""
-        return self.similarity(user_texts(conversation)) >= self.threshold
+        return self.covers_each([conversation])[0]
 
     def covers_each(self, conversations: list[list[dict[str, Any]] | str]) -> list[bool]:
         """`covers` for many conversations, embedded in one call."""
@@ -145,8 +136,7 @@ class AdapterScope:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError,
                 ValueError, RecursionError) as exc:
             raise OwnLLMError(f"{meta_file}: the adapter's scope cannot be read ({exc.__class__.__name__}: {exc})",
-                              param="model", hint=f"delete {SCOPE_FILE} to apply the adapter to every prompt"
-                              ) from None
+                              param="model", hint=hint) from None
         if (meta.get("version") != SCOPE_VERSION or anchors.ndim != 2 or not len(anchors)
                 or not 0 < threshold < 1 or not np.isfinite(anchors).all()
                 or not np.allclose(np.linalg.norm(anchors.astype(np.float32), axis=1), 1, atol=1e-2)):

@@ -202,7 +202,7 @@ def create_app(state: ServerState) -> FastAPI:
         except OwnLLMError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
-        adapter = [await state.route(adapter, text) for text in texts]
+        adapter = await state.routes(adapter, texts)
         params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
         await _compile_constraint(state, params)
         generation = state.submit(encoded, params, n=body.n, adapter=adapter, prompt_param="prompt",

@@ -90,15 +90,21 @@ class ServerState:
 
     async def route(self, adapter: str | None, conversation: list[Any] | str) -> str | None:
         """The adapter a request for `adapter` (`adapter_for`) runs with: itself, or the base model (None) when the
-        adapter has a scope the conversation is not within. The embedding runs off the event loop."""
+        adapter has a scope the conversation is not within."""
+        return (await self.routes(adapter, [conversation]))[0]
+
+    async def routes(self, adapter: str | None, conversations: list[Any]) -> list[str | None]:
+        """`route` of each of one request's conversations or prompts, embedded together, off the event loop."""
         from starlette.concurrency import run_in_threadpool
 
         if adapter is None:  # the served model itself: a scoped adapter folder routes in its engine
-            return None if self.engine.scope is None else await run_in_threadpool(self.engine.route, conversation)
+            if self.engine.scope is None:
+                return [None] * len(conversations)
+            return await run_in_threadpool(self.engine.routes, conversations)
         scope = self.scopes.get(adapter)
         if scope is None:
-            return adapter
-        return adapter if await run_in_threadpool(scope.covers, conversation) else None
+            return [adapter] * len(conversations)
+        return [adapter if covered else None for covered in await run_in_threadpool(scope.covers_each, conversations)]
 
     def check_key(self, authorization: str | None) -> None:
         """`Authorization: Bearer KEY` with one of the server's keys (when it has any), else 401."""

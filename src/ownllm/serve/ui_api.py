@@ -381,7 +381,7 @@ async def _answer(request: Request, state: ServerState, items: list[Any], prompt
     results = []
     for start in range(0, len(items), EVAL_CHUNK):
         chunk = prompts[start : start + EVAL_CHUNK]
-        routes = [await state.route(adapter, item.messages) for item in items[start : start + EVAL_CHUNK]]
+        routes = await state.routes(adapter, [item.messages for item in items[start : start + EVAL_CHUNK]])
         generation = state.submit(chunk, params, adapter=routes, prompt_param="file", stream=False)
         completions = await generation.completions_while_connected(request)
         for item, completion in zip(items[start : start + EVAL_CHUNK], completions, strict=True):
