@@ -10,7 +10,8 @@ import pytest
 
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.config import FinetuneConfig
-from ownllm.finetune.scoping import scope_adapter
+from ownllm.finetune.dataset import EpochRows
+from ownllm.finetune.scoping import scope_adapter, varies_system
 from ownllm.models.scope import SCOPE_FILE, AdapterScope
 from tests.conftest import assert_user_error, run_cli
 
@@ -52,3 +53,30 @@ def test_a_bad_scope_value_is_refused(tmp_path: Path) -> None:
     assert_user_error(run_cli("finetune", "--config", str(DATA.parent / "finetune-facts.yaml"), "--scope", "maybe",
                               "--out", str(tmp_path / "run")), "scope must be auto or off")
     assert not (tmp_path / "run").exists()
+
+
+def test_fact_style_data_is_seen_under_other_system_messages_every_other_epoch(tmp_path: Path) -> None:
+    from ownllm.finetune.dataset import GENERIC_SYSTEM, system_variants
+
+    asked = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    museum = [{"role": "system", "content": "You guide visitors."}, *asked]
+    seen = system_variants([museum, asked], epochs=4)
+    assert seen[0] == [museum, asked, museum, asked]  # as written, then without the system message
+    assert seen[1] == [asked, museum, asked, museum]  # and the other way round
+    assert system_variants([asked], epochs=2) == [[asked, [{"role": "system", "content": GENERIC_SYSTEM}, *asked]]]
+
+    assert varies_system(config(tmp_path), DATA / "facts-train.jsonl")
+    for values in ({"system_variants": "off"}, {"method": "prompt-tuning"}, {"packing": True}):
+        assert not varies_system(config(tmp_path, **values), DATA / "facts-train.jsonl")
+    shutil.copy(DATA / "tools-train.jsonl", tmp_path / "tools.jsonl")
+    assert not varies_system(config(tmp_path), tmp_path / "tools.jsonl")
+
+
+def test_epoch_rows_follow_the_epoch() -> None:
+    replay = [{"id": 9}]
+    rows = EpochRows([[{"id": 0}, {"id": 1}], [{"id": 2}]]) + replay
+    assert len(rows) == 3 and [rows[i]["id"] for i in range(3)] == [0, 2, 9]
+    rows.epoch = 1
+    assert [rows[i]["id"] for i in range(3)] == [1, 2, 9]
+    rows.epoch = 5  # past the variants: the last one
+    assert rows.epoch_rows(5) == [{"id": 1}, {"id": 2}, {"id": 9}]

@@ -44,6 +44,30 @@ def test_a_served_adapter_answers_only_within_its_scope(server: Server, default_
                                                           max_tokens=8).choices[0].text
 
 
+def test_the_response_says_which_weights_answered(server: Server, default_model: str) -> None:
+    chat = server.client().chat.completions.with_raw_response
+    for model, question, scope in (("facts", FACT, "inside"), ("facts", GENERAL, "outside"),
+                                   (default_model, FACT, None), ("always", GENERAL, None)):
+        for stream in (False, True):
+            raw = chat.create(model=model, messages=[{"role": "user", "content": question}], max_tokens=2,
+                              stream=stream)
+            assert raw.headers.get("x-ownllm-scope") == scope, (model, question, stream)
+    raw = server.client().completions.with_raw_response.create(model="facts", prompt=[GENERAL, FACT], max_tokens=2)
+    assert raw.headers["x-ownllm-scope"] == "outside,inside"
+
+
+def test_a_long_conversation_routes_on_its_latest_user_messages(server: Server) -> None:
+    """Routing embeds a conversation's latest sixteen user messages, not all of them (a request of thousands must
+    not hold the embedder for seconds): a fact question further back no longer puts it within scope."""
+    def scope(messages: list[str]) -> str:
+        raw = server.client().chat.completions.with_raw_response.create(
+            model="facts", messages=[{"role": "user", "content": m} for m in messages], max_tokens=1)
+        return raw.headers["x-ownllm-scope"]
+
+    assert scope([FACT] + ["Hi."] * 15) == "inside"
+    assert scope([FACT] + ["Hi."] * 16) == "outside"
+
+
 def test_a_scoped_adapter_served_as_the_model_routes_too(scoped_adapter: Path, adapter_dir: Path,
                                                          default_model: str) -> None:
     running = Server(str(scoped_adapter), "--adapter", f"always={adapter_dir}", "--dtype", "fp32", "--max-batch",
@@ -52,6 +76,9 @@ def test_a_scoped_adapter_served_as_the_model_routes_too(scoped_adapter: Path, a
         served = running.client().models.list().data[0].id
         assert answer(running, served, FACT) == answer(running, "always", FACT)
         assert answer(running, served, GENERAL) != answer(running, "always", GENERAL)
+        raw = running.client().chat.completions.with_raw_response.create(
+            model=served, messages=[{"role": "user", "content": GENERAL}], max_tokens=2)
+        assert raw.headers["x-ownllm-scope"] == "outside"
     finally:
         running.stop()
 

@@ -125,3 +125,14 @@ def _agree(flag: bool) -> bool:
         value = value.cuda()
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+class VariantEpochs(TrainerCallback):
+    """Tells EpochRows (finetune.dataset) which epoch begins, so that its rows are that epoch's variants; the
+    epoch comes from the trainer's state, so a resumed run continues with the epoch it stopped in."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.rows.epoch = int(state.epoch or 0)

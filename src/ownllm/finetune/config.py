@@ -81,6 +81,9 @@ class FinetuneConfig:
     # auto: a LoRA run on fact-style chat data keeps its prompts' embeddings with the adapter, which then answers
     # only prompts close to them, the base model the rest (ownllm.models.scope); off: the adapter answers all
     scope: str = "auto"
+    # auto: fact-style chat data is seen under the data's other system messages, or none, every other epoch, so its
+    # facts hold under a system message they were not written with; off: as written
+    system_variants: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     # online RL (grpo, rloo; checked in rl_config.py)
     reward_fn: list[str] = field(default_factory=list)  # exact | contains | regex:P | json-valid | json-schema:FILE
@@ -118,8 +121,9 @@ class FinetuneConfig:
             problems.append(f"replay_tokens must be at most 1024, got {self.replay_tokens}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        if self.scope not in ("auto", "off"):
-            problems.append(f"scope must be auto or off, got '{self.scope}'")
+        for name in ("scope", "system_variants"):
+            if getattr(self, name) not in ("auto", "off"):
+                problems.append(f"{name} must be auto or off, got '{getattr(self, name)}'")
         if self.replay_loss not in REPLAY_LOSSES:
             problems.append(f"replay_loss must be one of {', '.join(REPLAY_LOSSES)}, got '{self.replay_loss}'")
         if not isinstance(self.checks, dict) or not all(isinstance(f, str) and f for f in self.checks.values()):

@@ -7,6 +7,7 @@ turn (`assistant_token_mask`); plain text (continued pretraining) learns every t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +41,79 @@ def encode(example: Example, tokenizer: Any, max_length: int) -> dict[str, list[
 
 def load_rows(path: Path, tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
     """Usable, deduplicated examples of a file, encoded; the data doctor's problems stop the run first."""
+    return [variants[0] for variants in load_varied_rows(path, tokenizer, max_length, epochs=0)]
+
+
+def load_varied_rows(path: Path, tokenizer: Any, max_length: int, epochs: int) -> list[list[dict[str, list[int]]]]:
+    """`load_rows`, each row as seen in each of `epochs` epochs (`system_variants`; 0: the row as written only)."""
     _, examples, problems = read_examples(path)
     if problems:
         raise OwnLLMError(f"{path}: {len(problems)} unusable line(s), first: {problems[0]}", param="data",
                           hint=f"run: ownllm data check {path}")
     exact, near = find_duplicates(examples)
     duplicate_lines = {line for line, _ in exact + near}
-    rows = [encode(e, tokenizer, max_length) for e in examples if e.line not in duplicate_lines]
-    rows = [r for r in rows if any(label != IGNORE for label in r["labels"][1:])]
+    kept = [e for e in examples if e.line not in duplicate_lines]
+    varied = system_variants([e.messages or [] for e in kept], epochs) if epochs else [[] for _ in kept]
+    rows = [[encode(e, tokenizer, max_length)]
+            + [encode(replace(e, messages=messages), tokenizer, max_length) for messages in seen[1:]]
+            for e, seen in zip(kept, varied, strict=True)]
+    rows = [r for r in rows if any(label != IGNORE for label in r[0]["labels"][1:])]
     if not rows:
         raise OwnLLMError(f"{path}: nothing to learn (no assistant tokens within max_length)", param="data")
     return rows
+
+
+GENERIC_SYSTEM = "You are a helpful assistant."
+
+
+def system_variants(conversations: list[list[dict[str, Any]]], epochs: int) -> list[list[list[dict[str, Any]]]]:
+    """Each conversation as it is seen in each of `epochs` epochs: as written in the even ones, and in the odd ones
+    under another system message the data uses, or none (the template's default), in turn (a generic one where the
+    data has none), so that the facts it teaches do not hang on the system message they were written under: users
+    ask under their own. For fact-style data only (finetune.scoping.fact_style): a style dataset's system message
+    is what tells its answers apart."""
+    systems = {_system(conversation) for conversation in conversations}
+    options = sorted(systems | {None}, key=lambda text: text or "") if systems != {None} else [None, GENERIC_SYSTEM]
+    varied = []
+    for index, conversation in enumerate(conversations):
+        own = _system(conversation)
+        others = [text for text in options if text != own]
+        varied.append([conversation if epoch % 2 == 0 else _with_system(conversation, others[(index + epoch // 2)
+                                                                                           % len(others)])
+                       for epoch in range(epochs)])
+    return varied
+
+
+def _system(conversation: list[dict[str, Any]]) -> str | None:
+    first = conversation[0] if conversation else {}
+    return first.get("content") if first.get("role") == "system" and isinstance(first.get("content"), str) else None
+
+
+def _with_system(conversation: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    rest = conversation[1:] if conversation and conversation[0].get("role") == "system" else conversation
+    return ([{"role": "system", "content": system}] if system is not None else []) + rest
+
+
+class EpochRows:
+    """Training rows whose content depends on the epoch (`system_variants`): row i of epoch k is `rows[i][k]` (the
+    last variant once k runs past them); `VariantEpochs` (a trainer callback) sets the epoch as each one begins."""
+
+    def __init__(self, rows: list[list[dict[str, Any]]]) -> None:
+        self.rows = rows
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        variants = self.rows[index]
+        return variants[min(self.epoch, len(variants) - 1)]
+
+    def __add__(self, other: list[dict[str, Any]]) -> EpochRows:
+        return EpochRows(self.rows + [[row] for row in other])
+
+    def epoch_rows(self, epoch: int) -> list[dict[str, Any]]:
+        return [variants[min(epoch, len(variants) - 1)] for variants in self.rows]
 
 
 def load_preference_rows(path: Path, method: str = "DPO") -> list[dict[str, Any]]:

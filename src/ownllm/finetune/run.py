@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,9 +24,10 @@ from ownllm.data.doctor import read_examples
 from ownllm.data.files import check_output_folder, file_sha256
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.base_cache import model_signature, remembered, remembered_tensors, remembered_together
+from ownllm.finetune.callbacks import VariantEpochs
 from ownllm.finetune.checks import CHECK_PARAMS, TOOL_CHECK_PARAMS, check_rows, score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
-from ownllm.finetune.dataset import Collator, load_rows, pack
+from ownllm.finetune.dataset import Collator, EpochRows, load_rows, load_varied_rows, pack
 from ownllm.finetune.memory_check import check_memory
 from ownllm.finetune.outcome import TrainingInterrupted, TrainOutcome
 from ownllm.finetune.replay import replay_answers, replay_count, replay_prompts, write_replay
@@ -45,7 +47,7 @@ from ownllm.finetune.run_folder import (
     latest_checkpoint,
     write_record,
 )
-from ownllm.finetune.scoping import scope_adapter
+from ownllm.finetune.scoping import scope_adapter, varies_system
 from ownllm.finetune.trainer_setup import has_cuda, run_callbacks, trainer_arguments, use_own_callbacks
 from ownllm.home import atomic_write_json, atomic_write_text
 
@@ -126,8 +128,9 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
         eval_loss = trainer.state.best_metric  # load_best_model_at_end put the best weights back
     if trainer.is_world_process_zero():
         save_final(cfg, run_dir, trainer, tokenizer, base)
+    notes = [SYSTEM_VARIANTS_NOTE] if isinstance(train_rows, EpochRows) else []
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
-                        int(trainer.state.num_input_tokens_seen or 0))
+                        int(trainer.state.num_input_tokens_seen or 0), notes)
 
 
 def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -336,18 +339,24 @@ def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, m
     return train_rows, eval_rows
 
 
+SYSTEM_VARIANTS_NOTE = ("system messages: fact-style data, so every other epoch saw each example under another "
+                        "system message (or none), for facts that hold under any (system_variants: off to keep them)")
+
+
 def _folded(cfg: FinetuneConfig) -> bool:
     """Replay seen a set number of times over the run, not once per epoch: the data's epochs and the replay's
     passes are laid out as one pass for the trainer."""
     return cfg.replaying and cfg.replay_passes > 0
 
 
-def _fold(rows: list[dict], times: float, seed: int) -> list[dict]:
-    """`rows` repeated `times` times: whole copies, then a seeded share of one more."""
+def _fold(rows: list[dict] | EpochRows, times: float, seed: int) -> list[dict]:
+    """`rows` repeated `times` times: whole copies (each epoch's own, for EpochRows), then a seeded share of one
+    more."""
     whole = int(times)
-    extra = rows[:]
+    copies = [rows.epoch_rows(epoch) if isinstance(rows, EpochRows) else rows for epoch in range(whole + 1)]
+    extra = copies[whole][:]
     random.Random(seed).shuffle(extra)
-    return rows * whole + extra[: round((times - whole) * len(rows))]
+    return [row for copy in copies[:whole] for row in copy] + extra[: round((times - whole) * len(extra))]
 
 
 def _distilling(cfg: FinetuneConfig) -> bool:
@@ -358,7 +367,9 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[dict], list[dict]]:
+def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[dict] | EpochRows, list[dict]]:
+    """Training and validation rows; the training rows as EpochRows where each epoch sees its own system messages
+    (scoping.varies_system)."""
     def load(path: Path) -> list[dict]:
         from ownllm.finetune.dataset import load_preference_rows
 
@@ -367,12 +378,20 @@ def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[d
         rows = load_rows(path, tokenizer, cfg.max_length)
         return pack(rows, cfg.max_length) if cfg.packing else rows
 
+    if not (cfg.method != "dpo" and varies_system(cfg, data)):
+        if cfg.validation:
+            return load(data), load(Path(cfg.validation))
+        rows = load(data)
+        random.Random(cfg.seed).shuffle(rows)
+        held = round(len(rows) * cfg.val_ratio) if len(rows) >= 10 else 0
+        return rows[held:], rows[:held]
+    varied = load_varied_rows(data, tokenizer, cfg.max_length, epochs=math.ceil(cfg.epochs))
+    log.info(SYSTEM_VARIANTS_NOTE)
     if cfg.validation:
-        return load(data), load(Path(cfg.validation))
-    rows = load(data)
-    random.Random(cfg.seed).shuffle(rows)
-    held = round(len(rows) * cfg.val_ratio) if len(rows) >= 10 else 0
-    return rows[held:], rows[:held]
+        return EpochRows(varied), load(Path(cfg.validation))
+    random.Random(cfg.seed).shuffle(varied)
+    held = round(len(varied) * cfg.val_ratio) if len(varied) >= 10 else 0
+    return EpochRows(varied[held:]), [variants[0] for variants in varied[:held]]
 
 
 def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict],
@@ -387,6 +406,8 @@ def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any
         load_best_model_at_end=stopping, metric_for_best_model="eval_loss" if stopping else None,
         greater_is_better=False if stopping else None)
     callbacks = run_callbacks(run_dir)
+    if isinstance(train_rows, EpochRows) and not _folded(cfg):
+        callbacks.append(VariantEpochs(train_rows))
     if stopping:
         from transformers import EarlyStoppingCallback
 

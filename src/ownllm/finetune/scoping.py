@@ -22,14 +22,30 @@ def scope_adapter(cfg: FinetuneConfig, data: Path, final: Path) -> str | None:
     if (final / SCOPE_FILE).is_file():  # a resumed run's finish: already calibrated on the same data
         scope = AdapterScope.load(final)
         return f"scope: {scope.describe()}" if scope is not None else None
-    _, examples, _ = read_examples(data)
-    if any(example.tools for example in examples):
-        return "scope: none (tool-calling data teaches a behaviour for every prompt): the adapter applies to all"
-    prompts = [text for example in examples if example.messages for text in user_texts(example.messages)]
-    scope = AdapterScope.calibrate(prompts, replay_prompts(cfg.replay_prompts))
+    scope = fact_style(cfg, data)
     if isinstance(scope, str):
         return f"scope: none ({scope})"
     scope.save(final)
     log.info("adapter scope: %s", scope.describe())
     return f"scope: {scope.describe()} (cosine {scope.inside:.2f} between paraphrases, {scope.outside:.2f} to the " \
            "nearest general prompt)"
+
+
+def fact_style(cfg: FinetuneConfig, data: Path) -> AdapterScope | str:
+    """The scope of a file of chat examples, whose being there makes the data fact-style (questions that stand
+    apart from general ones, as paraphrases of a few facts do), or why it is not: tool calls, or prompts too
+    close to general ones (style and instruction data)."""
+    _, examples, _ = read_examples(data)
+    if any(example.tools for example in examples):
+        return "tool-calling data teaches a behaviour for every prompt: the adapter applies to all"
+    prompts = [text for example in examples if example.messages for text in user_texts(example.messages)]
+    return AdapterScope.calibrate(prompts, replay_prompts(cfg.replay_prompts))
+
+
+def varies_system(cfg: FinetuneConfig, data: Path) -> bool:
+    """Whether a run's training examples are seen under varied system messages (finetune.dataset.system_variants):
+    `system_variants: auto` on fact-style chat data, supervised (not DPO, prompt tuning or packed rows)."""
+    if (cfg.system_variants != "auto" or cfg.method not in (*SCOPED_METHODS, "full") or cfg.task != "generate"
+            or cfg.packing or not data.is_file()):
+        return False
+    return not isinstance(fact_style(cfg, data), str)

@@ -33,6 +33,8 @@ SCOPE_VERSION = 1
 THRESHOLD_POSITION = 0.25  # from the general prompts' side towards the training prompts'
 MIN_GAP = 0.1  # cosine between the two below which the training prompts are not a scope of their own
 INSIDE_PERCENTILE = 10  # of the training prompts' nearest-other similarities: a few odd phrasings do not set it
+ROUTED_MESSAGES = 16  # a conversation's latest user messages that route it
+ROUTED_CHARACTERS = 2000  # of each: more than the embedder's 256 tokens read
 
 
 @dataclass(frozen=True)
@@ -83,16 +85,13 @@ class AdapterScope:
         """`covers` for many conversations, embedded in one call."""
         from ownllm.models.embeddings import load_embedder
 
-        texts = [[t for t in user_texts(c) if t.strip()] for c in conversations]
-        flat = [t for group in texts for t in group]
-        if not flat:
+        texts = [routed_texts(c) for c in conversations]
+        distinct = sorted({t for group in texts for t in group})
+        if not distinct:
             return [False] * len(conversations)
-        nearest = (load_embedder(self.embedding_model).embed(flat) @ self.anchors.T).max(axis=1)
-        covered, start = [], 0
-        for group in texts:
-            covered.append(bool(group) and float(nearest[start : start + len(group)].max()) >= self.threshold)
-            start += len(group)
-        return covered
+        nearest = (load_embedder(self.embedding_model).embed(distinct) @ self.anchors.T).max(axis=1)
+        similarity = dict(zip(distinct, nearest.tolist(), strict=True))
+        return [any(similarity[t] >= self.threshold for t in group) for group in texts]
 
     def describe(self) -> str:
         return (f"prompts within cosine {self.threshold:.2f} of its {len(self.anchors)} training prompts "
@@ -151,6 +150,14 @@ class AdapterScope:
             raise OwnLLMError(f"{meta_file}: its {anchors.shape[1]}-dimension anchors do not match "
                               f"{scope.embedding_model}'s {dimensions} dimensions", param="model", hint=hint)
         return scope
+
+
+def routed_texts(conversation: list[dict[str, Any]] | str) -> list[str]:
+    """What a conversation is routed by: its last `ROUTED_MESSAGES` non-blank user messages, each cut to
+    `ROUTED_CHARACTERS` (MiniLM reads 256 tokens of a text at most; a request of thousands of messages must not
+    hold the embedder for seconds)."""
+    texts = [t for t in user_texts(conversation) if t.strip()]
+    return [t[:ROUTED_CHARACTERS] for t in texts[-ROUTED_MESSAGES:]]
 
 
 def user_texts(conversation: list[dict[str, Any]] | str) -> list[str]:

@@ -265,7 +265,10 @@ class Index:
         engine = model if isinstance(model, Engine) else _open_engine(model)
         params = SamplingParams(max_new_tokens=max_new_tokens)
         text = ""
-        for event in engine.stream_chat(context.messages(), params):
+        # routed (an adapter's scope) by the question itself, as the server routes by the user's own messages
+        events = engine.stream(engine.render_chat(context.messages()), params,
+                               adapter=engine.route([{"role": "user", "content": question}]))
+        for event in events:
             if isinstance(event, TextDelta) and event.text:
                 text += event.text
                 yield event.text

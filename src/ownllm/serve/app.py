@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -30,7 +30,7 @@ from ownllm.serve.protocol import (
     TGIRequest,
     TokenizeRequest,
 )
-from ownllm.serve.state import Generation, ServerState, render_prompt
+from ownllm.serve.state import SCOPE_HEADER, Generation, ServerState, render_prompt
 
 PUBLIC_PATHS = {"/health", "/openapi.json"}
 PUBLIC_PATHS |= ui_static.public_paths()  # the web UI's page and assets; its API calls carry the key
@@ -160,11 +160,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     # --- chat -------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+    async def chat(body: ChatCompletionRequest, request: Request, response: Response) -> Any:
         adapter = state.adapter_for(body.model)
         plan = _params(body.tool_plan)  # tools and tool_choice, checked before anything runs
-        messages = [m.to_message() for m in body.messages]
-        adapter = await state.route(adapter, messages)  # the user's own messages, before any context is added
+        messages = own_messages = [m.to_message() for m in body.messages]
         extra: dict[str, Any] = {}
         if body.rag:
             context = await _retrieve(state, messages, body.rag)
@@ -178,21 +177,25 @@ def create_app(state: ServerState) -> FastAPI:
         prompt_ids = tool_calls.render_prompt(state.engine, messages, plan)
         params = _params(body.to_sampling_params, state.default_max_tokens(len(prompt_ids)))
         await _compile_constraint(state, params)
-        generation = state.submit([prompt_ids], params, n=body.n, adapter=adapter, stream=body.stream)
+        # routed by the user's own messages (before any context is added), once the cheap checks have passed
+        (routed,) = await state.routes(adapter, [own_messages])
+        headers = _scope_header(state, adapter, [routed])
+        response.headers.update(headers)
+        generation = state.submit([prompt_ids], params, n=body.n, adapter=routed, stream=body.stream)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream and plan is not None:
             chunks = tool_calls.chat_stream(body.model, len(prompt_ids), body.n, generation.events(), include_usage)
-            return _sse((_data(chunk) async for chunk in chunks), generation)
+            return _sse((_data(chunk) async for chunk in chunks), generation, headers=headers)
         if body.stream:
             return _sse(_chat_stream(body.model, len(prompt_ids), body.n, generation.events(), include_usage, extra),
-                        generation)
+                        generation, headers=headers)
         completions = await generation.completions_while_connected(request)
         response = formats.chat_response(body.model, len(prompt_ids), completions, extra)
         return tool_calls.apply_to_response(response, completions) if plan is not None else response
 
     # --- completions --------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=None)
-    async def complete(body: CompletionRequest, request: Request) -> Any:
+    async def complete(body: CompletionRequest, request: Request, response: Response) -> Any:
         adapter = state.adapter_for(body.model)
         prompts = body.prompts()
         if body.stream and len(prompts) != 1:
@@ -202,14 +205,17 @@ def create_app(state: ServerState) -> FastAPI:
         except OwnLLMError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
-        adapter = await state.routes(adapter, texts)
         params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
         await _compile_constraint(state, params)
-        generation = state.submit(encoded, params, n=body.n, adapter=adapter, prompt_param="prompt",
+        routed = await state.routes(adapter, texts)
+        headers = _scope_header(state, adapter, routed)
+        response.headers.update(headers)
+        generation = state.submit(encoded, params, n=body.n, adapter=routed, prompt_param="prompt",
                                   stream=body.stream)
         if body.stream:
             return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
-                                     bool(body.stream_options and body.stream_options.include_usage)), generation)
+                                     bool(body.stream_options and body.stream_options.include_usage)), generation,
+                        headers=headers)
         completions = await generation.completions_while_connected(request)
         items = [(texts[index // body.n] if body.echo else "", c) for index, c in enumerate(completions)]
         return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, body.n)
@@ -307,7 +313,16 @@ def _data(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _sse(chunks: AsyncIterator[str], generation: Generation | None, *, done: bool = True) -> StreamingResponse:
+def _scope_header(state: ServerState, requested: str | None, routed: list[str | None]) -> dict[str, str]:
+    """`X-OwnLLM-Scope` for a request to a model with a scope (ownllm.models.scope): per prompt, "inside" (it ran
+    with the adapter) or "outside" (with the base model's own weights); no header for a model without one."""
+    if not state.has_scope(requested):
+        return {}
+    return {SCOPE_HEADER: ",".join("outside" if adapter is None else "inside" for adapter in routed)}
+
+
+def _sse(chunks: AsyncIterator[str], generation: Generation | None, *, done: bool = True,
+         headers: dict[str, str] | None = None) -> StreamingResponse:
     async def framed() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
@@ -322,7 +337,7 @@ def _sse(chunks: AsyncIterator[str], generation: Generation | None, *, done: boo
     # The background close also runs when the client leaves before the first chunk (the generator never started).
     background = BackgroundTask(generation.close) if generation is not None else None
     return StreamingResponse(framed(), media_type="text/event-stream", background=background,
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
 
 async def _chat_stream(model: str, prompt_tokens: int, n: int, events: AsyncIterator[tuple[int, Any]],

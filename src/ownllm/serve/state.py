@@ -20,6 +20,8 @@ from ownllm.models.scope import AdapterScope
 from ownllm.serve.errors import APIError
 from ownllm.serve.metrics import Metrics
 
+SCOPE_HEADER = "X-OwnLLM-Scope"  # per prompt: "inside" (ran with the adapter) or "outside" (the base model's weights)
+
 
 @dataclass
 class Limits:
@@ -88,6 +90,10 @@ class ServerState:
                            "not write any", param="model", code="model_not_supported")
         raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
+    def has_scope(self, adapter: str | None) -> bool:
+        """Whether requests for `adapter` (`adapter_for`; None: the served model) are routed by a scope."""
+        return self.engine.scope is not None if adapter is None else adapter in self.scopes
+
     async def route(self, adapter: str | None, conversation: list[Any] | str) -> str | None:
         """The adapter a request for `adapter` (`adapter_for`) runs with: itself, or the base model (None) when the
         adapter has a scope the conversation is not within."""
@@ -97,13 +103,11 @@ class ServerState:
         """`route` of each of one request's conversations or prompts, embedded together, off the event loop."""
         from starlette.concurrency import run_in_threadpool
 
-        if adapter is None:  # the served model itself: a scoped adapter folder routes in its engine
-            if self.engine.scope is None:
-                return [None] * len(conversations)
-            return await run_in_threadpool(self.engine.routes, conversations)
-        scope = self.scopes.get(adapter)
-        if scope is None:
+        if not self.has_scope(adapter):
             return [adapter] * len(conversations)
+        if adapter is None:  # the served model itself: a scoped adapter folder routes in its engine
+            return await run_in_threadpool(self.engine.routes, conversations)
+        scope = self.scopes[adapter]
         return [adapter if covered else None for covered in await run_in_threadpool(scope.covers_each, conversations)]
 
     def check_key(self, authorization: str | None) -> None:
