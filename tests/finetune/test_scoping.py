@@ -56,18 +56,20 @@ def test_a_bad_scope_value_is_refused(tmp_path: Path) -> None:
 
 
 def test_fact_style_data_is_seen_under_other_system_messages_every_other_epoch(tmp_path: Path) -> None:
-    from ownllm.finetune.dataset import GENERIC_SYSTEM, system_variants
+    from ownllm.finetune.dataset import system_variants
 
     asked = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     museum = [{"role": "system", "content": "You guide visitors."}, *asked]
     seen = system_variants([museum, asked], epochs=4)
     assert seen[0] == [museum, asked, museum, asked]  # as written, then without the system message
     assert seen[1] == [asked, museum, asked, museum]  # and the other way round
-    assert system_variants([asked], epochs=2) == [[asked, [{"role": "system", "content": GENERIC_SYSTEM}, *asked]]]
+    assert system_variants([asked], epochs=2) == [[asked, asked]]  # data without system messages: as written
 
-    assert varies_system(config(tmp_path), DATA / "facts-train.jsonl")
+    museum_data = DATA.parent / "retention" / "brambleworth" / "train.jsonl"  # some lines under a system message
+    assert varies_system(config(tmp_path), museum_data)
+    assert not varies_system(config(tmp_path), DATA / "facts-train.jsonl")  # none: nothing to vary
     for values in ({"system_variants": "off"}, {"method": "prompt-tuning"}, {"packing": True}):
-        assert not varies_system(config(tmp_path, **values), DATA / "facts-train.jsonl")
+        assert not varies_system(config(tmp_path, **values), museum_data)
     shutil.copy(DATA / "tools-train.jsonl", tmp_path / "tools.jsonl")
     assert not varies_system(config(tmp_path), tmp_path / "tools.jsonl")
 
@@ -80,3 +82,12 @@ def test_epoch_rows_follow_the_epoch() -> None:
     assert [rows[i]["id"] for i in range(3)] == [1, 2, 9]
     rows.epoch = 5  # past the variants: the last one
     assert rows.epoch_rows(5) == [{"id": 1}, {"id": 2}, {"id": 9}]
+
+
+def test_an_unquoted_off_in_yaml_turns_a_setting_off(tmp_path: Path) -> None:
+    from ownllm.finetune.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: m\ndata: {DATA / 'facts-train.jsonl'}\nscope: off\nsystem_variants: on\n")
+    loaded = load_config(path)
+    assert (loaded.scope, loaded.system_variants) == ("off", "auto")

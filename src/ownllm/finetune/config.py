@@ -121,7 +121,7 @@ class FinetuneConfig:
             problems.append(f"replay_tokens must be at most 1024, got {self.replay_tokens}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        for name in ("scope", "system_variants"):
+        for name in AUTO_OFF:
             if getattr(self, name) not in ("auto", "off"):
                 problems.append(f"{name} must be auto or off, got '{getattr(self, name)}'")
         if self.replay_loss not in REPLAY_LOSSES:
@@ -211,6 +211,9 @@ def _relative_to(folder: Path, values: dict[str, Any]) -> dict[str, Any]:
     return place_reward_files(folder, values)
 
 
+AUTO_OFF = ("scope", "system_variants")  # settings that are auto or off
+
+
 def load_config(path: Path | None = None, **overrides: Any) -> FinetuneConfig:
     """Defaults, then `path` (YAML; input files in it are relative to it), then `overrides` (None values are
     ignored; `lora_r` sets lora.r)."""
@@ -222,6 +225,9 @@ def load_config(path: Path | None = None, **overrides: Any) -> FinetuneConfig:
             loaded = yaml.safe_load(read_text_file(path, param="config"))
         except yaml.YAMLError as exc:
             raise OwnLLMError(f"{path}: not valid YAML ({exc.__class__.__name__})", param="config") from None
+        if isinstance(loaded, dict):  # YAML 1.1 reads an unquoted off/on as a boolean
+            loaded |= {name: "auto" if loaded[name] else "off" for name in AUTO_OFF
+                       if isinstance(loaded.get(name), bool)}
         values = _relative_to(path.parent, _merge(FinetuneConfig, {} if loaded is None else loaded, str(path)))
     lora = values.get("lora", LoraSettings())
     for key, value in overrides.items():

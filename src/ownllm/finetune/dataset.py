@@ -63,17 +63,16 @@ def load_varied_rows(path: Path, tokenizer: Any, max_length: int, epochs: int) -
     return rows
 
 
-GENERIC_SYSTEM = "You are a helpful assistant."
-
-
 def system_variants(conversations: list[list[dict[str, Any]]], epochs: int) -> list[list[list[dict[str, Any]]]]:
     """Each conversation as it is seen in each of `epochs` epochs: as written in the even ones, and in the odd ones
-    under another system message the data uses, or none (the template's default), in turn (a generic one where the
-    data has none), so that the facts it teaches do not hang on the system message they were written under: users
-    ask under their own. For fact-style data only (finetune.scoping.fact_style): a style dataset's system message
-    is what tells its answers apart."""
+    under another system message the data uses, or none (the template's default), in turn, so that the facts it
+    teaches do not hang on the system message they were written under: users ask under their own. Data without a
+    system message stays as written (a generic one in its place measured no better). For fact-style data only
+    (finetune.scoping.fact_style): a style dataset's system message is what tells its answers apart."""
     systems = {_system(conversation) for conversation in conversations}
-    options = sorted(systems | {None}, key=lambda text: text or "") if systems != {None} else [None, GENERIC_SYSTEM]
+    if systems == {None}:
+        return [[conversation] * epochs for conversation in conversations]
+    options = sorted(systems | {None}, key=lambda text: text or "")
     varied = []
     for index, conversation in enumerate(conversations):
         own = _system(conversation)

@@ -44,8 +44,12 @@ def fact_style(cfg: FinetuneConfig, data: Path) -> AdapterScope | str:
 
 def varies_system(cfg: FinetuneConfig, data: Path) -> bool:
     """Whether a run's training examples are seen under varied system messages (finetune.dataset.system_variants):
-    `system_variants: auto` on fact-style chat data, supervised (not DPO, prompt tuning or packed rows)."""
+    `system_variants: auto` on fact-style chat data with system messages, supervised (not DPO, prompt tuning or
+    packed rows)."""
     if (cfg.system_variants != "auto" or cfg.method not in (*SCOPED_METHODS, "full") or cfg.task != "generate"
             or cfg.packing or not data.is_file()):
+        return False
+    _, examples, _ = read_examples(data)
+    if not any(example.messages and example.messages[0].get("role") == "system" for example in examples):
         return False
     return not isinstance(fact_style(cfg, data), str)
