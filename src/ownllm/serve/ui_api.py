@@ -134,13 +134,14 @@ def router(state: ServerState) -> APIRouter:
         if body.n != 1:
             raise APIError(400, "explain decodes one choice (n=1)", param="n")
         messages = [m.to_message() for m in body.messages]
-        adapter = await state.route(state.adapter_for(body.model), messages)
+        requested = state.adapter_for(body.model)
         prompt_ids = tool_calls.render_prompt(state.engine, messages, None)
         try:
             params = body.to_sampling_params(state.default_max_tokens(len(prompt_ids)))
             params = dataclasses.replace(params, explain=body.top)
         except OwnLLMError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+        adapter = await state.route(requested, messages)  # once the cheap checks have passed
         generation = state.submit([prompt_ids], params, adapter=adapter, stream=False)
         (completion,) = await generation.completions_while_connected(request)
         steps = completion.explanations or []
