@@ -80,7 +80,8 @@ def test_epoch_rows_follow_the_epoch() -> None:
     assert len(rows) == 3 and [rows[i]["id"] for i in range(3)] == [0, 2, 9]
     rows.epoch = 1
     assert [rows[i]["id"] for i in range(3)] == [1, 2, 9]
-    rows.epoch = 5  # past the variants: the last one
+    rows.epoch = 4  # past the variants (max_steps ran more epochs): in turn, even epochs as written
+    assert [rows[i]["id"] for i in range(3)] == [0, 2, 9]
     assert rows.epoch_rows(5) == [{"id": 1}, {"id": 2}, {"id": 9}]
 
 

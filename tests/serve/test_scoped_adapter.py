@@ -92,3 +92,31 @@ def test_a_damaged_scope_is_refused_by_name(default_model: str, scoped_adapter: 
     # the name the served folder's own adapter rows carry is not a name an --adapter can take
     assert_user_error(run_cli("serve", str(scoped_adapter), "--adapter", f"<scoped>={scoped_adapter}", "--no-jobs"),
                       "the adapter name '<scoped>' is reserved")
+
+
+def test_a_request_refused_by_its_cheap_checks_is_never_embedded(default_model: str, scoped_adapter: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt too long for the context, or a bad parameter, gets its 400 before the scope embeds anything: such a
+    request must not cost the server an embedding (a flood of them did: ~1.8 s of CPU each)."""
+    from fastapi.testclient import TestClient
+
+    from ownllm.models.scope import AdapterScope
+    from ownllm.serve.app import create_app
+    from ownllm.serve.run import build_state
+
+    def embedded(*args: object) -> list[bool]:
+        raise AssertionError("routed before the request's checks")
+
+    monkeypatch.setattr(AdapterScope, "covers_each", embedded)
+    state = build_state(default_model, adapters={"facts": scoped_adapter}, dtype="fp32", max_batch=2,
+                        max_model_len=128)
+    client = TestClient(create_app(state))
+    too_long = [{"role": "user", "content": FACT + " and more" * 200}]
+    for path, body, param in (
+            ("/v1/chat/completions", {"messages": too_long}, "messages"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": FACT}], "temperature": -1},
+             "temperature"),
+            ("/v1/completions", {"prompt": [FACT, FACT + " and more" * 200]}, "prompt"),
+            ("/v1/explain", {"messages": too_long}, "messages")):
+        reply = client.post(path, json={"model": "facts", "max_tokens": 4, **body})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (path, reply.text)

@@ -8,11 +8,14 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from ownllm.home import atomic_write_text
+
+if TYPE_CHECKING:
+    from ownllm.finetune.dataset import EpochRows
 
 
 class MetricsLog(TrainerCallback):
@@ -131,7 +134,7 @@ class VariantEpochs(TrainerCallback):
     """Tells EpochRows (finetune.dataset) which epoch begins, so that its rows are that epoch's variants; the
     epoch comes from the trainer's state, so a resumed run continues with the epoch it stopped in."""
 
-    def __init__(self, rows: Any) -> None:
+    def __init__(self, rows: EpochRows) -> None:
         self.rows = rows
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

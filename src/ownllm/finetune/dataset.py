@@ -45,7 +45,9 @@ def load_rows(path: Path, tokenizer: Any, max_length: int) -> list[dict[str, lis
 
 
 def load_varied_rows(path: Path, tokenizer: Any, max_length: int, epochs: int) -> list[list[dict[str, list[int]]]]:
-    """`load_rows`, each row as seen in each of `epochs` epochs (`system_variants`; 0: the row as written only)."""
+    """`load_rows`, each row as seen in each of `epochs` epochs (`system_variants`; 0: the row as written only).
+    The even epochs' rows are the one encoding as written; a variant that leaves nothing to learn within
+    `max_length` (a longer system message) is seen as written too."""
     _, examples, problems = read_examples(path)
     if problems:
         raise OwnLLMError(f"{path}: {len(problems)} unusable line(s), first: {problems[0]}", param="data",
@@ -54,13 +56,24 @@ def load_varied_rows(path: Path, tokenizer: Any, max_length: int, epochs: int) -
     duplicate_lines = {line for line, _ in exact + near}
     kept = [e for e in examples if e.line not in duplicate_lines]
     varied = system_variants([e.messages or [] for e in kept], epochs) if epochs else [[] for _ in kept]
-    rows = [[encode(e, tokenizer, max_length)]
-            + [encode(replace(e, messages=messages), tokenizer, max_length) for messages in seen[1:]]
-            for e, seen in zip(kept, varied, strict=True)]
-    rows = [r for r in rows if any(label != IGNORE for label in r[0]["labels"][1:])]
+    rows = []
+    for example, seen in zip(kept, varied, strict=True):
+        written = encode(example, tokenizer, max_length)
+        if not _learns(written):
+            continue
+        row = [written]
+        for messages in seen[1:]:
+            variant = written if messages is example.messages else encode(replace(example, messages=messages),
+                                                                          tokenizer, max_length)
+            row.append(variant if _learns(variant) else written)
+        rows.append(row)
     if not rows:
         raise OwnLLMError(f"{path}: nothing to learn (no assistant tokens within max_length)", param="data")
     return rows
+
+
+def _learns(row: dict[str, list[int]]) -> bool:
+    return any(label != IGNORE for label in row["labels"][1:])
 
 
 def system_variants(conversations: list[list[dict[str, Any]]], epochs: int) -> list[list[list[dict[str, Any]]]]:
@@ -69,13 +82,13 @@ def system_variants(conversations: list[list[dict[str, Any]]], epochs: int) -> l
     teaches do not hang on the system message they were written under: users ask under their own. Data without a
     system message stays as written (a generic one in its place measured no better). For fact-style data only
     (finetune.scoping.fact_style): a style dataset's system message is what tells its answers apart."""
-    systems = {_system(conversation) for conversation in conversations}
+    systems = {system_message(conversation) for conversation in conversations}
     if systems == {None}:
         return [[conversation] * epochs for conversation in conversations]
     options = sorted(systems | {None}, key=lambda text: text or "")
     varied = []
     for index, conversation in enumerate(conversations):
-        own = _system(conversation)
+        own = system_message(conversation)
         others = [text for text in options if text != own]
         varied.append([conversation if epoch % 2 == 0 else _with_system(conversation, others[(index + epoch // 2)
                                                                                            % len(others)])
@@ -83,7 +96,8 @@ def system_variants(conversations: list[list[dict[str, Any]]], epochs: int) -> l
     return varied
 
 
-def _system(conversation: list[dict[str, Any]]) -> str | None:
+def system_message(conversation: list[dict[str, Any]]) -> str | None:
+    """A conversation's leading system message, when it is plain text."""
     first = conversation[0] if conversation else {}
     return first.get("content") if first.get("role") == "system" and isinstance(first.get("content"), str) else None
 
@@ -94,8 +108,9 @@ def _with_system(conversation: list[dict[str, Any]], system: str | None) -> list
 
 
 class EpochRows:
-    """Training rows whose content depends on the epoch (`system_variants`): row i of epoch k is `rows[i][k]` (the
-    last variant once k runs past them); `VariantEpochs` (a trainer callback) sets the epoch as each one begins."""
+    """Training rows whose content depends on the epoch (`system_variants`): row i of epoch k is `rows[i][k]`, in
+    turn once k runs past them (an even number of variants keeps even epochs as written when `max_steps` runs
+    more epochs); `VariantEpochs` (a trainer callback) sets the epoch as each one begins."""
 
     def __init__(self, rows: list[list[dict[str, Any]]]) -> None:
         self.rows = rows
@@ -106,13 +121,13 @@ class EpochRows:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         variants = self.rows[index]
-        return variants[min(self.epoch, len(variants) - 1)]
+        return variants[self.epoch % len(variants)]
 
     def __add__(self, other: list[dict[str, Any]]) -> EpochRows:
         return EpochRows(self.rows + [[row] for row in other])
 
     def epoch_rows(self, epoch: int) -> list[dict[str, Any]]:
-        return [variants[min(epoch, len(variants) - 1)] for variants in self.rows]
+        return [variants[epoch % len(variants)] for variants in self.rows]
 
 
 def load_preference_rows(path: Path, method: str = "DPO") -> list[dict[str, Any]]:

@@ -128,7 +128,9 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
         eval_loss = trainer.state.best_metric  # load_best_model_at_end put the best weights back
     if trainer.is_world_process_zero():
         save_final(cfg, run_dir, trainer, tokenizer, base)
-    notes = [SYSTEM_VARIANTS_NOTE] if isinstance(train_rows, EpochRows) else []
+    # said only where an epoch under other system messages ran (not a run of one epoch, or max_steps within it)
+    varied_ran = cfg.epochs > 1 if _folded(cfg) else (trainer.state.epoch or 0) > 1
+    notes = [SYSTEM_VARIANTS_NOTE] if varied_ran and varies_system(cfg, data) else []
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0), notes)
 
@@ -313,7 +315,7 @@ def _mixed_bf16(cfg: FinetuneConfig, model: Any) -> bool:
 
 
 def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any
-               ) -> tuple[list[dict], list[dict]]:
+               ) -> tuple[list[dict] | EpochRows, list[dict]]:
     """Train and validation rows; replay answers (if any) join the training rows only, distilled from `model`
     (still the base: nothing trained yet) where the replay loss is KL."""
     train_rows, eval_rows = _split_data(cfg, data, tokenizer)
@@ -378,14 +380,14 @@ def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[d
         rows = load_rows(path, tokenizer, cfg.max_length)
         return pack(rows, cfg.max_length) if cfg.packing else rows
 
-    if not (cfg.method != "dpo" and varies_system(cfg, data)):
+    if not varies_system(cfg, data):
         if cfg.validation:
             return load(data), load(Path(cfg.validation))
         rows = load(data)
         random.Random(cfg.seed).shuffle(rows)
         held = round(len(rows) * cfg.val_ratio) if len(rows) >= 10 else 0
         return rows[held:], rows[:held]
-    varied = load_varied_rows(data, tokenizer, cfg.max_length, epochs=math.ceil(cfg.epochs))
+    varied = load_varied_rows(data, tokenizer, cfg.max_length, epochs=2 * math.ceil(cfg.epochs / 2))
     log.info(SYSTEM_VARIANTS_NOTE)
     if cfg.validation:
         return EpochRows(varied), load(Path(cfg.validation))
@@ -394,7 +396,7 @@ def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[d
     return EpochRows(varied[held:]), [variants[0] for variants in varied[:held]]
 
 
-def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict],
+def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict] | EpochRows,
                   eval_rows: list[dict]) -> Any:
     """transformers' Trainer (or TRL's DPOTrainer) with ownllm's config mapped onto its arguments, once."""
     stopping = bool(cfg.early_stopping and eval_rows)
@@ -418,7 +420,7 @@ def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any
 
 
 def _make_trainer(cfg: FinetuneConfig, common: dict[str, Any], callbacks: list[Any], model: Any, tokenizer: Any,
-                  train_rows: list[dict], eval_rows: list[dict]) -> Any:
+                  train_rows: list[dict] | EpochRows, eval_rows: list[dict]) -> Any:
     if cfg.method == "dpo":
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 from ownllm.data.doctor import read_examples
 from ownllm.finetune.config import FinetuneConfig
+from ownllm.finetune.dataset import system_message
 from ownllm.finetune.replay import replay_prompts
 from ownllm.models.scope import SCOPE_FILE, AdapterScope, user_texts
 
@@ -34,12 +36,19 @@ def scope_adapter(cfg: FinetuneConfig, data: Path, final: Path) -> str | None:
 def fact_style(cfg: FinetuneConfig, data: Path) -> AdapterScope | str:
     """The scope of a file of chat examples, whose being there makes the data fact-style (questions that stand
     apart from general ones, as paraphrases of a few facts do), or why it is not: tool calls, or prompts too
-    close to general ones (style and instruction data)."""
-    _, examples, _ = read_examples(data)
+    close to general ones (style and instruction data). Calibrated once per file version in a process (a run asks
+    when it starts and when it ends)."""
+    stat = data.stat()
+    return _fact_style(str(data.resolve()), stat.st_mtime_ns, stat.st_size, cfg.replay_prompts)
+
+
+@functools.lru_cache(maxsize=4)
+def _fact_style(data: str, modified: int, size: int, prompts_file: str | None) -> AdapterScope | str:
+    _, examples, _ = read_examples(Path(data))
     if any(example.tools for example in examples):
         return "tool-calling data teaches a behaviour for every prompt: the adapter applies to all"
     prompts = [text for example in examples if example.messages for text in user_texts(example.messages)]
-    return AdapterScope.calibrate(prompts, replay_prompts(cfg.replay_prompts))
+    return AdapterScope.calibrate(prompts, replay_prompts(prompts_file))
 
 
 def varies_system(cfg: FinetuneConfig, data: Path) -> bool:
@@ -50,6 +59,6 @@ def varies_system(cfg: FinetuneConfig, data: Path) -> bool:
             or cfg.packing or not data.is_file()):
         return False
     _, examples, _ = read_examples(data)
-    if not any(example.messages and example.messages[0].get("role") == "system" for example in examples):
+    if not any(example.messages and system_message(example.messages) is not None for example in examples):
         return False
     return not isinstance(fact_style(cfg, data), str)

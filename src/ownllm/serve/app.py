@@ -14,6 +14,7 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -160,7 +161,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     # --- chat -------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request, response: Response) -> Any:
+    async def chat(body: ChatCompletionRequest, request: Request, http_response: Response) -> Any:
         adapter = state.adapter_for(body.model)
         plan = _params(body.tool_plan)  # tools and tool_choice, checked before anything runs
         messages = own_messages = [m.to_message() for m in body.messages]
@@ -174,13 +175,15 @@ def create_app(state: ServerState) -> FastAPI:
         hint = body.response_format.hint() if body.response_format is not None else None
         if hint:  # the sampler enforces the format; telling the model too gets better content inside it
             messages = [{"role": "system", "content": hint}, *messages]
-        prompt_ids = tool_calls.render_prompt(state.engine, messages, plan)
+        # a long conversation's template and tokens: off the event loop, where other streams are being sent
+        prompt_ids = await run_in_threadpool(tool_calls.render_prompt, state.engine, messages, plan)
         params = _params(body.to_sampling_params, state.default_max_tokens(len(prompt_ids)))
         await _compile_constraint(state, params)
+        state.check_prompts([prompt_ids], params)
         # routed by the user's own messages (before any context is added), once the cheap checks have passed
         (routed,) = await state.routes(adapter, [own_messages])
         headers = _scope_header(state, adapter, [routed])
-        response.headers.update(headers)
+        http_response.headers.update(headers)
         generation = state.submit([prompt_ids], params, n=body.n, adapter=routed, stream=body.stream)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream and plan is not None:
@@ -195,21 +198,22 @@ def create_app(state: ServerState) -> FastAPI:
 
     # --- completions --------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=None)
-    async def complete(body: CompletionRequest, request: Request, response: Response) -> Any:
+    async def complete(body: CompletionRequest, request: Request, http_response: Response) -> Any:
         adapter = state.adapter_for(body.model)
         prompts = body.prompts()
         if body.stream and len(prompts) != 1:
             raise APIError(400, "streaming takes one prompt", param="prompt")
         try:
-            encoded = [state.engine.encode(p) for p in prompts]
+            encoded = await run_in_threadpool(lambda: [state.engine.encode(p) for p in prompts])
         except OwnLLMError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
         params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
         await _compile_constraint(state, params)
+        state.check_prompts(encoded, params, "prompt")
         routed = await state.routes(adapter, texts)
         headers = _scope_header(state, adapter, routed)
-        response.headers.update(headers)
+        http_response.headers.update(headers)
         generation = state.submit(encoded, params, n=body.n, adapter=routed, prompt_param="prompt",
                                   stream=body.stream)
         if body.stream:
@@ -257,13 +261,15 @@ def create_app(state: ServerState) -> FastAPI:
 
     # --- TGI-style generate ----------------------------------------------------------------------
     @app.post("/generate", response_model=None)
-    async def tgi_generate(body: TGIRequest, request: Request) -> Any:
+    async def tgi_generate(body: TGIRequest, request: Request, http_response: Response) -> Any:
         if body.stream:
             return await tgi_stream(body)
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.encode(body.inputs, "inputs")
-        generation = state.submit([ids], params, adapter=await state.route(None, body.inputs), prompt_param="inputs",
-                                  stream=False)
+        state.check_prompts([ids], params, "inputs")
+        routed = await state.route(None, body.inputs)
+        http_response.headers.update(_scope_header(state, None, [routed]))
+        generation = state.submit([ids], params, adapter=routed, prompt_param="inputs", stream=False)
         (completion,) = await generation.completions_while_connected(request)
         result: dict[str, Any] = {"generated_text": completion.text}
         if body.parameters.details:
@@ -274,7 +280,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def tgi_stream(body: TGIRequest) -> StreamingResponse:
         params = _params(body.parameters.to_sampling_params)
         ids = state.engine.encode(body.inputs, "inputs")
-        generation = state.submit([ids], params, adapter=await state.route(None, body.inputs), prompt_param="inputs")
+        state.check_prompts([ids], params, "inputs")
+        routed = await state.route(None, body.inputs)
+        generation = state.submit([ids], params, adapter=routed, prompt_param="inputs")
 
         async def stream() -> AsyncIterator[str]:
             async for _, event in generation.events():
@@ -286,7 +294,7 @@ def create_app(state: ServerState) -> FastAPI:
                     yield _data({"token": {"id": None, "text": "", "logprob": None, "special": True},
                                  "generated_text": event.text, "details": _tgi_details(event)})
 
-        return _sse(stream(), generation, done=False)
+        return _sse(stream(), generation, done=False, headers=_scope_header(state, None, [routed]))
 
     return app
 

@@ -139,6 +139,13 @@ class ServerState:
         Sequence `p * n + c` is choice c of prompt p; with a seed, it samples with seed + that index; `adapter`: one
         for all prompts, or prompt p's at index p. `stream`:
         the handler reads each piece of text as it comes (`events()`), not only the completions."""
+        self.check_prompts(prompts, params, prompt_param)
+        return Generation(self, prompts, params, n, adapter, stream)
+
+    def check_prompts(self, prompts: list[list[int]], params: SamplingParams, prompt_param: str = "messages"
+                      ) -> None:
+        """The engine's check of each prompt (room in the context window, token ids, the constraint) as a 400;
+        handlers call it before the costlier routing (`routes`), and `submit` again."""
         for ids in prompts:
             try:
                 self.engine.check_request(ids, params, window=self.context_length, prompt_param=prompt_param)
@@ -147,7 +154,6 @@ class ServerState:
                 raise APIError(400, exc.openai_message(where), param=prompt_param, code=exc.code) from None
             except OwnLLMError as exc:
                 raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
-        return Generation(self, prompts, params, n, adapter, stream)
 
 
 class Generation:

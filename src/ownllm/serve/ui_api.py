@@ -141,6 +141,7 @@ def router(state: ServerState) -> APIRouter:
             params = dataclasses.replace(params, explain=body.top)
         except OwnLLMError as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+        state.check_prompts([prompt_ids], params)
         adapter = await state.route(requested, messages)  # once the cheap checks have passed
         generation = state.submit([prompt_ids], params, adapter=adapter, stream=False)
         (completion,) = await generation.completions_while_connected(request)
