@@ -92,3 +92,10 @@ def test_an_unquoted_off_in_yaml_turns_a_setting_off(tmp_path: Path) -> None:
     path.write_text(f"model: m\ndata: {DATA / 'facts-train.jsonl'}\nscope: off\nsystem_variants: on\n")
     loaded = load_config(path)
     assert (loaded.scope, loaded.system_variants) == ("off", "auto")
+
+
+def test_max_steps_zero_trains_by_epochs(tmp_path: Path) -> None:
+    from ownllm.finetune.trainer_setup import trainer_arguments
+
+    assert trainer_arguments(config(tmp_path, max_steps=0), tmp_path, has_eval=False)["max_steps"] == -1
+    assert trainer_arguments(config(tmp_path, max_steps=7), tmp_path, has_eval=False)["max_steps"] == 7

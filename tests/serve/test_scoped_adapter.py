@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ownllm.models.scope import SCOPE_FILE
@@ -54,6 +55,9 @@ def test_the_response_says_which_weights_answered(server: Server, default_model:
             assert raw.headers.get("x-ownllm-scope") == scope, (model, question, stream)
     raw = server.client().completions.with_raw_response.create(model="facts", prompt=[GENERAL, FACT], max_tokens=2)
     assert raw.headers["x-ownllm-scope"] == "outside,inside"
+    explained = httpx.post(f"{server.url}/v1/explain", timeout=120, json={
+        "model": "facts", "messages": [{"role": "user", "content": FACT}], "max_tokens": 1})
+    assert explained.status_code == 200 and explained.headers["x-ownllm-scope"] == "inside"
 
 
 def test_a_long_conversation_routes_on_its_latest_user_messages(server: Server) -> None:

@@ -25,7 +25,7 @@ def finetune(
     validation: Annotated[str | None, typer.Option(help="validation file (default: split from --data)")] = None,
     val_ratio: Annotated[float | None, typer.Option(help="share of --data held out when no --validation")] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
-    max_steps: Annotated[int | None, typer.Option(help="> 0 overrides epochs")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="> 0 overrides epochs (0: by epochs)")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     grad_accum: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option()] = None,

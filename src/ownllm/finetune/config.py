@@ -56,7 +56,7 @@ class FinetuneConfig:
     dpo_beta: float = 0.1
     virtual_tokens: int = 16  # prompt-tuning: learned embeddings put before every prompt
     epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = -1  # > 0 overrides epochs (0 or less: train by epochs)
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4

@@ -388,7 +388,7 @@ def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[d
         held = round(len(rows) * cfg.val_ratio) if len(rows) >= 10 else 0
         return rows[held:], rows[:held]
     varied = load_varied_rows(data, tokenizer, cfg.max_length, epochs=2 * math.ceil(cfg.epochs / 2))
-    log.info(SYSTEM_VARIANTS_NOTE)
+    log.info("fact-style data with system messages: odd epochs see each example under another one, or none")
     if cfg.validation:
         return EpochRows(varied), load(Path(cfg.validation))
     random.Random(cfg.seed).shuffle(varied)

@@ -38,12 +38,21 @@ def fact_style(cfg: FinetuneConfig, data: Path) -> AdapterScope | str:
     apart from general ones, as paraphrases of a few facts do), or why it is not: tool calls, or prompts too
     close to general ones (style and instruction data). Calibrated once per file version in a process (a run asks
     when it starts and when it ends)."""
-    stat = data.stat()
-    return _fact_style(str(data.resolve()), stat.st_mtime_ns, stat.st_size, cfg.replay_prompts)
+    prompts = Path(cfg.replay_prompts) if cfg.replay_prompts else None
+    return _fact_style(str(data.resolve()), _version(data), cfg.replay_prompts, _version(prompts))
+
+
+def _version(path: Path | None) -> tuple[int, int] | None:
+    """What tells one version of a file from the next, for the cache: modified time and size."""
+    if path is None or not path.is_file():
+        return None
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
 
 
 @functools.lru_cache(maxsize=4)
-def _fact_style(data: str, modified: int, size: int, prompts_file: str | None) -> AdapterScope | str:
+def _fact_style(data: str, data_version: tuple[int, int] | None, prompts_file: str | None,
+                prompts_version: tuple[int, int] | None) -> AdapterScope | str:
     _, examples, _ = read_examples(Path(data))
     if any(example.tools for example in examples):
         return "tool-calling data teaches a behaviour for every prompt: the adapter applies to all"

@@ -23,7 +23,7 @@ def trainer_arguments(cfg: FinetuneConfig, run_dir: Path, *, has_eval: bool) -> 
     return dict(
         output_dir=str(checkpoints_path(run_dir)), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         lr_scheduler_type=cfg.scheduler, warmup_steps=cfg.warmup_ratio, logging_steps=1,
         eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_every, save_strategy="steps",
         save_steps=cfg.save_every, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, report_to=[],

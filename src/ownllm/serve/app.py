@@ -31,7 +31,7 @@ from ownllm.serve.protocol import (
     TGIRequest,
     TokenizeRequest,
 )
-from ownllm.serve.state import SCOPE_HEADER, Generation, ServerState, render_prompt
+from ownllm.serve.state import Generation, ServerState, render_prompt
 
 PUBLIC_PATHS = {"/health", "/openapi.json"}
 PUBLIC_PATHS |= ui_static.public_paths()  # the web UI's page and assets; its API calls carry the key
@@ -182,7 +182,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.check_prompts([prompt_ids], params)
         # routed by the user's own messages (before any context is added), once the cheap checks have passed
         (routed,) = await state.routes(adapter, [own_messages])
-        headers = _scope_header(state, adapter, [routed])
+        headers = state.scope_header(adapter, [routed])
         http_response.headers.update(headers)
         generation = state.submit([prompt_ids], params, n=body.n, adapter=routed, stream=body.stream)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -212,7 +212,7 @@ def create_app(state: ServerState) -> FastAPI:
         await _compile_constraint(state, params)
         state.check_prompts(encoded, params, "prompt")
         routed = await state.routes(adapter, texts)
-        headers = _scope_header(state, adapter, routed)
+        headers = state.scope_header(adapter, routed)
         http_response.headers.update(headers)
         generation = state.submit(encoded, params, n=body.n, adapter=routed, prompt_param="prompt",
                                   stream=body.stream)
@@ -265,10 +265,10 @@ def create_app(state: ServerState) -> FastAPI:
         if body.stream:
             return await tgi_stream(body)
         params = _params(body.parameters.to_sampling_params)
-        ids = state.engine.encode(body.inputs, "inputs")
+        ids = await run_in_threadpool(state.engine.encode, body.inputs, "inputs")
         state.check_prompts([ids], params, "inputs")
         routed = await state.route(None, body.inputs)
-        http_response.headers.update(_scope_header(state, None, [routed]))
+        http_response.headers.update(state.scope_header(None, [routed]))
         generation = state.submit([ids], params, adapter=routed, prompt_param="inputs", stream=False)
         (completion,) = await generation.completions_while_connected(request)
         result: dict[str, Any] = {"generated_text": completion.text}
@@ -279,7 +279,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/generate_stream", response_model=None)
     async def tgi_stream(body: TGIRequest) -> StreamingResponse:
         params = _params(body.parameters.to_sampling_params)
-        ids = state.engine.encode(body.inputs, "inputs")
+        ids = await run_in_threadpool(state.engine.encode, body.inputs, "inputs")
         state.check_prompts([ids], params, "inputs")
         routed = await state.route(None, body.inputs)
         generation = state.submit([ids], params, adapter=routed, prompt_param="inputs")
@@ -294,7 +294,7 @@ def create_app(state: ServerState) -> FastAPI:
                     yield _data({"token": {"id": None, "text": "", "logprob": None, "special": True},
                                  "generated_text": event.text, "details": _tgi_details(event)})
 
-        return _sse(stream(), generation, done=False, headers=_scope_header(state, None, [routed]))
+        return _sse(stream(), generation, done=False, headers=state.scope_header(None, [routed]))
 
     return app
 
@@ -319,14 +319,6 @@ async def _compile_constraint(state: ServerState, params: Any) -> None:
 
 def _data(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _scope_header(state: ServerState, requested: str | None, routed: list[str | None]) -> dict[str, str]:
-    """`X-OwnLLM-Scope` for a request to a model with a scope (ownllm.models.scope): per prompt, "inside" (it ran
-    with the adapter) or "outside" (with the base model's own weights); no header for a model without one."""
-    if not state.has_scope(requested):
-        return {}
-    return {SCOPE_HEADER: ",".join("outside" if adapter is None else "inside" for adapter in routed)}
 
 
 def _sse(chunks: AsyncIterator[str], generation: Generation | None, *, done: bool = True,

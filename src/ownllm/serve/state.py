@@ -94,6 +94,13 @@ class ServerState:
         """Whether requests for `adapter` (`adapter_for`; None: the served model) are routed by a scope."""
         return self.engine.scope is not None if adapter is None else adapter in self.scopes
 
+    def scope_header(self, requested: str | None, routed: list[str | None]) -> dict[str, str]:
+        """`X-OwnLLM-Scope` for a request to a model with a scope (ownllm.models.scope): per prompt, "inside" (it ran
+        with the adapter) or "outside" (with the base model's own weights); no header for a model without one."""
+        if not self.has_scope(requested):
+            return {}
+        return {SCOPE_HEADER: ",".join("outside" if adapter is None else "inside" for adapter in routed)}
+
     async def route(self, adapter: str | None, conversation: list[Any] | str) -> str | None:
         """The adapter a request for `adapter` (`adapter_for`) runs with: itself, or the base model (None) when the
         adapter has a scope the conversation is not within."""

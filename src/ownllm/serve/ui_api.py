@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.concurrency import run_in_threadpool
 
 from ownllm.errors import ContextWindowExceeded, OwnLLMError
 from ownllm.serve import tool_calls
@@ -126,7 +127,7 @@ def router(state: ServerState) -> APIRouter:
 
     # --- explain --------------------------------------------------------------------------------
     @api.post("/v1/explain")
-    async def explain(body: ExplainRequest, request: Request) -> dict[str, Any]:
+    async def explain(body: ExplainRequest, request: Request, http_response: Response) -> dict[str, Any]:
         for name, given in (("stream", body.stream), ("tools", body.tools), ("rag", body.rag),
                             ("response_format", body.response_format), ("logit_bias", body.logit_bias)):
             if given:
@@ -135,7 +136,7 @@ def router(state: ServerState) -> APIRouter:
             raise APIError(400, "explain decodes one choice (n=1)", param="n")
         messages = [m.to_message() for m in body.messages]
         requested = state.adapter_for(body.model)
-        prompt_ids = tool_calls.render_prompt(state.engine, messages, None)
+        prompt_ids = await run_in_threadpool(tool_calls.render_prompt, state.engine, messages, None)
         try:
             params = body.to_sampling_params(state.default_max_tokens(len(prompt_ids)))
             params = dataclasses.replace(params, explain=body.top)
@@ -143,6 +144,7 @@ def router(state: ServerState) -> APIRouter:
             raise APIError(400, str(exc), param=exc.param) from None
         state.check_prompts([prompt_ids], params)
         adapter = await state.route(requested, messages)  # once the cheap checks have passed
+        http_response.headers.update(state.scope_header(requested, [adapter]))
         generation = state.submit([prompt_ids], params, adapter=adapter, stream=False)
         (completion,) = await generation.completions_while_connected(request)
         steps = completion.explanations or []
