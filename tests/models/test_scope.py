@@ -74,6 +74,8 @@ def test_a_scope_survives_its_folder_and_a_damaged_one_is_named(tmp_path: Path, 
     again = AdapterScope.load(tmp_path)
     assert again is not None and again.threshold == scope.threshold and np.array_equal(again.anchors, scope.anchors)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ANCHORS_FILE, SCOPE_FILE])  # no staging files
+    # both as readable as the adapter's other files (safetensors alone writes 0600)
+    assert (tmp_path / ANCHORS_FILE).stat().st_mode & 0o777 == (tmp_path / SCOPE_FILE).stat().st_mode & 0o777
 
     (tmp_path / SCOPE_FILE).write_text("{not json")
     with pytest.raises(OwnLLMError, match=f"{SCOPE_FILE}: the adapter's scope cannot be read"):

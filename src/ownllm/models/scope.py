@@ -102,10 +102,11 @@ class AdapterScope:
         """scope.safetensors, then scope.json (each written whole; the JSON, written last, marks a scope)."""
         from safetensors.numpy import save_file
 
-        from ownllm.home import atomic_write_json
+        from ownllm.home import atomic_write_json, usual_mode
 
         staging = folder / f".{ANCHORS_FILE}.tmp"
         save_file({"anchors": np.ascontiguousarray(self.anchors, dtype=np.float32)}, str(staging))
+        staging.chmod(usual_mode(0o666))  # safetensors writes 0600: readable like the adapter's other files
         staging.replace(folder / ANCHORS_FILE)
         atomic_write_json(folder / SCOPE_FILE, {
             "version": SCOPE_VERSION, "embedding_model": self.embedding_model, "threshold": self.threshold,
