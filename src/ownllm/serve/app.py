@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -178,8 +179,7 @@ def create_app(state: ServerState) -> FastAPI:
         # a long conversation's template and tokens: off the event loop, where other streams are being sent
         prompt_ids = await run_in_threadpool(tool_calls.render_prompt, state.engine, messages, plan)
         params = _params(body.to_sampling_params, state.default_max_tokens(len(prompt_ids)))
-        await _compile_constraint(state, params)
-        state.check_prompts([prompt_ids], params)
+        await _check_prompts(state, [prompt_ids], params, "messages")
         # routed by the user's own messages (before any context is added), once the cheap checks have passed
         (routed,) = await state.routes(adapter, [own_messages])
         headers = state.scope_header(adapter, [routed])
@@ -209,8 +209,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(exc), param=exc.param) from None
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
         params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
-        await _compile_constraint(state, params)
-        state.check_prompts(encoded, params, "prompt")
+        await _check_prompts(state, encoded, params, "prompt")
         routed = await state.routes(adapter, texts)
         headers = state.scope_header(adapter, routed)
         http_response.headers.update(headers)
@@ -307,14 +306,15 @@ def _params(build: Any, *args: Any) -> Any:
         raise APIError(400, str(exc), param=exc.param) from None
 
 
-async def _compile_constraint(state: ServerState, params: Any) -> None:
-    """Compile a request's constraint (response_format) off the event loop: a large schema takes a while, and other
-    requests' streams must not wait for it. One that cannot be used raises OwnLLMError (400 naming the field);
-    `submit` then finds it compiled."""
+async def _check_prompts(state: ServerState, prompts: list[list[int]], params: Any, prompt_param: str) -> None:
+    """A request's checks before the costlier work of routing it: each prompt's room in the context window and
+    token ids (first: a prompt refused for its length never compiles a grammar), then its constraint
+    (response_format) compiled off the event loop, as a large schema takes a while and other requests' streams must
+    not wait for it. A constraint that cannot be used raises OwnLLMError (400 naming the field); `submit` then
+    finds it compiled."""
+    state.check_prompts(prompts, dataclasses.replace(params, constraint=None), prompt_param)
     if params.constraint is not None:
         await asyncio.get_running_loop().run_in_executor(None, state.engine.check_constraint, params.constraint)
-
-
 
 
 def _data(payload: dict[str, Any]) -> str:
