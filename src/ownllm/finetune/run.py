@@ -111,7 +111,8 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
         return train_own(cfg, run_dir, data, resume=resume, callbacks=callbacks)
 
     model, tokenizer, base = build_model(cfg)
-    train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir, model)
+    varied = varies_system(cfg, data)  # decided once: the data, then the note
+    train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir, model, varied=varied)
     trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows)
     for callback in callbacks or []:
         trainer.add_callback(callback)
@@ -130,7 +131,7 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
         save_final(cfg, run_dir, trainer, tokenizer, base)
     # said only where an epoch under other system messages ran (not a run of one epoch, or max_steps within it)
     varied_ran = cfg.epochs > 1 if _folded(cfg) else (trainer.state.epoch or 0) > 1
-    notes = [SYSTEM_VARIANTS_NOTE] if varied_ran and varies_system(cfg, data) else []
+    notes = [SYSTEM_VARIANTS_NOTE] if varied and varied_ran else []
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0), notes)
 
@@ -314,11 +315,12 @@ def _mixed_bf16(cfg: FinetuneConfig, model: Any) -> bool:
     return choice.dtype == "bfloat16"
 
 
-def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any
+def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any, *, varied: bool = False
                ) -> tuple[list[dict] | EpochRows, list[dict]]:
     """Train and validation rows; replay answers (if any) join the training rows only, distilled from `model`
-    (still the base: nothing trained yet) where the replay loss is KL."""
-    train_rows, eval_rows = _split_data(cfg, data, tokenizer)
+    (still the base: nothing trained yet) where the replay loss is KL. `varied`: the training rows as EpochRows,
+    each epoch with its own system messages (scoping.varies_system)."""
+    train_rows, eval_rows = _split_data(cfg, data, tokenizer, varied)
     replay_file = run_dir / REPLAY_FILE
     if cfg.replaying and replay_file.is_file():
         replay = load_rows(replay_file, tokenizer, cfg.max_length)
@@ -369,9 +371,9 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[dict] | EpochRows, list[dict]]:
-    """Training and validation rows; the training rows as EpochRows where each epoch sees its own system messages
-    (scoping.varies_system)."""
+def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, varied: bool
+                ) -> tuple[list[dict] | EpochRows, list[dict]]:
+    """Training and validation rows; with `varied`, the training rows as EpochRows (validation: as written)."""
     def load(path: Path) -> list[dict]:
         from ownllm.finetune.dataset import load_preference_rows
 
@@ -380,20 +382,20 @@ def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any) -> tuple[list[d
         rows = load_rows(path, tokenizer, cfg.max_length)
         return pack(rows, cfg.max_length) if cfg.packing else rows
 
-    if not varies_system(cfg, data):
-        if cfg.validation:
-            return load(data), load(Path(cfg.validation))
+    if varied:
+        log.info("fact-style data with system messages: odd epochs see each example under another one, or none")
+        rows: list[Any] = load_varied_rows(data, tokenizer, cfg.max_length, epochs=2 * math.ceil(cfg.epochs / 2))
+    else:
         rows = load(data)
-        random.Random(cfg.seed).shuffle(rows)
-        held = round(len(rows) * cfg.val_ratio) if len(rows) >= 10 else 0
-        return rows[held:], rows[:held]
-    varied = load_varied_rows(data, tokenizer, cfg.max_length, epochs=2 * math.ceil(cfg.epochs / 2))
-    log.info("fact-style data with system messages: odd epochs see each example under another one, or none")
+
+    def training(kept: list[Any]) -> list[dict] | EpochRows:
+        return EpochRows(kept) if varied else kept
+
     if cfg.validation:
-        return EpochRows(varied), load(Path(cfg.validation))
-    random.Random(cfg.seed).shuffle(varied)
-    held = round(len(varied) * cfg.val_ratio) if len(varied) >= 10 else 0
-    return EpochRows(varied[held:]), [variants[0] for variants in varied[:held]]
+        return training(rows), load(Path(cfg.validation))
+    random.Random(cfg.seed).shuffle(rows)
+    held = round(len(rows) * cfg.val_ratio) if len(rows) >= 10 else 0
+    return training(rows[held:]), [row[0] for row in rows[:held]] if varied else rows[:held]
 
 
 def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict] | EpochRows,

@@ -259,14 +259,18 @@ def create_app(state: ServerState) -> FastAPI:
         return {"tokens": ids, "count": len(ids), "max_model_len": state.context_length}
 
     # --- TGI-style generate ----------------------------------------------------------------------
+    async def tgi_request(body: TGIRequest) -> tuple[list[int], Any, str | None]:
+        """The inputs' token ids, the sampling parameters and the route, once the request's checks pass."""
+        params = _params(body.parameters.to_sampling_params)
+        ids = await run_in_threadpool(state.engine.encode, body.inputs, "inputs")
+        state.check_prompts([ids], params, "inputs")
+        return ids, params, await state.route(None, body.inputs)
+
     @app.post("/generate", response_model=None)
     async def tgi_generate(body: TGIRequest, request: Request, http_response: Response) -> Any:
         if body.stream:
             return await tgi_stream(body)
-        params = _params(body.parameters.to_sampling_params)
-        ids = await run_in_threadpool(state.engine.encode, body.inputs, "inputs")
-        state.check_prompts([ids], params, "inputs")
-        routed = await state.route(None, body.inputs)
+        ids, params, routed = await tgi_request(body)
         http_response.headers.update(state.scope_header(None, [routed]))
         generation = state.submit([ids], params, adapter=routed, prompt_param="inputs", stream=False)
         (completion,) = await generation.completions_while_connected(request)
@@ -277,10 +281,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/generate_stream", response_model=None)
     async def tgi_stream(body: TGIRequest) -> StreamingResponse:
-        params = _params(body.parameters.to_sampling_params)
-        ids = await run_in_threadpool(state.engine.encode, body.inputs, "inputs")
-        state.check_prompts([ids], params, "inputs")
-        routed = await state.route(None, body.inputs)
+        ids, params, routed = await tgi_request(body)
         generation = state.submit([ids], params, adapter=routed, prompt_param="inputs")
 
         async def stream() -> AsyncIterator[str]:
