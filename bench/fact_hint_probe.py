@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("model", help="a run's final/ or any model ownllm opens")
     parser.add_argument("train", type=Path, help="the run's training chat JSONL")
     parser.add_argument("heldout", type=Path, help="questions with answers (the checks' format)")
+    parser.add_argument("--style", choices=("system", "turns"), default="system",
+                        help="the hint as a system message (default) or as earlier turns of the conversation")
+    parser.add_argument("--show-misses", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from ownllm.generate.open import open_engine
@@ -49,14 +52,24 @@ def main() -> None:
             messages = item.get("messages") or [{"role": "user", "content": item["question"]}]
             if hints:
                 nearest = np.argsort(-(anchors @ embedder.embed([messages[-1]["content"]])[0]))[:hints]
-                facts = "Facts you know:\n" + "\n".join(f"Q: {questions[i]} A: {answers[questions[i]]}"
-                                                         for i in nearest)
-                own = [m["content"] + "\n" for m in messages if m["role"] == "system"]
-                messages = [{"role": "system", "content": "".join(own) + facts},
-                            *[m for m in messages if m["role"] != "system"]]
+                own = [m for m in messages if m["role"] == "system"]
+                rest = [m for m in messages if m["role"] != "system"]
+                if args.style == "turns":
+                    shots = [turn for i in reversed(nearest) for turn in (
+                        {"role": "user", "content": questions[i]},
+                        {"role": "assistant", "content": answers[questions[i]]})]
+                    messages = [*own, *shots, *rest]
+                else:
+                    facts = "Facts you know:\n" + "\n".join(f"Q: {questions[i]} A: {answers[questions[i]]}"
+                                                             for i in nearest)
+                    messages = [{"role": "system", "content": "".join(m["content"] + "\n" for m in own) + facts},
+                                *rest]
             reply = engine.chat(messages, params).text.lower()
-            right += any(answer.lower() in reply for answer in item["answers"])
-        print(f"{args.model}: {hints} hint(s): {right}/{len(items)}", flush=True)
+            hit = any(answer.lower() in reply for answer in item["answers"])
+            right += hit
+            if args.show_misses and not hit:
+                print(f"  miss ({hints}): {messages[-1]['content']!r} -> {reply!r} (want {item['answers']})")
+        print(f"{args.model}: {hints} hint(s) as {args.style}: {right}/{len(items)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,17 @@ def test_max_steps_zero_trains_by_epochs(tmp_path: Path) -> None:
 
     assert trainer_arguments(config(tmp_path, max_steps=0), tmp_path, has_eval=False)["max_steps"] == -1
     assert trainer_arguments(config(tmp_path, max_steps=7), tmp_path, has_eval=False)["max_steps"] == 7
+
+
+def test_a_scope_keeps_its_training_examples_unless_recall_is_off(tmp_path: Path) -> None:
+    for recall, kept in (("auto", 80), ("off", 0)):
+        final = tmp_path / recall
+        final.mkdir()
+        note = scope_adapter(config(tmp_path, recall=recall), DATA / "facts-train.jsonl", final)
+        scope = AdapterScope.load(final)
+        assert scope is not None and len(scope.recall) == kept
+        assert ("nearest of its training examples" in note) == bool(kept)
+    with pytest.raises(OwnLLMError, match="recall must be auto or off, got 'sometimes'"):
+        config(tmp_path, recall="sometimes")
+    assert_user_error(run_cli("finetune", "--config", str(DATA.parent / "finetune-facts.yaml"), "--recall", "maybe",
+                              "--out", str(tmp_path / "run")), "recall must be auto or off")

@@ -117,3 +117,45 @@ def test_a_scope_survives_its_folder_and_a_damaged_one_is_named(tmp_path: Path, 
     os.mkfifo(tmp_path / ANCHORS_FILE)  # reading it would wait forever
     with pytest.raises(OwnLLMError, match="not a regular file"):
         AdapterScope.load(tmp_path)
+
+
+def test_recall_puts_the_nearest_training_examples_before_an_in_scope_question(tmp_path: Path, general) -> None:
+    """A scope that keeps its training examples gives a conversation whose latest user message is within it the
+    three nearest as earlier turns (the nearest last), after its system messages; nothing otherwise."""
+    from ownllm.data.doctor import read_examples
+    from ownllm.finetune.scoping import _answers
+    from ownllm.models.scope import RECALLED, with_recalled
+
+    _, examples, _ = read_examples(SETS["norvale"][0])
+    prompts = [text for example in examples for text in user_texts(example.messages)]
+    scope = AdapterScope.calibrate(prompts, general, answers=_answers(examples))
+    assert isinstance(scope, AdapterScope) and len(scope.recall) == len(scope.anchors) == 80
+    assert "nearest of its training examples" in scope.describe()
+    question = {"role": "user", "content": "Who was the founder of Norvale Instruments?"}
+    recalled = scope.recalled([question])
+    assert len(recalled) == 2 * RECALLED
+    assert [turn["role"] for turn in recalled] == ["user", "assistant"] * RECALLED
+    assert "Ilsa Varnhagen" in recalled[-1]["content"]  # the nearest: a phrasing of the same fact
+    assert all(turn["content"] in dict(scope.recall).values() or turn["content"] in dict(scope.recall)
+               for turn in recalled)
+    general_question = {"role": "user", "content": "What is the capital of Japan?"}
+    assert scope.recalled([general_question]) == []
+    assert scope.recalled([question, {"role": "assistant", "content": "Edda."}, general_question]) == []
+    assert scope.recalled("Who was the founder of Norvale Instruments?") == []  # a plain prompt is the caller's own
+    assert scope.recalled([]) == []
+    assert scope.without_recall().recalled([question]) == []
+    system = {"role": "system", "content": "Be brief."}
+    assert with_recalled([system, question], recalled) == [system, *recalled, question]
+    assert with_recalled([question], []) == [question]
+
+    scope.save(tmp_path)
+    again = AdapterScope.load(tmp_path)
+    assert again is not None and again.recall == scope.recall and again.recalled([question]) == recalled
+    meta = json.loads((tmp_path / SCOPE_FILE).read_text())
+    for damaged in (meta["recall"][:-1], [["q", 3]] * 80, "all", [["q"]] * 80):  # by file, never a traceback
+        (tmp_path / SCOPE_FILE).write_text(json.dumps(meta | {"recall": damaged}))
+        with pytest.raises(OwnLLMError, match=SCOPE_FILE):
+            AdapterScope.load(tmp_path)
+    (tmp_path / SCOPE_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "recall"}))
+    older = AdapterScope.load(tmp_path)  # a scope written before recall: routes as before, recalls nothing
+    assert older is not None and older.recall == () and older.recalled([question]) == []

@@ -124,3 +124,48 @@ def test_a_request_refused_by_its_cheap_checks_is_never_embedded(default_model: 
             ("/v1/explain", {"messages": too_long}, "messages")):
         reply = client.post(path, json={"model": "facts", "max_tokens": 4, **body})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (path, reply.text)
+
+
+def test_a_scope_that_keeps_its_examples_recalls_them_where_they_fit(default_model: str, scoped_adapter: Path,
+                                                                      tmp_path: Path) -> None:
+    """An adapter whose scope keeps its training examples answers an in-scope question with the three nearest
+    before it (its prompt grows by them), on chat and explain alike; a question outside gets the base model and
+    no examples; and where the examples would leave no room for max_tokens, the question runs without them."""
+    from fastapi.testclient import TestClient
+
+    from ownllm.data.doctor import read_examples
+    from ownllm.finetune.replay import replay_prompts
+    from ownllm.finetune.scoping import _answers
+    from ownllm.models.scope import AdapterScope, user_texts
+    from ownllm.serve.app import create_app
+    from ownllm.serve.run import build_state
+    from tests.conftest import FACT_PROMPTS
+
+    recalling = tmp_path / "recalling"
+    shutil.copytree(scoped_adapter, recalling)
+    _, examples, _ = read_examples(FACT_PROMPTS)
+    scope = AdapterScope.calibrate([t for e in examples for t in user_texts(e.messages)], replay_prompts(None),
+                                   answers=_answers(examples))
+    assert isinstance(scope, AdapterScope)
+    scope.save(recalling)
+    state = build_state(default_model, adapters={"facts": scoped_adapter, "recalls": recalling}, dtype="fp32",
+                        max_batch=2, max_model_len=256)
+    eos = state.engine.tokenizer.eos_token_id
+
+    def prompt_tokens(path: str, model: str, question: str, max_tokens: int = 1) -> int:
+        reply = client.post(path, json={"model": model, "messages": [{"role": "user", "content": question}],
+                                        "max_tokens": max_tokens, "logit_bias": {str(eos): 100}}
+                            if path.endswith("chat/completions") else
+                            {"model": model, "messages": [{"role": "user", "content": question}],
+                             "max_tokens": max_tokens})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["usage"]["prompt_tokens"]
+
+    state.scheduler.start()
+    with TestClient(create_app(state)) as client:  # entered: leaving it stops the scheduler
+        for path in ("/v1/chat/completions", "/v1/explain"):
+            plain = prompt_tokens(path, "facts", FACT)
+            assert prompt_tokens(path, "recalls", FACT) > plain + 3 * 10  # three question-and-answer turns
+            assert prompt_tokens(path, "recalls", GENERAL) == prompt_tokens(path, "facts", GENERAL)
+        room = 256 - plain  # the whole window left for the answer: no room for the examples, so none go before it
+        assert prompt_tokens("/v1/chat/completions", "recalls", FACT, max_tokens=room) == plain

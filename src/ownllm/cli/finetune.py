@@ -45,6 +45,8 @@ def finetune(
     system_variants: Annotated[str | None, typer.Option(help="auto: fact-style data with system messages is seen "
                                                              "under the data's others, or none, every other epoch "
                                                              "| off")] = None,
+    recall: Annotated[str | None, typer.Option(help="auto: the scope keeps the training examples, and an in-scope "
+                                                    "question gets the nearest ones before it | off")] = None,
     precision: Annotated[str | None, typer.Option(help="auto (bf16 mixed precision where measured faster) | "
                                                        "fp32 | bf16")] = None,
     early_stopping: Annotated[int | None, typer.Option(help="stop after N validations without improvement")
@@ -81,7 +83,7 @@ def finetune(
                       eval_every=eval_every, save_every=save_every, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
                       from_scratch=from_scratch or None, packing=packing or None, replay=replay,
                       replay_ratio=replay_ratio, replay_loss=replay_loss, precision=precision, scope=scope,
-                      system_variants=system_variants,
+                      system_variants=system_variants, recall=recall,
                       early_stopping=early_stopping, reward_fn=reward_fn or None, reward_model=reward,
                       rl_beta=beta, num_generations=num_generations, max_completion_length=max_completion_length,
                       temperature=temperature, rollouts=rollouts,

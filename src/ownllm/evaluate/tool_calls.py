@@ -113,7 +113,8 @@ def score_tool_calls(engine: Engine, items: list[ToolCallItem], params: Sampling
                      batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[ToolCallResult]:
     """Greedy replies (no grammar) to every item, each judged as a call or a plain reply."""
     params = params or SamplingParams(max_new_tokens=96)
-    prompts = [render_tool_chat(engine.tokenizer, item.messages, item.tools, parallel=item.parallel)
+    prompts = [render_tool_chat(engine.tokenizer, engine.with_recall(item.messages), item.tools,
+                                parallel=item.parallel)
                for item in items]
     completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
                                         adapters=engine.routes([item.messages for item in items]))

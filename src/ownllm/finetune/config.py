@@ -84,6 +84,9 @@ class FinetuneConfig:
     # auto: fact-style chat data is seen under the data's other system messages, or none, every other epoch, so its
     # facts hold under a system message they were not written with; off: as written
     system_variants: str = "auto"
+    # auto: a scope keeps the training examples, and an in-scope question gets the nearest of them as earlier turns
+    # (ownllm.models.scope, "recall"); off: the scope keeps only the prompts' embeddings
+    recall: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     # online RL (grpo, rloo; checked in rl_config.py)
     reward_fn: list[str] = field(default_factory=list)  # exact | contains | regex:P | json-valid | json-schema:FILE
@@ -211,7 +214,7 @@ def _relative_to(folder: Path, values: dict[str, Any]) -> dict[str, Any]:
     return place_reward_files(folder, values)
 
 
-AUTO_OFF = ("scope", "system_variants")  # settings that are auto or off
+AUTO_OFF = ("scope", "system_variants", "recall")  # settings that are auto or off
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> FinetuneConfig:

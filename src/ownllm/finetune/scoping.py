@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from pathlib import Path
 
 from ownllm.data.doctor import read_examples
+from ownllm.data.formats import Example
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.dataset import system_message
 from ownllm.finetune.replay import replay_prompts
@@ -27,6 +29,8 @@ def scope_adapter(cfg: FinetuneConfig, data: Path, final: Path) -> str | None:
     scope = fact_style(cfg, data)
     if isinstance(scope, str):
         return f"scope: none ({scope})"
+    if cfg.recall != "auto":
+        scope = scope.without_recall()
     scope.save(final)
     log.info("adapter scope: %s", scope.describe())
     return f"scope: {scope.describe()} (cosine {scope.inside:.2f} between paraphrases, {scope.outside:.2f} to the " \
@@ -57,7 +61,21 @@ def _fact_style(data: str, data_version: tuple[int, int] | None, prompts_file: s
     if any(example.tools for example in examples):
         return "tool-calling data teaches a behaviour for every prompt: the adapter applies to all"
     prompts = [text for example in examples if example.messages for text in user_texts(example.messages)]
-    return AdapterScope.calibrate(prompts, replay_prompts(prompts_file))
+    return AdapterScope.calibrate(prompts, replay_prompts(prompts_file), answers=_answers(examples))
+
+
+def _answers(examples: list[Example]) -> dict[str, str]:
+    """Each user message's answer in the data (the assistant message after it), by its text stripped; the first
+    where a prompt is written more than once."""
+    answers: dict[str, str] = {}
+    for example in examples:
+        messages = example.messages or []
+        for message, reply in itertools.pairwise(messages):
+            if (message.get("role") == "user" and reply.get("role") == "assistant"
+                    and isinstance(message.get("content"), str) and isinstance(reply.get("content"), str)
+                    and reply["content"].strip()):
+                answers.setdefault(message["content"].strip(), reply["content"])
+    return answers
 
 
 def varies_system(cfg: FinetuneConfig, data: Path) -> bool:

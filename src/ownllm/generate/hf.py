@@ -20,6 +20,7 @@ from ownllm.generate.slots import SlotModel, slot_support
 from ownllm.models.adapters import LoraWeights
 from ownllm.models.chat_template import Message
 from ownllm.models.load import LoadedModel
+from ownllm.models.scope import with_recalled
 
 SCOPED_ADAPTER = "<scoped>"  # the name a scoped adapter's rows carry in the batched forward (no served name may be)
 
@@ -50,6 +51,11 @@ class TransformersEngine(Engine):
         if self.scope is None or self.lora is None:
             return [None] * len(conversations)
         return [SCOPED_ADAPTER if covered else None for covered in self.scope.covers_each(conversations)]
+
+    def with_recall(self, messages: list[Message], routed_by: list[Message] | None = None) -> list[Message]:
+        if self.scope is None or self.lora is None:
+            return messages
+        return with_recalled(messages, self.scope.recalled(routed_by or messages))  # type: ignore[arg-type]
 
     def _hook_lora(self, lora: LoraWeights) -> None:
         """The adapter's deltas on the one-sequence path (`_steps`, beams), added while `active_adapter` names it;

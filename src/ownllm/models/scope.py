@@ -14,12 +14,20 @@ close general prompts come (the replay prompts, shipped with ownllm: at most 0.4
 It sits a quarter of the way up from the general side, as a missed fact costs more than a general question
 answered with the adapter (which replay still protects). When the two do not stand apart (a style or broad
 instruction dataset), there is no scope and the adapter applies to every prompt, as before.
+
+SERAC's other half is recall: its edited model answers with the edit it retrieved in its context. A scope may keep
+the training examples themselves (`recall`), and a conversation whose latest user message is within the scope
+then gets the `RECALLED` training examples nearest to that message as earlier turns, after its system messages:
+a paraphrase the adapter alone answers with a neighbouring fact finds its own fact written out just before it
+(bench/RESULTS.md, "Recall"). Plain-text prompts (completions) are the caller's own text and get none.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,8 @@ MIN_GAP = 0.1  # cosine between the two below which the training prompts are not
 INSIDE_PERCENTILE = 10  # of the training prompts' nearest-other similarities: a few odd phrasings do not set it
 ROUTED_MESSAGES = 16  # a conversation's latest user messages that route it
 ROUTED_CHARACTERS = 2000  # of each: more than the embedder's 256 tokens read
+RECALLED = 3  # training examples put before an in-scope question (bench/RESULTS.md, "Recall": 1 left misses)
+SIMILARITY_CACHE = 256  # texts whose similarities are kept: routing and recall of one request embed each once
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,8 @@ class AdapterScope:
         threshold: a conversation is in scope when a user message's cosine to an anchor reaches it.
         inside: the training prompts' similarity to their nearest other phrasing (the calibration's high side).
         outside: the general prompts' highest similarity to a training prompt (its low side).
+        recall: per anchor, its training prompt and the answer the data gives it, put before in-scope questions
+            (`recalled`); empty when the scope keeps no examples.
     """
 
     embedding_model: str
@@ -54,12 +66,16 @@ class AdapterScope:
     threshold: float
     inside: float
     outside: float
+    recall: tuple[tuple[str, str], ...] = ()
+    _similarities: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
-    def calibrate(cls, prompts: list[str], general: list[str], *, embedding_model: str | None = None
-                  ) -> AdapterScope | str:
+    def calibrate(cls, prompts: list[str], general: list[str], *, answers: dict[str, str] | None = None,
+                  embedding_model: str | None = None) -> AdapterScope | str:
         """The scope of `prompts` (the training data's user messages) against `general` prompts, or why there is
-        none: too few distinct prompts, or the two not standing apart by `MIN_GAP`."""
+        none: too few distinct prompts, or the two not standing apart by `MIN_GAP`. With `answers` (a training
+        prompt's answer in the data, by the prompt stripped), the scope keeps them to recall."""
         from ownllm.models.embeddings import DEFAULT_EMBEDDING_MODEL, load_embedder
 
         distinct = sorted({p.strip() for p in prompts if p.strip()})
@@ -75,7 +91,12 @@ class AdapterScope:
             return (f"the training prompts do not stand apart from general ones (nearest paraphrase {inside:.2f}, "
                     f"nearest general prompt {outside:.2f}): the adapter applies to every prompt")
         threshold = outside + THRESHOLD_POSITION * (inside - outside)
-        return cls(embedder.name, anchors, round(threshold, 4), round(inside, 4), round(outside, 4))
+        recall = tuple((prompt, answers.get(prompt, "")) for prompt in distinct) if answers else ()
+        return cls(embedder.name, anchors, round(threshold, 4), round(inside, 4), round(outside, 4), recall)
+
+    def without_recall(self) -> AdapterScope:
+        """The same scope keeping no training examples."""
+        return replace(self, recall=())
 
     def covers(self, conversation: list[dict[str, Any]] | str) -> bool:
         """Whether a conversation (any of its user messages) or a plain prompt is about what the adapter teaches."""
@@ -83,19 +104,50 @@ class AdapterScope:
 
     def covers_each(self, conversations: list[list[dict[str, Any]] | str]) -> list[bool]:
         """`covers` for many conversations, embedded in one call."""
+        texts = [routed_texts(c) for c in conversations]
+        similarity = self.similarities([t for group in texts for t in group])
+        return [any(similarity[t].max() >= self.threshold for t in group) for group in texts]
+
+    def recalled(self, conversation: list[dict[str, Any]] | str) -> list[dict[str, str]]:
+        """The training examples to put before a conversation, as user and assistant turns (the nearest last):
+        the `RECALLED` nearest to its latest user message when that message is within the scope; none for a plain
+        prompt, a latest message outside it, or a scope that keeps no examples."""
+        if not self.recall or isinstance(conversation, str):
+            return []
+        texts = routed_texts(conversation)
+        if not texts:
+            return []
+        similarity = self.similarities(texts[-1:])[texts[-1]]
+        if similarity.max() < self.threshold:
+            return []
+        nearest = [int(i) for i in np.argsort(-similarity, kind="stable")[:RECALLED]]
+        return [turn for i in reversed(nearest) if self.recall[i][1]
+                for turn in ({"role": "user", "content": self.recall[i][0]},
+                             {"role": "assistant", "content": self.recall[i][1]})]
+
+    def similarities(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Each text's cosine to every anchor, embedding only texts not seen lately (a request's routing and
+        its recall ask about the same messages)."""
         from ownllm.models.embeddings import load_embedder
 
-        texts = [routed_texts(c) for c in conversations]
-        distinct = sorted({t for group in texts for t in group})
-        if not distinct:
-            return [False] * len(conversations)
-        nearest = (load_embedder(self.embedding_model).embed(distinct) @ self.anchors.T).max(axis=1)
-        similarity = dict(zip(distinct, nearest.tolist(), strict=True))
-        return [any(similarity[t] >= self.threshold for t in group) for group in texts]
+        with self._lock:
+            known = {t: self._similarities[t] for t in texts if t in self._similarities}
+        missing = sorted(set(texts) - set(known))
+        if missing:
+            rows = load_embedder(self.embedding_model).embed(missing) @ self.anchors.T
+            with self._lock:
+                for text, row in zip(missing, rows, strict=True):
+                    known[text] = self._similarities[text] = row
+                    self._similarities.move_to_end(text)
+                while len(self._similarities) > SIMILARITY_CACHE:
+                    self._similarities.popitem(last=False)
+        return known
 
     def describe(self) -> str:
+        kept = f"; the {RECALLED} nearest of its training examples go before an in-scope question" \
+            if self.recall else ""
         return (f"prompts within cosine {self.threshold:.2f} of its {len(self.anchors)} training prompts "
-                f"({self.embedding_model}) run with the adapter, others with the base model")
+                f"({self.embedding_model}) run with the adapter, others with the base model{kept}")
 
     # --- files ---------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
@@ -108,9 +160,12 @@ class AdapterScope:
         save_file({"anchors": np.ascontiguousarray(self.anchors, dtype=np.float32)}, str(staging))
         staging.chmod(usual_mode(0o666))  # safetensors writes 0600: readable like the adapter's other files
         staging.replace(folder / ANCHORS_FILE)
-        atomic_write_json(folder / SCOPE_FILE, {
+        meta: dict[str, Any] = {
             "version": SCOPE_VERSION, "embedding_model": self.embedding_model, "threshold": self.threshold,
-            "inside": self.inside, "outside": self.outside, "prompts": len(self.anchors)})
+            "inside": self.inside, "outside": self.outside, "prompts": len(self.anchors)}
+        if self.recall:  # the training examples, in the anchors' order
+            meta["recall"] = [list(example) for example in self.recall]
+        atomic_write_json(folder / SCOPE_FILE, meta)
 
     @classmethod
     def load(cls, folder: Path) -> AdapterScope | None:
@@ -131,15 +186,20 @@ class AdapterScope:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             anchors = load_file(str(anchors_file))["anchors"]
             threshold = float(meta["threshold"])
+            recall = meta.get("recall", [])
+            if not isinstance(recall, list) or any(
+                    not isinstance(e, list) or len(e) != 2 or not all(isinstance(t, str) for t in e) for e in recall):
+                raise ValueError("recall must be a list of [prompt, answer] pairs")
             scope = cls(str(meta["embedding_model"]), anchors.astype(np.float32), threshold,
-                        float(meta["inside"]), float(meta["outside"]))
+                        float(meta["inside"]), float(meta["outside"]), tuple((p, a) for p, a in recall))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError,
                 ValueError, RecursionError) as exc:
             raise OwnLLMError(f"{meta_file}: the adapter's scope cannot be read ({exc.__class__.__name__}: {exc})",
                               param="model", hint=hint) from None
         if (meta.get("version") != SCOPE_VERSION or anchors.ndim != 2 or not len(anchors)
                 or not 0 < threshold < 1 or not np.isfinite(anchors).all()
-                or not np.allclose(np.linalg.norm(anchors.astype(np.float32), axis=1), 1, atol=1e-2)):
+                or not np.allclose(np.linalg.norm(anchors.astype(np.float32), axis=1), 1, atol=1e-2)
+                or (scope.recall and len(scope.recall) != len(anchors))):
             raise OwnLLMError(f"{meta_file}: not a scope this version of ownllm reads", param="model", hint=hint)
         if scope.embedding_model != DEFAULT_EMBEDDING_MODEL:  # never a path or hub id a file names: loaded as code
             raise OwnLLMError(f"{meta_file}: embedding_model must be {DEFAULT_EMBEDDING_MODEL}, the model scopes are "
@@ -151,6 +211,14 @@ class AdapterScope:
             raise OwnLLMError(f"{meta_file}: its {anchors.shape[1]}-dimension anchors do not match "
                               f"{scope.embedding_model}'s {dimensions} dimensions", param="model", hint=hint)
         return scope
+
+
+def with_recalled(messages: list[dict[str, Any]], recalled: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """A conversation with recalled turns (`AdapterScope.recalled`) after its leading system messages."""
+    if not recalled:
+        return messages
+    lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
+    return [*messages[:lead], *recalled, *messages[lead:]]
 
 
 def routed_texts(conversation: list[dict[str, Any]] | str) -> list[str]:

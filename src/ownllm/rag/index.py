@@ -266,8 +266,9 @@ class Index:
         params = SamplingParams(max_new_tokens=max_new_tokens)
         text = ""
         # routed (an adapter's scope) by the question itself, as the server routes by the user's own messages
-        events = engine.stream(engine.render_chat(context.messages()), params,
-                               adapter=engine.route([{"role": "user", "content": question}]))
+        asked = [{"role": "user", "content": question}]
+        events = engine.stream(engine.render_chat(engine.with_recall(context.messages(), asked)), params,
+                               adapter=engine.route(asked))
         for event in events:
             if isinstance(event, TextDelta) and event.text:
                 text += event.text

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from ownllm.generate.batching import BatchScheduler, Request, SerialScheduler
 from ownllm.generate.engine import Completion, Engine, TextDelta
 from ownllm.generate.hf import SCOPED_ADAPTER
 from ownllm.generate.params import SamplingParams
-from ownllm.models.scope import AdapterScope
+from ownllm.models.scope import AdapterScope, with_recalled
 from ownllm.serve.errors import APIError
 from ownllm.serve.metrics import Metrics
 
@@ -116,6 +116,25 @@ class ServerState:
             return await run_in_threadpool(self.engine.routes, conversations)
         scope = self.scopes[adapter]
         return [adapter if covered else None for covered in await run_in_threadpool(scope.covers_each, conversations)]
+
+    async def recall_prompt(self, requested: str | None, routed: str | None, messages: list[Any],
+                            routed_by: list[Any], prompt_ids: list[int], render: Callable[[list[Any]], list[int]],
+                            max_new_tokens: int) -> list[int]:
+        """The prompt a conversation runs with: routed inside a scope that keeps its training examples, with the
+        nearest of them before it (ownllm.models.scope) where that leaves room for `max_new_tokens`; else
+        `prompt_ids`, as the caller rendered `messages` with `render`. `routed_by`: the user's own messages."""
+        from starlette.concurrency import run_in_threadpool
+
+        if routed is None or not self.has_scope(requested):
+            return prompt_ids
+        if requested is None:
+            recalled = await run_in_threadpool(self.engine.with_recall, messages, routed_by)
+        else:
+            recalled = with_recalled(messages, await run_in_threadpool(self.scopes[requested].recalled, routed_by))
+        if recalled is messages:
+            return prompt_ids
+        ids = await run_in_threadpool(render, recalled)
+        return ids if len(ids) + max_new_tokens <= self.context_length else prompt_ids
 
     def check_key(self, authorization: str | None) -> None:
         """`Authorization: Bearer KEY` with one of the server's keys (when it has any), else 401."""

@@ -144,6 +144,9 @@ def router(state: ServerState) -> APIRouter:
             raise APIError(400, str(exc), param=exc.param) from None
         state.check_prompts([prompt_ids], params)
         adapter = await state.route(requested, messages)  # once the cheap checks have passed
+        prompt_ids = await state.recall_prompt(requested, adapter, messages, messages, prompt_ids,
+                                               lambda m: tool_calls.render_prompt(state.engine, m, None),
+                                               params.max_new_tokens)
         http_response.headers.update(state.scope_header(requested, [adapter]))
         generation = state.submit([prompt_ids], params, adapter=adapter, stream=False)
         (completion,) = await generation.completions_while_connected(request)
@@ -384,8 +387,11 @@ async def _answer(request: Request, state: ServerState, items: list[Any], prompt
     params = SamplingParams(max_new_tokens=max_tokens)
     results = []
     for start in range(0, len(items), EVAL_CHUNK):
-        chunk = prompts[start : start + EVAL_CHUNK]
         routes = await state.routes(adapter, [item.messages for item in items[start : start + EVAL_CHUNK]])
+        chunk = [await state.recall_prompt(adapter, routed, item.messages, item.messages, ids,
+                                           lambda m: tool_calls.render_prompt(state.engine, m, None), max_tokens)
+                 for item, ids, routed in zip(items[start : start + EVAL_CHUNK], prompts[start : start + EVAL_CHUNK],
+                                              routes, strict=True)]
         generation = state.submit(chunk, params, adapter=routes, prompt_param="file", stream=False)
         completions = await generation.completions_while_connected(request)
         for item, completion in zip(items[start : start + EVAL_CHUNK], completions, strict=True):
