@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/fact_hint_probe.py RUN/final TRAIN.jsonl HELDOUT.jsonl
 
-A measurement for a design not built into ownllm: SERAC routes an in-scope prompt to a model that is given the
-retrieved edit in its context. Here each held-out question's nearest training questions (MiniLM cosine, as the
-scope measures it) are put into the system message with their answers ("Facts you know: Q: ... A: ..."), and the
-model answers greedily as the checks ask (the reference answer in the reply). Prints right/total with no hint,
-with the nearest one, and with the nearest three.
+The measurement behind ownllm's recall (ownllm.models.scope, built from it; bench/recall.py measures the built
+one): each held-out question's nearest training questions (MiniLM cosine, as the scope measures it) are put into
+its context with their answers, as a system message ("Facts you know: Q: ... A: ...") or, with `--style turns`, as
+earlier user and assistant turns, and the model answers greedily as the checks ask (the reference answer in the
+reply). Prints right/total with no hint, with the nearest one, and with the nearest three.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ class Adapter:
         if (self.path / SCOPE_FILE).is_file():  # said once, where merge, export and a merged load all pass
             log.warning("%s has a scope (%s): merged weights apply the adapter to every prompt, so they keep less of "
                         "what the base knew than the adapter served by ownllm, which answers only prompts within its "
-                        "scope", self.path, SCOPE_FILE)
+                        "scope, and they recall no training examples before a question", self.path, SCOPE_FILE)
         merged = PeftModel.from_pretrained(model, str(self.path)).merge_and_unload()
         merged.eval()
         return merged
