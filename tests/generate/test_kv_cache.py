@@ -221,13 +221,19 @@ def test_a_freed_kv_buffer_leaves_the_resident_memory() -> None:
     assert buffer.shape == shape and buffer.dtype == torch.bfloat16 and buffer.is_contiguous()
     assert not buffer.any()  # fresh pages read as zeros
     buffer.fill_(1)
-    own = mapping_of(buffer.data_ptr())
-    assert own is not None and own[1] - own[0] >= buffer.numel() * 2  # (the kernel may merge it with a neighbour)
+    start, size = buffer.data_ptr(), buffer.numel() * 2
+
+    def mapped() -> bool:  # one mapping holds the whole buffer (the kernel may merge it with a neighbour's, and a
+        # neighbour may come and go meanwhile: its bounds are not the buffer's)
+        own = mapping_of(start)
+        return own is not None and own[0] <= start and start + size <= own[1]
+
+    assert mapped()
     view = buffer[3, 1]  # a layer's view keeps the mapping alive
     del buffer
     gc.collect()
-    assert view.sum().item() == 3 * 2048 * 64 and mapping_of(view.data_ptr()) == own
+    assert view.sum().item() == 3 * 2048 * 64 and mapped()
     del view
     gc.collect()
-    assert mapping_of(own[0]) != own
+    assert not mapped()
     assert _kv_buffer((30, 2, 3, 0, 64), torch.bfloat16, torch.device("cpu")).numel() == 0
