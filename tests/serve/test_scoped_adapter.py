@@ -169,3 +169,13 @@ def test_a_scope_that_keeps_its_examples_recalls_them_where_they_fit(default_mod
             assert prompt_tokens(path, "recalls", GENERAL) == prompt_tokens(path, "facts", GENERAL)
         room = 256 - plain  # the whole window left for the answer: no room for the examples, so none go before it
         assert prompt_tokens("/v1/chat/completions", "recalls", FACT, max_tokens=room) == plain
+
+    from ownllm.generate.open import open_engine  # the folder itself, as `ownllm chat` and the checks open it
+
+    engine = open_engine(str(recalling), dtype="fp32")
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": FACT}]
+    shown = engine.with_recall(asked)
+    assert len(shown) == 2 + 6 and shown[0] == asked[0] and shown[-1] == asked[-1]
+    assert engine.with_recall([{"role": "user", "content": GENERAL}]) == [{"role": "user", "content": GENERAL}]
+    room = engine.context_length - len(engine.render_chat(asked))
+    assert engine.with_recall(asked, max_new_tokens=room) is asked

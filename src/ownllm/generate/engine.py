@@ -237,10 +237,12 @@ class Engine:
         """`route` of each conversation (embedded together where the engine has a scope)."""
         return [self.route(conversation) for conversation in conversations]
 
-    def with_recall(self, messages: list[Message], routed_by: list[Message] | None = None) -> list[Message]:
+    def with_recall(self, messages: list[Message], routed_by: list[Message] | None = None, *,
+                    max_new_tokens: int = 0) -> list[Message]:
         """The conversation as the model sees it: with the scope's recalled training examples before it when its
         latest user message (of `routed_by`, the user's own messages, where context was added) is within the
-        scope of an adapter that keeps them (ownllm.models.scope); else as it is."""
+        scope of an adapter that keeps them (ownllm.models.scope) and they leave room for `max_new_tokens` in the
+        context window; else as it is."""
         return messages
 
     def _auto_route(self, prompt: str | list[int], adapter: str | None) -> str | None:
@@ -262,11 +264,13 @@ class Engine:
         return completion
 
     def chat(self, messages: list[Message], params: SamplingParams | None = None) -> Completion:
-        return self.generate(self.render_chat(self.with_recall(messages)), params, adapter=self.route(messages))
+        shown = self.with_recall(messages, max_new_tokens=(params or SamplingParams()).max_new_tokens)
+        return self.generate(self.render_chat(shown), params, adapter=self.route(messages))
 
     def stream_chat(self, messages: list[Message], params: SamplingParams | None = None
                     ) -> Iterator[TextDelta | Completion]:
-        return self.stream(self.render_chat(self.with_recall(messages)), params, adapter=self.route(messages))
+        shown = self.with_recall(messages, max_new_tokens=(params or SamplingParams()).max_new_tokens)
+        return self.stream(self.render_chat(shown), params, adapter=self.route(messages))
 
     def render_chat(self, messages: list[Message]) -> list[int]:
         return render_chat(self.tokenizer, messages)

@@ -52,10 +52,14 @@ class TransformersEngine(Engine):
             return [None] * len(conversations)
         return [SCOPED_ADAPTER if covered else None for covered in self.scope.covers_each(conversations)]
 
-    def with_recall(self, messages: list[Message], routed_by: list[Message] | None = None) -> list[Message]:
+    def with_recall(self, messages: list[Message], routed_by: list[Message] | None = None, *,
+                    max_new_tokens: int = 0) -> list[Message]:
         if self.scope is None or self.lora is None:
             return messages
-        return with_recalled(messages, self.scope.recalled(routed_by or messages))  # type: ignore[arg-type]
+        shown = with_recalled(messages, self.scope.recalled(routed_by or messages))  # type: ignore[arg-type]
+        if shown is not messages and len(self.render_chat(shown)) + max_new_tokens > self.context_length:
+            return messages  # the examples are an aid: the question itself must still fit with its answer
+        return shown  # type: ignore[return-value]
 
     def _hook_lora(self, lora: LoraWeights) -> None:
         """The adapter's deltas on the one-sequence path (`_steps`, beams), added while `active_adapter` names it;

@@ -267,8 +267,8 @@ class Index:
         text = ""
         # routed (an adapter's scope) by the question itself, as the server routes by the user's own messages
         asked = [{"role": "user", "content": question}]
-        events = engine.stream(engine.render_chat(engine.with_recall(context.messages(), asked)), params,
-                               adapter=engine.route(asked))
+        shown = engine.with_recall(context.messages(), asked, max_new_tokens=max_new_tokens)
+        events = engine.stream(engine.render_chat(shown), params, adapter=engine.route(asked))
         for event in events:
             if isinstance(event, TextDelta) and event.text:
                 text += event.text
