@@ -121,7 +121,7 @@ def test_a_scope_survives_its_folder_and_a_damaged_one_is_named(tmp_path: Path, 
 
 def test_recall_puts_the_nearest_training_examples_before_an_in_scope_question(tmp_path: Path, general) -> None:
     """A scope that keeps its training examples gives a conversation whose latest user message is within it the
-    three nearest as earlier turns (the nearest last), after its system messages; nothing otherwise."""
+    three nearest as turns just before that message (the nearest last); nothing otherwise."""
     from ownllm.data.doctor import read_examples
     from ownllm.finetune.scoping import _answers
     from ownllm.models.scope import RECALLED, with_recalled
@@ -147,6 +147,15 @@ def test_recall_puts_the_nearest_training_examples_before_an_in_scope_question(t
     system = {"role": "system", "content": "Be brief."}
     assert with_recalled([system, question], recalled) == [system, *recalled, question]
     assert with_recalled([question], []) == [question]
+    # a later turn: the earlier ones stay the previous request's prompt (a prefix cache holds them)
+    earlier = [system, general_question, {"role": "assistant", "content": "Tokyo."}]
+    assert scope.recalled([*earlier, question]) == recalled
+    assert with_recalled([*earlier, question], recalled) == [*earlier, *recalled, question]
+    # the latest user message is what recall reads: blank recalls nothing; text parts read joined, as the server does
+    assert scope.recalled([question, {"role": "assistant", "content": "x"}, {"role": "user", "content": " "}]) == []
+    parts = {"role": "user", "content": [{"type": "text", "text": "Who was the founder of "},
+                                         {"type": "text", "text": "Norvale Instruments?"}]}
+    assert scope.recalled([parts]) == recalled
 
     scope.save(tmp_path)
     again = AdapterScope.load(tmp_path)

@@ -149,15 +149,17 @@ def test_a_scope_that_keeps_its_examples_recalls_them_where_they_fit(default_mod
     assert isinstance(scope, AdapterScope)
     scope.save(recalling)
     state = build_state(default_model, adapters={"facts": scoped_adapter, "recalls": recalling}, dtype="fp32",
-                        max_batch=2, max_model_len=256)
+                        max_batch=2, max_model_len=320)
     eos = state.engine.tokenizer.eos_token_id
 
-    def prompt_tokens(path: str, model: str, question: str, max_tokens: int = 1) -> int:
-        reply = client.post(path, json={"model": model, "messages": [{"role": "user", "content": question}],
-                                        "max_tokens": max_tokens, "logit_bias": {str(eos): 100}}
-                            if path.endswith("chat/completions") else
-                            {"model": model, "messages": [{"role": "user", "content": question}],
-                             "max_tokens": max_tokens})
+    def prompt_tokens(path: str, model: str, question: str, max_tokens: int | None = 1, system: str = "") -> int:
+        body = {"model": model, "messages": [{"role": "system", "content": system}] * bool(system)
+                + [{"role": "user", "content": question}]}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if path.endswith("chat/completions"):
+            body["logit_bias"] = {str(eos): 100}  # an answer of no tokens: the prompt is what is measured
+        reply = client.post(path, json=body)
         assert reply.status_code == 200, reply.text
         return reply.json()["usage"]["prompt_tokens"]
 
@@ -167,8 +169,13 @@ def test_a_scope_that_keeps_its_examples_recalls_them_where_they_fit(default_mod
             plain = prompt_tokens(path, "facts", FACT)
             assert prompt_tokens(path, "recalls", FACT) > plain + 3 * 10  # three question-and-answer turns
             assert prompt_tokens(path, "recalls", GENERAL) == prompt_tokens(path, "facts", GENERAL)
-        room = 256 - plain  # the whole window left for the answer: no room for the examples, so none go before it
+        room = 320 - plain  # the whole window left for the answer: no room for the examples, so none go before it
         assert prompt_tokens("/v1/chat/completions", "recalls", FACT, max_tokens=room) == plain
+        # no max_tokens: the default is what the window leaves, and the examples go in while 128 tokens stay
+        assert prompt_tokens("/v1/chat/completions", "recalls", FACT, max_tokens=None) > plain + 3 * 10
+        long = "Answer in one short sentence. " * 12  # ~84 tokens: with the examples, under 128 would be left
+        with_system = prompt_tokens("/v1/chat/completions", "facts", FACT, max_tokens=None, system=long)
+        assert prompt_tokens("/v1/chat/completions", "recalls", FACT, max_tokens=None, system=long) == with_system
 
     from ownllm.generate.open import open_engine  # the folder itself, as `ownllm chat` and the checks open it
 

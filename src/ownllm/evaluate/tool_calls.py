@@ -113,9 +113,13 @@ def score_tool_calls(engine: Engine, items: list[ToolCallItem], params: Sampling
                      batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[ToolCallResult]:
     """Greedy replies (no grammar) to every item, each judged as a call or a plain reply."""
     params = params or SamplingParams(max_new_tokens=96)
-    shown = [engine.with_recall(item.messages, max_new_tokens=params.max_new_tokens) for item in items]
-    prompts = [render_tool_chat(engine.tokenizer, messages, item.tools, parallel=item.parallel)
-               for item, messages in zip(items, shown, strict=True)]
+    prompts = []
+    for item in items:
+        prompt = render_tool_chat(engine.tokenizer, engine.with_recall(item.messages), item.tools,
+                                  parallel=item.parallel)
+        if len(prompt) + params.max_new_tokens > engine.context_length:  # the tools' schemas left no room for them
+            prompt = render_tool_chat(engine.tokenizer, item.messages, item.tools, parallel=item.parallel)
+        prompts.append(prompt)
     completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
                                         adapters=engine.routes([item.messages for item in items]))
     results = []

@@ -33,8 +33,10 @@ def scope_adapter(cfg: FinetuneConfig, data: Path, final: Path) -> str | None:
         scope = scope.without_recall()
     scope.save(final)
     log.info("adapter scope: %s", scope.describe())
+    kept = f" Its {len(scope.recall)} training examples are kept, as written, in {SCOPE_FILE} (recall: off keeps " \
+        "none)." if scope.recall else ""
     return f"scope: {scope.describe()} (cosine {scope.inside:.2f} between paraphrases, {scope.outside:.2f} to the " \
-           "nearest general prompt)"
+           f"nearest general prompt).{kept}"
 
 
 def fact_style(cfg: FinetuneConfig, data: Path) -> AdapterScope | str:

@@ -17,7 +17,7 @@ instruction dataset), there is no scope and the adapter applies to every prompt,
 
 SERAC's other half is recall: its edited model answers with the edit it retrieved in its context. A scope may keep
 the training examples themselves (`recall`), and a conversation whose latest user message is within the scope
-then gets the `RECALLED` training examples nearest to that message as earlier turns, after its system messages:
+then gets the `RECALLED` training examples nearest to that message as turns just before it:
 a paraphrase the adapter alone answers with a neighbouring fact finds its own fact written out just before it
 (bench/RESULTS.md, "Recall"). Plain-text prompts (completions) are the caller's own text and get none.
 """
@@ -109,19 +109,20 @@ class AdapterScope:
         return [any(similarity[t].max() >= self.threshold for t in group) for group in texts]
 
     def recalled(self, conversation: list[dict[str, Any]] | str) -> list[dict[str, str]]:
-        """The training examples to put before a conversation, as user and assistant turns (the nearest last):
-        the `RECALLED` nearest to its latest user message when that message is within the scope; none for a plain
-        prompt, a latest message outside it, or a scope that keeps no examples."""
+        """The training examples to put before a conversation's latest user message, as user and assistant turns
+        (the nearest last): the `RECALLED` nearest to that message when it is within the scope; none for a plain
+        prompt, a latest user message outside the scope or blank, or a scope that keeps no examples."""
         if not self.recall or isinstance(conversation, str):
             return []
-        texts = routed_texts(conversation)
-        if not texts:
+        latest = next((m for m in reversed(conversation) if m.get("role") == "user"), None)
+        text = message_text(latest)[:ROUTED_CHARACTERS] if latest is not None else ""
+        if not text.strip():
             return []
-        similarity = self.similarities(texts[-1:])[texts[-1]]
+        similarity = self.similarities([text])[text]
         if similarity.max() < self.threshold:
             return []
-        nearest = [int(i) for i in np.argsort(-similarity, kind="stable")[:RECALLED]]
-        return [turn for i in reversed(nearest) if self.recall[i][1]
+        answered = [i for i in np.argsort(-similarity, kind="stable").tolist() if self.recall[i][1]][:RECALLED]
+        return [turn for i in reversed(answered)
                 for turn in ({"role": "user", "content": self.recall[i][0]},
                              {"role": "assistant", "content": self.recall[i][1]})]
 
@@ -132,6 +133,8 @@ class AdapterScope:
 
         with self._lock:
             known = {t: self._similarities[t] for t in texts if t in self._similarities}
+            for text in known:
+                self._similarities.move_to_end(text)  # least recently used goes first
         missing = sorted(set(texts) - set(known))
         if missing:
             rows = load_embedder(self.embedding_model).embed(missing) @ self.anchors.T
@@ -214,11 +217,20 @@ class AdapterScope:
 
 
 def with_recalled(messages: list[dict[str, Any]], recalled: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """A conversation with recalled turns (`AdapterScope.recalled`) after its leading system messages."""
-    if not recalled:
+    """A conversation with recalled turns (`AdapterScope.recalled`) just before its latest user message: the
+    turns before that are the previous request's prompt, so a server's prefix cache still holds them."""
+    latest = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+    if not recalled or latest is None:
         return messages
-    lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
-    return [*messages[:lead], *recalled, *messages[lead:]]
+    return [*messages[:latest], *recalled, *messages[latest:]]
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's text: its content, or its text parts joined (as the server reads multi-part content)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return content if isinstance(content, str) else ""
 
 
 def routed_texts(conversation: list[dict[str, Any]] | str) -> list[str]:

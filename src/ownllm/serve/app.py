@@ -182,9 +182,10 @@ def create_app(state: ServerState) -> FastAPI:
         await _check_prompts(state, [prompt_ids], params, "messages")
         # routed by the user's own messages (before any context is added), once the cheap checks have passed
         (routed,) = await state.routes(adapter, [own_messages])
-        prompt_ids = await state.recall_prompt(adapter, routed, messages, own_messages, prompt_ids,
-                                               lambda m: tool_calls.render_prompt(state.engine, m, plan),
-                                               params.max_new_tokens)
+        prompt_ids, params = await state.recall_prompt(
+            adapter, routed, messages, own_messages, prompt_ids,
+            lambda m: tool_calls.render_prompt(state.engine, m, plan), params,
+            length_given=bool(body.max_completion_tokens or body.max_tokens))
         headers = state.scope_header(adapter, [routed])
         http_response.headers.update(headers)
         generation = state.submit([prompt_ids], params, n=body.n, adapter=routed, stream=body.stream)

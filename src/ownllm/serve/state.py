@@ -4,6 +4,7 @@ bridge from the engine thread's events to asyncio."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,9 @@ from ownllm.generate.params import SamplingParams
 from ownllm.models.scope import AdapterScope, with_recalled
 from ownllm.serve.errors import APIError
 from ownllm.serve.metrics import Metrics
+
+RECALL_ANSWER_ROOM = 128  # tokens an answer keeps at least when recalled examples shorten a default max_tokens (fact
+# answers are a sentence)
 
 SCOPE_HEADER = "X-OwnLLM-Scope"  # per prompt: "inside" (ran with the adapter) or "outside" (the base model's weights)
 
@@ -119,22 +123,30 @@ class ServerState:
 
     async def recall_prompt(self, requested: str | None, routed: str | None, messages: list[Any],
                             routed_by: list[Any], prompt_ids: list[int], render: Callable[[list[Any]], list[int]],
-                            max_new_tokens: int) -> list[int]:
-        """The prompt a conversation runs with: routed inside a scope that keeps its training examples, with the
-        nearest of them before it (ownllm.models.scope) where that leaves room for `max_new_tokens`; else
-        `prompt_ids`, as the caller rendered `messages` with `render`. `routed_by`: the user's own messages."""
+                            params: SamplingParams, *, length_given: bool = True) -> tuple[list[int], SamplingParams]:
+        """The prompt a conversation runs with, and its params: routed inside a scope that keeps its training
+        examples, with the nearest of them before its latest user message (ownllm.models.scope) where that leaves
+        room for the answer; else `prompt_ids` (`messages` as the caller rendered them with `render`) and `params`.
+        `routed_by`: the user's own messages. A request that gave no max_tokens (`length_given` False) has the
+        default cut to what the context has left (`default_max_tokens`): the examples are put in while at least
+        `RECALL_ANSWER_ROOM` tokens stay for the answer, and its default is then taken from the longer prompt."""
         from starlette.concurrency import run_in_threadpool
 
         if routed is None or not self.has_scope(requested):
-            return prompt_ids
+            return prompt_ids, params
         if requested is None:
             recalled = await run_in_threadpool(self.engine.with_recall, messages, routed_by)
         else:
             recalled = with_recalled(messages, await run_in_threadpool(self.scopes[requested].recalled, routed_by))
         if recalled is messages:
-            return prompt_ids
+            return prompt_ids, params
         ids = await run_in_threadpool(render, recalled)
-        return ids if len(ids) + max_new_tokens <= self.context_length else prompt_ids
+        room = params.max_new_tokens if length_given else min(params.max_new_tokens, RECALL_ANSWER_ROOM)
+        if len(ids) + room > self.context_length:
+            return prompt_ids, params
+        if not length_given:
+            params = dataclasses.replace(params, max_new_tokens=self.default_max_tokens(len(ids)))
+        return ids, params
 
     def check_key(self, authorization: str | None) -> None:
         """`Authorization: Bearer KEY` with one of the server's keys (when it has any), else 401."""

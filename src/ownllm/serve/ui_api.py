@@ -144,9 +144,10 @@ def router(state: ServerState) -> APIRouter:
             raise APIError(400, str(exc), param=exc.param) from None
         state.check_prompts([prompt_ids], params)
         adapter = await state.route(requested, messages)  # once the cheap checks have passed
-        prompt_ids = await state.recall_prompt(requested, adapter, messages, messages, prompt_ids,
-                                               lambda m: tool_calls.render_prompt(state.engine, m, None),
-                                               params.max_new_tokens)
+        prompt_ids, params = await state.recall_prompt(
+            requested, adapter, messages, messages, prompt_ids,
+            lambda m: tool_calls.render_prompt(state.engine, m, None), params,
+            length_given=bool(body.max_completion_tokens or body.max_tokens))
         http_response.headers.update(state.scope_header(requested, [adapter]))
         generation = state.submit([prompt_ids], params, adapter=adapter, stream=False)
         (completion,) = await generation.completions_while_connected(request)
@@ -388,8 +389,8 @@ async def _answer(request: Request, state: ServerState, items: list[Any], prompt
     results = []
     for start in range(0, len(items), EVAL_CHUNK):
         routes = await state.routes(adapter, [item.messages for item in items[start : start + EVAL_CHUNK]])
-        chunk = [await state.recall_prompt(adapter, routed, item.messages, item.messages, ids,
-                                           lambda m: tool_calls.render_prompt(state.engine, m, None), max_tokens)
+        chunk = [(await state.recall_prompt(adapter, routed, item.messages, item.messages, ids,
+                                            lambda m: tool_calls.render_prompt(state.engine, m, None), params))[0]
                  for item, ids, routed in zip(items[start : start + EVAL_CHUNK], prompts[start : start + EVAL_CHUNK],
                                               routes, strict=True)]
         generation = state.submit(chunk, params, adapter=routes, prompt_param="file", stream=False)
