@@ -86,7 +86,10 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log what happens")] = False,
 ) -> None:
     settings["debug"], settings["verbose"] = debug, verbose
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # libraries that set their own logger to DEBUG (bm25s) stop here
+        handler.setLevel(level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:  # transformers' own logging is quieted by the verbs that load it (options.quiet_model_libraries)
         # its optional hub kernel cannot be fetched offline; the built-in CPU path it falls back to is fine
