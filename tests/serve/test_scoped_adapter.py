@@ -181,8 +181,11 @@ def test_a_scope_that_keeps_its_examples_recalls_them_where_they_fit(default_mod
 
     engine = open_engine(str(recalling), dtype="fp32")
     asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": FACT}]
-    shown = engine.with_recall(asked)
-    assert len(shown) == 2 + 6 and shown[0] == asked[0] and shown[-1] == asked[-1]
-    assert engine.with_recall([{"role": "user", "content": GENERAL}]) == [{"role": "user", "content": GENERAL}]
+    recalled = engine.recalled(asked)
+    assert len(recalled) == 6
+    assert engine.render_with_recall(asked) == engine.render_chat([asked[0], *recalled, asked[-1]])
+    assert engine.recalled([{"role": "user", "content": GENERAL}]) == []
+    assert engine.render_with_recall([{"role": "user", "content": GENERAL}]) == engine.render_chat(
+        [{"role": "user", "content": GENERAL}])
     room = engine.context_length - len(engine.render_chat(asked))
-    assert engine.with_recall(asked, max_new_tokens=room) is asked
+    assert engine.render_with_recall(asked, max_new_tokens=room) == engine.render_chat(asked)

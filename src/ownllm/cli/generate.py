@@ -122,8 +122,7 @@ def generate(
     if params.constraint is not None:
         engine.check_constraint(params.constraint)
     conversation = [{"role": "user", "content": text}]
-    source = (engine.render_chat(engine.with_recall(conversation, max_new_tokens=params.max_new_tokens)) if chat
-              else text)
+    source = engine.render_with_recall(conversation, max_new_tokens=params.max_new_tokens) if chat else text
     completion: Completion | None = None
     for event in engine.stream(source, params, adapter=engine.route(conversation if chat else text)):
         if isinstance(event, Completion):

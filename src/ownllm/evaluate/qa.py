@@ -63,8 +63,7 @@ def run_qa(engine: Engine, items: list[QAItem], params: SamplingParams | None = 
            progress: Callable[[int], None] | None = None) -> list[QAResult]:
     """Answer every item (greedy by default), up to `batch_size` decoded together, and score each answer."""
     params = params or SamplingParams(max_new_tokens=64)
-    prompts = [engine.render_chat(engine.with_recall(item.messages, max_new_tokens=params.max_new_tokens))
-               for item in items]
+    prompts = [engine.render_with_recall(item.messages, max_new_tokens=params.max_new_tokens) for item in items]
     completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
                                         labels=[f"line {item.line}" for item in items],
                                         adapters=engine.routes([item.messages for item in items]))

@@ -224,8 +224,7 @@ def run_sql_eval(engine: Engine, db: ReadOnlyDatabase, items: list[SQLItem], gol
                  progress: Callable[[int], None] | None = None) -> list[SQLResult]:
     """Generate a query for every item through `engine` (greedy by default) and score it by execution."""
     params = params or SQL_PARAMS
-    prompts = [engine.render_chat(engine.with_recall(item.messages, max_new_tokens=params.max_new_tokens))
-               for item in items]
+    prompts = [engine.render_with_recall(item.messages, max_new_tokens=params.max_new_tokens) for item in items]
     completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
                                         labels=[f"line {item.line}" for item in items],
                                         adapters=engine.routes([item.messages for item in items]))

@@ -11,6 +11,7 @@ part of the prompt. A line whose reference is a plain reply expects no call.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -113,13 +114,10 @@ def score_tool_calls(engine: Engine, items: list[ToolCallItem], params: Sampling
                      batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[ToolCallResult]:
     """Greedy replies (no grammar) to every item, each judged as a call or a plain reply."""
     params = params or SamplingParams(max_new_tokens=96)
-    prompts = []
-    for item in items:
-        prompt = render_tool_chat(engine.tokenizer, engine.with_recall(item.messages), item.tools,
-                                  parallel=item.parallel)
-        if len(prompt) + params.max_new_tokens > engine.context_length:  # the tools' schemas left no room for them
-            prompt = render_tool_chat(engine.tokenizer, item.messages, item.tools, parallel=item.parallel)
-        prompts.append(prompt)
+    prompts = [engine.render_with_recall(item.messages, max_new_tokens=params.max_new_tokens,
+                                         render=functools.partial(render_tool_chat, engine.tokenizer, tools=item.tools,
+                                                                  parallel=item.parallel))
+               for item in items]
     completions = engine.generate_batch(prompts, params, max_batch=batch_size, progress=progress,
                                         adapters=engine.routes([item.messages for item in items]))
     results = []

@@ -24,6 +24,7 @@ from ownllm.generate.params import SamplingParams
 from ownllm.generate.sampling import StepExplanation, pick_token, top_logprobs
 from ownllm.generate.text import IncrementalText
 from ownllm.models.chat_template import Message, render_chat
+from ownllm.models.scope import with_recalled
 
 AUTO = "<auto>"  # as an `adapter` argument: the engine picks by the prompt (`Engine.route`)
 
@@ -237,13 +238,24 @@ class Engine:
         """`route` of each conversation (embedded together where the engine has a scope)."""
         return [self.route(conversation) for conversation in conversations]
 
-    def with_recall(self, messages: list[Message], routed_by: list[Message] | None = None, *,
-                    max_new_tokens: int = 0) -> list[Message]:
-        """The conversation as the model sees it: with the scope's recalled training examples before it when its
-        latest user message (of `routed_by`, the user's own messages, where context was added) is within the
-        scope of an adapter that keeps them (ownllm.models.scope) and they leave room for `max_new_tokens` in the
-        context window; else as it is."""
-        return messages
+    def recalled(self, conversation: list[Message]) -> list[Message]:
+        """The training examples to put before a conversation's latest user message (ownllm.models.scope's recall):
+        none unless the model is an adapter whose scope keeps them and the message is within it."""
+        return []
+
+    def render_with_recall(self, messages: list[Message], routed_by: list[Message] | None = None, *,
+                           max_new_tokens: int = 0, render: Callable[[list[Message]], list[int]] | None = None
+                           ) -> list[int]:
+        """A conversation's prompt ids (`render`, by default `render_chat`) with the recalled examples of its
+        latest user message (of `routed_by`, the user's own messages, where context was added) before that
+        message, where they leave room for `max_new_tokens` in the context window; else without them."""
+        render = render or self.render_chat
+        recalled = self.recalled(routed_by or messages)
+        if recalled:
+            ids = render(with_recalled(messages, recalled))  # type: ignore[arg-type]
+            if len(ids) + max_new_tokens <= self.context_length:
+                return ids
+        return render(messages)  # the examples are an aid: the question itself must still fit with its answer
 
     def _auto_route(self, prompt: str | list[int], adapter: str | None) -> str | None:
         if adapter != AUTO:
@@ -264,13 +276,13 @@ class Engine:
         return completion
 
     def chat(self, messages: list[Message], params: SamplingParams | None = None) -> Completion:
-        shown = self.with_recall(messages, max_new_tokens=(params or SamplingParams()).max_new_tokens)
-        return self.generate(self.render_chat(shown), params, adapter=self.route(messages))
+        prompt = self.render_with_recall(messages, max_new_tokens=(params or SamplingParams()).max_new_tokens)
+        return self.generate(prompt, params, adapter=self.route(messages))
 
     def stream_chat(self, messages: list[Message], params: SamplingParams | None = None
                     ) -> Iterator[TextDelta | Completion]:
-        shown = self.with_recall(messages, max_new_tokens=(params or SamplingParams()).max_new_tokens)
-        return self.stream(self.render_chat(shown), params, adapter=self.route(messages))
+        prompt = self.render_with_recall(messages, max_new_tokens=(params or SamplingParams()).max_new_tokens)
+        return self.stream(prompt, params, adapter=self.route(messages))
 
     def render_chat(self, messages: list[Message]) -> list[int]:
         return render_chat(self.tokenizer, messages)

@@ -20,7 +20,6 @@ from ownllm.generate.slots import SlotModel, slot_support
 from ownllm.models.adapters import LoraWeights
 from ownllm.models.chat_template import Message
 from ownllm.models.load import LoadedModel
-from ownllm.models.scope import with_recalled
 
 SCOPED_ADAPTER = "<scoped>"  # the name a scoped adapter's rows carry in the batched forward (no served name may be)
 
@@ -52,14 +51,10 @@ class TransformersEngine(Engine):
             return [None] * len(conversations)
         return [SCOPED_ADAPTER if covered else None for covered in self.scope.covers_each(conversations)]
 
-    def with_recall(self, messages: list[Message], routed_by: list[Message] | None = None, *,
-                    max_new_tokens: int = 0) -> list[Message]:
+    def recalled(self, conversation: list[Message]) -> list[Message]:
         if self.scope is None or self.lora is None:
-            return messages
-        shown = with_recalled(messages, self.scope.recalled(routed_by or messages))  # type: ignore[arg-type]
-        if shown is not messages and len(self.render_chat(shown)) + max_new_tokens > self.context_length:
-            return messages  # the examples are an aid: the question itself must still fit with its answer
-        return shown  # type: ignore[return-value]
+            return []
+        return self.scope.recalled(conversation)  # type: ignore[arg-type,return-value]
 
     def _hook_lora(self, lora: LoraWeights) -> None:
         """The adapter's deltas on the one-sequence path (`_steps`, beams), added while `active_adapter` names it;

@@ -267,8 +267,8 @@ class Index:
         text = ""
         # routed (an adapter's scope) by the question itself, as the server routes by the user's own messages
         asked = [{"role": "user", "content": question}]
-        shown = engine.with_recall(context.messages(), asked, max_new_tokens=max_new_tokens)
-        events = engine.stream(engine.render_chat(shown), params, adapter=engine.route(asked))
+        prompt = engine.render_with_recall(context.messages(), asked, max_new_tokens=max_new_tokens)
+        events = engine.stream(prompt, params, adapter=engine.route(asked))
         for event in events:
             if isinstance(event, TextDelta) and event.text:
                 text += event.text

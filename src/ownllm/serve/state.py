@@ -21,8 +21,8 @@ from ownllm.models.scope import AdapterScope, with_recalled
 from ownllm.serve.errors import APIError
 from ownllm.serve.metrics import Metrics
 
-RECALL_ANSWER_ROOM = 128  # tokens an answer keeps at least when recalled examples shorten a default max_tokens (fact
-# answers are a sentence)
+# tokens an answer keeps at least when recalled examples shorten a default max_tokens (fact answers are a sentence)
+RECALL_ANSWER_ROOM = 128
 
 SCOPE_HEADER = "X-OwnLLM-Scope"  # per prompt: "inside" (ran with the adapter) or "outside" (the base model's weights)
 
@@ -134,13 +134,11 @@ class ServerState:
 
         if routed is None or not self.has_scope(requested):
             return prompt_ids, params
-        if requested is None:
-            recalled = await run_in_threadpool(self.engine.with_recall, messages, routed_by)
-        else:
-            recalled = with_recalled(messages, await run_in_threadpool(self.scopes[requested].recalled, routed_by))
-        if recalled is messages:
+        scope_recalled = self.engine.recalled if requested is None else self.scopes[requested].recalled
+        recalled = await run_in_threadpool(scope_recalled, routed_by)
+        if not recalled:
             return prompt_ids, params
-        ids = await run_in_threadpool(render, recalled)
+        ids = await run_in_threadpool(render, with_recalled(messages, recalled))
         room = params.max_new_tokens if length_given else min(params.max_new_tokens, RECALL_ANSWER_ROOM)
         if len(ids) + room > self.context_length:
             return prompt_ids, params
