@@ -227,10 +227,15 @@ def with_recalled(messages: list[dict[str, Any]], recalled: list[dict[str, str]]
 
 def message_text(message: dict[str, Any]) -> str:
     """A message's text: its content, or its text parts joined (as the server reads multi-part content)."""
+    return "".join(text_parts(message))
+
+
+def text_parts(message: dict[str, Any]) -> list[str]:
+    """A message's content as a list of texts: itself, or the text parts of multi-part content."""
     content = message.get("content")
     if isinstance(content, list):
-        return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
-    return content if isinstance(content, str) else ""
+        return [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+    return [content] if isinstance(content, str) else []
 
 
 def routed_texts(conversation: list[dict[str, Any]] | str) -> list[str]:
@@ -245,14 +250,4 @@ def user_texts(conversation: list[dict[str, Any]] | str) -> list[str]:
     """The user messages' text of a conversation (text parts of multi-part content), or a plain prompt itself."""
     if isinstance(conversation, str):
         return [conversation]
-    texts = []
-    for message in conversation:
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            texts += [part["text"] for part in content
-                      if isinstance(part, dict) and isinstance(part.get("text"), str)]
-    return texts
+    return [text for message in conversation if message.get("role") == "user" for text in text_parts(message)]
