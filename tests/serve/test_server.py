@@ -255,7 +255,8 @@ def test_body_limit_and_queue_full(strict_server) -> None:
     url = f"{strict_server.url}/v1/chat/completions"
     _error(httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]},
                       headers=headers), 413)
-    body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stop": ["never-appears-xyz"], "ignore_eos": True}
+    # 80 tokens (over a second on any CPU) outlast the 0.2 s in which the five requests are sent
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 80, "stop": ["never-appears-xyz"], "ignore_eos": True}
     responses: list[httpx.Response] = []
 
     def post() -> None:
