@@ -170,26 +170,6 @@ def test_llama_cpp_reuses_a_finished_stream_in_place(default_model: str) -> None
     assert on[2].cached_tokens >= len(first[0]) and on[3].cached_tokens == len(first[1]) - 1
 
 
-def test_a_step_prefills_a_chunks_worth_of_tokens_across_pieces_and_requests(engine: Any) -> None:
-    """A prompt's last piece (shorter than a chunk: where a prompt or a cached prefix ends between boundaries) does
-    not cost a decode step of its own: the same step goes on to the next request's first chunk."""
-    prompts = [chat(engine, ("user", q)) for q in QUESTIONS[:2]]
-    assert all(64 < len(p) < 128 for p in prompts), [len(p) for p in prompts]
-    expected = tokens(run(BatchScheduler(engine, max_batch=1, max_len=512), prompts, GREEDY))
-    scheduler = BatchScheduler(engine, max_batch=2, max_len=512, prefill_chunk=64, prefix_caching=False)
-    done: dict[int, Completion] = {}
-    requests = [Request(p, GREEDY, 0, lambda e, i=i: done.__setitem__(i, e) if isinstance(e, Completion) else None)
-                for i, p in enumerate(prompts)]
-    scheduler.submit_all(requests)
-    scheduler._step()  # the first's first chunk: 64 tokens, a step's worth
-    assert len(requests[0].kv_tokens) == 64 and not requests[1].kv_tokens
-    scheduler._step()  # the first's short rest, then the second's first chunk, then one decode step
-    assert not requests[0].prefilling and len(requests[0].kv_tokens) == len(prompts[0]) + 1
-    assert len(requests[1].kv_tokens) == 64
-    scheduler.run_until_done()
-    assert [done[0].token_ids, done[1].token_ids] == expected
-
-
 def test_a_request_preempted_again_while_it_is_recomputed_keeps_all_it_had(engine: Any) -> None:
     """Preempted mid-answer, then again before or during its re-prefill (which takes several chunks): what it must
     hold again never shrinks, and it ends with the tokens of a run that was never preempted."""

@@ -1,11 +1,10 @@
 """Continuous batching: one engine loop in its own thread serves many requests at once.
 
 Between decode steps the loop admits waiting requests (up to `max_batch` running, as the KV budget allows: see
-`ownllm.generate.kv_cache`), prefills up to a chunk's worth of prompt tokens (of one request or several), then
-advances every running sequence by one token in a single batched forward; each request keeps its own sampling
-parameters, constraint (a grammar state of its own; the constrained rows' masks are computed together before each
-step), stop strings and token budget, and leaves the batch the moment it finishes or its client goes away. Events
-go to each request's `sink` from the loop thread.
+`ownllm.generate.kv_cache`), prefills one prompt chunk, then advances every running sequence by one token in a
+single batched forward; each request keeps its own sampling parameters, constraint (a grammar state of its own;
+the constrained rows' masks are computed together before each step), stop strings and token budget, and leaves the
+batch the moment it finishes or its client goes away. Events go to each request's `sink` from the loop thread.
 
 A request starts after the longest prefix the KV cache already holds for it (an earlier turn of its conversation,
 a system prompt other requests share) and prefills the rest. Its KV grows as it does; when the budget is spent,
@@ -231,14 +230,13 @@ class BatchScheduler(_Loop):
             self._step()
 
     def _step(self) -> None:
-        """Admit what fits, prefill up to a chunk's worth of prompt tokens, decode one token for every running
-        sequence."""
+        """Admit what fits, prefill one chunk, decode one token for every running sequence."""
         with self.cond:
             self._admit()
         try:
             self._drop_cancelled()
             self._drop_retired_adapters()
-            self._prefill()
+            self._prefill_one_chunk()
             self._decode_step()
         except Exception as exc:  # a bug of ours: fail what is running, keep the server (and the queue)
             log.exception("engine step failed")
@@ -359,24 +357,10 @@ class BatchScheduler(_Loop):
         with self.cond:
             self.waiting.appendleft(request)
 
-    def _prefill(self) -> None:
-        """Prefill chunks, of one prompt after another, until this step has prefilled `prefill_chunk` tokens.
-        A chunk ends where an aligned one would, so the first after a cached prefix, the last of a prompt and a
-        short prompt are often a few tokens: each such piece used to cost a decode step of all the other rows
-        before the next one, which is most of a cached request's time to its first token."""
-        spent = 0
-        while spent < self.prefill_chunk:
-            prefilled = self._prefill_one_chunk()
-            if not prefilled:
-                return
-            spent += prefilled
-
-    def _prefill_one_chunk(self) -> int:
-        """Prefill the next chunk of the first running request that has one; the tokens it took (0: none, or the
-        request could not go on)."""
+    def _prefill_one_chunk(self) -> None:
         request = next((r for r in self.running if r.prefilling), None)
         if request is None:
-            return 0
+            return
         if not request.caught_up:
             request.caught_up = True
             have = self.kv.catch_up(request.sequence, request.known, len(request.kv_tokens),  # type: ignore[arg-type]
@@ -391,18 +375,17 @@ class BatchScheduler(_Loop):
         end = min(len(request.known), (start // self.prefill_chunk + 1) * self.prefill_chunk)
         chunk = request.known[start:end]
         if not self._room_or_fail(request, end):
-            return 0
+            return
         try:
             logits = self.model.forward(torch.tensor([chunk]), torch.tensor([request.sequence]),
                                         torch.tensor([start]), [request.adapter])
         except Exception as exc:  # a prefill holds one request: only that one fails
             log.exception("prefill of request %s failed", request.id)
             self._finish(request, _failed(exc))
-            return 0
+            return
         request.kv_tokens.extend(chunk)
         if not request.prefilling and request.next_token is None:  # (a resumed request has its next token)
             self._take(request, logits[0])
-        return len(chunk)
 
     def _decode_step(self) -> None:
         rows = [r for r in self.running if r.next_token is not None and not r.prefilling]
