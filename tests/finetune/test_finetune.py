@@ -103,7 +103,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: P
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in rows if "loss" in r]
         assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # no step logged twice
-        return sum(losses[-4:]) / 4  # the last epoch (4 batches): one batch's loss is too noisy to compare
+        return sum(losses[-4:]) / 4  # the four steps after the checkpoint: one batch's loss is too noisy
 
     assert final_loss(interrupted) == pytest.approx(final_loss(straight), rel=0.02)
 
