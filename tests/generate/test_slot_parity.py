@@ -164,9 +164,10 @@ def test_slot_greedy_and_logits_match_transformers(load: Callable[[str], Any], d
     from ownllm.generate.slots import SlotModel
 
     loaded = load(dtype)
-    # a full wave, then a shorter one in the same slots (4 of the other 12 questions, two of them the longest):
-    # each question costs ~13 forwards a path, and the 8 left out added no case the others lack
-    prompts = chat_prompts(loaded.tokenizer, QUESTIONS[:WAVE] + QUESTIONS[WAVE::3])
+    # a full wave, then 4 of the other 12 questions in the same slots (the second wave takes them in reverse, so
+    # "Hi!" lands in the slot of a prompt 7 tokens longer: stale rows beyond its end; then two of the longest, and
+    # one a token shorter than its slot's): each question costs ~13 forwards a path
+    prompts = chat_prompts(loaded.tokenizer, QUESTIONS[:WAVE] + [QUESTIONS[i] for i in (17, 12, 18, 21)])
     slots = SlotModel(loaded.model, slots=WAVE, max_len=128)
     ties = 0
     for wave in range(0, len(prompts), WAVE):

@@ -114,8 +114,8 @@ class AdapterScope:
         prompt, a latest user message outside the scope or blank, or a scope that keeps no examples."""
         if not self.recall or isinstance(conversation, str):
             return []
-        latest = next((m for m in reversed(conversation) if m.get("role") == "user"), None)
-        text = message_text(latest)[:ROUTED_CHARACTERS] if latest is not None else ""
+        latest = latest_user_message(conversation)
+        text = message_text(conversation[latest])[:ROUTED_CHARACTERS] if latest is not None else ""
         if not text.strip():
             return []
         similarity = self.similarities([text])[text]
@@ -219,10 +219,15 @@ class AdapterScope:
 def with_recalled(messages: list[dict[str, Any]], recalled: list[dict[str, str]]) -> list[dict[str, Any]]:
     """A conversation with recalled turns (`AdapterScope.recalled`) just before its latest user message: the
     turns before that are the previous request's prompt, so a server's prefix cache still holds them."""
-    latest = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+    latest = latest_user_message(messages)
     if not recalled or latest is None:
         return messages
     return [*messages[:latest], *recalled, *messages[latest:]]
+
+
+def latest_user_message(messages: list[dict[str, Any]]) -> int | None:
+    """The index of a conversation's latest user message (what recall reads, and where it goes), if any."""
+    return next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
 
 
 def message_text(message: dict[str, Any]) -> str:
