@@ -168,3 +168,32 @@ def test_recall_puts_the_nearest_training_examples_before_an_in_scope_question(t
     (tmp_path / SCOPE_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "recall"}))
     older = AdapterScope.load(tmp_path)  # a scope written before recall: routes as before, recalls nothing
     assert older is not None and older.recall == () and older.recalled([question]) == []
+
+
+def test_calibration_reuses_kept_embeddings_and_recomputes_a_damaged_entry(tmp_path: Path, general,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's scope embeds the shipped general prompts and its own training prompts: kept in the home, a second
+    calibration on the same texts loads no embedding model; an entry damaged on disk is computed again."""
+    import ownllm.models.embeddings as embeddings
+
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    prompts = questions(SETS["norvale"][0])
+    first = AdapterScope.calibrate(prompts, general)
+    entries = sorted((tmp_path / "embedding-cache").glob("*.npy"))
+    assert len(entries) == 2  # the training prompts, the general prompts
+
+    def no_model(name: str):
+        raise AssertionError("the embedding model was loaded for kept embeddings")
+
+    monkeypatch.setattr(embeddings, "load_embedder", no_model)
+    again = AdapterScope.calibrate(prompts, general)
+    assert (again.threshold, again.inside, again.outside) == (first.threshold, first.inside, first.outside)
+    assert np.array_equal(again.anchors, first.anchors)
+    monkeypatch.undo()
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    for entry, damage in zip(entries, (b"\x93NUMPY garbage", b""), strict=True):
+        entry.write_bytes(damage)
+    repaired = AdapterScope.calibrate(prompts, general)
+    assert np.allclose(repaired.anchors, first.anchors, atol=1e-6) and repaired.threshold == first.threshold
+    np.save(entries[0], np.zeros((3, 384), np.float32))  # a readable entry of the wrong shape
+    assert AdapterScope.calibrate(prompts, general).threshold == first.threshold

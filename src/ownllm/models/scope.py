@@ -76,23 +76,23 @@ class AdapterScope:
         """The scope of `prompts` (the training data's user messages) against `general` prompts, or why there is
         none: too few distinct prompts, or the two not standing apart by `MIN_GAP`. With `answers` (a training
         prompt's answer in the data, by the prompt stripped), the scope keeps them to recall."""
-        from ownllm.models.embeddings import DEFAULT_EMBEDDING_MODEL, load_embedder
+        from ownllm.models.embeddings import DEFAULT_EMBEDDING_MODEL, canonical_name, embed_remembered
 
         distinct = sorted({p.strip() for p in prompts if p.strip()})
         if len(distinct) < 2 or not general:
             return f"{len(distinct)} distinct training prompts: a scope needs at least two and general prompts"
-        embedder = load_embedder(embedding_model or DEFAULT_EMBEDDING_MODEL)
-        anchors = embedder.embed(distinct)
+        model = canonical_name(embedding_model or DEFAULT_EMBEDDING_MODEL)
+        anchors = embed_remembered(model, distinct)
         nearest_other = anchors @ anchors.T
         np.fill_diagonal(nearest_other, -1.0)
         inside = float(np.percentile(nearest_other.max(axis=1), INSIDE_PERCENTILE))
-        outside = float((embedder.embed(general) @ anchors.T).max())
+        outside = float((embed_remembered(model, general) @ anchors.T).max())
         if inside - outside < MIN_GAP:
             return (f"the training prompts do not stand apart from general ones (nearest paraphrase {inside:.2f}, "
                     f"nearest general prompt {outside:.2f}): the adapter applies to every prompt")
         threshold = outside + THRESHOLD_POSITION * (inside - outside)
         recall = tuple((prompt, answers.get(prompt, "")) for prompt in distinct) if answers else ()
-        return cls(embedder.name, anchors, round(threshold, 4), round(inside, 4), round(outside, 4), recall)
+        return cls(model, anchors, round(threshold, 4), round(inside, 4), round(outside, 4), recall)
 
     def without_recall(self) -> AdapterScope:
         """The same scope keeping no training examples."""
