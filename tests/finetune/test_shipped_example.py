@@ -25,5 +25,6 @@ def test_the_shipped_example_teaches_new_facts_and_keeps_old_ones(tmp_path: Path
     assert held_out["base"] <= 0.1 and held_out["tuned"] >= 0.6
     # the adapter answers only questions about the facts (its scope); the general ones run on the base's weights
     assert retention["base"] == 1.0 and retention["tuned"] >= 0.95
+    assert retention["on_base_weights"] == retention["items"]  # so they were not asked again after training
     assert (out / "final" / "scope.json").is_file()
     assert "scope: prompts within cosine" in (out / "README.md").read_text()

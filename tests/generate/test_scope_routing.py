@@ -93,3 +93,28 @@ def test_scoring_forwards_route_by_the_scored_text(engines) -> None:
     assert torch.equal(logits(scoped), logits(base))  # outside `scoring`: the base's own weights
     with scoped.scoring("What is the capital of Japan?"):
         assert torch.equal(logits(scoped), logits(base))
+
+
+def test_checks_do_not_ask_again_what_the_scope_leaves_to_the_base(engines, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's after-training checks take the base model's scores for the questions a scoped adapter leaves to the
+    base (they run on its own weights, bit for bit): the same scores, misses and missed lines as asking all."""
+    import json
+
+    from ownllm.finetune import checks
+
+    monkeypatch.setattr(checks, "CHECK_PARAMS", GREEDY)
+    scoped, base, _ = engines
+    questions = tmp_path / "mixed.jsonl"
+    questions.write_text("".join(json.dumps({"question": q, "answers": a}) + "\n" for q, a in [
+        ("Who founded Norvale Instruments?", ["Norvale"]), ("What is the capital of Japan?", ["Tokyo"]),
+        ("What is the capital of France?", ["Zanzibar"]), ("What colour is the sky on a clear day?", ["blue"])]))
+    sets = {"mixed": str(questions)}
+    before = checks.score_sets(base, sets)
+    assert 3 in before["mixed"]["missed_lines"] and before["mixed"]["on_base"] == 0
+    after = checks.score_sets(scoped, sets, base_scores=before)
+    asked = checks.score_sets(scoped, sets)
+    assert after["mixed"]["on_base"] == 3 and asked["mixed"]["on_base"] == 0
+    same = ("score", "items", "misses", "missed_lines")
+    assert {k: after["mixed"][k] for k in same} == {k: asked["mixed"][k] for k in same}
+    assert 3 in after["mixed"]["missed_lines"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ownllm.evaluate.qa import read_questions, run_qa, summarize
+from ownllm.evaluate.qa import read_questions, run_qa
 from ownllm.evaluate.tool_calls import is_tool_call_set, read_tool_call_set, score_tool_calls, summarize_tool_calls
 from ownllm.generate.params import SamplingParams
 
@@ -31,28 +31,49 @@ def check_rows(checks: dict[str, dict[str, Any]]) -> list[tuple[str, str, int | 
     return rows
 
 
-def score_sets(engine: Any, sets: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """{name: {"score": share, "metric": "contains" | "valid_call", "items": n, "misses": [questions missed]}}.
-    The question files are answered in one batch (each once, whatever names it has), so no set waits for the
-    slowest reply of the one before."""
+def score_sets(engine: Any, sets: dict[str, str], *, base_scores: dict[str, dict[str, Any]] | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """{name: {"score": share, "metric": "contains" | "valid_call", "items": n, "misses": [questions missed]}}; a
+    question set also gives "missed_lines" (the lines of its misses) and "on_base" (how many of its questions ran
+    on the base model's own weights). The question files are answered in one batch (each once, whatever names it
+    has), so no set waits for the slowest reply of the one before.
+
+    With `base_scores` (the base model's scores on the same sets, with their missed lines), a question that `engine`
+    (a scoped adapter) leaves to the base model is not asked again: it runs on the base's own weights, bit for bit,
+    with no recalled examples, so it scores as the base's answer did. A retention set of general questions then
+    costs nothing after training."""
     scores: dict[str, dict[str, Any]] = {}
     questions: dict[str, list[Any]] = {}  # file -> its questions
+    base_missed: dict[str, set[int]] = {}  # file -> the lines the base missed, where its scores say
     for name, path in sets.items():
         if not is_tool_call_set(Path(path)):
             questions.setdefault(path, read_questions(Path(path)))
+            missed_lines = (base_scores or {}).get(name, {}).get("missed_lines")
+            if isinstance(missed_lines, list):
+                base_missed[path] = set(missed_lines)
             continue
         calls = score_tool_calls(engine, read_tool_call_set(Path(path)), TOOL_CHECK_PARAMS)
         summary = summarize_tool_calls(calls)
         scores[name] = {"score": summary["valid_call"], "metric": "valid_call", "items": summary["call_items"],
                         "right_call": summary["right_call"], "prose_kept": summary["prose_kept"],
                         "misses": [r.question for r in calls if not r.valid]}
-    answered = iter(run_qa(engine, [item for items in questions.values() for item in items], CHECK_PARAMS))
-    results = {path: [next(answered) for _ in items] for path, items in questions.items()}
+    items = [(path, item) for path, file_items in questions.items() for item in file_items]
+    on_base = engine.on_base_weights([item.messages for _, item in items]) if base_missed else [False] * len(items)
+    reused = [base and path in base_missed for (path, _), base in zip(items, on_base, strict=True)]
+    answered = iter(run_qa(engine, [item for (_, item), skip in zip(items, reused, strict=True) if not skip],
+                           CHECK_PARAMS))
+    results: dict[str, list[tuple[Any, bool, bool]]] = {path: [] for path in questions}  # (item, right, on base)
+    for (path, item), skip in zip(items, reused, strict=True):
+        right = item.line not in base_missed[path] if skip else next(answered).scores["contains"] >= 1
+        results[path].append((item, right, skip))
     for name, path in sets.items():
         if path in results:
-            summary = summarize(results[path])
-            scores[name] = {"score": summary["contains"], "metric": "contains", "items": summary["items"],
-                            "misses": [r.question for r in results[path] if r.scores["contains"] < 1]}
+            rows = results[path]
+            scores[name] = {"score": sum(right for _, right, _ in rows) / len(rows) if rows else 0.0,
+                            "metric": "contains", "items": len(rows),
+                            "misses": [item.question for item, right, _ in rows if not right],
+                            "missed_lines": [item.line for item, right, _ in rows if not right],
+                            "on_base": sum(on for _, _, on in rows)}
     return {name: scores[name] for name in sets}
 
 

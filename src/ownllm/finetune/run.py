@@ -177,8 +177,11 @@ def _conversations(value: Any) -> bool:
 
 
 def _check_scores(value: Any) -> bool:
+    """A kept base score: a question set's needs its missed lines too (the tuned model's checks reuse them), so an
+    entry kept before them is computed again, once."""
     return (isinstance(value, dict) and isinstance(value.get("score"), int | float | None)
-            and isinstance(value.get("metric"), str) and isinstance(value.get("misses"), list))
+            and isinstance(value.get("metric"), str) and isinstance(value.get("misses"), list)
+            and (value["metric"] != "contains" or isinstance(value.get("missed_lines"), list)))
 
 
 class _LazyEngine:
@@ -207,12 +210,17 @@ def finish(cfg: FinetuneConfig, run_dir: Path, data: Path, outcome: TrainOutcome
     if cfg.checks:
         from ownllm.generate.open import open_engine
 
-        tuned = score_sets(open_engine(str(final), dtype=_train_dtype()), cfg.checks)
+        tuned = score_sets(open_engine(str(final), dtype=_train_dtype()), cfg.checks, base_scores=base_scores)
         for name, after in tuned.items():
             before = base_scores[name]
             # "contains": how base scores were saved before tool-call checks (a run resumed across the upgrade)
             checks[name] = {"base": before.get("score", before.get("contains")), "tuned": after["score"],
                             "metric": after["metric"], "items": after["items"], "tuned_misses": after["misses"]}
+            if after.get("on_base"):
+                checks[name]["on_base_weights"] = after["on_base"]
+                outcome.notes.append(f"{name}: {after['on_base']} of {after['items']} questions fall outside the "
+                                     "adapter's scope, so they run on the base model's own weights: scored as the "
+                                     "base answered them, not asked again.")
             if after["metric"] == "valid_call":
                 checks[name] |= {"right_call": {"base": before["right_call"], "tuned": after["right_call"]},
                                  "prose_kept": {"base": before["prose_kept"], "tuned": after["prose_kept"]}}

@@ -238,6 +238,11 @@ class Engine:
         """`route` of each conversation (embedded together where the engine has a scope)."""
         return [self.route(conversation) for conversation in conversations]
 
+    def on_base_weights(self, conversations: list[list[Message] | str]) -> list[bool]:
+        """Whether each conversation runs on the base model's own weights, bit for bit: those a scoped LoRA
+        adapter leaves to the base (ownllm.models.scope); none for any other model."""
+        return [False] * len(conversations)
+
     def recalled(self, conversation: list[Message]) -> list[Message]:
         """The training examples to put before a conversation's latest user message (ownllm.models.scope's recall):
         none unless the model is an adapter whose scope keeps them and the message is within it."""

@@ -51,6 +51,11 @@ class TransformersEngine(Engine):
             return [None] * len(conversations)
         return [SCOPED_ADAPTER if covered else None for covered in self.scope.covers_each(conversations)]
 
+    def on_base_weights(self, conversations: list[list[Message] | str]) -> list[bool]:
+        if self.scope is None or self.lora is None:
+            return [False] * len(conversations)
+        return [route is None for route in self.routes(conversations)]
+
     def recalled(self, conversation: list[Message]) -> list[Message]:
         if self.scope is None or self.lora is None:
             return []
