@@ -196,6 +196,9 @@ def test_a_killed_worker_is_restarted_and_resumes(server: Server, default_model:
     database = sqlite3.connect(server.data_dir / "jobs.db")  # type: ignore[attr-defined]
     pid = database.execute("SELECT worker_pid FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
     database.close()
+    # forked from the server's forkserver, which imported torch and transformers once, not a fresh interpreter
+    parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    assert b"multiprocessing.forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
     os.kill(pid, signal.SIGKILL)
     done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded", done.error

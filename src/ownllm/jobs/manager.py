@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.finetune.run_folder import final_model_path
+from ownllm.jobs.spawn import WorkerProcess, start_worker
 from ownllm.jobs.store import ACTIVE, JobStore
 from ownllm.jobs.validate import validate_or_fail
 
@@ -57,7 +57,7 @@ class JobManager:
         # training shares the machine with serving: by default it gets half the cores
         self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
         self.poll_seconds = poll_seconds
-        self.workers: dict[str, subprocess.Popen] = {}
+        self.workers: dict[str, WorkerProcess] = {}
         self.served: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -164,9 +164,8 @@ class JobManager:
 
     def _spawn(self, job: dict[str, Any]) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
-        with (self.store.runs_dir / f"{job['id']}.log").open("ab") as log_file:  # the child keeps its own copy
-            process = subprocess.Popen([sys.executable, "-m", "ownllm.jobs.worker", str(self.store.data_dir),
-                                        job["id"], self.base], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = start_worker([str(self.store.data_dir), job["id"], self.base], env,
+                               self.store.runs_dir / f"{job['id']}.log")
         self.workers[job["id"]] = process
         self.store.update_job(job["id"], worker_pid=process.pid, attempts=job["attempts"] + 1)
 
@@ -214,7 +213,7 @@ class JobManager:
                 os.kill(job["worker_pid"], signal.SIGTERM)
                 self._stopping_pids[job["worker_pid"]] = time.monotonic() + CANCEL_GRACE
 
-    def _finish_cancel(self, job_id: str, process: subprocess.Popen, grace: float = CANCEL_GRACE) -> None:
+    def _finish_cancel(self, job_id: str, process: WorkerProcess, grace: float = CANCEL_GRACE) -> None:
         try:
             process.wait(timeout=grace)
         except subprocess.TimeoutExpired:

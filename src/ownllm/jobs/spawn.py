@@ -1,0 +1,134 @@
+"""Starting a job's worker process without paying its imports each time.
+
+A worker is `python -m ownllm.jobs.worker` in a process of its own (training must not share the server's process:
+a crash or an out-of-memory kill takes only the job, and SIGTERM stops only it). A fresh interpreter spends ~5 s
+importing torch, transformers and peft before it reads the job; the server cannot fork itself instead (it runs
+threads, and a fork copies none of them). So workers are forked from multiprocessing's forkserver: a
+single-threaded process started on the first job, that has imported those once (PyTorch's own advice for worker
+processes: https://pytorch.org/docs/stable/notes/multiprocessing.html). It ends when the server ends, and a worker
+that outlives it notices that its parent changed (ownllm.jobs.worker) and checkpoints.
+
+Where the forkserver cannot start, a worker is a fresh interpreter as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+# imported once in the forkserver: what every worker needs and no import of which starts a thread
+PRELOAD = ["torch", "transformers", "peft", "ownllm.jobs.worker"]
+
+
+class WorkerProcess(Protocol):
+    """What the job manager uses of a worker: `subprocess.Popen`'s names."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+class ForkedWorker:
+    """A worker forked from the forkserver, behind `subprocess.Popen`'s interface. Its exit status is Popen's: the
+    code it exited with, or minus the signal that ended it."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self.process = process
+        self.pid = int(process.pid or 0)
+
+    def poll(self) -> int | None:
+        return None if self.process.is_alive() else self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"job worker {self.pid}", timeout or 0)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+_context_lock = threading.Lock()
+_context: Any = None  # the forkserver context once set up; False where it cannot be
+
+
+def _forkserver() -> Any:
+    global _context
+    with _context_lock:
+        if _context is None:
+            try:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(PRELOAD)
+                _context = context
+            except (ValueError, OSError) as exc:  # no forkserver on this platform
+                log.warning("job workers start as fresh processes: %s", exc)
+                _context = False
+        return _context
+
+
+def start_worker(argv: list[str], env: dict[str, str], log_path: Path) -> WorkerProcess:
+    """Start `python -m ownllm.jobs.worker ARGV` with `env`, its output appended to `log_path`: forked from the
+    forkserver, or a fresh interpreter where that fails."""
+    context = _forkserver()
+    if context:
+        try:
+            process = context.Process(target=_run_worker, args=(argv, env, str(log_path)),
+                                      name=f"ownllm-job-{argv[1]}", daemon=False)
+            process.start()
+            # a subprocess's lifetime, not a multiprocessing child's: the manager stops it (SIGTERM, then a kill)
+            # and nothing waits at the server's exit for a job that could train for hours (multiprocessing joins
+            # its children then; a daemonic one could not start processes of its own)
+            multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
+            return ForkedWorker(process)
+        except OSError as exc:
+            log.warning("cannot fork a job worker (%s): starting a fresh process", exc)
+    with log_path.open("ab") as log_file:  # the child keeps its own copy
+        return subprocess.Popen([sys.executable, "-m", "ownllm.jobs.worker", *argv], env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+
+
+def _run_worker(argv: list[str], env: dict[str, str], log_path: str) -> None:
+    """In the forked child: become the worker a fresh `python -m ownllm.jobs.worker` would be (environment, thread
+    count, output), then run it; its return value is the exit status."""
+    from multiprocessing import forkserver
+
+    # The forkserver stays up while any process holds its "alive" pipe, and every child inherits it: closed here, it
+    # ends with the server, so a worker whose server was killed sees its parent change (and checkpoints)
+    server = forkserver._forkserver  # type: ignore[attr-defined]
+    if server._forkserver_alive_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    handle = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(handle, 1)
+    os.dup2(handle, 2)
+    os.close(handle)
+    os.environ.clear()
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(max(1, int(env.get("OMP_NUM_THREADS") or 1)))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from ownllm.jobs.worker import main
+
+    sys.exit(main(argv))
