@@ -38,9 +38,11 @@ PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama", 
 # Differences here need no fresh interpreter: pytest sets the first per test; scikit-learn (imported by tests in
 # the test process) sets the KMP ones for Intel's OpenMP, which torch's CPU build does not use (it has GNU's); a
 # TRL trainer run in the test process sets inductor's cache folder, read only when something compiles; ownllm reads
-# OWNLLM_BATCH_INVARIANT and OWNLLM_COMPILED_DECODE when it builds a batched model, not on import.
+# OWNLLM_BATCH_INVARIANT and OWNLLM_COMPILED_DECODE when it builds a batched model, OWNLLM_JOB_FORKSERVER when a
+# server sets up its jobs, not on import.
 PER_CALL_ENV = frozenset({"PYTEST_CURRENT_TEST", "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK",
-                          "TORCHINDUCTOR_CACHE_DIR", "OWNLLM_BATCH_INVARIANT", "OWNLLM_COMPILED_DECODE"})
+                          "TORCHINDUCTOR_CACHE_DIR", "OWNLLM_BATCH_INVARIANT", "OWNLLM_COMPILED_DECODE",
+                          "OWNLLM_JOB_FORKSERVER"})
 START_TIMEOUT = 300.0  # a hang guard: the imports take ~6 s
 MAX_RESTARTS = 3  # zygotes that end early: then plain subprocesses for the rest of the run
 FORK_TIMEOUT = 60.0  # a hang guard for the zygote's answer with the child's pid (a fork takes milliseconds)

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ownllm.errors import OwnLLMError
 from ownllm.jobs.manager import JobManager
 from ownllm.jobs.store import JobStore
 from ownllm.jobs.validate import validate_files
@@ -154,7 +155,9 @@ def server(default_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     stuck = seed_job(store, b"not json at all\n", "stuck.jsonl", model=default_model)
     behind = seed_job(store, GOOD, "behind.jsonl", model=default_model, hyperparameters=TINY)
     store.close()
-    running = Server(default_model, "--data-dir", str(data_dir), "--max-batch", "2")
+    # workers as fresh interpreters, the way where the forkserver cannot start (the other jobs tests fork them)
+    running = Server(default_model, "--data-dir", str(data_dir), "--max-batch", "2",
+                     env={"OWNLLM_JOB_FORKSERVER": "0"})
     running.data_dir, running.seeded = data_dir, (stuck["id"], behind["id"])  # type: ignore[attr-defined]
     yield running
     running.stop()
@@ -194,6 +197,12 @@ def test_a_stuck_bad_job_fails_on_restart_and_bad_cancelled_good_in_a_row_the_go
         assert done.status == "succeeded", done.error
     assert client.fine_tuning.jobs.retrieve(doomed.id).status == "cancelled"
     assert "tick failed" not in server.log.read_text()
+
+
+def test_a_bad_forkserver_switch_stops_the_start_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OWNLLM_JOB_FORKSERVER", "maybe")
+    with pytest.raises(OwnLLMError, match="OWNLLM_JOB_FORKSERVER='maybe': use 1 or 0"):
+        JobManager(JobStore(tmp_path), "base", on_model_ready=lambda name, folder: None)
 
 
 BAD_HYPERPARAMETERS = [

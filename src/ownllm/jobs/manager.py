@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.finetune.run_folder import final_model_path
-from ownllm.jobs.spawn import WorkerProcess, start_worker
+from ownllm.jobs.spawn import WorkerProcess, forked_workers, start_worker
 from ownllm.jobs.store import ACTIVE, JobStore
 from ownllm.jobs.validate import validate_or_fail
 
@@ -57,6 +57,7 @@ class JobManager:
         # training shares the machine with serving: by default it gets half the cores
         self.threads = threads or max(1, (os.cpu_count() or 2) // 2)
         self.poll_seconds = poll_seconds
+        self.fork_workers = forked_workers()  # a bad OWNLLM_JOB_FORKSERVER stops the server's start, not a job
         self.workers: dict[str, WorkerProcess] = {}
         self.served: set[str] = set()
         self._stop = threading.Event()
@@ -165,7 +166,7 @@ class JobManager:
     def _spawn(self, job: dict[str, Any]) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
         process = start_worker([str(self.store.data_dir), job["id"], self.base], env,
-                               self.store.runs_dir / f"{job['id']}.log")
+                               self.store.runs_dir / f"{job['id']}.log", fork=self.fork_workers)
         self.workers[job["id"]] = process
         self.store.update_job(job["id"], worker_pid=process.pid, attempts=job["attempts"] + 1)
 

@@ -8,7 +8,7 @@ single-threaded process started on the first job, that has imported those once (
 processes: https://pytorch.org/docs/stable/notes/multiprocessing.html). It ends when the server ends, and a worker
 that outlives it notices that its parent changed (ownllm.jobs.worker) and checkpoints.
 
-Where the forkserver cannot start, a worker is a fresh interpreter as before.
+Where the forkserver cannot start, or with `OWNLLM_JOB_FORKSERVER=0`, a worker is a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any, Protocol
+
+from ownllm.errors import env_switch
 
 log = logging.getLogger(__name__)
 # imported once in the forkserver: what every worker needs and no import of which starts a thread
@@ -84,10 +86,15 @@ def _forkserver() -> Any:
         return _context
 
 
-def start_worker(argv: list[str], env: dict[str, str], log_path: Path) -> WorkerProcess:
+def forked_workers() -> bool:
+    """`OWNLLM_JOB_FORKSERVER=0` starts each worker as a fresh interpreter (on by default)."""
+    return env_switch("OWNLLM_JOB_FORKSERVER", default=True)
+
+
+def start_worker(argv: list[str], env: dict[str, str], log_path: Path, *, fork: bool = True) -> WorkerProcess:
     """Start `python -m ownllm.jobs.worker ARGV` with `env`, its output appended to `log_path`: forked from the
-    forkserver, or a fresh interpreter where that fails."""
-    context = _forkserver()
+    forkserver (with `fork`), else or where that fails a fresh interpreter."""
+    context = _forkserver() if fork else None
     if context:
         try:
             process = context.Process(target=_run_worker, args=(argv, env, str(log_path)),
