@@ -81,3 +81,27 @@ def test_a_kept_value_the_caller_finds_wrong_is_computed_again(home: Path) -> No
     fresh = remembered_tensors("teacher", "sig", lambda: {"ids": torch.zeros(1, 2)},
                                valid=lambda kept: bool((kept["ids"] < 100).all()))
     assert fresh["ids"].max() == 0
+
+
+def test_values_kept_by_name_are_computed_only_for_the_names_missing(home: Path) -> None:
+    """Replay answers are kept per prompt: a run asking for more of the same prompts computes only the new ones,
+    and None (a prompt whose answer is not replayed) is a kept value, but an entry that lost its value is not."""
+    import json
+
+    from ownllm.finetune.base_cache import remembered_together
+
+    asked: list[list[str]] = []
+
+    def answer(names: list[str]) -> dict[str, str | None]:
+        asked.append(names)
+        return {name: None if name == "b" else name.upper() for name in names}
+
+    assert remembered_together("replay-answer", {"a": "sig-a", "b": "sig-b"}, answer) == {"a": "A", "b": None}
+    assert remembered_together("replay-answer", {"a": "sig-a", "b": "sig-b", "c": "sig-c"}, answer) == {
+        "a": "A", "b": None, "c": "C"}
+    assert asked == [["a", "b"], ["c"]]
+    for entry in (home / "finetune-cache").iterdir():
+        if json.loads(entry.read_text())["signature"] == "sig-a":
+            entry.write_text(json.dumps({"signature": "sig-a"}))
+    assert remembered_together("replay-answer", {"a": "sig-a", "b": "sig-b"}, answer) == {"a": "A", "b": None}
+    assert asked[-1] == ["a"]

@@ -56,7 +56,8 @@ def remembered_together(kind: str, signatures: dict[str, str], compute: Callable
         path = _entry_path(kind, signature, "json")
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(entry, dict) and entry.get("signature") == signature and valid(entry.get("value")):
+            if isinstance(entry, dict) and entry.get("signature") == signature and "value" in entry \
+                    and valid(entry["value"]):
                 log.info("reusing the base model's %s from %s", kind, path)
                 values[name] = entry["value"]
         except (OSError, ValueError, KeyError):

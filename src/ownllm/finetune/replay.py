@@ -48,20 +48,21 @@ def replay_rows(cfg: Any, training_examples: int) -> int:
 
 
 def replay_answers(engine: Any, prompts: list[str], *, distilled: bool = True, max_tokens: int = 0,
-                   batch_size: int = 16) -> list[list[dict[str, str]]]:
-    """Chat examples of the base model answering `prompts` (greedy). Replayed as text (`distilled` False),
-    replies cut off by the length limit are left out, so the model is not taught to stop mid-sentence; distilled,
-    the base's own distribution says what follows a cut, so shorter replies are kept whole or cut alike (what
-    matters is the positions, not the ending)."""
+                   batch_size: int = 16) -> dict[str, list[dict[str, str]] | None]:
+    """Each prompt's chat example of the base model answering it (greedy), or None where it is not replayed.
+    Replayed as text (`distilled` False), replies cut off by the length limit are left out, so the model is not
+    taught to stop mid-sentence; distilled, the base's own distribution says what follows a cut, so shorter replies
+    are kept whole or cut alike (what matters is the positions, not the ending). One answer per distinct prompt."""
+    distinct = list(dict.fromkeys(prompts))
     params = SamplingParams(max_new_tokens=max_tokens or (32 if distilled else 160))
-    rendered = [engine.render_chat([{"role": "user", "content": p}]) for p in prompts]
-    conversations = []
-    for prompt, completion in zip(prompts, engine.generate_batch(rendered, params, max_batch=batch_size),
+    rendered = [engine.render_chat([{"role": "user", "content": p}]) for p in distinct]
+    answers: dict[str, list[dict[str, str]] | None] = {}
+    for prompt, completion in zip(distinct, engine.generate_batch(rendered, params, max_batch=batch_size),
                                   strict=True):
-        if (distilled or completion.finish_reason == "stop") and completion.text.strip():
-            conversations.append([{"role": "user", "content": prompt},
-                                  {"role": "assistant", "content": completion.text.strip()}])
-    return conversations
+        kept = (distilled or completion.finish_reason == "stop") and completion.text.strip()
+        answers[prompt] = [{"role": "user", "content": prompt},
+                           {"role": "assistant", "content": completion.text.strip()}] if kept else None
+    return answers
 
 
 def write_replay(run_dir: Path, conversations: list[list[dict[str, str]]]) -> None:

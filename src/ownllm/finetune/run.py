@@ -23,7 +23,7 @@ import yaml
 from ownllm.data.doctor import read_examples
 from ownllm.data.files import check_output_folder, file_sha256
 from ownllm.errors import OwnLLMError
-from ownllm.finetune.base_cache import model_signature, remembered, remembered_tensors, remembered_together
+from ownllm.finetune.base_cache import model_signature, remembered_tensors, remembered_together
 from ownllm.finetune.callbacks import VariantEpochs
 from ownllm.finetune.checks import CHECK_PARAMS, TOOL_CHECK_PARAMS, check_rows, score_sets, validate_sets
 from ownllm.finetune.config import FinetuneConfig
@@ -153,12 +153,15 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
             prompts = replay_prompts(cfg.replay_prompts)[:count]
             distilled = _distilling(cfg)  # text replay (prompt-tuning, answers) keeps only whole answers
 
-            def answer() -> list[list[dict[str, str]]]:
-                log.info("making %d replay answers with the base model", len(prompts))
-                return replay_answers(base.engine, prompts, distilled=distilled, max_tokens=cfg.replay_tokens)
+            def answer(missing: list[str]) -> dict[str, Any]:
+                log.info("making %d replay answers with the base model", len(missing))
+                return replay_answers(base.engine, missing, distilled=distilled, max_tokens=cfg.replay_tokens)
 
-            key = json.dumps([signature, prompts, distilled, cfg.replay_tokens])
-            write_replay(run_dir, remembered("replay", key, answer, _conversations))
+            # kept per prompt: a run replaying more or fewer of the same prompts reuses what an earlier one answered
+            answers = remembered_together(
+                "replay-answer", {p: json.dumps([signature, p, distilled, cfg.replay_tokens]) for p in prompts},
+                answer, _conversation_or_none)
+            write_replay(run_dir, [answers[p] for p in prompts if answers[p] is not None])
         if need_scores:
             keys = {name: json.dumps([signature, file_sha256(Path(path)), repr(CHECK_PARAMS), repr(TOOL_CHECK_PARAMS)])
                     for name, path in cfg.checks.items()}
@@ -169,11 +172,11 @@ def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
     return json.loads(scores_file.read_text()) if cfg.checks else {}
 
 
-def _conversations(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, list) and len(m) == 2 and all(isinstance(t, dict) and isinstance(t.get("content"), str)
-                                                    and t.get("role") in ("user", "assistant") for t in m)
-        for m in value)
+def _conversation_or_none(value: Any) -> bool:
+    """A kept replay answer: a [user, assistant] exchange, or None for a prompt whose answer is not replayed."""
+    return value is None or (isinstance(value, list) and len(value) == 2 and all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and t.get("role") in ("user", "assistant")
+        for t in value))
 
 
 def _check_scores(value: Any) -> bool:
