@@ -7,13 +7,15 @@ Each side gets its own `ownllm serve` (the default model, its own data folder) a
 shipped facts' first 16 lines, one after another; the clock runs from the create request to the job's first
 training-step event. The first job of a forkserver server also starts the forkserver (it imports once, then forks):
 it is reported apart from the later ones. Prints each side's times, the ratio, and the peak RSS of the server's
-process tree while a job trains.
+process tree while a job trains (a sum over processes: pages a forked worker shares with the forkserver count
+twice, so it overstates the forked side).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -102,16 +104,18 @@ def side(fork: bool, jobs: int, data: Path) -> tuple[list[float], int]:
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=3)
     args = parser.parse_args()
-    data = Path(tempfile.mkdtemp()) / "facts.jsonl"
-    data.write_text("".join((ROOT / "examples" / "data" / "facts-train.jsonl").read_text().splitlines(True)[:16]))
-    fresh, fresh_rss = side(False, args.jobs, data)
-    forked, forked_rss = side(True, args.jobs, data)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / "facts.jsonl"
+        data.write_text("".join((ROOT / "examples" / "data" / "facts-train.jsonl").read_text().splitlines(True)[:16]))
+        fresh, fresh_rss = side(False, args.jobs, data)
+        forked, forked_rss = side(True, args.jobs, data)
     print(f"{'workers':<34}{'first job':>10}{'later jobs (median)':>21}{'peak RSS':>11}")
     for name, times, rss in (("fresh interpreter (FORKSERVER=0)", fresh, fresh_rss),
                              ("forked from the forkserver", forked, forked_rss)):

@@ -111,10 +111,10 @@ def test_checks_do_not_ask_again_what_the_scope_leaves_to_the_base(engines, tmp_
         ("What is the capital of France?", ["Zanzibar"]), ("What colour is the sky on a clear day?", ["blue"])]))
     sets = {"mixed": str(questions)}
     before = checks.score_sets(base, sets)
-    assert 3 in before["mixed"]["missed_lines"] and before["mixed"]["on_base"] == 0
+    assert 3 in before["mixed"]["missed_lines"] and before["mixed"]["reused_from_base"] == 0
     after = checks.score_sets(scoped, sets, base_scores=before)
     asked = checks.score_sets(scoped, sets)
-    assert after["mixed"]["on_base"] == 3 and asked["mixed"]["on_base"] == 0
+    assert after["mixed"]["reused_from_base"] == 3 and asked["mixed"]["reused_from_base"] == 0
     same = ("score", "items", "misses", "missed_lines")
     assert {k: after["mixed"][k] for k in same} == {k: asked["mixed"][k] for k in same}
     assert 3 in after["mixed"]["missed_lines"]

@@ -197,3 +197,35 @@ def test_calibration_reuses_kept_embeddings_and_recomputes_a_damaged_entry(tmp_p
     assert np.allclose(repaired.anchors, first.anchors, atol=1e-6) and repaired.threshold == first.threshold
     np.save(entries[0], np.zeros((3, 384), np.float32))  # a readable entry of the wrong shape
     assert AdapterScope.calibrate(prompts, general).threshold == first.threshold
+    # what a damaged or foreign entry can hold: not unit length, another model's width (both entries alike or one),
+    # a header claiming 1.4 TiB, a FIFO (never opened: it would block)
+    kept = {entry: np.load(entry) for entry in entries}
+    cases = [lambda entry: np.save(entry, kept[entry] * 100),
+             lambda entry: np.save(entry, _unit_rows(len(kept[entry]), 10)),
+             lambda entry: entry.write_bytes(_npy_header((10**9, 384))),
+             lambda entry: (entry.unlink(), os.mkfifo(entry))]
+    for number, damage in enumerate(cases):
+        # two entries of one other width agree with each other: only a deliberate forgery of the home makes them
+        for damaged in ([entries[0]], [entries[1]]) + (() if number == 1 else (entries,)):
+            for entry in entries:
+                if entry.exists() and not entry.is_file():
+                    entry.unlink()
+                np.save(entry, kept[entry])
+            for entry in damaged:
+                damage(entry)
+            scope = AdapterScope.calibrate(prompts, general)
+            assert (scope.threshold, scope.inside, scope.outside) == (first.threshold, first.inside, first.outside)
+
+
+def _unit_rows(rows: int, width: int) -> np.ndarray:
+    vectors = np.random.default_rng(0).normal(size=(rows, width)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """An .npy file's header for float32 `shape`, with no data after it."""
+    import io
+
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return out.getvalue()

@@ -34,8 +34,8 @@ def check_rows(checks: dict[str, dict[str, Any]]) -> list[tuple[str, str, int | 
 def score_sets(engine: Any, sets: dict[str, str], *, base_scores: dict[str, dict[str, Any]] | None = None
                ) -> dict[str, dict[str, Any]]:
     """{name: {"score": share, "metric": "contains" | "valid_call", "items": n, "misses": [questions missed]}}; a
-    question set also gives "missed_lines" (the lines of its misses) and "on_base" (how many of its questions ran
-    on the base model's own weights). The question files are answered in one batch (each once, whatever names it
+    question set also gives "missed_lines" (the lines of its misses) and "reused_from_base" (how many of its
+    questions took the base's result, below). The question files are answered in one batch (each once, whatever names it
     has), so no set waits for the slowest reply of the one before.
 
     With `base_scores` (the base model's scores on the same sets, with their missed lines), a question that `engine`
@@ -62,7 +62,7 @@ def score_sets(engine: Any, sets: dict[str, str], *, base_scores: dict[str, dict
     reused = [base and path in base_missed for (path, _), base in zip(items, on_base, strict=True)]
     answered = iter(run_qa(engine, [item for (_, item), skip in zip(items, reused, strict=True) if not skip],
                            CHECK_PARAMS))
-    results: dict[str, list[tuple[Any, bool, bool]]] = {path: [] for path in questions}  # (item, right, on base)
+    results: dict[str, list[tuple[Any, bool, bool]]] = {path: [] for path in questions}  # (item, right, reused)
     for (path, item), skip in zip(items, reused, strict=True):
         right = item.line not in base_missed[path] if skip else next(answered).scores["contains"] >= 1
         results[path].append((item, right, skip))
@@ -73,7 +73,7 @@ def score_sets(engine: Any, sets: dict[str, str], *, base_scores: dict[str, dict
                             "metric": "contains", "items": len(rows),
                             "misses": [item.question for item, right, _ in rows if not right],
                             "missed_lines": [item.line for item, right, _ in rows if not right],
-                            "on_base": sum(on for _, _, on in rows)}
+                            "reused_from_base": sum(reused for _, _, reused in rows)}
     return {name: scores[name] for name in sets}
 
 

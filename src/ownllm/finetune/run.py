@@ -219,9 +219,10 @@ def finish(cfg: FinetuneConfig, run_dir: Path, data: Path, outcome: TrainOutcome
             # "contains": how base scores were saved before tool-call checks (a run resumed across the upgrade)
             checks[name] = {"base": before.get("score", before.get("contains")), "tuned": after["score"],
                             "metric": after["metric"], "items": after["items"], "tuned_misses": after["misses"]}
-            if after.get("on_base"):
-                checks[name]["on_base_weights"] = after["on_base"]
-                outcome.notes.append(f"{name}: {after['on_base']} of {after['items']} questions fall outside the "
+            if after.get("reused_from_base"):
+                checks[name]["on_base_weights"] = after["reused_from_base"]
+                outcome.notes.append(f"{name}: {after['reused_from_base']} of {after['items']} questions fall "
+                                     "outside the "
                                      "adapter's scope, so they run on the base model's own weights: scored as the "
                                      "base answered them, not asked again.")
             if after["metric"] == "valid_call":

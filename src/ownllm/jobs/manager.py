@@ -19,29 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ownllm.finetune.run_folder import final_model_path
-from ownllm.jobs.spawn import WorkerProcess, forked_workers, start_worker
+from ownllm.jobs.spawn import WorkerProcess, forked_workers, pid_alive, start_worker, warm_forkserver
 from ownllm.jobs.store import ACTIVE, JobStore
 from ownllm.jobs.validate import validate_or_fail
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # worker starts per job before it is failed (crashes, not server restarts, count)
 CANCEL_GRACE = 20.0  # seconds a cancelled job's worker has to stop before it is killed
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not alive
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class JobManager:
@@ -90,6 +74,8 @@ class JobManager:
                 log.warning("worker of %s did not stop in time; killing it", job_id)
                 process.kill()
                 process.wait()
+        with self._lock:
+            self._reap()  # a worker that stopped cleanly gives its attempt back, as between ticks
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -108,12 +94,14 @@ class JobManager:
         for job in self.store.jobs_with_status("validating_files"):
             if not job["cancel_requested"]:
                 self._guarded(job, "validating its files", lambda j: validate_or_fail(self.store, j))
+        if self.fork_workers and not self.workers and self.store.jobs_with_status(*ACTIVE):
+            warm_forkserver()  # its imports, outside the lock: a cancel meanwhile answers at once
         with self._lock:
             self._reap()
             active = self.store.jobs_with_status(*ACTIVE)
             running = [j for j in active if self._has_worker(j)]
             for pid, kill_at in list(self._stopping_pids.items()):
-                if not _alive(pid):
+                if not pid_alive(pid):
                     del self._stopping_pids[pid]
                 elif time.monotonic() > kill_at:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -122,8 +110,8 @@ class JobManager:
             stopping = len(self._stopping_pids) + sum(  # workers of cancelled jobs, not stopped yet
                 1 for job_id, process in self.workers.items() if process.poll() is None and job_id not in running_ids)
             for job in active:
-                if len(running) + stopping >= self.max_running:
-                    break
+                if len(running) + stopping >= self.max_running or self._stop.is_set():
+                    break  # a server stopping starts no more workers
                 if self._has_worker(job):
                     continue
                 if job["cancel_requested"]:
@@ -161,7 +149,7 @@ class JobManager:
         if process is not None and process.poll() is None:
             return True
         # a worker of an earlier server that has not noticed yet: it checkpoints and exits within a second
-        return process is None and _alive(job["worker_pid"])
+        return process is None and pid_alive(job["worker_pid"])
 
     def _spawn(self, job: dict[str, Any]) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -210,7 +198,7 @@ class JobManager:
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 threading.Thread(target=self._finish_cancel, args=(job_id, process), daemon=True).start()
-            elif job is not None and _alive(job["worker_pid"]):  # a worker of an earlier server
+            elif job is not None and pid_alive(job["worker_pid"]):  # a worker of an earlier server
                 os.kill(job["worker_pid"], signal.SIGTERM)
                 self._stopping_pids[job["worker_pid"]] = time.monotonic() + CANCEL_GRACE
 

@@ -9,6 +9,10 @@ processes: https://pytorch.org/docs/stable/notes/multiprocessing.html). It ends 
 that outlives it notices that its parent changed (ownllm.jobs.worker) and checkpoints.
 
 Where the forkserver cannot start, or with `OWNLLM_JOB_FORKSERVER=0`, a worker is a fresh interpreter.
+
+As with any multiprocessing start method but fork, a forked worker imports the launching program's main script
+(as `__mp_main__`) before it runs: `ownllm serve` guards its own, and a program that runs the job manager itself
+needs the usual `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
@@ -16,19 +20,41 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
+from multiprocessing import forkserver
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Literal, Protocol
 
 from ownllm.errors import env_switch
 
 log = logging.getLogger(__name__)
 # imported once in the forkserver: what every worker needs and no import of which starts a thread
 PRELOAD = ["torch", "transformers", "peft", "ownllm.jobs.worker"]
+FORKSERVER_LOST = 255
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 class WorkerProcess(Protocol):
@@ -44,23 +70,37 @@ class WorkerProcess(Protocol):
 
 class ForkedWorker:
     """A worker forked from the forkserver, behind `subprocess.Popen`'s interface. Its exit status is Popen's: the
-    code it exited with, or minus the signal that ended it."""
+    code it exited with, or minus the signal that ended it. Safe to poll and wait on from several threads (the
+    manager's loop, a cancel's wait, the server's stop): the status is read once, under a lock."""
 
     def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        if not process.pid:
+            raise OSError("the forkserver gave no process id")
         self.process = process
-        self.pid = int(process.pid or 0)
+        self.pid = int(process.pid)
+        self._status_lock = threading.Lock()
 
     def poll(self) -> int | None:
-        return None if self.process.is_alive() else self.process.exitcode
+        with self._status_lock:
+            code = self.process.exitcode
+        # 255 is also what multiprocessing says when the forkserver died without telling: the worker may still
+        # be running (it checkpoints and stops once it sees its parent gone); not ended until it has
+        return None if code == FORKSERVER_LOST and pid_alive(self.pid) else code
 
     def wait(self, timeout: float | None = None) -> int:
-        self.process.join(timeout)
-        if self.process.exitcode is None:
-            raise subprocess.TimeoutExpired(f"job worker {self.pid}", timeout or 0)
-        return self.process.exitcode
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            multiprocessing.connection.wait([self.process.sentinel], left)  # readable once it has ended
+            code = self.poll()
+            if code is not None:
+                return code
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"job worker {self.pid}", timeout or 0)
+            time.sleep(0.05)  # the forkserver is gone (its pipe stays readable) and the worker still runs
 
     def send_signal(self, sig: int) -> None:
-        if self.process.exitcode is None:
+        if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
@@ -69,10 +109,10 @@ class ForkedWorker:
 
 
 _context_lock = threading.Lock()
-_context: Any = None  # the forkserver context once set up; False where it cannot be
+_context: ForkServerContext | Literal[False] | None = None  # set up on first use; False where it cannot be
 
 
-def _forkserver() -> Any:
+def _forkserver() -> ForkServerContext | Literal[False]:
     global _context
     with _context_lock:
         if _context is None:
@@ -84,6 +124,17 @@ def _forkserver() -> Any:
                 log.warning("job workers start as fresh processes: %s", exc)
                 _context = False
         return _context
+
+
+def warm_forkserver() -> None:
+    """Start the forkserver (its imports take seconds) if it is not running: called by the job manager outside its
+    lock, so a request that needs the lock (a cancel) does not wait for the imports."""
+    context = _forkserver()
+    if context:
+        try:
+            forkserver.ensure_running()
+        except (OSError, EOFError) as exc:
+            log.warning("the forkserver did not start (%s): the next job starts a fresh process", exc)
 
 
 def forked_workers() -> bool:
@@ -105,7 +156,7 @@ def start_worker(argv: list[str], env: dict[str, str], log_path: Path, *, fork: 
             # its children then; a daemonic one could not start processes of its own)
             multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
             return ForkedWorker(process)
-        except OSError as exc:
+        except (OSError, EOFError) as exc:  # EOFError: the forkserver died before it answered (killed, OOM)
             log.warning("cannot fork a job worker (%s): starting a fresh process", exc)
     with log_path.open("ab") as log_file:  # the child keeps its own copy
         return subprocess.Popen([sys.executable, "-m", "ownllm.jobs.worker", *argv], env=env, stdout=log_file,
@@ -115,8 +166,6 @@ def start_worker(argv: list[str], env: dict[str, str], log_path: Path, *, fork: 
 def _run_worker(argv: list[str], env: dict[str, str], log_path: str) -> None:
     """In the forked child: become the worker a fresh `python -m ownllm.jobs.worker` would be (environment, thread
     count, output), then run it; its return value is the exit status."""
-    from multiprocessing import forkserver
-
     # The forkserver stays up while any process holds its "alive" pipe, and every child inherits it: closed here, it
     # ends with the server, so a worker whose server was killed sees its parent change (and checkpoints)
     server = forkserver._forkserver  # type: ignore[attr-defined]

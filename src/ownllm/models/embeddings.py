@@ -81,7 +81,8 @@ def canonical_name(name: str) -> str:
 
 def _identity(name: str) -> list[Any]:
     """What tells one version of an embedding model from another: the default's package version; a folder's files
-    (name, size, modification time); a hub id's name (its cached snapshot is fixed by revision)."""
+    (path, size, modification time, in every subfolder); a hub id's name (a newer revision it is updated to in the
+    hub cache is not noticed: pass a folder to pin one)."""
     from importlib.metadata import PackageNotFoundError, version
 
     name = canonical_name(name)
@@ -92,25 +93,41 @@ def _identity(name: str) -> list[Any]:
             return [name, None]
     folder = Path(name)
     if folder.is_dir():
-        return [str(folder.resolve()), sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
-                                              for entry in folder.iterdir() if entry.is_file())]
+        return [str(folder.resolve()), sorted((str(entry.relative_to(folder)), entry.stat().st_size,
+                                               entry.stat().st_mtime_ns)
+                                              for entry in folder.rglob("*") if entry.is_file())]
     return [name]
 
 
-def embed_remembered(name: str, texts: list[str]) -> np.ndarray:
+def _kept_embeddings(path: Path, rows: int, width: int | None) -> np.ndarray | None:
+    """The entry at `path` when it holds what `embed` gives for `rows` texts (unit-length float32 rows, `width`
+    wide where given), else None. Read without pickle and memory-mapped, so a header that claims more than the
+    file holds is refused before anything is allocated; anything but a regular file (a FIFO) is never opened."""
+    try:
+        if not path.is_file():
+            return None
+        kept = np.load(path, allow_pickle=False, mmap_mode="r")
+        if kept.ndim != 2 or kept.shape[0] != rows or kept.dtype != np.float32 or (width and kept.shape[1] != width):
+            return None
+        vectors = np.array(kept)
+    except (OSError, ValueError, EOFError, MemoryError):
+        return None
+    if not np.isfinite(vectors).all() or not np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3):
+        return None
+    return vectors
+
+
+def embed_remembered(name: str, texts: list[str], *, width: int | None = None) -> np.ndarray:
     """`load_embedder(name).embed(texts)`, kept in $OWNLLM_HOME/embedding-cache by the model's identity and the
     texts. A fine-tuning run's scope embeds the same shipped general prompts every time, and a rerun on the same
-    data the same training prompts: with both kept, the run does not load the embedding model at all. A damaged
-    entry is computed again; a home that cannot be written only loses the saving."""
+    data the same training prompts: kept, neither is embedded again. `width`: the vectors' expected width (another
+    entry's), so two entries used together always match. A damaged entry is computed again; a home that cannot be
+    written only loses the saving."""
     key = hashlib.sha256(json.dumps([EMBEDDING_CACHE_VERSION, _identity(name), texts]).encode()).hexdigest()[:32]
     path = ownllm_home() / "embedding-cache" / f"{key}.npy"
-    try:
-        kept = np.load(path, allow_pickle=False)
-        if kept.ndim == 2 and kept.shape[0] == len(texts) and kept.dtype == np.float32 and np.isfinite(kept).all():
-            return kept
-        log.info("embedding cache entry %s does not fit its texts: computing them again", path)
-    except (OSError, ValueError, EOFError):
-        pass
+    kept = _kept_embeddings(path, len(texts), width)
+    if kept is not None:
+        return kept
     vectors = load_embedder(name).embed(texts)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

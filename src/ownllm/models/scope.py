@@ -83,10 +83,13 @@ class AdapterScope:
             return f"{len(distinct)} distinct training prompts: a scope needs at least two and general prompts"
         model = canonical_name(embedding_model or DEFAULT_EMBEDDING_MODEL)
         anchors = embed_remembered(model, distinct)
+        general_vectors = embed_remembered(model, general, width=anchors.shape[1])
+        if general_vectors.shape[1] != anchors.shape[1]:  # the kept anchors were not this model's: embed them
+            anchors = embed_remembered(model, distinct, width=general_vectors.shape[1])
         nearest_other = anchors @ anchors.T
         np.fill_diagonal(nearest_other, -1.0)
         inside = float(np.percentile(nearest_other.max(axis=1), INSIDE_PERCENTILE))
-        outside = float((embed_remembered(model, general) @ anchors.T).max())
+        outside = float((general_vectors @ anchors.T).max())
         if inside - outside < MIN_GAP:
             return (f"the training prompts do not stand apart from general ones (nearest paraphrase {inside:.2f}, "
                     f"nearest general prompt {outside:.2f}): the adapter applies to every prompt")
