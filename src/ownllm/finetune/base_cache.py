@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ownllm.home import atomic_write_json, ownllm_home
+from ownllm.home import atomic_file, atomic_write_json, ownllm_home
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,6 @@ def remembered_together(kind: str, signatures: dict[str, str], compute: Callable
 def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str, Any]],
                        valid: Callable[[dict[str, Any]], bool] = lambda value: True) -> dict[str, Any]:
     """As `remembered`, for a mapping of names to tensors (safetensors; nothing in it is executed on load)."""
-    import os
-    import tempfile
-
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
@@ -95,15 +92,9 @@ def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str
     value = compute()
 
     def write() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({name: tensor.contiguous() for name, tensor in value.items()}, staging,
+        with atomic_file(path) as staging:
+            save_file({name: tensor.contiguous() for name, tensor in value.items()}, str(staging),
                       metadata={"signature": signature})
-            os.replace(staging, path)
-        finally:
-            Path(staging).unlink(missing_ok=True)
 
     _keep(kind, write)
     return value

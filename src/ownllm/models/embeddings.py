@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ownllm.errors import OwnLLMError
-from ownllm.home import ownllm_home
+from ownllm.home import atomic_file, ownllm_home
 
 log = logging.getLogger(__name__)
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -130,14 +128,8 @@ def embed_remembered(name: str, texts: list[str], *, width: int | None = None) -
         return kept
     vectors = load_embedder(name).embed(texts)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.save(out, vectors, allow_pickle=False)
-            os.replace(staging, path)
-        finally:
-            Path(staging).unlink(missing_ok=True)
+        with atomic_file(path) as staging, staging.open("wb") as out:
+            np.save(out, vectors, allow_pickle=False)
     except OSError as exc:
         log.warning("could not keep embeddings for later runs: %s", exc)
     return vectors
