@@ -57,6 +57,7 @@ def test_finetune_out_is_a_file(files: Path) -> None:
     assert out.read_text() == "not a folder\n"
 
 
+@pytest.mark.usefixtures("default_model")  # its model is resolved before the bad input is found
 def test_a_finetune_that_fails_before_training_leaves_no_folder(files: Path) -> None:
     """Bad data is found after the run folder is made: the folder must go, or it blocks the retry."""
     out = files / "fresh-run"
@@ -111,6 +112,7 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
 
 
 @pytest.mark.parametrize(("args", "needles"), CASES, ids=lambda v: " ".join(v)[:60] if isinstance(v, list) else "")
+@pytest.mark.usefixtures("default_model")  # cases that name it resolve it first: pulled, even in a file run alone
 def test_hostile_input_is_one_error_line(files: Path, args: list[str], needles: tuple[str, ...]) -> None:
     assert_user_error(run_cli(*(a.replace("{}", str(files)) for a in args)), *needles)
 
