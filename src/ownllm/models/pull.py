@@ -23,7 +23,7 @@ from typing import Any
 from ownllm.errors import OwnLLMError
 from ownllm.home import atomic_write_json, give_usual_modes, models_dir, open_lock_file, ownllm_home
 from ownllm.models.aliases import Alias, load_aliases
-from ownllm.models.gguf_file import check_gguf
+from ownllm.models.gguf_file import check_gguf, one_reader_per_file
 from ownllm.models.registry import MANIFEST, LocalModel, local_model
 from ownllm.models.resolve import resolve
 
@@ -252,9 +252,10 @@ def _convert_gguf(gguf: Path, staging: Path, *, dtype: str, source: str) -> dict
 
     architecture = check_gguf(gguf)
     started = time.time()
-    with gguf_errors(gguf):
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = load_gguf_weights(gguf, dtype=getattr(torch, dtype))
+    with one_reader_per_file():  # the tokenizer and the weights from one parse of the metadata
+        with gguf_errors(gguf):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = load_gguf_weights(gguf, dtype=getattr(torch, dtype))
     _save(model, tokenizer, staging)
     # Keep the original file too: the llama.cpp backend runs it as it is.
     shutil.copyfile(gguf, staging / "model.gguf")
