@@ -32,7 +32,8 @@ FACTS = [
 
 
 @pytest.fixture
-def facts(tmp_path: Path) -> Path:
+def facts(tmp_path: Path, default_model: str) -> Path:
+    """The facts as a training file (the tests using it train the default model: pulled first)."""
     path = tmp_path / "facts.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                      {"role": "assistant", "content": a}]}) + "\n"
@@ -99,11 +100,19 @@ def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: P
     assert not (interrupted / "final").exists()
     assert run_cli(*train_args(facts, interrupted, *steps, "--resume")).returncode == 0
 
-    def final_loss(run: Path) -> float:
+    def steps(run: Path) -> list[dict]:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        losses = [r["loss"] for r in rows if "loss" in r]
-        assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # no step logged twice
-        return sum(losses[-4:]) / 4  # the four steps after the checkpoint: one batch's loss is too noisy
+        rows = [r for r in rows if "loss" in r]
+        assert [r["step"] for r in rows] == list(range(1, 9))  # no step logged twice
+        return rows
+
+    # the same seed, the same run up to the kill: LoRA's fresh A matrices too (the gradients show them; the first
+    # losses do not, B starting at zero)
+    before_kill = [[(r["loss"], r["grad_norm"]) for r in steps(run)[:4]] for run in (straight, interrupted)]
+    assert before_kill[0] == before_kill[1]
+
+    def final_loss(run: Path) -> float:  # the four steps after the checkpoint: one batch's loss is too noisy
+        return sum(r["loss"] for r in steps(run)[-4:]) / 4
 
     assert final_loss(interrupted) == pytest.approx(final_loss(straight), rel=0.02)
 

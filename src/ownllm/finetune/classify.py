@@ -79,7 +79,7 @@ def train_classifier(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: 
         raise OwnLLMError(f"validation labels never seen in training: {', '.join(unknown)}", param="validation")
     index = {label: number for number, label in enumerate(labels)}
     base = base_folder(cfg.model)
-    model, tokenizer = head_model(base, len(labels), id2label=dict(enumerate(labels)), label2id=index)
+    model, tokenizer = head_model(base, len(labels), seed=cfg.seed, id2label=dict(enumerate(labels)), label2id=index)
     model = get_peft_model(model, lora_for_head(cfg))
 
     def encode(batch: list[Labelled]) -> list[dict[str, Any]]:

@@ -196,7 +196,7 @@ def build_rl_trainer(cfg: FinetuneConfig, run_dir: Path, data: Path) -> tuple[An
     common = dict(
         trainer_arguments(cfg, run_dir, has_eval=False),
         per_device_train_batch_size=cfg.batch_size * cfg.num_generations,  # a group of completions per prompt
-        bf16=cuda, gradient_checkpointing=False,  # on a CPU: fp32, and memory is not what is short
+        bf16=cuda,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, beta=cfg.rl_beta, log_completions=False)
     if cfg.method == "rloo":

@@ -36,10 +36,10 @@ def base_folder(spec: str) -> str:
     return source.location
 
 
-def head_model(base: str, num_labels: int, **config: Any) -> tuple[Any, Any]:
+def head_model(base: str, num_labels: int, *, seed: int = 0, **config: Any) -> tuple[Any, Any]:
     """The base with a fresh sequence-classification head of `num_labels` outputs, and its tokenizer (with a pad
-    token: the head reads the last non-pad token)."""
-    from transformers import AutoModelForSequenceClassification
+    token: the head reads the last non-pad token). The head starts from `seed` (the Trainer seeds only later)."""
+    from transformers import AutoModelForSequenceClassification, set_seed
 
     from ownllm.models.load import load_tokenizer
 
@@ -50,6 +50,7 @@ def head_model(base: str, num_labels: int, **config: Any) -> tuple[Any, Any]:
 
     # fp32 on a CPU (bf16 there is emulated and imprecise); the base folder's own dtype would be bf16
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels, dtype=dtype, **config)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -82,9 +83,9 @@ def train_reward(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool
         held = round(len(rows) * cfg.val_ratio) if len(rows) >= 10 else 0
         train_rows, eval_rows = rows[held:], rows[:held]
     base = base_folder(cfg.model)
-    model, tokenizer = head_model(base, 1)
+    model, tokenizer = head_model(base, 1, seed=cfg.seed)
     arguments = RewardConfig(**trainer_arguments(cfg, run_dir, has_eval=bool(eval_rows)), bf16=has_cuda(),
-                             gradient_checkpointing=False, max_length=cfg.max_length)
+                             max_length=cfg.max_length)
     trainer = RewardTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(train_rows),
                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                             processing_class=tokenizer, peft_config=lora_for_head(cfg),

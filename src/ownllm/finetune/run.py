@@ -268,10 +268,15 @@ def setup(cfg: FinetuneConfig, *, resume: bool, overwrite: bool = False) -> tupl
 def build_model(cfg: FinetuneConfig) -> tuple[Any, Any, str]:
     """The model to train: the base (full, cpt), a small fresh one (cpt from scratch), or LoRA on the base
     in full precision (lora, dpo) or on a 4-bit base (qlora)."""
+    from transformers import set_seed
+
     from ownllm.models.load import load_model
 
     loaded = load_model(cfg.model, dtype=_train_dtype(), quantize="4bit" if cfg.method == "qlora" else None)
     model = loaded.model
+    # the Trainer seeds only when it starts: the fresh weights made here (LoRA's A matrices, a model from scratch)
+    # would otherwise differ from run to run, and so would every step after the first
+    set_seed(cfg.seed)
     if cfg.from_scratch:
         model = _fresh_model(model.config)
     model.config.use_cache = False
