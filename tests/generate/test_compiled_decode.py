@@ -200,3 +200,39 @@ def test_old_compiled_sets_are_pruned_but_not_one_being_compiled(tmp_path: Path,
     assert [folder.exists() for folder in pairs] == [True] * compiled_decode.KEPT_SETS + [False, False, True, True]
     assert not killed.exists() and compiling.is_dir()
     assert link.is_symlink() and (outside / "keep.txt").is_file()
+
+
+def test_a_compile_keeps_its_lock_after_its_server_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiler process holds the set's lock itself: a server stopped mid-compile releases nothing, so the next
+    server waits for that compile instead of removing its staging folder and compiling the same graphs beside it
+    (two compiles of one set ran at once in the suite). The compiler here is a process that only waits."""
+    import signal
+    import subprocess
+    import sys
+
+    from ownllm.generate import compiled_decode
+
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    children: list[subprocess.Popen] = []
+
+    def compiler_left_running(command: list[str], **options: Any) -> subprocess.CompletedProcess:
+        # what the server's thread would wait for, left running as when the server is stopped mid-compile
+        children.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                         pass_fds=options.get("pass_fds", ())))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(compiled_decode.subprocess, "run", compiler_left_running)
+    steps = compiled_decode.CompiledSteps.__new__(compiled_decode.CompiledSteps)
+    steps.spec, steps.folder = TINY_SPEC, tmp_path / "compiled" / "decode-kept"
+    try:
+        steps._compile_once()  # the server's side: done with its lock
+        with compiled_decode._folder_lock(steps.folder, wait=False) as held:
+            assert held is None  # the compiler still holds it
+        children[0].send_signal(signal.SIGKILL)
+        children[0].wait()
+        with compiled_decode._folder_lock(steps.folder, wait=False) as held:
+            assert held is not None
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()

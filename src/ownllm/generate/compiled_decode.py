@@ -426,7 +426,7 @@ class CompiledSteps:
 
     def _compile_once(self) -> None:
         """One compile per key at a time: the others (servers started meanwhile) wait on its lock, then load."""
-        with _folder_lock(self.folder):
+        with _folder_lock(self.folder) as lock:
             if _complete(self.folder):
                 return
             _discard(self.folder)  # whatever is there is not a compiled set (a half, a file, a link)
@@ -434,10 +434,13 @@ class CompiledSteps:
                 _discard(stale)
             self.folder.parent.mkdir(parents=True, exist_ok=True)
             # a child process, one core, at a lower priority (it lowers its own): the server answers eagerly
-            # meanwhile, and a child whose server went away still finishes for the next start
+            # meanwhile, and a child whose server went away still finishes for the next start. It holds the lock
+            # too (it inherits the descriptor): a server started after this one stopped waits for that compile
+            # instead of removing its staging folder and compiling the same graphs beside it
             result = subprocess.run(
                 [sys.executable, "-m", "ownllm.generate.compiled_decode", json.dumps(self.spec), str(self.folder)],
-                capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                pass_fds=(lock,))
             if result.returncode < 0:
                 raise RuntimeError(f"the compiler process was killed (signal {-result.returncode})")
             if result.returncode != 0:
@@ -450,9 +453,10 @@ KEPT_SETS = 8  # compiled sets kept in the home (5-7 MB each), the most recently
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path, wait: bool = True) -> Iterator[bool]:
-    """The lock of one compiled set's folder (held while it is compiled or removed). Yields whether it is held:
-    always where `wait`, else only where no other process holds it."""
+def _folder_lock(folder: Path, wait: bool = True) -> Iterator[int | None]:
+    """The lock of one compiled set's folder (held while it is compiled or removed). Yields its descriptor where
+    it is held (always where `wait`, else only where no other process holds it), None where not. A process given
+    the descriptor holds the lock with it: it is released when every holder has closed it."""
     locks = ownllm_home() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     descriptor = open_lock_file(locks / f"compile-{folder.name}")
@@ -462,9 +466,9 @@ def _folder_lock(folder: Path, wait: bool = True) -> Iterator[bool]:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
+            yield None
             return
-        yield True
+        yield descriptor
     finally:
         os.close(descriptor)
 
@@ -489,7 +493,7 @@ def _prune(kept: Path) -> None:
     for folder, key_folder in [(folder, folder) for folder in old] + staging:
         try:
             with _folder_lock(key_folder, wait=False) as held:
-                if held and (folder not in pairs or last_used(folder) == pairs[folder]):
+                if held is not None and (folder not in pairs or last_used(folder) == pairs[folder]):
                     _discard(folder)
                     if folder.exists() or folder.is_symlink():
                         log.warning("could not remove the old compiled set %s", folder)
