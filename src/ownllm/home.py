@@ -70,9 +70,9 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def open_lock_file(path: Path) -> int | None:
-    """A descriptor of the lock file `path` (created if missing) to flock, or None when it is not a plain file.
-    Never follows a link nor waits on a FIFO: a lock file someone replaced can neither point the lock elsewhere nor
-    hang the caller. OSError when it cannot be opened at all."""
+    """A descriptor of the lock file `path` (created if missing) to flock, or None when it is not a plain file (a
+    FIFO, a device). Never follows a link nor waits on a FIFO: a lock file someone replaced can neither point the
+    lock elsewhere nor hang the caller. OSError when it cannot be opened at all (a link, a folder)."""
     handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
     if stat.S_ISREG(os.fstat(handle).st_mode):
         return handle

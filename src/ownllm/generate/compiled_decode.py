@@ -427,6 +427,7 @@ class CompiledSteps:
     def _compile_once(self) -> None:
         """One compile per key at a time: the others (servers started meanwhile) wait on its lock, then load."""
         with _folder_lock(self.folder) as lock:
+            assert lock is not None  # waited for: always held here
             if _complete(self.folder):
                 return
             _discard(self.folder)  # whatever is there is not a compiled set (a half, a file, a link)
