@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ownllm.finetune.base_cache import model_signature, remembered
+from ownllm.finetune.base_cache import model_signature, remembered_together
+
+
+def remembered(kind: str, signature: str, compute: Callable[[], Any],
+               valid: Callable[[Any], bool] = lambda value: True) -> Any:
+    """One value kept under `signature` (the check scores' and replay answers' way, with one name)."""
+    return remembered_together(kind, {"value": signature}, lambda missing: {"value": compute()}, valid)["value"]
 
 
 @pytest.fixture
@@ -87,8 +95,6 @@ def test_values_kept_by_name_are_computed_only_for_the_names_missing(home: Path)
     """Replay answers are kept per prompt: a run asking for more of the same prompts computes only the new ones,
     and None (a prompt whose answer is not replayed) is a kept value, but an entry that lost its value is not."""
     import json
-
-    from ownllm.finetune.base_cache import remembered_together
 
     asked: list[list[str]] = []
 

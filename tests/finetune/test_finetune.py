@@ -108,13 +108,14 @@ def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: P
 
     # the same seed, the same run up to the kill: LoRA's fresh A matrices too (the gradients show them; the first
     # losses do not, B starting at zero)
-    before_kill = [[(r["loss"], r["grad_norm"]) for r in steps(run)[:4]] for run in (straight, interrupted)]
-    assert before_kill[0] == before_kill[1]
+    straight_steps, interrupted_steps = steps(straight), steps(interrupted)
+    assert [(r["loss"], r["grad_norm"]) for r in straight_steps[:4]] == \
+        [(r["loss"], r["grad_norm"]) for r in interrupted_steps[:4]]
 
-    def final_loss(run: Path) -> float:  # the four steps after the checkpoint: one batch's loss is too noisy
-        return sum(r["loss"] for r in steps(run)[-4:]) / 4
+    def final_loss(rows: list[dict]) -> float:  # the four steps after the checkpoint: one batch's loss is too noisy
+        return sum(r["loss"] for r in rows[-4:]) / 4
 
-    assert final_loss(interrupted) == pytest.approx(final_loss(straight), rel=0.02)
+    assert final_loss(interrupted_steps) == pytest.approx(final_loss(straight_steps), rel=0.02)
 
 
 def test_bad_inputs(facts: Path, tmp_path: Path) -> None:

@@ -40,17 +40,11 @@ def model_signature(spec: str, dtype: str) -> str:
     return json.dumps([CACHE_VERSION, source.kind, source.location, files, dtype, llama_cpp])
 
 
-def remembered(kind: str, signature: str, compute: Callable[[], Any],
-               valid: Callable[[Any], bool] = lambda value: True) -> Any:
-    """The value kept for (`kind`, `signature`) when `valid` accepts it, else `compute()`, kept for next time
-    (JSON)."""
-    return remembered_together(kind, {"value": signature}, lambda missing: {"value": compute()}, valid)["value"]
-
-
 def remembered_together(kind: str, signatures: dict[str, str], compute: Callable[[list[str]], dict[str, Any]],
                         valid: Callable[[Any], bool] = lambda value: True) -> dict[str, Any]:
-    """As `remembered`, for named values best computed in one go (one batch of generation for several question
-    sets): `compute(names)` is called once, with the names no earlier run kept, and returns their values."""
+    """{name: value} for named values best computed in one go (one batch of generation for several question sets
+    or replay prompts): each name's value kept for (`kind`, its signature) where `valid` accepts it (JSON), the rest
+    from one call of `compute(names)` with the names no earlier run kept, then kept for next time."""
     values: dict[str, Any] = {}
     for name, signature in signatures.items():
         path = _entry_path(kind, signature, "json")
@@ -75,7 +69,8 @@ def remembered_together(kind: str, signatures: dict[str, str], compute: Callable
 
 def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str, Any]],
                        valid: Callable[[dict[str, Any]], bool] = lambda value: True) -> dict[str, Any]:
-    """As `remembered`, for a mapping of names to tensors (safetensors; nothing in it is executed on load)."""
+    """The mapping of names to tensors kept for (`kind`, `signature`) where `valid` accepts it, else `compute()`, kept
+    for next time (safetensors: nothing in it is executed on load)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 

@@ -222,9 +222,8 @@ def finish(cfg: FinetuneConfig, run_dir: Path, data: Path, outcome: TrainOutcome
             if after.get("reused_from_base"):
                 checks[name]["on_base_weights"] = after["reused_from_base"]
                 outcome.notes.append(f"{name}: {after['reused_from_base']} of {after['items']} questions fall "
-                                     "outside the "
-                                     "adapter's scope, so they run on the base model's own weights: scored as the "
-                                     "base answered them, not asked again.")
+                                     "outside the adapter's scope, so they run on the base model's own weights: "
+                                     "scored as the base answered them, not asked again.")
             if after["metric"] == "valid_call":
                 checks[name] |= {"right_call": {"base": before["right_call"], "tuned": after["right_call"]},
                                  "prose_kept": {"base": before["prose_kept"], "tuned": after["prose_kept"]}}
