@@ -61,13 +61,13 @@ def test_loss_only_on_assistant_tokens(engine) -> None:
 
 def test_lora_run_folder_generate_and_merge(facts: Path, tmp_path: Path, default_model: str) -> None:
     out = tmp_path / "run"
-    result = run_cli(*train_args(facts, out, "--max-steps", "16"))
+    result = run_cli(*train_args(facts, out, "--max-steps", "8"))  # 8 steps: loss 2.34 -> 0.68, a new answer
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("config.yaml", "meta.json", "metrics.jsonl", "loss.png", "README.md", "final/adapter_config.json"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4  # it learns
+    assert len(losses) == 8 and sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4  # it learns
     assert any("eval_loss" in r for r in rows)
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "final train loss" in (out / "README.md").read_text()

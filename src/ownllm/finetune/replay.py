@@ -48,11 +48,12 @@ def replay_rows(cfg: Any, training_examples: int) -> int:
 
 
 def replay_answers(engine: Any, prompts: list[str], *, distilled: bool = True, max_tokens: int = 0,
-                   batch_size: int = 16) -> dict[str, list[dict[str, str]] | None]:
+                   batch_size: int = 64) -> dict[str, list[dict[str, str]] | None]:
     """Each prompt's chat example of the base model answering it (greedy), or None where it is not replayed.
     Replayed as text (`distilled` False), replies cut off by the length limit are left out, so the model is not
     taught to stop mid-sentence; distilled, the base's own distribution says what follows a cut, so shorter replies
-    are kept whole or cut alike (what matters is the positions, not the ending). One answer per distinct prompt."""
+    are kept whole or cut alike (what matters is the positions, not the ending). One answer per distinct prompt.
+    `batch_size` rows decode together: 64 rather than waves of 16 (80 prompts: 10% less time, as for the checks)."""
     distinct = list(dict.fromkeys(prompts))
     params = SamplingParams(max_new_tokens=max_tokens or (32 if distilled else 160))
     rendered = [engine.render_chat([{"role": "user", "content": p}]) for p in distinct]

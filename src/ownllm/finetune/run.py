@@ -282,12 +282,15 @@ def build_model(cfg: FinetuneConfig) -> tuple[Any, Any, str]:
     if cfg.method in ("lora", "qlora", "dpo"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+        from ownllm.finetune.lora_dropout import use_quick_dropout
+
         if cfg.method == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         targets: Any = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                                                  lora_dropout=cfg.lora.dropout, target_modules=targets,
                                                  task_type="CAUSAL_LM"))
+        use_quick_dropout(model)
     elif cfg.method == "prompt-tuning":
         from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
