@@ -61,6 +61,7 @@ def train_classifier(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: 
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
+    from ownllm.finetune.lora_dropout import use_quick_dropout
     from ownllm.finetune.trainer_setup import run_callbacks, trainer_arguments
 
     items = read_labelled(data)
@@ -81,6 +82,7 @@ def train_classifier(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: 
     base = base_folder(cfg.model)
     model, tokenizer = head_model(base, len(labels), seed=cfg.seed, id2label=dict(enumerate(labels)), label2id=index)
     model = get_peft_model(model, lora_for_head(cfg))
+    use_quick_dropout(model)
 
     def encode(batch: list[Labelled]) -> list[dict[str, Any]]:
         return [{**tokenizer(i.text, truncation=True, max_length=cfg.max_length), "labels": index[i.label]}
