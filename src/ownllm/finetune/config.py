@@ -30,7 +30,7 @@ class LoraSettings:
     alpha: int = 32  # scale: alpha / r
     # 0, as peft's own default: 0.05 kept no more facts or general answers (bench/RESULTS.md), and the masks
     # (random numbers for every input of every adapted layer) cost time: a quarter of LoRA training with torch's
-    # dropout on a CPU, ~7% with ownllm's (finetune.lora_dropout)
+    # dropout on a CPU, ~6% with ownllm's (finetune.lora_dropout)
     dropout: float = 0.0
     targets: str = "all-linear"  # all-linear, or comma-separated module names (q_proj,v_proj)
 
