@@ -41,6 +41,20 @@ def test_torchs_seed_gives_the_same_masks_and_moves_on() -> None:
     assert not torch.equal(first, second)
 
 
+def test_probabilities_near_the_ends_stay_unbiased() -> None:
+    """p rounds to 1/65,536: what is kept is scaled by the inverse of the rate the mask keeps (p = 0.99999 keeps 1
+    in 65,536: x 65,536, not 1 / (1 - p) = 100,000); where rounding would drop nothing or everything, torch's own
+    dropout runs."""
+    torch.manual_seed(1)
+    x = torch.ones(2_000_000)
+    kept = QuickDropout(0.99999).train()(x)
+    assert kept.count_nonzero() > 0 and (kept[kept != 0] == 65536).all()
+    assert QuickDropout(0.999).train()(x).mean().item() == pytest.approx(1.0, rel=0.1)
+    assert QuickDropout(1e-7).train()(x).count_nonzero() >= 2_000_000 - 5
+    for p in (1e-7, 0.9999999):
+        assert torch.isfinite(QuickDropout(p).train()(x)).all()
+
+
 def test_bad_probabilities_are_refused() -> None:
     for p in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="dropout probability"):

@@ -27,17 +27,21 @@ class QuickDropout(torch.nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), not {p}")
         self.p = p
-        self._threshold = round(p * _LEVELS)
+        self._threshold = round(p * _LEVELS)  # a draw below it drops: p to 1/65,536
+        # the scale of the rate the mask really keeps (unbiased however p rounds); at the ends (p under 2^-17, or
+        # within 2^-17 of 1) the rounding would drop nothing or everything: torch's own dropout there
+        self._exact = 0 < self._threshold < _LEVELS
+        self._scale = _LEVELS / (_LEVELS - self._threshold) if self._exact else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if not x.is_cpu:
+        if not x.is_cpu or not self._exact:
             return torch.nn.functional.dropout(x, self.p, training=True)
         count = x.numel()
         seed = int(torch.randint(0, 2**62, (1,)))
         draws = np.random.default_rng(seed).bit_generator.random_raw(-(-count // 4)).view(np.uint16)[:count]
-        scale = torch.from_numpy(draws >= self._threshold).view(x.shape).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        scale = torch.from_numpy(draws >= self._threshold).view(x.shape).to(x.dtype).mul_(self._scale)
         return x * scale
 
     def extra_repr(self) -> str:
