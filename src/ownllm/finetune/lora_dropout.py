@@ -30,13 +30,13 @@ class QuickDropout(torch.nn.Module):
         self._threshold = round(p * _LEVELS)  # a draw below it drops: p to 1/65,536
         # the scale of the rate the mask really keeps (unbiased however p rounds); at the ends (p under 2^-17, or
         # within 2^-17 of 1) the rounding would drop nothing or everything: torch's own dropout there
-        self._exact = 0 < self._threshold < _LEVELS
-        self._scale = _LEVELS / (_LEVELS - self._threshold) if self._exact else 0.0
+        self._masks_here = 0 < self._threshold < _LEVELS
+        self._scale = _LEVELS / (_LEVELS - self._threshold) if self._masks_here else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if not x.is_cpu or not self._exact:
+        if not x.is_cpu or not self._masks_here:
             return torch.nn.functional.dropout(x, self.p, training=True)
         count = x.numel()
         seed = int(torch.randint(0, 2**62, (1,)))
