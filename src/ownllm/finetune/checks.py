@@ -15,9 +15,10 @@ from ownllm.generate.params import SamplingParams
 
 CHECK_PARAMS = SamplingParams(max_new_tokens=64)
 TOOL_CHECK_PARAMS = SamplingParams(max_new_tokens=96)
-# rows decoded together: a small model's decode step costs about the same for 4 rows as for 16 (reading the weights
-# is most of it), so every check prompt of a run goes in one batch rather than in waves of 16 (40 questions: 14% less)
-CHECK_BATCH = 64
+# rows decoded together in a run's own generation (check answers, replay answers): a small model's decode step costs
+# about the same for 4 rows as for 16 (reading the weights is most of it), so one batch rather than waves of 16
+# (40 check questions: 14% less time; 80 replay prompts: 10%)
+ANSWER_BATCH = 64
 METRIC_NAMES = {"contains": "reference answer in the reply", "valid_call": "valid tool call",
                 "prose_kept": "no call where none is needed"}
 
@@ -55,7 +56,7 @@ def score_sets(engine: Any, sets: dict[str, str], *, base_scores: dict[str, dict
             if isinstance(missed_lines, list):
                 base_missed[path] = set(missed_lines)
             continue
-        calls = score_tool_calls(engine, read_tool_call_set(Path(path)), TOOL_CHECK_PARAMS, batch_size=CHECK_BATCH)
+        calls = score_tool_calls(engine, read_tool_call_set(Path(path)), TOOL_CHECK_PARAMS, batch_size=ANSWER_BATCH)
         summary = summarize_tool_calls(calls)
         scores[name] = {"score": summary["valid_call"], "metric": "valid_call", "items": summary["call_items"],
                         "right_call": summary["right_call"], "prose_kept": summary["prose_kept"],
@@ -64,7 +65,7 @@ def score_sets(engine: Any, sets: dict[str, str], *, base_scores: dict[str, dict
     on_base = engine.on_base_weights([item.messages for _, item in items]) if base_missed else [False] * len(items)
     reused = [base and path in base_missed for (path, _), base in zip(items, on_base, strict=True)]
     answered = iter(run_qa(engine, [item for (_, item), skip in zip(items, reused, strict=True) if not skip],
-                           CHECK_PARAMS, batch_size=CHECK_BATCH))
+                           CHECK_PARAMS, batch_size=ANSWER_BATCH))
     results: dict[str, list[tuple[Any, bool, bool]]] = {path: [] for path in questions}  # (item, right, reused)
     for (path, item), skip in zip(items, reused, strict=True):
         right = item.line not in base_missed[path] if skip else next(answered).scores["contains"] >= 1

@@ -173,6 +173,7 @@ def build_rl_trainer(cfg: FinetuneConfig, run_dir: Path, data: Path) -> tuple[An
     `cfg.rollouts` allows) and the model as loaded; nothing trained yet."""
     from peft import LoraConfig
 
+    from ownllm.finetune.lora_dropout import use_quick_dropout
     from ownllm.models.load import load_model
 
     places: list[str] = []
@@ -209,8 +210,6 @@ def build_rl_trainer(cfg: FinetuneConfig, run_dir: Path, data: Path) -> tuple[An
         model=model, reward_funcs=reward_funcs, args=ArgsClass(**common), train_dataset=table,
         processing_class=tokenizer, reward_processing_classes=reward_tokenizers if cfg.reward_model else None,
         callbacks=run_callbacks(run_dir), peft_config=peft_config)
-    from ownllm.finetune.lora_dropout import use_quick_dropout
-
     use_quick_dropout(trainer.model)  # TRL put the LoRA (and its dropouts) on
     trainer.rollouts_note = use_rollouts(trainer, loaded, cfg.rollouts)
     trainer.reference_guidance = cfg.reference_guidance

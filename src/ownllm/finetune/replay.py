@@ -14,6 +14,7 @@ from typing import Any
 
 from ownllm.data.files import read_text_file
 from ownllm.errors import OwnLLMError
+from ownllm.finetune.checks import ANSWER_BATCH
 from ownllm.finetune.run_folder import REPLAY_FILE
 from ownllm.generate.params import SamplingParams
 from ownllm.home import atomic_write_text
@@ -48,12 +49,11 @@ def replay_rows(cfg: Any, training_examples: int) -> int:
 
 
 def replay_answers(engine: Any, prompts: list[str], *, distilled: bool = True, max_tokens: int = 0,
-                   batch_size: int = 64) -> dict[str, list[dict[str, str]] | None]:
+                   batch_size: int = ANSWER_BATCH) -> dict[str, list[dict[str, str]] | None]:
     """Each prompt's chat example of the base model answering it (greedy), or None where it is not replayed.
     Replayed as text (`distilled` False), replies cut off by the length limit are left out, so the model is not
     taught to stop mid-sentence; distilled, the base's own distribution says what follows a cut, so shorter replies
-    are kept whole or cut alike (what matters is the positions, not the ending). One answer per distinct prompt.
-    `batch_size` rows decode together: 64 rather than waves of 16 (80 prompts: 10% less time, as for the checks)."""
+    are kept whole or cut alike (what matters is the positions, not the ending). One answer per distinct prompt."""
     distinct = list(dict.fromkeys(prompts))
     params = SamplingParams(max_new_tokens=max_tokens or (32 if distilled else 160))
     rendered = [engine.render_chat([{"role": "user", "content": p}]) for p in distinct]

@@ -90,9 +90,6 @@ def train_reward(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool
                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                             processing_class=tokenizer, peft_config=lora_for_head(cfg),
                             callbacks=run_callbacks(run_dir))
-    from ownllm.finetune.lora_dropout import use_quick_dropout
-
-    use_quick_dropout(trainer.model)  # TRL put the LoRA (and its dropouts) on
     return _train_and_save(cfg, run_dir, trainer, tokenizer, base, resume=resume, callbacks=callbacks,
                            has_eval=bool(eval_rows))
 
