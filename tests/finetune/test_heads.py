@@ -42,7 +42,7 @@ def test_reward_model_beats_chance_on_held_out_pairs(default_model: str, tmp_pat
     train.write_text(pairs(TASKS))
     held.write_text(pairs(HELD_OUT))
     out = tmp_path / "rm"
-    train_here(data=str(train), out=str(out), method="reward", max_steps=3, batch_size=8, lr=1e-3)
+    train_here(data=str(train), out=str(out), method="reward", max_steps=3, batch_size=4, lr=1e-3)
     assert json.loads((out / "final" / "ownllm_run.json").read_text())["method"] == "reward"
     result = run_cli("eval", "reward", str(out), "--data", str(held), "--json")
     assert result.returncode == 0, result.stderr[-2000:]

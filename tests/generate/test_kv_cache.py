@@ -21,8 +21,8 @@ SYSTEM = ("You are the help desk of a small bakery. Answer in one short sentence
           "croissants on weekends. Orders for cakes need two days' notice.")
 QUESTIONS = ["When do you open on Saturday?", "Do you bake rye bread?", "Can I order a cake for tomorrow?",
              "Are you open on Sunday?"]
-GREEDY = SamplingParams(max_new_tokens=24)
-SEEDED = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95)
+GREEDY = SamplingParams(max_new_tokens=12)
+SEEDED = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95)
 
 
 def chat(engine: Any, *turns: tuple[str, str]) -> list[int]:

@@ -96,6 +96,23 @@ def test_pull_converts_once_with_manifest(empty_home: Path, monkeypatch: pytest.
     assert [m.name for m in list_local_models()] == ["smollm2-135m-instruct"]
     assert not [p for p in (empty_home / "models").iterdir() if p.name.startswith(".")]  # no temp left
     assert pull("smollm2-135m-instruct").path == model.path  # second pull: nothing to do
+    # the added tokens are listed in tokenizer_config.json (a load then skips parsing tokenizer.json for them),
+    # and the tokenizer is the one a folder without that list gives
+    from transformers import AutoTokenizer
+
+    config = json.loads((model.path / "tokenizer_config.json").read_text())
+    listed = config.pop("added_tokens_decoder")
+    assert listed["0"]["content"] == "<|endoftext|>" and listed["1"]["special"] is True
+    unlisted = empty_home / "unlisted"
+    unlisted.mkdir()
+    shutil.copy(model.path / "tokenizer.json", unlisted)
+    (unlisted / "tokenizer_config.json").write_text(json.dumps(config))
+    faster, usual = AutoTokenizer.from_pretrained(model.path), AutoTokenizer.from_pretrained(unlisted)
+    assert faster.added_tokens_decoder == usual.added_tokens_decoder
+    assert faster.all_special_tokens == usual.all_special_tokens == ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    text = "<|im_start|>user\nVoilà, 12 🙂 tokens<|im_end|><|endoftext|>"
+    assert faster(text).input_ids == usual(text).input_ids
+    shutil.rmtree(unlisted)
     # --force pulls again, the new folder swapped in whole (the conversion replayed from the first one's output:
     # what is tested here is pull's own part, the conversion above)
     before = model.path.stat().st_ino
