@@ -79,6 +79,9 @@ def test_lora_run_folder_generate_and_merge(facts: Path, tmp_path: Path, default
     merged = tmp_path / "merged"
     assert run_cli("merge", str(out), "--out", str(merged)).returncode == 0
     assert json.loads(run_cli(ask[0], str(merged), *ask[1:]).stdout)["text"] == tuned
+    for folder in (out / "final", merged):  # listed added tokens: the tokenizer loads without parsing tokenizer.json
+        assert "<|im_end|>" in json.dumps(json.loads((folder / "tokenizer_config.json").read_text())
+                                          ["added_tokens_decoder"]), folder
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: Path) -> None:

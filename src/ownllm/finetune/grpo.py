@@ -31,6 +31,7 @@ from ownllm.finetune.run_folder import (
     write_record,
 )
 from ownllm.finetune.trainer_setup import has_cuda, run_callbacks, trainer_arguments, use_own_callbacks
+from ownllm.models.tokenizer_files import save_tokenizer
 
 log = logging.getLogger(__name__)
 REWARD_PLOT = "reward.png"
@@ -362,7 +363,7 @@ def save_final(run_dir: Path, trainer: Any, tokenizer: Any, record: RunRecord) -
     final = final_model_path(run_dir)
     with atomic_folder(final) as staging:
         trainer.model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
         write_record(staging, record)
     return final
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from ownllm.data.files import check_output_folder
 from ownllm.errors import OwnLLMError
 from ownllm.home import atomic_folder
+from ownllm.models.tokenizer_files import save_tokenizer
 
 MERGE_RECORD = "merged_from.json"  # marks a folder as merge output, so a later merge may replace it
 
@@ -33,6 +34,6 @@ def merge(run: str, out: Path) -> Path:
     loaded = load_model(source, dtype="fp32")
     with atomic_folder(out) as staging:
         loaded.model.save_pretrained(staging, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(staging)
+        save_tokenizer(loaded.tokenizer, staging)
         (staging / MERGE_RECORD).write_text(json.dumps({"adapter": str(source.path)}) + "\n")
     return out

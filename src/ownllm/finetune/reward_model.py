@@ -19,6 +19,7 @@ from ownllm.finetune.run_folder import (
     latest_checkpoint,
     read_record,
 )
+from ownllm.models.tokenizer_files import save_tokenizer
 
 REWARD_METHOD = "reward"
 HEAD_FILE = "ownllm_head.json"
@@ -112,7 +113,7 @@ def _train_and_save(cfg: FinetuneConfig, run_dir: Path, trainer: Any, tokenizer:
     if trainer.is_world_process_zero():  # once, not once per training process (--nproc)
         with atomic_folder(final_model_path(run_dir)) as staging:
             trainer.model.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
             head = {"max_length": cfg.max_length, **(extra or {})}  # scoring truncates where training did
             (staging / HEAD_FILE).write_text(json.dumps(head, indent=2), encoding="utf-8")
             write_record(staging, RunRecord(base_model=base, method=cfg.method if cfg.method != "lora" else

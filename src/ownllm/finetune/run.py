@@ -50,6 +50,7 @@ from ownllm.finetune.run_folder import (
 from ownllm.finetune.scoping import scope_adapter, varies_system
 from ownllm.finetune.trainer_setup import has_cuda, run_callbacks, trainer_arguments, use_own_callbacks
 from ownllm.home import atomic_write_json, atomic_write_text
+from ownllm.models.tokenizer_files import save_tokenizer
 
 log = logging.getLogger(__name__)
 TRAINING_ROWS = 256  # tokens per matmul in a training step, for the bf16-or-fp32 measurement
@@ -473,7 +474,7 @@ def save_final(cfg: FinetuneConfig, run_dir: Path, trainer: Any, tokenizer: Any,
     final = final_model_path(run_dir)
     with atomic_folder(final) as staging:
         trainer.model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
         write_record(staging, RunRecord(base_model=base, method=cfg.method, spec=cfg.model))
     return final
 

@@ -285,28 +285,11 @@ def _convert_hub(hub_id: str, staging: Path, *, dtype: str) -> dict[str, Any]:
 
 
 def _save(model: Any, tokenizer: Any, staging: Path) -> None:
+    from ownllm.models.tokenizer_files import save_tokenizer
+
     staging.mkdir(parents=True)
     model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    record_added_tokens(staging)
-
-
-def record_added_tokens(folder: Path) -> None:
-    """Name the added tokens in the folder's tokenizer_config.json (`added_tokens_decoder`, as transformers 4 wrote
-    it): without them, transformers 5 parses the whole tokenizer.json in Python on every load to find them (~0.06 s
-    of a 0.13 s load for the default model, ~0.8 s of 2.4 s for Gemma 3's 262k-token vocabulary)."""
-    import json
-
-    config_file, tokenizer_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
-    if not (config_file.is_file() and tokenizer_file.is_file()):
-        return
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    if "added_tokens_decoder" in config:
-        return
-    added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens") or []
-    config["added_tokens_decoder"] = {str(token["id"]): {k: v for k, v in token.items() if k != "id"}
-                                      for token in added}
-    atomic_write_json(config_file, config)
+    save_tokenizer(tokenizer, staging)
 
 
 def _manifest(model: Any, **fields: Any) -> dict[str, Any]:
