@@ -26,6 +26,7 @@ from ownllm.models.aliases import Alias, load_aliases
 from ownllm.models.gguf_file import check_gguf, one_reader_per_file
 from ownllm.models.registry import MANIFEST, LocalModel, local_model
 from ownllm.models.resolve import resolve
+from ownllm.models.tokenizer_files import save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,6 @@ def _convert_hub(hub_id: str, staging: Path, *, dtype: str) -> dict[str, Any]:
 
 
 def _save(model: Any, tokenizer: Any, staging: Path) -> None:
-    from ownllm.models.tokenizer_files import save_tokenizer
-
     staging.mkdir(parents=True)
     model.save_pretrained(staging, safe_serialization=True)
     save_tokenizer(tokenizer, staging)
