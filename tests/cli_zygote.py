@@ -58,11 +58,10 @@ class _Child(Exception):
 
 
 def _serve(socket_path: str) -> None:
-    import importlib
-
     sys.path.pop(0)  # this file's folder (tests/): `python -m ownllm` has the working directory there instead
-    for name in PRELOAD:
-        importlib.import_module(name)
+    from ownllm.collector import import_at_start
+
+    import_at_start(*PRELOAD)
     _warm_model_loading()
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

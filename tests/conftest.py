@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import platformdirs
 import pytest
 
+from ownllm.collector import import_at_start
 from tests.cli_zygote import Zygote
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -25,6 +27,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # fight over the cores).
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    # what nearly every test file imports, with the garbage collector paused (ownllm/collector.py; not in xdist's
+    # controller, which runs no test)
+    import_at_start("torch", "transformers", "transformers.modeling_utils", "peft")
 
 # The longest test files, longest first: with `--no-loadscope-reorder` (make test) the runner hands out files in
 # collection order, so these start at once instead of meeting each other at the end (29 min with them last).
@@ -44,6 +49,12 @@ LONGEST_FILES = (
     "tests/serve/test_server.py",
     "tests/finetune/test_runs.py",
 )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection imported (the test modules, and with them torch and transformers) stays for the whole run:
+    later garbage collections skip it (ownllm/collector.py)."""
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,5 +1,5 @@
 """The house's shape: front doors (cli, serve, api, client) → capabilities (finetune, evaluate, rag, jobs) →
-building blocks (models, generate, data) → leaves (errors, home, json_schema). Every import counts, the lazy ones inside
+building blocks (models, generate, data) → leaves (errors, home, json_schema, collector). Every import counts, the lazy ones inside
 functions too: an arrow may only point to what a package is allowed to use, and no module may reach itself again
 through others (a circle). The package root (`ownllm/__init__.py`) is the users' door and never an import inside."""
 
@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ownllm"
-LEAVES = {"errors", "home", "json_schema"}
+LEAVES = {"errors", "home", "json_schema", "collector"}
 BLOCKS = {"models", "data", "generate"}
 CAPABILITIES = {"finetune", "evaluate", "rag", "jobs", "export"}
 # What each package may import besides itself and the leaves. Capabilities never import each other sideways
@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "home": {"errors"},
     "json_schema": set(),
+    "collector": set(),
     "models": set(),
     "data": {"models"},
     "generate": {"models"},

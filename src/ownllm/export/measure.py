@@ -90,9 +90,11 @@ def main() -> None:
     """The worker: a JSON request as the one argument, a JSON result (or {"error": ...}) as the last line."""
     import logging
 
+    from ownllm.collector import import_at_start
     from ownllm.errors import OwnLLMError
 
     logging.disable(logging.WARNING)
+    import_at_start("torch", "transformers", "transformers.modeling_utils")
     try:
         from transformers.utils import logging as hf_logging
 

@@ -37,6 +37,9 @@ def _worker(run_dir: Path, resume: bool) -> int:
 if __name__ == "__main__":
     import logging
 
+    from ownllm.collector import import_at_start
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    import_at_start("torch", "transformers", "transformers.modeling_utils", "transformers.trainer", "peft")
     arguments = sys.argv[1:]
     raise SystemExit(_worker(Path(arguments[0]), "--resume" in arguments))

@@ -518,5 +518,8 @@ def _discard(path: Path) -> None:
 
 
 if __name__ == "__main__":  # the child process of `CompiledSteps._load`
+    from ownllm.collector import import_at_start
+
     os.nice(10)
+    import_at_start("torch._inductor.lowering", "torch._inductor.compile_fx", "torch.export")
     compile_packages(json.loads(sys.argv[1]), Path(sys.argv[2]))

@@ -35,8 +35,7 @@ from typing import Literal, Protocol
 from ownllm.errors import env_switch
 
 log = logging.getLogger(__name__)
-# imported once in the forkserver: what every worker needs and no import of which starts a thread
-PRELOAD = ["torch", "transformers", "peft", "ownllm.jobs.worker"]
+PRELOAD = ["ownllm.jobs.preload"]  # imported once in the forkserver
 FORKSERVER_LOST = 255
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ownllm.collector import freeze_heap
 from ownllm.errors import OwnLLMError
 from ownllm.serve.state import Limits, ServerState
 
@@ -103,7 +104,8 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
 
 def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """HTTP in a thread, the engine loop in this (main) thread; SIGTERM/SIGINT shut down gracefully: no new
-    requests, running streams finish (up to 15 s), then the engine stops."""
+    requests, running streams finish (up to 15 s), then the engine stops. Everything alive when it starts is frozen
+    out of the garbage collector's scans (ownllm/collector.py): call it once, for the process's serving life."""
     import signal
     import threading
 
@@ -121,6 +123,7 @@ def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> N
 
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
+    freeze_heap()  # what start-up loaded stays for the server's life: its collections skip it from here on
     if state.jobs is not None:
         state.jobs.start()
     http.start()
