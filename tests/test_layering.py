@@ -1,7 +1,8 @@
 """The house's shape: front doors (cli, serve, api, client) → capabilities (finetune, evaluate, rag, jobs) →
-building blocks (models, generate, data) → leaves (errors, home, json_schema, collector). Every import counts, the lazy ones inside
-functions too: an arrow may only point to what a package is allowed to use, and no module may reach itself again
-through others (a circle). The package root (`ownllm/__init__.py`) is the users' door and never an import inside."""
+building blocks (models, generate, data) → leaves (errors, home, json_schema, collector). Every import counts, the
+lazy ones inside functions too: an arrow may only point to what a package is allowed to use, and no module may reach
+itself again through others (a circle). The package root (`ownllm/__init__.py`) is the users' door and never an
+import inside."""
 
 from __future__ import annotations
 

@@ -1,0 +1,65 @@
+"""The garbage collector around start-up (ownllm/collector.py): paused while importing, on again after, and what
+was loaded frozen out of later collections; each case in a fresh interpreter (freezing is for a whole process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _in_fresh_python(code: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_imports_run_without_collections_and_end_frozen_with_the_collector_on() -> None:
+    report = _in_fresh_python("""
+import gc, json, sys
+collections = []
+gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(info["generation"]))
+from ownllm.collector import import_at_start
+before = len(collections)
+import_at_start("email.mime.multipart", "xml.dom.minidom")
+during = len(collections) - before
+print(json.dumps({"imported": all(m in sys.modules for m in ("email.mime.multipart", "xml.dom.minidom")),
+                  "collections": during, "frozen": gc.get_freeze_count(), "enabled": gc.isenabled()}))
+""")
+    assert report["imported"] and report["collections"] == 0 and report["enabled"], report
+    assert report["frozen"] > 1000, report
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_the_pause_leaves_the_collector_as_it_found_it(enabled_before: bool) -> None:
+    report = _in_fresh_python(f"""
+import gc, json
+from ownllm.collector import collector_paused
+{'' if enabled_before else 'gc.disable()'}
+try:
+    with collector_paused():
+        inside = gc.isenabled()
+        raise KeyError("an import failed")
+except KeyError:
+    pass
+print(json.dumps({{"inside": inside, "after": gc.isenabled()}}))
+""")
+    assert report == {"inside": False, "after": enabled_before}
+
+
+def test_freezing_the_heap_frees_unreachable_cycles_first() -> None:
+    report = _in_fresh_python("""
+import gc, json, weakref
+from ownllm.collector import freeze_heap
+class Node: pass
+kept, lost = Node(), Node()
+lost.itself = lost  # a cycle nothing else reaches
+alive = weakref.ref(lost)
+del lost
+freeze_heap()
+print(json.dumps({"cycle_freed": alive() is None, "kept_frozen": gc.get_freeze_count() > 0,
+                  "kept_tracked": gc.is_tracked(kept)}))
+""")
+    assert report == {"cycle_freed": True, "kept_frozen": True, "kept_tracked": True}
