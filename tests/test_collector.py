@@ -63,3 +63,25 @@ print(json.dumps({"cycle_freed": alive() is None, "kept_frozen": gc.get_freeze_c
                   "kept_tracked": gc.is_tracked(kept)}))
 """)
     assert report == {"cycle_freed": True, "kept_frozen": True, "kept_tracked": True}
+
+
+def test_a_verbs_start_up_pause_ends_at_the_models_load_and_only_there() -> None:
+    report = _in_fresh_python("""
+import gc, json
+from ownllm.collector import freeze_heap, pause_for_start_up, start_up_done
+start_up_done()  # never paused (a library user's process): nothing changes
+untouched = (gc.isenabled(), gc.get_freeze_count())
+pause_for_start_up()
+paused = gc.isenabled()
+import xml.dom.minidom
+start_up_done()
+resumed = (gc.isenabled(), gc.get_freeze_count() > untouched[1])
+frozen = gc.get_freeze_count()
+start_up_done()  # a second load: no new freeze
+second_load_froze_nothing = gc.get_freeze_count() == frozen
+pause_for_start_up(); freeze_heap()  # a server that loaded no model through load_model still gets it back on
+print(json.dumps({"untouched": untouched, "paused": paused, "resumed": resumed,
+                  "second_load_froze_nothing": second_load_froze_nothing, "after_freeze_heap": gc.isenabled()}))
+""")
+    assert report == {"untouched": [True, 0], "paused": False, "resumed": [True, True],
+                      "second_load_froze_nothing": True, "after_freeze_heap": True}, report

