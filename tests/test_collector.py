@@ -85,3 +85,15 @@ print(json.dumps({"untouched": untouched, "paused": paused, "resumed": resumed,
 """)
     assert report == {"untouched": [True, 0], "paused": False, "resumed": [True, True],
                       "second_load_froze_nothing": True, "after_freeze_heap": True}, report
+
+
+def test_a_verb_that_ends_before_any_load_leaves_the_collector_on_and_nothing_frozen() -> None:
+    """The CLI in process (as a program embedding it calls it): a model that does not exist ends the verb before any
+    load, and the start-up pause ends with it."""
+    report = _in_fresh_python("""
+import gc, json
+from ownllm.cli import main
+code = main(["generate", "no-such-model-anywhere", "hi"])
+print(json.dumps({"code": code, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
+""")
+    assert report == {"code": 2, "enabled": True, "frozen": 0}, report

@@ -57,9 +57,10 @@ def pause_for_start_up() -> None:
 
 
 def start_up_done() -> None:
-    """Called where the model libraries are imported and no model is loaded yet (the start of a model's load): if
-    `pause_for_start_up` turned the collector off, freeze what is alive and turn it back on. Otherwise nothing: a
-    process that never paused (a library user's) is left as it is, and so is every later load."""
+    """Called where the model libraries are imported and, as a rule, no model is loaded yet (the start of every
+    loader: models, tokenizers, heads, pulls): if `pause_for_start_up` turned the collector off, freeze what is
+    alive and turn it back on. Otherwise nothing: a process that never paused (a library user's) is left as it is,
+    and so is every later load."""
     global _paused_for_start_up
     if _paused_for_start_up:
         _paused_for_start_up = False
@@ -67,14 +68,22 @@ def start_up_done() -> None:
         gc.enable()
 
 
-def freeze_heap() -> None:
-    """Collect once, then move every object alive now into the permanent generation, which later collections skip
-    (and turn the collector back on if start-up paused it). For a process about to serve for long after its
-    start-up, never for a library call: a frozen object that later becomes unreachable through a reference cycle is
-    never freed (reference counting still frees the others)."""
+def end_start_up_pause() -> None:
+    """Turn the collector back on if `pause_for_start_up` turned it off and nothing ended the pause (a verb that
+    loaded no model, or failed first), freezing nothing: for the CLI's own exit, and its callers in process."""
     global _paused_for_start_up
-    gc.collect()
-    gc.freeze()
     if _paused_for_start_up:
         _paused_for_start_up = False
         gc.enable()
+
+
+def freeze_heap() -> None:
+    """Collect everything once (the frozen start-up objects too, in case a model loaded before the freeze left
+    garbage there), then move every object alive now into the permanent generation, which later collections skip,
+    and turn the collector back on if start-up paused it. For a process about to serve for long after its start-up,
+    never for a library call: a frozen object that later becomes unreachable through a reference cycle is never
+    freed (reference counting still frees the others)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    end_start_up_pause()

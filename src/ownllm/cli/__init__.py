@@ -20,6 +20,7 @@ import typer
 
 from ownllm.cli import data, evaluate, export, finetune, generate, heads, jobs, models, rag, serve
 from ownllm.cli.options import settings
+from ownllm.collector import end_start_up_pause
 from ownllm.errors import OwnLLMError
 
 
@@ -140,6 +141,13 @@ def _usage_error(exc: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for a user error or bad usage, 130 for Ctrl-C)."""
+    try:
+        return _main(argv)
+    finally:
+        end_start_up_pause()  # a verb that loaded no model leaves the garbage collector as it found it
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         code = app(args=argv, prog_name="ownllm", standalone_mode=False)
     except SystemExit as exc:

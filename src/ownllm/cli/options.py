@@ -120,10 +120,10 @@ def _constraint_option(schema: Path | None, regex: str | None, grammar: Path | N
 
 
 def quiet_model_libraries() -> None:
-    """Pause the garbage collector until the model's load begins (ownllm/collector.py: ~20% of the model libraries'
-    import time), then, unless --verbose, keep transformers' info lines and progress bars off the terminal. It
-    imports transformers, so only a verb about to load a model calls it, first thing: the other verbs start without
-    torch."""
+    """Pause the garbage collector until a model's or tokenizer's load begins, or the verb ends
+    (ownllm/collector.py: ~20% of the model libraries' import time), then, unless --verbose, keep transformers'
+    info lines and progress bars off the terminal. It imports transformers, so only a verb about to load a model
+    calls it, first thing: the other verbs start without torch."""
     pause_for_start_up()
     if settings["verbose"]:
         return

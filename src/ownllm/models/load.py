@@ -125,6 +125,7 @@ def load_tokenizer(spec: str | ResolvedModel) -> Any:
     """Only the tokenizer: cheap, for `ownllm tokenize` and data statistics."""
     from transformers import AutoTokenizer
 
+    start_up_done()  # (the llama.cpp backend, classifier and reward heads load through here, not load_model)
     source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
     location, args = _source_args(source)
     with _hub_errors(source), _gguf_reading(source):

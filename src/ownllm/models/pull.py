@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ownllm.collector import start_up_done
 from ownllm.errors import OwnLLMError
 from ownllm.home import atomic_write_json, give_usual_modes, models_dir, open_lock_file, ownllm_home
 from ownllm.models.aliases import Alias, load_aliases
@@ -251,6 +252,7 @@ def _convert_gguf(gguf: Path, staging: Path, *, dtype: str, source: str) -> dict
 
     from ownllm.models.load import gguf_errors, load_gguf_weights
 
+    start_up_done()  # (ownllm/collector.py)
     architecture = check_gguf(gguf)
     started = time.time()
     with one_reader_per_file():  # the tokenizer and the weights from one parse of the metadata
@@ -268,6 +270,7 @@ def _convert_hub(hub_id: str, staging: Path, *, dtype: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    start_up_done()  # (ownllm/collector.py)
     started = time.time()
     try:
         tokenizer = AutoTokenizer.from_pretrained(hub_id)
