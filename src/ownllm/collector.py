@@ -61,11 +61,9 @@ def start_up_done() -> None:
     loader: models, tokenizers, heads, pulls): if `pause_for_start_up` turned the collector off, freeze what is
     alive and turn it back on. Otherwise nothing: a process that never paused (a library user's) is left as it is,
     and so is every later load."""
-    global _paused_for_start_up
     if _paused_for_start_up:
-        _paused_for_start_up = False
         gc.freeze()
-        gc.enable()
+        end_start_up_pause()
 
 
 def end_start_up_pause() -> None:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ownllm.collector import start_up_done
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.config import FinetuneConfig
 from ownllm.finetune.outcome import TrainingInterrupted, TrainOutcome
@@ -44,8 +43,6 @@ def head_model(base: str, num_labels: int, *, seed: int = 0, **config: Any) -> t
     from transformers import AutoModelForSequenceClassification, set_seed
 
     from ownllm.models.load import load_tokenizer
-
-    start_up_done()  # before the model exists (ownllm/collector.py)
 
     tokenizer = load_tokenizer(base)
     if tokenizer.pad_token is None:
@@ -152,7 +149,6 @@ def load_head(final: Path, num_labels: int) -> tuple[Any, Any]:
 
     from ownllm.models.load import load_tokenizer
 
-    start_up_done()  # before the model exists (ownllm/collector.py)
     record = read_record(final)
     assert record is not None
     model, _ = head_model(record.base_model, num_labels)

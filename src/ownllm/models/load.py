@@ -152,7 +152,7 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
             it (or for any other adapter) the adapter is merged, as training, merging and export need.
     """
     import torch
-    import transformers.modeling_utils  # noqa: F401  (what from_pretrained imports anyway: imported before the next line)
+    import transformers.modeling_utils  # noqa: F401  (from_pretrained's own import, done before start_up_done)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     start_up_done()  # the model libraries are in: a CLI verb's start-up collector pause ends here
