@@ -100,3 +100,32 @@ def test_turns_time_every_run_each_round() -> None:
     calls: list[str] = []
     best = dtype_module.best_of_turns([lambda: calls.append("a"), lambda: calls.append("b")], rounds=3)
     assert calls == ["a", "b"] * 3 and len(best) == 2 and all(0 <= t < 1 for t in best)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_a_narrow_product_is_f_linear_up_to_rounding(rows: int) -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 48, generator=generator)
+    x = torch.randn(1, rows, 48, generator=generator)  # [batch, tokens, in], as the slot forward hands it
+    product = dtype_module.narrow_product(x, weight)
+    assert product.shape == (1, rows, 96) and product.is_contiguous()
+    torch.testing.assert_close(product, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_narrow_products_are_measured_once_and_kept(monkeypatch, tmp_path) -> None:
+    import torch
+
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    shapes = [(64, 32), (32, 64)]
+    first = dtype_module.narrow_product_rows(torch.float32, shapes, layers=2, output=(128, 32))
+    assert 0 <= first <= dtype_module.NARROW_ROWS_PROBED
+    kept = json.loads((tmp_path / "hardware.json").read_text())["narrow_products"]
+    assert list(kept.values()) == [first]
+    monkeypatch.setattr(dtype_module, "best_of_turns", lambda *args: pytest.fail("measured again"))
+    assert dtype_module.narrow_product_rows(torch.float32, shapes, layers=2, output=(128, 32)) == first
+    (tmp_path / "hardware.json").write_text(json.dumps({"narrow_products": {k: True for k in kept}}))
+    monkeypatch.setattr(dtype_module, "best_of_turns", lambda runs: [2.0, 1.0] * (len(runs) // 2))  # narrow wins
+    assert dtype_module.narrow_product_rows(torch.float32, shapes, layers=2, output=(128, 32)) == \
+        dtype_module.NARROW_ROWS_PROBED  # a damaged verdict is measured again

@@ -55,17 +55,20 @@ def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> N
     batching = httpx.get(f"{strict_server.url}/health").json()["batching"]
     from ownllm.generate.slots import rows_round_alike
 
-    invariant = rows_round_alike(torch.float32, torch.device("cpu"))  # false on MKL's AVX2 fp32 path
+    narrow = batching["narrow_rows"]  # fp32 steps of a few rows as transposed products, where measured faster
+    invariant = rows_round_alike(torch.float32, torch.device("cpu")) and not narrow  # false on MKL's AVX2 fp32
     assert batching == {"mode": "batched", "max_batch": 1, "kv_tokens": 2048, "kv_bytes": batching["kv_bytes"],
                         "prefix_caching": True, "int4_rows": 0,  # fp32: no int4 kernel, and why
                         "int4_note": "GGUF 4-bit weights off: int4 kernel runs bf16 on the CPU, this is float32 on cpu",
-                        "batch_invariant": invariant}
+                        "narrow_rows": narrow, "batch_invariant": invariant}
+    assert isinstance(narrow, int) and 0 <= narrow <= 16
     assert batching["kv_bytes"] == 2048 * 30 * 2 * 3 * 64 * 4  # 30 layers, k and v, 3 heads of 64, fp32
     log = strict_server.log.read_text()
     assert f"batched, up to 1 sequences, KV budget {batching['kv_bytes'] / 2**30:.2f} GiB = 2,048 tokens, " \
            "prefix cache on" in log
     warning = "a seeded request's tokens can vary with the requests beside it (OWNLLM_BATCH_INVARIANT=1"
     assert (warning in log) is not invariant
+    assert (f"fp32 steps of up to {narrow} tokens as transposed products" in log) is bool(narrow)
 
 
 def test_batch_invariance_gives_a_row_the_same_logits_alone_and_in_any_batch(engine, monkeypatch) -> None:

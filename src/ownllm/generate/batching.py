@@ -202,6 +202,7 @@ class BatchScheduler(_Loop):
         return {"mode": "batched", "max_batch": self.max_batch, "kv_tokens": self.kv.budget,
                 "kv_bytes": self.kv.budget * self.model.token_bytes, "prefix_caching": self.kv.prefix_caching,
                 "int4_rows": getattr(self.model, "four_bit_rows", 0),
+                "narrow_rows": getattr(self.model, "narrow_rows", 0),
                 "batch_invariant": getattr(self.model, "invariant", None),  # None: not known (llama.cpp)
                 **({"int4_note": note} if (note := getattr(self.model, "four_bit_note", None)) else {}),
                 **({"compiled_steps": note} if (note := getattr(self.model, "compiled_steps", None)) else {})}

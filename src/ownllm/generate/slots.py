@@ -38,7 +38,7 @@ from ownllm.errors import OwnLLMError, env_switch
 from ownllm.generate import compiled_decode
 from ownllm.generate.compiled_decode import CompiledSteps, _rms, decode_attention, llama_norm, rope
 from ownllm.models.adapters import Adapter, LoraWeights
-from ownllm.models.dtype import upcast_decode_attention
+from ownllm.models.dtype import narrow_product, narrow_product_rows, upcast_decode_attention
 from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, has_gguf, int4_row_limit, pack
 
 log = logging.getLogger(__name__)
@@ -322,24 +322,20 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-            padded_rows: dict[int, int] | None = None) -> torch.Tensor:
+            padded_rows: dict[int, int] | None = None, narrow_rows: int = 0) -> torch.Tensor:
     """F.linear; where `padded_rows` (`invariant_widths`) names this number of rows, computed that many rows wide
-    (zero rows added, then dropped), so that each row rounds as in any wider batch."""
+    (zero rows added, then dropped), so that each row rounds as in any wider batch; up to `narrow_rows` rows
+    (`narrow_product_rows`), as `narrow_product` computes it."""
     rows = x.numel() // x.shape[-1]
+    if rows <= narrow_rows:
+        out = narrow_product(x, weight)
+        return out if bias is None else out + bias
     wide = padded_rows.get(rows) if padded_rows else None
     if wide is None:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     padded = torch.cat([flat, flat.new_zeros(wide - rows, flat.shape[1])])
     return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _project(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, four_bit: Int4Weight | None,
-             padded_rows: dict[int, int] | None = None) -> torch.Tensor:
-    if four_bit is None:
-        return _linear(x, dense, bias, padded_rows)
-    out = four_bit.linear(x)
-    return out if bias is None else out + bias
 
 
 LoraAdapter = LoraWeights  # what SlotModel.adapters holds per name: deltas per (layer, projection) and the scale
@@ -407,6 +403,12 @@ class SlotModel:
         elif four_bit and has_gguf(model):
             self._use_four_bit(model, weights)
             self.invariant = self.invariant and not self.four_bit_rows  # int4 in narrow steps, dense in wide ones
+        # fp32 products of a few rows computed as `narrow_product` where measured faster (with the invariance asked,
+        # never: every width then rounds as a wide one)
+        self.narrow_rows = 0
+        if self.dtype == torch.float32 and self.device.type == "cpu" and not batch_invariance_asked():
+            self.narrow_rows = self._measured_narrow_rows()
+            self.invariant = self.invariant and not self.narrow_rows
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
         # one-row decode steps through compiled graphs, once they are there (`ownllm.generate.compiled_decode`)
@@ -446,6 +448,24 @@ class SlotModel:
             self.four_bit_note = "GGUF 4-bit weights off: no Q4_0/Q4_1/Q4_K/Q8_0 matrices usable (see the log)"
             return
         self.four_bit, self.four_bit_rows = stored, limit
+
+    def _measured_narrow_rows(self) -> int:
+        hidden, heads, kv_heads, head_dim = self.config.hidden_size, self.heads, self.kv_heads, self.head_dim
+        shapes = [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim),
+                  (2 * self.intermediate, hidden), (hidden, self.intermediate)]
+        try:
+            return narrow_product_rows(torch.float32, shapes, len(self.layers), tuple(self.weights.lm_head.shape))
+        except Exception as exc:  # a measurement that fails costs the speed-up, not the forward
+            log.warning("narrow products not measured (%s: %s); running F.linear", exc.__class__.__name__, exc)
+            return 0
+
+    def _project(self, x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None,
+                 four_bit: Int4Weight | None) -> torch.Tensor:
+        """A projection of the forward: the stored 4-bit weight where given, else the dense one (`_linear`)."""
+        if four_bit is None:
+            return _linear(x, dense, bias, self.padded_rows, self.narrow_rows)
+        out = four_bit.linear(x)
+        return out if bias is None else out + bias
 
     def _rotary_tables(self, positions: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """cos/sin [positions, rotary dims] per rotary kind, in the model dtype, from the model's own rotary module
@@ -669,7 +689,7 @@ class SlotModel:
         for index, layer in enumerate([] if one_compiled_row else self.layers):
             four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
-            qkv = _project(normed, layer.qkv, layer.qkv_bias, four.qkv, self.padded_rows)
+            qkv = self._project(normed, layer.qkv, layer.qkv_bias, four.qkv)
             if groups:
                 qkv = self._plus_lora(qkv, normed, index, weights.qkv_lora, groups,
                                       _widths(weights.qkv_lora, [q_width, kv_width, kv_width]))
@@ -686,20 +706,20 @@ class SlotModel:
                                     masks.get(layer.window, (0, None)),
                                     None if places is None else (compiled[3], places))  # type: ignore[index]
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
-            out = _project(attended, layer.o, layer.o_bias, four.o, self.padded_rows)
+            out = self._project(attended, layer.o, layer.o_bias, four.o)
             if groups:
                 out = self._plus_lora(out, attended, index, ("o_proj",), groups, [x.shape[-1]])
             if layer.attn_out_norm is not None:
                 out = layer.attn_out_norm(out)
             x = x + out
             normed = layer.mlp_norm(x)
-            gate_up = _project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up, self.padded_rows)
+            gate_up = self._project(normed, layer.gate_up, layer.gate_up_bias, four.gate_up)
             if groups:
                 gate_up = self._plus_lora(gate_up, normed, index, weights.gate_up_lora, groups,
                                           _widths(weights.gate_up_lora, [self.intermediate] * 2))
             gate, up = gate_up.split(self.intermediate, dim=-1)
             hidden = layer.act(gate) * up
-            out = _project(hidden, layer.down, layer.down_bias, four.down, self.padded_rows)
+            out = self._project(hidden, layer.down, layer.down_bias, four.down)
             if groups:
                 out = self._plus_lora(out, hidden, index, ("down_proj",), groups, [x.shape[-1]])
             if layer.mlp_out_norm is not None:
@@ -707,7 +727,7 @@ class SlotModel:
             x = x + out
         # logits in the model dtype, as transformers returns them (the sampler upcasts)
         lm_head = self.four_bit.lm_head if rows <= self.four_bit_rows else None
-        logits = _project(weights.final_norm(x[:, -1]), weights.lm_head, None, lm_head, self.padded_rows)
+        logits = self._project(weights.final_norm(x[:, -1]), weights.lm_head, None, lm_head)
         if weights.final_softcap is not None:
             logits = torch.tanh(logits / weights.final_softcap) * weights.final_softcap
         return logits.cpu()

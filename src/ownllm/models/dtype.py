@@ -206,6 +206,66 @@ def best_of_turns(runs: list[Callable[[], Any]], rounds: int = 5) -> list[float]
     return best
 
 
+NARROW_ROWS_PROBED = 16  # the widest product `narrow_product_rows` times
+
+
+def narrow_product_rows(dtype: Any, shapes: list[tuple[int, int]], layers: int = 1,
+                        output: tuple[int, int] | None = None) -> int:
+    """Up to how many rows the products of a decoder (`layers` layers of `shapes`, [out, in] weights, and an
+    output layer `output`) run clearly faster here (0.9x the time or less) as `narrow_product` computes them than
+    as F.linear does; 0 where they never do. MKL's fp32 path gives F.linear of one to three rows a kernel that
+    reads the weight at ~12 GB/s on one thread and does not use a second one; the transposed product reads it at
+    ~18 GB/s and uses every thread. On an AVX-512 EPYC, a 135M model's layers plus output layer: one row 45 ->
+    31 ms on one thread, 45 -> 18 ms on two; two rows 82 -> 31 ms on one; F.linear wins again from 6-12 rows.
+    (bf16's kernels ran 0.6-0.97x as fast so there.) Taken once per CPU + torch + thread count + dtype + shapes
+    and kept in hardware.json."""
+    import torch
+
+    def measure() -> int:
+        # enough copies of the layer to fall out of the CPU caches, as a model's layers do; scaled to `layers`
+        copies = min(64, max(1, (64 << 20) // (sum(o * i for o, i in shapes) * dtype.itemsize)))
+        stacks = [[torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes]]
+        stacks += [[torch.randn(*output).to(dtype)]] if output else []
+        weight_of = [layers / copies, 1.0]
+        widest = 0
+        for rows in range(1, NARROW_ROWS_PROBED + 1):  # the first width it loses at ends the probe
+            runs = []
+            for stack in stacks:
+                inputs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(dtype) for w in stack}
+                runs += [functools.partial(linear_products, stack, inputs),
+                         functools.partial(_narrow_products, stack, inputs)]
+            times = best_of_turns(runs)
+            as_linear = sum(weight_of[k] * times[2 * k] for k in range(len(stacks)))
+            narrow = sum(weight_of[k] * times[2 * k + 1] for k in range(len(stacks)))
+            if narrow > 0.9 * as_linear:
+                break
+            widest = rows
+        return widest
+
+    signature = (f"narrow|{cpu_model()}|{sorted(cpu_flags())}|{torch.__version__}|{torch.get_num_threads()}|"
+                 f"{dtype}|{shapes}|{layers}|{output}")
+    return remembered_measurement(
+        "narrow_products", signature,
+        lambda kept: isinstance(kept, int) and not isinstance(kept, bool) and 0 <= kept <= NARROW_ROWS_PROBED,
+        measure)
+
+
+def narrow_product(x: Any, weight: Any) -> Any:
+    """F.linear(x, weight) for a few rows, computed as (weight @ x.T).T, one row doubled (see
+    `narrow_product_rows`): the same values up to rounding."""
+    import torch
+
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    product = torch.mm(weight, (flat.repeat(2, 1) if rows == 1 else flat).t())
+    return product[:, :rows].t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def _narrow_products(weights: list[Any], inputs: dict[int, Any]) -> None:
+    for weight in weights:
+        narrow_product(inputs[weight.shape[1]], weight)
+
+
 def upcast_decode_attention(heads: int, kv_heads: int, head_dim: int, context: int = 1024) -> bool:
     """Whether one-query bf16 attention over a sequence's cached keys runs clearly faster here when computed in
     fp32 on the same values (rounded back once) than in bf16 itself. CPUs differ both ways: over 1,500 keys,

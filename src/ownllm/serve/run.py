@@ -87,6 +87,8 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
             mode += f", GGUF 4-bit weights as stored in steps of up to {batching['int4_rows']} tokens"
         elif batching.get("int4_note"):
             mode += f", {batching['int4_note']}"
+        if batching.get("narrow_rows"):
+            mode += f", fp32 steps of up to {batching['narrow_rows']} tokens as transposed products (measured faster here)"
         if batching.get("compiled_steps"):
             mode += f", {batching['compiled_steps']}"
         if batching.get("batch_invariant") is False:
