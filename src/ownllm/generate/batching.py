@@ -37,6 +37,7 @@ from ownllm.generate.constraints import fill_masks
 from ownllm.generate.engine import BatchedModel, Completion, Decoding, Engine, TextDelta, choose_step
 from ownllm.generate.kv_cache import KVCache, kv_budget
 from ownllm.generate.params import SamplingParams
+from ownllm.generate.slots import PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
 Event = TextDelta | Completion | BaseException
@@ -163,7 +164,7 @@ class BatchScheduler(_Loop):
     """Continuous batching over the engine's batched forward (`Engine.batched_model`)."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
-                 prefill_chunk: int = 256, kv_memory: int | None = None, prefix_caching: bool = True,
+                 prefill_chunk: int = PREFILL_CHUNK, kv_memory: int | None = None, prefix_caching: bool = True,
                  four_bit: bool = False) -> None:
         """
         Args:

@@ -1,12 +1,16 @@
 """The transformers backend: our own token loop over the model's forward and its KV cache.
 
 Our loop (rather than `model.generate`) is what lets every step be explained, streamed and stopped on a
-string. Many sequences at once go through the slot forward (`batched_model`, generate/slots.py) where the
-architecture has one, on the model's device.
+string. Where the architecture has a slot forward (generate/slots.py), every sequence runs through it: many at once
+(`batched_model`, driven by the scheduler) and one alone (`_steps`: the CLI, the Python API), so both compute a
+prompt alike (the same prefill chunks, the same kernels) and one sequence gets the same speed-ups as a batch (fused
+projections, fp32 products of a row as measured fastest). Other architectures run transformers' own forward.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +20,7 @@ from ownllm.errors import OwnLLMError
 from ownllm.generate.constraints import GrammarState
 from ownllm.generate.engine import Completion, Engine, Step, choose_step
 from ownllm.generate.params import SamplingParams
-from ownllm.generate.slots import SlotModel, slot_support
+from ownllm.generate.slots import PREFILL_CHUNK, SlotModel, slot_support
 from ownllm.models.adapters import LoraWeights
 from ownllm.models.chat_template import Message
 from ownllm.models.load import LoadedModel
@@ -42,6 +46,9 @@ class TransformersEngine(Engine):
         self.lora = loaded.lora
         if self.lora is not None:
             self._hook_lora(self.lora)
+        self._one_sequence: SlotModel | None = None  # the slot forward of `_steps` (built on first use)
+        self._one_sequence_lock = threading.Lock()
+        self._sequence_ids = itertools.count()
 
     def route(self, conversation: list[Message] | str) -> str | None:
         return self.routes([conversation])[0]
@@ -102,20 +109,31 @@ class TransformersEngine(Engine):
 
     def _steps(self, prompt_ids: list[int], params: SamplingParams, seed: int,
                grammar: GrammarState | None = None) -> Iterator[Step]:
-        from transformers import DynamicCache
-
         generator = torch.Generator(device="cpu").manual_seed(seed)
         seen = torch.tensor(prompt_ids, dtype=torch.long)
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(prompt_ids, cache)
-        generated: list[int] = []
-        while True:
-            step = self._choose(logits, params, seen, generator, generated, grammar)
-            generated.append(step.token_id)
-            yield step
-            if params.repetition_penalty != 1.0:
-                seen = torch.cat([seen, torch.tensor([step.token_id])])
-            logits = self._forward([step.token_id], cache)
+        forward = self._sequence_forward()
+        try:
+            logits = forward(prompt_ids)
+            generated: list[int] = []
+            while True:
+                step = self._choose(logits, params, seen, generator, generated, grammar)
+                generated.append(step.token_id)
+                yield step
+                if params.repetition_penalty != 1.0:
+                    seen = torch.cat([seen, torch.tensor([step.token_id])])
+                logits = forward([step.token_id])
+        finally:
+            forward.close()
+
+    def _sequence_forward(self) -> _SequenceForward:
+        """One sequence's forward: through the slot forward where the model has one, else transformers'."""
+        if slot_support(self.model) is not None:
+            return _TransformersSequence(self)
+        with self._one_sequence_lock:
+            if self._one_sequence is None:
+                self._one_sequence = self.batched_model(1, self.context_length)
+        assert self._one_sequence is not None
+        return _SlotSequence(self._one_sequence, next(self._sequence_ids), self)
 
     # --- batching ----------------------------------------------------------------------------
     def batching_mode(self) -> tuple[str, str]:
@@ -182,3 +200,56 @@ class TransformersEngine(Engine):
         logprobs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
         targets = torch.tensor(completion_ids, device=logprobs.device)
         return float(logprobs.gather(1, targets[:, None]).sum())
+
+
+class _SequenceForward:
+    """Logits of the last position after each call's tokens (the prompt first, then one token at a time)."""
+
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Frees the sequence's KV."""
+
+
+class _TransformersSequence(_SequenceForward):
+    def __init__(self, engine: TransformersEngine) -> None:
+        from transformers import DynamicCache
+
+        self.engine = engine
+        self.cache = DynamicCache(config=engine.model.config)
+
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        return self.engine._forward(ids, self.cache)
+
+
+class _SlotSequence(_SequenceForward):
+    """One sequence in the engine's one-sequence slot model, its KV grown by doubling; the prompt in the
+    scheduler's chunks. The adapter is the one the stream's step runs with (`active_adapter`)."""
+
+    def __init__(self, model: SlotModel, sequence: int, engine: TransformersEngine) -> None:
+        self.model, self.sequence, self.engine = model, sequence, engine
+        self.length = 0  # tokens in the sequence's KV
+        self.capacity = 0
+
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        if self.length + len(ids) > self.model.max_len:
+            raise OwnLLMError(f"the sequence outgrew the model's context of {self.model.max_len} tokens",
+                              param="max_tokens")
+        if self.length + len(ids) > self.capacity:
+            self.capacity = min(self.model.max_len, max(self.length + len(ids), 2 * self.capacity, PREFILL_CHUNK))
+            self.model.reserve(self.sequence, self.capacity + self.model.prefix_len)
+        adapter = self.engine.active_adapter
+        logits = None
+        with torch.inference_mode():
+            while ids:
+                end = (self.length // PREFILL_CHUNK + 1) * PREFILL_CHUNK
+                chunk, ids = ids[: end - self.length], ids[end - self.length :]
+                logits = self.model.forward(torch.tensor([chunk]), torch.tensor([self.sequence]),
+                                            torch.tensor([self.length]), adapters=[adapter])
+                self.length += len(chunk)
+        assert logits is not None
+        return logits[0]
+
+    def close(self) -> None:
+        self.model.release(self.sequence)

@@ -52,6 +52,9 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj",
 _FIXED_ROPE = {"default", "linear", "llama3", "yarn"}
 # Families whose config names each layer's attention (`layer_types`); mistral and phi3 window every layer or none.
 _TYPED_LAYERS = {"qwen2", "gemma3_text"}
+# Prompt tokens per prefill forward (chunks end at its multiples), in the scheduler and the one-sequence path alike:
+# the same chunks give a prompt the same KV and logits on both.
+PREFILL_CHUNK = 256
 # Matmuls of up to PROBE_ROWS rows are probed against a wide one (wider ones are taken to round as it does).
 PROBE_ROWS = 64
 _probed_widths: dict[tuple[torch.dtype, str, int], dict[int, int]] = {}
