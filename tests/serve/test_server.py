@@ -39,8 +39,10 @@ def test_chat_and_greedy_determinism(server) -> None:
 
 def test_stream_with_usage_matches_non_stream(server) -> None:
     client = server.client()
-    plain = client.chat.completions.create(model=MODEL, messages=HELLO, seed=7, max_tokens=24)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, seed=7, max_tokens=24, stream=True,
+    # messages no other test sends: the first request finds none of its prompt in the shared server's prefix cache
+    messages = [{"role": "user", "content": "Write a short poem about the usage of a stream."}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, seed=7, max_tokens=24)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, seed=7, max_tokens=24, stream=True,
                                                  stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
