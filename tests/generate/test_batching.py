@@ -221,7 +221,7 @@ def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
         "mode": "batched", "max_batch": 4, "kv_tokens": 4 * 256, "kv_bytes": 4 * 256 * token_bytes,
         "prefix_caching": True, "int4_rows": 0,  # by default the budget holds max_batch full sequences (when
         # memory allows); no 4-bit kernel unless asked for (the server does) and in bf16
-        "narrow_rows": narrow,  # fp32 steps of a few rows as transposed products where measured faster (then not invariant)
+        "narrow_rows": narrow,  # fp32 steps of a few rows as transposed products where faster (then not invariant)
         "batch_invariant": rows_round_alike(batched.model.dtype, batched.model.device) and not narrow}
     assert isinstance(narrow, int) and 0 <= narrow <= 16
 

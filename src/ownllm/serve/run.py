@@ -88,7 +88,7 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
         elif batching.get("int4_note"):
             mode += f", {batching['int4_note']}"
         if batching.get("narrow_rows"):
-            mode += f", fp32 steps of up to {batching['narrow_rows']} tokens as transposed products (measured faster here)"
+            mode += f", fp32 steps of up to {batching['narrow_rows']} tokens as transposed products (faster here)"
         if batching.get("compiled_steps"):
             mode += f", {batching['compiled_steps']}"
         if batching.get("batch_invariant") is False:
