@@ -165,3 +165,30 @@ def test_batch_matches_one_at_a_time(engine) -> None:
     first, second = engine.generate_batch(prompts, sampled), engine.generate_batch(prompts, sampled)
     assert [c.token_ids for c in first] == [c.token_ids for c in second]
     assert [c.seed for c in first] == [11, 12, 13]
+
+
+def test_one_sequence_runs_through_the_slot_forward_as_transformers_does(engine) -> None:
+    """`ownllm generate` and the API's stream run one sequence through the slot forward (the scheduler's prefill
+    chunks): fp32 greedy gives transformers' own tokens, over a prompt longer than one chunk; the sequence's KV goes
+    when its stream ends; an adapter the model does not have is a clear error."""
+    import ownllm.generate.hf as hf
+    from ownllm.generate.slots import PREFILL_CHUNK
+
+    prompt = "Here is a list of fruits: " + ", ".join(["apple", "pear", "plum", "fig"] * 60) + ". The last one is"
+    assert len(engine.tokenizer(prompt)["input_ids"]) > PREFILL_CHUNK + 10
+    params = SamplingParams(max_new_tokens=12)
+    through_slots = engine.generate(prompt, params)
+    assert engine._one_sequence is not None and engine._one_sequence.buffers == {}  # released at the end
+    stream = engine.stream(prompt, params)
+    next(stream)
+    assert len(engine._one_sequence.buffers) == 1
+    stream.close()
+    assert engine._one_sequence.buffers == {}
+    own_forward = hf.TransformersEngine._sequence_forward
+    try:
+        hf.TransformersEngine._sequence_forward = lambda self: hf._TransformersSequence(self)  # the old path
+        assert engine.generate(prompt, params).token_ids == through_slots.token_ids
+    finally:
+        hf.TransformersEngine._sequence_forward = own_forward
+    with pytest.raises(OwnLLMError, match="no adapter named 'nope'"):
+        engine.generate("Hi", params, adapter="nope")

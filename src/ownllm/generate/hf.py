@@ -235,11 +235,13 @@ class _SlotSequence(_SequenceForward):
     def __call__(self, ids: list[int]) -> torch.Tensor:
         if self.length + len(ids) > self.model.max_len:
             raise OwnLLMError(f"the sequence outgrew the model's context of {self.model.max_len} tokens",
-                              param="max_tokens")
+                              param="max_new_tokens")
+        adapter = self.engine.active_adapter
+        if adapter is not None and adapter not in self.model.adapters:
+            raise OwnLLMError(f"this model has no adapter named {adapter!r}", param="adapter")
         if self.length + len(ids) > self.capacity:
             self.capacity = min(self.model.max_len, max(self.length + len(ids), 2 * self.capacity, PREFILL_CHUNK))
             self.model.reserve(self.sequence, self.capacity + self.model.prefix_len)
-        adapter = self.engine.active_adapter
         logits = None
         with torch.inference_mode():
             while ids:

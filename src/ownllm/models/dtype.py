@@ -225,8 +225,10 @@ def narrow_product_rows(dtype: Any, shapes: list[tuple[int, int]], layers: int =
         # enough copies of the layer to fall out of the CPU caches, as a model's layers do; scaled to `layers`
         copies = min(64, max(1, (64 << 20) // (sum(o * i for o, i in shapes) * dtype.itemsize)))
         stacks = [[torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes]]
-        stacks += [[torch.randn(*output).to(dtype)]] if output else []
-        weight_of = [layers / copies, 1.0]
+        # of a large output layer, a slice of its rows (up to 64 MiB, past the caches too), scaled to the whole
+        kept = min(output[0], max(1, (64 << 20) // (output[1] * dtype.itemsize))) if output else 1
+        stacks += [[torch.randn(kept, output[1]).to(dtype)]] if output else []
+        weight_of = [layers / copies, output[0] / kept if output else 1.0]
         widest = 0
         for rows in range(1, NARROW_ROWS_PROBED + 1):  # the first width it loses at ends the probe
             runs = []
