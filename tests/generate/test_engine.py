@@ -179,6 +179,7 @@ def test_one_sequence_runs_through_the_slot_forward_as_transformers_does(engine)
     params = SamplingParams(max_new_tokens=12)
     through_slots = engine.generate(prompt, params)
     assert engine._one_sequence is not None and engine._one_sequence.buffers == {}  # released at the end
+    assert engine._one_sequence.max_len < engine.context_length  # sized to the sequences asked for, not the context
     stream = engine.stream(prompt, params)
     next(stream)
     assert len(engine._one_sequence.buffers) == 1
@@ -186,7 +187,7 @@ def test_one_sequence_runs_through_the_slot_forward_as_transformers_does(engine)
     assert engine._one_sequence.buffers == {}
     own_forward = hf.TransformersEngine._sequence_forward
     try:
-        hf.TransformersEngine._sequence_forward = lambda self: hf._TransformersSequence(self)  # the old path
+        hf.TransformersEngine._sequence_forward = lambda self, tokens: hf._TransformersSequence(self)  # the old path
         assert engine.generate(prompt, params).token_ids == through_slots.token_ids
     finally:
         hf.TransformersEngine._sequence_forward = own_forward

@@ -111,7 +111,7 @@ class TransformersEngine(Engine):
                grammar: GrammarState | None = None) -> Iterator[Step]:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         seen = torch.tensor(prompt_ids, dtype=torch.long)
-        forward = self._sequence_forward()
+        forward = self._sequence_forward(len(prompt_ids) + params.max_new_tokens)
         try:
             logits = forward(prompt_ids)
             generated: list[int] = []
@@ -125,15 +125,20 @@ class TransformersEngine(Engine):
         finally:
             forward.close()
 
-    def _sequence_forward(self) -> _SequenceForward:
-        """One sequence's forward: through the slot forward where the model has one, else transformers'."""
+    def _sequence_forward(self, tokens: int) -> _SequenceForward:
+        """The forward of one sequence of up to `tokens` tokens: through the slot forward where the model has one,
+        else transformers'. The one-sequence slot model is sized to the longest sequence asked for so far, grown by
+        doubling, not to the whole context: its rotary tables for a 128k context would be ~100 MB."""
         if slot_support(self.model) is not None:
             return _TransformersSequence(self)
         with self._one_sequence_lock:
-            if self._one_sequence is None:
-                self._one_sequence = self.batched_model(1, self.context_length)
-        assert self._one_sequence is not None
-        return _SlotSequence(self._one_sequence, next(self._sequence_ids), self)
+            held = self._one_sequence.max_len if self._one_sequence is not None else 0
+            if held < tokens:  # (streams running meanwhile keep the model they started on)
+                self._one_sequence = self.batched_model(1, min(self.context_length,
+                                                               max(tokens, 2 * held, PREFILL_CHUNK)))
+            model = self._one_sequence
+        assert model is not None
+        return _SlotSequence(model, next(self._sequence_ids), self)
 
     # --- batching ----------------------------------------------------------------------------
     def batching_mode(self) -> tuple[str, str]:
