@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
 
 import pytest
 
@@ -66,6 +67,27 @@ def test_dtype_is_measured_where_bf16_is_native(monkeypatch, tmp_path) -> None:
     choice = dtype_module.choose_dtype("auto", "cpu")
     assert choice.dtype in ("float32", "bfloat16") and "measured" in choice.reason
     assert (tmp_path / "hardware.json").is_file()  # cached: the next load does not measure again
+
+
+def test_fp32_is_timed_as_the_slot_forward_computes_a_few_rows(monkeypatch, tmp_path) -> None:
+    """MKL's F.linear of one fp32 row is slow where the transposed product is not: the verdict for a few rows weighs
+    fp32 as the slot forward computes it, except where a GGUF's 4-bit weights run as stored (bf16 only)."""
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    monkeypatch.setattr(dtype_module, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    timed: list[int] = []
+
+    def turns(runs: list, rounds: int = 5) -> list[float]:  # fp32 F.linear 3, bf16 2, fp32 transposed 1
+        timed.append(len(runs))
+        return [3.0, 2.0, 1.0][: len(runs)]
+
+    monkeypatch.setattr(dtype_module, "best_of_turns", turns)
+    config = types.SimpleNamespace(hidden_size=64, intermediate_size=128)
+    choice = dtype_module.choose_dtype("auto", "cpu", config, rows=1)
+    assert choice.dtype == "float32" and "transposed products" in choice.reason and timed == [3]
+    assert dtype_module.choose_dtype("auto", "cpu", config, rows=1, narrow_fp32=False).dtype == "bfloat16"
+    wide = dtype_module.NARROW_ROWS_PROBED + 1
+    assert dtype_module.choose_dtype("auto", "cpu", config, rows=wide).dtype == "bfloat16"
+    assert timed == [3, 2, 2]  # each verdict measured once, and kept apart
 
 
 def test_decode_attention_dtype_is_measured_once_and_kept(monkeypatch, tmp_path) -> None:

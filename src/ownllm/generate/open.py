@@ -14,7 +14,7 @@ Backend = Literal["auto", "transformers", "llama.cpp"]
 
 
 def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device: str = "auto",
-                batch_rows: int = 1, quant: str | None = None) -> Engine:
+                batch_rows: int = 1, quant: str | None = None, gguf_int4: bool = False) -> Engine:
     """Load a model behind the Engine interface.
 
     Args:
@@ -25,6 +25,7 @@ def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device
         device: transformers backend only: auto, cpu or cuda.
         batch_rows: sequences usually decoded together (a server's batch), for the dtype measurement.
         quant: transformers backend only: int8 or nf4 (bitsandbytes); None runs the weights as they are.
+        gguf_int4: a GGUF's 4-bit tensors will run as stored where they can (the dtype measurement weighs that).
     """
     if backend not in ("auto", "transformers", "llama.cpp"):
         raise OwnLLMError(f"unknown backend '{backend}'", param="backend",
@@ -44,4 +45,4 @@ def open_engine(spec: str, *, backend: str = "auto", dtype: str = "auto", device
     from ownllm.generate.hf import TransformersEngine
 
     return TransformersEngine(load_model(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quant,
-                                         scoped=True))
+                                         scoped=True, gguf_int4=gguf_int4))

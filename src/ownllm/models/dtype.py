@@ -67,7 +67,8 @@ def normalize_dtype(requested: str) -> str:
         ) from None
 
 
-def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = None, rows: int = 1) -> DtypeChoice:
+def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = None, rows: int = 1,
+                 narrow_fp32: bool = True) -> DtypeChoice:
     """The dtype to compute in: the user's choice, else the fastest correct one for this device.
 
     Args:
@@ -75,6 +76,9 @@ def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = Non
         device: cpu or cuda[:N].
         config: the model's config; its layer shapes make the CPU measurement representative.
         rows: sequences decoded together (1 for one stream; a server batches several).
+        narrow_fp32: fp32 products of a few rows are timed as the slot forward computes them where that is faster
+            (`narrow_product`); False where the model will run a GGUF's 4-bit weights as stored, which the int4
+            kernel does in bf16 only, so that bf16's measured case is the one to keep.
     """
     import torch
 
@@ -87,7 +91,7 @@ def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = Non
     flags = cpu_flags()
     if not flags & _NATIVE_BF16_FLAGS:
         return DtypeChoice("float32", "CPU has no native bf16 (bf16 would be many times slower)")
-    return _measured_cpu_choice(flags, _layer_shapes(config), rows)
+    return _measured_cpu_choice(flags, _layer_shapes(config), rows, narrow_fp32 and rows <= NARROW_ROWS_PROBED)
 
 
 def _layer_shapes(config: Any) -> list[tuple[int, int]]:
@@ -97,14 +101,18 @@ def _layer_shapes(config: Any) -> list[tuple[int, int]]:
     return [(hidden, hidden)] * 4 + [(inner, hidden), (inner, hidden), (hidden, inner)]
 
 
-def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: int) -> DtypeChoice:
+def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: int, narrow: bool) -> DtypeChoice:
     import torch
 
     def measure() -> dict[str, str]:
-        decode32, decode16 = _time_decodes((torch.float32, torch.bfloat16), shapes, rows)
+        decode32, decode16, *narrow32 = _time_decodes((torch.float32, torch.bfloat16), shapes, rows,
+                                                      narrow=(torch.float32,) if narrow else ())
+        # fp32 as the slot forward computes a few rows: the faster of F.linear and the transposed product
+        transposed = " (fp32 as transposed products)" if narrow32 and narrow32[0] < decode32 else ""
+        decode32 = min([decode32, *narrow32])
         # Decoding is memory-bound matrix-vector work on these shapes, and dominates generation time:
         # bf16 must be clearly faster there, not just on big batched matmuls.
-        measured = f"decode-shaped matmuls, {rows} row(s): {decode32 / decode16:.2f}x fp32 speed"
+        measured = f"decode-shaped matmuls, {rows} row(s){transposed}: {decode32 / decode16:.2f}x fp32 speed"
         if decode16 < 0.9 * decode32:
             return {"dtype": "bfloat16", "reason": f"native bf16 measured faster ({measured})"}
         return {"dtype": "float32", "reason": f"native bf16 measured no faster ({measured})"}
@@ -113,8 +121,10 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: i
         return isinstance(cached, dict) and cached.get("dtype") in ("float32", "bfloat16") and isinstance(
             cached.get("reason"), str)
 
-    # "turns": verdicts from before the dtypes were timed in turns are measured again (some were noise)
-    signature = f"turns|{cpu_model()}|{sorted(flags)}|{torch.__version__}|{shapes}|{rows}"
+    # "turns": verdicts from before the dtypes were timed in turns are measured again (some were noise); "narrow":
+    # those from before fp32 was timed as narrow products too, and the thread count, which those depend on
+    timed = f"narrow|{torch.get_num_threads()}" if narrow else "turns"
+    signature = f"{timed}|{cpu_model()}|{sorted(flags)}|{torch.__version__}|{shapes}|{rows}"
     choice = remembered_measurement("choices", signature, valid, measure)
     return DtypeChoice(choice["dtype"], choice["reason"])
 
@@ -170,18 +180,27 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _time_decodes(dtypes: tuple[Any, ...], shapes: list[tuple[int, int]], rows: int = 1, rounds: int = 5,
-                  budget_bytes: int = 96 << 20) -> list[float]:
+                  budget_bytes: int = 96 << 20, narrow: tuple[Any, ...] = ()) -> list[float]:
     """Seconds per dtype for `rows`-row products through enough copies of a layer to fall out of the CPU caches,
-    the best of `rounds`. The dtypes take turns round by round, so that a burst of other work on the machine
-    slows both alike instead of deciding the verdict kept for good."""
+    the best of `rounds`; then, for each dtype in `narrow`, the same products as `narrow_product` computes them.
+    The runs take turns round by round, so that a burst of other work on the machine slows all alike instead of
+    deciding the verdict kept for good."""
     import torch
 
-    layer_bytes = sum(o * i for o, i in shapes) * 4
-    copies = max(1, budget_bytes // layer_bytes)
-    weights = {dtype: [torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes] for dtype in dtypes}
+    copies = max(1, budget_bytes // (sum(o * i for o, i in shapes) * 4))
+    weights = {dtype: _layer_copies(shapes, dtype, copies) for dtype in dtypes}
     inputs = {dtype: {i: torch.randn(rows, i).to(dtype) for _, i in shapes} for dtype in dtypes}
-    return best_of_turns([functools.partial(linear_products, weights[dtype], inputs[dtype]) for dtype in dtypes],
-                         rounds)
+    runs = [functools.partial(linear_products, weights[dtype], inputs[dtype]) for dtype in dtypes]
+    runs += [functools.partial(_narrow_products, weights[dtype], inputs[dtype]) for dtype in narrow]
+    return best_of_turns(runs, rounds)
+
+
+def _layer_copies(shapes: list[tuple[int, int]], dtype: Any, copies: int) -> list[Any]:
+    """`copies` random copies of a layer's [out, in] weights: enough of them, one after another, read past the CPU
+    caches as a model's layers are."""
+    import torch
+
+    return [torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes]
 
 
 def linear_products(weights: list[Any], inputs: dict[int, Any]) -> None:
@@ -224,7 +243,7 @@ def narrow_product_rows(dtype: Any, shapes: list[tuple[int, int]], layers: int =
     def measure() -> int:
         # enough copies of the layer to fall out of the CPU caches, as a model's layers do; scaled to `layers`
         copies = min(64, max(1, (64 << 20) // (sum(o * i for o, i in shapes) * dtype.itemsize)))
-        stacks = [[torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes]]
+        stacks = [_layer_copies(shapes, dtype, copies)]
         # of a large output layer, a slice of its rows (up to 64 MiB, past the caches too), scaled to the whole
         kept = min(output[0], max(1, (64 << 20) // (output[1] * dtype.itemsize))) if output else 1
         stacks += [[torch.randn(kept, output[1]).to(dtype)]] if output else []

@@ -137,7 +137,7 @@ def _gguf_reading(source: ResolvedModel) -> contextlib.AbstractContextManager[No
 
 
 def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = "auto", batch_rows: int = 1,
-               quantize: str | None = None, scoped: bool = False) -> LoadedModel:
+               quantize: str | None = None, scoped: bool = False, gguf_int4: bool = False) -> LoadedModel:
     """Load weights and tokenizer for inference.
 
     Args:
@@ -145,6 +145,8 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
         dtype: auto (measured for this hardware), fp32, bf16 or fp16.
         device: auto, cpu or cuda[:N].
         batch_rows: how many sequences will usually decode together (the dtype is measured for that).
+        gguf_int4: the caller runs a GGUF's 4-bit tensors as stored where it can (a server's `--gguf-int4`): that
+            kernel computes in bf16, so fp32 is then timed as F.linear alone (`choose_dtype`'s `narrow_fp32`).
         quantize: "4bit" (QLoRA) or "nf4" loads the weights as NF4 with bitsandbytes, computing in `dtype`;
             "int8" as LLM.int8 (bitsandbytes' 8-bit absmax with outliers kept in 16 bits).
         scoped: a LoRA adapter folder with a scope (ownllm.models.scope) comes back as the base model with the
@@ -165,14 +167,17 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
                               hint="run it as it is (no --quant), or --backend llama.cpp")
     if source.kind == "adapter":
         return _load_adapter(source, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize,
-                             scoped=scoped)
+                             scoped=scoped, gguf_int4=gguf_int4)
     device = pick_device(device)
     with _gguf_reading(source):  # tokenizer, config and weights from one parse of a GGUF's metadata
         tokenizer = load_tokenizer(source)
         location, args = _source_args(source)
         with _hub_errors(source):
             config = AutoConfig.from_pretrained(location, **args)
-        choice = choose_dtype(dtype, device, config, batch_rows)
+        # fp32 steps of a few rows run as transposed products in the slot forward, unless the weights are
+        # bitsandbytes' or a GGUF's 4-bit ones run as stored (bf16)
+        narrow = quantize is None and not (gguf_int4 and source.gguf_file is not None)
+        choice = choose_dtype(dtype, device, config, batch_rows, narrow_fp32=narrow)
         with _hub_errors(source):
             if source.kind == "gguf":
                 model = load_gguf_weights(source.path, dtype=getattr(torch, choice.dtype))
@@ -232,14 +237,15 @@ def _eight_bit(device: str) -> dict[str, Any]:
 
 
 def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows: int,
-                  quantize: str | None = None, scoped: bool = False) -> LoadedModel:
+                  quantize: str | None = None, scoped: bool = False, gguf_int4: bool = False) -> LoadedModel:
     """Base model + adapter: LoRA merged for inference speed (the weights in memory are the tuned model), prompt
     tuning as learned embeddings put before every prompt (there is nothing to merge)."""
     adapter = Adapter.open(source.path)  # checked before the base is loaded: a bad folder costs no work
     if adapter.base_model is None:
         raise OwnLLMError(f"{source.path}: the adapter does not say which base model it belongs to",
                           kind="not_found", param="model")
-    base = load_model(adapter.base_model, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize)
+    base = load_model(adapter.base_model, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize,
+                      gguf_int4=gguf_int4)
     tokenizer = load_tokenizer(source) if (source.path / "tokenizer_config.json").is_file() else base.tokenizer
     if adapter.kind == "prompt_tuning":
         return LoadedModel(model=base.model, tokenizer=tokenizer, source=source, dtype=base.dtype,

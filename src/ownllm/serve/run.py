@@ -46,7 +46,8 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
         from ownllm.finetune.classify import Classifier
 
         loaded_classifiers = {name: Classifier(Path(run)) for name, run in classifiers.items()}
-    engine = open_engine(model, dtype=dtype, backend=backend, batch_rows=min(max_batch, 8), quant=quant)
+    engine = open_engine(model, dtype=dtype, backend=backend, batch_rows=min(max_batch, 8), quant=quant,
+                         gguf_int4=four_bit)
     scheduler = make_scheduler(engine, max_batch=max_batch, max_queue=max_queue,
                                max_len=max_model_len or min(engine.context_length, 2048), kv_memory=kv_memory,
                                prefix_caching=prefix_caching, four_bit=four_bit)
