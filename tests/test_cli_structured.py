@@ -31,6 +31,14 @@ def test_generate_with_a_schema_file(default_model: str, tmp_path: Path) -> None
     jsonschema.validate(json.loads(reply["text"]), RATING)
 
 
+@pytest.mark.slow
+def test_a_choice_answers_with_one_of_the_list(default_model: str) -> None:
+    result = run_cli("generate", default_model, "Is the sky blue? Answer yes or no.", "--chat", "--choice", "yes,no")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in ("yes", "no")
+    assert "finish: stop" in result.stderr and "0.0 tok/s" not in result.stderr  # no rate without decode steps
+
+
 def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
     """The CLI in this process (every case fails before a model loads): its exit code and output, as a run."""
     code = main(list(args))

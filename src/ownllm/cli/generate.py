@@ -142,7 +142,10 @@ def generate(
         out.print(completion.text, soft_wrap=True, end="")
     out.print()
     seed_note = f", seed {completion.seed}" if completion.seed is not None else ""
-    err.print(f"[dim]{completion.completion_tokens} tokens, {completion.tokens_per_second:.1f} tok/s, "
+    count = completion.completion_tokens
+    # the rate is of decode steps, after the first token: a one-token reply (a --choice answer) has none
+    rate = f", {completion.tokens_per_second:.1f} tok/s" if count > 1 else ""
+    err.print(f"[dim]{count} token{'s' if count != 1 else ''}{rate}, "
               f"finish: {completion.finish_reason}, {engine.backend}{seed_note}[/dim]")
     if params.constraint is not None and completion.finish_reason == "length":
         err.print(f"[yellow]max-new-tokens ran out before the output was complete: it does not follow "
