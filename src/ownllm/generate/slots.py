@@ -34,11 +34,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ownllm.errors import OwnLLMError, env_switch
+from ownllm.errors import OwnLLMError
 from ownllm.generate import compiled_decode
 from ownllm.generate.compiled_decode import CompiledSteps, _rms, decode_attention, llama_norm, rope
 from ownllm.models.adapters import Adapter, LoraWeights
-from ownllm.models.dtype import narrow_product, narrow_product_rows, upcast_decode_attention
+from ownllm.models.dtype import (
+    batch_invariance_asked,
+    narrow_product,
+    narrow_product_rows,
+    slot_product_shapes,
+    upcast_decode_attention,
+)
 from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, has_gguf, int4_row_limit, pack
 
 log = logging.getLogger(__name__)
@@ -58,12 +64,6 @@ PREFILL_CHUNK = 256
 # Matmuls of up to PROBE_ROWS rows are probed against a wide one (wider ones are taken to round as it does).
 PROBE_ROWS = 64
 _probed_widths: dict[tuple[torch.dtype, str, int], dict[int, int]] = {}
-
-
-def batch_invariance_asked() -> bool:
-    """`OWNLLM_BATCH_INVARIANT=1` (as vLLM's VLLM_BATCH_INVARIANT): a row's logits never depend on which other
-    rows share its forward, at the cost of narrow steps computed wider where the CPU needs it."""
-    return env_switch("OWNLLM_BATCH_INVARIANT", default=False)
 
 
 def invariant_widths(dtype: torch.dtype, device: torch.device) -> dict[int, int]:
@@ -453,9 +453,8 @@ class SlotModel:
         self.four_bit, self.four_bit_rows = stored, limit
 
     def _measured_narrow_rows(self) -> int:
-        hidden, heads, kv_heads, head_dim = self.config.hidden_size, self.heads, self.kv_heads, self.head_dim
-        shapes = [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim),
-                  (2 * self.intermediate, hidden), (hidden, self.intermediate)]
+        shapes = slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
+                                     self.intermediate)
         try:
             return narrow_product_rows(torch.float32, shapes, len(self.layers), tuple(self.weights.lm_head.shape))
         except Exception as exc:  # a measurement that fails costs the speed-up, not the forward

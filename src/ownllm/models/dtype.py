@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ownllm.errors import OwnLLMError
+from ownllm.errors import OwnLLMError, env_switch
 from ownllm.home import atomic_write_json, open_lock_file, ownllm_home
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,10 @@ def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = Non
         device: cpu or cuda[:N].
         config: the model's config; its layer shapes make the CPU measurement representative.
         rows: sequences decoded together (1 for one stream; a server batches several).
-        narrow_fp32: fp32 products of a few rows are timed as the slot forward computes them where that is faster
-            (`narrow_product`); False where the model will run a GGUF's 4-bit weights as stored, which the int4
-            kernel does in bf16 only, so that bf16's measured case is the one to keep.
+        narrow_fp32: fp32 products of a few rows are timed as the slot forward computes them, as `narrow_product`
+            where its own measurement (`decoder_narrow_rows`) found that faster for this many rows; False where
+            the model will run a GGUF's 4-bit weights as stored, which the int4 kernel does in bf16 only, so that
+            bf16's measured case is the one to keep.
     """
     import torch
 
@@ -91,7 +92,8 @@ def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = Non
     flags = cpu_flags()
     if not flags & _NATIVE_BF16_FLAGS:
         return DtypeChoice("float32", "CPU has no native bf16 (bf16 would be many times slower)")
-    return _measured_cpu_choice(flags, _layer_shapes(config), rows, narrow_fp32 and rows <= NARROW_ROWS_PROBED)
+    narrow_rows = decoder_narrow_rows(config) if narrow_fp32 and rows <= NARROW_ROWS_PROBED else 0
+    return _measured_cpu_choice(flags, _layer_shapes(config), rows, rows <= narrow_rows)
 
 
 def _layer_shapes(config: Any) -> list[tuple[int, int]]:
@@ -107,9 +109,9 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: i
     def measure() -> dict[str, str]:
         decode32, decode16, *narrow32 = _time_decodes((torch.float32, torch.bfloat16), shapes, rows,
                                                       narrow=(torch.float32,) if narrow else ())
-        # fp32 as the slot forward computes a few rows: the faster of F.linear and the transposed product
-        transposed = " (fp32 as transposed products)" if narrow32 and narrow32[0] < decode32 else ""
-        decode32 = min([decode32, *narrow32])
+        # fp32 as the slot forward computes these rows: as transposed products (its own verdict, `narrow`)
+        transposed = " (fp32 as transposed products)" if narrow else ""
+        decode32 = narrow32[0] if narrow else decode32
         # Decoding is memory-bound matrix-vector work on these shapes, and dominates generation time:
         # bf16 must be clearly faster there, not just on big batched matmuls.
         measured = f"decode-shaped matmuls, {rows} row(s){transposed}: {decode32 / decode16:.2f}x fp32 speed"
@@ -122,7 +124,8 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: i
             cached.get("reason"), str)
 
     # "turns": verdicts from before the dtypes were timed in turns are measured again (some were noise); "narrow":
-    # those from before fp32 was timed as narrow products too, and the thread count, which those depend on
+    # fp32 timed as narrow products, as the slot forward's own verdict for these rows says it runs them (a verdict
+    # measured on this thread count)
     timed = f"narrow|{torch.get_num_threads()}" if narrow else "turns"
     signature = f"{timed}|{cpu_model()}|{sorted(flags)}|{torch.__version__}|{shapes}|{rows}"
     choice = remembered_measurement("choices", signature, valid, measure)
@@ -269,6 +272,41 @@ def narrow_product_rows(dtype: Any, shapes: list[tuple[int, int]], layers: int =
         "narrow_products", signature,
         lambda kept: isinstance(kept, int) and not isinstance(kept, bool) and 0 <= kept <= NARROW_ROWS_PROBED,
         measure)
+
+
+def batch_invariance_asked() -> bool:
+    """`OWNLLM_BATCH_INVARIANT=1` (as vLLM's VLLM_BATCH_INVARIANT): a row's logits never depend on which other
+    rows share its forward, at the cost of narrow steps computed wider where the CPU needs it (and no
+    `narrow_product`, whose rounding differs from a wide product's)."""
+    return env_switch("OWNLLM_BATCH_INVARIANT", default=False)
+
+
+def slot_product_shapes(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int
+                        ) -> list[tuple[int, int]]:
+    """[out, in] of a decoder layer's products as the slot forward fuses them: q|k|v, o, gate|up, down."""
+    return [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * intermediate, hidden),
+            (hidden, intermediate)]
+
+
+def decoder_narrow_rows(config: Any) -> int:
+    """`narrow_product_rows` for an fp32 decoder of this config, as the slot forward measures it (the same verdict,
+    kept once): up to how many rows its products run as `narrow_product`. 0 where invariance is asked (the slot
+    forward then never uses them) or the config lacks a decoder's sizes."""
+    import torch
+
+    text = getattr(config, "text_config", None) or config
+    try:
+        hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+        intermediate, layers = int(text.intermediate_size), int(text.num_hidden_layers)
+        vocabulary = int(text.vocab_size)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return 0
+    if batch_invariance_asked():
+        return 0
+    return narrow_product_rows(torch.float32, slot_product_shapes(hidden, heads, kv_heads, head_dim, intermediate),
+                               layers, (vocabulary, hidden))
 
 
 def narrow_product(x: Any, weight: Any) -> Any:
