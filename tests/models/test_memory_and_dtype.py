@@ -56,9 +56,12 @@ def test_dtype_choice(monkeypatch) -> None:
     assert dtype_module.choose_dtype("fp32").dtype == "float32"
     with pytest.raises(OwnLLMError, match="unknown dtype"):
         dtype_module.choose_dtype("fp8")
+    with pytest.raises(OwnLLMError, match=r"unknown dtype 'x{40}\.\.\.' \(use"):
+        dtype_module.choose_dtype("x" * 100_000)
     monkeypatch.setattr(dtype_module, "cpu_flags", lambda: {"avx2", "fma"})
     choice = dtype_module.choose_dtype("auto", "cpu")
     assert choice.dtype == "float32" and "no native bf16" in choice.reason
+    assert dtype_module.choose_dtype("Auto", "cpu") == choice  # any case, as FP32 or BF16
 
 
 def test_dtype_is_measured_where_bf16_is_native(monkeypatch, tmp_path) -> None:

@@ -62,8 +62,9 @@ def normalize_dtype(requested: str) -> str:
     try:
         return DTYPES[requested.lower()]
     except KeyError:
+        shown = requested if len(requested) <= 40 else requested[:40] + "..."  # not a screenful of a pasted value
         raise OwnLLMError(
-            f"unknown dtype '{requested}'", param="dtype", hint="use auto, fp32, bf16 or fp16"
+            f"unknown dtype '{shown}'", param="dtype", hint="use auto, fp32, bf16 or fp16"
         ) from None
 
 
@@ -83,7 +84,7 @@ def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = Non
     """
     import torch
 
-    if requested != "auto":
+    if requested.lower() != "auto":  # as the dtype names: any case
         return DtypeChoice(normalize_dtype(requested), "requested")
     if device.startswith("cuda"):
         if torch.cuda.is_bf16_supported():
