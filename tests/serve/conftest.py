@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -24,8 +25,10 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self._own_data: Path | None = None  # a data folder made here, removed at stop (never one passed in)
         if "--data-dir" not in args and "--no-jobs" not in args:  # files and jobs of this server only
-            args = (*args, "--data-dir", tempfile.mkdtemp(prefix="ownllm-server-"))
+            self._own_data = Path(tempfile.mkdtemp(prefix="ownllm-server-"))
+            args = (*args, "--data-dir", str(self._own_data))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ownllm-serve-{self.port}.log"
@@ -50,11 +53,16 @@ class Server:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
     def stop(self) -> None:
+        """Stop the server and remove what it left in the temporary folder (its log, its own data folder)."""
         self.process.terminate()
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        self.log.unlink(missing_ok=True)
+        if self._own_data is not None:
+            shutil.rmtree(self._own_data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
