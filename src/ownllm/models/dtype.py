@@ -108,11 +108,10 @@ def _measured_cpu_choice(flags: set[str], shapes: list[tuple[int, int]], rows: i
     import torch
 
     def measure() -> dict[str, str]:
-        decode32, decode16, *narrow32 = _time_decodes((torch.float32, torch.bfloat16), shapes, rows,
-                                                      narrow=(torch.float32,) if narrow else ())
-        # fp32 as the slot forward computes these rows: as transposed products (its own verdict, `narrow`)
+        # fp32 as the slot forward computes these rows: as transposed products where its own verdict says so
+        decode32, decode16 = _time_decodes((torch.float32, torch.bfloat16), shapes, rows,
+                                           narrow=(torch.float32,) if narrow else ())
         transposed = " (fp32 as transposed products)" if narrow else ""
-        decode32 = narrow32[0] if narrow else decode32
         # Decoding is memory-bound matrix-vector work on these shapes, and dominates generation time:
         # bf16 must be clearly faster there, not just on big batched matmuls.
         measured = f"decode-shaped matmuls, {rows} row(s){transposed}: {decode32 / decode16:.2f}x fp32 speed"
@@ -186,17 +185,16 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _time_decodes(dtypes: tuple[Any, ...], shapes: list[tuple[int, int]], rows: int = 1, rounds: int = 5,
                   budget_bytes: int = 96 << 20, narrow: tuple[Any, ...] = ()) -> list[float]:
     """Seconds per dtype for `rows`-row products through enough copies of a layer to fall out of the CPU caches,
-    the best of `rounds`; then, for each dtype in `narrow`, the same products as `narrow_product` computes them.
-    The runs take turns round by round, so that a burst of other work on the machine slows all alike instead of
+    the best of `rounds`: as F.linear computes them, or for the dtypes in `narrow` as `narrow_product` does. The
+    dtypes take turns round by round, so that a burst of other work on the machine slows both alike instead of
     deciding the verdict kept for good."""
     import torch
 
     copies = max(1, budget_bytes // (sum(o * i for o, i in shapes) * 4))
     weights = {dtype: _layer_copies(shapes, dtype, copies) for dtype in dtypes}
     inputs = {dtype: {i: torch.randn(rows, i).to(dtype) for _, i in shapes} for dtype in dtypes}
-    runs = [functools.partial(linear_products, weights[dtype], inputs[dtype]) for dtype in dtypes]
-    runs += [functools.partial(_narrow_products, weights[dtype], inputs[dtype]) for dtype in narrow]
-    return best_of_turns(runs, rounds)
+    return best_of_turns([functools.partial(_narrow_products if dtype in narrow else linear_products,
+                                            weights[dtype], inputs[dtype]) for dtype in dtypes], rounds)
 
 
 def _layer_copies(shapes: list[tuple[int, int]], dtype: Any, copies: int) -> list[Any]:
@@ -295,19 +293,16 @@ def decoder_narrow_rows(config: Any) -> int:
     forward then never uses them) or the config lacks a decoder's sizes."""
     import torch
 
-    text = getattr(config, "text_config", None) or config
-    try:
-        hidden, heads = int(text.hidden_size), int(text.num_attention_heads)
-        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
-        intermediate, layers = int(text.intermediate_size), int(text.num_hidden_layers)
-        vocabulary = int(text.vocab_size)
-    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
-        return 0
+    from ownllm.models.memory import shape_from_config
+
     if batch_invariance_asked():
         return 0
-    return narrow_product_rows(torch.float32, slot_product_shapes(hidden, heads, kv_heads, head_dim, intermediate),
-                               layers, (vocabulary, hidden))
+    try:  # (the sizes as the memory estimate reads them; params given: nothing counted)
+        shape = shape_from_config(getattr(config, "text_config", None) or config, params=0, source="")
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 0
+    shapes = slot_product_shapes(shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate)
+    return narrow_product_rows(torch.float32, shapes, shape.layers, (shape.vocab, shape.hidden))
 
 
 def narrow_product(x: Any, weight: Any) -> Any:

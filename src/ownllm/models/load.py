@@ -16,6 +16,7 @@ from ownllm.models.adapters import Adapter, LoraWeights
 from ownllm.models.dtype import DtypeChoice, choose_dtype
 from ownllm.models.gguf_file import check_gguf, gguf_tensors, one_reader_per_file
 from ownllm.models.gguf_int4 import remember_gguf
+from ownllm.models.memory import context_length_of
 from ownllm.models.resolve import ResolvedModel, resolve
 from ownllm.models.scope import AdapterScope
 
@@ -37,15 +38,6 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         return context_length_of(self.model.config, self.tokenizer)
-
-
-def context_length_of(config: Any, tokenizer: Any = None) -> int:
-    for field in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, field, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -67,6 +67,16 @@ def shape_for_size(params: int) -> ModelShape:
                       source=f"size {params / 1e9:g}B; layer shapes assumed like {name}")
 
 
+def context_length_of(config: Any, tokenizer: Any = None) -> int:
+    """The context window a model config declares; where it declares none, the tokenizer's limit, else 2048."""
+    for field in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
+
+
 def shape_from_config(config: Any, params: int | None, source: str) -> ModelShape:
     hidden = config.hidden_size
     heads = config.num_attention_heads
@@ -79,8 +89,6 @@ def shape_from_config(config: Any, params: int | None, source: str) -> ModelShap
         per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter + 2 * hidden
         tied = getattr(config, "tie_word_embeddings", False)
         params = layers * per_layer + vocab * hidden * (1 if tied else 2) + hidden
-    from ownllm.models.load import context_length_of
-
     return ModelShape(params, layers, hidden, heads, kv_heads, head_dim, inter, vocab,
                       context_length_of(config), source=source)
 
