@@ -31,10 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Imported before forking: what nearly every `ownllm` verb that touches a model imports (not trl or datasets: they
-# start a thread, and a fork copies no threads).
+# Imported before forking: what nearly every `ownllm` verb that touches a model imports, and what many calls import
+# on top of that (a suite census: sentence-transformers for adapter scopes and RAG ~16 CPU-s over the calls, typer's
+# parameter adapters on every call ~8 s, matplotlib for run plots, rouge for eval, trl and the Trainer for
+# fine-tuning). sentence-transformers brings in pyarrow, whose jemalloc starts a background thread: a fork copies
+# no threads, and jemalloc's own fork handlers leave the child's background purging off, as for any forked child.
 PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "ownllm.cli",
-           "ownllm.generate.engine", "ownllm.generate.hf", "ownllm.models.load")
+           "ownllm.generate.engine", "ownllm.generate.hf", "ownllm.models.load", "typer._adapters",
+           "sentence_transformers", "transformers.trainer", "trl", "rouge_score.rouge_scorer", "matplotlib.pyplot")
 # Differences here need no fresh interpreter: pytest sets the first per test; scikit-learn (imported by tests in
 # the test process) sets the KMP ones for Intel's OpenMP, which torch's CPU build does not use (it has GNU's); a
 # TRL trainer run in the test process sets inductor's cache folder, read only when something compiles; ownllm reads
@@ -61,6 +65,9 @@ def _serve(socket_path: str) -> None:
     sys.path.pop(0)  # this file's folder (tests/): `python -m ownllm` has the working directory there instead
     from ownllm.collector import import_at_start
 
+    import matplotlib
+
+    matplotlib.use("Agg")  # as ownllm's plots choose it: pyplot then imports no GUI toolkit
     import_at_start(*PRELOAD)
     _warm_model_loading()
     parent = os.getppid()
