@@ -63,9 +63,9 @@ class _Child(Exception):
 
 def _serve(socket_path: str) -> None:
     sys.path.pop(0)  # this file's folder (tests/): `python -m ownllm` has the working directory there instead
-    from ownllm.collector import import_at_start
-
     import matplotlib
+
+    from ownllm.collector import import_at_start
 
     matplotlib.use("Agg")  # as ownllm's plots choose it: pyplot then imports no GUI toolkit
     import_at_start(*PRELOAD)

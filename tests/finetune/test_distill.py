@@ -85,6 +85,24 @@ def test_training_loss_is_cross_entropy_on_facts_and_zero_kl_on_replay_before_tr
     assert float(fact_loss) == pytest.approx(float(reference), rel=1e-4)
 
 
+def test_targets_read_under_the_training_steps_autocast_start_the_kl_nearer_zero(model_and_rows,
+                                                                                 tmp_path: Path) -> None:
+    """Where the training steps run under bf16 autocast, targets read under it too leave the student before its
+    first step at (near) zero KL; fp32 targets would push it towards fp32's logits from the first step."""
+    from transformers import TrainingArguments
+
+    model, rows, pad = model_and_rows
+    trainer = distill_trainer_class()(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True,
+                                                                          report_to=[]))
+    kl = {}
+    for mixed in (False, True):
+        replay = [dict(rows[0]), dict(rows[1])]
+        attach_teacher(replay, teacher_targets(model, replay, pad, mixed_bf16=mixed))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            kl[mixed] = abs(float(trainer.compute_loss(model, TeacherCollator(pad)(replay))))
+    assert kl[True] < 1e-3 and kl[True] < kl[False], kl
+
+
 def test_shipped_replay_prompts_are_not_the_benchmark_questions() -> None:
     """Retention is measured on questions replay never saw: not the same question, nor the same content words
     under another instruction ("Reply in one word: what do bees make?" is "What do bees make?")."""

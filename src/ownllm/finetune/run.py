@@ -113,8 +113,9 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
 
     model, tokenizer, base = build_model(cfg)
     varied = varies_system(cfg, data)  # decided once: the data, then the note
-    train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir, model, varied=varied)
-    trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows)
+    mixed = _mixed_bf16(cfg, model)
+    train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir, model, varied=varied, mixed_bf16=mixed)
+    trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows, mixed_bf16=mixed)
     for callback in callbacks or []:
         trainer.add_callback(callback)
     stopper = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal))
@@ -335,11 +336,12 @@ def _mixed_bf16(cfg: FinetuneConfig, model: Any) -> bool:
     return choice.dtype == "bfloat16"
 
 
-def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any, *, varied: bool = False
-               ) -> tuple[list[dict] | EpochRows, list[dict]]:
+def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any, *, varied: bool = False,
+               mixed_bf16: bool = False) -> tuple[list[dict] | EpochRows, list[dict]]:
     """Train and validation rows; replay answers (if any) join the training rows only, distilled from `model`
-    (still the base: nothing trained yet) where the replay loss is KL. `varied`: the training rows as EpochRows,
-    each epoch with its own system messages (scoping.varies_system)."""
+    (still the base: nothing trained yet) where the replay loss is KL, read in the precision the training steps
+    run in (`mixed_bf16`: bf16 autocast). `varied`: the training rows as EpochRows, each epoch with its own system
+    messages (scoping.varies_system)."""
     train_rows, eval_rows = _split_data(cfg, data, tokenizer, varied)
     replay_file = run_dir / REPLAY_FILE
     if cfg.replaying and replay_file.is_file():
@@ -350,10 +352,10 @@ def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, m
 
             def read_teacher() -> dict[str, Any]:
                 log.info("reading the base model's next-token distribution on %d replay rows", len(replay))
-                return teacher_targets(model, replay, _pad_id(tokenizer))
+                return teacher_targets(model, replay, _pad_id(tokenizer), mixed_bf16=mixed_bf16)
 
             key = json.dumps([model_signature(cfg.model, _train_dtype()), cfg.method, file_sha256(replay_file),
-                              cfg.max_length, cfg.packing, TOP_K])
+                              cfg.max_length, cfg.packing, TOP_K, "bf16 autocast" if mixed_bf16 else "plain"])
             vocabulary = model.get_output_embeddings().weight.shape[0]
             attach_teacher(replay, remembered_tensors("teacher", key, read_teacher,
                                                       lambda kept: teacher_fits(replay, kept, vocabulary)))
@@ -419,14 +421,15 @@ def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, varied: bool
 
 
 def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict] | EpochRows,
-                  eval_rows: list[dict]) -> Any:
-    """transformers' Trainer (or TRL's DPOTrainer) with ownllm's config mapped onto its arguments, once."""
+                  eval_rows: list[dict], *, mixed_bf16: bool) -> Any:
+    """transformers' Trainer (or TRL's DPOTrainer) with ownllm's config mapped onto its arguments, once; its steps
+    under bf16 autocast where `mixed_bf16` (`_mixed_bf16`)."""
     stopping = bool(cfg.early_stopping and eval_rows)
     common = dict(
         trainer_arguments(cfg, run_dir, has_eval=bool(eval_rows)),
         num_train_epochs=1 if _folded(cfg) else cfg.epochs, save_steps=cfg.eval_every if stopping else cfg.save_every,
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
-        ddp_backend=_ddp_backend(), bf16=_mixed_bf16(cfg, model),
+        ddp_backend=_ddp_backend(), bf16=mixed_bf16,
         load_best_model_at_end=stopping, metric_for_best_model="eval_loss" if stopping else None,
         greater_is_better=False if stopping else None)
     callbacks = run_callbacks(run_dir)
