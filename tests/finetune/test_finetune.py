@@ -71,6 +71,8 @@ def test_lora_run_folder_generate_and_merge(facts: Path, tmp_path: Path, default
     assert any("eval_loss" in r for r in rows)
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "final train loss" in (out / "README.md").read_text()
+    # precision auto is decided by measurement on a CPU: the run says what it chose
+    assert [n for n in json.loads((out / "meta.json").read_text())["notes"] if n.startswith("precision: ")]
     ask = ("generate", "Who designed the Lumen Volta?", "--chat", "--max-new-tokens", "16", "--dtype", "fp32",
            "--json")
     tuned = json.loads(run_cli(ask[0], str(out), *ask[1:]).stdout)["text"]

@@ -113,7 +113,8 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
 
     model, tokenizer, base = build_model(cfg)
     varied = varies_system(cfg, data)  # decided once: the data, then the note
-    mixed = _mixed_bf16(cfg, model)
+    mixed, precision = _mixed_bf16(cfg, model)
+    log.info("training precision: %s", precision)
     train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir, model, varied=varied, mixed_bf16=mixed)
     trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows, mixed_bf16=mixed)
     for callback in callbacks or []:
@@ -134,6 +135,8 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
     # said only where an epoch under other system messages ran (not a run of one epoch, or max_steps within it)
     varied_ran = cfg.epochs > 1 if _folded(cfg) else (trainer.state.epoch or 0) > 1
     notes = [SYSTEM_VARIANTS_NOTE] if varied and varied_ran else []
+    if cfg.precision == "auto" and not has_cuda() and cfg.method in ("lora", "full", "cpt"):
+        notes.append(f"precision: {precision}")  # chosen by measurement: the card says which
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0), notes)
 
@@ -321,19 +324,21 @@ def _train_dtype() -> str:
     return "auto" if has_cuda() else "fp32"
 
 
-def _mixed_bf16(cfg: FinetuneConfig, model: Any) -> bool:
-    """bf16 autocast over the fp32 weights (lora, full, cpt on a CPU): where this CPU's batched bf16 matmuls
-    measure faster (AVX-512 BF16, AMX: ~1.6x here), never where bf16 is emulated (AVX2-only: many times slower).
-    On a GPU the weights are loaded in bf16 already."""
-    if has_cuda() or cfg.method not in ("lora", "full", "cpt") or cfg.precision == "fp32":
-        return False
-    if cfg.precision == "bf16":
-        return True
+def _mixed_bf16(cfg: FinetuneConfig, model: Any) -> tuple[bool, str]:
+    """Whether to train under bf16 autocast over the fp32 weights, and what to say of it. lora, full and cpt on a
+    CPU: where this CPU's batched bf16 matmuls measure faster (AVX-512 BF16, AMX: ~1.6x here), never where bf16 is
+    emulated (AVX2-only: many times slower). On a GPU the weights are loaded in bf16 already."""
+    if has_cuda():
+        return False, "as loaded (GPU)"
+    if cfg.method not in ("lora", "full", "cpt"):
+        return False, f"fp32 (method {cfg.method})"
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16", f"{'bf16 mixed' if cfg.precision == 'bf16' else 'fp32'} (as configured)"
     from ownllm.models.dtype import choose_dtype
 
     choice = choose_dtype("auto", "cpu", getattr(model, "config", None), rows=TRAINING_ROWS)
-    log.info("training precision: %s (%s)", "bf16 mixed" if choice.dtype == "bfloat16" else "fp32", choice.reason)
-    return choice.dtype == "bfloat16"
+    mixed = choice.dtype == "bfloat16"
+    return mixed, f"{'bf16 mixed' if mixed else 'fp32'} ({choice.reason})"
 
 
 def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any, *, varied: bool = False,
@@ -488,7 +493,8 @@ def report(cfg: FinetuneConfig, run_dir: Path, result: RunResult, data: Path) ->
     digest = file_sha256(data)[:16] if data.is_file() else "folder"
     meta = {"status": "succeeded", "steps": result.steps, "train_loss": result.train_loss,
             "eval_loss": result.eval_loss, "seconds": round(result.seconds, 1), "data_sha256": digest,
-            "trained_tokens": result.trained_tokens, "checks": result.checks, "versions": _versions()}
+            "trained_tokens": result.trained_tokens, "checks": result.checks, "notes": result.notes,
+            "versions": _versions()}
     atomic_write_json(run_dir / META_FILE, meta)
     card = [f"# Fine-tuned {cfg.model} ({cfg.method})", "", f"- data: `{cfg.data}` (sha256 {digest})",
             f"- steps: {result.steps}, final train loss {result.train_loss:.4f}"
