@@ -113,10 +113,11 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
 
     model, tokenizer, base = build_model(cfg)
     varied = varies_system(cfg, data)  # decided once: the data, then the note
-    mixed, precision = _mixed_bf16(cfg, model)
-    log.info("training precision: %s", precision)
-    train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir, model, varied=varied, mixed_bf16=mixed)
-    trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows, mixed_bf16=mixed)
+    precision = _training_precision(cfg, model)
+    log.info("training precision: %s", precision.said)
+    train_rows, eval_rows = build_data(cfg, data, tokenizer, run_dir, model, varied=varied,
+                                       mixed_bf16=precision.mixed_bf16)
+    trainer = build_trainer(cfg, run_dir, model, tokenizer, train_rows, eval_rows, mixed_bf16=precision.mixed_bf16)
     for callback in callbacks or []:
         trainer.add_callback(callback)
     stopper = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal))
@@ -135,8 +136,8 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
     # said only where an epoch under other system messages ran (not a run of one epoch, or max_steps within it)
     varied_ran = cfg.epochs > 1 if _folded(cfg) else (trainer.state.epoch or 0) > 1
     notes = [SYSTEM_VARIANTS_NOTE] if varied and varied_ran else []
-    if cfg.precision == "auto" and not has_cuda() and cfg.method in ("lora", "full", "cpt"):
-        notes.append(f"precision: {precision}")  # chosen by measurement: the card says which
+    if precision.measured:  # chosen by measurement, not by the config: the card says which
+        notes.append(f"precision: {precision.said}")
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0), notes)
 
@@ -324,21 +325,29 @@ def _train_dtype() -> str:
     return "auto" if has_cuda() else "fp32"
 
 
-def _mixed_bf16(cfg: FinetuneConfig, model: Any) -> tuple[bool, str]:
-    """Whether to train under bf16 autocast over the fp32 weights, and what to say of it. lora, full and cpt on a
-    CPU: where this CPU's batched bf16 matmuls measure faster (AVX-512 BF16, AMX: ~1.6x here), never where bf16 is
-    emulated (AVX2-only: many times slower). On a GPU the weights are loaded in bf16 already."""
+@dataclass(frozen=True)
+class TrainingPrecision:
+    mixed_bf16: bool  # the steps (and replay's KL targets) under bf16 autocast over the fp32 weights
+    said: str  # what the log and the run card say of it
+    measured: bool = False  # chosen by measuring this CPU (precision: auto), not by the config or the method
+
+
+def _training_precision(cfg: FinetuneConfig, model: Any) -> TrainingPrecision:
+    """bf16 autocast over the fp32 weights for lora, full and cpt on a CPU: where this CPU's batched bf16 matmuls
+    measure faster (AVX-512 BF16, AMX: ~1.6x here), never where bf16 is emulated (AVX2-only: many times slower).
+    On a GPU the weights are loaded in bf16 already."""
     if has_cuda():
-        return False, "as loaded (GPU)"
+        return TrainingPrecision(False, "as loaded (GPU)")
     if cfg.method not in ("lora", "full", "cpt"):
-        return False, f"fp32 (method {cfg.method})"
+        return TrainingPrecision(False, f"fp32 (method {cfg.method})")
     if cfg.precision != "auto":
-        return cfg.precision == "bf16", f"{'bf16 mixed' if cfg.precision == 'bf16' else 'fp32'} (as configured)"
+        mixed = cfg.precision == "bf16"
+        return TrainingPrecision(mixed, f"{'bf16 mixed' if mixed else 'fp32'} (as configured)")
     from ownllm.models.dtype import choose_dtype
 
     choice = choose_dtype("auto", "cpu", getattr(model, "config", None), rows=TRAINING_ROWS)
     mixed = choice.dtype == "bfloat16"
-    return mixed, f"{'bf16 mixed' if mixed else 'fp32'} ({choice.reason})"
+    return TrainingPrecision(mixed, f"{'bf16 mixed' if mixed else 'fp32'} ({choice.reason})", measured=True)
 
 
 def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any, *, varied: bool = False,
@@ -428,7 +437,7 @@ def _split_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, varied: bool
 def build_trainer(cfg: FinetuneConfig, run_dir: Path, model: Any, tokenizer: Any, train_rows: list[dict] | EpochRows,
                   eval_rows: list[dict], *, mixed_bf16: bool) -> Any:
     """transformers' Trainer (or TRL's DPOTrainer) with ownllm's config mapped onto its arguments, once; its steps
-    under bf16 autocast where `mixed_bf16` (`_mixed_bf16`)."""
+    under bf16 autocast where `mixed_bf16` (`_training_precision`)."""
     stopping = bool(cfg.early_stopping and eval_rows)
     common = dict(
         trainer_arguments(cfg, run_dir, has_eval=bool(eval_rows)),
