@@ -28,19 +28,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.rows < 8 or args.rounds < 1:
-        raise SystemExit("error: --rows must be 8 or more and --rounds 1 or more")
+        parser.error("--rows must be 8 or more and --rounds 1 or more")
 
     import torch
     from transformers import TrainingArguments
 
     from ownllm.data.formats import Example
+    from ownllm.errors import OwnLLMError
     from ownllm.finetune.dataset import encode
     from ownllm.finetune.distill import TeacherCollator, attach_teacher, distill_trainer_class, teacher_targets
     from ownllm.finetune.replay import replay_prompts
     from ownllm.models.load import load_model
 
     torch.set_num_threads(1)
-    loaded = load_model(args.model, dtype="fp32")
+    try:
+        loaded = load_model(args.model, dtype="fp32")
+    except OwnLLMError as exc:
+        parser.exit(2, f"error: {exc}\n")
     model, tokenizer = loaded.model, loaded.tokenizer
     pad = tokenizer.eos_token_id
     rows = [encode(Example(i, messages=[{"role": "user", "content": prompt},
