@@ -77,6 +77,13 @@ def test_token_statistics_and_time_estimate(tmp_path: Path, default_model: str) 
     assert report.tokens["total_per_epoch"] > 28 * 20
     assert report.too_long == [29]
     assert report.measured_tokens_per_second > 0 and report.estimated_seconds_per_epoch > 0
+    # the measurement is kept (hardware.json): another check with the same model loads nothing and says the same
+    from ownllm.home import ownllm_home
+
+    kept = json.loads((ownllm_home() / "hardware.json").read_text())["training_speed"]
+    assert report.measured_tokens_per_second in {round(speed, 1) for speed in kept.values()}
+    again, _ = check(write(tmp_path / "u.jsonl", rows), model=default_model)
+    assert again.measured_tokens_per_second == report.measured_tokens_per_second
 
 
 def test_prepare_dedups_before_splitting_and_writes_atomically(tmp_path: Path) -> None:

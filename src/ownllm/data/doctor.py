@@ -206,7 +206,26 @@ def find_duplicates(examples: list[Example], threshold: float = 0.85) -> tuple[l
 def measure_training_speed(model: str, seq_len: int = 256, steps: int = 2) -> float:
     """Tokens per second of a forward + backward pass of the model on this machine, as a LoRA step computes it
     (ownllm's default method): the weights frozen, gradients through the activations only (a full fine-tune's
-    weight gradients would add about half again, and LoRA's own small matrices next to nothing)."""
+    weight gradients would add about half again, and LoRA's own small matrices next to nothing). Taken once per
+    model files + CPU (or GPU) + torch + thread count and kept in hardware.json, as the dtype verdicts are: a
+    second check of any file with the same model loads nothing (delete hardware.json to measure again)."""
+    import math
+
+    import torch
+
+    from ownllm.models.dtype import cpu_flags, cpu_model, remembered_measurement
+    from ownllm.models.resolve import files_identity
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    signature = json.dumps(["training", files_identity(model), cpu_model(), sorted(cpu_flags()), device,
+                            torch.__version__, torch.get_num_threads(), seq_len, steps])
+    return remembered_measurement(
+        "training_speed", signature,
+        lambda kept: isinstance(kept, float) and math.isfinite(kept) and kept > 0,
+        lambda: _training_speed(model, seq_len, steps))
+
+
+def _training_speed(model: str, seq_len: int, steps: int) -> float:
     import torch
 
     from ownllm.models.load import load_model

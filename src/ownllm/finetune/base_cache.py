@@ -23,21 +23,13 @@ CACHE_VERSION = 1  # raise when what is cached (scoring, replay generation) chan
 
 
 def model_signature(spec: str, dtype: str) -> str:
-    """The base model's identity: where its files are and each file's name, size and modification time (a hub id
-    is its name; its cached snapshot is fixed by revision), plus the dtype and backend that will answer."""
-    from ownllm.models.resolve import resolve
+    """The base model's identity (`files_identity`: where its files are, each file's name, size and modification
+    time), plus the dtype and backend that will answer."""
+    from ownllm.models.resolve import files_identity
 
-    source = resolve(spec)
-    files: list[str] = []
-    if source.kind in ("folder", "gguf"):
-        place = source.path
-        entries = sorted(place.iterdir()) if place.is_dir() else [place]
-        for entry in entries:
-            if entry.is_file():
-                stat = entry.stat()
-                files.append(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    kind, location, *files = files_identity(spec)
     llama_cpp = importlib.util.find_spec("llama_cpp") is not None
-    return json.dumps([CACHE_VERSION, source.kind, source.location, files, dtype, llama_cpp])
+    return json.dumps([CACHE_VERSION, kind, location, files, dtype, llama_cpp])
 
 
 def remembered_together(kind: str, signatures: dict[str, str], compute: Callable[[list[str]], dict[str, Any]],

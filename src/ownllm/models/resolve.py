@@ -90,3 +90,18 @@ def unknown_model_error(spec: str) -> OwnLLMError:
         param="model",
         hint="pull one with: ownllm pull NAME, or pass a folder, a .gguf file or a hub id",
     )
+
+
+def files_identity(spec: str) -> list[str]:
+    """What identifies a model's weights on this machine: its kind, its location and, for a local folder or file,
+    each file's name, size and modification time (a hub id is its name; its cached snapshot is fixed by revision).
+    Measurements and answers kept for a model are keyed by it, so that replacing the files retakes them."""
+    source = resolve(spec)
+    files: list[str] = []
+    if source.kind in ("folder", "gguf"):
+        place = source.path
+        for entry in sorted(place.iterdir()) if place.is_dir() else [place]:
+            if entry.is_file():
+                stat = entry.stat()
+                files.append(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return [source.kind, source.location, *files]
