@@ -41,6 +41,11 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     if clashes:
         raise OwnLLMError(f"the name '{clashes[0]}' is given twice: each adapter and classifier needs its own name, "
                           "not the model's or the embedding model's", param="classifier")
+    if adapters:
+        from ownllm.models.adapters import Adapter
+
+        for folder in adapters.values():  # a bad folder is named now, not after the seconds the model takes to load
+            Adapter.open(Path(folder), kinds=("lora",), param="adapter")
     loaded_classifiers = {}
     if classifiers:
         from ownllm.finetune.classify import Classifier
