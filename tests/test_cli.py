@@ -239,6 +239,25 @@ def test_serve_missing_adapter_folder(default_model: str, tmp_path: Path) -> Non
                       "is not a LoRA adapter folder")
 
 
+def test_serve_names_a_bad_adapter_before_loading_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ownllm.errors import OwnLLMError
+    from ownllm.serve.run import build_state
+
+    monkeypatch.setattr("ownllm.generate.open.open_engine", lambda *_, **__: pytest.fail("the model was loaded"))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
+    scoped = tmp_path / "scoped"
+    scoped.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (scoped / name).write_text('{"peft_type": "LORA"}' if name.endswith(".json") else "x")
+    (scoped / "scope.json").write_text("{not json")
+    for adapters, words in (({"x": tmp_path / "missing"}, "has no adapter_config.json"),
+                            ({"x": tmp_path}, "DoRA"), ({"<scoped>": scoped}, "reserved"),
+                            ({"x": scoped}, "scope")):
+        with pytest.raises(OwnLLMError, match=words):
+            build_state("any-model", adapters=adapters)
+
+
 def test_usage_errors_exit_2_without_traceback() -> None:
     result = run_cli("finetune", "x", "--bogus")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--bogus" in result.stderr

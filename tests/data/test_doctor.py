@@ -67,7 +67,8 @@ def test_duplicates_exact_and_near(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_token_statistics_and_time_estimate(tmp_path: Path, default_model: str) -> None:
+def test_token_statistics_and_time_estimate(tmp_path: Path, default_model: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     rows = [chat(f"Question {i} about the {w} shop?", f"The {w} answer number {i}.") for i, w in
             enumerate("red green blue cyan pink gold gray teal navy lime plum rose sand wine jade ruby".split())]
     long = chat("Tell me everything.", "word " * 400)
@@ -82,6 +83,7 @@ def test_token_statistics_and_time_estimate(tmp_path: Path, default_model: str) 
 
     kept = json.loads((ownllm_home() / "hardware.json").read_text())["training_speed"]
     assert report.measured_tokens_per_second in {round(speed, 1) for speed in kept.values()}
+    monkeypatch.setattr("ownllm.data.doctor._training_speed", lambda *_: pytest.fail("measured again"))
     again, _ = check(write(tmp_path / "u.jsonl", rows), model=default_model)
     assert again.measured_tokens_per_second == report.measured_tokens_per_second
 

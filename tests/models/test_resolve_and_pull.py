@@ -235,3 +235,18 @@ def test_model_names_are_plain_and_a_pull_cleans_up_after_a_killed_one(empty_hom
     (empty_home / "locks").write_text("not a folder")
     with pytest.raises(OwnLLMError, match="cannot write the pull lock"), pulling._pulling("m"):
         pass
+
+
+def test_an_adapters_identity_follows_its_files_only_when_asked(tmp_path: Path) -> None:
+    """Kept measurements key an adapter by its files and its base; the fine-tuning cache's keys (its place alone)
+    stay as they were."""
+    from ownllm.models.resolve import files_identity
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "org/base"}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
+    place = ["adapter", str(tmp_path.resolve())]
+    assert files_identity(str(tmp_path)) == place
+    before = files_identity(str(tmp_path), adapter_files=True)
+    assert before[:2] == place and before[-3:] == ["base", "hub", "org/base"]
+    os.utime(tmp_path / "adapter_model.safetensors", ns=(1, 1))
+    assert files_identity(str(tmp_path), adapter_files=True) != before

@@ -72,6 +72,8 @@ class Adapter:
                               kind="not_found", param=param)
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
+        except OSError as exc:  # unreadable (permissions, I/O): named like a bad folder, not a traceback
+            raise OwnLLMError(f"{config_file} cannot be read: {exc.strerror or exc}", param=param) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise OwnLLMError(f"{config_file} is not valid JSON: {exc}", param=param) from None
         if not isinstance(config, dict):
@@ -100,12 +102,8 @@ class Adapter:
         adapter weights when it loads an adapter), and the scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         from peft.utils import load_peft_weights
 
-        self._require("lora")
+        self.check_separable()
         config = self.config
-        if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise OwnLLMError(f"{self.path / CONFIG_FILE}: DoRA and per-module ranks or alphas are not supported "
-                              "for adapters kept apart from the base", kind="unsupported", param="adapter",
-                              hint="load it with the model (ownllm generate/serve FOLDER), which merges it")
         alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
         scale = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
         tensors = load_peft_weights(str(self.path), device="cpu")
@@ -125,6 +123,16 @@ class Adapter:
             b = tensors[key.replace(".lora_A.", ".lora_B.")]
             weights[(layer, projection)] = (a.float(), b.float())
         return LoraWeights(weights, scale)
+
+    def check_separable(self) -> None:
+        """What `lora_weights` needs of the config alone, so that it can be checked before any model loads: LoRA
+        without DoRA or per-module ranks and alphas, whose deltas can be kept apart from the base."""
+        self._require("lora")
+        config = self.config
+        if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise OwnLLMError(f"{self.path / CONFIG_FILE}: DoRA and per-module ranks or alphas are not supported "
+                              "for adapters kept apart from the base", kind="unsupported", param="adapter",
+                              hint="load it with the model (ownllm generate/serve FOLDER), which merges it")
 
     def prefix_embeddings(self, model: Any) -> torch.Tensor:
         """A prompt-tuning adapter's learned tokens [virtual tokens, hidden], in `model`'s dtype and device."""

@@ -149,7 +149,7 @@ def remembered_measurement(section: str, signature: str, valid: Callable[[Any], 
             known = _kept(path)
             atomic_write_json(path, {**known, section: {**known.get(section, {}), key: value}})
     except OSError as exc:  # a read-only home costs the next start this measurement again, nothing more
-        log.warning("could not keep the measurement in %s (%s); it is taken again at the next start", path, exc)
+        log.warning("could not keep the measurement in %s (%s); it is taken again next time", path, exc)
     return value
 
 

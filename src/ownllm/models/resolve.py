@@ -10,6 +10,7 @@ from typing import Literal
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.run_folder import final_model_path  # the declared leaf: the run-folder format
 from ownllm.models.adapters import CONFIG_FILE as ADAPTER_CONFIG
+from ownllm.models.adapters import Adapter
 from ownllm.models.aliases import load_aliases
 from ownllm.models.registry import list_local_models, local_model
 
@@ -92,16 +93,22 @@ def unknown_model_error(spec: str) -> OwnLLMError:
     )
 
 
-def files_identity(spec: str) -> list[str]:
+def files_identity(spec: str, *, adapter_files: bool = False) -> list[str]:
     """What identifies a model's weights on this machine: its kind, its location and, for a local folder or file,
     each file's name, size and modification time (a hub id is its name; its cached snapshot is fixed by revision).
-    Measurements and answers kept for a model are keyed by it, so that replacing the files retakes them."""
+    Measurements and answers kept for a model are keyed by it, so that replacing the files retakes them. An adapter
+    is its place alone unless `adapter_files`: then its own files and its base's identity too (the fine-tuning
+    cache keys adapters by place, and its kept keys must not change)."""
     source = resolve(spec)
     files: list[str] = []
-    if source.kind in ("folder", "gguf"):
+    adapter = adapter_files and source.kind == "adapter"
+    if source.kind in ("folder", "gguf") or adapter:
         place = source.path
         for entry in sorted(place.iterdir()) if place.is_dir() else [place]:
             if entry.is_file():
                 stat = entry.stat()
                 files.append(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    if adapter:
+        base = Adapter.open(source.path).base_model  # its base by place only: a base naming itself cannot recurse
+        files += ["base", *files_identity(base)] if base else []
     return [source.kind, source.location, *files]
