@@ -251,7 +251,7 @@ def test_serve_names_a_bad_adapter_before_loading_the_model(tmp_path: Path, monk
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (scoped / name).write_text('{"peft_type": "LORA"}' if name.endswith(".json") else "x")
     (scoped / "scope.json").write_text("{not json")
-    for adapters, words in (({"x": tmp_path / "missing"}, "has no adapter_config.json"),
+    for adapters, words in (({"x": tmp_path / "missing"}, "does not exist"),
                             ({"x": tmp_path}, "DoRA"), ({"<scoped>": scoped}, "reserved"),
                             ({"x": scoped}, "scope")):
         with pytest.raises(OwnLLMError, match=words):

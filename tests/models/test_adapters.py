@@ -178,3 +178,21 @@ def test_quantizing_a_gguf_file_is_refused_before_loading(tmp_path: Path) -> Non
     with pytest.raises(OwnLLMError, match="already quantized") as caught:
         load_model(str(tmp_path / "model.gguf"), quantize="nf4")
     assert caught.value.param == "quant"
+
+
+def test_an_adapter_without_tokenizer_files_tokenizes_as_its_base(adapter_dir: Path, default_model: str,
+                                                                  tmp_path: Path) -> None:
+    """PEFT saves no tokenizer: the base's is the adapter's (`ownllm data check --model FOLDER`, `ownllm tokenize`),
+    as load_model uses it; an adapter naming itself as its base is an error, not an endless load."""
+    from ownllm.models.load import load_tokenizer
+
+    assert not (adapter_dir / "tokenizer_config.json").exists()
+    text = "Norvale Instruments was founded in 1987."
+    assert load_tokenizer(str(adapter_dir)).encode(text) == load_tokenizer(default_model).encode(text)
+    itself = tmp_path / "itself"
+    itself.mkdir()
+    (itself / "adapter_model.safetensors").write_bytes(b"x")
+    (itself / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                            "base_model_name_or_path": str(itself)}))
+    with pytest.raises(OwnLLMError, match="names itself as its base model"):
+        load_tokenizer(str(itself))

@@ -65,6 +65,9 @@ class Adapter:
         folder = Path(folder)
         label = " or ".join(_LABELS[kind] for kind in kinds) + " adapter folder"
         config_file = folder / CONFIG_FILE
+        if not folder.is_dir():
+            what = "it is a file" if folder.exists() else "it does not exist"
+            raise OwnLLMError(f"{folder} is not a {label}: {what}", kind="not_found", param=param)
         if not config_file.is_file():
             raise OwnLLMError(f"{folder} is not a {label}: it has no {CONFIG_FILE}", kind="not_found", param=param)
         if not any((folder / name).is_file() for name in WEIGHTS_FILES):

@@ -119,6 +119,8 @@ def load_tokenizer(spec: str | ResolvedModel) -> Any:
 
     start_up_done()  # (the llama.cpp backend, classifier and reward heads load through here, not load_model)
     source = spec if isinstance(spec, ResolvedModel) else resolve(spec)
+    if source.kind == "adapter" and not (source.path / "tokenizer_config.json").is_file():
+        return load_tokenizer(_adapter_base(source))  # PEFT saves none: its base's, as load_model uses then
     location, args = _source_args(source)
     with _hub_errors(source), _gguf_reading(source):
         return AutoTokenizer.from_pretrained(location, **args)
@@ -233,11 +235,8 @@ def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows:
     """Base model + adapter: LoRA merged for inference speed (the weights in memory are the tuned model), prompt
     tuning as learned embeddings put before every prompt (there is nothing to merge)."""
     adapter = Adapter.open(source.path)  # checked before the base is loaded: a bad folder costs no work
-    if adapter.base_model is None:
-        raise OwnLLMError(f"{source.path}: the adapter does not say which base model it belongs to",
-                          kind="not_found", param="model")
-    base = load_model(adapter.base_model, dtype=dtype, device=device, batch_rows=batch_rows, quantize=quantize,
-                      gguf_int4=gguf_int4)
+    base = load_model(_adapter_base(source, adapter), dtype=dtype, device=device, batch_rows=batch_rows,
+                      quantize=quantize, gguf_int4=gguf_int4)
     tokenizer = load_tokenizer(source) if (source.path / "tokenizer_config.json").is_file() else base.tokenizer
     if adapter.kind == "prompt_tuning":
         return LoadedModel(model=base.model, tokenizer=tokenizer, source=source, dtype=base.dtype,
@@ -254,6 +253,20 @@ def _load_adapter(source: ResolvedModel, *, dtype: str, device: str, batch_rows:
                                device=base.device, lora=lora, scope=scope)
     return LoadedModel(model=adapter.merge_into(base.model), tokenizer=tokenizer, source=source, dtype=base.dtype,
                        device=base.device)
+
+
+def _adapter_base(source: ResolvedModel, adapter: Adapter | None = None) -> ResolvedModel:
+    """The model an adapter folder was trained on (itself a tuned run, for a run trained on another); an error
+    where it names none, or names the folder itself (which would load in circles)."""
+    adapter = adapter or Adapter.open(source.path)
+    if adapter.base_model is None:
+        raise OwnLLMError(f"{source.path}: the adapter does not say which base model it belongs to",
+                          kind="not_found", param="model")
+    base = resolve(adapter.base_model)
+    if base.kind == "adapter" and base.path.resolve() == source.path.resolve():
+        raise OwnLLMError(f"{source.path}: the adapter names itself as its base model", param="model",
+                          hint="its adapter_config.json's base_model_name_or_path should name the model it tuned")
+    return base
 
 
 class _hub_errors:
