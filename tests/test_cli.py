@@ -258,6 +258,23 @@ def test_serve_names_a_bad_adapter_before_loading_the_model(tmp_path: Path, monk
             build_state("any-model", adapters=adapters)
 
 
+def test_a_model_served_by_path_is_loaded_again_by_that_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """Jobs and the web UI's speed estimate load the served model again: by its path made absolute, not by the
+    short name clients send (which names no pulled model)."""
+    from types import SimpleNamespace
+
+    from ownllm.serve.run import build_state
+
+    monkeypatch.setattr("ownllm.generate.open.open_engine", lambda *_, **__: SimpleNamespace(context_length=64))
+    monkeypatch.setattr("ownllm.generate.batching.make_scheduler", lambda *_, **__: None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").mkdir()
+    state = build_state("my-model/", data_dir=tmp_path / "data")
+    assert state.model_name == "my-model" and state.model_spec == str((tmp_path / "my-model").resolve())
+    assert state.jobs is not None and state.jobs.base == state.model_spec
+
+
 def test_usage_errors_exit_2_without_traceback() -> None:
     result = run_cli("finetune", "x", "--bogus")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--bogus" in result.stderr

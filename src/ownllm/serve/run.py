@@ -67,7 +67,8 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
 
         rag_index = Index(rag_store)
         rag_index.search("warm up", k=1)  # fails now, not on the first request, if the store is missing
-    state = ServerState(engine=engine, scheduler=scheduler, model_name=model_name,
+    spec = str(Path(model).resolve()) if Path(model).exists() else model  # workers may run elsewhere
+    state = ServerState(engine=engine, scheduler=scheduler, model_name=model_name, model_spec=spec,
                         api_keys=list(api_keys or []), metrics_public=metrics_public,
                         limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens),
                         embedding_model=embedding_model, rag_index=rag_index, classifiers=loaded_classifiers)
@@ -77,8 +78,7 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
         from ownllm.jobs.manager import JobManager
         from ownllm.jobs.store import JobStore
 
-        base = str(Path(model).resolve()) if Path(model).exists() else model  # workers may run elsewhere
-        state.jobs = JobManager(JobStore(data_dir), base, on_model_ready=state.add_adapter,
+        state.jobs = JobManager(JobStore(data_dir), spec, on_model_ready=state.add_adapter,
                                 on_model_removed=state.remove_adapter, max_running=max_jobs, threads=job_threads)
     return state
 

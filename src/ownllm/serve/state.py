@@ -39,6 +39,7 @@ class ServerState:
     engine: Engine
     scheduler: BatchScheduler | SerialScheduler
     model_name: str
+    model_spec: str = ""  # what loads the served model again (a path made absolute, or the name): jobs, estimates
     api_keys: list[str] = field(default_factory=list)
     metrics_public: bool = False  # /metrics without a key even when keys are set (a scraper inside the firewall)
     limits: Limits = field(default_factory=Limits)
