@@ -41,16 +41,8 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     if clashes:
         raise OwnLLMError(f"the name '{clashes[0]}' is given twice: each adapter and classifier needs its own name, "
                           "not the model's or the embedding model's", param="classifier")
-    if adapters:  # what add_adapter and the slot model refuse, named now, not after the seconds the model loads in
-        from ownllm.generate.hf import SCOPED_ADAPTER
-        from ownllm.models.adapters import Adapter
-        from ownllm.models.scope import AdapterScope
-
-        for name, folder in adapters.items():
-            if name == SCOPED_ADAPTER:
-                raise OwnLLMError(f"the adapter name '{name}' is reserved", param="adapter")
-            Adapter.open(Path(folder), kinds=("lora",), param="adapter").check_separable()
-            AdapterScope.load(Path(folder))
+    for name, folder in (adapters or {}).items():  # named now, not after the seconds the model takes to load
+        ServerState.check_adapter(name, Path(folder))
     loaded_classifiers = {}
     if classifiers:
         from ownllm.finetune.classify import Classifier

@@ -39,7 +39,7 @@ class ServerState:
     engine: Engine
     scheduler: BatchScheduler | SerialScheduler
     model_name: str
-    model_spec: str = ""  # what loads the served model again (a path made absolute, or the name): jobs, estimates
+    model_spec: str  # what loads the served model again (a path made absolute, or the name): jobs, estimates
     api_keys: list[str] = field(default_factory=list)
     metrics_public: bool = False  # /metrics without a key even when keys are set (a scraper inside the firewall)
     limits: Limits = field(default_factory=Limits)
@@ -63,12 +63,21 @@ class ServerState:
     def model_ids(self) -> list[str]:
         return [self.model_name, *self.adapters]
 
+    @staticmethod
+    def check_adapter(name: str, folder: Path) -> AdapterScope | None:
+        """What refuses an adapter before its weights load (and, at start-up, before the model does): a reserved
+        name, a folder that is not a LoRA adapter kept apart from the base, a damaged scope. Returns its scope."""
+        from ownllm.models.adapters import Adapter
+
+        if name == SCOPED_ADAPTER:  # the served folder's own adapter rows carry it
+            raise OwnLLMError(f"the adapter name '{name}' is reserved", param="adapter")
+        Adapter.open(Path(folder), kinds=("lora",), param="adapter").check_separable()
+        return AdapterScope.load(Path(folder))
+
     def add_adapter(self, name: str, folder: Path) -> None:
         """Serve a LoRA adapter under `name` from now on (no restart); with a scope (ownllm.models.scope), its
         requests run with the adapter only when they are within it, else with the base model."""
-        if name == SCOPED_ADAPTER:  # the served folder's own adapter rows carry it
-            raise OwnLLMError(f"the adapter name '{name}' is reserved", param="adapter")
-        scope = AdapterScope.load(Path(folder))  # a damaged scope refuses the adapter before its weights load
+        scope = self.check_adapter(name, folder)
         self.scheduler.load_adapter(name, folder)
         self.adapters[name] = Path(folder)
         if scope is not None:

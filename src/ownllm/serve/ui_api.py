@@ -199,7 +199,7 @@ def router(state: ServerState) -> APIRouter:
                 raise APIError(400, f"{name} is empty", param="file", code="empty_file")
             speed = None
             if estimate:
-                base = state.model_spec or state.model_name  # a path as given: its short name may resolve to nothing
+                base = state.model_spec  # a path as given: its short name may resolve to nothing
                 async with speed_lock:  # a burst of estimate requests loads one model copy, not one each
                     if base not in speeds:
                         from ownllm.data.doctor import measure_training_speed
