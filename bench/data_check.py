@@ -72,7 +72,8 @@ def main() -> int:
         print(f"{side:>10s} {min(walls):10.2f} {statistics.median(walls):12.2f} {min(cpus):9.2f} "
               f"{statistics.median(cpus):11.2f}")
     print(f"ratio of the medians (measured / kept): {medians['measured'] / medians['kept']:.2f}x")
-    print(f"peak RSS of the largest check (a measuring one): {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak RSS of the largest check (a measuring one): {peak:.0f} MiB")
     return 0
 
 
