@@ -217,13 +217,17 @@ def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
     assert engine.batching_mode() == ("batched", "slot forward for llama on cpu")
     batched = make_scheduler(engine, max_batch=4, max_len=256)
     token_bytes, narrow = batched.model.token_bytes, batched.model.narrow_rows
+    packed, packed_note = batched.model.packed, batched.model.packed_note
     assert isinstance(batched, BatchScheduler) and batched.batching == {
         "mode": "batched", "max_batch": 4, "kv_tokens": 4 * 256, "kv_bytes": 4 * 256 * token_bytes,
         "prefix_caching": True, "int4_rows": 0,  # by default the budget holds max_batch full sequences (when
         # memory allows); no 4-bit kernel unless asked for (the server does) and in bf16
         "narrow_rows": narrow,  # fp32 steps of a few rows as transposed products where faster (then not invariant)
-        "batch_invariant": rows_round_alike(batched.model.dtype, batched.model.device) and not narrow}
+        "packed_weights": packed_note,  # wider ones on weights packed for oneDNN where faster, or why not
+        "batch_invariant": rows_round_alike(batched.model.dtype, batched.model.device) and not narrow
+        and not packed}
     assert isinstance(narrow, int) and 0 <= narrow <= 16
+    assert packed_note.startswith("products past" if packed else "packed weights off: ")
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +283,30 @@ def test_generate_batch_runs_through_the_scheduler_with_more_prompts_than_slots(
     finished: list[int] = []  # the callers' progress bars: one tick per finished prompt, all in one call
     batch = engine.generate_batch(prompts, params, max_batch=2, progress=finished.append)
     assert finished == [1] * len(prompts) and [c.token_ids for c in batch] == [c.token_ids for c in together]
+
+
+def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engine, monkeypatch) -> None:
+    """Steps past the narrow rows run on the weights packed for oneDNN where measured faster (forced here): the
+    same greedy tokens as F.linear's, one packed copy shared by every scheduler of the model, refused where it
+    would not fit twice in the memory free, and never with OWNLLM_PACKED_WEIGHTS=0."""
+    from ownllm.generate import slots
+    from ownllm.generate.batching import make_scheduler
+
+    prompts = [f"Name a colour and a fruit, number {i}." for i in range(6)]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    monkeypatch.setenv("OWNLLM_PACKED_WEIGHTS", "0")
+    plain = [c.text for c in engine.generate_batch(prompts, params, max_batch=6)]
+    assert make_scheduler(engine, max_batch=2, max_len=64).model.packed == {}
+    monkeypatch.delenv("OWNLLM_PACKED_WEIGHTS")
+    monkeypatch.setattr(slots, "packed_products_win", lambda *args: True)
+    first = make_scheduler(engine, max_batch=2, max_len=64).model
+    for kept in ("packed", "packed_note", "packed_bytes"):  # decided afresh here, and as it was after the test
+        monkeypatch.setattr(first.weights, kept, None if kept == "packed" else getattr(first.weights, kept))
+    first = make_scheduler(engine, max_batch=2, max_len=64).model
+    assert first.packed and first.packed_note.startswith(f"products past {first.narrow_rows} rows on weights packed")
+    assert make_scheduler(engine, max_batch=2, max_len=64).model.packed is first.packed  # packed once
+    assert [c.text for c in engine.generate_batch(prompts, params, max_batch=6)] == plain
+    first.weights.packed = None
+    monkeypatch.setattr(slots.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**20})())
+    refused = make_scheduler(engine, max_batch=2, max_len=64).model
+    assert refused.packed == {} and "does not fit twice in the 1 MiB free" in refused.packed_note

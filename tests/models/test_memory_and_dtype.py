@@ -170,3 +170,38 @@ def test_narrow_products_are_measured_once_and_kept(monkeypatch, tmp_path) -> No
     monkeypatch.setattr(dtype_module, "best_of_turns", lambda runs: [2.0, 1.0] * (len(runs) // 2))  # narrow wins
     assert dtype_module.narrow_product_rows(torch.float32, shapes, layers=2, output=(128, 32)) == \
         dtype_module.NARROW_ROWS_PROBED  # a damaged verdict is measured again
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_packed_product_is_f_linear_up_to_rounding_and_rows_round_alike(dtype: str) -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(96, 48, generator=generator).to(getattr(torch, dtype))
+    bias = torch.randn(96, generator=generator).to(weight.dtype)
+    x = torch.randn(1, 16, 48, generator=generator).to(weight.dtype)  # [batch, tokens, in]
+    packed = dtype_module.pack_weight(weight)
+    product = dtype_module.packed_linear(x, packed, bias)
+    assert product.shape == (1, 16, 96) and product.dtype == weight.dtype
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(product, torch.nn.functional.linear(x, weight, bias), rtol=tolerance, atol=tolerance)
+    for rows in range(2, 16):  # a row's values do not depend on how many rows share the product
+        assert torch.equal(dtype_module.packed_linear(x[:, :rows], packed, bias), product[:, :rows])
+
+
+def test_packed_products_are_measured_once_and_kept(monkeypatch, tmp_path) -> None:
+    import torch
+
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    shapes = [(64, 32), (32, 64)]
+    first = dtype_module.packed_products_win(torch.float32, shapes, layers=2, output=(128, 32))
+    kept = json.loads((tmp_path / "hardware.json").read_text())["packed_products"]
+    assert list(kept.values()) == [first]
+    monkeypatch.setattr(dtype_module, "best_of_turns", lambda *args: pytest.fail("measured again"))
+    assert dtype_module.packed_products_win(torch.float32, shapes, layers=2, output=(128, 32)) is first
+    (tmp_path / "hardware.json").write_text(json.dumps({"packed_products": {k: 3 for k in kept}}))
+    monkeypatch.setattr(dtype_module, "best_of_turns", lambda runs: [2.0, 1.0] * (len(runs) // 2))  # packed wins
+    assert dtype_module.packed_products_win(torch.float32, shapes, layers=2, output=(128, 32)) is True
+    monkeypatch.setattr(dtype_module, "best_of_turns", lambda runs: [1.0, 1.0] * (len(runs) // 2))  # a tie loses
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path / "other"))
+    assert dtype_module.packed_products_win(torch.float32, shapes, layers=2, output=(128, 32)) is False

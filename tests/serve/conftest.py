@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,26 +33,32 @@ def free_port() -> int:
 
 
 class Server:
+    """`ownllm serve ARGS --port 0`: the system picks a free port and the start-up line says which (read from the
+    log), so two servers never race for one port and the line's address is tested with every server."""
+
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self._own_data: Path | None = None  # a data folder made here, removed at stop (never one passed in)
         if "--data-dir" not in args and "--no-jobs" not in args:  # files and jobs of this server only
             self._own_data = Path(tempfile.mkdtemp(prefix="ownllm-server-"))
             args = (*args, "--data-dir", str(self._own_data))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ownllm-serve-{self.port}.log"
+        handle, name = tempfile.mkstemp(prefix="ownllm-serve-", suffix=".log")
+        os.close(handle)
+        self.log = Path(name)
         with self.log.open("w") as log:
-            self.process = start_cli("serve", *args, "--port", str(self.port), stdout=log, stderr=subprocess.STDOUT,
-                                     env=env)
+            self.process = start_cli("serve", *args, "--port", "0", stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            try:
-                if _poller().get(f"{self.url}/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
+            where = re.search(r"^serving .* on http://127\.0\.0\.1:(\d+)/v1", self.log.read_text(), re.MULTILINE)
+            if where is None:
                 time.sleep(0.3)
+                continue
+            self.port = int(where.group(1))
+            self.url = f"http://127.0.0.1:{self.port}"
+            # the line comes once the socket listens: the first poll answers
+            assert self.port != 0 and _poller().get(f"{self.url}/health").status_code == 200
+            return
         self.stop()
         raise RuntimeError("server did not start")
 

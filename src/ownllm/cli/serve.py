@@ -95,8 +95,10 @@ def serve(
                         data_dir=home, max_jobs=max_jobs, job_threads=job_threads,
                         metrics_public=metrics_public, kv_memory=kv_bytes, prefix_caching=prefix_cache,
                         four_bit=gguf_int4, quant=quant, classifiers=classifiers)
-    err.print(f"[dim]{escape(startup_line(state, host, port))}[/dim]", soft_wrap=True)  # one line, for log readers
-    run_server(state, host=host, port=port)
+    def say_where(bound: int) -> None:  # once listening, so `--port 0` says the port the system chose
+        err.print(f"[dim]{escape(startup_line(state, host, bound))}[/dim]", soft_wrap=True)  # one line, for logs
+
+    run_server(state, host=host, port=port, on_listening=say_where)
 
 
 def _named_folders(items: list[str] | None, option: str) -> dict[str, Path]:

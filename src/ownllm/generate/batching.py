@@ -206,6 +206,7 @@ class BatchScheduler(_Loop):
                 "narrow_rows": getattr(self.model, "narrow_rows", 0),
                 "batch_invariant": getattr(self.model, "invariant", None),  # None: not known (llama.cpp)
                 **({"int4_note": note} if (note := getattr(self.model, "four_bit_note", None)) else {}),
+                **({"packed_weights": note} if (note := getattr(self.model, "packed_note", None)) else {}),
                 **({"compiled_steps": note} if (note := getattr(self.model, "compiled_steps", None)) else {})}
 
     def load_adapter(self, name: str, folder: Any) -> None:

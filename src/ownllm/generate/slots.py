@@ -25,12 +25,14 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,10 @@ from ownllm.models.dtype import (
     batch_invariance_asked,
     narrow_product,
     narrow_product_rows,
+    pack_weight,
+    packed_linear,
+    packed_products_wanted,
+    packed_products_win,
     slot_product_shapes,
     upcast_decode_attention,
 )
@@ -184,6 +190,12 @@ class _Weights:
     qkv_lora: tuple[str, ...]  # the PEFT module names of the fused projections (LoRA keys)
     gate_up_lora: tuple[str, ...]
     source: tuple[int, torch.dtype, torch.device]  # the model's first projection weight when built
+    # the dense products' weights packed for oneDNN (`SlotModel._packed_weights`), by id of the dense tensor;
+    # None: not decided yet, empty: not packed (and `packed_note` says why)
+    packed: dict[int, torch.Tensor] | None = None
+    packed_note: str | None = None
+    packed_bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _built: weakref.WeakKeyDictionary[Any, _Weights] = weakref.WeakKeyDictionary()
@@ -325,14 +337,18 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-            padded_rows: dict[int, int] | None = None, narrow_rows: int = 0) -> torch.Tensor:
+            padded_rows: dict[int, int] | None = None, narrow_rows: int = 0,
+            packed: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; where `padded_rows` (`invariant_widths`) names this number of rows, computed that many rows wide
     (zero rows added, then dropped), so that each row rounds as in any wider batch; up to `narrow_rows` rows
-    (`narrow_product_rows`), as `narrow_product` computes it."""
+    (`narrow_product_rows`), as `narrow_product` computes it; past them, with `packed` (the weight as
+    `pack_weight` made it) where given."""
     rows = x.numel() // x.shape[-1]
     if rows <= narrow_rows:
         out = narrow_product(x, weight)
         return out if bias is None else out + bias
+    if packed is not None:
+        return packed_linear(x, packed, bias)
     wide = padded_rows.get(rows) if padded_rows else None
     if wide is None:
         return F.linear(x, weight, bias)
@@ -412,6 +428,14 @@ class SlotModel:
         if self.dtype == torch.float32 and self.device.type == "cpu" and not batch_invariance_asked():
             self.narrow_rows = self._measured_narrow_rows()
             self.invariant = self.invariant and not self.narrow_rows
+        # wider products through weights packed for oneDNN where measured faster (with the invariance asked, never:
+        # one row rounds otherwise than two or more there)
+        self.packed: dict[int, torch.Tensor] = {}
+        self.packed_note: str | None = None
+        if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) \
+                and not batch_invariance_asked() and packed_products_wanted():
+            self.packed, self.packed_note = self._packed_weights()
+            self.invariant = self.invariant and not self.packed
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
         # one-row decode steps through compiled graphs, once they are there (`ownllm.generate.compiled_decode`)
@@ -452,6 +476,36 @@ class SlotModel:
             return
         self.four_bit, self.four_bit_rows = stored, limit
 
+    def _packed_weights(self) -> tuple[dict[int, torch.Tensor], str]:
+        """The dense weights packed for oneDNN, once per model (every SlotModel of it shares them), where
+        `packed_products_win` measured it faster and a copy of them fits in the memory free now; else none and why."""
+        weights = self.weights
+        with weights._lock:
+            if weights.packed is None:
+                weights.packed, weights.packed_note = self._pack_now()
+        return weights.packed, weights.packed_note or ""
+
+    def _pack_now(self) -> tuple[dict[int, torch.Tensor], str]:
+        dense = [t for layer in self.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        dense.append(self.weights.lm_head)
+        size = sum(t.numel() * t.element_size() for t in {id(t): t for t in dense}.values())
+        shapes = slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
+                                     self.intermediate)
+        try:
+            faster = packed_products_win(self.dtype, shapes, len(self.layers), tuple(self.weights.lm_head.shape))
+        except Exception as exc:  # a measurement that fails costs the speed-up, not the forward
+            log.warning("packed products not measured (%s: %s); running F.linear", exc.__class__.__name__, exc)
+            return {}, "packed weights off: not measured (see the log)"
+        if not faster:
+            return {}, "packed weights off: measured no faster than F.linear here"
+        free = psutil.virtual_memory().available
+        if free < 2 * size:
+            return {}, (f"packed weights off: their copy ({size / 2**20:,.0f} MiB) does not fit twice in the "
+                        f"{free / 2**20:,.0f} MiB free")
+        packed = {id(t): pack_weight(t) for t in dense}
+        self.weights.packed_bytes = size
+        return packed, f"products past {self.narrow_rows} rows on weights packed for oneDNN (+{size / 2**20:,.0f} MiB)"
+
     def _measured_narrow_rows(self) -> int:
         shapes = slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
                                      self.intermediate)
@@ -465,7 +519,7 @@ class SlotModel:
                  four_bit: Int4Weight | None) -> torch.Tensor:
         """A projection of the forward: the stored 4-bit weight where given, else the dense one (`_linear`)."""
         if four_bit is None:
-            return _linear(x, dense, bias, self.padded_rows, self.narrow_rows)
+            return _linear(x, dense, bias, self.padded_rows, self.narrow_rows, self.packed.get(id(dense)))
         out = four_bit.linear(x)
         return out if bias is None else out + bias
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ownllm.collector import freeze_heap
 from ownllm.errors import OwnLLMError
@@ -92,6 +94,8 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
             mode += f", {batching['int4_note']}"
         if batching.get("narrow_rows"):
             mode += f", fp32 steps of up to {batching['narrow_rows']} tokens as transposed products (faster here)"
+        if batching.get("packed_weights"):
+            mode += f", {batching['packed_weights']}"
         if batching.get("compiled_steps"):
             mode += f", {batching['compiled_steps']}"
         if batching.get("batch_invariant") is False:
@@ -107,12 +111,23 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
             f"http://{host}:{port}/v1{heads}{scoped}")
 
 
-def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+def _bound_port(server: Any, asked: int) -> int:
+    """The port uvicorn's first socket listens on: `asked`, or the one the system picked for 0."""
+    for listening in getattr(server, "servers", []):
+        for sock in getattr(listening, "sockets", []) or []:
+            return int(sock.getsockname()[1])
+    return asked
+
+
+def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000,
+          on_listening: Callable[[int], None] | None = None) -> None:
     """HTTP in a thread, the engine loop in this (main) thread; SIGTERM/SIGINT shut down gracefully: no new
     requests, running streams finish (up to 15 s), then the engine stops. Everything alive when it starts is frozen
-    out of the garbage collector's scans (ownllm/collector.py): call it once, for the process's serving life."""
+    out of the garbage collector's scans (ownllm/collector.py): call it once, for the process's serving life.
+    `on_listening` gets the port the socket is bound to (the one the system chose for `port=0`) once it listens."""
     import signal
     import threading
+    import time
 
     import uvicorn
 
@@ -134,6 +149,14 @@ def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000) -> N
     http.start()
     watcher = threading.Thread(target=lambda: (http.join(), state.scheduler.stop(0)), daemon=True)
     watcher.start()
+    if on_listening is not None:
+        def announce() -> None:
+            while not server.started and http.is_alive():
+                time.sleep(0.02)
+            if server.started:
+                on_listening(_bound_port(server, port))
+
+        threading.Thread(target=announce, name="ownllm-announce", daemon=True).start()
     state.scheduler.run_here()
     http.join(timeout=20)
     if state.jobs is not None:
