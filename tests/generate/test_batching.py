@@ -6,6 +6,7 @@ import queue
 import threading
 
 import pytest
+import torch
 
 from ownllm.errors import OwnLLMError
 from ownllm.generate.batching import BatchScheduler, QueueFull, Request
@@ -217,17 +218,14 @@ def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
     assert engine.batching_mode() == ("batched", "slot forward for llama on cpu")
     batched = make_scheduler(engine, max_batch=4, max_len=256)
     token_bytes, narrow = batched.model.token_bytes, batched.model.narrow_rows
-    packed, packed_note = batched.model.packed, batched.model.packed_note
     assert isinstance(batched, BatchScheduler) and batched.batching == {
         "mode": "batched", "max_batch": 4, "kv_tokens": 4 * 256, "kv_bytes": 4 * 256 * token_bytes,
         "prefix_caching": True, "int4_rows": 0,  # by default the budget holds max_batch full sequences (when
         # memory allows); no 4-bit kernel unless asked for (the server does) and in bf16
         "narrow_rows": narrow,  # fp32 steps of a few rows as transposed products where faster (then not invariant)
-        "packed_weights": packed_note,  # wider ones on weights packed for oneDNN where faster, or why not
-        "batch_invariant": rows_round_alike(batched.model.dtype, batched.model.device) and not narrow
-        and not packed}
+        "batch_invariant": rows_round_alike(batched.model.dtype, batched.model.device) and not narrow}
     assert isinstance(narrow, int) and 0 <= narrow <= 16
-    assert packed_note.startswith("products past" if packed else "packed weights off: ")
+    assert batched.model.packed == {}  # weights are packed at the first decode step that runs on them
 
 
 @pytest.fixture(scope="module")
@@ -292,21 +290,44 @@ def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engi
     from ownllm.generate import slots
     from ownllm.generate.batching import make_scheduler
 
-    prompts = [f"Name a colour and a fruit, number {i}." for i in range(6)]
-    params = SamplingParams(max_new_tokens=8, temperature=0)
+    # one prompt joins the decoding rows each step: 16 tokens each bring steps past the narrow rows (5-9 here)
+    prompts = [f"Name a colour and a fruit, number {i}." for i in range(12)]
+    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     monkeypatch.setenv("OWNLLM_PACKED_WEIGHTS", "0")
-    plain = [c.text for c in engine.generate_batch(prompts, params, max_batch=6)]
-    assert make_scheduler(engine, max_batch=2, max_len=64).model.packed == {}
+    plain = [c.text for c in engine.generate_batch(prompts, params, max_batch=12)]
+    unpacked = make_scheduler(engine, max_batch=2, max_len=64).model
+    unpacked.pack_for(64)
+    assert unpacked.packed == {} and unpacked.packed_note is None
     monkeypatch.delenv("OWNLLM_PACKED_WEIGHTS")
     monkeypatch.setattr(slots, "packed_products_win", lambda *args: True)
     first = make_scheduler(engine, max_batch=2, max_len=64).model
-    for kept in ("packed", "packed_note", "packed_bytes"):  # decided afresh here, and as it was after the test
+    # decided afresh here, and as it was after the test
+    for kept in ("packed", "packed_note", "packed_bytes", "packed_versions"):
         monkeypatch.setattr(first.weights, kept, None if kept == "packed" else getattr(first.weights, kept))
-    first = make_scheduler(engine, max_batch=2, max_len=64).model
+    first.pack_for(first.dense_rows_from)  # steps that would not run on them: nothing packed
+    assert first.packed == {} and first.weights.packed is None
+    first.pack_for(first.dense_rows_from + 1)
     assert first.packed and first.packed_note.startswith(f"products past {first.narrow_rows} rows on weights packed")
-    assert make_scheduler(engine, max_batch=2, max_len=64).model.packed is first.packed  # packed once
-    assert [c.text for c in engine.generate_batch(prompts, params, max_batch=6)] == plain
+    second = make_scheduler(engine, max_batch=2, max_len=64).model
+    second.pack_for(64)
+    assert second.packed is first.packed  # packed once per model
+    assert [c.text for c in engine.generate_batch(prompts, params, max_batch=12)] == plain
+    # weights written in place (as an optimizer step writes them) are packed again before the next forward
+    head, packed_head = first.weights.lm_head, first.packed[id(first.weights.lm_head)]
+    kept = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head.copy_(kept * 0.5)
+        halved = [c.text for c in engine.generate_batch(prompts, params, max_batch=12)]
+        assert first.weights.packed[id(head)] is not packed_head
+        monkeypatch.setenv("OWNLLM_PACKED_WEIGHTS", "0")
+        assert [c.text for c in engine.generate_batch(prompts, params, max_batch=12)] == halved != plain
+        monkeypatch.delenv("OWNLLM_PACKED_WEIGHTS")
+    finally:
+        with torch.no_grad():
+            head.copy_(kept)
     first.weights.packed = None
     monkeypatch.setattr(slots.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**20})())
     refused = make_scheduler(engine, max_batch=2, max_len=64).model
+    refused.pack_for(64)
     assert refused.packed == {} and "does not fit twice in the 1 MiB free" in refused.packed_note

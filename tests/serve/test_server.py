@@ -25,6 +25,17 @@ def test_models_list_includes_adapters(server) -> None:
     assert server.client().models.retrieve("tuned").id == "tuned"
 
 
+def test_a_server_of_wide_steps_packs_its_weights_at_start_where_faster(server) -> None:
+    """--max-batch 16 in fp32: its decode steps outgrow the narrow rows, so the weights are packed for oneDNN at
+    start where measured faster here (or it says why not), in /health and the start-up line alike."""
+    batching = httpx.get(f"{server.url}/health").json()["batching"]
+    note = batching["packed_weights"]
+    packed = note.startswith(f"products past {batching['narrow_rows']} rows on weights packed for oneDNN (+")
+    assert packed or note.startswith("packed weights off: "), note
+    assert f", {note}" in server.log.read_text()
+    assert not (packed and batching["batch_invariant"])
+
+
 def test_chat_and_greedy_determinism(server) -> None:
     client = server.client()
     first = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],

@@ -195,6 +195,10 @@ class _Weights:
     packed: dict[int, torch.Tensor] | None = None
     packed_note: str | None = None
     packed_bytes: int = 0
+    packed_versions: tuple[int, ...] = ()  # `watched`'s version counters when packed (`_repack_if_changed`)
+    # the model's own projection weights (a fused weight's parts are views with counters of their own): an optimizer
+    # step or another in-place write to one moves its version counter
+    watched: list[torch.Tensor] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -255,6 +259,8 @@ def _weights(model: Any) -> _Weights:
         source=(0, source.dtype, source.device))
     source = (first.qkv_proj if hasattr(first, "qkv_proj") else first.q_proj).weight  # now a view of the fused one
     built.source = (source.data_ptr(), source.dtype, source.device)
+    built.watched = [module.weight for block in inner.layers for module in block.modules()
+                     if isinstance(module, torch.nn.Linear)] + [model.lm_head.weight]
     _built[model] = built
     return built
 
@@ -429,13 +435,11 @@ class SlotModel:
             self.narrow_rows = self._measured_narrow_rows()
             self.invariant = self.invariant and not self.narrow_rows
         # wider products through weights packed for oneDNN where measured faster (with the invariance asked, never:
-        # one row rounds otherwise than two or more there)
+        # one row rounds otherwise than two or more there), packed once the model has wide steps to run (`pack_for`)
         self.packed: dict[int, torch.Tensor] = {}
         self.packed_note: str | None = None
-        if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) \
-                and not batch_invariance_asked() and packed_products_wanted():
-            self.packed, self.packed_note = self._packed_weights()
-            self.invariant = self.invariant and not self.packed
+        self._may_pack = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) \
+            and not batch_invariance_asked() and packed_products_wanted()
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
         # one-row decode steps through compiled graphs, once they are there (`ownllm.generate.compiled_decode`)
@@ -476,18 +480,27 @@ class SlotModel:
             return
         self.four_bit, self.four_bit_rows = stored, limit
 
-    def _packed_weights(self) -> tuple[dict[int, torch.Tensor], str]:
-        """The dense weights packed for oneDNN, once per model (every SlotModel of it shares them), where
-        `packed_products_win` measured it faster and a copy of them fits in the memory free now; else none and why."""
+    @property
+    def dense_rows_from(self) -> int:
+        """Steps of more rows than this run on the dense weights (fewer: narrow products, or the 4-bit ones)."""
+        return max(self.narrow_rows, self.four_bit_rows)
+
+    def pack_for(self, rows: int) -> None:
+        """Pack the dense weights for oneDNN (once per model: every SlotModel of it shares them) if decode steps
+        of `rows` rows would run on them, where `packed_products_win` measured it faster and a copy of them fits in
+        the memory free now; `packed_note` says which. The server calls it at start with its widest step; other
+        callers' first wide decode step does (one sequence's prefill chunks alone gain too little for the copy)."""
+        if not self._may_pack or self.packed_note is not None or rows <= self.dense_rows_from:
+            return
         weights = self.weights
         with weights._lock:
             if weights.packed is None:
                 weights.packed, weights.packed_note = self._pack_now()
-        return weights.packed, weights.packed_note or ""
+        self.packed, self.packed_note = weights.packed, weights.packed_note or ""
+        self.invariant = self.invariant and not self.packed
 
     def _pack_now(self) -> tuple[dict[int, torch.Tensor], str]:
-        dense = [t for layer in self.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        dense.append(self.weights.lm_head)
+        dense = self._dense()
         size = sum(t.numel() * t.element_size() for t in {id(t): t for t in dense}.values())
         shapes = slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
                                      self.intermediate)
@@ -504,7 +517,31 @@ class SlotModel:
                         f"{free / 2**20:,.0f} MiB free")
         packed = {id(t): pack_weight(t) for t in dense}
         self.weights.packed_bytes = size
-        return packed, f"products past {self.narrow_rows} rows on weights packed for oneDNN (+{size / 2**20:,.0f} MiB)"
+        self.weights.packed_versions = self._dense_versions()
+        return packed, (f"products past {self.dense_rows_from} rows on weights packed for oneDNN "
+                        f"(+{size / 2**20:,.0f} MiB)")
+
+    def _dense(self) -> list[torch.Tensor]:
+        """The dense weights the forward's products read (`_project`), the output layer last."""
+        return [t for layer in self.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)] + \
+            [self.weights.lm_head]
+
+    def _dense_versions(self) -> tuple[int, ...]:
+        # torch counts in-place writes per tensor: an optimizer step or a copy_ into a weight moves it (an inference
+        # tensor has no counter, and cannot be written outside inference mode)
+        return tuple(-1 if t.is_inference() else t._version for t in self.weights.watched)
+
+    def _repack_if_changed(self) -> None:
+        """Pack again where the model's weights were written in place since (an optimizer step of full fine-tuning
+        between two generations in one process): the packed copy must never answer with weights the model no
+        longer has. (Writes through `.data` bypass the counters; nothing of ownllm's writes so after packing.)"""
+        weights = self.weights
+        if self._dense_versions() == weights.packed_versions:
+            return
+        with weights._lock:
+            if self._dense_versions() != weights.packed_versions and weights.packed:
+                weights.packed.update({id(t): pack_weight(t) for t in self._dense()})
+                weights.packed_versions = self._dense_versions()
 
     def _measured_narrow_rows(self) -> int:
         shapes = slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
@@ -709,6 +746,10 @@ class SlotModel:
         if rows > 1 and length > 1:
             raise ValueError("a forward is either one prefill chunk (rows = 1) or one decoding step (T = 1)")
         weights = self.weights
+        if length == 1 and rows > self.dense_rows_from and self.packed_note is None:
+            self.pack_for(rows)
+        if self.packed:
+            self._repack_if_changed()
         groups = []
         if adapters and any(adapters):
             for name in sorted({a for a in adapters if a}):

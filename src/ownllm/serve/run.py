@@ -55,6 +55,9 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     scheduler = make_scheduler(engine, max_batch=max_batch, max_queue=max_queue,
                                max_len=max_model_len or min(engine.context_length, 2048), kv_memory=kv_memory,
                                prefix_caching=prefix_caching, four_bit=four_bit)
+    pack_for = getattr(getattr(scheduler, "model", None), "pack_for", None)
+    if pack_for is not None:  # a server batches for its life: weights packed now, not in its first busy step
+        pack_for(max_batch)
     rag_index = None
     if rag_store is not None:
         from ownllm.rag.index import Index
