@@ -179,7 +179,7 @@ def test_a_damaged_hardware_file_is_measured_again(cached: Any, tmp_path: Path, 
     from ownllm.models import gguf_int4
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
-    monkeypatch.setattr(gguf_int4, "_measure_row_limit", lambda hidden, intermediate: 12)
+    monkeypatch.setattr(gguf_int4, "_measure_row_limit", lambda hidden, intermediate, against_packed: 12)
     (tmp_path / "hardware.json").write_text(json.dumps(cached))
     if isinstance(cached, dict):  # the damaged value under this machine's own key
         key = next(iter(cached["int4_rows"])) if isinstance(cached["int4_rows"], dict) else None
@@ -196,8 +196,10 @@ def test_a_damaged_hardware_file_is_measured_again(cached: Any, tmp_path: Path, 
     assert gguf_int4.int4_row_limit(64, 128) == 12  # now kept
 
 
-def test_the_row_limit_measurement_runs() -> None:
-    """On small shapes: a row count from the list, or 0 where the int4 kernel is never faster."""
+@pytest.mark.parametrize("against_packed", [False, True])
+def test_the_row_limit_measurement_runs(against_packed: bool) -> None:
+    """On small shapes: a row count from the list, or 0 where the int4 kernel is never faster (than F.linear, or
+    than the faster of F.linear and products on packed weights)."""
     from ownllm.models.gguf_int4 import ROW_COUNTS, _measure_row_limit
 
-    assert _measure_row_limit(64, 128, budget_bytes=1 << 20) in (0, *ROW_COUNTS)
+    assert _measure_row_limit(64, 128, budget_bytes=1 << 20, against_packed=against_packed) in (0, *ROW_COUNTS)

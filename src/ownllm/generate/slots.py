@@ -417,6 +417,8 @@ class SlotModel:
         self.four_bit = _FourBit([], None)  # used only in forwards of up to four_bit_rows (0) tokens
         self.four_bit_rows = 0
         self.four_bit_note: str | None = None  # why a GGUF model's 4-bit weights are not used, when they are not
+        self._may_pack = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) \
+            and not batch_invariance_asked() and packed_products_wanted()
         # seeded sampling gives a request the same tokens under any load only where rows round alike
         self.invariant = rows_round_alike(self.dtype, self.device)
         self.padded_rows: dict[int, int] = {}  # row counts computed wider (`_linear`), when invariance is asked
@@ -438,8 +440,6 @@ class SlotModel:
         # one row rounds otherwise than two or more there), packed once the model has wide steps to run (`pack_for`)
         self.packed: dict[int, torch.Tensor] = {}
         self.packed_note: str | None = None
-        self._may_pack = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) \
-            and not batch_invariance_asked() and packed_products_wanted()
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
         # one-row decode steps through compiled graphs, once they are there (`ownllm.generate.compiled_decode`)
@@ -462,7 +462,9 @@ class SlotModel:
                                  f"{str(self.dtype).removeprefix('torch.')} on {self.device.type}"
             return
         try:
-            limit = int4_row_limit(self.config.hidden_size, self.intermediate)  # first: 0 needs no file read
+            # against the dense products as they would run: on packed weights where those are faster here
+            limit = int4_row_limit(self.config.hidden_size, self.intermediate,  # first: 0 needs no file read
+                                   against_packed=self._may_pack and self._packing_faster())
         except Exception as exc:  # a measurement that fails costs the speed-up, not the server
             log.warning("int4 kernel not measured (%s: %s); running dequantized weights", exc.__class__.__name__, exc)
             limit = 0
@@ -499,13 +501,16 @@ class SlotModel:
         self.packed, self.packed_note = weights.packed, weights.packed_note or ""
         self.invariant = self.invariant and not self.packed
 
+    def _packing_faster(self) -> bool:
+        shapes = slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
+                                     self.intermediate)
+        return packed_products_win(self.dtype, shapes, len(self.layers), tuple(self.weights.lm_head.shape))
+
     def _pack_now(self) -> tuple[dict[int, torch.Tensor], str]:
         dense = self._dense()
         size = sum(t.numel() * t.element_size() for t in {id(t): t for t in dense}.values())
-        shapes = slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
-                                     self.intermediate)
         try:
-            faster = packed_products_win(self.dtype, shapes, len(self.layers), tuple(self.weights.lm_head.shape))
+            faster = self._packing_faster()
         except Exception as exc:  # a measurement that fails costs the speed-up, not the forward
             log.warning("packed products not measured (%s: %s); running F.linear", exc.__class__.__name__, exc)
             return {}, "packed weights off: not measured (see the log)"

@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from ownllm.models.dtype import best_of_turns, linear_products, remembered_measurement
+from ownllm.models.dtype import (
+    best_of_turns,
+    linear_products,
+    pack_weight,
+    packed_linear,
+    remembered_measurement,
+)
 from ownllm.models.gguf_file import GGUFTensor, gguf_tensors
 
 log = logging.getLogger(__name__)
@@ -273,22 +279,26 @@ def _same_weights(planes: Planes, weight: Any) -> bool:
     return bool(torch.allclose(ours.float(), weight.detach()[torch.from_numpy(rows)].float(), rtol=1e-2, atol=1e-6))
 
 
-def int4_row_limit(hidden: int, intermediate: int) -> int:
-    """Up to how many rows (tokens) per forward the int4 kernel beats bf16 matmuls on this CPU (0: never),
-    measured on one layer's shapes out of the caches and kept per CPU + torch in hardware.json."""
+def int4_row_limit(hidden: int, intermediate: int, *, against_packed: bool = False) -> int:
+    """Up to how many rows (tokens) per forward the int4 kernel beats bf16 matmuls on this CPU (0: never), those
+    on weights packed for oneDNN too with `against_packed` (where the slot forward runs them so), measured on one
+    layer's shapes out of the caches and kept per CPU + torch (+ thread count, against packed) in hardware.json."""
     import torch
 
     from ownllm.models.dtype import cpu_model
 
     signature = f"int4|{cpu_model()}|{torch.__version__}|{hidden}|{intermediate}"
+    # (the verdict moves with the thread count once packed products are in it: 4 rows on one thread here, 8 on two)
+    signature += f"|packed|{torch.get_num_threads()}" if against_packed else ""
     # a verdict of 0 (never faster) is measured again at the next start: one taken while the CPU was busy with
     # something else must not switch the speed-up off for good; anything not a row count is measured again too
     return remembered_measurement("int4_rows", signature,
                                   lambda cached: type(cached) is int and 0 < cached <= ROW_COUNTS[-1],
-                                  lambda: _measure_row_limit(hidden, intermediate))
+                                  lambda: _measure_row_limit(hidden, intermediate, against_packed=against_packed))
 
 
-def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 << 20) -> int:
+def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 << 20, *,
+                       against_packed: bool = False) -> int:
     import torch
 
     shapes = [(3 * hidden, hidden), (hidden, hidden), (2 * intermediate, hidden), (hidden, intermediate)]
@@ -303,12 +313,19 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
         for weight, (_, columns) in zip(four, shapes * copies, strict=True):
             weight.linear(inputs[columns])  # type: ignore[union-attr]
 
+    packed = [pack_weight(weight) for weight in dense] if against_packed else []
+
+    def run_packed(inputs: dict[int, Any]) -> None:
+        for weight, ready in zip(dense, packed, strict=True):
+            packed_linear(inputs[weight.shape[1]], ready)
+
     limit = 0
     for rows in ROW_COUNTS:
         inputs = {i: torch.randn(rows, i).to(torch.bfloat16) for _, i in shapes}
-        four_bit_time, dense_time = best_of_turns([functools.partial(run_four_bit, inputs),
-                                                    functools.partial(linear_products, dense, inputs)])
-        if four_bit_time >= 0.9 * dense_time:
+        four_bit_time, *dense_times = best_of_turns([functools.partial(run_four_bit, inputs),
+                                                     functools.partial(linear_products, dense, inputs)]
+                                                    + ([functools.partial(run_packed, inputs)] if packed else []))
+        if four_bit_time >= 0.9 * min(dense_times):
             break
         limit = rows
     return limit
