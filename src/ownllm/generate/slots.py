@@ -753,7 +753,7 @@ class SlotModel:
         weights = self.weights
         if length == 1 and rows > self.dense_rows_from and self.packed_note is None:
             self.pack_for(rows)
-        if self.packed:
+        if self.packed and rows * length > self.dense_rows_from:  # (a step the packed weights will compute)
             self._repack_if_changed()
         groups = []
         if adapters and any(adapters):
