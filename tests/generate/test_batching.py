@@ -290,11 +290,13 @@ def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engi
     from ownllm.generate import slots
     from ownllm.generate.batching import make_scheduler
 
-    # one prompt joins the decoding rows each step: 16 tokens each bring steps past the narrow rows (5-9 here)
-    prompts = [f"Name a colour and a fruit, number {i}." for i in range(12)]
-    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    # narrow products up to 2 rows (measured: 5-9 here): a prompt joins the decoding rows every other step, so
+    # 8 tokens each bring steps of 3-4 rows, past them
+    monkeypatch.setattr(slots.SlotModel, "_measured_narrow_rows", lambda self: 2)
+    prompts = [f"Name a colour and a fruit, number {i}." for i in range(8)]
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
     monkeypatch.setenv("OWNLLM_PACKED_WEIGHTS", "0")
-    plain = [c.text for c in engine.generate_batch(prompts, params, max_batch=12)]
+    plain = [c.text for c in engine.generate_batch(prompts, params, max_batch=8)]
     unpacked = make_scheduler(engine, max_batch=2, max_len=64).model
     unpacked.pack_for(64)
     assert unpacked.packed == {} and unpacked.packed_note is None
@@ -311,17 +313,17 @@ def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engi
     second = make_scheduler(engine, max_batch=2, max_len=64).model
     second.pack_for(64)
     assert second.packed is first.packed  # packed once per model
-    assert [c.text for c in engine.generate_batch(prompts, params, max_batch=12)] == plain
+    assert [c.text for c in engine.generate_batch(prompts, params, max_batch=8)] == plain
     # weights written in place (as an optimizer step writes them) are packed again before the next forward
     head, packed_head = first.weights.lm_head, first.packed[id(first.weights.lm_head)]
     kept = head.detach().clone()
     try:
         with torch.no_grad():
             head.copy_(kept * 0.5)
-        halved = [c.text for c in engine.generate_batch(prompts, params, max_batch=12)]
+        halved = [c.text for c in engine.generate_batch(prompts, params, max_batch=8)]
         assert first.weights.packed[id(head)] is not packed_head
         monkeypatch.setenv("OWNLLM_PACKED_WEIGHTS", "0")
-        assert [c.text for c in engine.generate_batch(prompts, params, max_batch=12)] == halved != plain
+        assert [c.text for c in engine.generate_batch(prompts, params, max_batch=8)] == halved != plain
         monkeypatch.delenv("OWNLLM_PACKED_WEIGHTS")
     finally:
         with torch.no_grad():
