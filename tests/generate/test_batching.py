@@ -306,10 +306,12 @@ def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engi
     # decided afresh here, and as it was after the test
     for kept in ("packed", "packed_note", "packed_bytes", "packed_versions"):
         monkeypatch.setattr(first.weights, kept, None if kept == "packed" else getattr(first.weights, kept))
-    first.pack_for(first.dense_rows_from)  # steps that would not run on them: nothing packed
+    first = make_scheduler(engine, max_batch=2, max_len=64).model
+    first.pack_for(1)  # one sequence never packs
+    first.pack_for(first.dense_rows_from)  # nor steps that would not run on them
     assert first.packed == {} and first.weights.packed is None
     first.pack_for(first.dense_rows_from + 1)
-    assert first.packed and first.packed_note.startswith(f"products past {first.narrow_rows} rows on weights packed")
+    assert first.packed and first.packed_note.startswith("products of 3+ rows on weights packed")
     second = make_scheduler(engine, max_batch=2, max_len=64).model
     second.pack_for(64)
     assert second.packed is first.packed  # packed once per model

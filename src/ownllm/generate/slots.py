@@ -190,7 +190,7 @@ class _Weights:
     qkv_lora: tuple[str, ...]  # the PEFT module names of the fused projections (LoRA keys)
     gate_up_lora: tuple[str, ...]
     source: tuple[int, torch.dtype, torch.device]  # the model's first projection weight when built
-    # the dense products' weights packed for oneDNN (`SlotModel._packed_weights`), by id of the dense tensor;
+    # the dense products' weights packed for oneDNN (`SlotModel.pack_for`), by id of the dense tensor;
     # None: not decided yet, empty: not packed (and `packed_note` says why)
     packed: dict[int, torch.Tensor] | None = None
     packed_note: str | None = None
@@ -353,7 +353,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if rows <= narrow_rows:
         out = narrow_product(x, weight)
         return out if bias is None else out + bias
-    if packed is not None:
+    if packed is not None and rows > 1:  # (one row: never measured packed, and it rounds otherwise there)
         return packed_linear(x, packed, bias)
     wide = padded_rows.get(rows) if padded_rows else None
     if wide is None:
@@ -440,6 +440,9 @@ class SlotModel:
         # one row rounds otherwise than two or more there), packed once the model has wide steps to run (`pack_for`)
         self.packed: dict[int, torch.Tensor] = {}
         self.packed_note: str | None = None
+        if self._may_pack and weights.packed is not None:  # packed by an earlier SlotModel of this model: from the
+            self.packed, self.packed_note = weights.packed, weights.packed_note or ""  # first chunk on, no mix
+            self.invariant = self.invariant and not self.packed
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
         # one-row decode steps through compiled graphs, once they are there (`ownllm.generate.compiled_decode`)
@@ -484,8 +487,9 @@ class SlotModel:
 
     @property
     def dense_rows_from(self) -> int:
-        """Steps of more rows than this run on the dense weights (fewer: narrow products, or the 4-bit ones)."""
-        return max(self.narrow_rows, self.four_bit_rows)
+        """Steps of more rows than this run on the packed weights, where packed (fewer: narrow products, the
+        4-bit ones, or F.linear for one row)."""
+        return max(self.narrow_rows, self.four_bit_rows, 1)
 
     def pack_for(self, rows: int) -> None:
         """Pack the dense weights for oneDNN (once per model: every SlotModel of it shares them) if decode steps
@@ -523,7 +527,7 @@ class SlotModel:
         packed = {id(t): pack_weight(t) for t in dense}
         self.weights.packed_bytes = size
         self.weights.packed_versions = self._dense_versions()
-        return packed, (f"products past {self.dense_rows_from} rows on weights packed for oneDNN "
+        return packed, (f"products of {self.dense_rows_from + 1}+ rows on weights packed for oneDNN "
                         f"(+{size / 2**20:,.0f} MiB)")
 
     def _dense(self) -> list[torch.Tensor]:
