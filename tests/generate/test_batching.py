@@ -304,7 +304,7 @@ def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engi
     monkeypatch.setattr(slots, "packed_products_win", lambda *args: True)
     first = make_scheduler(engine, max_batch=2, max_len=64).model
     # decided afresh here, and as it was after the test
-    for kept in ("packed", "packed_note", "packed_bytes", "packed_versions"):
+    for kept in ("packed", "packed_note", "packed_versions"):
         monkeypatch.setattr(first.weights, kept, None if kept == "packed" else getattr(first.weights, kept))
     first = make_scheduler(engine, max_batch=2, max_len=64).model
     first.pack_for(1)  # one sequence never packs

@@ -194,7 +194,6 @@ class _Weights:
     # None: not decided yet, empty: not packed (and `packed_note` says why)
     packed: dict[int, torch.Tensor] | None = None
     packed_note: str | None = None
-    packed_bytes: int = 0
     packed_versions: tuple[int, ...] = ()  # `watched`'s version counters when packed (`_repack_if_changed`)
     # the model's own projection weights (a fused weight's parts are views with counters of their own): an optimizer
     # step or another in-place write to one moves its version counter
@@ -525,7 +524,6 @@ class SlotModel:
             return {}, (f"packed weights off: their copy ({size / 2**20:,.0f} MiB) does not fit twice in the "
                         f"{free / 2**20:,.0f} MiB free")
         packed = {id(t): pack_weight(t) for t in dense}
-        self.weights.packed_bytes = size
         self.weights.packed_versions = self._dense_versions()
         return packed, (f"products of {self.dense_rows_from + 1}+ rows on weights packed for oneDNN "
                         f"(+{size / 2**20:,.0f} MiB)")

@@ -227,6 +227,38 @@ def best_of_turns(runs: list[Callable[[], Any]], rounds: int = 5) -> list[float]
     return best
 
 
+def _decoder_stacks(dtype: Any, shapes: list[tuple[int, int]], layers: int,
+                    output: tuple[int, int] | None) -> tuple[list[list[Any]], list[float]]:
+    """Weights to time a decoder's products on (`layers` layers of `shapes`, an output layer `output`): copies of a
+    layer and a slice of the output layer, each past the CPU caches as a model's weights are, and what each
+    stack's time counts for in the whole decoder."""
+    import torch
+
+    # enough copies of the layer to fall out of the CPU caches, as a model's layers do; scaled to `layers`
+    copies = min(64, max(1, (64 << 20) // (sum(o * i for o, i in shapes) * dtype.itemsize)))
+    stacks = [_layer_copies(shapes, dtype, copies)]
+    # of a large output layer, a slice of its rows (up to 64 MiB, past the caches too), scaled to the whole
+    kept = min(output[0], max(1, (64 << 20) // (output[1] * dtype.itemsize))) if output else 1
+    stacks += [[torch.randn(kept, output[1]).to(dtype)]] if output else []
+    return stacks, [layers / copies, output[0] / kept if output else 1.0]
+
+
+def _wins_over_linear(stacks: list[list[Any]], weight_of: list[float], dtype: Any, rows: int,
+                      other: Callable[[int, dict[int, Any]], None]) -> bool:
+    """Whether `other(index, inputs)`, stacks[index]'s products computed another way, takes 0.9x F.linear's time
+    or less for `rows` rows, over the whole decoder (`_decoder_stacks`), the two taking turns."""
+    import torch
+
+    runs = []
+    for index, stack in enumerate(stacks):
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(dtype) for w in stack}
+        runs += [functools.partial(linear_products, stack, inputs), functools.partial(other, index, inputs)]
+    times = best_of_turns(runs)
+    as_linear = sum(weight_of[k] * times[2 * k] for k in range(len(stacks)))
+    as_other = sum(weight_of[k] * times[2 * k + 1] for k in range(len(stacks)))
+    return as_other <= 0.9 * as_linear
+
+
 NARROW_ROWS_PROBED = 16  # the widest product `narrow_product_rows` times
 
 
@@ -243,24 +275,11 @@ def narrow_product_rows(dtype: Any, shapes: list[tuple[int, int]], layers: int =
     import torch
 
     def measure() -> int:
-        # enough copies of the layer to fall out of the CPU caches, as a model's layers do; scaled to `layers`
-        copies = min(64, max(1, (64 << 20) // (sum(o * i for o, i in shapes) * dtype.itemsize)))
-        stacks = [_layer_copies(shapes, dtype, copies)]
-        # of a large output layer, a slice of its rows (up to 64 MiB, past the caches too), scaled to the whole
-        kept = min(output[0], max(1, (64 << 20) // (output[1] * dtype.itemsize))) if output else 1
-        stacks += [[torch.randn(kept, output[1]).to(dtype)]] if output else []
-        weight_of = [layers / copies, output[0] / kept if output else 1.0]
+        stacks, weight_of = _decoder_stacks(dtype, shapes, layers, output)
         widest = 0
         for rows in range(1, NARROW_ROWS_PROBED + 1):  # the first width it loses at ends the probe
-            runs = []
-            for stack in stacks:
-                inputs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(dtype) for w in stack}
-                runs += [functools.partial(linear_products, stack, inputs),
-                         functools.partial(_narrow_products, stack, inputs)]
-            times = best_of_turns(runs)
-            as_linear = sum(weight_of[k] * times[2 * k] for k in range(len(stacks)))
-            narrow = sum(weight_of[k] * times[2 * k + 1] for k in range(len(stacks)))
-            if narrow > 0.9 * as_linear:
+            if not _wins_over_linear(stacks, weight_of, dtype, rows,
+                                     lambda index, inputs: _narrow_products(stacks[index], inputs)):
                 break
             widest = rows
         return widest
@@ -290,24 +309,11 @@ def packed_products_win(dtype: Any, shapes: list[tuple[int, int]], layers: int =
         return False
 
     def measure() -> bool:
-        copies = min(64, max(1, (64 << 20) // (sum(o * i for o, i in shapes) * dtype.itemsize)))
-        stacks = [_layer_copies(shapes, dtype, copies)]
-        kept = min(output[0], max(1, (64 << 20) // (output[1] * dtype.itemsize))) if output else 1
-        stacks += [[torch.randn(kept, output[1]).to(dtype)]] if output else []
-        weight_of = [layers / copies, output[0] / kept if output else 1.0]
-        packed_stacks = [[pack_weight(w) for w in stack] for stack in stacks]
-        for rows in PACKED_ROWS_PROBED:
-            runs = []
-            for stack, packed in zip(stacks, packed_stacks, strict=True):
-                inputs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(dtype) for w in stack}
-                runs += [functools.partial(linear_products, stack, inputs),
-                         functools.partial(_packed_products, stack, packed, inputs)]
-            times = best_of_turns(runs)
-            as_linear = sum(weight_of[k] * times[2 * k] for k in range(len(stacks)))
-            as_packed = sum(weight_of[k] * times[2 * k + 1] for k in range(len(stacks)))
-            if as_packed > 0.9 * as_linear:
-                return False
-        return True
+        stacks, weight_of = _decoder_stacks(dtype, shapes, layers, output)
+        packed = [[pack_weight(w) for w in stack] for stack in stacks]
+        return all(_wins_over_linear(stacks, weight_of, dtype, rows,
+                                     lambda index, inputs: packed_products(stacks[index], packed[index], inputs))
+                   for rows in PACKED_ROWS_PROBED)
 
     signature = (f"packed|{cpu_model()}|{sorted(cpu_flags())}|{torch.__version__}|{torch.get_num_threads()}|"
                  f"{dtype}|{shapes}|{layers}|{output}")
@@ -337,7 +343,8 @@ def packed_linear(x: Any, packed: Any, bias: Any = None) -> Any:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _packed_products(weights: list[Any], packed: list[Any], inputs: dict[int, Any]) -> None:
+def packed_products(weights: list[Any], packed: list[Any], inputs: dict[int, Any]) -> None:
+    """`linear_products` with each weight as `pack_weight` made it (`packed`, in the same order)."""
     for weight, ready in zip(weights, packed, strict=True):
         packed_linear(inputs[weight.shape[1]], ready)
 

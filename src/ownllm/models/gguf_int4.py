@@ -30,7 +30,7 @@ from ownllm.models.dtype import (
     best_of_turns,
     linear_products,
     pack_weight,
-    packed_linear,
+    packed_products,
     remembered_measurement,
 )
 from ownllm.models.gguf_file import GGUFTensor, gguf_tensors
@@ -315,16 +315,13 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
 
     packed = [pack_weight(weight) for weight in dense] if against_packed else []
 
-    def run_packed(inputs: dict[int, Any]) -> None:
-        for weight, ready in zip(dense, packed, strict=True):
-            packed_linear(inputs[weight.shape[1]], ready)
-
     limit = 0
     for rows in ROW_COUNTS:
         inputs = {i: torch.randn(rows, i).to(torch.bfloat16) for _, i in shapes}
         four_bit_time, *dense_times = best_of_turns([functools.partial(run_four_bit, inputs),
                                                      functools.partial(linear_products, dense, inputs)]
-                                                    + ([functools.partial(run_packed, inputs)] if packed else []))
+                                                    + ([functools.partial(packed_products, dense, packed, inputs)]
+                                                       if packed else []))
         if four_bit_time >= 0.9 * min(dense_times):
             break
         limit = rows
