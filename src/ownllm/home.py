@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import platformdirs
+
+log = logging.getLogger(__name__)
 
 
 def ownllm_home() -> Path:
@@ -102,6 +106,49 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def kept_tensors(folder: str, kind: str, signature: str, compute: Callable[[], dict[str, Any]],
+                 valid: Callable[[dict[str, Any]], bool] = lambda value: True) -> dict[str, Any]:
+    """The mapping of names to tensors kept in `$OWNLLM_HOME/<folder>` for (`kind`, `signature`) where `valid`
+    accepts it, else `compute()`, kept for next time (safetensors: nothing in it is executed on load). A damaged,
+    unreadable or rejected entry is computed again; a home that cannot be written only loses the saving."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
+
+    path = kept_path(folder, kind, signature, "safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as stored:
+            if (stored.metadata() or {}).get("signature") == signature:
+                kept = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (no __iter__)
+                if valid(kept):
+                    log.info("reusing the %s kept in %s", kind, path)
+                    return kept
+    except (OSError, SafetensorError, ValueError, RuntimeError):
+        pass
+    value = compute()
+
+    def write() -> None:
+        with atomic_file(path) as staging:
+            save_file({name: tensor.contiguous() for name, tensor in value.items()}, str(staging),
+                      metadata={"signature": signature})
+
+    keep_quietly(kind, write)
+    return value
+
+
+def kept_path(folder: str, kind: str, signature: str, suffix: str) -> Path:
+    """Where `kept_tensors` (and other keyed caches of the home) keep the entry of (`kind`, `signature`)."""
+    key = hashlib.sha256(signature.encode()).hexdigest()[:24]
+    return ownllm_home() / folder / f"{kind}-{key}.{suffix}"
+
+
+def keep_quietly(kind: str, write: Callable[[], None]) -> None:
+    """Run `write`; a home that cannot be written costs a warning, not the caller's work."""
+    try:
+        write()
+    except OSError as exc:
+        log.warning("could not keep the %s for later runs: %s", kind, exc)
 
 
 _process_umask()  # learnt at import, before the server or a job starts threads

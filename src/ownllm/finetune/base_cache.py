@@ -7,7 +7,6 @@ A damaged or unreadable entry is computed again; a home that cannot be written o
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -15,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ownllm.home import atomic_file, atomic_write_json, ownllm_home
+from ownllm.home import atomic_write_json, keep_quietly, kept_path, kept_tensors
 
 log = logging.getLogger(__name__)
 
+CACHE_FOLDER = "finetune-cache"
 CACHE_VERSION = 1  # raise when what is cached (scoring, replay generation) changes meaning
 
 
@@ -54,7 +54,7 @@ def remembered_together(kind: str, signatures: dict[str, str], compute: Callable
         for name in missing:
             path, record = _entry_path(kind, signatures[name], "json"), {"signature": signatures[name],
                                                                           "value": fresh[name]}
-            _keep(kind, lambda path=path, record=record: atomic_write_json(path, record))
+            keep_quietly(kind, lambda path=path, record=record: atomic_write_json(path, record))
             values[name] = fresh[name]
     return {name: values[name] for name in signatures}
 
@@ -62,38 +62,9 @@ def remembered_together(kind: str, signatures: dict[str, str], compute: Callable
 def remembered_tensors(kind: str, signature: str, compute: Callable[[], dict[str, Any]],
                        valid: Callable[[dict[str, Any]], bool] = lambda value: True) -> dict[str, Any]:
     """The mapping of names to tensors kept for (`kind`, `signature`) where `valid` accepts it, else `compute()`, kept
-    for next time (safetensors: nothing in it is executed on load)."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
-
-    path = _entry_path(kind, signature, "safetensors")
-    try:
-        with safe_open(str(path), framework="pt") as stored:
-            if (stored.metadata() or {}).get("signature") == signature:
-                kept = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (no __iter__)
-                if valid(kept):
-                    log.info("reusing the base model's %s from %s", kind, path)
-                    return kept
-    except (OSError, SafetensorError, ValueError, RuntimeError):
-        pass
-    value = compute()
-
-    def write() -> None:
-        with atomic_file(path) as staging:
-            save_file({name: tensor.contiguous() for name, tensor in value.items()}, str(staging),
-                      metadata={"signature": signature})
-
-    _keep(kind, write)
-    return value
+    for next time (`ownllm.home.kept_tensors` in the fine-tuning cache)."""
+    return kept_tensors(CACHE_FOLDER, kind, signature, compute, valid)
 
 
 def _entry_path(kind: str, signature: str, suffix: str) -> Path:
-    key = hashlib.sha256(signature.encode()).hexdigest()[:24]
-    return ownllm_home() / "finetune-cache" / f"{kind}-{key}.{suffix}"
-
-
-def _keep(kind: str, write: Callable[[], None]) -> None:
-    try:
-        write()
-    except OSError as exc:
-        log.warning("could not keep the base model's %s for later runs: %s", kind, exc)
+    return kept_path(CACHE_FOLDER, kind, signature, suffix)

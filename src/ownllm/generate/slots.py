@@ -22,6 +22,7 @@ why a model is not covered: the engine then serves it one request at a time and 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import mmap
@@ -39,9 +40,11 @@ import torch.nn.functional as F
 from ownllm.errors import OwnLLMError
 from ownllm.generate import compiled_decode
 from ownllm.generate.compiled_decode import CompiledSteps, _rms, decode_attention, llama_norm, rope
+from ownllm.home import kept_tensors
 from ownllm.models.adapters import Adapter, LoraWeights
 from ownllm.models.dtype import (
     batch_invariance_asked,
+    cpu_model,
     narrow_product,
     narrow_product_rows,
     pack_weight,
@@ -51,7 +54,7 @@ from ownllm.models.dtype import (
     slot_product_shapes,
     upcast_decode_attention,
 )
-from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, has_gguf, int4_row_limit, pack
+from ownllm.models.gguf_int4 import Int4Weight, four_bit_weights, gguf_path, has_gguf, int4_row_limit, pack
 
 log = logging.getLogger(__name__)
 
@@ -308,12 +311,61 @@ _four_bit_built: weakref.WeakKeyDictionary[Any, tuple[tuple[int, torch.dtype], _
     weakref.WeakKeyDictionary())
 
 
+FOUR_BIT_FOLDER = "int4-cache"  # in the ownllm home: packed 4-bit weights, by GGUF file, CPU and torch
+FOUR_BIT_FORMAT = 1  # raise when what is kept (how a GGUF's tensors are read, checked or packed) changes meaning
+_FOUR_BIT_PARTS = ("qkv", "o", "gate_up", "down")  # (`_FourBitLayer`)
+
+
+class _NoFourBit(Exception):
+    """The model's GGUF has no matrix the int4 kernel can run (nothing to keep)."""
+
+
 def _four_bit(model: Any, weights: _Weights) -> _FourBit:
-    """The model's 4-bit projections per layer and output layer, read from its GGUF once per model; no layers
-    when it has none."""
+    """The model's 4-bit projections per layer and output layer, read from its GGUF once per model (and packed
+    once per file, CPU and torch: kept in the home, where a later start reads them in a fraction of the time,
+    each matrix checked against the loaded weight it stands for); no layers when it has none."""
     built = _four_bit_built.get(model)
     if built is not None and built[0] == weights.source[:2]:
         return built[1]
+    signature = _four_bit_signature(model, weights)
+    if signature is None:
+        built_now = _four_bit_from_file(model, weights)
+    else:
+        def packed_now() -> dict[str, torch.Tensor]:
+            tensors = _four_bit_tensors(_four_bit_from_file(model, weights))
+            if not tensors:
+                raise _NoFourBit
+            return tensors
+
+        try:
+            kept = kept_tensors(FOUR_BIT_FOLDER, "int4", signature, packed_now,
+                                lambda kept: _four_bit_fits(kept, weights))
+        except _NoFourBit:
+            kept = {}
+        built_now = _four_bit_of(kept, len(weights.layers))
+    _four_bit_built[model] = (weights.source[:2], built_now)
+    return built_now
+
+
+def _four_bit_signature(model: Any, weights: _Weights) -> str | None:
+    """What the packed 4-bit weights of `model` depend on: its GGUF (where, size, modification time), the shapes,
+    the activation dtype, this CPU and torch (the kernel's layout is theirs); None where its file cannot be read."""
+    path = gguf_path(model)
+    try:
+        stat = path.stat() if path is not None else None
+    except OSError:
+        stat = None
+    if stat is None:
+        return None
+    config = model.config
+    return json.dumps([FOUR_BIT_FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, len(weights.layers),
+                       config.hidden_size, weights.intermediate, weights.heads, weights.kv_heads,
+                       str(weights.embed.dtype), cpu_model(), torch.__version__])
+
+
+def _four_bit_from_file(model: Any, weights: _Weights) -> _FourBit:
+    """`_four_bit` read from the GGUF itself: each 4-bit tensor unpacked, checked against its loaded weight and
+    packed for the kernel."""
     stored = four_bit_weights(model)
     names = {id(module): name for name, module in model.named_modules()}
 
@@ -336,9 +388,47 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
         # a tied output layer is the embedding's tensor, stored (and named) once
         tied = model.lm_head.weight is model.model.embed_tokens.weight
         lm_head = packed([model.model.embed_tokens if tied else model.lm_head])
-    built_now = _FourBit(layers, lm_head)
-    _four_bit_built[model] = (weights.source[:2], built_now)
-    return built_now
+    return _FourBit(layers, lm_head)
+
+
+def _four_bit_tensors(four: _FourBit) -> dict[str, torch.Tensor]:
+    """`four` as named tensors (`_four_bit_of` reads them back); {} where it has no 4-bit matrix."""
+    tensors: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(four.layers):
+        for part in _FOUR_BIT_PARTS:
+            weight = getattr(layer, part)
+            if weight is not None:
+                tensors.update(weight.tensors(f"{index}.{part}"))
+    if four.lm_head is not None:
+        tensors.update(four.lm_head.tensors("lm_head"))
+    return tensors
+
+
+def _four_bit_of(kept: dict[str, torch.Tensor], layer_count: int) -> _FourBit:
+    if not kept:
+        return _FourBit([], None)
+    layers = [_FourBitLayer(*(Int4Weight.from_tensors(kept, f"{index}.{part}") for part in _FOUR_BIT_PARTS))
+              for index in range(layer_count)]
+    return _FourBit(layers, Int4Weight.from_tensors(kept, "lm_head"))
+
+
+def _four_bit_fits(kept: dict[str, torch.Tensor], weights: _Weights) -> bool:
+    """Whether kept packed weights are whole and compute the model's own weights (`Int4Weight.computes`): a
+    damaged or foreign entry is packed again from the GGUF."""
+    expected = {f"{index}.{part}": getattr(layer, part) for index, layer in enumerate(weights.layers)
+                for part in _FOUR_BIT_PARTS}
+    expected["lm_head"] = weights.lm_head
+    fields = (".packed", ".scales", ".planes")
+    prefixes = {name.rpartition(".")[0] for name in kept}
+    if not kept or not prefixes <= expected.keys() \
+            or any(f"{prefix}{field}" not in kept for prefix in prefixes for field in fields):
+        return False
+    try:
+        with torch.no_grad():
+            return all(weight is not None and weight.computes(expected[prefix])
+                       for prefix in prefixes for weight in [Int4Weight.from_tensors(kept, prefix)])
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return False
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

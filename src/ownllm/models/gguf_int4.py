@@ -82,6 +82,41 @@ class Int4Weight:
             flat = flat.repeat(1, self.plane_count)
         return int4_matmul(flat, self.packed, self.scales_and_zeros).view(*x.shape[:-1], self.out_features)
 
+    def tensors(self, prefix: str) -> dict[str, Any]:
+        """Its fields as named tensors (`from_tensors` reads them back), for keeping in the home."""
+        import torch
+
+        return {f"{prefix}.packed": self.packed, f"{prefix}.scales": self.scales_and_zeros,
+                f"{prefix}.planes": torch.tensor([self.plane_count])}
+
+    @classmethod
+    def from_tensors(cls, kept: dict[str, Any], prefix: str) -> Int4Weight | None:
+        """The matrix `tensors(prefix)` wrote, None where `kept` has none under `prefix`."""
+        if f"{prefix}.packed" not in kept:
+            return None
+        scales = kept[f"{prefix}.scales"]
+        return cls(kept[f"{prefix}.packed"], scales, int(scales.shape[1]), int(kept[f"{prefix}.planes"][0]))
+
+    def computes(self, dense: Any) -> bool:
+        """Whether this matrix computes `dense`'s products (the weight it stands for, in the activation dtype):
+        probed with two random rows, each output within a tenth of its row's weight norm of the dense product.
+        The kernel's rounding differs from the dense weight's by ~0.4% of that; another matrix, rows in another
+        order or damaged integers by the weights' own size."""
+        import torch
+
+        if self.out_features != dense.shape[0] or self.scales_and_zeros.dtype != dense.dtype \
+                or self.packed.dtype != torch.uint8 or self.scales_and_zeros.shape[0] * GROUP != \
+                self.plane_count * dense.shape[1]:
+            return False
+        probe = torch.randn(2, dense.shape[1], generator=torch.Generator().manual_seed(0)).to(dense.dtype)
+        try:
+            got = self.linear(probe).float()
+        except RuntimeError:  # packed integers of another shape than the scales say
+            return False
+        expected = torch.nn.functional.linear(probe, dense).float()
+        bound = 0.1 * torch.linalg.vector_norm(dense, dim=1, dtype=torch.float32)
+        return bool(((got - expected).abs() <= bound).all())
+
 
 def int4_matmul(x: Any, packed: Any, scales_and_zeros: Any) -> Any:
     """x @ w.T for a matrix in the int4 kernel's layout (`Int4Weight`'s fields): [..., in] -> [..., out], the output
@@ -205,6 +240,11 @@ def remember_gguf(model: Any, path: Path) -> None:
 
 def has_gguf(model: Any) -> bool:
     return model in _files
+
+
+def gguf_path(model: Any) -> Path | None:
+    """The GGUF `model` was loaded from (`remember_gguf`), if any."""
+    return _files.get(model)
 
 
 def four_bit_weights(model: Any) -> dict[str, StoredMatrix]:

@@ -1,0 +1,65 @@
+"""The slot forward's 4-bit weights kept in the home: a later start reads them instead of the GGUF, and a damaged or
+foreign entry is packed again from the file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two `_FourBit`s hold the same packed integers and scales, matrix by matrix."""
+    from ownllm.generate.slots import _four_bit_tensors
+
+    first, second = _four_bit_tensors(a), _four_bit_tensors(b)
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_packed_4bit_weights_are_kept_checked_and_packed_again_when_damaged(default_model: str, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from ownllm.generate import slots
+    from ownllm.models.gguf_int4 import remember_gguf
+    from ownllm.models.load import load_model
+
+    model = load_model(default_model, dtype="bf16").model
+    weights = slots._weights(model)
+    gguf = tmp_path / "model.gguf"  # a copy: its time is changed below, the test home's file is left alone
+    shutil.copyfile(slots.gguf_path(model), gguf)
+    remember_gguf(model, gguf)
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))  # (the model is loaded: only the kept entries land here)
+
+    def packed() -> Any:
+        slots._four_bit_built.pop(model, None)  # as a new process would: nothing built yet
+        return slots._four_bit(model, weights)
+
+    fresh = packed()
+    assert fresh.lm_head is not None and all(layer.qkv and layer.down for layer in fresh.layers)
+    [entry] = (tmp_path / slots.FOUR_BIT_FOLDER).glob("int4-*.safetensors")
+
+    def no_file_read(_model: Any) -> dict:
+        raise AssertionError("the GGUF was read again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(slots, "four_bit_weights", no_file_read)
+        assert _same(packed(), fresh)  # read back as kept, the file untouched
+
+    metadata = {"signature": slots._four_bit_signature(model, weights)}
+    tensors = load_file(entry)
+    damaged = dict(tensors, **{"3.o.packed": tensors["3.o.packed"].flip(0).contiguous()})  # rows of another order
+    save_file(damaged, entry, metadata=metadata)
+    assert _same(packed(), fresh)  # the check caught it: packed again from the GGUF...
+    assert torch.equal(load_file(entry)["3.o.packed"], tensors["3.o.packed"])  # ...and kept whole again
+
+    entry.write_bytes(entry.read_bytes()[:4096])  # cut short
+    assert _same(packed(), fresh)
+
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 1))  # the file changed: another entry
+    assert _same(packed(), fresh)
+    assert len(list((tmp_path / slots.FOUR_BIT_FOLDER).glob("int4-*.safetensors"))) == 2
