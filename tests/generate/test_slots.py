@@ -1,5 +1,6 @@
 """The slot forward's 4-bit weights kept in the home: a later start reads them instead of the GGUF, and a damaged or
-foreign entry is packed again from the file."""
+foreign entry is packed again from the file (one cut short is any kept tensors' case: tests/finetune/
+test_base_cache.py)."""
 
 from __future__ import annotations
 
@@ -57,9 +58,6 @@ def test_packed_4bit_weights_are_kept_checked_and_packed_again_when_damaged(defa
     assert _same(packed(), fresh)  # the check caught it: packed again from the GGUF...
     assert torch.equal(load_file(entry)["3.o.packed"], tensors["3.o.packed"])  # ...and kept whole again
 
-    entry.write_bytes(entry.read_bytes()[:4096])  # cut short
-    assert _same(packed(), fresh)
 
-    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 1))  # the file changed: another entry
-    assert _same(packed(), fresh)
-    assert len(list((tmp_path / slots.FOUR_BIT_FOLDER).glob("int4-*.safetensors"))) == 2
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 1))  # the file changed: another key
+    assert slots._four_bit_signature(model, weights) != metadata["signature"]
