@@ -226,7 +226,7 @@ def test_models_lists_the_pulled_model(default_model: str) -> None:
 
 
 def test_serve_bad_arguments(tmp_path: Path) -> None:
-    assert_user_error(run_cli("serve", "no-such-model"), "unknown model")
+    assert_user_error(run_cli("serve", "no-such-model", "--port", "0"), "unknown model")
     assert_user_error(run_cli("serve", "no-such-model", "--adapter", "oops"), "--adapter takes NAME=FOLDER")
     assert_user_error(run_cli("bench", "serve", "--url", "http://127.0.0.1:9", "--concurrency", "1"),
                       "cannot list models")
@@ -235,8 +235,22 @@ def test_serve_bad_arguments(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_serve_missing_adapter_folder(default_model: str, tmp_path: Path) -> None:
-    assert_user_error(run_cli("serve", default_model, "--adapter", f"x={tmp_path / 'missing'}"),
+    assert_user_error(run_cli("serve", default_model, "--adapter", f"x={tmp_path / 'missing'}", "--port", "0"),
                       "is not a LoRA adapter folder")
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading_the_model() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        # (a model name that does not resolve: the address is refused before the model is looked up)
+        assert_user_error(run_cli("serve", "no-such-model", "--port", port), f"127.0.0.1:{port}", "in use")
+    assert_user_error(run_cli("serve", "no-such-model", "--host", "no-such-host.invalid"), "does not resolve")
+    assert_user_error(run_cli("serve", "no-such-model", "--host", "192.0.2.1", "--port", "0"),
+                      "not an address of this machine")
 
 
 def test_serve_names_a_bad_adapter_before_loading_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

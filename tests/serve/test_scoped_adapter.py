@@ -91,11 +91,11 @@ def test_a_damaged_scope_is_refused_by_name(default_model: str, scoped_adapter: 
     damaged = tmp_path / "damaged"
     shutil.copytree(scoped_adapter, damaged)
     (damaged / SCOPE_FILE).write_text("{")
-    assert_user_error(run_cli("serve", default_model, "--adapter", f"x={damaged}", "--no-jobs"),
+    assert_user_error(run_cli("serve", default_model, "--adapter", f"x={damaged}", "--no-jobs", "--port", "0"),
                       f"{SCOPE_FILE}: the adapter's scope cannot be read")
     # the name the served folder's own adapter rows carry is not a name an --adapter can take
-    assert_user_error(run_cli("serve", str(scoped_adapter), "--adapter", f"<scoped>={scoped_adapter}", "--no-jobs"),
-                      "the adapter name '<scoped>' is reserved")
+    assert_user_error(run_cli("serve", str(scoped_adapter), "--adapter", f"<scoped>={scoped_adapter}", "--no-jobs",
+                              "--port", "0"), "the adapter name '<scoped>' is reserved")
 
 
 def test_a_request_refused_by_its_cheap_checks_is_never_embedded(default_model: str, scoped_adapter: Path,

@@ -82,6 +82,9 @@ def serve(
     keys = list(api_key or []) + [k for k in os.environ.get("OWNLLM_API_KEYS", "").split(",") if k]
     adapters = _named_folders(adapter, "adapter")
     classifiers = _named_folders(classifier, "classifier")
+    from ownllm.serve.listen import check_listenable
+
+    check_listenable(host, port)  # (before the model loads: a port in use is said at once)
     quiet_model_libraries()
     from rich.markup import escape
 
