@@ -299,7 +299,7 @@ def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engi
     plain = [c.text for c in engine.generate_batch(prompts, params, max_batch=8)]
     unpacked = make_scheduler(engine, max_batch=2, max_len=64).model
     unpacked.pack_for(64)
-    assert unpacked.packed == {} and unpacked.packed_note is None
+    assert unpacked.packed == {} and unpacked.packed_note == "packed weights off: OWNLLM_PACKED_WEIGHTS=0"
     monkeypatch.delenv("OWNLLM_PACKED_WEIGHTS")
     monkeypatch.setattr(slots, "packed_products_win", lambda *args: True)
     first = make_scheduler(engine, max_batch=2, max_len=64).model

@@ -532,6 +532,10 @@ class SlotModel:
         if self._may_pack and weights.packed is not None:  # packed by an earlier SlotModel of this model: from the
             self.packed, self.packed_note = weights.packed, weights.packed_note or ""  # first chunk on, no mix
             self.invariant = self.invariant and not self.packed
+        elif not self._may_pack and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
+            # switched off (not merely undecided): the start-up line and /health say so
+            self.packed_note = "packed weights off: " + ("OWNLLM_BATCH_INVARIANT is set" if batch_invariance_asked()
+                                                         else "OWNLLM_PACKED_WEIGHTS=0")
         self.adapters: dict[str, LoraAdapter] = {}
         self._adapters_here: dict[str, tuple[LoraAdapter, LoraAdapter]] = {}  # (as loaded, on self.device)
         # one-row decode steps through compiled graphs, once they are there (`ownllm.generate.compiled_decode`)
