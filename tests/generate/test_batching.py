@@ -286,7 +286,7 @@ def test_generate_batch_runs_through_the_scheduler_with_more_prompts_than_slots(
 def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engine, monkeypatch) -> None:
     """Steps past the narrow rows run on the weights packed for oneDNN where measured faster (forced here): the
     same greedy tokens as F.linear's, one packed copy shared by every scheduler of the model, refused where it
-    would not fit twice in the memory free, and never with OWNLLM_PACKED_WEIGHTS=0."""
+    would not fit twice in the memory free (less a server's KV budget), and never with OWNLLM_PACKED_WEIGHTS=0."""
     from ownllm.generate import slots
     from ownllm.generate.batching import make_scheduler
 
@@ -335,3 +335,8 @@ def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engi
     refused = make_scheduler(engine, max_batch=2, max_len=64).model
     refused.pack_for(64)
     assert refused.packed == {} and "does not fit twice in the 1 MiB free" in refused.packed_note
+    first.weights.packed = None
+    monkeypatch.setattr(slots.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**32})())
+    beside = make_scheduler(engine, max_batch=2, max_len=64).model
+    beside.pack_for(64, reserve=2**32 - 2**20)  # a server's KV budget would take nearly all of it
+    assert beside.packed == {} and "in the 4,096 MiB free beside the KV budget (4,095 MiB)" in beside.packed_note

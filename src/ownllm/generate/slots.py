@@ -584,17 +584,18 @@ class SlotModel:
         4-bit ones, or F.linear for one row)."""
         return max(self.narrow_rows, self.four_bit_rows, 1)
 
-    def pack_for(self, rows: int) -> None:
+    def pack_for(self, rows: int, reserve: int = 0) -> None:
         """Pack the dense weights for oneDNN (once per model: every SlotModel of it shares them) if decode steps
-        of `rows` rows would run on them, where `packed_products_win` measured it faster and a copy of them fits in
-        the memory free now; `packed_note` says which. The server calls it at start with its widest step; other
+        of `rows` rows would run on them, where `packed_products_win` measured it faster and a copy of them fits
+        twice in the memory free now, less `reserve` bytes others will still take (a server's KV budget, allocated
+        as sequences grow); `packed_note` says which. The server calls it at start with its widest step; other
         callers' first wide decode step does (one sequence's prefill chunks alone gain too little for the copy)."""
         if not self._may_pack or self.packed_note is not None or rows <= self.dense_rows_from:
             return
         weights = self.weights
         with weights._lock:
             if weights.packed is None:
-                weights.packed, weights.packed_note = self._pack_now()
+                weights.packed, weights.packed_note = self._pack_now(reserve)
         self.packed, self.packed_note = weights.packed, weights.packed_note or ""
         self.invariant = self.invariant and not self.packed
 
@@ -603,7 +604,7 @@ class SlotModel:
                                      self.intermediate)
         return packed_products_win(self.dtype, shapes, len(self.layers), tuple(self.weights.lm_head.shape))
 
-    def _pack_now(self) -> tuple[dict[int, torch.Tensor], str]:
+    def _pack_now(self, reserve: int = 0) -> tuple[dict[int, torch.Tensor], str]:
         dense = self._dense()
         size = sum(t.numel() * t.element_size() for t in {id(t): t for t in dense}.values())
         try:
@@ -614,9 +615,10 @@ class SlotModel:
         if not faster:
             return {}, "packed weights off: measured no faster than F.linear here"
         free = psutil.virtual_memory().available
-        if free < 2 * size:
+        if free - reserve < 2 * size:
+            beside = f" beside the KV budget ({reserve / 2**20:,.0f} MiB)" if reserve else ""
             return {}, (f"packed weights off: their copy ({size / 2**20:,.0f} MiB) does not fit twice in the "
-                        f"{free / 2**20:,.0f} MiB free")
+                        f"{free / 2**20:,.0f} MiB free{beside}")
         packed = {id(t): pack_weight(t) for t in dense}
         self.weights.packed_versions = self._dense_versions()
         return packed, (f"products of {self.dense_rows_from + 1}+ rows on weights packed for oneDNN "

@@ -57,7 +57,7 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
                                prefix_caching=prefix_caching, four_bit=four_bit)
     pack_for = getattr(getattr(scheduler, "model", None), "pack_for", None)
     if pack_for is not None:  # a server batches for its life: weights packed now, not in its first busy step
-        pack_for(max_batch)
+        pack_for(max_batch, reserve=scheduler.kv.budget * scheduler.model.token_bytes)  # (the KV grows into it)
     rag_index = None
     if rag_store is not None:
         from ownllm.rag.index import Index
