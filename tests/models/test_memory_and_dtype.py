@@ -137,6 +137,23 @@ def test_measurements_kept_by_another_process_meanwhile_are_kept_too(monkeypatch
                                                                         hashlib.sha256(b"sig").hexdigest()[:16]}
 
 
+def test_processes_measuring_the_same_at_once_agree_on_the_first_verdict_kept(monkeypatch, tmp_path) -> None:
+    """Two ranks of one torchrun choose their training precision at once: each measures, the first keeps its
+    verdict, and the second returns that one instead of its own."""
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+
+    def measure_while_another_rank_keeps_its_verdict() -> str:
+        assert dtype_module.remembered_measurement("choices", "sig", lambda v: True, lambda: "bfloat16") == "bfloat16"
+        return "float32"
+
+    assert dtype_module.remembered_measurement("choices", "sig", lambda v: True,
+                                               measure_while_another_rank_keeps_its_verdict) == "bfloat16"
+    assert list(json.loads((tmp_path / "hardware.json").read_text())["choices"].values()) == ["bfloat16"]
+    # a kept verdict the caller wants measured afresh is replaced by the new measurement
+    assert dtype_module.remembered_measurement("choices", "sig", lambda v: v == "float32", lambda: "float32") == \
+        "float32"
+
+
 def test_turns_time_every_run_each_round() -> None:
     calls: list[str] = []
     best = dtype_module.best_of_turns([lambda: calls.append("a"), lambda: calls.append("b")], rounds=3)

@@ -136,7 +136,8 @@ def remembered_measurement(section: str, signature: str, valid: Callable[[Any], 
                            measure: Callable[[], Any]) -> Any:
     """A measurement of this machine kept in $OWNLLM_HOME/hardware.json under `section`, keyed by a hash of
     `signature` (CPU, torch, shapes): taken once, and again whenever what is kept is not `valid` (absent, from a
-    damaged file, or a verdict the caller wants measured afresh) — never an error."""
+    damaged file, or a verdict the caller wants measured afresh) — never an error. Processes measuring the same at
+    once (the ranks of one torchrun) all return the verdict the first of them kept."""
     key = hashlib.sha256(signature.encode()).hexdigest()[:16]
     path = ownllm_home() / "hardware.json"
     entries = _kept(path).get(section, {})
@@ -147,7 +148,10 @@ def remembered_measurement(section: str, signature: str, valid: Callable[[Any], 
         with _file_lock(path.with_name("hardware.json.lock")):
             # read again: another process may have kept its own measurements while this one measured
             known = _kept(path)
-            atomic_write_json(path, {**known, section: {**known.get(section, {}), key: value}})
+            theirs = known.get(section, {})
+            if key in theirs and valid(theirs[key]):  # this very one: one verdict for every process
+                return theirs[key]
+            atomic_write_json(path, {**known, section: {**theirs, key: value}})
     except OSError as exc:  # a read-only home costs the next start this measurement again, nothing more
         log.warning("could not keep the measurement in %s (%s); it is taken again next time", path, exc)
     return value
