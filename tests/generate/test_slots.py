@@ -59,5 +59,12 @@ def test_packed_4bit_weights_are_kept_checked_and_packed_again_when_damaged(defa
     assert torch.equal(load_file(entry)["3.o.packed"], tensors["3.o.packed"])  # ...and kept whole again
 
 
+    # packed bytes of another size than the scales say are refused before the kernel would read past them
+    from ownllm.models.gguf_int4 import Int4Weight
+
+    narrow = dict(tensors, **{"3.o.packed": tensors["3.o.packed"][:, :64].contiguous()})
+    assert Int4Weight.from_tensors(tensors, "3.o").computes(weights.layers[3].o)
+    assert not Int4Weight.from_tensors(narrow, "3.o").computes(weights.layers[3].o)
+    assert not slots._four_bit_fits(narrow, weights)
     os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 1))  # the file changed: another key
     assert slots._four_bit_signature(model, weights) != metadata["signature"]

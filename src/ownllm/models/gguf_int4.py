@@ -104,9 +104,10 @@ class Int4Weight:
         order or damaged integers by the weights' own size."""
         import torch
 
+        columns = self.plane_count * dense.shape[1]  # (the kernel reads the packed bytes by these sizes: all checked)
         if self.out_features != dense.shape[0] or self.scales_and_zeros.dtype != dense.dtype \
-                or self.packed.dtype != torch.uint8 or self.scales_and_zeros.shape[0] * GROUP != \
-                self.plane_count * dense.shape[1]:
+                or self.scales_and_zeros.shape != (columns // GROUP, dense.shape[0], 2) or columns % GROUP \
+                or self.packed.dtype != torch.uint8 or self.packed.shape != (dense.shape[0], columns // 2):
             return False
         probe = torch.randn(2, dense.shape[1], generator=torch.Generator().manual_seed(0)).to(dense.dtype)
         try:
