@@ -109,45 +109,70 @@ def atomic_folder(out: Path) -> Iterator[Path]:
 
 
 def kept_tensors(folder: str, kind: str, signature: str, compute: Callable[[], dict[str, Any]],
-                 valid: Callable[[dict[str, Any]], bool] = lambda value: True) -> dict[str, Any]:
-    """The mapping of names to tensors kept in `$OWNLLM_HOME/<folder>` for (`kind`, `signature`) where `valid`
-    accepts it, else `compute()`, kept for next time (safetensors: nothing in it is executed on load). A damaged,
-    unreadable or rejected entry is computed again; a home that cannot be written only loses the saving."""
+                 valid: Callable[[dict[str, Any]], bool] = lambda value: True, *, entry: str | None = None
+                 ) -> dict[str, Any]:
+    """The mapping of names to tensors kept in `$OWNLLM_HOME/<folder>` for (`kind`, `signature`) where it reads back
+    whole (a digest of every name and byte is kept beside them) and `valid` accepts it, else `compute()`, kept for
+    next time (safetensors: nothing in it is executed on load). A damaged, unreadable or rejected entry is computed
+    again; a home that cannot be written only loses the saving. `entry`: one file for every signature of it (say,
+    one model file's), each new one replacing the last, instead of one file per signature."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
-    path = kept_path(folder, kind, signature, "safetensors")
+    path = kept_path(folder, kind, entry if entry is not None else signature, "safetensors")
     try:
-        with safe_open(str(path), framework="pt") as stored:
-            if (stored.metadata() or {}).get("signature") == signature:
-                kept = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (no __iter__)
-                if valid(kept):
-                    log.info("reusing the %s kept in %s", kind, path)
-                    return kept
-    except (OSError, SafetensorError, ValueError, RuntimeError):
+        if stat.S_ISREG(os.stat(path).st_mode):  # (never a FIFO, a device or a folder someone put there)
+            with safe_open(str(path), framework="pt") as stored:
+                metadata = stored.metadata() or {}
+                if metadata.get("signature") != signature:
+                    log.info("the %s kept in %s is for something else now: computed again", kind, path)
+                else:
+                    kept = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118 (no __iter__)
+                    if metadata.get("sha256") == tensors_digest(kept) and valid(kept):
+                        log.info("reusing the %s kept in %s", kind, path)
+                        return kept
+                    log.warning("the %s kept in %s does not check out (damaged, or kept by an older ownllm): computed "
+                                "again", kind, path)
+    except FileNotFoundError:
         pass
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        log.warning("the %s kept in %s cannot be read (%s): computed again", kind, path, exc)
     value = compute()
 
     def write() -> None:
+        contiguous = {name: tensor.contiguous() for name, tensor in value.items()}
         with atomic_file(path) as staging:
-            save_file({name: tensor.contiguous() for name, tensor in value.items()}, str(staging),
-                      metadata={"signature": signature})
+            save_file(contiguous, str(staging), metadata={"signature": signature, "sha256": tensors_digest(contiguous)})
+        log.info("kept the %s in %s", kind, path)
 
     keep_quietly(kind, write)
     return value
 
 
-def kept_path(folder: str, kind: str, signature: str, suffix: str) -> Path:
-    """Where `kept_tensors` (and other keyed caches of the home) keep the entry of (`kind`, `signature`)."""
-    key = hashlib.sha256(signature.encode()).hexdigest()[:24]
-    return ownllm_home() / folder / f"{kind}-{key}.{suffix}"
+def tensors_digest(tensors: dict[str, Any]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `tensors` (in name order)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def kept_path(folder: str, kind: str, key: str, suffix: str) -> Path:
+    """Where `kept_tensors` (and other keyed caches of the home) keep the entry of (`kind`, `key`)."""
+    hashed = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return ownllm_home() / folder / f"{kind}-{hashed}.{suffix}"
 
 
 def keep_quietly(kind: str, write: Callable[[], None]) -> None:
-    """Run `write`; a home that cannot be written costs a warning, not the caller's work."""
+    """Run `write`; a home that cannot be written (full, read-only, not a folder) costs a warning, never the
+    caller's work."""
     try:
         write()
-    except OSError as exc:
+    except Exception as exc:  # (safetensors reports a failed write as its own error, not an OSError)
         log.warning("could not keep the %s for later runs: %s", kind, exc)
 
 

@@ -1,6 +1,6 @@
 """The slot forward's 4-bit weights kept in the home: a later start reads them instead of the GGUF, and a damaged or
-foreign entry is packed again from the file (one cut short is any kept tensors' case: tests/finetune/
-test_base_cache.py)."""
+foreign entry is packed again from the file (one cut short or changed by a bit is any kept tensors' case:
+tests/test_home.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def test_packed_4bit_weights_are_kept_checked_and_packed_again_when_damaged(defa
     from safetensors.torch import load_file, save_file
 
     from ownllm.generate import slots
+    from ownllm.home import tensors_digest
     from ownllm.models.gguf_int4 import remember_gguf
     from ownllm.models.load import load_model
 
@@ -54,8 +55,9 @@ def test_packed_4bit_weights_are_kept_checked_and_packed_again_when_damaged(defa
     metadata = {"signature": slots._four_bit_signature(model, weights)}
     tensors = load_file(entry)
     damaged = dict(tensors, **{"3.o.packed": tensors["3.o.packed"].flip(0).contiguous()})  # rows of another order
-    save_file(damaged, entry, metadata=metadata)
-    assert _same(packed(), fresh)  # the check caught it: packed again from the GGUF...
+    # whole by its digest (as a foreign entry would be): the probe against the loaded weights catches it
+    save_file(damaged, entry, metadata=metadata | {"sha256": tensors_digest(damaged)})
+    assert _same(packed(), fresh)  # packed again from the GGUF...
     assert torch.equal(load_file(entry)["3.o.packed"], tensors["3.o.packed"])  # ...and kept whole again
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import assert_user_error, run_cli
 from tests.serve.conftest import Server
 
 if TYPE_CHECKING:
@@ -217,8 +219,16 @@ def test_ownllm_ui_opens_the_browser_once_the_server_answers(monkeypatch: pytest
         _open_when_ready(url, timeout=30)
         stand_in.shutdown()
     assert opened == [url]
-    result = run_cli("ui", "no-such-model", "--no-browser")
+    result = run_cli("ui", "no-such-model", "--no-browser", "--port", "0")
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:")
+    port = re.search(r"web UI: http://127\.0\.0\.1:(\d+)/", result.stderr)  # port 0: the free one it will take
+    assert port and int(port.group(1)) > 0, result.stderr
+    with socket.socket() as taken:  # an address it cannot listen on: refused before anything else is said
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli("ui", "no-such-model", "--no-browser", "--port", str(taken.getsockname()[1]))
+    assert_user_error(result, "the port is in use")
+    assert "web UI" not in result.stderr
 
 
 # --- the pages, in the browser ------------------------------------------------------------------------------------

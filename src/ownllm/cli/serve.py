@@ -133,14 +133,20 @@ def ui(
     serve` plus a browser tab. The same server and API: the UI is a client of it."""
     if not 0 <= port <= 65535:
         raise OwnLLMError(f"port must be from 0 to 65535, got {port}", param="port")
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+    from ownllm.serve.listen import browser_url, check_listenable
+
+    check_listenable(host, port)  # (before the line below: a refusal is the one line printed)
+    url = browser_url(host, port)
+    port = int(url.rstrip("/").rpartition(":")[2])  # (0: the free port the URL names)
     if browser:
         import threading
 
         threading.Thread(target=_open_when_ready, args=(url,), daemon=True).start()
+    from rich.markup import escape
+
     from ownllm.cli.render import err
 
-    err.print(f"[dim]web UI: {url}[/dim]", soft_wrap=True, highlight=False)
+    err.print(f"[dim]web UI: {escape(url)}[/dim]", soft_wrap=True, highlight=False)
     serve(model, adapter=adapter, host=host, port=port, api_key=api_key, rag_store=rag_store, data_dir=data_dir,
           metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, kv_memory=None,
           prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",

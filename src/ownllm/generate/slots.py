@@ -339,7 +339,8 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
 
         try:
             kept = kept_tensors(FOUR_BIT_FOLDER, "int4", signature, packed_now,
-                                lambda kept: _four_bit_fits(kept, weights))
+                                lambda kept: _four_bit_fits(kept, weights),
+                                entry=str(gguf_path(model).resolve()))  # (one entry a file: a new one replaces it)
         except _NoFourBit:
             kept = {}
         built_now = _four_bit_of(kept, len(weights.layers))

@@ -14,6 +14,8 @@ def check_listenable(host: str, port: int) -> None:
     import socket
 
     shown = host if host.isprintable() else repr(host)  # (control characters in an error line: shown escaped)
+    shown = shown if len(shown) <= 80 else f"{shown[:77]}..."
+    where = f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"  # (an IPv6 address and its port)
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
@@ -27,4 +29,18 @@ def check_listenable(host: str, port: int) -> None:
             except OSError as exc:
                 why = {errno.EADDRINUSE: "the port is in use", errno.EACCES: "a port below 1024 needs privileges",
                        errno.EADDRNOTAVAIL: "not an address of this machine"}.get(exc.errno or 0, exc.strerror)
-                raise OwnLLMError(f"cannot listen on {shown}:{port}: {why}", kind="resource", param="port") from None
+                raise OwnLLMError(f"cannot listen on {where}: {why}", kind="resource", param="port") from None
+
+
+def browser_url(host: str, port: int) -> str:
+    """The address a browser on this machine opens for a server listening on `host`:`port` (`check_listenable`
+    first: a port of 0 is replaced by a free one the system picks)."""
+    import socket
+
+    if port == 0:
+        family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{local}]:{port}/" if ":" in local else f"http://{local}:{port}/"
