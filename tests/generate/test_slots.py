@@ -52,7 +52,7 @@ def test_packed_4bit_weights_are_kept_checked_and_packed_again_when_damaged(defa
         patched.setattr(slots, "four_bit_weights", no_file_read)
         assert _same(packed(), fresh)  # read back as kept, the file untouched
 
-    metadata = {"signature": slots._four_bit_signature(model, weights)}
+    metadata = {"signature": slots._four_bit_signature(gguf.resolve(), model, weights)}
     tensors = load_file(entry)
     damaged = dict(tensors, **{"3.o.packed": tensors["3.o.packed"].flip(0).contiguous()})  # rows of another order
     # whole by its digest (as a foreign entry would be): the probe against the loaded weights catches it
@@ -69,4 +69,4 @@ def test_packed_4bit_weights_are_kept_checked_and_packed_again_when_damaged(defa
     assert not Int4Weight.from_tensors(narrow, "3.o").computes(weights.layers[3].o)
     assert not slots._four_bit_fits(narrow, weights)
     os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 1))  # the file changed: another key
-    assert slots._four_bit_signature(model, weights) != metadata["signature"]
+    assert slots._four_bit_signature(gguf.resolve(), model, weights) != metadata["signature"]

@@ -133,11 +133,11 @@ def ui(
     serve` plus a browser tab. The same server and API: the UI is a client of it."""
     if not 0 <= port <= 65535:
         raise OwnLLMError(f"port must be from 0 to 65535, got {port}", param="port")
-    from ownllm.serve.listen import browser_url, check_listenable
+    from ownllm.serve.listen import browser_url, check_listenable, free_port
 
     check_listenable(host, port)  # (before the line below: a refusal is the one line printed)
+    port = port or free_port(host)  # (0: the URL names the port the server will take)
     url = browser_url(host, port)
-    port = int(url.rstrip("/").rpartition(":")[2])  # (0: the free port the URL names)
     if browser:
         import threading
 

@@ -327,7 +327,9 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
     built = _four_bit_built.get(model)
     if built is not None and built[0] == weights.source[:2]:
         return built[1]
-    signature = _four_bit_signature(model, weights)
+    located = gguf_path(model)
+    path = located.resolve() if located is not None else None
+    signature = _four_bit_signature(path, model, weights) if path is not None else None
     if signature is None:
         built_now = _four_bit_from_file(model, weights)
     else:
@@ -340,7 +342,7 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
         try:
             kept = kept_tensors(FOUR_BIT_FOLDER, "int4", signature, packed_now,
                                 lambda kept: _four_bit_fits(kept, weights),
-                                entry=str(gguf_path(model).resolve()))  # (one entry a file: a new one replaces it)
+                                entry=str(path))  # (one entry a file: a new one replaces it)
         except _NoFourBit:
             kept = {}
         built_now = _four_bit_of(kept, len(weights.layers))
@@ -348,18 +350,16 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
     return built_now
 
 
-def _four_bit_signature(model: Any, weights: _Weights) -> str | None:
-    """What the packed 4-bit weights of `model` depend on: its GGUF (where, size, modification time), the shapes,
-    the activation dtype, this CPU and torch (the kernel's layout is theirs); None where its file cannot be read."""
-    path = gguf_path(model)
+def _four_bit_signature(path: Path, model: Any, weights: _Weights) -> str | None:
+    """What the packed 4-bit weights of `model` depend on: its GGUF at `path` (resolved: where, size, modification
+    time), the shapes, the activation dtype, this CPU and torch (the kernel's layout is theirs); None where the file
+    cannot be read."""
     try:
-        stat = path.stat() if path is not None else None
+        stat = path.stat()
     except OSError:
-        stat = None
-    if stat is None:
         return None
     config = model.config
-    return json.dumps([FOUR_BIT_FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, len(weights.layers),
+    return json.dumps([FOUR_BIT_FORMAT, str(path), stat.st_size, stat.st_mtime_ns, len(weights.layers),
                        config.hidden_size, weights.intermediate, weights.heads, weights.kv_heads,
                        str(weights.embed.dtype), cpu_model(), torch.__version__])
 
@@ -507,8 +507,8 @@ class SlotModel:
         self.four_bit = _FourBit([], None)  # used only in forwards of up to four_bit_rows (0) tokens
         self.four_bit_rows = 0
         self.four_bit_note: str | None = None  # why a GGUF model's 4-bit weights are not used, when they are not
-        self._may_pack = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) \
-            and not batch_invariance_asked() and packed_products_wanted()
+        self._packable = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        self._may_pack = self._packable and not batch_invariance_asked() and packed_products_wanted()
         # seeded sampling gives a request the same tokens under any load only where rows round alike
         self.invariant = rows_round_alike(self.dtype, self.device)
         self.padded_rows: dict[int, int] = {}  # row counts computed wider (`_linear`), when invariance is asked
@@ -533,7 +533,7 @@ class SlotModel:
         if self._may_pack and weights.packed is not None:  # packed by an earlier SlotModel of this model: from the
             self.packed, self.packed_note = weights.packed, weights.packed_note or ""  # first chunk on, no mix
             self.invariant = self.invariant and not self.packed
-        elif not self._may_pack and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
+        elif self._packable and not self._may_pack:
             # switched off (not merely undecided): the start-up line and /health say so
             self.packed_note = "packed weights off: " + ("OWNLLM_BATCH_INVARIANT is set" if batch_invariance_asked()
                                                          else "OWNLLM_PACKED_WEIGHTS=0")

@@ -32,15 +32,18 @@ def check_listenable(host: str, port: int) -> None:
                 raise OwnLLMError(f"cannot listen on {where}: {why}", kind="resource", param="port") from None
 
 
-def browser_url(host: str, port: int) -> str:
-    """The address a browser on this machine opens for a server listening on `host`:`port` (`check_listenable`
-    first: a port of 0 is replaced by a free one the system picks)."""
+def free_port(host: str) -> int:
+    """A port free on `host` now (what `--port 0` would be given), for a caller that must name it before the server
+    listens (`check_listenable` first: the host resolves)."""
     import socket
 
-    if port == 0:
-        family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def browser_url(host: str, port: int) -> str:
+    """The address a browser on this machine opens for a server listening on `host`:`port`."""
     local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{local}]:{port}/" if ":" in local else f"http://{local}:{port}/"
