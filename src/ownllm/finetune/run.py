@@ -333,12 +333,13 @@ class TrainingPrecision:
 
 
 def _training_precision(cfg: FinetuneConfig, model: Any) -> TrainingPrecision:
-    """bf16 autocast over the fp32 weights for lora, full and cpt on a CPU: where this CPU's batched bf16 matmuls
-    measure faster (AVX-512 BF16, AMX: ~1.6x here), never where bf16 is emulated (AVX2-only: many times slower).
-    On a GPU the weights are loaded in bf16 already."""
+    """bf16 autocast over the fp32 weights on a CPU (every method of this trainer but qlora, whose 4-bit base
+    computes as bitsandbytes sets it): where this CPU's batched bf16 matmuls measure faster (AVX-512 BF16, AMX:
+    ~1.6x here), never where bf16 is emulated (AVX2-only: many times slower). On a GPU the weights are loaded in
+    bf16 already."""
     if has_cuda():
         return TrainingPrecision(False, "as loaded (GPU)")
-    if cfg.method not in ("lora", "full", "cpt"):
+    if cfg.method not in ("lora", "full", "cpt", "dpo", "prompt-tuning"):
         return TrainingPrecision(False, f"fp32 (method {cfg.method})")
     if cfg.precision != "auto":
         mixed = cfg.precision == "bf16"
