@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.conftest import assert_user_error, run_cli
+from tests.conftest import assert_user_error, run_cli, start_cli
 from tests.serve.conftest import Server
 
 if TYPE_CHECKING:
@@ -196,7 +197,8 @@ def test_an_abandoned_request_stops_decoding(server: Server) -> None:
         pytest.fail(f"the abandoned request still runs: {health}")
 
 
-def test_ownllm_ui_opens_the_browser_once_the_server_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ownllm_ui_opens_the_browser_once_the_server_answers(monkeypatch: pytest.MonkeyPatch, default_model: str,
+                                                            tmp_path: Path) -> None:
     import http.server
     import threading
     import webbrowser
@@ -220,15 +222,35 @@ def test_ownllm_ui_opens_the_browser_once_the_server_answers(monkeypatch: pytest
         stand_in.shutdown()
     assert opened == [url]
     result = run_cli("ui", "no-such-model", "--no-browser", "--port", "0")
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:")
-    port = re.search(r"web UI: http://127\.0\.0\.1:(\d+)/", result.stderr)  # port 0: the free one it will take
-    assert port and int(port.group(1)) > 0, result.stderr
+    assert_user_error(result, "no-such-model")  # the one line: no address is given for a server that never listens
+    assert "web UI" not in result.stderr
+    _ui_says_its_address_once_listening(default_model, tmp_path)
     with socket.socket() as taken:  # an address it cannot listen on: refused before anything else is said
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         result = run_cli("ui", "no-such-model", "--no-browser", "--port", str(taken.getsockname()[1]))
     assert_user_error(result, "the port is in use")
     assert "web UI" not in result.stderr
+
+
+def _ui_says_its_address_once_listening(model: str, tmp_path: Path) -> None:
+    """A real `ownllm ui --port 0`: after the model loads, the address a browser opens, with the port the system
+    chose, and the server answers there."""
+    output = tmp_path / "ui.log"
+    with output.open("w") as log:
+        process = start_cli("ui", model, "--no-browser", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(1500):  # a hang guard: the model loads in seconds
+            said = re.search(r"web UI: (http://127\.0\.0\.1:(\d+)/)", output.read_text())
+            if said or process.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert said and int(said.group(2)) > 0, output.read_text()[-2000:]
+        assert httpx.get(said.group(1) + "health", timeout=30).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 # --- the pages, in the browser ------------------------------------------------------------------------------------

@@ -60,6 +60,15 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API (chat, completions, embeddings, models, files, fine-tuning jobs) with
     continuous batching."""
+    _serve(**locals())
+
+
+def _serve(model: str, *, adapter: list[str] | None, host: str, port: int, api_key: list[str] | None,
+           metrics_public: bool, max_batch: int, max_queue: int, max_body: int, max_model_len: int | None,
+           kv_memory: str | None, prefix_cache: bool, gguf_int4: bool, embedding_model: str, rag_store: str | None,
+           backend: str, dtype: str, quant: str | None, data_dir: Path | None, jobs: bool, max_jobs: int,
+           job_threads: int | None, classifier: list[str] | None, also_say: str | None = None) -> None:
+    """`serve`'s work; `also_say`: a second line printed once the server listens (`ui`'s address for a browser)."""
     from ownllm.home import ownllm_home
 
     if not 0 <= port <= 65535:
@@ -100,6 +109,8 @@ def serve(
                         four_bit=gguf_int4, quant=quant, classifiers=classifiers)
     def say_where(bound: int) -> None:  # once listening, so `--port 0` says the port the system chose
         err.print(f"[dim]{escape(startup_line(state, host, bound))}[/dim]", soft_wrap=True)  # one line, for logs
+        if also_say:
+            err.print(f"[dim]{escape(also_say)}[/dim]", soft_wrap=True, highlight=False)
 
     run_server(state, host=host, port=port, on_listening=say_where)
 
@@ -142,15 +153,11 @@ def ui(
         import threading
 
         threading.Thread(target=_open_when_ready, args=(url,), daemon=True).start()
-    from rich.markup import escape
-
-    from ownllm.cli.render import err
-
-    err.print(f"[dim]web UI: {escape(url)}[/dim]", soft_wrap=True, highlight=False)
-    serve(model, adapter=adapter, host=host, port=port, api_key=api_key, rag_store=rag_store, data_dir=data_dir,
-          metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, kv_memory=None,
-          prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",
-          jobs=True, max_jobs=1, job_threads=None, quant=None, classifier=None)
+    # said once the server listens: a model that does not load is then the one line printed
+    _serve(model, adapter=adapter, host=host, port=port, api_key=api_key, rag_store=rag_store, data_dir=data_dir,
+           metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, kv_memory=None,
+           prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",
+           jobs=True, max_jobs=1, job_threads=None, quant=None, classifier=None, also_say=f"web UI: {url}")
 
 
 def _open_when_ready(url: str, timeout: float = 600.0) -> None:
