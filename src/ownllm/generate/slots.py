@@ -644,7 +644,9 @@ class SlotModel:
             return
         with weights._lock:
             if self._dense_versions() != weights.packed_versions and weights.packed:
-                weights.packed.update({id(t): pack_weight(t) for t in self._dense()})
+                # one matrix at a time, each packed copy replacing its old one: never two copies of them all
+                for key, tensor in {id(t): t for t in self._dense()}.items():
+                    weights.packed[key] = pack_weight(tensor)
                 weights.packed_versions = self._dense_versions()
 
     def _measured_narrow_rows(self) -> int:
