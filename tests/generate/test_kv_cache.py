@@ -48,6 +48,15 @@ def run(scheduler: BatchScheduler, prompts: list[list[int]], params: SamplingPar
     return [results[i] for i in range(len(prompts))]
 
 
+def repeated(scheduler: BatchScheduler, prompt: list[int]) -> int:
+    """The cached tokens of a prompt sent again: all but the token whose logits choose the first token; or, where
+    a forward of that one token would take other products than its chunk does without the cache (packed weights,
+    narrow products, the int4 kernel), none of that last chunk."""
+    if not scheduler.model.short_forward:
+        return len(prompt) - 1
+    return (len(prompt) - 1) // scheduler.prefill_chunk * scheduler.prefill_chunk
+
+
 def tokens(completions: list[Completion]) -> list[list[int]]:
     return [c.token_ids for c in completions]
 
@@ -70,11 +79,40 @@ def test_cache_on_and_off_give_the_same_tokens(engine: Any, params: SamplingPara
     again_off, again_on = run(off, second, params, [21, 22, 23, 24, 11]), run(on, second, params, [21, 22, 23, 24, 11])
     assert tokens(again_on) == tokens(again_off)
     assert again_on[-1].token_ids == wave_on[0].token_ids
-    assert again_on[-1].cached_tokens == len(first[0]) - 1  # all but the token whose logits choose the first token
+    assert again_on[-1].cached_tokens == repeated(on, first[0])
     for prompt, completion in zip(first, again_on, strict=False):
         assert completion.cached_tokens >= len(prompt)  # turn 1's prompt and some of its answer: not computed again
     stats = on.kv.stats
     assert stats.hit_tokens == sum(c.cached_tokens for c in wave_on + again_on) and stats.hit_tokens > 0
+
+
+@pytest.mark.parametrize("narrow", [0, 3], ids=["packed", "narrow-and-packed"])
+def test_a_fully_cached_prompt_is_computed_as_without_the_cache_on_packed_weights(
+        engine: Any, monkeypatch: pytest.MonkeyPatch, narrow: int) -> None:
+    """The same seeded request twice: the second finds its whole prompt cached and computes its last chunk whole
+    again, as without the cache, not its last token alone (F.linear for one row beside packed weights, forced here;
+    narrow products): the same logits bit for bit, so the same tokens (regression: a fresh home measured packed
+    products faster, and a repeat's last token alone drew another token than the first request's)."""
+    from ownllm.generate import slots
+
+    monkeypatch.setattr(slots, "packed_products_win", lambda *args: True)
+    monkeypatch.setattr(slots.SlotModel, "_measured_narrow_rows", lambda self: narrow)
+    prompt = chat(engine, ("user", "Write a short poem about the usage of a stream."))
+    params = SamplingParams(max_new_tokens=16, temperature=1.0)
+    runs = {}
+    for caching in (False, True):
+        scheduler = BatchScheduler(engine, max_batch=2, max_len=256, prefix_caching=caching)
+        weights = scheduler.model.weights
+        for kept in ("packed", "packed_note", "packed_versions"):  # packed afresh here, as they were after
+            monkeypatch.setattr(weights, kept, None if kept == "packed" else getattr(weights, kept))
+        scheduler.model.packed, scheduler.model.packed_note = {}, None
+        scheduler.model.pack_for(64)
+        assert scheduler.model.packed and scheduler.model.short_forward == max(narrow, 1)
+        runs[caching] = run(scheduler, [prompt], params, [7]) + run(scheduler, [prompt], params, [7])
+    assert tokens(runs[True]) == tokens(runs[False])
+    # bit for bit: each token's log-probability too (a rounding apart shows there before it flips a token)
+    assert [c.sequence_logprob for c in runs[True]] == [c.sequence_logprob for c in runs[False]]
+    assert runs[True][1].cached_tokens == 0  # (the prompt is one chunk: 98 tokens)
 
 
 def test_a_small_budget_evicts_and_preempts_and_every_request_finishes_the_same(engine: Any) -> None:
@@ -109,7 +147,8 @@ def test_a_prefix_cached_for_one_adapter_is_never_reused_for_another(engine: Any
     assert tokens(got) == tokens(expected)
     assert expected[0].token_ids != expected[1].token_ids  # the adapter changes the answer
     # each adapter's first request computes its prompt; only a repeat for the same adapter (or base) is cached
-    assert [c.cached_tokens for c in got] == [0, 0, len(prompt) - 1, 0, len(prompt) - 1]
+    repeat = repeated(on, prompt)
+    assert [c.cached_tokens for c in got] == [0, 0, repeat, 0, repeat]
     on.unload_adapter("tuned")
     run(on, [prompt], SamplingParams(max_new_tokens=1))  # the loop drops a retired adapter's cached prefixes
     assert all(h.owner is None or h.owner[0] != "tuned" for h in on.kv.finished.values())

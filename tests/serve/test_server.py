@@ -62,8 +62,14 @@ def test_stream_with_usage_matches_non_stream(server) -> None:
     assert finish == [plain.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     streamed, answered = chunks[-1].usage.model_dump(), plain.usage.model_dump()
-    # the same messages again: the prefix cache has all but the last prompt token (it is computed for its logits)
-    assert streamed.pop("prompt_tokens_details")["cached_tokens"] == answered["prompt_tokens"] - 1
+    # the same messages again: the prefix cache has all but the last prompt token (it is computed for its logits);
+    # where one token alone takes other products than its chunk (fp32 here: narrow ones, F.linear for one row
+    # beside packed weights), none of that last chunk (this prompt is one), so that it rounds as without the cache
+    batching = httpx.get(f"{server.url}/health").json()["batching"]
+    alone_otherwise = batching["narrow_rows"] or batching["int4_rows"] or \
+        batching.get("packed_weights", "").startswith("products")
+    cached = 0 if alone_otherwise else answered["prompt_tokens"] - 1
+    assert streamed.pop("prompt_tokens_details")["cached_tokens"] == cached
     assert answered.pop("prompt_tokens_details")["cached_tokens"] < answered["prompt_tokens"] - 1
     assert streamed == answered
     assert all(c.usage is None for c in chunks[:-1])

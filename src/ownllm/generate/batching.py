@@ -186,7 +186,7 @@ class BatchScheduler(_Loop):
         self.model: BatchedModel = model
         budget = kv_budget(model, kv_memory, max_batch, self.max_len)
         self.kv = KVCache(model, budget_tokens=budget, max_len=self.max_len, prefix_caching=prefix_caching,
-                          extra_positions=getattr(model, "prefix_len", 0))
+                          extra_positions=getattr(model, "prefix_len", 0), prefill_chunk=prefill_chunk)
         self.running: list[Request] = []
         self.retiring: set[str] = set()
         self.headroom = 128  # tokens of answer a sequence starts with room for (it grows from there)

@@ -85,7 +85,7 @@ class KVCache:
     """The KV budget of one batched model, its running sequences, and its prefix cache."""
 
     def __init__(self, storage: KVStorage, *, budget_tokens: int, max_len: int, block: int = 16,
-                 prefix_caching: bool = True, extra_positions: int = 0) -> None:
+                 prefix_caching: bool = True, extra_positions: int = 0, prefill_chunk: int = 0) -> None:
         """
         Args:
             storage: the batched model.
@@ -94,6 +94,8 @@ class KVCache:
             block: the unit memory is counted and handed out in.
             prefix_caching: keep finished sequences for later requests that start the same way.
             extra_positions: positions each sequence holds in front of its tokens (prompt-tuning prefix).
+            prefill_chunk: prompt tokens per prefill forward, chunks ending at its multiples (the scheduler's): a
+                match stops short where the rest of its chunk would be computed otherwise than without the cache.
         """
         self.storage = storage
         self.block = block
@@ -102,6 +104,7 @@ class KVCache:
         self._fixed = storage.fixed_capacity
         self.budget = max(budget_tokens, self._round(max_len))
         self.prefix_caching = prefix_caching
+        self.prefill_chunk = prefill_chunk
         self.live: dict[int, _Held] = {}
         self.finished: collections.OrderedDict[int, _Held] = collections.OrderedDict()  # least recently used first
         self.used = 0
@@ -256,6 +259,7 @@ class KVCache:
             length = _common_prefix(wanted, tokens, limit)
             if length > best or (length == best and length and is_finished and not finished):
                 best, source, finished = length, sequence, is_finished
+        best = self._computed_alike(best, len(known))
         if best < MIN_MATCH_BLOCKS * self.block:
             return 0, None, False
         if not finished and self._fixed is not None:
@@ -267,6 +271,22 @@ class KVCache:
             in_place = best * 2 >= len(held.tokens) or self._fixed is not None
             return best, source, in_place
         return best, source, False
+
+    def _computed_alike(self, match: int, length: int) -> int:
+        """`match`, or the start of its prefill chunk where the tokens left in that chunk would be too few to be
+        computed as the whole chunk is without the cache: a forward of `short_forward` tokens or fewer takes other
+        products (F.linear for one row beside packed weights, narrow ones, the int4 kernel), whose rows round
+        otherwise, so a fully cached prompt's last token alone got other logits than in its chunk (and a seeded
+        request other tokens with the cache than without). The whole chunk again is the same forward, bit for bit;
+        its last few tokens were not (packed products of 4 rows and of 98 differed in the last bits here)."""
+        short = getattr(self.storage, "short_forward", 0)
+        if not short or not self.prefill_chunk or not match:
+            return match
+        start = match // self.prefill_chunk * self.prefill_chunk
+        end = min(start + self.prefill_chunk, length)
+        if end - start > short >= end - match:  # a wide chunk without the cache, a short one after the match
+            return start
+        return match
 
     def grow(self, sequence: int, tokens: int) -> bool:
         """Room for `tokens` tokens in a running sequence: True when it has it (dropping cached prefixes as needed),

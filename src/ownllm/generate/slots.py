@@ -585,6 +585,14 @@ class SlotModel:
         4-bit ones, or F.linear for one row)."""
         return max(self.narrow_rows, self.four_bit_rows, 1)
 
+    @property
+    def short_forward(self) -> int:
+        """Forwards of this many tokens or fewer compute their products otherwise than wide ones (narrow products,
+        the int4 kernel, F.linear for one row beside packed weights), so their rows round otherwise: a prompt's
+        last chunk is computed whole after a cached prefix that would leave fewer of its tokens (`KVCache`). 0: every
+        width rounds alike (F.linear, padded where it must be)."""
+        return max(self.narrow_rows, self.four_bit_rows, 1 if self.packed else 0)
+
     def pack_for(self, rows: int, reserve: int = 0) -> None:
         """Pack the dense weights for oneDNN (once per model: every SlotModel of it shares them) if decode steps
         of `rows` rows would run on them, where `packed_products_win` measured it faster and a copy of them fits
