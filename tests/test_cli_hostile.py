@@ -137,3 +137,25 @@ def test_chat_save_to_a_folder_keeps_the_chat_going(default_model: str, files: P
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "a-folder is a folder, not a file" in result.stderr
     assert len(json.loads(saved.read_text())["messages"]) == 2
+
+
+@pytest.mark.parametrize("damage", ["weights cut short", "a config value of the wrong type"])
+def test_a_model_folder_that_does_not_load_is_named(default_model: str, tmp_path: Path, damage: str) -> None:
+    """A local folder transformers cannot make a model of: one error line naming the folder, before any answer,
+    for every verb that loads a model (here generate; serve and ui load through the same path)."""
+    from ownllm.models.resolve import resolve
+
+    source = resolve(default_model).path
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (source / name).is_file():
+            (folder / name).write_bytes((source / name).read_bytes())
+    weights = (source / "model.safetensors").read_bytes()
+    if damage == "weights cut short":
+        (folder / "model.safetensors").write_bytes(weights[:100_000])
+    else:
+        (folder / "model.safetensors").write_bytes(weights)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    assert_user_error(run_cli("generate", str(folder), "Hi", "--max-new-tokens", "2"), f"'{folder}' cannot be loaded")

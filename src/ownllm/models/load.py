@@ -283,6 +283,12 @@ class _hub_errors:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         if self.source.kind == "gguf" and isinstance(exc, _GGUF_LOAD_ERRORS):
             raise _gguf_error(self.source.path, exc) from None
+        if self.source.kind == "folder" and isinstance(exc, Exception) and not isinstance(exc, OSError | OwnLLMError):
+            # a local folder whose files transformers cannot make a model of (weights cut short, a config with
+            # values of the wrong type): name the folder, not a traceback from deep in the loader
+            raise OwnLLMError(f"'{self.source.location}' cannot be loaded: {exc.__class__.__name__}: "
+                              f"{_first_line(exc)}", param="model",
+                              hint="are its config.json and weight files complete? copy or save them again") from None
         if exc is None or not isinstance(exc, OSError):
             return False
         if self.source.kind == "hub":
