@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -67,8 +68,9 @@ def _serve(model: str, *, adapter: list[str] | None, host: str, port: int, api_k
            metrics_public: bool, max_batch: int, max_queue: int, max_body: int, max_model_len: int | None,
            kv_memory: str | None, prefix_cache: bool, gguf_int4: bool, embedding_model: str, rag_store: str | None,
            backend: str, dtype: str, quant: str | None, data_dir: Path | None, jobs: bool, max_jobs: int,
-           job_threads: int | None, classifier: list[str] | None, also_say: str | None = None) -> None:
-    """`serve`'s work; `also_say`: a second line printed once the server listens (`ui`'s address for a browser)."""
+           job_threads: int | None, classifier: list[str] | None,
+           on_listening: Callable[[int], None] | None = None) -> None:
+    """`serve`'s work; `on_listening(port)`: called once the server listens, after its start-up line (`ui`)."""
     from ownllm.home import ownllm_home
 
     if not 0 <= port <= 65535:
@@ -109,8 +111,8 @@ def _serve(model: str, *, adapter: list[str] | None, host: str, port: int, api_k
                         four_bit=gguf_int4, quant=quant, classifiers=classifiers)
     def say_where(bound: int) -> None:  # once listening, so `--port 0` says the port the system chose
         err.print(f"[dim]{escape(startup_line(state, host, bound))}[/dim]", soft_wrap=True)  # one line, for logs
-        if also_say:
-            err.print(f"[dim]{escape(also_say)}[/dim]", soft_wrap=True, highlight=False)
+        if on_listening is not None:
+            on_listening(bound)
 
     run_server(state, host=host, port=port, on_listening=say_where)
 
@@ -144,20 +146,25 @@ def ui(
     serve` plus a browser tab. The same server and API: the UI is a client of it."""
     if not 0 <= port <= 65535:
         raise OwnLLMError(f"port must be from 0 to 65535, got {port}", param="port")
-    from ownllm.serve.listen import browser_url, check_listenable, free_port
+    from ownllm.serve.listen import browser_url
 
-    check_listenable(host, port)  # (before the line below: a refusal is the one line printed)
-    port = port or free_port(host)  # (0: the URL names the port the server will take)
-    url = browser_url(host, port)
-    if browser:
-        import threading
+    def open_page(bound: int) -> None:  # once listening: the port bound (--port 0: the system's choice)
+        from rich.markup import escape
 
-        threading.Thread(target=_open_when_ready, args=(url,), daemon=True).start()
-    # said once the server listens: a model that does not load is then the one line printed
+        from ownllm.cli.render import err
+
+        url = browser_url(host, bound)
+        err.print(f"[dim]web UI: {escape(url)}[/dim]", soft_wrap=True, highlight=False)
+        if browser:
+            import threading
+
+            threading.Thread(target=_open_when_ready, args=(url,), daemon=True).start()
+
     _serve(model, adapter=adapter, host=host, port=port, api_key=api_key, rag_store=rag_store, data_dir=data_dir,
            metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, kv_memory=None,
            prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",
-           jobs=True, max_jobs=1, job_threads=None, quant=None, classifier=None, also_say=f"web UI: {url}")
+           jobs=True, max_jobs=1, job_threads=None, quant=None, classifier=None, on_listening=open_page)
+    # (the address is checked before the model loads, and said once listening: a refusal is the one line printed)
 
 
 def _open_when_ready(url: str, timeout: float = 600.0) -> None:

@@ -13,7 +13,7 @@ def check_listenable(host: str, port: int) -> None:
     import errno
     import socket
 
-    shown = host if host.isprintable() else repr(host)  # (control characters in an error line: shown escaped)
+    shown = host if host.isprintable() and host else repr(host)  # (control characters, or nothing: quoted)
     shown = shown if len(shown) <= 80 else f"{shown[:77]}..."
     where = f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"  # (an IPv6 address and its port)
     try:
@@ -32,18 +32,11 @@ def check_listenable(host: str, port: int) -> None:
                 raise OwnLLMError(f"cannot listen on {where}: {why}", kind="resource", param="port") from None
 
 
-def free_port(host: str) -> int:
-    """A port free on `host` now (what `--port 0` would be given), for a caller that must name it before the server
-    listens (`check_listenable` first: the host resolves)."""
-    import socket
-
-    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+def http_address(host: str, port: int) -> str:
+    """http://HOST:PORT, an IPv6 host in brackets (as a URL must have it)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def browser_url(host: str, port: int) -> str:
     """The address a browser on this machine opens for a server listening on `host`:`port`."""
-    local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{local}]:{port}/" if ":" in local else f"http://{local}:{port}/"
+    return http_address({"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host), port) + "/"

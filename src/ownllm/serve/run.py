@@ -9,6 +9,7 @@ from typing import Any
 
 from ownllm.collector import freeze_heap
 from ownllm.errors import OwnLLMError
+from ownllm.serve.listen import http_address
 from ownllm.serve.state import Limits, ServerState
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
     scopes += [f"{name}: {scope.describe()}" for name, scope in sorted(state.scopes.items())]
     scoped = f"; scoped adapters ({'; '.join(scopes)})" if scopes else ""
     return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}) on "
-            f"http://{host}:{port}/v1{heads}{scoped}")
+            f"{http_address(host, port)}/v1{heads}{scoped}")
 
 
 def _bound_port(server: Any, asked: int) -> int:
