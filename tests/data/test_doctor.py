@@ -59,6 +59,24 @@ def test_problems_are_named_by_line(tmp_path: Path) -> None:
     assert len(examples) == 2 and any("fine-tuning needs at least 10" in w for w in report.warnings)
 
 
+def test_a_preference_prompt_given_as_messages_is_checked_as_messages(tmp_path: Path) -> None:
+    """A pair's prompt may be a conversation ending with the user's turn (no assistant turn needed: `chosen` and
+    `rejected` answer it); anything else in that list is named by line and field, not left to crash training."""
+    pair = {"chosen": "Hello!", "rejected": "Go away."}
+    rows = [{**pair, "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]},
+            {**pair, "prompt": ["Hi"]}, {**pair, "prompt": []}, {**pair, "prompt": [{"role": "user", "content": 5}]},
+            {**pair, "prompt": [{"role": "wizard", "content": "x"}]},
+            {**pair, "prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    report, examples = check(write(tmp_path / "pairs.jsonl", rows))
+    text = "\n".join(report.problems)
+    assert "line 2: prompt[0] must be an object with 'role' and 'content'" in text
+    assert "line 3: 'prompt' must be a non-empty list" in text
+    assert "line 4: prompt[0].content is empty or not a string" in text
+    assert "line 5: prompt[0].role must be one of" in text
+    assert "line 6: 'prompt' must end with a user message" in text
+    assert [e.line for e in examples] == [1] and examples[0].messages[-1] == {"role": "user", "content": "Hi"}
+
+
 def test_duplicates_exact_and_near(tmp_path: Path) -> None:
     near = chat(FACTS[3]["messages"][0]["content"], FACTS[3]["messages"][1]["content"] + "!")
     report, _ = check(write(tmp_path / "d.jsonl", [*FACTS, FACTS[1], near]))

@@ -65,15 +65,18 @@ def detect(record: dict[str, Any]) -> Format | None:
 
 
 def _check_messages(messages: Any, where: str, problems: list[str],
-                    tools: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]] | None:
-    """The messages of a line, checked; `tools` (name → parameters schema) are the tools the line offers."""
+                    tools: dict[str, dict[str, Any]] | None = None, *, name: str = "messages",
+                    needs_reply: bool = True) -> list[dict[str, Any]] | None:
+    """The messages of a line, checked; `tools` (name → parameters schema) are the tools the line offers; `name`:
+    the field they came in; `needs_reply`: an assistant turn must be among them (not a preference pair's prompt,
+    answered by its `chosen` and `rejected`)."""
     if not isinstance(messages, list) or not messages:
-        problems.append(f"{where}: 'messages' must be a non-empty list")
+        problems.append(f"{where}: '{name}' must be a non-empty list")
         return None
     clean: list[dict[str, Any]] = []
     call_ids: set[str] = set()
     for index, message in enumerate(messages):
-        field = f"{where}: messages[{index}]"
+        field = f"{where}: {name}[{index}]"
         if not isinstance(message, dict):
             problems.append(f"{field} must be an object with 'role' and 'content'")
             return None
@@ -112,7 +115,7 @@ def _check_messages(messages: Any, where: str, problems: list[str],
             clean.append({"role": role, "content": content, **({"tool_call_id": call_id} if call_id else {})})
             continue
         clean.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in clean):
+    if needs_reply and not any(m["role"] == "assistant" for m in clean):
         problems.append(f"{where}: no assistant turn (nothing to learn from)")
         return None
     return clean
@@ -273,8 +276,14 @@ def normalise(record: dict[str, Any], fmt: Format, line: int, source: str, probl
         if "preferred_output" in record:
             record = _from_openai_preference(record)
         prompt, chosen, rejected = record.get("prompt"), text_field("chosen"), text_field("rejected")
-        if isinstance(prompt, list):
-            messages = [m for m in prompt if isinstance(m, dict)]
+        if isinstance(prompt, list):  # a conversation, answered by `chosen` or `rejected`: it ends with the user
+            checked = _check_messages(prompt, where, problems, name="prompt", needs_reply=False)
+            if checked is None:
+                return None
+            if checked[-1]["role"] != "user":
+                problems.append(f"{where}: 'prompt' must end with a user message (the turn the replies answer)")
+                return None
+            messages = checked
         elif isinstance(prompt, str) and prompt.strip():
             messages = [{"role": "user", "content": prompt}]
         else:
