@@ -148,7 +148,9 @@ def ui(
         raise OwnLLMError(f"port must be from 0 to 65535, got {port}", param="port")
     from ownllm.serve.listen import browser_url
 
-    def open_page(bound: int) -> None:  # once listening: the port bound (--port 0: the system's choice)
+    # the address is checked before the model loads and said once the server listens, with the port it bound
+    # (--port 0: the system's choice): a refusal, or a model that does not load, is the one line printed
+    def open_page(bound: int) -> None:
         from rich.markup import escape
 
         from ownllm.cli.render import err
@@ -164,7 +166,6 @@ def ui(
            metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, kv_memory=None,
            prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",
            jobs=True, max_jobs=1, job_threads=None, quant=None, classifier=None, on_listening=open_page)
-    # (the address is checked before the model loads, and said once listening: a refusal is the one line printed)
 
 
 def _open_when_ready(url: str, timeout: float = 600.0) -> None:
