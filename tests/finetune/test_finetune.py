@@ -168,8 +168,12 @@ def _short_run(tmp_path: Path, data: Path, method: str, *extra: str) -> Path:
 
 
 def test_qlora_trains_a_4bit_base(facts: Path, tmp_path: Path) -> None:
-    out = _short_run(tmp_path, facts, "qlora", "--lr", "5e-4")
+    config = tmp_path / "bf16.yaml"
+    config.write_text("precision: bf16\n")  # bitsandbytes' 4-bit base computes as it sets: said, not ignored
+    out = _short_run(tmp_path, facts, "qlora", "--lr", "5e-4", "--config", str(config))
     assert json.loads((out / "final" / "ownllm_run.json").read_text())["method"] == "qlora"
+    assert "precision: fp32 (method qlora: the configured bf16 does not apply to it)" in \
+        json.loads((out / "meta.json").read_text())["notes"]
     reply = run_cli("generate", str(out), "Hello", "--max-new-tokens", "4", "--json")
     assert reply.returncode == 0 and json.loads(reply.stdout)["usage"]["completion_tokens"] >= 1
 

@@ -136,7 +136,7 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
     # said only where an epoch under other system messages ran (not a run of one epoch, or max_steps within it)
     varied_ran = cfg.epochs > 1 if _folded(cfg) else (trainer.state.epoch or 0) > 1
     notes = [SYSTEM_VARIANTS_NOTE] if varied and varied_ran else []
-    if precision.measured:  # chosen by measurement, not by the config: the card says which
+    if precision.noted:  # chosen by measurement, or not what the config asked for: the card says which
         notes.append(f"precision: {precision.said}")
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0), notes)
@@ -330,6 +330,12 @@ class TrainingPrecision:
     mixed_bf16: bool  # the steps (and replay's KL targets) under bf16 autocast over the fp32 weights
     said: str  # what the log and the run card say of it
     measured: bool = False  # chosen by measuring this CPU (precision: auto), not by the config or the method
+    overridden: bool = False  # the config asked for a precision the method does not train in
+
+    @property
+    def noted(self) -> bool:
+        """Whether the run card says it (the config alone would not tell what ran)."""
+        return self.measured or self.overridden
 
 
 def _training_precision(cfg: FinetuneConfig, model: Any) -> TrainingPrecision:
@@ -340,6 +346,10 @@ def _training_precision(cfg: FinetuneConfig, model: Any) -> TrainingPrecision:
     if has_cuda():
         return TrainingPrecision(False, "as loaded (GPU)")
     if cfg.method not in ("lora", "full", "cpt", "dpo", "prompt-tuning"):
+        if cfg.precision == "bf16":
+            log.warning("precision: bf16 does not apply to method %s; it trains in fp32", cfg.method)
+            return TrainingPrecision(False, f"fp32 (method {cfg.method}: the configured bf16 does not apply to it)",
+                                     overridden=True)
         return TrainingPrecision(False, f"fp32 (method {cfg.method})")
     if cfg.precision != "auto":
         mixed = cfg.precision == "bf16"
