@@ -136,7 +136,7 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
     # said only where an epoch under other system messages ran (not a run of one epoch, or max_steps within it)
     varied_ran = cfg.epochs > 1 if _folded(cfg) else (trainer.state.epoch or 0) > 1
     notes = [SYSTEM_VARIANTS_NOTE] if varied and varied_ran else []
-    if precision.noted:  # chosen by measurement, or not what the config asked for: the card says which
+    if precision.on_card:
         notes.append(f"precision: {precision.said}")
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0), notes)
@@ -329,13 +329,9 @@ def _train_dtype() -> str:
 class TrainingPrecision:
     mixed_bf16: bool  # the steps (and replay's KL targets) under bf16 autocast over the fp32 weights
     said: str  # what the log and the run card say of it
-    measured: bool = False  # chosen by measuring this CPU (precision: auto), not by the config or the method
-    overridden: bool = False  # the config asked for a precision the method does not train in
-
-    @property
-    def noted(self) -> bool:
-        """Whether the run card says it (the config alone would not tell what ran)."""
-        return self.measured or self.overridden
+    # the run card says it where the config alone would not tell what ran: chosen by measuring this CPU
+    # (precision: auto), or not the precision the config asked for (one the method does not train in)
+    on_card: bool = False
 
 
 def _training_precision(cfg: FinetuneConfig, model: Any) -> TrainingPrecision:
@@ -349,7 +345,7 @@ def _training_precision(cfg: FinetuneConfig, model: Any) -> TrainingPrecision:
         if cfg.precision == "bf16":
             log.warning("precision: bf16 does not apply to method %s; it trains in fp32", cfg.method)
             return TrainingPrecision(False, f"fp32 (method {cfg.method}: the configured bf16 does not apply to it)",
-                                     overridden=True)
+                                     on_card=True)
         return TrainingPrecision(False, f"fp32 (method {cfg.method})")
     if cfg.precision != "auto":
         mixed = cfg.precision == "bf16"
@@ -358,7 +354,7 @@ def _training_precision(cfg: FinetuneConfig, model: Any) -> TrainingPrecision:
 
     choice = choose_dtype("auto", "cpu", getattr(model, "config", None), rows=TRAINING_ROWS)
     mixed = choice.dtype == "bfloat16"
-    return TrainingPrecision(mixed, f"{'bf16 mixed' if mixed else 'fp32'} ({choice.reason})", measured=True)
+    return TrainingPrecision(mixed, f"{'bf16 mixed' if mixed else 'fp32'} ({choice.reason})", on_card=True)
 
 
 def build_data(cfg: FinetuneConfig, data: Path, tokenizer: Any, run_dir: Path, model: Any, *, varied: bool = False,

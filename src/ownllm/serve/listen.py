@@ -15,7 +15,7 @@ def check_listenable(host: str, port: int) -> None:
 
     shown = host if host.isprintable() and host else repr(host)  # (control characters, or nothing: quoted)
     shown = shown if len(shown) <= 80 else f"{shown[:77]}..."
-    where = f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"  # (an IPv6 address and its port)
+    where = host_port(shown, port)
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
@@ -32,9 +32,14 @@ def check_listenable(host: str, port: int) -> None:
                 raise OwnLLMError(f"cannot listen on {where}: {why}", kind="resource", param="port") from None
 
 
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT, an IPv6 host in brackets (as a URL, and an error line, must have it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def http_address(host: str, port: int) -> str:
-    """http://HOST:PORT, an IPv6 host in brackets (as a URL must have it)."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    """http://HOST:PORT (`host_port`)."""
+    return f"http://{host_port(host, port)}"
 
 
 def browser_url(host: str, port: int) -> str:
