@@ -165,9 +165,10 @@ def test_generate_json_is_reproducible(default_model: str) -> None:
 @pytest.mark.slow
 def test_generate_explain_table(default_model: str) -> None:
     result = run_cli("generate", default_model, "The capital of France is", "--max-new-tokens", "2",
-                     "--explain", "4", "--temperature", "0.7", "--top-k", "3")
+                     "--explain", "4", "--temperature", "0.7", "--top-k", "3", "--min-p", "0.05")
     assert result.returncode == 0, result.stderr
-    for header in ("p(T=1)", "p(T=0.7)", "after top-k", "after top-p", "← chosen", "' Paris'"):
+    for header in ("p(T=1)", "p(T=0.7)", "after top-k", "after top-p", "after min-p", "min-p kept", "← chosen",
+                   "' Paris'"):
         assert header in result.stdout
     assert "seed" in result.stderr  # the seed that was picked is reported, so the run can be repeated
 

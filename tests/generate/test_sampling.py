@@ -20,8 +20,8 @@ def explain(**options):
 
 
 def test_every_probability_column_is_a_distribution() -> None:
-    rows = explain(temperature=0.7, top_k=4, top_p=0.8).rows
-    for column in ("prob", "prob_temperature", "prob_top_k", "prob_top_p"):
+    rows = explain(temperature=0.7, top_k=4, top_p=0.8, min_p=0.2).rows
+    for column in ("prob", "prob_temperature", "prob_top_k", "prob_top_p", "prob_min_p"):
         assert sum(getattr(r, column) for r in rows) == pytest.approx(1.0, abs=1e-5)
 
 
@@ -37,6 +37,34 @@ def test_top_p_keeps_smallest_set_reaching_p() -> None:
     kept = sum(1 for r in e.rows if r.prob_top_p > 0)
     assert probs[: kept - 1].sum() < 0.9 <= probs[:kept].sum()
     assert e.kept_top_p == kept
+
+
+@pytest.mark.parametrize("options", [{"min_p": 0.3}, {"min_p": 0.1, "temperature": 1.5},
+                                     {"min_p": 0.2, "top_k": 4, "top_p": 0.95}])
+def test_min_p_keeps_what_transformers_keeps(options: dict) -> None:
+    """Tokens at least min_p as likely as the best one, after temperature, top-k and top-p (transformers' order);
+    the same set as transformers' own warpers, and no draw ever falls outside it."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    scores = LOGITS[None].clone()
+    warpers = [TemperatureLogitsWarper(options.get("temperature", 1.0)),
+               TopKLogitsWarper(options.get("top_k", 0) or LOGITS.numel()),
+               TopPLogitsWarper(options.get("top_p", 1.0)), MinPLogitsWarper(options["min_p"])]
+    for warper in warpers:
+        scores = warper(None, scores)
+    expected = torch.isfinite(scores[0]).tolist()
+    e = explain(**options)
+    by_id = sorted(e.rows, key=lambda r: r.token_id)
+    assert [r.prob_min_p > 0 for r in by_id] == expected and e.kept_min_p == sum(expected)
+    assert e.kept_min_p < LOGITS.numel()  # each case filters something
+    params = SamplingParams(strategy="sample", **options)
+    drawn = {pick_token(LOGITS, params, NOTHING_SEEN, torch.Generator().manual_seed(seed))[0] for seed in range(200)}
+    assert drawn == {i for i, kept in enumerate(expected) if kept}
 
 
 def test_temperature_sharpens_and_flattens() -> None:
@@ -75,6 +103,9 @@ def test_temperature_zero_means_greedy() -> None:
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": float("nan")}, "min_p"),
         ({"num_beams": 0}, "num_beams"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"strategy": "nucleus"}, "strategy"),

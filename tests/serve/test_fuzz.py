@@ -54,10 +54,11 @@ VALID: dict[str, dict[str, Any]] = {
 FIELDS = {
     "/v1/chat/completions": ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                              "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "stream",
-                             "stream_options", "user", "top_k", "repetition_penalty", "ignore_eos", "logprobs",
+                             "stream_options", "user", "top_k", "min_p", "repetition_penalty", "ignore_eos", "logprobs",
                              "top_logprobs", "response_format", "rag"],
     "/v1/completions": ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs",
-                        "echo", "stream", "logit_bias", "presence_penalty", "frequency_penalty", "top_k"],
+                        "echo", "stream", "logit_bias", "presence_penalty", "frequency_penalty", "top_k",
+                        "min_p", "best_of"],
     "/v1/embeddings": ["input", "model", "encoding_format", "dimensions", "user"],
     "/tokenize": ["model", "prompt", "messages", "add_special_tokens"],
     "/generate": ["inputs", "parameters", "stream"],

@@ -112,6 +112,26 @@ def test_completions(server) -> None:
     assert streamed == choice.text.removeprefix("The capital of France is")
 
 
+def test_best_of_returns_the_likeliest_of_its_completions(server) -> None:
+    """OpenAI's best_of: best_of completions made, the n with the highest log-probability per token returned, and
+    every one of them counted in usage."""
+    client = server.client()
+    asked = {"model": MODEL, "prompt": "My favourite animal is", "max_tokens": 6, "seed": 11, "temperature": 1.2}
+    every = client.completions.create(**asked, n=3, logprobs=0)
+    per_token = {c.text: sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every.choices}
+    assert len(per_token) > 1  # the three differ, so there is a best
+    best = client.completions.create(**asked, n=1, best_of=3)
+    assert [c.index for c in best.choices] == [0]
+    assert best.choices[0].text == max(per_token, key=per_token.get)
+    assert best.usage.completion_tokens == every.usage.completion_tokens
+    two = client.completions.create(**asked, n=2, best_of=3)
+    assert [c.text for c in two.choices] == sorted(per_token, key=per_token.get, reverse=True)[:2]
+    url = f"{server.url}/v1/completions"
+    _error(httpx.post(url, json={**asked, "n": 2, "best_of": 1}), 400, param="best_of")
+    _error(httpx.post(url, json={**asked, "best_of": 2, "stream": True}), 400, param="best_of")
+    _error(httpx.post(url, json={**asked, "best_of": 17}), 400, param="best_of")
+
+
 def test_embeddings(server) -> None:
     client = server.client()
     floats = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a sentence", "a sentence", "other"])
@@ -151,6 +171,7 @@ def test_error_envelopes(server) -> None:
     _error(httpx.post(url, json={"model": MODEL}), 400, param="messages")
     _error(httpx.post(url, json={"model": MODEL, "messages": HELLO, "temperature": -3}), 400, param="temperature")
     _error(httpx.post(url, json={"model": MODEL, "messages": HELLO, "top_p": 0}), 400, param="top_p")
+    _error(httpx.post(url, json={"model": MODEL, "messages": HELLO, "min_p": 1.5}), 400, param="min_p")
     _error(httpx.post(url, json={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     long_prompt = [{"role": "user", "content": "word " * 3000}]
     _error(httpx.post(url, json={"model": MODEL, "messages": long_prompt, "max_tokens": 100}), 400,

@@ -97,7 +97,7 @@ def test_the_page_is_public_and_the_api_is_not(server: Server) -> None:
 
 def test_explain_gives_each_token_its_table(server: Server) -> None:
     body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Count to three."}],
-            "max_tokens": 6, "temperature": 0.7, "top_k": 30, "top_p": 0.9, "seed": 3, "top": 5}
+            "max_tokens": 6, "temperature": 0.7, "top_k": 30, "top_p": 0.9, "min_p": 0.02, "seed": 3, "top": 5}
     result = api(server, "POST", "/v1/explain", json=body).json()
     streamed = api(server, "POST", "/v1/chat/completions", json={**body, "top": None}).json()
     assert result["text"] == streamed["choices"][0]["message"]["content"]  # same seed, same tokens
@@ -105,9 +105,11 @@ def test_explain_gives_each_token_its_table(server: Server) -> None:
     for token in result["tokens"]:
         chosen = [c for c in token["candidates"] if c["chosen"]]
         assert len(chosen) == 1 and chosen[0]["id"] == token["id"]
-        for column in ("p", "p_temperature", "p_top_k", "p_top_p"):
+        for column in ("p", "p_temperature", "p_top_k", "p_top_p", "p_min_p"):
             assert sum(c[column] for c in token["candidates"]) <= 1 + 1e-6
-        assert token["kept_top_k"] == 30 and 1 <= token["kept_top_p"] <= 30
+        assert token["kept_top_k"] == 30 and 1 <= token["kept_min_p"] <= token["kept_top_p"] <= 30
+        assert all(c["p_min_p"] == 0 or c["p_min_p"] >= 0.02 * max(c["p_min_p"] for c in token["candidates"])
+                   for c in token["candidates"])
 
 
 @pytest.mark.parametrize(("change", "status", "param"), [
@@ -285,6 +287,7 @@ def test_chat_streams_and_the_controls_reach_the_server(page: Page, server: Serv
     page.locator("#model option").first.wait_for(state="attached")
     page.fill("#temperature", "0.9")
     page.fill("#top-k", "20")
+    page.fill("#min-p", "0.05")
     page.fill("#seed", "1234")
     page.fill("#max-tokens", "12")
     page.fill("#stop", "xyzzy\nplugh")
@@ -294,7 +297,7 @@ def test_chat_streams_and_the_controls_reach_the_server(page: Page, server: Serv
     body = json.loads(sent.value.post_data)
     assert body["stream"] is True and body["temperature"] == 0.9 and body["seed"] == 1234
     assert body["top_k"] == 20 and body["max_tokens"] == 12 and body["stop"] == ["xyzzy", "plugh"]
-    assert body["top_p"] == 0.95 and body["repetition_penalty"] == 1.1
+    assert body["top_p"] == 0.95 and body["min_p"] == 0.05 and body["repetition_penalty"] == 1.1
     assert sent.value.headers["authorization"] == f"Bearer {KEY}"
     # tokens arrive as separate spans while streaming
     page.locator(".message.assistant .tok").first.wait_for()

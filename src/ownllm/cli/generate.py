@@ -17,6 +17,7 @@ from ownllm.cli.options import (
     GrammarOpt,
     JsonOpt,
     MaxNewTokensOpt,
+    MinPOpt,
     ModelArg,
     NumBeamsOpt,
     QuantOpt,
@@ -87,6 +88,7 @@ def generate(
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
     repetition_penalty: RepetitionPenaltyOpt = None,
     max_new_tokens: MaxNewTokensOpt = 128,
     stop: StopOpt = None,
@@ -110,7 +112,8 @@ def generate(
     if not text.strip():
         raise OwnLLMError("the prompt is empty", param="prompt")
     params = sampling_params(strategy=strategy, num_beams=num_beams, temperature=temperature, top_k=top_k,
-                             top_p=top_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                             max_new_tokens=max_new_tokens,
                              stop=stop or None, seed=seed, explain=explain, logprobs=logprobs,
                              constraint=constraint_option(schema, regex, grammar, choice))
     quiet_model_libraries()
@@ -137,7 +140,7 @@ def generate(
     if completion.explanations:
         temp = params.temperature if params.strategy == "sample" else 1.0
         for index, step in enumerate(completion.explanations):
-            out.print(explanation_table(index, step, temp))
+            out.print(explanation_table(index, step, temp, params.min_p))
     if not stream:
         out.print(completion.text, soft_wrap=True, end="")
     out.print()
@@ -159,6 +162,7 @@ def chat(
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
     repetition_penalty: RepetitionPenaltyOpt = None,
     max_new_tokens: MaxNewTokensOpt = 256,
     seed: SeedOpt = None,
@@ -174,7 +178,8 @@ def chat(
     """Chat with streaming replies. Commands: /reset, /save FILE, /exit. Also reads turns from a pipe. --schema,
     --regex, --grammar or --choice constrain every reply."""
     params = sampling_params(strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+                             min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                             seed=seed,
                              constraint=constraint_option(schema, regex, grammar, choice))
     quiet_model_libraries()
     from ownllm.cli.render import err, out

@@ -32,6 +32,7 @@ NumBeamsOpt = Annotated[int | None, typer.Option(help="beams for --strategy beam
 TemperatureOpt = Annotated[float | None, typer.Option(help="sampling temperature (0 = greedy)")]
 TopKOpt = Annotated[int | None, typer.Option(help="keep the k most likely tokens (0 = all)")]
 TopPOpt = Annotated[float | None, typer.Option(help="nucleus: smallest set reaching this mass")]
+MinPOpt = Annotated[float | None, typer.Option(help="keep tokens at least this fraction as likely as the best one")]
 RepetitionPenaltyOpt = Annotated[float | None, typer.Option(help=">1 discourages repeats")]
 MaxNewTokensOpt = Annotated[int, typer.Option(help="most tokens to generate per reply")]
 StopOpt = Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")]
@@ -53,7 +54,7 @@ def sampling_params(**options: Any) -> Any:
     from ownllm.generate.params import SamplingParams
 
     if options.get("strategy") is None:
-        knobs = ("temperature", "top_k", "top_p")
+        knobs = ("temperature", "top_k", "top_p", "min_p")
         options["strategy"] = "sample" if any(options.get(k) is not None for k in knobs) else "greedy"
     return SamplingParams.from_options(**options)
 

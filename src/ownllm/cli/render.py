@@ -32,18 +32,21 @@ def human_count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def explanation_table(step: int, explanation: StepExplanation, temperature: float) -> Table:
-    table = Table(
-        title=f"step {step}: top-k kept {explanation.kept_top_k}, top-p kept {explanation.kept_top_p}",
-        title_justify="left",
-    )
-    for column in ("token", "id", "logit", "p(T=1)", f"p(T={temperature:g})", "after top-k", "after top-p", ""):
+def explanation_table(step: int, explanation: StepExplanation, temperature: float, min_p: float = 0.0) -> Table:
+    """One step's candidates through every filter; the min-p column only where min-p is set."""
+    kept = f"top-k kept {explanation.kept_top_k}, top-p kept {explanation.kept_top_p}"
+    table = Table(title=f"step {step}: {kept}" + (f", min-p kept {explanation.kept_min_p}" if min_p else ""),
+                  title_justify="left")
+    columns = ["token", "id", "logit", "p(T=1)", f"p(T={temperature:g})", "after top-k", "after top-p"]
+    columns += ["after min-p"] if min_p else []
+    for column in [*columns, ""]:
         table.add_column(column, justify="right" if column not in ("token", "") else "left",
                          no_wrap=column == "token")
     for row in explanation.rows:
+        probs = [row.prob_top_k, row.prob_top_p] + ([row.prob_min_p] if min_p else [])
         table.add_row(
             repr(row.token), str(row.token_id), f"{row.logit:.2f}", f"{row.prob:.4f}",
-            f"{row.prob_temperature:.4f}", f"{row.prob_top_k:.4f}", f"{row.prob_top_p:.4f}",
+            f"{row.prob_temperature:.4f}", *(f"{p:.4f}" for p in probs),
             "← chosen" if row.chosen else "",
             style="bold green" if row.chosen else None,
         )

@@ -32,6 +32,8 @@ class SamplingParams:
         temperature: divides the logits before sampling; 0 means greedy.
         top_k: keep only the k most likely tokens (0 keeps all).
         top_p: keep the smallest set of tokens whose probability reaches p (1 keeps all).
+        min_p: keep only tokens at least this fraction as likely as the most likely one, after top-k and top-p
+            (0 keeps all; as in transformers, vLLM and llama.cpp).
         repetition_penalty: >1 makes tokens already in the context less likely (HF's definition).
         presence_penalty: subtracted from the logit of every token already generated (OpenAI's definition).
         frequency_penalty: subtracted once per earlier occurrence in the generated text (OpenAI's definition).
@@ -53,6 +55,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -67,7 +70,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 problems.append((name, f"{name.replace('_', '-')} must be a finite number, got {value!r}"))
@@ -86,6 +89,8 @@ class SamplingParams:
             problems.append(("temperature", f"temperature must be >= 0, got {self.temperature}"))
         if not 0 < self.top_p <= 1:
             problems.append(("top_p", f"top-p must be in (0, 1], got {self.top_p}"))
+        if not 0 <= self.min_p <= 1:
+            problems.append(("min_p", f"min-p must be between 0 and 1, got {self.min_p}"))
         if self.top_k < 0:
             problems.append(("top_k", f"top-k must be >= 0, got {self.top_k}"))
         if not 1 <= self.num_beams <= MAX_BEAMS:

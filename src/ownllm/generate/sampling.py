@@ -1,6 +1,7 @@
 """Turning one step's logits into a token — and, on request, the table that shows how.
 
-Order (as in transformers): constraint mask → logit bias → penalties → temperature → top-k → top-p → draw.
+Order (as in transformers): constraint mask → logit bias → penalties → temperature → top-k → top-p → min-p →
+draw.
 Every probability column of the explanation is a full, renormalised distribution; tokens a constraint does not
 allow have logit -inf there, so probability 0 in every column.
 """
@@ -23,7 +24,8 @@ class ExplainRow:
     prob: float  # softmax of the (penalised) logits at T=1
     prob_temperature: float
     prob_top_k: float
-    prob_top_p: float  # the distribution actually drawn from
+    prob_top_p: float
+    prob_min_p: float  # the distribution actually drawn from
     chosen: bool
 
 
@@ -32,7 +34,8 @@ class StepExplanation:
     rows: list[ExplainRow]
     chosen_id: int
     kept_top_k: int  # how many tokens survive top-k
-    kept_top_p: int  # how many survive top-p (the support of the final distribution)
+    kept_top_p: int  # how many survive top-p
+    kept_min_p: int  # how many survive min-p (the support of the final distribution)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -79,6 +82,11 @@ def _top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     return mask & (probs > 0)
 
 
+def _min_p_mask(probs: torch.Tensor, min_p: float) -> torch.Tensor:
+    # relative to the most likely token, so the same whether `probs` is renormalised or not
+    return (probs >= min_p * probs.max()) & (probs > 0) if min_p > 0 else probs > 0
+
+
 def _renormalise(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     kept = torch.where(mask, probs, torch.zeros_like(probs))
     return kept / kept.sum()
@@ -86,7 +94,8 @@ def _renormalise(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _candidates(logits: torch.Tensor, params: SamplingParams, temperature: float
                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The tokens that may be drawn and their (unnormalised) probabilities after temperature, top-k and top-p.
+    """The tokens that may be drawn and their (unnormalised) probabilities after temperature, top-k, top-p and
+    min-p.
 
     Only what the filters need is sorted: the k best with top-k, everything only when top-p alone is set.
     `ids` is None when no filter applies (the probabilities are then over the whole vocabulary).
@@ -112,6 +121,8 @@ def _candidates(logits: torch.Tensor, params: SamplingParams, temperature: float
         keep = (torch.cumsum(probs, dim=0) - probs) < params.top_p
         keep[0] = True
         probs = probs * keep
+    if params.min_p > 0:
+        probs = probs * _min_p_mask(probs, params.min_p)
     return ids, probs
 
 
@@ -173,6 +184,8 @@ def _explain(logits: torch.Tensor, params: SamplingParams, temperature: float, c
     probs_k = _renormalise(probs_t, mask_k)
     mask_p = _top_p_mask(probs_k, params.top_p)
     probs_p = _renormalise(probs_k, mask_p)
+    mask_m = _min_p_mask(probs_p, params.min_p)
+    probs_m = _renormalise(probs_p, mask_m)
     probs_1 = torch.softmax(logits, dim=-1)
     top = torch.topk(logits, min(params.explain, logits.numel())).indices.tolist()
     if chosen not in top:
@@ -187,12 +200,13 @@ def _explain(logits: torch.Tensor, params: SamplingParams, temperature: float, c
             prob_temperature=float(probs_t[i]),
             prob_top_k=float(probs_k[i]),
             prob_top_p=float(probs_p[i]),
+            prob_min_p=float(probs_m[i]),
             chosen=i == chosen,
         )
         for i in top
     ]
     return StepExplanation(rows=rows, chosen_id=chosen, kept_top_k=int(mask_k.sum()),
-                           kept_top_p=int((probs_p > 0).sum()))
+                           kept_top_p=int((probs_p > 0).sum()), kept_min_p=int(mask_m.sum()))
 
 
 def top_logprobs(logprobs: torch.Tensor, n: int) -> list[tuple[int, float]]:

@@ -213,19 +213,23 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(exc), param=exc.param) from None
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
         params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
+        candidates = _params(body.candidates)
         await _check_prompts(state, encoded, params, "prompt")
         routed = await state.routes(adapter, texts)
         headers = state.scope_header(adapter, routed)
         http_response.headers.update(headers)
-        generation = state.submit(encoded, params, n=body.n, adapter=routed, prompt_param="prompt",
+        generation = state.submit(encoded, params, n=candidates, adapter=routed, prompt_param="prompt",
                                   stream=body.stream)
         if body.stream:
             return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
                                      bool(body.stream_options and body.stream_options.include_usage)), generation,
                         headers=headers)
-        completions = await generation.completions_while_connected(request)
-        items = [(texts[index // body.n] if body.echo else "", c) for index, c in enumerate(completions)]
-        return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, body.n)
+        generated = await generation.completions_while_connected(request)
+        chosen = [best for start in range(0, len(generated), candidates)
+                  for best in formats.best_of(generated[start : start + candidates], body.n)]
+        items = [(texts[index // body.n] if body.echo else "", c) for index, c in enumerate(chosen)]
+        return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, body.n,
+                                     generated=generated, candidates=candidates)
 
     # --- embeddings, tokenize -------------------------------------------------------------------
     @app.post("/v1/embeddings")

@@ -243,6 +243,7 @@ class _Sampling(_Open):
     user: str | None = None
     # ownllm extensions
     top_k: StrictInt | None = Field(None, ge=0, le=1 << 31)
+    min_p: Float | None = Field(None, ge=0, le=1)  # as vLLM's and llama.cpp's servers
     repetition_penalty: Float | None = Field(None, ge=0.01, le=100)
     ignore_eos: StrictBool = False  # as in vLLM: for benchmarks that need a fixed output length
 
@@ -261,7 +262,7 @@ class _Sampling(_Open):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams.from_options(
             strategy="greedy" if temperature == 0 else "sample", temperature=temperature or None,
-            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             max_new_tokens=max_tokens, stop=stop or None, seed=self.seed, logprobs=logprobs,
             ignore_eos=self.ignore_eos or None, constraint=constraint,
@@ -321,7 +322,21 @@ class CompletionRequest(_Sampling):
     max_tokens: MaxTokens | None = 16
     logprobs: StrictInt | None = Field(None, ge=0, le=5)
     echo: StrictBool = False
+    # OpenAI's: generate best_of completions of each prompt and return the n with the highest log-probability per
+    # token (all of them count as completion tokens)
+    best_of: StrictInt | None = Field(None, ge=1, le=16)
     response_format: ResponseFormat | None = None  # an extension (as vLLM's): the completion follows it
+
+    def candidates(self) -> int:
+        """Completions generated per prompt: best_of (at least n, and not streamed, as OpenAI's API has it), or n."""
+        if self.best_of is None:
+            return self.n
+        if self.best_of < self.n:
+            raise OwnLLMError(f"best_of ({self.best_of}) must be at least n ({self.n})", param="best_of")
+        if self.stream and self.best_of > self.n:
+            raise OwnLLMError("best_of above n cannot be streamed: the best are known only once all are done",
+                              param="best_of")
+        return self.best_of
 
     @field_validator("prompt")
     @classmethod

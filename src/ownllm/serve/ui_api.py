@@ -157,14 +157,16 @@ def router(state: ServerState) -> APIRouter:
         tokens = []
         for index, (token_id, piece, step) in enumerate(zip(completion.token_ids, pieces, steps, strict=False)):
             tokens.append({"index": index, "id": token_id, "text": piece, "kept_top_k": step.kept_top_k,
-                           "kept_top_p": step.kept_top_p,
+                           "kept_top_p": step.kept_top_p, "kept_min_p": step.kept_min_p,
                            "candidates": [{"token": row.token, "id": row.token_id, "logit": _finite(row.logit),
                                            "p": row.prob, "p_temperature": row.prob_temperature,
                                            "p_top_k": row.prob_top_k, "p_top_p": row.prob_top_p,
+                                           "p_min_p": row.prob_min_p,
                                            "chosen": row.chosen} for row in step.rows]})
         return {"object": "explanation", "model": body.model, "text": completion.text,
                 "finish_reason": completion.finish_reason, "seed": completion.seed, "strategy": params.strategy,
                 "temperature": temperature, "top_k": params.top_k, "top_p": params.top_p,
+                "min_p": params.min_p,
                 "repetition_penalty": params.repetition_penalty,
                 "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion.completion_tokens,
                           "total_tokens": len(prompt_ids) + completion.completion_tokens},

@@ -20,7 +20,7 @@ export function init() {
   $("model").onchange = () => layout(true);
   $("model-b").onchange = () => layout(true);
   $("strategy").onchange = () => {
-    for (const id of ["temperature", "top-k", "top-p"]) $(id).disabled = $("strategy").value === "greedy";
+    for (const id of ["temperature", "top-k", "top-p", "min-p"]) $(id).disabled = $("strategy").value === "greedy";
   };
 }
 
@@ -70,13 +70,15 @@ function number(id) {
   return value === "" ? null : Number(value);
 }
 
-// The decoding controls as request fields (OpenAI's names; top_k and repetition_penalty are ownllm extensions).
+// The decoding controls as request fields (OpenAI's names; top_k, min_p and repetition_penalty are extensions, as
+// in vLLM).
 function decoding() {
   const greedy = $("strategy").value === "greedy";
   const fields = {
     temperature: greedy ? 0 : number("temperature"),
     top_p: greedy ? null : number("top-p"),
     top_k: greedy ? null : number("top-k"),
+    min_p: greedy ? null : number("min-p"),
     repetition_penalty: number("repetition-penalty"),
     max_tokens: number("max-tokens"),
     seed: number("seed"),
@@ -254,13 +256,13 @@ function showToken(column, token, result, span) {
   $("token-title").textContent = `${column.model}: token ${token.index} ${JSON.stringify(token.text)}`;
   $("token-summary").textContent =
     `${result.strategy}, temperature ${result.temperature}, top-k ${result.top_k || "off"} (kept ${token.kept_top_k}), ` +
-    `top-p ${result.top_p} (kept ${token.kept_top_p})`;
+    `top-p ${result.top_p} (kept ${token.kept_top_p}), min-p ${result.min_p || "off"} (kept ${token.kept_min_p})`;
   $("token-temp-head").textContent = `p (T=${result.temperature})`;
   const rows = token.candidates.map((c) => {
     const row = document.createElement("tr");
     if (c.chosen) row.className = "chosen";
     for (const value of [JSON.stringify(c.token), c.id, fmt(c.p), fmt(c.p_temperature), fmt(c.p_top_k), fmt(c.p_top_p),
-      c.chosen ? "← chosen" : ""]) {
+      fmt(c.p_min_p), c.chosen ? "← chosen" : ""]) {
       const cell = document.createElement("td");
       cell.textContent = value;
       row.append(cell);
