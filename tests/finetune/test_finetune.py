@@ -68,7 +68,9 @@ def test_lora_run_folder_generate_and_merge(facts: Path, tmp_path: Path, default
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 8 and sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4  # it learns
-    assert any("eval_loss" in r for r in rows)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]  # the last step's evaluation is not run twice
+    last_eval = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+    assert json.loads((out / "meta.json").read_text())["eval_loss"] == pytest.approx(last_eval)
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "final train loss" in (out / "README.md").read_text()
     # precision auto is decided by measurement on a CPU: the run says what it chose

@@ -128,9 +128,7 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stopper.stopped_at is not None:
         raise TrainingInterrupted(run_dir, stopper.stopped_at)
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
-    if cfg.early_stopping and trainer.state.best_metric is not None:
-        eval_loss = trainer.state.best_metric  # load_best_model_at_end put the best weights back
+    eval_loss = _final_eval_loss(trainer, early_stopping=cfg.early_stopping) if eval_rows else None
     if trainer.is_world_process_zero():
         save_final(cfg, run_dir, trainer, tokenizer, base)
     # said only where an epoch under other system messages ran (not a run of one epoch, or max_steps within it)
@@ -140,6 +138,18 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
         notes.append(f"precision: {precision.said}")
     return TrainOutcome(output.global_step, float(output.training_loss), eval_loss, time.time() - started,
                         int(trainer.state.num_input_tokens_seen or 0), notes)
+
+
+def _final_eval_loss(trainer: Any, *, early_stopping: bool) -> float:
+    """The validation loss of the weights the run ends with: the best one where early stopping put the best weights
+    back, the last step's own evaluation where one ran there, else one more evaluation (logged as a step's)."""
+    state = trainer.state
+    if early_stopping and state.best_metric is not None:
+        return float(state.best_metric)
+    last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == state.global_step:
+        return float(last["eval_loss"])  # (every process reads the same history: none waits on the others)
+    return float(trainer.evaluate()["eval_loss"])
 
 
 def prepare(cfg: FinetuneConfig, run_dir: Path) -> dict[str, dict[str, Any]]:
