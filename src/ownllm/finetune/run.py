@@ -128,7 +128,7 @@ def train(cfg: FinetuneConfig, run_dir: Path, data: Path, *, resume: bool, callb
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stopper.stopped_at is not None:
         raise TrainingInterrupted(run_dir, stopper.stopped_at)
-    eval_loss = _final_eval_loss(trainer, early_stopping=cfg.early_stopping) if eval_rows else None
+    eval_loss = _final_eval_loss(trainer, early_stopping=bool(cfg.early_stopping)) if eval_rows else None
     if trainer.is_world_process_zero():
         save_final(cfg, run_dir, trainer, tokenizer, base)
     # said only where an epoch under other system messages ran (not a run of one epoch, or max_steps within it)
