@@ -230,6 +230,8 @@ def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
         and not batched.model.packed}
     if packed_before:
         expected["packed_weights"] = batched.model.packed_note
+    if expected["batch_invariant"]:
+        expected["prefix_exact_chunks"] = batched.prefill_chunk  # then the cache reuses whole prefill chunks only
     assert isinstance(batched, BatchScheduler) and batched.batching == expected
     assert isinstance(narrow, int) and 0 <= narrow <= 16
     assert packed_before or batched.model.packed == {}  # not packed before a decode step runs on them

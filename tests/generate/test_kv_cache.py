@@ -115,6 +115,31 @@ def test_a_fully_cached_prompt_is_computed_as_without_the_cache_on_packed_weight
     assert runs[True][1].cached_tokens == 0  # (the prompt is one chunk: 98 tokens)
 
 
+def test_under_batch_invariance_a_hit_is_of_whole_prefill_chunks_and_changes_no_logit(
+        engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OWNLLM_BATCH_INVARIANT=1: prompts that share the first 100 and 300 tokens of a longer one reuse only the
+    whole 256-token chunks its prefill computed (none, then one), so every log-probability is the one computed
+    without the cache, bit for bit. A match cut mid-chunk was not: the rest of that chunk, computed over fewer rows,
+    rounded otherwise in the last bits (-8.251291871 against -8.251285791, fp32, here)."""
+    monkeypatch.setenv("OWNLLM_BATCH_INVARIANT", "1")
+    words = " ".join(f"Item {i} is {colour}." for i, colour in zip(range(90), ["red", "blue", "green"] * 30,
+                                                                      strict=True))
+    shared = chat(engine, ("user", words))
+    assert len(shared) > 300
+    tail = engine.tokenizer.encode(" Now name another colour.", add_special_tokens=False) + shared[-5:]
+    prompts = [shared[:100] + tail, shared[:300] + tail]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    runs = {}
+    for caching in (False, True):
+        scheduler = BatchScheduler(engine, max_batch=2, max_len=1024, prefix_caching=caching)
+        assert scheduler.model.invariant and scheduler.kv.exact_only
+        run(scheduler, [shared], params, [5])
+        runs[caching] = [run(scheduler, [prompt], params, [9])[0] for prompt in prompts]
+    assert [c.cached_tokens for c in runs[True]] == [0, 256]
+    assert tokens(runs[True]) == tokens(runs[False])
+    assert [c.sequence_logprob for c in runs[True]] == [c.sequence_logprob for c in runs[False]]
+
+
 def test_a_small_budget_evicts_and_preempts_and_every_request_finishes_the_same(engine: Any) -> None:
     """A budget for about two of four long requests: they wait, cached prefixes are dropped, running ones are
     preempted and computed again — and each gives the tokens it gives with memory to spare."""

@@ -61,7 +61,9 @@ def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> N
     assert batching == {"mode": "batched", "max_batch": 1, "kv_tokens": 2048, "kv_bytes": batching["kv_bytes"],
                         "prefix_caching": True, "int4_rows": 0,  # fp32: no int4 kernel, and why
                         "int4_note": "GGUF 4-bit weights off: int4 kernel runs bf16 on the CPU, this is float32 on cpu",
-                        "narrow_rows": narrow, "batch_invariant": invariant}
+                        "narrow_rows": narrow, "batch_invariant": invariant,
+                        # a batch-invariant model's prefix cache reuses whole prefill chunks only
+                        **({"prefix_exact_chunks": 256} if invariant else {})}
     assert isinstance(narrow, int) and 0 <= narrow <= 16
     assert batching["kv_bytes"] == 2048 * 30 * 2 * 3 * 64 * 4  # 30 layers, k and v, 3 heads of 64, fp32
     log = strict_server.log.read_text()

@@ -207,7 +207,10 @@ class BatchScheduler(_Loop):
                 "batch_invariant": getattr(self.model, "invariant", None),  # None: not known (llama.cpp)
                 **({"int4_note": note} if (note := getattr(self.model, "four_bit_note", None)) else {}),
                 **({"packed_weights": note} if (note := getattr(self.model, "packed_note", None)) else {}),
-                **({"compiled_steps": note} if (note := getattr(self.model, "compiled_steps", None)) else {})}
+                **({"compiled_steps": note} if (note := getattr(self.model, "compiled_steps", None)) else {}),
+                # a batch-invariant model's cache reuses whole prefill chunks only (KVCache.exact_only)
+                **({"prefix_exact_chunks": self.prefill_chunk} if self.kv.prefix_caching and self.kv.exact_only
+                   else {})}
 
     def load_adapter(self, name: str, folder: Any) -> None:
         self.retiring.discard(name)

@@ -62,6 +62,9 @@ class _Held:
     capacity: int  # tokens of room this sequence holds (counted against the budget)
     tokens: np.ndarray | None = None  # a finished sequence's tokens (the prefix cache); None while running
     owner: Any = None  # what computed its keys: None (the base model) or (adapter name, adapter weights)
+    # its first tokens whose KV whole prefill chunks computed, as a cache-off prefill of them would (a multiple of
+    # the chunk: a shorter last chunk, or tokens decoded one at a time, round otherwise)
+    exact: int = 0
 
 
 @dataclass
@@ -95,7 +98,11 @@ class KVCache:
             prefix_caching: keep finished sequences for later requests that start the same way.
             extra_positions: positions each sequence holds in front of its tokens (prompt-tuning prefix).
             prefill_chunk: prompt tokens per prefill forward, chunks ending at its multiples (the scheduler's): a
-                match stops short where the rest of its chunk would be computed otherwise than without the cache.
+                match stops short where the rest of its chunk would be computed otherwise than without the cache;
+                and where the storage is batch invariant (`invariant`: a row's logits are promised not to depend
+                on the rows beside it), a match is only ever of whole chunks that prefill computed, so a request
+                gets the same logits bit for bit with the cache on and off (a chunk cut at the match rounds
+                otherwise: matrix products and attention over fewer rows differ in the last bits).
         """
         self.storage = storage
         self.block = block
@@ -187,7 +194,7 @@ class KVCache:
                 return None  # (it stays where it is in the LRU order)
             del self.finished[source]  # type: ignore[arg-type]
             self._cached_count -= len(held.tokens)  # type: ignore[arg-type]
-            held.tokens, held.owner = None, owner
+            held.tokens, held.owner, held.exact = None, owner, self._whole_chunks(len(known))
             self.live[source] = held  # type: ignore[index]
             self._evict_for(extra)
             try:
@@ -208,7 +215,7 @@ class KVCache:
         sequence = self._new_id()
         assert sequence is not None  # _evict_for freed one
         self.storage.reserve(sequence, capacity + self.extra)
-        self.live[sequence] = _Held(capacity, owner=owner)
+        self.live[sequence] = _Held(capacity, owner=owner, exact=self._whole_chunks(len(known)))
         self.used += capacity
         self.stats.queried_tokens += len(known)
         try:
@@ -251,12 +258,16 @@ class KVCache:
         wanted = np.asarray(known, dtype=np.int64)
         limit = len(known) - 1  # the last prompt token is always computed: its logits choose the first token
         best, source, finished = 0, None, False
+        exact_only = self.exact_only
         candidates = [(s, h.tokens, h.owner, True) for s, h in self.finished.items()]
         candidates += [(s, np.asarray(tokens, dtype=np.int64), o, False) for s, tokens, o in running]
         for sequence, tokens, held_owner, is_finished in candidates:
             if tokens is None or not _same_owner(held_owner, owner):
                 continue
             length = _common_prefix(wanted, tokens, limit)
+            if exact_only:
+                held = self.finished.get(sequence) or self.live.get(sequence)
+                length = self._whole_chunks(min(length, held.exact if held is not None else 0))
             if length > best or (length == best and length and is_finished and not finished):
                 best, source, finished = length, sequence, is_finished
         best = self._computed_alike(best, len(known))
@@ -271,6 +282,15 @@ class KVCache:
             in_place = best * 2 >= len(held.tokens) or self._fixed is not None
             return best, source, in_place
         return best, source, False
+
+    @property
+    def exact_only(self) -> bool:
+        """Whether matches are whole prefill chunks only (the storage is batch invariant), so that a hit never
+        changes a logit."""
+        return bool(self.prefill_chunk) and getattr(self.storage, "invariant", None) is True
+
+    def _whole_chunks(self, tokens: int) -> int:
+        return tokens // self.prefill_chunk * self.prefill_chunk if self.prefill_chunk else 0
 
     def _computed_alike(self, match: int, length: int) -> int:
         """`match`, or the start of its prefill chunk where the tokens left in that chunk would be too few to be

@@ -91,6 +91,9 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
         else:
             memory = f"KV for {batching['kv_tokens']:,} tokens"
         caching = "prefix cache on" if batching["prefix_caching"] else "prefix cache off"
+        if batching.get("prefix_exact_chunks"):
+            caching += (f" (whole {batching['prefix_exact_chunks']}-token prefill chunks only: a hit never changes "
+                        "a token)")
         mode = f"batched, up to {batching['max_batch']} sequences, {memory}, {caching}"
         if batching.get("int4_rows"):
             mode += f", GGUF 4-bit weights as stored in steps of up to {batching['int4_rows']} tokens"
