@@ -213,7 +213,7 @@ def test_llama_cpp_batched_decoding(default_model: str) -> None:
 
 def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
     from ownllm.generate.batching import make_scheduler
-    from ownllm.generate.slots import rows_round_alike
+    from ownllm.generate.slots import rows_placed_alike, rows_round_alike
 
     assert engine.batching_mode() == ("batched", "slot forward for llama on cpu")
     batched = make_scheduler(engine, max_batch=4, max_len=256)
@@ -227,7 +227,8 @@ def test_the_scheduler_is_chosen_by_asking_the_engine(engine) -> None:
         # memory allows); no 4-bit kernel unless asked for (the server does) and in bf16
         "narrow_rows": narrow,  # fp32 steps of a few rows as transposed products where faster (then not invariant)
         "batch_invariant": rows_round_alike(batched.model.dtype, batched.model.device) and not narrow
-        and not batched.model.packed}
+        and not batched.model.packed and rows_placed_alike(batched.model.dtype, batched.model.device, [
+            *batched.model.layer_shapes(), tuple(batched.model.weights.lm_head.shape)])}
     if packed_before:
         expected["packed_weights"] = batched.model.packed_note
     if expected["batch_invariant"]:
@@ -349,3 +350,33 @@ def test_wide_products_run_on_packed_weights_where_faster_and_memory_allows(engi
     beside = make_scheduler(engine, max_batch=2, max_len=64).model
     beside.pack_for(64, reserve=2**32 - 2**20)  # a server's KV budget would take nearly all of it
     assert beside.packed == {} and "in the 4,096 MiB free beside the KV budget (4,095 MiB)" in beside.packed_note
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_batch_invariance_holds_where_it_is_said_to(default_model: str, monkeypatch, dtype: str) -> None:
+    """OWNLLM_BATCH_INVARIANT=1: where the model says its rows are invariant, three seeded requests together give
+    each the log-probabilities it gets alone, bit for bit; where a row of its products rounds by its place in the
+    step (bf16 on oneDNN here: the down projection's fourth row), it says it cannot hold, rather than claim it."""
+    from ownllm.generate.open import open_engine
+
+    monkeypatch.setenv("OWNLLM_BATCH_INVARIANT", "1")
+    engine = open_engine(default_model, dtype=dtype)
+    scheduler = BatchScheduler(engine, max_batch=4, max_len=256, prefix_caching=False)
+    if not scheduler.model.invariant:
+        assert "cannot hold" in scheduler.batching["invariance_note"] and not scheduler.batching["batch_invariant"]
+        return
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    prompts = [engine.render_chat([{"role": "user", "content": question}])
+               for question in ("Tell me a joke.", "What is the capital of Italy?", "Name three fruits.")]
+
+    def run(batch: list[list[int]]) -> list[Completion]:
+        done: dict[int, Completion] = {}
+        scheduler.submit_all([Request(prompt, params, 3, lambda e, i=i: done.__setitem__(i, e)
+                                      if isinstance(e, Completion) else None) for i, prompt in enumerate(batch)])
+        scheduler.run_until_done()
+        return [done[i] for i in range(len(batch))]
+
+    alone = [run([prompt])[0] for prompt in prompts]
+    together = run(prompts)
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.sequence_logprob for c in together] == [c.sequence_logprob for c in alone]

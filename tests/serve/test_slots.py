@@ -53,10 +53,13 @@ def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> N
     import httpx
 
     batching = httpx.get(f"{strict_server.url}/health").json()["batching"]
-    from ownllm.generate.slots import rows_round_alike
+    from ownllm.generate.slots import rows_placed_alike, rows_round_alike
+    from ownllm.models.dtype import slot_product_shapes
 
     narrow = batching["narrow_rows"]  # fp32 steps of a few rows as transposed products, where measured faster
-    invariant = rows_round_alike(torch.float32, torch.device("cpu")) and not narrow  # false on MKL's AVX2 fp32
+    cpu = torch.device("cpu")
+    invariant = rows_round_alike(torch.float32, cpu) and not narrow and rows_placed_alike(  # false on MKL's AVX2 fp32
+        torch.float32, cpu, [*slot_product_shapes(576, 9, 3, 64, 1536), (49152, 576)])  # (the default model's)
     # (one sequence at a time never runs a decode step on the dense weights: they are not packed, no "packed_weights")
     assert batching == {"mode": "batched", "max_batch": 1, "kv_tokens": 2048, "kv_bytes": batching["kv_bytes"],
                         "prefix_caching": True, "int4_rows": 0,  # fp32: no int4 kernel, and why

@@ -208,6 +208,7 @@ class BatchScheduler(_Loop):
                 **({"int4_note": note} if (note := getattr(self.model, "four_bit_note", None)) else {}),
                 **({"packed_weights": note} if (note := getattr(self.model, "packed_note", None)) else {}),
                 **({"compiled_steps": note} if (note := getattr(self.model, "compiled_steps", None)) else {}),
+                **({"invariance_note": note} if (note := getattr(self.model, "invariance_note", None)) else {}),
                 # a batch-invariant model's cache reuses whole prefill chunks only (KVCache.exact_only)
                 **({"prefix_exact_chunks": self.prefill_chunk} if self.kv.prefix_caching and self.kv.exact_only
                    else {})}

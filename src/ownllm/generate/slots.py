@@ -92,6 +92,35 @@ def invariant_widths(dtype: torch.dtype, device: torch.device) -> dict[int, int]
     return _probed_widths[key]
 
 
+# Steps whose rows are each compared with the same row alone (`rows_placed_alike`).
+PLACE_STEPS = (2, 3, 4, 5, 8, 16)
+_probed_places: dict[tuple[Any, ...], bool] = {}
+
+
+def rows_placed_alike(dtype: torch.dtype, device: torch.device, shapes: list[tuple[int, int]]) -> bool:
+    """Whether each row of a step's product [out, in] rounds as that row alone, at every place in steps of
+    `PLACE_STEPS` rows, for each of `shapes` (the model's own: oneDNN's bf16 product of SmolLM2's down projection,
+    [576, 1536], rounded the fourth row of a 4- or 8-row step otherwise than that row alone, where a probe of
+    other shapes found nothing), each width computed as `_linear` computes it under OWNLLM_BATCH_INVARIANT (the
+    widths `invariant_widths` names, wider). Probed once per dtype, device, thread count and shapes."""
+    key = (dtype, device.type, torch.get_num_threads(), tuple(shapes))
+    if key not in _probed_places:
+        padded_rows = invariant_widths(dtype, device)
+        generator = torch.Generator().manual_seed(0)
+        alike = True
+        for out_features, in_features in shapes:
+            x = torch.randn(max(PLACE_STEPS), in_features, generator=generator).to(device=device, dtype=dtype)
+            w = (torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5).to(
+                device=device, dtype=dtype)
+            alone = [_linear(x[row : row + 1], w, padded_rows=padded_rows) for row in range(max(PLACE_STEPS))]
+            alike = all(torch.equal(_linear(x[:rows], w, padded_rows=padded_rows)[row : row + 1], alone[row])
+                        for rows in PLACE_STEPS for row in range(rows))
+            if not alike:
+                break
+        _probed_places[key] = alike
+    return _probed_places[key]
+
+
 def rows_round_alike(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether every row of a matmul rounds the same whatever the number of rows, here."""
     return not invariant_widths(dtype, device)
@@ -512,9 +541,19 @@ class SlotModel:
         # seeded sampling gives a request the same tokens under any load only where rows round alike
         self.invariant = rows_round_alike(self.dtype, self.device)
         self.padded_rows: dict[int, int] = {}  # row counts computed wider (`_linear`), when invariance is asked
+        self.invariance_note: str | None = None  # why OWNLLM_BATCH_INVARIANT cannot hold here, where it cannot
+        placed_alike = self.invariant or batch_invariance_asked()
+        if placed_alike:  # (measured only where it decides something)
+            placed_alike = rows_placed_alike(self.dtype, self.device,
+                                             [*self.layer_shapes(), tuple(self.weights.lm_head.shape)])
+            self.invariant = self.invariant and placed_alike
         if batch_invariance_asked():
             self.padded_rows = invariant_widths(self.dtype, self.device)
-            self.invariant = True
+            self.invariant = placed_alike
+            if not placed_alike:  # no padding helps: a row rounds by its place in the step, not by the step's width
+                dtype = str(self.dtype).removeprefix("torch.")
+                self.invariance_note = (f"OWNLLM_BATCH_INVARIANT cannot hold in {dtype} here: a row of its products "
+                                        "rounds by its place in the step (--dtype float32 can)")
             if four_bit and has_gguf(model):  # the int4 kernel in narrow steps, dense in wide ones: never alike
                 self.four_bit_note = "GGUF 4-bit weights off: OWNLLM_BATCH_INVARIANT is set"
         elif four_bit and has_gguf(model):
@@ -585,6 +624,11 @@ class SlotModel:
         4-bit ones, or F.linear for one row)."""
         return max(self.narrow_rows, self.four_bit_rows, 1)
 
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        """[out, in] of a layer's products as this forward fuses them (q|k|v, o, gate|up, down)."""
+        return slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
+                                   self.intermediate)
+
     @property
     def short_forward(self) -> int:
         """Forwards of this many tokens or fewer compute their products otherwise than wide ones (narrow products,
@@ -609,9 +653,8 @@ class SlotModel:
         self.invariant = self.invariant and not self.packed
 
     def _packing_faster(self) -> bool:
-        shapes = slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
-                                     self.intermediate)
-        return packed_products_win(self.dtype, shapes, len(self.layers), tuple(self.weights.lm_head.shape))
+        return packed_products_win(self.dtype, self.layer_shapes(), len(self.layers),
+                                   tuple(self.weights.lm_head.shape))
 
     def _pack_now(self, reserve: int = 0) -> tuple[dict[int, torch.Tensor], str]:
         dense = self._dense()
@@ -658,10 +701,9 @@ class SlotModel:
                 weights.packed_versions = self._dense_versions()
 
     def _measured_narrow_rows(self) -> int:
-        shapes = slot_product_shapes(self.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
-                                     self.intermediate)
         try:
-            return narrow_product_rows(torch.float32, shapes, len(self.layers), tuple(self.weights.lm_head.shape))
+            return narrow_product_rows(torch.float32, self.layer_shapes(), len(self.layers),
+                                       tuple(self.weights.lm_head.shape))
         except Exception as exc:  # a measurement that fails costs the speed-up, not the forward
             log.warning("narrow products not measured (%s: %s); running F.linear", exc.__class__.__name__, exc)
             return 0
