@@ -130,6 +130,14 @@ def test_best_of_returns_the_likeliest_of_its_completions(server) -> None:
     _error(httpx.post(url, json={**asked, "n": 2, "best_of": 1}), 400, param="best_of")
     _error(httpx.post(url, json={**asked, "best_of": 2, "stream": True}), 400, param="best_of")
     _error(httpx.post(url, json={**asked, "best_of": 17}), 400, param="best_of")
+    too_many = _error(httpx.post(url, json={**asked, "prompt": ["a"] * 8, "best_of": 16}), 400, param="best_of")
+    assert "prompts x best_of" in too_many["message"]
+    # an empty completion (the end token first) counts that token: it is not 0 per token, above every other
+    # (regression: with the end token made likely, best_of returned "" over ',' at -0.08 per token)
+    likely_end = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "seed": 5, "logit_bias": {"2": 19}}
+    every = client.completions.create(**likely_end, n=8)
+    best = client.completions.create(**likely_end, n=1, best_of=8)
+    assert "" in [c.text for c in every.choices] and best.choices[0].text != ""
 
 
 def test_embeddings(server) -> None:

@@ -91,6 +91,7 @@ class Completion:
     parsed: Any = None
     cached_tokens: int = 0  # prompt tokens the server's prefix cache had (not computed again)
     stop_token_id: int | None = None  # the end-of-sequence token that ended it (not in token_ids), if one did
+    stop_logprob: float | None = None  # that token's log-probability (not in sequence_logprob)
 
     @property
     def completion_tokens(self) -> int:
@@ -432,6 +433,7 @@ class Decoding:
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.stop_token_id: int | None = None
+        self.stop_logprob: float | None = None
         self.grammar = engine.grammars.start(params.constraint) if params.constraint is not None else None
 
     def add(self, step: Step) -> TextDelta | None:
@@ -441,6 +443,7 @@ class Decoding:
         # under a constraint EOS comes only where the grammar is complete: it ends the sequence even with ignore_eos
         if step.token_id in self.engine.eos_token_ids and (not self.params.ignore_eos or self.grammar is not None):
             self.finish, self.done, self.stop_token_id = "stop", True, step.token_id
+            self.stop_logprob = step.logprob
             return None
         self.steps.append(step)
         self.pending.append(step.token_id)
@@ -484,4 +487,5 @@ class Decoding:
             prefill_seconds=first - self.started,
             decode_seconds=ended - first,
             stop_token_id=self.stop_token_id,
+            stop_logprob=self.stop_logprob,
         )

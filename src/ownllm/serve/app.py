@@ -218,8 +218,13 @@ def create_app(state: ServerState) -> FastAPI:
         routed = await state.routes(adapter, texts)
         headers = state.scope_header(adapter, routed)
         http_response.headers.update(headers)
-        generation = state.submit(encoded, params, n=candidates, adapter=routed, prompt_param="prompt",
-                                  stream=body.stream)
+        try:
+            generation = state.submit(encoded, params, n=candidates, adapter=routed, prompt_param="prompt",
+                                      stream=body.stream)
+        except OwnLLMError as exc:
+            if candidates > body.n and exc.param == "n":  # the sequences best_of asked for
+                raise APIError(400, str(exc).replace("prompts x n", "prompts x best_of"), param="best_of") from None
+            raise
         if body.stream:
             return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
                                      bool(body.stream_options and body.stream_options.include_usage)), generation,

@@ -87,12 +87,15 @@ def text_response(model: str, prompt_tokens: int, items: list[tuple[str, Complet
 
 def best_of(completions: list[Completion], n: int) -> list[Completion]:
     """The n of one prompt's completions with the highest log-probability per token (OpenAI's best_of), best
-    first; ties keep the order they were made in."""
+    first; ties keep the order they were made in. The end-of-sequence token that ended one counts as one of its
+    tokens (else an empty completion would score 0, above any other)."""
     if len(completions) <= n:
         return completions
 
     def per_token(completion: Completion) -> float:
-        return completion.sequence_logprob / max(1, completion.completion_tokens)
+        ended = completion.stop_logprob is not None
+        total = completion.sequence_logprob + (completion.stop_logprob or 0.0)
+        return total / max(1, completion.completion_tokens + ended)
 
     return sorted(completions, key=per_token, reverse=True)[:n]
 
