@@ -542,18 +542,20 @@ class SlotModel:
         self.invariant = rows_round_alike(self.dtype, self.device)
         self.padded_rows: dict[int, int] = {}  # row counts computed wider (`_linear`), when invariance is asked
         self.invariance_note: str | None = None  # why OWNLLM_BATCH_INVARIANT cannot hold here, where it cannot
-        placed_alike = self.invariant or batch_invariance_asked()
-        if placed_alike:  # (measured only where it decides something)
+        placed_alike = True
+        # measured where it decides something: a claim of invariance, or what the start-up line advises (fp32's
+        # few-row products are padded wider under the switch; a row's place is what no padding mends)
+        if self.invariant or batch_invariance_asked() or self.dtype != torch.float32:
             placed_alike = rows_placed_alike(self.dtype, self.device,
                                              [*self.layer_shapes(), tuple(self.weights.lm_head.shape)])
             self.invariant = self.invariant and placed_alike
+        if not placed_alike:
+            dtype = str(self.dtype).removeprefix("torch.")
+            self.invariance_note = (f"OWNLLM_BATCH_INVARIANT cannot hold in {dtype} here: a row of its products "
+                                    "rounds by its place in the step; --dtype float32 can")
         if batch_invariance_asked():
             self.padded_rows = invariant_widths(self.dtype, self.device)
             self.invariant = placed_alike
-            if not placed_alike:  # no padding helps: a row rounds by its place in the step, not by the step's width
-                dtype = str(self.dtype).removeprefix("torch.")
-                self.invariance_note = (f"OWNLLM_BATCH_INVARIANT cannot hold in {dtype} here: a row of its products "
-                                        "rounds by its place in the step (--dtype float32 can)")
             if four_bit and has_gguf(model):  # the int4 kernel in narrow steps, dense in wide ones: never alike
                 self.four_bit_note = "GGUF 4-bit weights off: OWNLLM_BATCH_INVARIANT is set"
         elif four_bit and has_gguf(model):

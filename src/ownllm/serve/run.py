@@ -105,11 +105,9 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
             mode += f", {batching['packed_weights']}"
         if batching.get("compiled_steps"):
             mode += f", {batching['compiled_steps']}"
-        if batching.get("invariance_note"):
-            mode += f", {batching['invariance_note']}"
-        elif batching.get("batch_invariant") is False:
-            mode += (", a seeded request's tokens can vary with the requests beside it (OWNLLM_BATCH_INVARIANT=1 "
-                     "stops that)")
+        if batching.get("batch_invariant") is False:
+            remedy = batching.get("invariance_note") or "OWNLLM_BATCH_INVARIANT=1 stops that"
+            mode += f", a seeded request's tokens can vary with the requests beside it ({remedy})"
     else:
         mode = f"one request at a time: {batching['reason']}"
     heads = f"; classifiers {', '.join(sorted(state.classifiers))} at /v1/classify" if state.classifiers else ""
