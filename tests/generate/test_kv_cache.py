@@ -140,6 +140,38 @@ def test_under_batch_invariance_a_hit_is_of_whole_prefill_chunks_and_changes_no_
     assert [c.sequence_logprob for c in runs[True]] == [c.sequence_logprob for c in runs[False]]
 
 
+def test_the_rest_after_a_prefix_cut_mid_chunk_takes_as_few_forwards_as_the_chunk_allows(
+        engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RAG-like request: a shared prefix that ends inside a chunk, then more new tokens than a chunk holds. The
+    rest is computed from the match in two forwards of equal width, not three (the sliver to the chunk boundary, a
+    whole chunk, a tail); a prompt without a cached prefix keeps the chunk grid."""
+    monkeypatch.delenv("OWNLLM_BATCH_INVARIANT", raising=False)
+    scheduler = BatchScheduler(engine, max_batch=2, max_len=1024, prefill_chunk=64)
+    shared = chat(engine, ("user", "Keep this in mind. " * 6))[:-8]  # (ends inside the chunk grid)
+    assert len(shared) % 64
+    rest = engine.tokenizer.encode(" Then answer this question about the bakery, please. " * 10,
+                                   add_special_tokens=False)[:90]
+    assert len(rest) == 90
+    widths: list[int] = []
+    forward = scheduler.model.forward
+
+    def counted(tokens: Any, *args: Any) -> Any:
+        widths.append(int(tokens.shape[1]))
+        return forward(tokens, *args)
+
+    monkeypatch.setattr(scheduler.model, "forward", counted)
+    other = engine.tokenizer.encode(" Hello", add_special_tokens=False)
+    assert other[0] != rest[0]
+    first = run(scheduler, [shared + other], GREEDY)[0]
+    assert first.cached_tokens == 0
+    prefill = widths[: -(-(len(shared) + len(other)) // 64)]
+    assert prefill[:-1] == [64] * (len(prefill) - 1)  # the grid, from position 0
+    widths.clear()
+    second = run(scheduler, [shared + rest], GREEDY)[0]
+    assert second.cached_tokens == len(shared)
+    assert widths[:2] == [45, 45] and all(w == 1 for w in widths[2:])  # 90 new tokens: two forwards, then decode
+
+
 def test_a_small_budget_evicts_and_preempts_and_every_request_finishes_the_same(engine: Any) -> None:
     """A budget for about two of four long requests: they wait, cached prefixes are dropped, running ones are
     preempted and computed again — and each gives the tokens it gives with memory to spare."""

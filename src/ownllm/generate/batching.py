@@ -377,9 +377,7 @@ class BatchScheduler(_Loop):
                 if request.next_token is None:
                     request.cached_tokens = have
         start = len(request.kv_tokens)
-        # chunks end at multiples of prefill_chunk, with or without a cached prefix: the same positions are then
-        # computed in the same forwards as without the cache
-        end = min(len(request.known), (start // self.prefill_chunk + 1) * self.prefill_chunk)
+        end = self._chunk_end(start, len(request.known))
         chunk = request.known[start:end]
         if not self._room_or_fail(request, end):
             return
@@ -393,6 +391,19 @@ class BatchScheduler(_Loop):
         request.kv_tokens.extend(chunk)
         if not request.prefilling and request.next_token is None:  # (a resumed request has its next token)
             self._take(request, logits[0])
+
+    def _chunk_end(self, start: int, length: int) -> int:
+        """Where the prefill forward from `start` ends. From a chunk boundary: at the next one (as without the cache,
+        which computes the same positions in the same forwards; under batch invariance every cached prefix ends on
+        one). From a cached prefix that ends inside a chunk (its rest is not computed as without the cache in any
+        case): the rest in as few forwards as the chunk size allows, of equal width, so a RAG request's few
+        hundred new tokens after a shared system prompt take two forwards, not three (the grid's sliver to the
+        boundary, a chunk, a tail), and no forward is a sliver of a few rows."""
+        chunk = self.prefill_chunk
+        if start % chunk == 0:
+            return min(length, start + chunk)
+        forwards = -(-(length - start) // chunk)
+        return start + -(-(length - start) // forwards)
 
     def _decode_step(self) -> None:
         rows = [r for r in self.running if r.next_token is not None and not r.prefilling]

@@ -293,19 +293,16 @@ class KVCache:
         return tokens // self.prefill_chunk * self.prefill_chunk if self.prefill_chunk else 0
 
     def _computed_alike(self, match: int, length: int) -> int:
-        """`match`, or the start of its prefill chunk where the tokens left in that chunk would be too few to be
-        computed as the whole chunk is without the cache: a forward of `short_forward` tokens or fewer takes other
-        products (F.linear for one row beside packed weights, narrow ones, the int4 kernel), whose rows round
-        otherwise, so a fully cached prompt's last token alone got other logits than in its chunk (and a seeded
-        request other tokens with the cache than without). The whole chunk again is the same forward, bit for bit;
-        its last few tokens were not (packed products of 4 rows and of 98 differed in the last bits here)."""
-        short = getattr(self.storage, "short_forward", 0)
-        if not short or not self.prefill_chunk or not match:
-            return match
-        start = match // self.prefill_chunk * self.prefill_chunk
-        end = min(start + self.prefill_chunk, length)
-        if end - start > short >= end - match:  # a wide chunk without the cache, a short one after the match
-            return start
+        """`match`, or the start of its prefill chunk where the tokens after it would be too few to be computed as
+        the whole chunk is without the cache: a forward of `short_forward` tokens or fewer takes other products
+        (F.linear for one row beside packed weights, narrow ones, the int4 kernel), whose rows round otherwise, so a
+        fully cached prompt's last token alone got other logits than in its chunk (and a seeded request other
+        tokens with the cache than without). The whole chunk again is the same forward, bit for bit; its last few
+        tokens were not (packed products of 4 rows and of 98 differed in the last bits here). (The rest of a
+        longer prompt is computed from the match in forwards of equal width: `BatchScheduler._chunk_end`.)"""
+        short, chunk = getattr(self.storage, "short_forward", 0), self.prefill_chunk
+        if short and chunk and match % chunk and length - match <= short:
+            return match // chunk * chunk
         return match
 
     def grow(self, sequence: int, tokens: int) -> bool:
