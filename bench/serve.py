@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--cache-off-at", default="8", help="concurrency levels at which the cache-off server "
                         "runs (it is the reference for TTFT, not a contestant)")
     parser.add_argument("--json", type=Path, help="write every level's numbers here")
+    parser.add_argument("--warm", action="store_true", help="before the levels, one request of each workload (the "
+                        "RAG system prompt then starts cached, as in steady traffic, not a cold burst)")
     args = parser.parse_args()
     folder = pull(args.model).path
     if args.only == "adapters":
@@ -181,6 +183,8 @@ def main() -> None:
             try:
                 wait_ready(url, process)
                 run_benchmark(url, concurrency=[1], max_tokens=8, requests_per_level=1)  # warm-up
+                for workload in workloads if args.warm else []:
+                    run_benchmark(url, concurrency=[1], max_tokens=8, requests_per_level=1, workload=workload)
                 memory = PeakRSS(process.pid)
                 for workload in workloads:
                     table[(name, workload)] = run_benchmark(url, concurrency=its_levels, max_tokens=args.max_tokens,
