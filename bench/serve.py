@@ -6,7 +6,10 @@ turn) and `rag` (a shared 1,000-token system prompt). Each server's peak RSS (wi
 llama-server comes from $LLAMA_SERVER, PATH, or the cache of `bench/peers/llama-server.sh` (which builds it).
 
     python bench/serve.py [--workloads random,chat,rag] [--concurrency 1,8,16,32] [--max-tokens 128]
-                          [--only ownllm] [--json results.json]
+                          [--only ownllm] [--json results.json] [--warm]
+
+Each server gets one short request before the levels; with --warm also one of each workload, so RAG's system
+prompt starts cached (steady traffic) instead of each level starting as a cold burst.
 """
 
 from __future__ import annotations
