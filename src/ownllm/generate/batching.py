@@ -107,12 +107,13 @@ class _Loop:
         self.submit_all([request])
         return request
 
-    def submit_all(self, requests: list[Request]) -> None:
+    def submit_all(self, requests: list[Request], choices_param: str = "n") -> None:
         """Queue every request or none: a refusal (queue full, shutting down) leaves no part of a multi-prompt
-        or n > 1 request generating for a client that has been told no."""
+        or n > 1 request generating for a client that has been told no. `choices_param`: the request field that
+        asked for several sequences per prompt (`n`, or `best_of`), named in the refusal of too many."""
         if len(requests) > self.max_queue:
-            raise OwnLLMError(f"one request may start at most {self.max_queue} sequences (prompts x n), "
-                              f"this one asks for {len(requests)}", param="n")
+            raise OwnLLMError(f"one request may start at most {self.max_queue} sequences (prompts x "
+                              f"{choices_param}), this one asks for {len(requests)}", param=choices_param)
         with self.cond:
             if not self.accepting:
                 raise OwnLLMError("the server is shutting down", kind="resource")

@@ -432,8 +432,7 @@ class Decoding:
         self.done = False
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
-        self.stop_token_id: int | None = None
-        self.stop_logprob: float | None = None
+        self.ended_by: Step | None = None  # the end-of-sequence token that ended it, if one did
         self.grammar = engine.grammars.start(params.constraint) if params.constraint is not None else None
 
     def add(self, step: Step) -> TextDelta | None:
@@ -442,8 +441,7 @@ class Decoding:
             self.first_token_at = time.perf_counter()
         # under a constraint EOS comes only where the grammar is complete: it ends the sequence even with ignore_eos
         if step.token_id in self.engine.eos_token_ids and (not self.params.ignore_eos or self.grammar is not None):
-            self.finish, self.done, self.stop_token_id = "stop", True, step.token_id
-            self.stop_logprob = step.logprob
+            self.finish, self.done, self.ended_by = "stop", True, step
             return None
         self.steps.append(step)
         self.pending.append(step.token_id)
@@ -486,6 +484,6 @@ class Decoding:
             explanations=[s.explanation for s in self.steps if s.explanation] if params.explain else None,
             prefill_seconds=first - self.started,
             decode_seconds=ended - first,
-            stop_token_id=self.stop_token_id,
-            stop_logprob=self.stop_logprob,
+            stop_token_id=self.ended_by.token_id if self.ended_by is not None else None,
+            stop_logprob=self.ended_by.logprob if self.ended_by is not None else None,
         )

@@ -218,13 +218,8 @@ def create_app(state: ServerState) -> FastAPI:
         routed = await state.routes(adapter, texts)
         headers = state.scope_header(adapter, routed)
         http_response.headers.update(headers)
-        try:
-            generation = state.submit(encoded, params, n=candidates, adapter=routed, prompt_param="prompt",
-                                      stream=body.stream)
-        except OwnLLMError as exc:
-            if candidates > body.n and exc.param == "n":  # the sequences best_of asked for
-                raise APIError(400, str(exc).replace("prompts x n", "prompts x best_of"), param="best_of") from None
-            raise
+        generation = state.submit(encoded, params, n=candidates, adapter=routed, prompt_param="prompt",
+                                  stream=body.stream, choices_param="best_of" if candidates > body.n else "n")
         if body.stream:
             return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
                                      bool(body.stream_options and body.stream_options.include_usage)), generation,
@@ -233,8 +228,7 @@ def create_app(state: ServerState) -> FastAPI:
         chosen = [best for start in range(0, len(generated), candidates)
                   for best in formats.best_of(generated[start : start + candidates], body.n)]
         items = [(texts[index // body.n] if body.echo else "", c) for index, c in enumerate(chosen)]
-        return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, body.n,
-                                     generated=generated, candidates=candidates)
+        return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, generated, candidates)
 
     # --- embeddings, tokenize -------------------------------------------------------------------
     @app.post("/v1/embeddings")

@@ -71,17 +71,16 @@ def chat_chunk(chunk_id: str, model: str, created: int, choices: list[dict[str, 
     return chunk
 
 
-def text_response(model: str, prompt_tokens: int, items: list[tuple[str, Completion]], n: int, *,
-                  generated: list[Completion] | None = None, candidates: int | None = None) -> dict[str, Any]:
-    """`items`: (echoed prompt or "", completion) per choice, `n` per prompt; `generated`: every completion made,
-    `candidates` per prompt, where best_of made more than were returned (usage counts them all, as OpenAI bills)."""
+def text_response(model: str, prompt_tokens: int, items: list[tuple[str, Completion]],
+                  generated: list[Completion], candidates: int) -> dict[str, Any]:
+    """`items`: (echoed prompt or "", completion) per choice returned; `generated`: every completion made,
+    `candidates` per prompt (more than returned where best_of asked: usage counts them all, as OpenAI bills)."""
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
         "system_fingerprint": None,
         "choices": [{"index": i, "text": echo + c.text, "logprobs": completion_logprobs(c.logprobs, len(echo)),
                      "finish_reason": c.finish_reason} for i, (echo, c) in enumerate(items)],
-        "usage": usage(prompt_tokens, generated, candidates) if generated is not None else
-        usage(prompt_tokens, [c for _, c in items], n),
+        "usage": usage(prompt_tokens, generated, candidates),
     }
 
 

@@ -179,14 +179,15 @@ class ServerState:
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
                adapter: str | list[str | None] | None = None, prompt_param: str = "messages",
-               stream: bool = True) -> Generation:
+               stream: bool = True, choices_param: str = "n") -> Generation:
         """Check every prompt, then queue all `len(prompts) x n` sequences of one API request at once, all or none,
         before a response starts (so a stream never opens with 200 and then fails on something knowable).
         Sequence `p * n + c` is choice c of prompt p; with a seed, it samples with seed + that index; `adapter`: one
         for all prompts, or prompt p's at index p. `stream`:
-        the handler reads each piece of text as it comes (`events()`), not only the completions."""
+        the handler reads each piece of text as it comes (`events()`), not only the completions. `choices_param`:
+        the field that asked for `n` sequences per prompt (`best_of` on completions), named when they are too many."""
         self.check_prompts(prompts, params, prompt_param)
-        return Generation(self, prompts, params, n, adapter, stream)
+        return Generation(self, prompts, params, n, adapter, stream, choices_param)
 
     def check_prompts(self, prompts: list[list[int]], params: SamplingParams, prompt_param: str = "messages"
                       ) -> None:
@@ -212,7 +213,7 @@ class Generation:
     and ITL are then taken where the engine emits them, a streamed reply's where the loop hands them on."""
 
     def __init__(self, state: ServerState, prompts: list[list[int]], params: SamplingParams, n: int,
-                 adapter: str | list[str | None] | None, stream: bool = True) -> None:
+                 adapter: str | list[str | None] | None, stream: bool = True, choices_param: str = "n") -> None:
         self.state, self.count, self.stream = state, len(prompts) * n, stream
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -221,7 +222,8 @@ class Generation:
         self.requests = [Request(ids, params, params.seed_for(index), self._sink(p * n + index), adapter=adapters[p])
                          for p, ids in enumerate(prompts) for index in range(n)]
         self.started = time.perf_counter()
-        state.scheduler.submit_all(self.requests)  # QueueFull -> 429, shutting down -> 503: nothing queued
+        # QueueFull -> 429, shutting down -> 503: nothing queued
+        state.scheduler.submit_all(self.requests, choices_param)
         state.metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts) * n)
 
     def _sink(self, index: int) -> Any:
