@@ -380,3 +380,35 @@ def test_batch_invariance_holds_where_it_is_said_to(default_model: str, monkeypa
     together = run(prompts)
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert [c.sequence_logprob for c in together] == [c.sequence_logprob for c in alone]
+
+
+def test_prompt_logprobs_score_each_prompt_token_as_transformers_does(engine) -> None:
+    """SamplingParams.prompt_logprobs: every prompt token's log-probability given those before it, with the top
+    ones at its position, over several prefill chunks, equal to transformers' own forward over the prompt; the
+    prefix cache holds the prompt already (a scored request computes it anyway) and the completion is the same as
+    without scoring."""
+    ids = engine.encode("The quick brown fox jumps over the lazy dog, and then it runs far away. " * 3)
+    scheduler = BatchScheduler(engine, max_batch=2, max_len=256, prefill_chunk=16)  # a chunk boundary every 16
+    done: list[Completion] = []
+
+    def run(params: SamplingParams) -> Completion:
+        scheduler.submit(Request(ids, params, 0, lambda e: done.append(e) if isinstance(e, Completion) else None))
+        scheduler.run_until_done()
+        return done[-1]
+
+    plain = run(SamplingParams(max_new_tokens=4))
+    scored = run(SamplingParams(max_new_tokens=4, prompt_logprobs=3))
+    assert scored.token_ids == plain.token_ids and scored.cached_tokens == 0 and plain.prompt_logprobs is None
+    with torch.inference_mode():
+        expected = torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    items = scored.prompt_logprobs
+    assert [i.token_id for i in items] == ids and items[0].logprob is None and items[0].top == []
+    assert items[0].token == engine.tokenizer.decode([ids[0]])
+    got = torch.tensor([i.logprob for i in items[1:]])
+    assert torch.allclose(got, expected[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0], atol=1e-4)
+    for position, item in enumerate(items[1:]):
+        top = torch.topk(expected[position], 3).values
+        assert len(item.top) == 3 and torch.allclose(torch.tensor([lp for _, lp in item.top]), top, atol=1e-4)
+    with pytest.raises(OwnLLMError, match="prompt log-probabilities") as refused:
+        engine.generate("Hello", SamplingParams(prompt_logprobs=0))  # the one-sequence path has no prompt forward
+    assert refused.value.param == "prompt_logprobs"

@@ -132,7 +132,10 @@ def test_under_batch_invariance_a_hit_is_of_whole_prefill_chunks_and_changes_no_
     runs = {}
     for caching in (False, True):
         scheduler = BatchScheduler(engine, max_batch=2, max_len=512, prefix_caching=caching)
-        assert scheduler.model.invariant and scheduler.kv.exact_only
+        if not scheduler.model.invariant:  # a CPU whose products round a row by its place (an Ice Lake's fp32)
+            assert "cannot hold" in scheduler.batching["invariance_note"] and not scheduler.kv.exact_only
+            return
+        assert scheduler.kv.exact_only
         run(scheduler, [shared], params, [5])
         runs[caching] = [run(scheduler, [prompt], params, [9])[0] for prompt in prompts]
     assert [c.cached_tokens for c in runs[True]] == [0, 256]

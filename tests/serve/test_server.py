@@ -8,6 +8,7 @@ import json
 import struct
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_models_list_includes_adapters(server) -> None:
@@ -104,12 +106,68 @@ def test_completions(server) -> None:
                                       echo=True, logprobs=2)
     choice = reply.choices[0]
     assert choice.text.startswith("The capital of France is")
-    assert len(choice.logprobs.tokens) == reply.usage.completion_tokens == len(choice.logprobs.top_logprobs)
+    usage = reply.usage  # echoed with logprobs: the prompt's tokens come first, scored
+    assert len(choice.logprobs.tokens) == usage.total_tokens == len(choice.logprobs.top_logprobs)
     many = client.completions.create(model=MODEL, prompt=["One", "Two"], max_tokens=3, temperature=0)
     assert [c.index for c in many.choices] == [0, 1]
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True) if c.choices)
     assert streamed == choice.text.removeprefix("The capital of France is")
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_openai_does(server) -> None:
+    """How lm-evaluation-harness scores a continuation against an OpenAI-style server: token ids in, max_tokens 1,
+    logprobs 1, echo; each prompt token comes back with its log-probability given those before it (the first with
+    none), the same again when the prefix cache holds the prompt, and in a stream's last chunk."""
+    client = server.client()
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "The capital of France is Paris"}).json()["tokens"]
+    asked = {"model": MODEL, "prompt": [ids], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}
+    first, again = (client.completions.create(**asked).choices[0] for _ in range(2))
+    logprobs = first.logprobs
+    assert len(logprobs.tokens) == len(ids) + 1 == len(logprobs.token_logprobs) == len(logprobs.top_logprobs)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+    # the greedy choice at each position is the top one: the prompt's own token is scored at most that high
+    pairs = zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:], strict=True)
+    assert all(lp <= max(top.values()) + 1e-6 for lp, top in pairs)
+    assert "".join(logprobs.tokens) == first.text and logprobs.text_offset[0] == 0
+    assert logprobs.text_offset[len(ids)] == len(first.text) - len(logprobs.tokens[-1])
+    assert again.logprobs.token_logprobs == logprobs.token_logprobs
+    streamed = list(client.completions.create(**asked, stream=True))
+    assert streamed[0].choices[0].text.startswith("The capital of France is Paris")
+    assert streamed[-1].choices[0].logprobs.token_logprobs == logprobs.token_logprobs
+    no_echo = client.completions.create(**{**asked, "echo": False}).choices[0].logprobs
+    assert no_echo.token_logprobs == logprobs.token_logprobs[-1:] and no_echo.text_offset == [0]
+
+
+def test_lm_evaluation_harness_scores_through_the_server_as_in_process(server, engine, tmp_path) -> None:
+    """lm-evaluation-harness's `local-completions` model pointed at the server (tokenizing through its
+    /tokenizer_info, /tokenize and /detokenize, scoring by echo with logprobs) gives the multiple-choice task's
+    log-likelihoods that the harness gives over the model in this process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from ownllm.evaluate.harness import _harness_lm, _localise
+
+    names = _localise([EXAMPLES / "eval" / "capitals_mc.yaml"], tmp_path)
+    manager = TaskManager(include_path=str(tmp_path))
+    served = lm_eval.simple_evaluate(
+        model="local-completions", tasks=names, task_manager=manager, log_samples=True,
+        model_args={"base_url": f"{server.url}/v1/completions", "model": MODEL, "max_retries": 1})
+    local = lm_eval.simple_evaluate(model=_harness_lm(engine), tasks=names, task_manager=manager, log_samples=True)
+
+    def likelihoods(results: dict) -> list[float]:
+        return [response[0][0] for sample in results["samples"][names[0]] for response in sample["resps"]]
+
+    assert len(likelihoods(served)) == 4 * 12
+    assert np.allclose(likelihoods(served), likelihoods(local), atol=1e-3)
+    assert served["results"][names[0]]["acc,none"] == local["results"][names[0]]["acc,none"]
+    info = httpx.get(f"{server.url}/tokenizer_info").json()
+    assert info["eos_token"] and info["model_max_length"] == 2048
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json() == {"prompt": "Hello world"}
+    _error(httpx.post(f"{server.url}/detokenize", json={"tokens": [10**9]}), 400, param="tokens")
 
 
 def test_best_of_returns_the_likeliest_of_its_completions(server) -> None:

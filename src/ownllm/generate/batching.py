@@ -34,7 +34,7 @@ import torch
 
 from ownllm.errors import OwnLLMError
 from ownllm.generate.constraints import fill_masks
-from ownllm.generate.engine import BatchedModel, Completion, Decoding, Engine, TextDelta, choose_step
+from ownllm.generate.engine import BatchedModel, Completion, Decoding, Engine, TextDelta, choose_step, scored_tokens
 from ownllm.generate.kv_cache import KVCache, kv_budget
 from ownllm.generate.params import SamplingParams
 from ownllm.generate.slots import PREFILL_CHUNK
@@ -276,7 +276,8 @@ class BatchScheduler(_Loop):
             want = min(len(request.known) + max(1, min(remaining, self.headroom)), self.max_len)
             owner = self._owner(request)
             try:
-                start = self.kv.start(request.known, owner, self._sources(), want)
+                start = self.kv.start(request.known, owner, self._sources() if self._reuses(request) else None,
+                                      want)
             except Exception as exc:  # (an allocation that failed): this request fails, the loop goes on
                 self.waiting.popleft()
                 log.exception("could not start request %s", request.id)
@@ -291,6 +292,12 @@ class BatchScheduler(_Loop):
             if request.next_token is None:  # a preempted request's count stays that of its first start
                 request.cached_tokens = start.cached
             self.running.append(request)
+
+    @staticmethod
+    def _reuses(request: Request) -> bool:
+        """Whether a request may start from cached KV: not while its prompt is to be scored position by position
+        (`SamplingParams.prompt_logprobs`), which needs each position's logits."""
+        return request.params.prompt_logprobs is None or request.next_token is not None
 
     def _sources(self) -> list[tuple[int, list[int], Any]]:
         """What the running sequences hold, for `KVCache` to copy prefixes from: (sequence, tokens, owner)."""
@@ -369,7 +376,7 @@ class BatchScheduler(_Loop):
         request = next((r for r in self.running if r.prefilling), None)
         if request is None:
             return
-        if not request.caught_up:
+        if not request.caught_up and self._reuses(request):
             request.caught_up = True
             have = self.kv.catch_up(request.sequence, request.known, len(request.kv_tokens),  # type: ignore[arg-type]
                                     request.owner, self._sources())
@@ -382,9 +389,14 @@ class BatchScheduler(_Loop):
         chunk = request.known[start:end]
         if not self._room_or_fail(request, end):
             return
+        scoring = not self._reuses(request)
         try:
             logits = self.model.forward(torch.tensor([chunk]), torch.tensor([request.sequence]),
-                                        torch.tensor([start]), [request.adapter])
+                                        torch.tensor([start]), [request.adapter],
+                                        **({"every_position": True} if scoring else {}))
+            if scoring:
+                self._score_prompt(request, start, logits)
+                logits = logits[-1:]
         except Exception as exc:  # a prefill holds one request: only that one fails
             log.exception("prefill of request %s failed", request.id)
             self._finish(request, _failed(exc))
@@ -392,6 +404,18 @@ class BatchScheduler(_Loop):
         request.kv_tokens.extend(chunk)
         if not request.prefilling and request.next_token is None:  # (a resumed request has its next token)
             self._take(request, logits[0])
+
+    @staticmethod
+    def _score_prompt(request: Request, start: int, logits: torch.Tensor) -> None:
+        """Score the prompt tokens that follow the chunk's positions (`logits`: one row per position from
+        `start`), past those a start before preemption scored."""
+        decoding, prompt = request.decoding, request.prompt_ids
+        assert decoding is not None
+        first = 1 + len(decoding.prompt_steps)  # the next prompt token to score
+        last = min(start + logits.shape[0], len(prompt) - 1)  # the last prompt token these positions score
+        if last >= first:
+            decoding.prompt_steps += scored_tokens(logits[first - 1 - start :], prompt[first : last + 1],
+                                                   request.params.prompt_logprobs or 0)
 
     def _chunk_end(self, start: int, length: int) -> int:
         """Where the prefill forward from `start` ends. From a chunk boundary: at the next one (as without the cache,

@@ -56,11 +56,20 @@ def choose_step(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     return Step(token, float(logprobs[token]), top_logprobs(logprobs, params.logprobs or 0), explanation)
 
 
+def scored_tokens(logits: torch.Tensor, targets: list[int], top: int) -> list[Step]:
+    """Each of `targets` scored by the logits of the position before it (row i of `logits` scores targets[i]):
+    its log-probability and the `top` most likely tokens there, as a generated token's (prompt log-probabilities)."""
+    logprobs = torch.log_softmax(logits[: len(targets)].float().cpu(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, dtype=torch.long)[:, None])[:, 0].tolist()
+    return [Step(token, logprob, top_logprobs(row, top))
+            for token, logprob, row in zip(targets, chosen, logprobs, strict=True)]
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     token: str
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token: nothing before it scores it
     top: list[tuple[str, float]]
 
 
@@ -85,6 +94,8 @@ class Completion:
     seed: int | None
     sequence_logprob: float
     logprobs: list[TokenLogprob] | None = None
+    # the prompt's tokens, each scored given those before it; None for the first (nothing comes before it)
+    prompt_logprobs: list[TokenLogprob] | None = None  # each prompt token given those before it (the first: None)
     explanations: list[StepExplanation] | None = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -110,10 +121,10 @@ class BatchedModel(KVStorage, Protocol):
     adapters: dict[str, Any]
 
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
-                adapters: list[str | None] | None = None) -> torch.Tensor:
+                adapters: list[str | None] | None = None, every_position: bool = False) -> torch.Tensor:
         """Logits [rows, vocab] (on the CPU) of the last position of each row: one prefill chunk (rows = 1) or one
         decoding step (one token per row), each row in its own sequence (`slots`: sequence ids) at its own
-        position."""
+        position. `every_position`: a prefill chunk's logits at each position, [T, vocab]."""
         ...
 
     def load_adapter(self, name: str, folder: Path) -> Any:
@@ -298,6 +309,9 @@ class Engine:
         """Yield TextDelta pieces as they become final, then one Completion. `adapter`: the one the prompt runs
         with (`route`); by default the engine routes the prompt's text."""
         params = params or SamplingParams()
+        if params.prompt_logprobs is not None:
+            raise OwnLLMError("prompt log-probabilities are computed where prompts are prefilled in batches: use "
+                              "generate_batch on a backend that batches (`batching_mode`)", param="prompt_logprobs")
         prompt_ids = self._prepare(prompt, params)
         seed = params.seed_for(0)
         adapter = self._auto_route(prompt, adapter)
@@ -433,6 +447,7 @@ class Decoding:
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.ended_by: Step | None = None  # the end-of-sequence token that ended it, if one did
+        self.prompt_steps: list[Step] = []  # prompt tokens 1.. scored, where params.prompt_logprobs asks for them
         self.grammar = engine.grammars.start(params.constraint) if params.constraint is not None else None
 
     def add(self, step: Step) -> TextDelta | None:
@@ -466,13 +481,16 @@ class Decoding:
         tokenizer, params = self.engine.tokenizer, self.params
         ended = time.perf_counter()
         first = self.first_token_at or ended
-        logprobs = None
-        if params.logprobs is not None:
-            logprobs = [
-                TokenLogprob(token=tokenizer.decode([s.token_id]), token_id=s.token_id, logprob=s.logprob,
-                             top=[(tokenizer.decode([i]), lp) for i, lp in s.top])
-                for s in self.steps
-            ]
+
+        def scored(step: Step) -> TokenLogprob:
+            return TokenLogprob(token=tokenizer.decode([step.token_id]), token_id=step.token_id, logprob=step.logprob,
+                                top=[(tokenizer.decode([i]), lp) for i, lp in step.top])
+
+        logprobs = [scored(s) for s in self.steps] if params.logprobs is not None else None
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None and self.prompt_ids:
+            unscored = TokenLogprob(tokenizer.decode([self.prompt_ids[0]]), self.prompt_ids[0], None, [])
+            prompt_logprobs = [unscored, *map(scored, self.prompt_steps)]
         return Completion(
             text=self.text.text,
             token_ids=[s.token_id for s in self.steps],
@@ -481,6 +499,7 @@ class Decoding:
             seed=self.seed if params.strategy == "sample" else None,
             sequence_logprob=sum(s.logprob for s in self.steps),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             explanations=[s.explanation for s in self.steps if s.explanation] if params.explain else None,
             prefill_seconds=first - self.started,
             decode_seconds=ended - first,

@@ -172,7 +172,7 @@ class KVCache:
         self.storage.release(sequence)
 
     # --- the scheduler's calls -----------------------------------------------------------------------
-    def start(self, known: list[int], owner: Any, running: list[tuple[int, list[int], Any]], want: int
+    def start(self, known: list[int], owner: Any, running: list[tuple[int, list[int], Any]] | None, want: int
               ) -> Start | None:
         """A sequence for a request whose first tokens are `known`, with room for `want` tokens, started from the
         longest cached or running prefix of `owner`'s; None when memory is short (the request waits; running
@@ -181,7 +181,8 @@ class KVCache:
         Args:
             known: the tokens the sequence must hold before it decodes on (its prompt, or all it had when preempted).
             owner: None for the base model, or (adapter name, adapter weights).
-            running: (sequence, tokens it holds, owner) of the running sequences (copy sources).
+            running: (sequence, tokens it holds, owner) of the running sequences (copy sources); None: start
+                from nothing cached (the request needs every position computed).
             want: tokens of room to start with (at least len(known)).
         """
         match, source, in_place = self._best_match(known, owner, running)
@@ -250,10 +251,10 @@ class KVCache:
         self.stats.hit_tokens += tokens
         self.stats.reuse_counts[how] += 1
 
-    def _best_match(self, known: list[int], owner: Any, running: list[tuple[int, list[int], Any]]
+    def _best_match(self, known: list[int], owner: Any, running: list[tuple[int, list[int], Any]] | None
                     ) -> tuple[int, int | None, bool]:
         """(tokens matched, the sequence holding them, whether to take that finished sequence over in place)."""
-        if not self.prefix_caching or len(known) < 2:
+        if not self.prefix_caching or running is None or len(known) < 2:
             return 0, None, False
         wanted = np.asarray(known, dtype=np.int64)
         limit = len(known) - 1  # the last prompt token is always computed: its logits choose the first token

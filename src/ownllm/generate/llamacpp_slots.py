@@ -70,8 +70,9 @@ class LlamaCppSlots:
             self._lc.llama_memory_seq_rm(self._memory, sequence, -1, -1)
 
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
-                adapters: list[str | None] | None = None) -> torch.Tensor:
-        """Logits of the last position of each row (see SlotModel.forward)."""
+                adapters: list[str | None] | None = None, every_position: bool = False) -> torch.Tensor:
+        """Logits of the last position of each row, or of every position of a one-row chunk (see
+        SlotModel.forward)."""
         lc, batch = self._lc, self._batch
         rows, length = tokens.shape
         outputs = []
@@ -85,14 +86,15 @@ class LlamaCppSlots:
                 batch.pos[count] = start + t
                 batch.n_seq_id[count] = 1
                 batch.seq_id[count][0] = slot
-                batch.logits[count] = t == length - 1
+                batch.logits[count] = t == length - 1 or (every_position and rows == 1)
+                if batch.logits[count]:
+                    outputs.append(count)
                 count += 1
-            outputs.append(count - 1)
         batch.n_tokens = count
         status = lc.llama_decode(self._ctx, batch)
         if status != 0:
             raise OwnLLMError(f"llama_decode failed ({status})", kind="resource")
-        logits = np.empty((rows, self._vocab), dtype=np.float32)
+        logits = np.empty((len(outputs), self._vocab), dtype=np.float32)
         for row, index in enumerate(outputs):
             pointer = lc.llama_get_logits_ith(self._ctx, index)
             logits[row] = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),

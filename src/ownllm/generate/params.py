@@ -41,6 +41,9 @@ class SamplingParams:
         stop: strings that end generation; they are not part of the output.
         seed: makes sampling reproducible; None picks one and reports it.
         logprobs: also return the top-N log-probabilities of each generated token (None: none).
+        prompt_logprobs: also return each prompt token's log-probability given the tokens before it, with the
+            top-N at its position (None: none; OpenAI's echo with logprobs, vLLM's prompt_logprobs). The prompt
+            is then computed in full: the prefix cache gives it nothing, since its positions' logits are needed.
         explain: record, for each step, a table of the top-N candidates through every filter.
         ignore_eos: keep generating past the end-of-sequence token (benchmarks).
         logit_bias: token id -> value in [-100, 100] added to that token's logit before any choice
@@ -63,6 +66,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     explain: int = 0
     ignore_eos: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -103,8 +107,10 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 problems.append((name, f"{name.replace('_', '-')} must be between -2 and 2, got {getattr(self, name)}"))
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            problems.append(("logprobs", f"logprobs must be between 0 and 20, got {self.logprobs}"))
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
+                problems.append((name, f"{name.replace('_', '-')} must be between 0 and 20, got {value!r}"))
         if self.explain < 0:
             problems.append(("explain", f"explain must be >= 0, got {self.explain}"))
         if any(not s for s in self.stop):

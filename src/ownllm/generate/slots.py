@@ -551,8 +551,11 @@ class SlotModel:
             self.invariant = self.invariant and placed_alike
         if not placed_alike:
             dtype = str(self.dtype).removeprefix("torch.")
+            # (float32's products kept their rows apart on every CPU measured but one: an Ice Lake Xeon's did not)
+            remedy = "; --dtype float32 can" if self.dtype != torch.float32 and rows_placed_alike(
+                torch.float32, self.device, [*self.layer_shapes(), tuple(self.weights.lm_head.shape)]) else ""
             self.invariance_note = (f"OWNLLM_BATCH_INVARIANT cannot hold in {dtype} here: a row of its products "
-                                    "rounds by its place in the step; --dtype float32 can")
+                                    f"rounds by its place in the step{remedy}")
         if batch_invariance_asked():
             self.padded_rows = invariant_widths(self.dtype, self.device)
             self.invariant = placed_alike
@@ -889,8 +892,9 @@ class SlotModel:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
-                adapters: list[str | None] | None = None) -> torch.Tensor:
-        """Logits of the last position of each row, on the CPU.
+                adapters: list[str | None] | None = None, every_position: bool = False) -> torch.Tensor:
+        """Logits of the last position of each row, on the CPU (of every position of a prefill chunk with
+        `every_position`: [T, vocab]).
 
         Args:
             tokens: [rows, T] token ids (T = 1 for decoding; rows = 1 for a prefill chunk).
@@ -899,8 +903,11 @@ class SlotModel:
             starts: [rows] position of each row's first token in its sequence (= tokens already in its slot; a
                 prompt-tuning prefix is not counted: the first chunk, at 0, brings it in).
             adapters: per row, an adapter name or None for the base model.
+            every_position: a prefill chunk's logits at each of its positions (prompt log-probabilities); the last
+                one's are computed alone, as without it, so the first token chosen from them is the same.
         """
         rows, length = tokens.shape
+        given = length
         if rows > 1 and length > 1:
             raise ValueError("a forward is either one prefill chunk (rows = 1) or one decoding step (T = 1)")
         weights = self.weights
@@ -980,12 +987,20 @@ class SlotModel:
             if layer.mlp_out_norm is not None:
                 out = layer.mlp_out_norm(out)
             x = x + out
-        # logits in the model dtype, as transformers returns them (the sampler upcasts)
-        lm_head = self.four_bit.lm_head if rows <= self.four_bit_rows else None
-        logits = self._project(weights.final_norm(x[:, -1]), weights.lm_head, None, lm_head)
+        logits = self._logits(x[:, -1])
+        if every_position and rows == 1 and given > 1:
+            logits = torch.cat([self._logits(x[0, -given:-1]), logits])
+        return logits.cpu()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of final hidden states [rows, C], in the model dtype, as transformers returns them (the
+        sampler upcasts)."""
+        weights = self.weights
+        lm_head = self.four_bit.lm_head if x.shape[0] <= self.four_bit_rows else None
+        logits = self._project(weights.final_norm(x), weights.lm_head, None, lm_head)
         if weights.final_softcap is not None:
             logits = torch.tanh(logits / weights.final_softcap) * weights.final_softcap
-        return logits.cpu()
+        return logits
 
 
     def _compiled_layers(self, graphs: tuple[Any, ...], x: torch.Tensor, sequence: int, place: RowPlace,

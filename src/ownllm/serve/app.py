@@ -27,6 +27,7 @@ from ownllm.serve.errors import APIError
 from ownllm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
     RagOptions,
     TGIRequest,
@@ -214,6 +215,9 @@ def create_app(state: ServerState) -> FastAPI:
         texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
         params = _params(body.to_sampling_params, state.default_max_tokens(max(len(ids) for ids in encoded)))
         candidates = _params(body.candidates)
+        if params.prompt_logprobs is not None and state.scheduler.batching["mode"] != "batched":
+            raise APIError(400, "echo with logprobs scores the prompt in the batched forward, and this model runs "
+                                f"one request at a time ({state.scheduler.batching.get('reason')})", param="echo")
         await _check_prompts(state, encoded, params, "prompt")
         routed = await state.routes(adapter, texts)
         headers = state.scope_header(adapter, routed)
@@ -227,7 +231,7 @@ def create_app(state: ServerState) -> FastAPI:
         generated = await generation.completions_while_connected(request)
         chosen = [best for start in range(0, len(generated), candidates)
                   for best in formats.best_of(generated[start : start + candidates], body.n)]
-        items = [(texts[index // body.n] if body.echo else "", c) for index, c in enumerate(chosen)]
+        items = [(texts[index // body.n] if body.echo else None, c) for index, c in enumerate(chosen)]
         return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, generated, candidates)
 
     # --- embeddings, tokenize -------------------------------------------------------------------
@@ -264,6 +268,23 @@ def create_app(state: ServerState) -> FastAPI:
         else:
             ids = state.engine.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        state.engine.check_token_ids(body.tokens, "tokens")
+        return {"prompt": state.engine.tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """The served tokenizer's special tokens and chat template, as vLLM's endpoint gives them: with /tokenize
+        and /detokenize, what clients such as lm-evaluation-harness's `local-completions` tokenize through
+        instead of loading the tokenizer themselves."""
+        tokenizer = state.engine.tokenizer
+        template = getattr(tokenizer, "chat_template", None)
+        info = {name: getattr(tokenizer, name, None) for name in ("eos_token", "bos_token", "pad_token", "unk_token")}
+        return {"tokenizer_class": type(tokenizer).__name__, **info,
+                "chat_template": template if isinstance(template, str) else None,
+                "model_max_length": state.context_length, "vocab_size": state.engine.vocab_size}
 
     # --- TGI-style generate ----------------------------------------------------------------------
     async def tgi_request(body: TGIRequest) -> tuple[list[int], Any, str | None]:
@@ -382,9 +403,9 @@ async def _text_stream(model: str, prompt_tokens: int, events: AsyncIterator[tup
     completions: list[Completion] = []
     echoed: set[int] = set()
 
-    def chunk(index: int, text: str, finish: str | None) -> str:
+    def chunk(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None = None) -> str:
         body = {"id": chunk_id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
         if include_usage:
             body["usage"] = None
         return _data(body)
@@ -395,9 +416,9 @@ async def _text_stream(model: str, prompt_tokens: int, events: AsyncIterator[tup
         if isinstance(event, TextDelta):
             if event.text or prefix:
                 yield chunk(index, prefix + event.text, None)
-        else:
+        else:  # the last chunk carries the choice's log-probabilities, as a chat stream's does
             completions.append(event)
-            yield chunk(index, prefix, event.finish_reason)
+            yield chunk(index, prefix, event.finish_reason, formats.completion_logprobs(event, echo or None))
     if include_usage:
         yield _data({"id": chunk_id, "object": "text_completion", "created": created, "model": model,
                      "choices": [], "usage": formats.usage(prompt_tokens, completions)})

@@ -38,15 +38,25 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
                         for i in items], "refusal": None}
 
 
-def completion_logprobs(items: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+def completion_logprobs(completion: Completion, echo: str | None) -> dict[str, Any] | None:
+    """The legacy completions' logprobs object. With `echo` (the prompt's text, sent back before the completion),
+    the prompt's tokens come first where they were scored (`Completion.prompt_logprobs`), the first with null
+    log-probabilities, as OpenAI's API gives them; offsets count characters of the returned text."""
+    items = completion.logprobs
     if items is None:
         return None
-    offsets, position = [], offset
+    offsets, position = [], 0
+    prompt = completion.prompt_logprobs if echo is not None and completion.prompt_logprobs is not None else []
+    for item in prompt:
+        offsets.append(position)
+        position += len(item.token)
+    position = len(echo or "")
     for item in items:
         offsets.append(position)
         position += len(item.token)
-    return {"tokens": [i.token for i in items], "token_logprobs": [i.logprob for i in items],
-            "top_logprobs": [dict(i.top) for i in items], "text_offset": offsets}
+    every = [*prompt, *items]
+    return {"tokens": [i.token for i in every], "token_logprobs": [i.logprob for i in every],
+            "top_logprobs": [None if i.logprob is None else dict(i.top) for i in every], "text_offset": offsets}
 
 
 def chat_response(model: str, prompt_tokens: int, completions: list[Completion], extra: dict | None = None
@@ -71,14 +81,14 @@ def chat_chunk(chunk_id: str, model: str, created: int, choices: list[dict[str, 
     return chunk
 
 
-def text_response(model: str, prompt_tokens: int, items: list[tuple[str, Completion]],
+def text_response(model: str, prompt_tokens: int, items: list[tuple[str | None, Completion]],
                   generated: list[Completion], candidates: int) -> dict[str, Any]:
-    """`items`: (echoed prompt or "", completion) per choice returned; `generated`: every completion made,
+    """`items`: (echoed prompt or None, completion) per choice returned; `generated`: every completion made,
     `candidates` per prompt (more than returned where best_of asked: usage counts them all, as OpenAI bills)."""
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": i, "text": echo + c.text, "logprobs": completion_logprobs(c.logprobs, len(echo)),
+        "choices": [{"index": i, "text": (echo or "") + c.text, "logprobs": completion_logprobs(c, echo),
                      "finish_reason": c.finish_reason} for i, (echo, c) in enumerate(items)],
         "usage": usage(prompt_tokens, generated, candidates),
     }

@@ -347,7 +347,10 @@ class CompletionRequest(_Sampling):
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         constraint = self.response_format.constraint() if self.response_format is not None else None
-        return self._params(self.max_tokens or default_max_tokens, self.logprobs, constraint)
+        params = self._params(self.max_tokens or default_max_tokens, self.logprobs, constraint)
+        if self.echo and self.logprobs is not None:  # OpenAI's: the echoed prompt's tokens come scored too
+            params.prompt_logprobs = self.logprobs
+        return params
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
@@ -405,6 +408,13 @@ class TokenizeRequest(_Open):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
+
+
+class DetokenizeRequest(_Open):
+    """POST /detokenize (vLLM's): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[TokenId]
 
 
 class TGIParameters(_Open):
