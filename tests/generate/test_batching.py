@@ -409,6 +409,10 @@ def test_prompt_logprobs_score_each_prompt_token_as_transformers_does(engine) ->
     for position, item in enumerate(items[1:]):
         top = torch.topk(expected[position], 3).values
         assert len(item.top) == 3 and torch.allclose(torch.tensor([lp for _, lp in item.top]), top, atol=1e-4)
-    with pytest.raises(OwnLLMError, match="prompt log-probabilities") as refused:
-        engine.generate("Hello", SamplingParams(prompt_logprobs=0))  # the one-sequence path has no prompt forward
+    alone = engine.generate(ids, SamplingParams(max_new_tokens=4, prompt_logprobs=3))  # the Python API: one prompt
+    assert alone.token_ids == plain.token_ids and len(alone.prompt_logprobs) == len(ids)
+    assert torch.allclose(torch.tensor([i.logprob for i in alone.prompt_logprobs[1:]]), got, atol=1e-4)  # (its
+    # chunks are 256 wide, not 16: the last bits differ)
+    with pytest.raises(OwnLLMError, match="not with beam search") as refused:
+        engine.generate("Hello", SamplingParams(strategy="beam", prompt_logprobs=0))
     assert refused.value.param == "prompt_logprobs"

@@ -309,12 +309,19 @@ class Engine:
         """Yield TextDelta pieces as they become final, then one Completion. `adapter`: the one the prompt runs
         with (`route`); by default the engine routes the prompt's text."""
         params = params or SamplingParams()
-        if params.prompt_logprobs is not None:
-            raise OwnLLMError("prompt log-probabilities are computed where prompts are prefilled in batches: use "
-                              "generate_batch on a backend that batches (`batching_mode`)", param="prompt_logprobs")
         prompt_ids = self._prepare(prompt, params)
         seed = params.seed_for(0)
         adapter = self._auto_route(prompt, adapter)
+        if params.prompt_logprobs is not None:  # the prompt's logits at every position: the scheduler's prefill
+            if params.strategy == "beam" or self.batching_mode()[0] != "batched":
+                raise OwnLLMError("prompt log-probabilities come from the batched prefill: "
+                                  + ("not with beam search" if params.strategy == "beam" else self.batching_mode()[1]),
+                                  param="prompt_logprobs")
+            (completion,) = self._generate_together([prompt_ids], params, [seed], max_batch=1, progress=None,
+                                                    adapters=[adapter])
+            yield TextDelta(completion.text, completion.token_ids)
+            yield completion
+            return
         if params.strategy == "beam":
             with self._running_with(adapter):
                 events = list(self._stream_beam(prompt_ids, params, seed))  # one search, then its text
