@@ -133,6 +133,17 @@ def test_key_checked_before_the_body(strict_server) -> None:
     assert reply.startswith("HTTP/1.1 401"), reply[:200]
 
 
+def test_oversized_headers_get_a_431_the_client_reads(strict_server) -> None:
+    """A 200 KB header: read whole, then refused with 431 in OpenAI's envelope naming it (h11's own 16 KB limit
+    answered a plain 400 and closed with the rest unread: the client saw a connection reset)."""
+    url = f"{strict_server.url}/v1/models"
+    reply = httpx.get(url, headers={**KEY, "X-Padding": "a" * 200_000})
+    error = _error(reply, 431, code="headers_too_large")
+    assert "'x-padding'" in error["message"]
+    assert httpx.get(url, headers={**KEY, "X-Padding": "a" * 20_000}).status_code == 200
+    assert httpx.get(url, headers=KEY).status_code == 200
+
+
 # --- 6. nothing keeps running after a refusal -------------------------------------------------------------------
 def test_more_prompts_than_the_queue_holds_start_nothing(strict_server) -> None:
     reply = httpx.post(f"{strict_server.url}/v1/completions", headers=KEY, timeout=60,

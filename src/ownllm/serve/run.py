@@ -138,10 +138,11 @@ def serve(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000,
 
     import uvicorn
 
-    from ownllm.serve.app import create_app
+    from ownllm.serve.app import READ_HEADER_BYTES, create_app
 
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=15)
+                            timeout_graceful_shutdown=15, http="h11",
+                            h11_max_incomplete_event_size=READ_HEADER_BYTES)
     server = uvicorn.Server(config)
     http = threading.Thread(target=server.run, name="ownllm-http", daemon=True)
 
