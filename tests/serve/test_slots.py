@@ -101,7 +101,9 @@ def test_batch_invariance_gives_a_row_the_same_logits_alone_and_in_any_batch(eng
         for count in sorted({1, 2}):
             torch.set_num_threads(count)
             slots = SlotModel(engine.model, slots=len(prompts), max_len=64)
-            assert slots.invariant and slots.padded_rows == invariant_widths(torch.float32, torch.device("cpu"))
+            assert slots.invariant and slots.padded
+            down = slots.layers[0].down  # padded by its own shape's probe
+            assert slots._padding(down) == invariant_widths(torch.float32, torch.device("cpu"), tuple(down.shape))
             for slot, ids in enumerate(prompts):
                 slots.forward(torch.tensor([ids]), torch.tensor([slot]), torch.tensor([0]))
             starts = [len(ids) for ids in prompts]

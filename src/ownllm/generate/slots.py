@@ -44,6 +44,7 @@ from ownllm.home import kept_tensors
 from ownllm.models.adapters import Adapter, LoraWeights
 from ownllm.models.dtype import (
     batch_invariance_asked,
+    cpu_flags,
     cpu_model,
     narrow_product,
     narrow_product_rows,
@@ -51,6 +52,7 @@ from ownllm.models.dtype import (
     packed_linear,
     packed_products_wanted,
     packed_products_win,
+    remembered_measurement,
     slot_product_shapes,
     upcast_decode_attention,
 )
@@ -72,23 +74,38 @@ _TYPED_LAYERS = {"qwen2", "gemma3_text"}
 PREFILL_CHUNK = 256
 # Matmuls of up to PROBE_ROWS rows are probed against a wide one (wider ones are taken to round as it does).
 PROBE_ROWS = 64
-_probed_widths: dict[tuple[torch.dtype, str, int], dict[int, int]] = {}
+PROBE_SHAPE = (512, 256)  # [out, in] of the product probed where no model's own shape is given
+_probed_widths: dict[tuple[Any, ...], dict[int, int]] = {}
 
 
-def invariant_widths(dtype: torch.dtype, device: torch.device) -> dict[int, int]:
-    """Row counts whose matmul rounds a row otherwise than a wide one does here, each with the next count that
-    rounds alike ({} where all do). MKL's AVX2 fp32 path: 1 row is a gemv and 2-3 rows another kernel, and with
-    two threads 5-7 and 9-11 rows too. Probed once per dtype, device and thread count."""
-    key = (dtype, device.type, torch.get_num_threads())
+def invariant_widths(dtype: torch.dtype, device: torch.device, shape: tuple[int, int] = PROBE_SHAPE
+                     ) -> dict[int, int]:
+    """Row counts whose matmul of `shape` ([out, in]) rounds a row otherwise than a wide one does here, each with
+    the next count that rounds alike ({} where all do). MKL's AVX2 fp32 path: 1 row is a gemv and 2-3 rows another
+    kernel, and with two threads 5-7 and 9-11 rows too. The kernel depends on the shape as well: on an Ice Lake
+    Xeon, fp32 [512, 256] rounds 11+ rows alike, SmolLM2's [576, 1536] only 33+ (two threads), so a model pads
+    each of its products by its own probe. Probed once per dtype, device, thread count and shape."""
+    key = (dtype, device.type, torch.get_num_threads(), shape)
     if key not in _probed_widths:
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(4 * PROBE_ROWS, 256, generator=generator).to(device=device, dtype=dtype)
-        w = torch.randn(512, 256, generator=generator).to(device=device, dtype=dtype)
-        wide = F.linear(x, w)
-        alike = [True] + [torch.equal(F.linear(x[:rows], w), wide[:rows]) for rows in range(1, PROBE_ROWS + 1)]
-        _probed_widths[key] = {rows: next((wider for wider in range(rows + 1, PROBE_ROWS + 1) if alike[wider]),
-                                   PROBE_ROWS + 1)
-                        for rows in range(1, PROBE_ROWS + 1) if not alike[rows]}
+        def probe() -> dict[str, int]:
+            generator = torch.Generator().manual_seed(0)
+            out_features, in_features = shape
+            x = torch.randn(4 * PROBE_ROWS, in_features, generator=generator).to(device=device, dtype=dtype)
+            w = (torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5).to(
+                device=device, dtype=dtype)
+            wide = F.linear(x, w)
+            alike = [True] + [torch.equal(F.linear(x[:rows], w), wide[:rows]) for rows in range(1, PROBE_ROWS + 1)]
+            return {str(rows): next((wider for wider in range(rows + 1, PROBE_ROWS + 1) if alike[wider]),
+                                    PROBE_ROWS + 1)
+                    for rows in range(1, PROBE_ROWS + 1) if not alike[rows]}
+
+        if device.type == "cpu":  # (an output layer's probe takes seconds: kept with the machine's measurements)
+            signature = (f"widths|{cpu_model()}|{sorted(cpu_flags())}|{torch.__version__}|{torch.get_num_threads()}|"
+                         f"{dtype}|{shape}|{PROBE_ROWS}")
+            kept = remembered_measurement("invariant_widths", signature, lambda value: isinstance(value, dict), probe)
+        else:
+            kept = probe()
+        _probed_widths[key] = {int(rows): wider for rows, wider in kept.items()}
     return _probed_widths[key]
 
 
@@ -103,12 +120,15 @@ def rows_placed_alike(dtype: torch.dtype, device: torch.device, shapes: list[tup
     [576, 1536], rounded the fourth row of a 4- or 8-row step otherwise than that row alone, where a probe of
     other shapes found nothing), each width computed as `_linear` computes it under OWNLLM_BATCH_INVARIANT (the
     widths `invariant_widths` names, wider). Probed once per dtype, device, thread count and shapes."""
-    key = (dtype, device.type, torch.get_num_threads(), tuple(shapes))
+    key = (dtype, device.type, torch.get_num_threads(), tuple(shapes), batch_invariance_asked())
     if key not in _probed_places:
-        padded_rows = invariant_widths(dtype, device)
         generator = torch.Generator().manual_seed(0)
         alike = True
         for out_features, in_features in shapes:
+            # the widths the model pads by where invariance is asked (its own shapes' probes); else the general
+            # probe's, which costs nothing more (this then only decides what the start-up line advises)
+            padded_rows = invariant_widths(dtype, device, (out_features, in_features) if batch_invariance_asked()
+                                           else PROBE_SHAPE)
             x = torch.randn(max(PLACE_STEPS), in_features, generator=generator).to(device=device, dtype=dtype)
             w = (torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5).to(
                 device=device, dtype=dtype)
@@ -540,7 +560,7 @@ class SlotModel:
         self._may_pack = self._packable and not batch_invariance_asked() and packed_products_wanted()
         # seeded sampling gives a request the same tokens under any load only where rows round alike
         self.invariant = rows_round_alike(self.dtype, self.device)
-        self.padded_rows: dict[int, int] = {}  # row counts computed wider (`_linear`), when invariance is asked
+        self.padded = False  # whether products of some row counts are computed wider (`_padding`): invariance asked
         self.invariance_note: str | None = None  # why OWNLLM_BATCH_INVARIANT cannot hold here, where it cannot
         placed_alike = True
         # measured where it decides something: a claim of invariance, or what the start-up line advises (fp32's
@@ -557,7 +577,7 @@ class SlotModel:
             self.invariance_note = (f"OWNLLM_BATCH_INVARIANT cannot hold in {dtype} here: a row of its products "
                                     f"rounds by its place in the step{remedy}")
         if batch_invariance_asked():
-            self.padded_rows = invariant_widths(self.dtype, self.device)
+            self.padded = True
             self.invariant = placed_alike
             if four_bit and has_gguf(model):  # the int4 kernel in narrow steps, dense in wide ones: never alike
                 self.four_bit_note = "GGUF 4-bit weights off: OWNLLM_BATCH_INVARIANT is set"
@@ -717,9 +737,16 @@ class SlotModel:
                  four_bit: Int4Weight | None) -> torch.Tensor:
         """A projection of the forward: the stored 4-bit weight where given, else the dense one (`_linear`)."""
         if four_bit is None:
-            return _linear(x, dense, bias, self.padded_rows, self.narrow_rows, self.packed.get(id(dense)))
+            return _linear(x, dense, bias, self._padding(dense), self.narrow_rows, self.packed.get(id(dense)))
         out = four_bit.linear(x)
         return out if bias is None else out + bias
+
+    def _padding(self, weight: torch.Tensor) -> dict[int, int] | None:
+        """The row counts whose product with `weight` is computed wider, where invariance is asked: its shape's own
+        probe (`invariant_widths`), made once (a LoRA adapter's shapes at their first step)."""
+        if not self.padded:
+            return None
+        return invariant_widths(weight.dtype, weight.device, (weight.shape[0], weight.shape[1]))
 
     def _rotary_tables(self, positions: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """cos/sin [positions, rotary dims] per rotary kind, in the model dtype, from the model's own rotary module
@@ -797,8 +824,8 @@ class SlotModel:
                 pair = adapter.weights.get((layer, projection))
                 if pair is not None:
                     a, b = pair
-                    down = _linear(x_rows, a, padded_rows=self.padded_rows)
-                    delta[rows, ..., offset : offset + size] = _linear(down, b, padded_rows=self.padded_rows) \
+                    down = _linear(x_rows, a, padded_rows=self._padding(a))
+                    delta[rows, ..., offset : offset + size] = _linear(down, b, padded_rows=self._padding(b)) \
                         * adapter.scale
                 offset += size
         return (out.float() + delta).to(out.dtype)
