@@ -139,6 +139,17 @@ def test_echo_with_logprobs_scores_the_prompt_as_openai_does(server) -> None:
     assert streamed[-1].choices[0].logprobs.token_logprobs == logprobs.token_logprobs
     no_echo = client.completions.create(**{**asked, "echo": False}).choices[0].logprobs
     assert no_echo.token_logprobs == logprobs.token_logprobs[-1:] and no_echo.text_offset == [0]
+    # offsets index the returned text where tokens hold parts of characters ("\ufffd" decoded alone) and where a
+    # prompt spells out special tokens, in the prompt and in the completion alike
+    for prompt in ("Café 日本語 😀 x", "<|im_start|>user\nHi<|im_end|>\n"):
+        reply = client.completions.create(**{**asked, "prompt": prompt, "max_tokens": 6})
+        choice = reply.choices[0]
+        offsets, tokens = choice.logprobs.text_offset, choice.logprobs.tokens
+        assert offsets == sorted(offsets) and offsets[-1] <= len(choice.text)
+        for index, (token, offset) in enumerate(zip(tokens, offsets, strict=True)):
+            if "\ufffd" in token or (index >= reply.usage.prompt_tokens and token.startswith("<|")):
+                continue  # (a completion's special tokens are not in its text)
+            assert choice.text.startswith(token, offset), (index, token, offset)
 
 
 def test_lm_evaluation_harness_scores_through_the_server_as_in_process(server, engine, tmp_path) -> None:
@@ -168,6 +179,7 @@ def test_lm_evaluation_harness_scores_through_the_server_as_in_process(server, e
     ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json() == {"prompt": "Hello world"}
     _error(httpx.post(f"{server.url}/detokenize", json={"tokens": [10**9]}), 400, param="tokens")
+    _error(httpx.post(f"{server.url}/detokenize", json={"model": "nope", "tokens": ids}), 404, "model_not_found")
 
 
 def test_best_of_returns_the_likeliest_of_its_completions(server) -> None:

@@ -45,3 +45,20 @@ class IncrementalText:
         delta = self.text[self._emitted : end]
         self._emitted = end
         return delta
+
+
+def token_offsets(tokenizer: Any, ids: list[int], start: int = 0, skip_special_tokens: bool = True) -> list[int]:
+    """Where each token's text begins in the text of `ids` (plus `start`): never decreasing, and a token that holds
+    part of a character sits where that character begins (decoded alone it is only "\ufffd"). Each token is
+    decoded in a window of the few before it (TGI's and vLLM's incremental detokenising), so a long prompt costs
+    time linear in its length."""
+    offsets, position = [], start
+    prefix = read = 0  # ids[prefix:read] is the window decoded so far; its text is counted up to `read`
+    for end in range(1, len(ids) + 1):
+        offsets.append(position)
+        before = tokenizer.decode(ids[prefix:read], skip_special_tokens=skip_special_tokens)
+        after = tokenizer.decode(ids[prefix:end], skip_special_tokens=skip_special_tokens)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            position += len(after) - len(before)
+            prefix, read = read, end
+    return offsets

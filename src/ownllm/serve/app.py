@@ -237,13 +237,14 @@ def create_app(state: ServerState) -> FastAPI:
                                   stream=body.stream, choices_param="best_of" if candidates > body.n else "n")
         if body.stream:
             return _sse(_text_stream(body.model, len(encoded[0]), generation.events(), texts[0] if body.echo else "",
-                                     bool(body.stream_options and body.stream_options.include_usage)), generation,
-                        headers=headers)
+                                     bool(body.stream_options and body.stream_options.include_usage),
+                                     state.engine.tokenizer), generation, headers=headers)
         generated = await generation.completions_while_connected(request)
         chosen = [best for start in range(0, len(generated), candidates)
                   for best in formats.best_of(generated[start : start + candidates], body.n)]
         items = [(texts[index // body.n] if body.echo else None, c) for index, c in enumerate(chosen)]
-        return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, generated, candidates)
+        return formats.text_response(body.model, sum(len(ids) for ids in encoded), items, generated, candidates,
+                                     state.engine.tokenizer)
 
     # --- embeddings, tokenize -------------------------------------------------------------------
     @app.post("/v1/embeddings")
@@ -274,6 +275,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:  # every model served shares the tokenizer; one not served is still a 404
+            state.adapter_for(body.model)
         if body.messages is not None:
             ids = render_prompt(state.engine, [{"role": m.role, "content": m.text()} for m in body.messages])
         else:
@@ -282,6 +285,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        if body.model is not None:
+            state.adapter_for(body.model)
         state.engine.check_token_ids(body.tokens, "tokens")
         return {"prompt": state.engine.tokenizer.decode(body.tokens)}
 
@@ -409,7 +414,7 @@ async def _chat_stream(model: str, prompt_tokens: int, n: int, events: AsyncIter
 
 
 async def _text_stream(model: str, prompt_tokens: int, events: AsyncIterator[tuple[int, Any]], echo: str,
-                       include_usage: bool) -> AsyncIterator[str]:
+                       include_usage: bool, tokenizer: Any) -> AsyncIterator[str]:
     chunk_id, created = formats.new_id("cmpl"), int(time.time())
     completions: list[Completion] = []
     echoed: set[int] = set()
@@ -429,7 +434,7 @@ async def _text_stream(model: str, prompt_tokens: int, events: AsyncIterator[tup
                 yield chunk(index, prefix + event.text, None)
         else:  # the last chunk carries the choice's log-probabilities, as a chat stream's does
             completions.append(event)
-            yield chunk(index, prefix, event.finish_reason, formats.completion_logprobs(event, echo or None))
+            yield chunk(index, prefix, event.finish_reason, formats.completion_logprobs(event, echo or None, tokenizer))
     if include_usage:
         yield _data({"id": chunk_id, "object": "text_completion", "created": created, "model": model,
                      "choices": [], "usage": formats.usage(prompt_tokens, completions)})

@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from ownllm.generate.engine import Completion, TokenLogprob
+from ownllm.generate.text import token_offsets
 
 
 def new_id(prefix: str) -> str:
@@ -38,25 +39,29 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
                         for i in items], "refusal": None}
 
 
-def completion_logprobs(completion: Completion, echo: str | None) -> dict[str, Any] | None:
+def completion_logprobs(completion: Completion, echo: str | None, tokenizer: Any) -> dict[str, Any] | None:
     """The legacy completions' logprobs object. With `echo` (the prompt's text, sent back before the completion),
     the prompt's tokens come first where they were scored (`Completion.prompt_logprobs`), the first with null
-    log-probabilities, as OpenAI's API gives them; offsets count characters of the returned text."""
+    log-probabilities, as OpenAI's API gives them. Offsets index the returned text: from the text decoded so far
+    (a token holding part of a character decodes alone to "\ufffd"), never decreasing."""
     items = completion.logprobs
     if items is None:
         return None
-    offsets, position = [], 0
     prompt = completion.prompt_logprobs if echo is not None and completion.prompt_logprobs is not None else []
-    for item in prompt:
-        offsets.append(position)
-        position += len(item.token)
-    position = len(echo or "")
-    for item in items:
-        offsets.append(position)
-        position += len(item.token)
+    offsets = _prompt_offsets(tokenizer, [i.token_id for i in prompt], echo or "")
+    offsets += token_offsets(tokenizer, [i.token_id for i in items], len(echo or ""))
     every = [*prompt, *items]
     return {"tokens": [i.token for i in every], "token_logprobs": [i.logprob for i in every],
             "top_logprobs": [None if i.logprob is None else dict(i.top) for i in every], "text_offset": offsets}
+
+
+def _prompt_offsets(tokenizer: Any, ids: list[int], echo: str) -> list[int]:
+    """Offsets of a prompt's tokens in its echoed text: decoded with special tokens where that gives the text (a
+    prompt that spells out `<|im_start|>`), else without them (a BOS the tokenizer added); within the text."""
+    if not ids:
+        return []
+    skip = tokenizer.decode(ids, skip_special_tokens=False) != echo
+    return [min(offset, len(echo)) for offset in token_offsets(tokenizer, ids, 0, skip)]
 
 
 def chat_response(model: str, prompt_tokens: int, completions: list[Completion], extra: dict | None = None
@@ -82,13 +87,13 @@ def chat_chunk(chunk_id: str, model: str, created: int, choices: list[dict[str, 
 
 
 def text_response(model: str, prompt_tokens: int, items: list[tuple[str | None, Completion]],
-                  generated: list[Completion], candidates: int) -> dict[str, Any]:
+                  generated: list[Completion], candidates: int, tokenizer: Any) -> dict[str, Any]:
     """`items`: (echoed prompt or None, completion) per choice returned; `generated`: every completion made,
     `candidates` per prompt (more than returned where best_of asked: usage counts them all, as OpenAI bills)."""
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": i, "text": (echo or "") + c.text, "logprobs": completion_logprobs(c, echo),
+        "choices": [{"index": i, "text": (echo or "") + c.text, "logprobs": completion_logprobs(c, echo, tokenizer),
                      "finish_reason": c.finish_reason} for i, (echo, c) in enumerate(items)],
         "usage": usage(prompt_tokens, generated, candidates),
     }
