@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -162,18 +163,18 @@ def test_lm_evaluation_harness_scores_through_the_server_as_in_process(server, e
     from ownllm.evaluate.harness import _harness_lm, _localise
 
     names = _localise([EXAMPLES / "eval" / "capitals_mc.yaml"], tmp_path)
-    manager = TaskManager(include_path=str(tmp_path))
     served = lm_eval.simple_evaluate(
-        model="local-completions", tasks=names, task_manager=manager, log_samples=True,
-        model_args={"base_url": f"{server.url}/v1/completions", "model": MODEL, "max_retries": 1})
-    local = lm_eval.simple_evaluate(model=_harness_lm(engine), tasks=names, task_manager=manager, log_samples=True)
-
-    def likelihoods(results: dict) -> list[float]:
-        return [response[0][0] for sample in results["samples"][names[0]] for response in sample["resps"]]
-
-    assert len(likelihoods(served)) == 4 * 12
-    assert np.allclose(likelihoods(served), likelihoods(local), atol=1e-3)
-    assert served["results"][names[0]]["acc,none"] == local["results"][names[0]]["acc,none"]
+        model="local-completions", tasks=names, task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True, model_args={"base_url": f"{server.url}/v1/completions", "model": MODEL, "max_retries": 1})
+    samples = served["samples"][names[0]]
+    likelihoods = [response[0][0] for sample in samples for response in sample["resps"]]
+    # the same continuations scored by the in-process harness model (its loglikelihood, without lm_eval's run)
+    local = [score for score, _ in _harness_lm(engine).loglikelihood(
+        [SimpleNamespace(args=tuple(arguments)) for sample in samples for arguments in sample["arguments"]])]
+    assert len(likelihoods) == 4 * 12 and np.allclose(likelihoods, local, atol=1e-3)
+    choices = [int(np.argmax(local[index : index + 4])) == sample["target"]
+               for index, sample in zip(range(0, len(local), 4), samples, strict=True)]
+    assert served["results"][names[0]]["acc,none"] == pytest.approx(sum(choices) / len(choices))
     info = httpx.get(f"{server.url}/tokenizer_info").json()
     assert info["eos_token"] and info["model_max_length"] == 2048
     ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
