@@ -94,7 +94,6 @@ class Completion:
     seed: int | None
     sequence_logprob: float
     logprobs: list[TokenLogprob] | None = None
-    # the prompt's tokens, each scored given those before it; None for the first (nothing comes before it)
     prompt_logprobs: list[TokenLogprob] | None = None  # each prompt token given those before it (the first: None)
     explanations: list[StepExplanation] | None = None
     prefill_seconds: float = 0.0
