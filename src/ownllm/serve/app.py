@@ -36,12 +36,12 @@ from ownllm.serve.protocol import (
 from ownllm.serve.state import Generation, ServerState, render_prompt
 
 PUBLIC_PATHS = {"/health", "/openapi.json"}
+PUBLIC_PATHS |= ui_static.public_paths()  # the web UI's page and assets; its API calls carry the key
 # Header bytes a request may carry (the request line aside). The HTTP parser reads up to READ_HEADER_BYTES of them
 # (`serve.run`), so a request past this limit is whole when it is refused: a 431 the client reads, where h11's own
 # 16 KB limit answered a plain-text 400 and closed with the rest unread (the client saw a connection reset).
 MAX_HEADER_BYTES = 32 << 10
 READ_HEADER_BYTES = 1 << 20
-PUBLIC_PATHS |= ui_static.public_paths()  # the web UI's page and assets; its API calls carry the key
 
 
 class _Guard:
@@ -69,12 +69,14 @@ class _Guard:
         declared = headers.get(b"content-length")
         public = path in PUBLIC_PATHS or (path == "/metrics" and self.state.metrics_public)
         try:
-            sizes = {name: len(name) + len(value) for name, value in scope.get("headers") or []}
-            if sum(sizes.values()) > MAX_HEADER_BYTES:
-                largest = max(sizes, key=sizes.__getitem__).decode("latin-1")
-                raise APIError(431, f"the request's headers are {sum(sizes.values())} bytes, more than the "
-                                    f"{MAX_HEADER_BYTES} this server reads (the largest: {largest!r}, "
-                                    f"{sizes[largest.encode('latin-1')]} bytes)", code="headers_too_large")
+            # every header counted, a name sent many times as often as it is sent
+            sizes = [(len(name) + len(value), name) for name, value in scope.get("headers") or []]
+            total = sum(size for size, _ in sizes)
+            if total > MAX_HEADER_BYTES:
+                size, name = max(sizes)
+                raise APIError(431, f"the request's headers are {total} bytes, more than the {MAX_HEADER_BYTES} "
+                                    f"this server reads (the largest: {name.decode('latin-1')!r}, {size} bytes)",
+                               code="headers_too_large")
             if not public:
                 authorization = headers.get(b"authorization")
                 self.state.check_key(authorization.decode("latin-1") if authorization is not None else None)
