@@ -91,6 +91,7 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
     (["tokenize", DEFAULT_MODEL, "hi", "--price-per-1m", "nan"], ("price-per-1m must be a finite number",)),
     (["estimate", "7B", "--seq-len", "-5"], ("seq-len must be at least 1",)),
     (["serve", DEFAULT_MODEL, "--port", "99999"], ("port must be from 0 to 65535",)),
+    (["serve", DEFAULT_MODEL, "--max-tokens", "0"], ("max-tokens must be at least 1",)),
     (["serve", DEFAULT_MODEL, "--kv-memory", "lots"], ("--kv-memory takes a size like 2GiB",)),
     (["serve", DEFAULT_MODEL, "--classifier", "tickets"], ("--classifier takes NAME=FOLDER",)),
     (["serve", DEFAULT_MODEL, "--kv-memory", "1MiB", "--no-jobs", "--port", "0"],

@@ -175,10 +175,11 @@ def fuzz_server(default_model: str, rag_store: Path) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def schema_server(default_model: str, rag_store: Path) -> Iterator[Server]:
     """The fuzz server on the default path (no `--dtype fp32`, no batch invariance): schemathesis sends one request
-    at a time and checks status codes only, and most of its time is the TGI routes decoding to the end of the
-    window, one row at a time, which the default path's 4-bit weights and compiled one-row steps do ~5x faster."""
+    at a time and checks status codes only. Each request generates at most 2 tokens (`--max-tokens`): without the
+    cap nearly all of its time was ~90 valid TGI requests decoding 20 tokens each, one row at a time (140 s of
+    150 on an fp32 CPU), where what it tests (the parameters' edge values) is the same at the second token."""
     running = Server(*[arg for arg in FUZZ_SERVER_ARGS if arg not in ("--dtype", "fp32")], "--rag-store",
-                     str(rag_store))
+                     str(rag_store), "--max-tokens", "2")
     yield running
     running.stop()
 
@@ -246,6 +247,18 @@ def test_fuzz_files_and_jobs(fuzz_server: Server, tally: Counter) -> None:
         assert client.get("/health").status_code == 200
 
     case()
+
+
+def test_max_tokens_cuts_every_request_to_the_cap(schema_server: Server) -> None:
+    """`--max-tokens 2`: a request asking for more (or for nothing: the route's default) generates 2 tokens and
+    says "length"; one asking more than the window has left fits once cut, as with llama-server's --n-predict."""
+    client = httpx.Client(base_url=schema_server.url, timeout=120)
+    chat = client.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 50}).json()
+    assert chat["usage"]["completion_tokens"] == 2 and chat["choices"][0]["finish_reason"] == "length", chat
+    completion = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1000}).json()
+    assert completion["usage"]["completion_tokens"] == 2, completion  # (1,000 is past the 64-token window)
+    tgi = client.post("/generate", json={"inputs": "Hi", "parameters": {"details": True}}).json()
+    assert tgi["details"]["generated_tokens"] == 2 and tgi["details"]["finish_reason"] == "length", tgi
 
 
 def test_schemathesis_finds_no_server_error(schema_server: Server) -> None:

@@ -34,6 +34,9 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 64,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above)")] = 1 << 20,
     max_model_len: Annotated[int | None, typer.Option(help="context per sequence (default min(model, 2048))")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="the most tokens one request may generate: longer asks are cut "
+                                                        "to it (finish_reason \"length\"); default: what the context "
+                                                        "has left")] = None,
     kv_memory: Annotated[str | None, typer.Option(help="KV memory for all sequences and the prefix cache, e.g. 2GiB "
                                                        "(default: max-batch full sequences, at most a quarter of free "
                                                        "memory); taken as sequences grow")] = None,
@@ -66,16 +69,16 @@ def serve(
 
 def _serve(model: str, *, adapter: list[str] | None, host: str, port: int, api_key: list[str] | None,
            metrics_public: bool, max_batch: int, max_queue: int, max_body: int, max_model_len: int | None,
-           kv_memory: str | None, prefix_cache: bool, gguf_int4: bool, embedding_model: str, rag_store: str | None,
-           backend: str, dtype: str, quant: str | None, data_dir: Path | None, jobs: bool, max_jobs: int,
-           job_threads: int | None, classifier: list[str] | None,
+           max_tokens: int | None, kv_memory: str | None, prefix_cache: bool, gguf_int4: bool, embedding_model: str,
+           rag_store: str | None, backend: str, dtype: str, quant: str | None, data_dir: Path | None, jobs: bool,
+           max_jobs: int, job_threads: int | None, classifier: list[str] | None,
            on_listening: Callable[[int], None] | None = None) -> None:
     """`serve`'s work; `on_listening(port)`: called once the server listens, after its start-up line (`ui`)."""
     from ownllm.home import ownllm_home
 
     if not 0 <= port <= 65535:
         raise OwnLLMError(f"port must be from 0 to 65535, got {port}", param="port")
-    at_least_one(max_body=max_body, max_model_len=max_model_len)
+    at_least_one(max_body=max_body, max_model_len=max_model_len, max_tokens=max_tokens)
     kv_bytes = None
     if kv_memory is not None:
         from ownllm.generate.kv_cache import parse_memory
@@ -104,7 +107,8 @@ def _serve(model: str, *, adapter: list[str] | None, host: str, port: int, api_k
     from ownllm.serve.run import serve as run_server
 
     state = build_state(model, adapters=adapters, api_keys=keys, max_batch=max_batch, max_queue=max_queue,
-                        max_body=max_body, max_model_len=max_model_len, dtype=dtype, backend=backend,
+                        max_body=max_body, max_model_len=max_model_len, max_tokens=max_tokens, dtype=dtype,
+                        backend=backend,
                         embedding_model=embedding_model, rag_store=rag_store,
                         data_dir=home, max_jobs=max_jobs, job_threads=job_threads,
                         metrics_public=metrics_public, kv_memory=kv_bytes, prefix_caching=prefix_cache,
@@ -163,7 +167,8 @@ def ui(
             threading.Thread(target=_open_when_ready, args=(url,), daemon=True).start()
 
     _serve(model, adapter=adapter, host=host, port=port, api_key=api_key, rag_store=rag_store, data_dir=data_dir,
-           metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, kv_memory=None,
+           metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, max_tokens=None,
+           kv_memory=None,
            prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",
            jobs=True, max_jobs=1, job_threads=None, quant=None, classifier=None, on_listening=open_page)
 

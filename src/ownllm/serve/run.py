@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys: list[str] | None = None,
                 max_batch: int = 16, max_queue: int = 64, max_body: int = 1 << 20, max_model_len: int | None = None,
-                dtype: str = "auto", backend: str = "auto", embedding_model: str = "all-MiniLM-L6-v2",
-                rag_store: str | None = None, default_max_tokens: int = 512, data_dir: Path | None = None,
+                max_tokens: int | None = None, dtype: str = "auto", backend: str = "auto",
+                embedding_model: str = "all-MiniLM-L6-v2", rag_store: str | None = None,
+                default_max_tokens: int = 512, data_dir: Path | None = None,
                 max_jobs: int = 1, job_threads: int | None = None, metrics_public: bool = False,
                 kv_memory: int | None = None, prefix_caching: bool = True, four_bit: bool = True,
                 quant: str | None = None, classifiers: dict[str, Path] | None = None) -> ServerState:
@@ -28,8 +29,9 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     caps the KV of all sequences and the prefix cache in bytes (`ownllm.generate.kv_cache.kv_budget`);
     `prefix_caching` lets requests start from the KV of earlier ones that began the same way; `four_bit` runs a
     GGUF model's Q4 tensors as stored in decode steps of few rows, where measured faster (a single user's speed);
-    `quant` (int8, nf4) runs the transformers backend's weights through bitsandbytes (one request at a time: the
-    batched forward needs plain weights). `classifiers` (name: classification run) are answered by POST
+    `max_tokens` cuts every request's max_tokens to it (none: what the context has left). `quant` (int8, nf4) runs
+    the transformers backend's weights through bitsandbytes (one request at a time: the batched forward needs plain
+    weights). `classifiers` (name: classification run) are answered by POST
     /v1/classify."""
     from ownllm.generate.batching import make_scheduler
     from ownllm.generate.open import open_engine
@@ -68,7 +70,8 @@ def build_state(model: str, *, adapters: dict[str, Path] | None = None, api_keys
     spec = str(Path(model).resolve()) if Path(model).exists() else model  # workers may run elsewhere
     state = ServerState(engine=engine, scheduler=scheduler, model_name=model_name, model_spec=spec,
                         api_keys=list(api_keys or []), metrics_public=metrics_public,
-                        limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens),
+                        limits=Limits(max_body=max_body, default_max_tokens=default_max_tokens,
+                                      max_tokens=max_tokens),
                         embedding_model=embedding_model, rag_index=rag_index, classifiers=loaded_classifiers)
     for name, folder in (adapters or {}).items():
         state.add_adapter(name, Path(folder))  # its weights, and its scope when it has one
@@ -114,7 +117,8 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
     scopes = [f"{state.model_name}: {state.engine.scope.describe()}"] if state.engine.scope is not None else []
     scopes += [f"{name}: {scope.describe()}" for name, scope in sorted(state.scopes.items())]
     scoped = f"; scoped adapters ({'; '.join(scopes)})" if scopes else ""
-    return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}) on "
+    cap = f", at most {state.limits.max_tokens} new tokens a request" if state.limits.max_tokens else ""
+    return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}{cap}) on "
             f"{http_address(host, port)}/v1{heads}{scoped}")
 
 

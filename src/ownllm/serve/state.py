@@ -31,6 +31,9 @@ SCOPE_HEADER = "X-OwnLLM-Scope"  # per prompt: "inside" (ran with the adapter) o
 class Limits:
     max_body: int = 1 << 20
     default_max_tokens: int = 512
+    # the most tokens one request may generate (None: up to the context window); longer asks are cut to it, as
+    # llama-server's --n-predict does, so one client cannot hold a slot for the whole window
+    max_tokens: int | None = None
     max_upload: int = 512 << 20  # /v1/files: training data is larger than a chat request
 
 
@@ -175,7 +178,15 @@ class ServerState:
     def default_max_tokens(self, prompt_tokens: int) -> int:
         """max_tokens when a request gives none: the server's default, cut to what the context has left (as
         OpenAI and vLLM do), so a long prompt without max_tokens is answered rather than refused."""
-        return max(1, min(self.limits.default_max_tokens, self.context_length - prompt_tokens))
+        return max(1, min(self.limits.default_max_tokens, self.limits.max_tokens or self.context_length,
+                          self.context_length - prompt_tokens))
+
+    def capped(self, params: SamplingParams) -> SamplingParams:
+        """`params` with max_new_tokens cut to the server's `--max-tokens` (unchanged without one)."""
+        cap = self.limits.max_tokens
+        if cap is None or params.max_new_tokens <= cap:
+            return params
+        return dataclasses.replace(params, max_new_tokens=cap)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
                adapter: str | list[str | None] | None = None, prompt_param: str = "messages",
@@ -186,6 +197,7 @@ class ServerState:
         for all prompts, or prompt p's at index p. `stream`:
         the handler reads each piece of text as it comes (`events()`), not only the completions. `choices_param`:
         the field that asked for `n` sequences per prompt (`best_of` on completions), named when they are too many."""
+        params = self.capped(params)
         self.check_prompts(prompts, params, prompt_param)
         return Generation(self, prompts, params, n, adapter, stream, choices_param)
 
@@ -193,6 +205,7 @@ class ServerState:
                       ) -> None:
         """The engine's check of each prompt (room in the context window, token ids, the constraint) as a 400;
         handlers call it before the costlier routing (`routes`), and `submit` again."""
+        params = self.capped(params)
         for ids in prompts:
             try:
                 self.engine.check_request(ids, params, window=self.context_length, prompt_param=prompt_param)
