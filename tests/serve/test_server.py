@@ -153,6 +153,9 @@ def test_echo_with_logprobs_scores_the_prompt_as_openai_does(server) -> None:
             assert choice.text.startswith(token, offset), (index, token, offset)
 
 
+QUESTIONS_SCORED = 5  # of the task's 12 (each is 4 scored prompts, through the server and again in this process)
+
+
 def test_lm_evaluation_harness_scores_through_the_server_as_in_process(server, engine, tmp_path) -> None:
     """lm-evaluation-harness's `local-completions` model pointed at the server (tokenizing through its
     /tokenizer_info, /tokenize and /detokenize, scoring by echo with logprobs) gives the multiple-choice task's
@@ -165,13 +168,14 @@ def test_lm_evaluation_harness_scores_through_the_server_as_in_process(server, e
     names = _localise([EXAMPLES / "eval" / "capitals_mc.yaml"], tmp_path)
     served = lm_eval.simple_evaluate(
         model="local-completions", tasks=names, task_manager=TaskManager(include_path=str(tmp_path)),
-        log_samples=True, model_args={"base_url": f"{server.url}/v1/completions", "model": MODEL, "max_retries": 1})
+        log_samples=True, limit=QUESTIONS_SCORED,
+        model_args={"base_url": f"{server.url}/v1/completions", "model": MODEL, "max_retries": 1})
     samples = served["samples"][names[0]]
     likelihoods = [response[0][0] for sample in samples for response in sample["resps"]]
     # the same continuations scored by the in-process harness model (its loglikelihood, without lm_eval's run)
     local = [score for score, _ in _harness_lm(engine).loglikelihood(
         [SimpleNamespace(args=tuple(arguments)) for sample in samples for arguments in sample["arguments"]])]
-    assert len(likelihoods) == 4 * 12 and np.allclose(likelihoods, local, atol=1e-3)
+    assert len(likelihoods) == 4 * QUESTIONS_SCORED and np.allclose(likelihoods, local, atol=1e-3)
     choices = [int(np.argmax(local[index : index + 4])) == sample["target"]
                for index, sample in zip(range(0, len(local), 4), samples, strict=True)]
     assert served["results"][names[0]]["acc,none"] == pytest.approx(sum(choices) / len(choices))
