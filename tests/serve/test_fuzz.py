@@ -259,6 +259,11 @@ def test_max_tokens_cuts_every_request_to_the_cap(schema_server: Server) -> None
     assert completion["usage"]["completion_tokens"] == 2, completion  # (1,000 is past the 64-token window)
     tgi = client.post("/generate", json={"inputs": "Hi", "parameters": {"details": True}}).json()
     assert tgi["details"]["generated_tokens"] == 2 and tgi["details"]["finish_reason"] == "length", tgi
+    # the web UI's comparison too: 500 tokens would not fit the window after the question, 2 do
+    compared = client.post("/v1/evaluations/compare", data={"model_a": MODEL, "model_b": MODEL, "max_tokens": "500"},
+                           files={"file": ("q.jsonl", b'{"question": "What is the capital of France?", '
+                                                      b'"answers": ["Paris"]}\n')})
+    assert compared.status_code == 200, compared.text
 
 
 def test_schemathesis_finds_no_server_error(schema_server: Server) -> None:

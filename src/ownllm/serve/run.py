@@ -117,7 +117,7 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
     scopes = [f"{state.model_name}: {state.engine.scope.describe()}"] if state.engine.scope is not None else []
     scopes += [f"{name}: {scope.describe()}" for name, scope in sorted(state.scopes.items())]
     scoped = f"; scoped adapters ({'; '.join(scopes)})" if scopes else ""
-    cap = f", at most {state.limits.max_tokens} new tokens a request" if state.limits.max_tokens else ""
+    cap = f", at most {state.limits.max_tokens:,} new tokens a request" if state.limits.max_tokens else ""
     return (f"serving {state.model_name} ({state.engine.backend}, {mode}, context {state.context_length}{cap}) on "
             f"{http_address(host, port)}/v1{heads}{scoped}")
 

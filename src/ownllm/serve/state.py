@@ -145,6 +145,7 @@ class ServerState:
         `RECALL_ANSWER_ROOM` tokens stay for the answer, and its default is then taken from the longer prompt."""
         from starlette.concurrency import run_in_threadpool
 
+        params = self.capped(params)  # the room the answer takes is what it may have under --max-tokens
         if routed is None or not self.has_scope(requested):
             return prompt_ids, params
         scope_recalled = self.engine.recalled if requested is None else self.scopes[requested].recalled
@@ -181,12 +182,14 @@ class ServerState:
         return max(1, min(self.limits.default_max_tokens, self.limits.max_tokens or self.context_length,
                           self.context_length - prompt_tokens))
 
+    def capped_tokens(self, asked: int) -> int:
+        """How many tokens a request that asks for `asked` may generate: at most the server's `--max-tokens`."""
+        return asked if self.limits.max_tokens is None else min(asked, self.limits.max_tokens)
+
     def capped(self, params: SamplingParams) -> SamplingParams:
         """`params` with max_new_tokens cut to the server's `--max-tokens` (unchanged without one)."""
-        cap = self.limits.max_tokens
-        if cap is None or params.max_new_tokens <= cap:
-            return params
-        return dataclasses.replace(params, max_new_tokens=cap)
+        cap = self.capped_tokens(params.max_new_tokens)
+        return params if cap == params.max_new_tokens else dataclasses.replace(params, max_new_tokens=cap)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, *, n: int = 1,
                adapter: str | list[str | None] | None = None, prompt_param: str = "messages",

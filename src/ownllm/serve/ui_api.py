@@ -346,6 +346,7 @@ def router(state: ServerState) -> APIRouter:
         if len(items) > MAX_EVAL_ITEMS:
             raise APIError(400, f"{path.name} has {len(items)} questions; at most {MAX_EVAL_ITEMS} per comparison",
                            param="file")
+        max_tokens = state.capped_tokens(max_tokens)
         prompts = await loop.run_in_executor(None, _prompts, state, items, path.name, max_tokens)
         results = {}
         for model in (model_a, model_b):
