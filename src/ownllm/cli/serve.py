@@ -108,8 +108,7 @@ def _serve(model: str, *, adapter: list[str] | None, host: str, port: int, api_k
 
     state = build_state(model, adapters=adapters, api_keys=keys, max_batch=max_batch, max_queue=max_queue,
                         max_body=max_body, max_model_len=max_model_len, max_tokens=max_tokens, dtype=dtype,
-                        backend=backend,
-                        embedding_model=embedding_model, rag_store=rag_store,
+                        backend=backend, embedding_model=embedding_model, rag_store=rag_store,
                         data_dir=home, max_jobs=max_jobs, job_threads=job_threads,
                         metrics_public=metrics_public, kv_memory=kv_bytes, prefix_caching=prefix_cache,
                         four_bit=gguf_int4, quant=quant, classifiers=classifiers)
@@ -168,9 +167,8 @@ def ui(
 
     _serve(model, adapter=adapter, host=host, port=port, api_key=api_key, rag_store=rag_store, data_dir=data_dir,
            metrics_public=False, max_batch=16, max_queue=64, max_body=1 << 20, max_model_len=None, max_tokens=None,
-           kv_memory=None,
-           prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto", dtype="auto",
-           jobs=True, max_jobs=1, job_threads=None, quant=None, classifier=None, on_listening=open_page)
+           kv_memory=None, prefix_cache=True, gguf_int4=True, embedding_model="all-MiniLM-L6-v2", backend="auto",
+           dtype="auto", jobs=True, max_jobs=1, job_threads=None, quant=None, classifier=None, on_listening=open_page)
 
 
 def _open_when_ready(url: str, timeout: float = 600.0) -> None:
