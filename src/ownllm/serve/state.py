@@ -177,10 +177,10 @@ class ServerState:
                            "Bearer ...)", code="invalid_api_key")
 
     def default_max_tokens(self, prompt_tokens: int) -> int:
-        """max_tokens when a request gives none: the server's default, cut to what the context has left (as
-        OpenAI and vLLM do), so a long prompt without max_tokens is answered rather than refused."""
-        return max(1, min(self.limits.default_max_tokens, self.limits.max_tokens or self.context_length,
-                          self.context_length - prompt_tokens))
+        """max_tokens when a request gives none: the server's default (under `--max-tokens`), cut to what the
+        context has left (as OpenAI and vLLM do), so a long prompt without max_tokens is answered rather than
+        refused."""
+        return max(1, min(self.capped_tokens(self.limits.default_max_tokens), self.context_length - prompt_tokens))
 
     def capped_tokens(self, asked: int) -> int:
         """How many tokens a request that asks for `asked` may generate: at most the server's `--max-tokens`."""
