@@ -5,7 +5,9 @@ running with the reason."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,16 @@ TINY_SPEC = {"heads": 2, "kv_heads": 1, "head_dim": 4, "hidden": 8, "intermediat
 
 
 @pytest.fixture(scope="module")
-def bf16(default_model: str) -> Any:
+def loaded(default_model: str) -> Callable[[str], Any]:
+    """The default model in a dtype, loaded once per module."""
     from ownllm.models.load import load_model
 
-    return load_model(default_model, dtype="bf16")
+    return functools.cache(lambda dtype: load_model(default_model, dtype=dtype))
+
+
+@pytest.fixture(scope="module")
+def bf16(loaded: Callable[[str], Any]) -> Any:
+    return loaded("bf16")
 
 
 def row_steps(slots: Any, prompts: list[list[int]], feed: list[list[int]] | None = None
@@ -48,26 +56,30 @@ def row_steps(slots: Any, prompts: list[list[int]], feed: list[list[int]] | None
     return steps
 
 
-def test_compiled_one_row_steps_follow_the_eager_forward(bf16: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str], Any], dtype: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The graphs' attention sums in its own order (`graph_attention`), so the compiled steps are held to the eager
     forward as the slot forward is held to transformers (test_slot_parity's `compare`: logits within the bf16
     bound, another token only at a tie at bf16 resolution), on the same tokens fed; everything else in the graphs
     is checked bit for bit when they load. And the France question the bf16 server path once got wrong (the
-    hardening regression) is answered with Paris."""
+    hardening regression) is answered with Paris. An fp32 model (the server's dtype on CPUs without native bf16)
+    has graphs of its own: fp32 between the int4 products, whose rows round to bf16 as in its eager forward."""
     from ownllm.errors import OwnLLMError
     from ownllm.generate.slots import SlotModel
     from tests.generate.test_slot_parity import compare
 
+    model = loaded(dtype)
     monkeypatch.setenv("OWNLLM_COMPILED_DECODE", "garbage")
     with pytest.raises(OwnLLMError, match="OWNLLM_COMPILED_DECODE='garbage': use 1 or 0"):
-        SlotModel(bf16.model, slots=2, max_len=256)
+        SlotModel(model.model, slots=2, max_len=256)
     monkeypatch.setenv("OWNLLM_COMPILED_DECODE", "0")
-    eager = SlotModel(bf16.model, slots=3, max_len=256, four_bit=True)
+    eager = SlotModel(model.model, slots=3, max_len=256, four_bit=True)
     assert eager.compiled is None and eager.compiled_steps is None
     if not eager.four_bit_rows:
         pytest.skip(f"no int4 steps on this CPU, so nothing to compile: {eager.four_bit_note}")
     monkeypatch.delenv("OWNLLM_COMPILED_DECODE")
-    compiled = SlotModel(bf16.model, slots=3, max_len=256, four_bit=True)
+    compiled = SlotModel(model.model, slots=3, max_len=256, four_bit=True)
     assert compiled.compiled is not None, compiled.compiled_note
     compiled.compiled.thread.join(timeout=1800)  # a hang guard: one compile is ~15-60 s of one core
     assert compiled.compiled.ready is not None, compiled.compiled.note
@@ -77,19 +89,19 @@ def test_compiled_one_row_steps_follow_the_eager_forward(bf16: Any, monkeypatch:
     # tokens, each where the eager forward's top two were 0-0.25 apart (exact ties to two bf16 ulps); the same
     # figures with the questions decoded three rows at a time
     ties = 0
-    for prompt in chat_prompts(bf16.tokenizer, QUESTIONS[:6]):
+    for prompt in chat_prompts(model.tokenizer, QUESTIONS[:6]):
         [want] = row_steps(eager, [prompt])
         [got] = row_steps(compiled, [prompt], [want[0]])
-        ties += compare(bf16.tokenizer, prompt, got, want, "bf16")
+        ties += compare(model.tokenizer, prompt, got, want, "bf16")
     assert ties <= 8, ties  # of 150 steps
     # steps of several rows run only the attention compiled (`RowAttention`), held to the same bound
-    prompts = chat_prompts(bf16.tokenizer, QUESTIONS[6:9])
+    prompts = chat_prompts(model.tokenizer, QUESTIONS[6:9])
     want = row_steps(eager, prompts)
     for prompt, got, wanted in zip(prompts, row_steps(compiled, prompts, [w[0] for w in want]), want, strict=True):
-        ties += compare(bf16.tokenizer, prompt, got, wanted, "bf16")
+        ties += compare(model.tokenizer, prompt, got, wanted, "bf16")
     assert ties <= 12, ties  # of 225 steps
-    france = chat_prompts(bf16.tokenizer, [QUESTIONS[0]], system=None)[0]
-    assert "Paris" in bf16.tokenizer.decode(row_steps(compiled, [france])[0][0])
+    france = chat_prompts(model.tokenizer, [QUESTIONS[0]], system=None)[0]
+    assert "Paris" in model.tokenizer.decode(row_steps(compiled, [france])[0][0])
 
 
 def test_only_a_window_shorter_than_the_context_keeps_one_row_steps_eager(bf16: Any,

@@ -179,7 +179,7 @@ def test_a_damaged_hardware_file_is_measured_again(cached: Any, tmp_path: Path, 
     from ownllm.models import gguf_int4
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
-    monkeypatch.setattr(gguf_int4, "_measure_row_limit", lambda hidden, intermediate, against_packed: 12)
+    monkeypatch.setattr(gguf_int4, "_measure_row_limit", lambda hidden, intermediate, against_packed, dtype: 12)
     (tmp_path / "hardware.json").write_text(json.dumps(cached))
     if isinstance(cached, dict):  # the damaged value under this machine's own key
         key = next(iter(cached["int4_rows"])) if isinstance(cached["int4_rows"], dict) else None
@@ -196,10 +196,37 @@ def test_a_damaged_hardware_file_is_measured_again(cached: Any, tmp_path: Path, 
     assert gguf_int4.int4_row_limit(64, 128) == 12  # now kept
 
 
-@pytest.mark.parametrize("against_packed", [False, True])
-def test_the_row_limit_measurement_runs(against_packed: bool) -> None:
+@pytest.mark.parametrize(("against_packed", "dtype"), [(False, "bfloat16"), (True, "bfloat16"), (False, "float32")])
+def test_the_row_limit_measurement_runs(against_packed: bool, dtype: str) -> None:
     """On small shapes: a row count from the list, or 0 where the int4 kernel is never faster (than F.linear, or
-    than the faster of F.linear and products on packed weights)."""
+    than the faster of F.linear and products on packed weights; in fp32 also than transposed products, the int4
+    side with its rows rounded to bf16 and back)."""
+    import torch
+
     from ownllm.models.gguf_int4 import ROW_COUNTS, _measure_row_limit
 
-    assert _measure_row_limit(64, 128, budget_bytes=1 << 20, against_packed=against_packed) in (0, *ROW_COUNTS)
+    assert _measure_row_limit(64, 128, budget_bytes=1 << 20, against_packed=against_packed,
+                              dtype=getattr(torch, dtype)) in (0, *ROW_COUNTS)
+
+
+def test_an_fp32_row_goes_into_the_int4_kernel_as_bf16_and_comes_back_fp32() -> None:
+    """The kernel computes on bf16 rows only (fp32 ones fall to a reference path ~20x slower): an fp32 model's rows
+    are rounded to bf16 on the way in and the product comes back in fp32, the same values as a bf16 row's; and the
+    packed matrix computes the fp32 weight it stands for (`computes`)."""
+    import numpy as np
+    import torch
+
+    from ownllm.models.gguf_int4 import GROUP, FourBitRows, pack_planes
+
+    generator = np.random.default_rng(0)
+    rows = FourBitRows(generator.integers(0, 16, (96, 64), dtype=np.uint8),
+                       generator.uniform(0.01, 0.02, (96, 64 // GROUP)).astype(np.float32),
+                       generator.uniform(-0.1, 0.1, (96, 64 // GROUP)).astype(np.float32), "Q4_1")
+    weight = pack_planes([[rows]])
+    assert weight is not None and weight.scales_and_zeros.dtype == torch.bfloat16
+    x = torch.randn(3, 64)
+    out = weight.linear(x)
+    assert out.dtype == torch.float32 and out.shape == (3, 96)
+    assert torch.equal(out, weight.linear(x.to(torch.bfloat16)).float())
+    assert weight.computes(torch.from_numpy(rows.dequantized()))
+    assert not weight.computes(torch.from_numpy(rows.dequantized()[::-1].copy()))  # rows in another order

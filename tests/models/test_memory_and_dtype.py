@@ -91,7 +91,7 @@ def test_fp32_is_timed_as_the_slot_forward_computes_a_few_rows(monkeypatch, tmp_
 
     def turns(runs: list, rounds: int = 5) -> list[float]:  # fp32 F.linear 3, bf16 2, fp32 transposed 1
         timed.append(len(runs))
-        return [1.0 if run.func is dtype_module._narrow_products else
+        return [1.0 if run.func is dtype_module.narrow_products else
                 3.0 if run.args[0][0].dtype == torch.float32 else 2.0 for run in runs]
 
     monkeypatch.setattr(dtype_module, "best_of_turns", turns)

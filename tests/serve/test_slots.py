@@ -57,16 +57,21 @@ def test_health_and_the_start_up_line_say_the_server_batches(strict_server) -> N
     from ownllm.models.dtype import slot_product_shapes
 
     narrow = batching["narrow_rows"]  # fp32 steps of a few rows as transposed products, where measured faster
+    four_bit = batching["int4_rows"]  # the GGUF's 4-bit weights in steps of a few rows, where measured faster
     cpu = torch.device("cpu")
-    invariant = rows_round_alike(torch.float32, cpu) and not narrow and rows_placed_alike(  # false on MKL's AVX2 fp32
-        torch.float32, cpu, [*slot_product_shapes(576, 9, 3, 64, 1536), (49152, 576)])  # (the default model's)
+    invariant = rows_round_alike(torch.float32, cpu) and not narrow and not four_bit and rows_placed_alike(
+        torch.float32, cpu, [*slot_product_shapes(576, 9, 3, 64, 1536), (49152, 576)])  # (false on MKL's AVX2 fp32)
+    # the int4 steps' one-row ones compiled (loading, compiling in the background or compiled: test_compiled_decode);
+    # else why the 4-bit weights are off
+    int4 = {"compiled_steps": batching.get("compiled_steps")} if four_bit else {
+        "int4_note": "GGUF 4-bit weights off: measured no faster than float32 on this CPU"}
     # (one sequence at a time never runs a decode step on the dense weights: they are not packed, no "packed_weights")
     assert batching == {"mode": "batched", "max_batch": 1, "kv_tokens": 2048, "kv_bytes": batching["kv_bytes"],
-                        "prefix_caching": True, "int4_rows": 0,  # fp32: no int4 kernel, and why
-                        "int4_note": "GGUF 4-bit weights off: int4 kernel runs bf16 on the CPU, this is float32 on cpu",
+                        "prefix_caching": True, "int4_rows": four_bit, **int4,
                         "narrow_rows": narrow, "batch_invariant": invariant,
                         # a batch-invariant model's prefix cache reuses whole prefill chunks only
                         **({"prefix_exact_chunks": 256} if invariant else {})}
+    assert not four_bit or "one-row steps" in batching["compiled_steps"]
     assert isinstance(narrow, int) and 0 <= narrow <= 16
     assert batching["kv_bytes"] == 2048 * 30 * 2 * 3 * 64 * 4  # 30 layers, k and v, 3 heads of 64, fp32
     log = strict_server.log.read_text()

@@ -44,9 +44,10 @@ def serve(
                                                help="start requests from the KV of earlier ones that began the same "
                                                     "way")] = True,
     gguf_int4: Annotated[bool, typer.Option("--gguf-int4/--no-gguf-int4",
-                                            help="run a GGUF model's Q4_0/Q4_1/Q4_K tensors as stored (int4 kernel, "
-                                                 "bf16 on the CPU) in decode steps of few rows, where measured faster; "
-                                                 "off: every step uses the dequantized weights")] = True,
+                                            help="run a GGUF model's Q4_0/Q4_1/Q4_K tensors as stored (int4 kernel on "
+                                                 "the CPU, bf16 activations) in decode steps of few rows, where "
+                                                 "measured faster; off: every step uses the dequantized "
+                                                 "weights")] = True,
     embedding_model: Annotated[str, typer.Option(help="model for /v1/embeddings")] = "all-MiniLM-L6-v2",
     rag_store: Annotated[str | None, typer.Option(help="document store for chat requests with \"rag\"")] = None,
     backend: BackendOpt = "auto",

@@ -423,7 +423,7 @@ def _four_bit_from_file(model: Any, weights: _Weights) -> _FourBit:
         parts = [stored.get(f"{names[id(module)]}.weight") for module in modules]
         if any(part is None for part in parts):
             return None
-        return pack(parts, weights.embed.dtype)  # type: ignore[arg-type]
+        return pack(parts)  # type: ignore[arg-type]
 
     layers = []
     lm_head = None
@@ -517,9 +517,10 @@ class SlotModel:
             slots: sequences held at once.
             max_len: tokens per sequence (prompt and completion), not counting the prefix.
             prefix: prompt-tuning embeddings [virtual tokens, hidden] put in front of every sequence.
-            four_bit: a bf16 model on the CPU loaded from a GGUF runs its Q4_0/Q4_1/Q4_K projections as stored
-                (int4 kernel) in forwards of up to `four_bit_rows` tokens, where that was measured faster than
-                bf16 matmuls (decode steps of a few rows); wider forwards use the dequantized weights.
+            four_bit: a bf16 or fp32 model on the CPU loaded from a GGUF runs its Q4_0/Q4_1/Q4_K projections as
+                stored (int4 kernel, on bf16 activations) in forwards of up to `four_bit_rows` tokens, where that
+                was measured faster than its dense matmuls (decode steps of a few rows); wider forwards use the
+                dequantized weights.
         """
         reason = slot_support(model)
         if reason is not None:
@@ -618,19 +619,22 @@ class SlotModel:
         return self.compiled.note if self.compiled is not None else self.compiled_note
 
     def _use_four_bit(self, model: Any, weights: _Weights) -> None:
-        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
-            self.four_bit_note = f"GGUF 4-bit weights off: int4 kernel runs bf16 on the CPU, this is " \
-                                 f"{str(self.dtype).removeprefix('torch.')} on {self.device.type}"
+        # an fp32 model's rows go into the kernel rounded to bf16 (`Int4Weight.linear`): its products then round as a
+        # bf16 model's do, everything between them (norms, rotary, attention, residuals) stays fp32
+        if self.dtype not in (torch.bfloat16, torch.float32) or self.device.type != "cpu":
+            self.four_bit_note = f"GGUF 4-bit weights off: the int4 kernel runs on the CPU for bf16 and fp32 " \
+                                 f"models, this is {str(self.dtype).removeprefix('torch.')} on {self.device.type}"
             return
         try:
             # against the dense products as they would run: on packed weights where those are faster here
             limit = int4_row_limit(self.config.hidden_size, self.intermediate,  # first: 0 needs no file read
-                                   against_packed=self._may_pack and self._packing_faster())
+                                   against_packed=self._may_pack and self._packing_faster(), dtype=self.dtype)
         except Exception as exc:  # a measurement that fails costs the speed-up, not the server
             log.warning("int4 kernel not measured (%s: %s); running dequantized weights", exc.__class__.__name__, exc)
             limit = 0
         if limit == 0:
-            self.four_bit_note = "GGUF 4-bit weights off: measured no faster than bf16 on this CPU"
+            dtype = str(self.dtype).removeprefix("torch.")
+            self.four_bit_note = f"GGUF 4-bit weights off: measured no faster than {dtype} on this CPU"
             return
         try:
             stored = _four_bit(model, weights)

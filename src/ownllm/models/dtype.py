@@ -79,8 +79,8 @@ def choose_dtype(requested: str = "auto", device: str = "cpu", config: Any = Non
         rows: sequences decoded together (1 for one stream; a server batches several).
         narrow_fp32: fp32 products of a few rows are timed as the slot forward computes them, as `narrow_product`
             where its own measurement (`decoder_narrow_rows`) found that faster for this many rows; False where
-            the model will run a GGUF's 4-bit weights as stored, which the int4 kernel does in bf16 only, so that
-            bf16's measured case is the one to keep.
+            the model will run a GGUF's 4-bit weights as stored: the int4 kernel then runs those steps in either
+            dtype, and F.linear is the case the two dtypes differ in.
     """
     import torch
 
@@ -197,7 +197,7 @@ def _time_decodes(dtypes: tuple[Any, ...], shapes: list[tuple[int, int]], rows: 
     copies = max(1, budget_bytes // (sum(o * i for o, i in shapes) * 4))
     weights = {dtype: _layer_copies(shapes, dtype, copies) for dtype in dtypes}
     inputs = {dtype: {i: torch.randn(rows, i).to(dtype) for _, i in shapes} for dtype in dtypes}
-    return best_of_turns([functools.partial(_narrow_products if dtype in narrow else linear_products,
+    return best_of_turns([functools.partial(narrow_products if dtype in narrow else linear_products,
                                             weights[dtype], inputs[dtype]) for dtype in dtypes], rounds)
 
 
@@ -283,7 +283,7 @@ def narrow_product_rows(dtype: Any, shapes: list[tuple[int, int]], layers: int =
         widest = 0
         for rows in range(1, NARROW_ROWS_PROBED + 1):  # the first width it loses at ends the probe
             if not _wins_over_linear(stacks, weight_of, dtype, rows,
-                                     lambda index, inputs: _narrow_products(stacks[index], inputs)):
+                                     lambda index, inputs: narrow_products(stacks[index], inputs)):
                 break
             widest = rows
         return widest
@@ -396,7 +396,8 @@ def narrow_product(x: Any, weight: Any) -> Any:
     return product[:, :rows].t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-def _narrow_products(weights: list[Any], inputs: dict[int, Any]) -> None:
+def narrow_products(weights: list[Any], inputs: dict[int, Any]) -> None:
+    """`linear_products` computed as `narrow_product`."""
     for weight in weights:
         narrow_product(inputs[weight.shape[1]], weight)
 

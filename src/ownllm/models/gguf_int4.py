@@ -6,7 +6,9 @@ Q4_0, Q4_1 and Q4_K all store each group of 32 weights as 4-bit integers q with 
 (w = scale * q + offset), which is exactly the layout of `torch.ops.aten._weight_int4pack_mm_for_cpu`
 (w = (q - 8) * scale + zero per group of 32); so those tensors can run as stored, the file's own integers,
 with the group's scale and offset rounded to bf16 as the kernel takes them (the dequantized path rounds each
-weight to bf16 instead). Q8_0 (scale * q, q an 8-bit integer; the usual type of the embedding that doubles as
+weight to bf16 instead). The kernel computes on bf16 activations only (fp32 ones fall to a reference path ~20x
+slower): an fp32 model's rows go in rounded to bf16 and come out as fp32 again, its norms, rotary and attention
+staying fp32. Q8_0 (scale * q, q an 8-bit integer; the usual type of the embedding that doubles as
 the output layer) is two such 4-bit planes, q = 16 * high + low, summed: the same integers, half the bytes of
 bf16. Other types (Q5, Q6_K, floats) stay dequantized.
 
@@ -27,8 +29,10 @@ from typing import Any
 import numpy as np
 
 from ownllm.models.dtype import (
+    NARROW_ROWS_PROBED,
     best_of_turns,
     linear_products,
+    narrow_products,
     pack_weight,
     packed_products,
     remembered_measurement,
@@ -72,7 +76,7 @@ class Int4Weight:
     dtype (two calls rounded each plane's product first, and read the same bytes)."""
 
     packed: Any  # torch uint8 tiling of the integers [out, planes x in]
-    scales_and_zeros: Any  # [planes x in / 32, out, 2] in the activation dtype
+    scales_and_zeros: Any  # [planes x in / 32, out, 2] in the kernel's dtype (bf16)
     out_features: int
     plane_count: int = 1
 
@@ -98,14 +102,14 @@ class Int4Weight:
         return cls(kept[f"{prefix}.packed"], scales, int(scales.shape[1]), int(kept[f"{prefix}.planes"][0]))
 
     def computes(self, dense: Any) -> bool:
-        """Whether this matrix computes `dense`'s products (the weight it stands for, in the activation dtype):
+        """Whether this matrix computes `dense`'s products (the weight it stands for, in the model's dtype):
         probed with two random rows, each output within a tenth of its row's weight norm of the dense product.
         The kernel's rounding differs from the dense weight's by ~0.4% of that; another matrix, rows in another
         order or damaged integers by the weights' own size."""
         import torch
 
         columns = self.plane_count * dense.shape[1]  # (the kernel reads the packed bytes by these sizes: all checked)
-        if self.out_features != dense.shape[0] or self.scales_and_zeros.dtype != dense.dtype \
+        if self.out_features != dense.shape[0] or self.scales_and_zeros.dtype != kernel_dtype() \
                 or self.scales_and_zeros.shape != (columns // GROUP, dense.shape[0], 2) or columns % GROUP \
                 or self.packed.dtype != torch.uint8 or self.packed.shape != (dense.shape[0], columns // 2):
             return False
@@ -121,11 +125,15 @@ class Int4Weight:
 
 def int4_matmul(x: Any, packed: Any, scales_and_zeros: Any) -> Any:
     """x @ w.T for a matrix in the int4 kernel's layout (`Int4Weight`'s fields): [..., in] -> [..., out], the output
-    width being the scales' second dimension. Also traced into the compiled decode graphs."""
+    width being the scales' second dimension, in x's dtype: other activations than the kernel's (fp32) go in rounded
+    to bf16 and the product (summed in fp32 by the kernel, rounded once to bf16) comes back in x's dtype. Also
+    traced into the compiled decode graphs."""
     import torch
 
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, GROUP, scales_and_zeros)
-    return out.view(*x.shape[:-1], scales_and_zeros.shape[1])
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(scales_and_zeros.dtype), packed, GROUP,
+                                                     scales_and_zeros)
+    return out.to(x.dtype).view(*x.shape[:-1], scales_and_zeros.shape[1])
 
 
 @dataclass
@@ -141,14 +149,21 @@ class StoredMatrix:
         return planes if self.order is None else [plane.permuted(self.order) for plane in planes]
 
 
-def pack(matrices: list[StoredMatrix], dtype: Any) -> Int4Weight | None:
-    """The matrices' rows one after another (a fused q|k|v or gate|up) in the kernel's layout, computing in
-    `dtype`; None when they have different numbers of planes (one Q8_0 among Q4s: they then run dequantized).
-    Unpacked here, one projection at a time, so only its integers are ever held unpacked."""
-    return pack_planes([matrix.planes() for matrix in matrices], dtype)
+def kernel_dtype() -> Any:
+    """The dtype of the activations and scales the int4 kernel computes on at its speed: bf16."""
+    import torch
+
+    return torch.bfloat16
 
 
-def pack_planes(parts: list[Planes], dtype: Any) -> Int4Weight | None:
+def pack(matrices: list[StoredMatrix]) -> Int4Weight | None:
+    """The matrices' rows one after another (a fused q|k|v or gate|up) in the kernel's layout; None when they
+    have different numbers of planes (one Q8_0 among Q4s: they then run dequantized). Unpacked here, one
+    projection at a time, so only its integers are ever held unpacked."""
+    return pack_planes([matrix.planes() for matrix in matrices])
+
+
+def pack_planes(parts: list[Planes]) -> Int4Weight | None:
     """`pack` on planes already unpacked."""
     import torch
 
@@ -162,7 +177,7 @@ def pack_planes(parts: list[Planes], dtype: Any) -> Int4Weight | None:
     q = side_by_side("q")
     scale, offset = torch.from_numpy(side_by_side("scale")), torch.from_numpy(side_by_side("offset"))
     zero = offset + 8 * scale  # the kernel centres the integers: (q - 8) * scale + zero
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(kernel_dtype())
     # packed by blocks of rows (the kernel's layout is the same), so the int32 copy it takes stays small
     packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q[row : row + 4096])
                                                                            .to(torch.int32), 1)
@@ -320,35 +335,43 @@ def _same_weights(planes: Planes, weight: Any) -> bool:
     return bool(torch.allclose(ours.float(), weight.detach()[torch.from_numpy(rows)].float(), rtol=1e-2, atol=1e-6))
 
 
-def int4_row_limit(hidden: int, intermediate: int, *, against_packed: bool = False) -> int:
-    """Up to how many rows (tokens) per forward the int4 kernel beats bf16 matmuls on this CPU (0: never), those
-    on weights packed for oneDNN too with `against_packed` (where the slot forward runs them so), measured on one
-    layer's shapes out of the caches and kept per CPU + torch (+ thread count, against packed) in hardware.json."""
+def int4_row_limit(hidden: int, intermediate: int, *, against_packed: bool = False, dtype: Any = None) -> int:
+    """Up to how many rows (tokens) per forward the int4 kernel beats the dense matmuls of a model in `dtype`
+    (bf16 or fp32; None: bf16) on this CPU (0: never), those on weights packed for oneDNN too with `against_packed`
+    (where the slot forward runs them so) and, in fp32, those computed as `narrow_product`; the int4 side with an
+    fp32 model's rows rounded to bf16 and back, as `Int4Weight.linear` runs them. Measured on one layer's shapes
+    out of the caches and kept per CPU + torch (+ thread count, against packed) in hardware.json."""
     import torch
 
     from ownllm.models.dtype import cpu_model
 
+    dtype = dtype or torch.bfloat16
     signature = f"int4|{cpu_model()}|{torch.__version__}|{hidden}|{intermediate}"
     # (the verdict moves with the thread count once packed products are in it: 4 rows on one thread here, 8 on two)
     signature += f"|packed|{torch.get_num_threads()}" if against_packed else ""
+    if dtype != torch.bfloat16:  # (bf16 verdicts kept from before keep their signature) narrow fp32 products
+        # move with the thread count too
+        signature += f"|{str(dtype).removeprefix('torch.')}" + ("" if against_packed else f"|{torch.get_num_threads()}")
     # a verdict of 0 (never faster) is measured again at the next start: one taken while the CPU was busy with
     # something else must not switch the speed-up off for good; anything not a row count is measured again too
     return remembered_measurement("int4_rows", signature,
                                   lambda cached: type(cached) is int and 0 < cached <= ROW_COUNTS[-1],
-                                  lambda: _measure_row_limit(hidden, intermediate, against_packed=against_packed))
+                                  lambda: _measure_row_limit(hidden, intermediate, against_packed=against_packed,
+                                                             dtype=dtype))
 
 
 def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 << 20, *,
-                       against_packed: bool = False) -> int:
+                       against_packed: bool = False, dtype: Any = None) -> int:
     import torch
 
+    dtype = dtype or torch.bfloat16
     shapes = [(3 * hidden, hidden), (hidden, hidden), (2 * intermediate, hidden), (hidden, intermediate)]
     shapes = [(out, inner) for out, inner in shapes if inner % GROUP == 0]
-    copies = max(1, budget_bytes // (sum(o * i for o, i in shapes) * 2))
-    dense = [torch.randn(o, i).to(torch.bfloat16) for _ in range(copies) for o, i in shapes]
+    copies = max(1, budget_bytes // (sum(o * i for o, i in shapes) * dtype.itemsize))
+    dense = [torch.randn(o, i).to(dtype) for _ in range(copies) for o, i in shapes]
     four = [pack_planes([[FourBitRows(np.random.randint(0, 16, (o, i), dtype=np.uint8),
                                np.full((o, i // GROUP), 0.01, np.float32), np.zeros((o, i // GROUP), np.float32),
-                               "Q4_0")]], torch.bfloat16) for o, i in shapes] * copies
+                               "Q4_0")]]) for o, i in shapes] * copies
 
     def run_four_bit(inputs: dict[int, Any]) -> None:
         for weight, (_, columns) in zip(four, shapes * copies, strict=True):
@@ -358,11 +381,13 @@ def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 <<
 
     limit = 0
     for rows in ROW_COUNTS:
-        inputs = {i: torch.randn(rows, i).to(torch.bfloat16) for _, i in shapes}
-        four_bit_time, *dense_times = best_of_turns([functools.partial(run_four_bit, inputs),
-                                                     functools.partial(linear_products, dense, inputs)]
-                                                    + ([functools.partial(packed_products, dense, packed, inputs)]
-                                                       if packed else []))
+        inputs = {i: torch.randn(rows, i).to(dtype) for _, i in shapes}
+        dense_runs = [functools.partial(linear_products, dense, inputs)]
+        if packed:
+            dense_runs.append(functools.partial(packed_products, dense, packed, inputs))
+        if dtype == torch.float32 and rows <= NARROW_ROWS_PROBED:
+            dense_runs.append(functools.partial(narrow_products, dense, inputs))
+        four_bit_time, *dense_times = best_of_turns([functools.partial(run_four_bit, inputs), *dense_runs])
         if four_bit_time >= 0.9 * min(dense_times):
             break
         limit = rows

@@ -140,7 +140,8 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
         device: auto, cpu or cuda[:N].
         batch_rows: how many sequences will usually decode together (the dtype is measured for that).
         gguf_int4: the caller runs a GGUF's 4-bit tensors as stored where it can (a server's `--gguf-int4`): that
-            kernel computes in bf16, so fp32 is then timed as F.linear alone (`choose_dtype`'s `narrow_fp32`).
+            kernel then runs the few-row steps in either dtype, so fp32 is timed as F.linear alone (`choose_dtype`'s
+            `narrow_fp32`).
         quantize: "4bit" (QLoRA) or "nf4" loads the weights as NF4 with bitsandbytes, computing in `dtype`;
             "int8" as LLM.int8 (bitsandbytes' 8-bit absmax with outliers kept in 16 bits).
         scoped: a LoRA adapter folder with a scope (ownllm.models.scope) comes back as the base model with the
@@ -169,7 +170,7 @@ def load_model(spec: str | ResolvedModel, *, dtype: str = "auto", device: str = 
         with _hub_errors(source):
             config = AutoConfig.from_pretrained(location, **args)
         # fp32 steps of a few rows run as transposed products in the slot forward, unless the weights are
-        # bitsandbytes' or a GGUF's 4-bit ones run as stored (bf16)
+        # bitsandbytes' or a GGUF's 4-bit ones run as stored
         narrow = quantize is None and not (gguf_int4 and source.gguf_file is not None)
         choice = choose_dtype(dtype, device, config, batch_rows, narrow_fp32=narrow)
         with _hub_errors(source):
