@@ -518,9 +518,9 @@ class SlotModel:
             max_len: tokens per sequence (prompt and completion), not counting the prefix.
             prefix: prompt-tuning embeddings [virtual tokens, hidden] put in front of every sequence.
             four_bit: a bf16 or fp32 model on the CPU loaded from a GGUF runs its Q4_0/Q4_1/Q4_K projections as
-                stored (int4 kernel, on bf16 activations) in forwards of up to `four_bit_rows` tokens, where that
-                was measured faster than its dense matmuls (decode steps of a few rows); wider forwards use the
-                dequantized weights.
+                stored (int4 kernel, on bf16 activations) in decode steps of up to `four_bit_rows` rows, where
+                that was measured faster than its dense matmuls; wider steps and every prefill chunk (a prompt's
+                tokens, scored or cached) use the dequantized weights.
         """
         reason = slot_support(model)
         if reason is not None:
@@ -554,7 +554,7 @@ class SlotModel:
         self.cos, sin = self._rotary_tables(positions)
         self.sin_turned = {kind: torch.cat([-table[:, : table.shape[1] // 2], table[:, table.shape[1] // 2 :]], -1)
                            for kind, table in sin.items()}  # (`_rope`)
-        self.four_bit = _FourBit([], None)  # used only in forwards of up to four_bit_rows (0) tokens
+        self.four_bit = _FourBit([], None)  # used only in decode steps of up to four_bit_rows (0) rows
         self.four_bit_rows = 0
         self.four_bit_note: str | None = None  # why a GGUF model's 4-bit weights are not used, when they are not
         self._packable = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
@@ -661,10 +661,10 @@ class SlotModel:
     @property
     def short_forward(self) -> int:
         """Forwards of this many tokens or fewer compute their products otherwise than wide ones (narrow products,
-        the int4 kernel, F.linear for one row beside packed weights), so their rows round otherwise: a prompt's
-        last chunk is computed whole after a cached prefix that would leave fewer of its tokens (`KVCache`). 0: every
-        width rounds alike (F.linear, padded where it must be)."""
-        return max(self.narrow_rows, self.four_bit_rows, 1 if self.packed else 0)
+        the int4 kernel for a one-token forward, F.linear for one row beside packed weights), so their rows round
+        otherwise: a prompt's last chunk is computed whole after a cached prefix that would leave fewer of its
+        tokens (`KVCache`). 0: every width rounds alike (F.linear, padded where it must be)."""
+        return max(self.narrow_rows, 1 if self.packed or self.four_bit_rows else 0)
 
     def pack_for(self, rows: int, reserve: int = 0) -> None:
         """Pack the dense weights for oneDNN (once per model: every SlotModel of it shares them) if decode steps
@@ -973,7 +973,8 @@ class SlotModel:
                 masks[window] = self._chunk_mask(start_list[0], length, window)
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         q_width, kv_width = h * d, kv * d
-        use_four_bit = rows * length <= self.four_bit_rows
+        # decode steps only: a prompt's chunks (scored, or computed after a cached prefix) are the dense forward's
+        use_four_bit = length == 1 and rows <= self.four_bit_rows
         compiled = self.compiled.ready if self.compiled is not None else None
         places = self._row_places(slot_list, start_list) if compiled is not None and length == 1 else None
         one_compiled_row = places is not None and rows == 1 and not groups and use_four_bit
@@ -1018,16 +1019,16 @@ class SlotModel:
             if layer.mlp_out_norm is not None:
                 out = layer.mlp_out_norm(out)
             x = x + out
-        logits = self._logits(x[:, -1])
+        logits = self._logits(x[:, -1], use_four_bit)
         if every_position and rows == 1 and given > 1:
-            logits = torch.cat([self._logits(x[0, -given:-1]), logits])
+            logits = torch.cat([self._logits(x[0, -given:-1], False), logits])
         return logits.cpu()
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, four_bit: bool) -> torch.Tensor:
         """The logits of final hidden states [rows, C], in the model dtype, as transformers returns them (the
-        sampler upcasts)."""
+        sampler upcasts); through the stored 4-bit output layer with `four_bit`."""
         weights = self.weights
-        lm_head = self.four_bit.lm_head if x.shape[0] <= self.four_bit_rows else None
+        lm_head = self.four_bit.lm_head if four_bit else None
         logits = self._project(weights.final_norm(x), weights.lm_head, None, lm_head)
         if weights.final_softcap is not None:
             logits = torch.tanh(logits / weights.final_softcap) * weights.final_softcap

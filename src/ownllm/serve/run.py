@@ -99,7 +99,7 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
                         "a token)")
         mode = f"batched, up to {batching['max_batch']} sequences, {memory}, {caching}"
         if batching.get("int4_rows"):
-            mode += f", GGUF 4-bit weights as stored in steps of up to {batching['int4_rows']} tokens"
+            mode += f", GGUF 4-bit weights as stored in decode steps of up to {batching['int4_rows']} rows"
         elif batching.get("int4_note"):
             mode += f", {batching['int4_note']}"
         if batching.get("narrow_rows"):
