@@ -58,9 +58,22 @@ class Server:
             self.url = f"http://127.0.0.1:{self.port}"
             # the line comes once the socket listens: the first poll answers
             assert self.port != 0 and _poller().get(f"{self.url}/health").status_code == 200
+            self._wait_for_compiled_steps()
             return
         self.stop()
         raise RuntimeError("server did not start")
+
+    def _wait_for_compiled_steps(self) -> None:
+        """Until the one-row steps' compiled graphs are in use, or known not to be (test_compiled_decode): the tests
+        compare replies across requests, and a reply's near-ties may go the other way once they are (their attention
+        sums in another order). A first compile in a fresh test home takes a minute or a few; later starts load."""
+        deadline = time.monotonic() + 1800  # a hang guard
+        while time.monotonic() < deadline:
+            note = _poller().get(f"{self.url}/health").json().get("batching", {}).get("compiled_steps") or ""
+            if "compiling" not in note and "loading" not in note:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the server's one-row steps were still compiling: {self.log.read_text()[-2000:]}")
 
     def client(self, api_key: str = "none"):
         import openai

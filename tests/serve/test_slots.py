@@ -146,7 +146,8 @@ def test_a_bf16_server_runs_the_ggufs_4bit_weights_in_narrow_steps_and_says_so(d
     limit = state.scheduler.model.four_bit_rows  # measured on this CPU: 0 where the int4 kernel is no faster
     line = startup_line(state, "127.0.0.1", 8000)
     if limit:
-        assert f"GGUF 4-bit weights as stored in decode steps of up to {limit} rows" in line
+        assert (f"GGUF 4-bit weights as stored in decode steps of up to {limit} rows" if limit > 1 else
+                "GGUF 4-bit weights as stored in one-row decode steps") in line
         assert "one-row steps" in line  # loading, compiling in the background or compiled (test_compiled_decode)
     else:
         assert "4-bit" not in line

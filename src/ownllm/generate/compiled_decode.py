@@ -239,8 +239,9 @@ def layer_inputs(four: Any, norm: torch.Tensor, mlp_norm: torch.Tensor) -> dict[
 
 
 def _rounding_apart(want: torch.Tensor, got: torch.Tensor) -> bool:
-    """Equal up to a few bf16 roundings, relative to `want`'s largest value: the int4 products round to bf16 in
-    an fp32 model too, so a last-bit difference in an attention's fp32 sum can move one of them by a bf16 ulp."""
+    """Equal up to a few bf16 roundings, relative to `want`'s largest value (in an fp32 model too: its int4
+    products round to bf16, so a last-bit difference in an attention's fp32 sum can move one of them by a bf16 ulp,
+    and that reaches every later output). A wrong graph is off by the activations' own size."""
     return want.dtype == got.dtype and bool(
         (want.float() - got.float()).abs().max() <= 4 * torch.finfo(kernel_dtype()).eps * want.float().abs().max())
 

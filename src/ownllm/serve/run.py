@@ -98,8 +98,9 @@ def startup_line(state: ServerState, host: str, port: int) -> str:
             caching += (f" (whole {batching['prefix_exact_chunks']}-token prefill chunks only: a hit never changes "
                         "a token)")
         mode = f"batched, up to {batching['max_batch']} sequences, {memory}, {caching}"
-        if batching.get("int4_rows"):
-            mode += f", GGUF 4-bit weights as stored in decode steps of up to {batching['int4_rows']} rows"
+        if rows := batching.get("int4_rows"):
+            mode += (", GGUF 4-bit weights as stored in one-row decode steps" if rows == 1 else
+                     f", GGUF 4-bit weights as stored in decode steps of up to {rows} rows")
         elif batching.get("int4_note"):
             mode += f", {batching['int4_note']}"
         if batching.get("narrow_rows"):
