@@ -104,8 +104,11 @@ def rag_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(default_model: str, adapter_dir: Path, rag_store: Path) -> Iterator[Server]:
+    """The exact server: fp32 on the dequantized weights in every step. Its tests repeat seeded requests whose rows
+    decode beside each other (n, best_of), which only rows rounding alike at every step width repeat; the GGUF's
+    4-bit steps (the default elsewhere, tests/serve/test_slots.py) round a row by the step it is in."""
     running = Server(default_model, "--adapter", f"tuned={adapter_dir}", "--max-batch", "16", "--dtype", "fp32",
-                     "--max-model-len", "2048", "--rag-store", str(rag_store))
+                     "--no-gguf-int4", "--max-model-len", "2048", "--rag-store", str(rag_store))
     yield running
     running.stop()
 
