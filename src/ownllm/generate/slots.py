@@ -401,8 +401,8 @@ def _four_bit(model: Any, weights: _Weights) -> _FourBit:
 
 def _four_bit_signature(path: Path, model: Any, weights: _Weights) -> str | None:
     """What the packed 4-bit weights of `model` depend on: its GGUF at `path` (resolved: where, size, modification
-    time), the shapes, the activation dtype, this CPU and torch (the kernel's layout is theirs); None where the file
-    cannot be read."""
+    time), the shapes, this CPU and torch (the kernel's layout is theirs); None where the file cannot be read. Not
+    the model's dtype: the scales are bf16 for a bf16 and an fp32 model alike, so both share the file's one entry."""
     try:
         stat = path.stat()
     except OSError:
@@ -410,7 +410,7 @@ def _four_bit_signature(path: Path, model: Any, weights: _Weights) -> str | None
     config = model.config
     return json.dumps([FOUR_BIT_FORMAT, str(path), stat.st_size, stat.st_mtime_ns, len(weights.layers),
                        config.hidden_size, weights.intermediate, weights.heads, weights.kv_heads,
-                       str(weights.embed.dtype), cpu_model(), torch.__version__])
+                       cpu_model(), torch.__version__])
 
 
 def _four_bit_from_file(model: Any, weights: _Weights) -> _FourBit:

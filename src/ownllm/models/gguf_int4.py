@@ -349,7 +349,7 @@ def int4_row_limit(hidden: int, intermediate: int, *, against_packed: bool = Fal
     signature = f"int4|{cpu_model()}|{torch.__version__}|{hidden}|{intermediate}"
     # (the verdict moves with the thread count once packed products are in it: 4 rows on one thread here, 8 on two)
     signature += f"|packed|{torch.get_num_threads()}" if against_packed else ""
-    if dtype != torch.bfloat16:  # (bf16 verdicts kept from before keep their signature) narrow fp32 products
+    if dtype != torch.bfloat16:  # (a bf16 verdict keeps the signature it was kept under) fp32's narrow products
         # move with the thread count too
         signature += f"|{str(dtype).removeprefix('torch.')}" + ("" if against_packed else f"|{torch.get_num_threads()}")
     # a verdict of 0 (never faster) is measured again at the next start: one taken while the CPU was busy with
@@ -361,10 +361,9 @@ def int4_row_limit(hidden: int, intermediate: int, *, against_packed: bool = Fal
 
 
 def _measure_row_limit(hidden: int, intermediate: int, budget_bytes: int = 64 << 20, *,
-                       against_packed: bool = False, dtype: Any = None) -> int:
+                       against_packed: bool = False, dtype: Any) -> int:
     import torch
 
-    dtype = dtype or torch.bfloat16
     shapes = [(3 * hidden, hidden), (hidden, hidden), (2 * intermediate, hidden), (hidden, intermediate)]
     shapes = [(out, inner) for out, inner in shapes if inner % GROUP == 0]
     copies = max(1, budget_bytes // (sum(o * i for o, i in shapes) * dtype.itemsize))
