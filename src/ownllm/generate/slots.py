@@ -119,25 +119,38 @@ def rows_placed_alike(dtype: torch.dtype, device: torch.device, shapes: list[tup
     `PLACE_STEPS` rows, for each of `shapes` (the model's own: oneDNN's bf16 product of SmolLM2's down projection,
     [576, 1536], rounded the fourth row of a 4- or 8-row step otherwise than that row alone, where a probe of
     other shapes found nothing), each width computed as `_linear` computes it under OWNLLM_BATCH_INVARIANT (the
-    widths `invariant_widths` names, wider). Probed once per dtype, device, thread count and shapes."""
+    widths `invariant_widths` names, wider). Probed once per dtype, device, thread count and shapes; on the CPU kept
+    in hardware.json (the output layer's products make it ~0.7 s a dtype, paid by every server and batched model
+    start before)."""
     key = (dtype, device.type, torch.get_num_threads(), tuple(shapes), batch_invariance_asked())
     if key not in _probed_places:
-        generator = torch.Generator().manual_seed(0)
-        alike = True
-        for out_features, in_features in shapes:
+        def widths(shape: tuple[int, int]) -> dict[int, int]:
             # the widths the model pads by where invariance is asked (its own shapes' probes); else the general
             # probe's, which costs nothing more (this then only decides what the start-up line advises)
-            padded_rows = invariant_widths(dtype, device, (out_features, in_features) if batch_invariance_asked()
-                                           else PROBE_SHAPE)
-            x = torch.randn(max(PLACE_STEPS), in_features, generator=generator).to(device=device, dtype=dtype)
-            w = (torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5).to(
-                device=device, dtype=dtype)
-            alone = [_linear(x[row : row + 1], w, padded_rows=padded_rows) for row in range(max(PLACE_STEPS))]
-            alike = all(torch.equal(_linear(x[:rows], w, padded_rows=padded_rows)[row : row + 1], alone[row])
-                        for rows in PLACE_STEPS for row in range(rows))
-            if not alike:
-                break
-        _probed_places[key] = alike
+            return invariant_widths(dtype, device, shape if batch_invariance_asked() else PROBE_SHAPE)
+
+        def probe() -> bool:
+            generator = torch.Generator().manual_seed(0)
+            for out_features, in_features in shapes:
+                padded_rows = widths((out_features, in_features))
+                x = torch.randn(max(PLACE_STEPS), in_features, generator=generator).to(device=device, dtype=dtype)
+                w = (torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5).to(
+                    device=device, dtype=dtype)
+                alone = [_linear(x[row : row + 1], w, padded_rows=padded_rows) for row in range(max(PLACE_STEPS))]
+                if not all(torch.equal(_linear(x[:rows], w, padded_rows=padded_rows)[row : row + 1], alone[row])
+                           for rows in PLACE_STEPS for row in range(rows)):
+                    return False
+            return True
+
+        if device.type == "cpu":
+            # the padding is part of what is probed: a change of the kept widths is another measurement
+            padding = [sorted(widths(tuple(shape)).items()) for shape in shapes]
+            signature = (f"places|{cpu_model()}|{sorted(cpu_flags())}|{torch.__version__}|{torch.get_num_threads()}|"
+                         f"{dtype}|{[tuple(shape) for shape in shapes]}|{PLACE_STEPS}|{padding}")
+            _probed_places[key] = remembered_measurement("rows_placed_alike", signature,
+                                                         lambda value: isinstance(value, bool), probe)
+        else:
+            _probed_places[key] = probe()
     return _probed_places[key]
 
 
