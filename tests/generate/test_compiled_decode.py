@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,16 @@ def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str],
     if not eager.four_bit_rows:
         pytest.skip(f"no int4 steps on this CPU, so nothing to compile: {eager.four_bit_note}")
     monkeypatch.delenv("OWNLLM_COMPILED_DECODE")
+    extracted = set(Path(tempfile.gettempdir()).glob("aotinductor_*"))
     compiled = SlotModel(model.model, slots=3, max_len=256, four_bit=True)
     assert compiled.compiled is not None, compiled.compiled_note
     compiled.compiled.thread.join(timeout=1800)  # a hang guard: one compile is ~15-60 s of one core
     assert compiled.compiled.ready is not None, compiled.compiled.note
     assert compiled.compiled_steps == "one-row steps and the decode attention compiled (AOTInductor)"
     assert compiled.compiled.folder.parent.name == "compiled" and compiled.compiled.folder.is_dir()
+    # loaded where they lie (unpacked): a .pt2 file is extracted into /tmp at each load and left there
+    assert not [folder for folder in set(Path(tempfile.gettempdir()).glob("aotinductor_*")) - extracted
+                if any((folder / name).exists() for name in ("first", "middle", "last", "attention"))]
     # measured over all 24 questions x 25 steps (session 41): logits at most 1.19 apart (0.39 on average), 7 other
     # tokens, each where the eager forward's top two were 0-0.25 apart (exact ties to two bf16 ulps); the same
     # figures with the questions decoded three rows at a time
@@ -148,7 +153,7 @@ def test_a_compile_that_fails_leaves_the_eager_forward_and_says_why(tmp_path: Pa
 
 
 def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Packages that do not load (truncated, swapped, stale) are removed under the lock and compiled again once; a
+    """Packages that do not load (garbage, truncated, empty) are removed under the lock and compiled again once; a
     staging folder left by a killed compiler goes too. (The tiny spec fails to compile: it stays eager after.)"""
     from ownllm.generate.compiled_decode import GRAPHS, CompiledSteps
 
@@ -158,8 +163,11 @@ def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypa
     probe.thread.join(timeout=600)
     folder = probe.folder
     folder.mkdir(parents=True)
-    for name, damage in zip(GRAPHS, [b"not a package", b"PK\x03\x04 truncated", b""] * 2, strict=False):
-        (folder / f"{name}.pt2").write_bytes(damage)
+    for name, damage in zip(GRAPHS, [b"not a library", b"\x7fELF truncated", b"", None], strict=True):
+        model = folder / name / "data" / "aotinductor" / "model"  # an unpacked package's place for its library
+        model.mkdir(parents=True)
+        if damage is not None:  # (else an empty package)
+            (model / f"{name}.wrapper.so").write_bytes(damage)
     stale = folder.with_name(f".{folder.name}.12345")
     stale.mkdir()
     steps = CompiledSteps(spec, check=lambda graphs: None)

@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -353,8 +354,12 @@ def _dynamic_shapes() -> dict[str, Any]:
 
 
 def compile_packages(spec: dict[str, Any], folder: Path) -> None:
-    """Compile the graphs for `spec` into folder/<name>.pt2 (`GRAPHS`): the child process's job. Written
-    whole or not at all; where another process's compile got there first, its folder stays."""
+    """Compile the graphs for `spec` into folder/<name>/ (`GRAPHS`), each package unpacked: the child process's
+    job. Written whole or not at all; where another process's compile got there first, its folder stays.
+
+    Unpacked because a .pt2 file is extracted again at every load into a new /tmp/aotinductor_* folder that only
+    the loader's destructor removes, which a server never reaches (its graphs live as long as it does; a SIGKILL):
+    ~7 MB left in /tmp by every start. Loaded from its folder, a package is used where it lies."""
     import torch._inductor.config as inductor_config
     from torch._inductor.lowering import lowerings, make_fallback
 
@@ -371,7 +376,13 @@ def compile_packages(spec: dict[str, Any], folder: Path) -> None:
     try:
         for name in GRAPHS:
             exported = torch.export.export(modules[name], inputs[name], dynamic_shapes=dynamic[name])
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(staging / f"{name}.pt2"))
+            package = staging / f"{name}.pt2"
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
+            with zipfile.ZipFile(package) as archive:  # its entries are under <name>/ (the package's own name)
+                archive.extractall(staging)
+            package.unlink()
+            if not (staging / name).is_dir():
+                raise RuntimeError(f"the compiled package {package.name} did not unpack into {name}/")
         if not _complete(folder):
             os.replace(staging, folder)
     finally:
@@ -419,11 +430,11 @@ class CompiledSteps:
                         exc.__class__.__name__, str(exc)[-500:])
 
     def _loaded_and_checked(self) -> tuple[Any, ...]:
-        from torch._inductor import aoti_load_package
-
-        # the loader's own run: the package's __call__ parses its input and output specs on every call
-        # (~12 us, a call a layer)
-        graphs = {name: aoti_load_package(str(self.folder / f"{name}.pt2")).loader.run for name in GRAPHS}
+        # the loader `aoti_load_package` builds, on the unpacked package's folder (which it would take for an
+        # outdated .pt2 file, with a warning); its own run: the package's __call__ parses its input and output
+        # specs on every call (~12 us, a call a layer)
+        graphs = {name: torch._C._aoti.AOTIModelPackageLoader(str(self.folder / name), "model", False, 1, -1).run
+                  for name in GRAPHS}
         self.check(graphs)
         return tuple(graphs[name] for name in GRAPHS)
 
@@ -506,10 +517,9 @@ def _prune(kept: Path) -> None:
 
 
 def _complete(folder: Path) -> bool:
-    """A compiled set: a real folder (not a link) with every package (`GRAPHS`) as a plain file."""
+    """A compiled set: a real folder (not a link) with every package (`GRAPHS`) unpacked in a real folder."""
     return (folder.is_dir() and not folder.is_symlink()
-            and all((folder / name).is_file() and not (folder / name).is_symlink()
-                    for name in [f"{graph}.pt2" for graph in GRAPHS]))
+            and all((folder / graph).is_dir() and not (folder / graph).is_symlink() for graph in GRAPHS))
 
 
 def _discard(path: Path) -> None:
