@@ -110,6 +110,18 @@ def transformers_greedy(model: Any, prompt: list[int], steps: int) -> tuple[list
     return tokens, logits
 
 
+_references: dict[tuple[int, tuple[int, ...], int], tuple[list[int], list[torch.Tensor]]] = {}
+
+
+def base_greedy(model: Any, prompt: list[int], steps: int = NEW_TOKENS) -> tuple[list[int], list[torch.Tensor]]:
+    """`transformers_greedy` of one of this module's loaded base models (`load`: alive, so their ids stay theirs,
+    and never left changed), computed once: the sweeps here share prompts (~0.5 s each a dtype, one core)."""
+    key = (id(model), tuple(prompt), steps)
+    if key not in _references:
+        _references[key] = transformers_greedy(model, prompt, steps)
+    return _references[key]
+
+
 def slot_decode(slots: Any, prompts: list[list[int]], slot_ids: list[int], steps: int,
                 feed: list[list[int]] | None = None, adapters: list[str | None] | None = None
                 ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
@@ -172,7 +184,7 @@ def test_slot_greedy_and_logits_match_transformers(load: Callable[[str], Any], d
     ties = 0
     for wave in range(0, len(prompts), WAVE):
         batch = prompts[wave : wave + WAVE]
-        expected = [transformers_greedy(loaded.model, prompt, NEW_TOKENS) for prompt in batch]
+        expected = [base_greedy(loaded.model, prompt) for prompt in batch]
         ids = list(range(len(batch))) if wave == 0 else list(reversed(range(len(batch))))
         tokens, logits = slot_decode(slots, batch, ids, NEW_TOKENS, feed=[e[0] for e in expected])
         for prompt, got, want in zip(batch, zip(tokens, logits, strict=True), expected, strict=True):
@@ -215,7 +227,7 @@ def test_lora_rows_match_peft_in_bf16(load: Callable[[str], Any], tmp_path: Path
     random_adapter.unload()  # the module's shared model stays LoRA-free
     prompts = chat_prompts(tokenizer, [QUESTIONS[1], QUESTIONS[12], QUESTIONS[5]])
     adapters: list[str | None] = ["tuned", None, "tuned"]
-    base = transformers_greedy(model, prompts[1], NEW_TOKENS)
+    base = base_greedy(model, prompts[1])
     tuned = PeftModel.from_pretrained(model, str(tmp_path))
     try:
         expected = [transformers_greedy(tuned, prompts[0], NEW_TOKENS), base,
@@ -228,7 +240,7 @@ def test_lora_rows_match_peft_in_bf16(load: Callable[[str], Any], tmp_path: Path
     ties = sum(compare(tokenizer, prompt, (tokens[row], logits[row]), expected[row], "bf16")
                for row, prompt in enumerate(prompts))
     assert ties <= MAX_TIES["bf16"]
-    assert expected[0][0] != transformers_greedy(model, prompts[0], NEW_TOKENS)[0]  # the adapter changes the answer
+    assert expected[0][0] != base_greedy(model, prompts[0])[0]  # the adapter changes the answer
 
 
 GEMMA_PROMPTS = ["The capital of France is", "Water boils at a temperature of",
@@ -304,7 +316,7 @@ def test_gguf_int4_rows_are_as_close_to_fp32_as_bf16_rows(load: Callable[[str], 
     monkeypatch.setenv("OWNLLM_COMPILED_DECODE", "0")  # these sweeps decode many rows at once: nothing to compile
     reference, bf16 = load("fp32"), load("bf16")
     prompts = chat_prompts(reference.tokenizer)[:WAVE]
-    expected = [transformers_greedy(reference.model, prompt, NEW_TOKENS) for prompt in prompts]
+    expected = [base_greedy(reference.model, prompt) for prompt in prompts]
     measured = {}
     for name, loaded, four_bit in (("bf16", bf16, False), ("bf16 int4", bf16, True), ("fp32 int4", reference, True)):
         slots = SlotModel(loaded.model, slots=WAVE, max_len=128, four_bit=four_bit)
