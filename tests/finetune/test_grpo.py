@@ -117,12 +117,12 @@ def test_reference_guidance_needs_references_and_runs_in_two_processes(default_m
                     + json.dumps({"prompt": "Say hi."}) + "\n")
     out = tmp_path / "ddp"
     result = run_cli("finetune", "smollm2-135m-instruct", "--method", "grpo", "--data", str(data), "--out", str(out),
-                     "--reward-fn", "exact", "--reference-guidance", "--rollouts", "trl", "--max-steps", "2",
-                     *TINY, "--nproc", "2", timeout=900)
+                     "--reward-fn", "exact", "--reference-guidance", "--rollouts", "trl", "--max-steps", "1",
+                     *TINY, "--nproc", "2", timeout=900)  # one step: the collective is in every step alike
     assert result.returncode == 0, result.stderr[-3000:]
     logged = [r for r in rows(out) if "reward" in r]
-    assert [r["step"] for r in logged] == [1, 2]
-    assert [r["guidance/groups_guided"] for r in logged] == [0.5, 0.5]  # both processes' groups counted
+    assert [r["step"] for r in logged] == [1]
+    assert [r["guidance/groups_guided"] for r in logged] == [0.5]  # both processes' groups counted
 
 
 def test_a_reward_raising_mid_training_stops_with_a_checkpoint(default_model: str, prompts: Path,
