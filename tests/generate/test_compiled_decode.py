@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -67,6 +68,7 @@ def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str],
     hardening regression) is answered with Paris. An fp32 model (the server's dtype on CPUs without native bf16)
     has graphs of its own: fp32 between the int4 products, whose rows round to bf16 as in its eager forward."""
     from ownllm.errors import OwnLLMError
+    from ownllm.generate.compiled_decode import _check_fingerprints
     from ownllm.generate.slots import SlotModel
     from tests.generate.test_slot_parity import compare
 
@@ -87,6 +89,7 @@ def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str],
     assert compiled.compiled.ready is not None, compiled.compiled.note
     assert compiled.compiled_steps == "one-row steps and the decode attention compiled (AOTInductor)"
     assert compiled.compiled.folder.parent.name == "compiled" and compiled.compiled.folder.is_dir()
+    _check_fingerprints(compiled.compiled.folder)  # kept with the set, and what it holds
     # loaded where they lie (unpacked): a .pt2 file is extracted into /tmp at each load and left there
     assert not [folder for folder in set(Path(tempfile.gettempdir()).glob("aotinductor_*")) - extracted
                 if any((folder / name).exists() for name in ("first", "middle", "last", "attention"))]
@@ -155,7 +158,7 @@ def test_a_compile_that_fails_leaves_the_eager_forward_and_says_why(tmp_path: Pa
 def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Packages that do not load (garbage, truncated, empty) are removed under the lock and compiled again once; a
     staging folder left by a killed compiler goes too. (The tiny spec fails to compile: it stays eager after.)"""
-    from ownllm.generate.compiled_decode import GRAPHS, CompiledSteps
+    from ownllm.generate.compiled_decode import GRAPHS, MANIFEST, CompiledSteps, _fingerprints
 
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
     spec = {**TINY_SPEC, "code": "damaged"}
@@ -168,6 +171,7 @@ def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypa
         model.mkdir(parents=True)
         if damage is not None:  # (else an empty package)
             (model / f"{name}.wrapper.so").write_bytes(damage)
+    (folder / MANIFEST).write_text(json.dumps(_fingerprints(folder)))  # as written: they fail only to load
     stale = folder.with_name(f".{folder.name}.12345")
     stale.mkdir()
     steps = CompiledSteps(spec, check=lambda graphs: None)
@@ -175,6 +179,38 @@ def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypa
     steps.thread.join(timeout=600)
     assert steps.ready is None and steps.note.startswith("one-row steps eager (RuntimeError")
     assert not folder.exists() and not stale.exists()
+
+
+def test_a_set_whose_files_are_not_as_compiled_is_refused_before_anything_maps(tmp_path: Path) -> None:
+    """A library cut short maps without complaint and kills the process with SIGBUS when it is touched (found by a
+    review): each file's size and sha256 are kept with the set and checked before it loads."""
+    from ownllm.generate.compiled_decode import GRAPHS, MANIFEST, _check_fingerprints, _complete, _fingerprints
+
+    folder = tmp_path / "decode-x"
+    for name in GRAPHS:
+        model = folder / name / "data" / "aotinductor" / "model"
+        model.mkdir(parents=True)
+        (model / f"{name}.wrapper.so").write_bytes(b"\x7fELF" + bytes(range(256)) * 40)
+    assert not _complete(folder)  # no manifest: not a set
+    (folder / MANIFEST).write_text(json.dumps(_fingerprints(folder)))
+    assert _complete(folder)
+    _check_fingerprints(folder)
+    library = folder / "first" / "data" / "aotinductor" / "model" / "first.wrapper.so"
+    whole = library.read_bytes()
+    for damage in (lambda: library.write_bytes(whole[:1000]),  # cut short (the SIGBUS)
+                   lambda: library.write_bytes(whole[:-1] + b"x"),  # the same size, another byte
+                   lambda: (library.parent / "extra.so").write_bytes(b"x"),
+                   lambda: (library.unlink(), library.symlink_to(folder / "middle" / "data" / "aotinductor" / "model"
+                                                                 / "middle.wrapper.so")),
+                   lambda: (folder / MANIFEST).write_text("{not json")):
+        damage()
+        with pytest.raises(RuntimeError, match=MANIFEST):
+            _check_fingerprints(folder)
+        library.unlink(missing_ok=True)
+        library.write_bytes(whole)
+        (library.parent / "extra.so").unlink(missing_ok=True)
+        (folder / MANIFEST).write_text(json.dumps(_fingerprints(folder)))
+        _check_fingerprints(folder)
 
 
 def test_old_compiled_sets_are_pruned_but_not_one_being_compiled(tmp_path: Path,
