@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ownllm.data.files import file_sha256
 from ownllm.errors import env_switch
 from ownllm.home import open_lock_file, ownllm_home
 from ownllm.models.gguf_int4 import int4_matmul, kernel_dtype
@@ -523,7 +524,7 @@ MANIFEST = "manifest.json"  # every file of a compiled set: its size and sha256,
 
 def _fingerprints(folder: Path) -> dict[str, list[Any]]:
     """{path within the set: [size, sha256]} of every file of the packages in `folder`."""
-    return {str(path.relative_to(folder)): [path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+    return {str(path.relative_to(folder)): [path.stat().st_size, file_sha256(path)]
             for graph in GRAPHS for path in sorted((folder / graph).rglob("*"))
             if path.is_file() and not path.is_symlink()}  # (a link, a FIFO: missing from the list, so a mismatch)
 
