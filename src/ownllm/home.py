@@ -161,6 +161,16 @@ def tensors_digest(tensors: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in blocks: what a cache keys on, so an edited file never passes for
+    the old one."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def kept_path(folder: str, kind: str, key: str, suffix: str) -> Path:
     """Where `kept_tensors` (and other keyed caches of the home) keep the entry of (`kind`, `key`)."""
     hashed = hashlib.sha256(key.encode()).hexdigest()[:24]

@@ -6,7 +6,6 @@ instead of a traceback, and an output path that cannot be written fails before a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -102,7 +101,3 @@ def check_output_file(path: Path, *, param: str | None = None, hint: str | None 
         raise OwnLLMError(f"{_option(param)}{path} is not a regular file", param=param)
     _writable_parent(path, param)
 
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes (hex): what a cache keys on, so an edited file never passes for the old one."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()

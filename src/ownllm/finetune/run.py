@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ownllm.data.doctor import read_examples
-from ownllm.data.files import check_output_folder, file_sha256
+from ownllm.data.files import check_output_folder
 from ownllm.errors import OwnLLMError
 from ownllm.finetune.base_cache import model_signature, remembered_tensors, remembered_together
 from ownllm.finetune.callbacks import VariantEpochs
@@ -49,7 +49,7 @@ from ownllm.finetune.run_folder import (
 )
 from ownllm.finetune.scoping import scope_adapter, varies_system
 from ownllm.finetune.trainer_setup import has_cuda, run_callbacks, trainer_arguments, use_own_callbacks
-from ownllm.home import atomic_write_json, atomic_write_text
+from ownllm.home import atomic_write_json, atomic_write_text, file_sha256
 from ownllm.models.tokenizer_files import save_tokenizer
 
 log = logging.getLogger(__name__)

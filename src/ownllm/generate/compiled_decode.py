@@ -48,9 +48,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ownllm.data.files import file_sha256
 from ownllm.errors import env_switch
-from ownllm.home import open_lock_file, ownllm_home
+from ownllm.home import file_sha256, open_lock_file, ownllm_home
 from ownllm.models.gguf_int4 import int4_matmul, kernel_dtype
 
 log = logging.getLogger(__name__)

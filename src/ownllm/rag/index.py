@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ownllm.data.files import check_output_file, file_sha256
+from ownllm.data.files import check_output_file
 from ownllm.errors import OwnLLMError
+from ownllm.home import file_sha256
 from ownllm.models.embeddings import DEFAULT_EMBEDDING_MODEL, Embedder, load_embedder
 from ownllm.rag.chunking import Chunk, chunk_sections
 from ownllm.rag.context import DEFAULT_K, DEFAULT_MIN_SCORE, Hit, RagContext
