@@ -76,6 +76,18 @@ def test_forced_calls_validate_streamed_and_not(server, choice: Any) -> None:
     assert not any(c.choices and c.choices[0].delta.content for c in chunks)
 
 
+def test_a_named_choice_makes_one_call_even_where_parallel_calls_are_allowed(server) -> None:
+    """(regression: the default model went on writing more calls of the named tool until max_tokens cut the reply,
+    which then said "length" with 64 tokens spent on a 35-token call)"""
+    reply = server.client().chat.completions.create(
+        model=MODEL, messages=ask("What is the weather like in Paris, in celsius?"), tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=64, temperature=0)
+    choice = reply.choices[0]
+    (call,) = assert_valid_calls(choice.message)
+    assert call.function.name == "get_weather" and choice.finish_reason == "tool_calls"
+    assert reply.usage.completion_tokens < 64
+
+
 def test_auto_answers_an_unrelated_question_in_prose(server) -> None:
     client = server.client()
     options = {"model": MODEL, "messages": ask("What is the capital of France?"), "tools": TOOLS,

@@ -145,7 +145,9 @@ def plan_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any = Non
         if not chosen:
             raise OwnLLMError(f"tool_choice names the tool {named!r}, which is not in tools "
                               f"({', '.join(t.name for t in parsed)})", param="tool_choice")
-        return ToolPlan(tuple(chosen), required=True, parallel=parallel)
+        # exactly one call, as vLLM's named function calling makes: the model is told which call to make, and a
+        # small one otherwise goes on writing more calls of it until max_tokens cuts the reply ("length")
+        return ToolPlan(tuple(chosen), required=True, parallel=False)
     return ToolPlan(tuple(parsed), required=mode == "required", parallel=parallel)
 
 
