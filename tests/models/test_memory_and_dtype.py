@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import types
 
 import pytest
@@ -222,3 +223,14 @@ def test_packed_products_are_measured_once_and_kept(monkeypatch, tmp_path) -> No
     monkeypatch.setattr(dtype_module, "best_of_turns", lambda runs: [1.0, 1.0] * (len(runs) // 2))  # a tie loses
     monkeypatch.setenv("OWNLLM_HOME", str(tmp_path / "other"))
     assert dtype_module.packed_products_win(torch.float32, shapes, layers=2, output=(128, 32)) is False
+
+
+def test_a_hardware_json_that_cannot_be_written_is_warned_about_once(monkeypatch, tmp_path, caplog) -> None:
+    """(review: hardware.json made a folder gave a server start 9 identical warnings, one per measurement)"""
+    monkeypatch.setenv("OWNLLM_HOME", str(tmp_path))
+    (tmp_path / "hardware.json").mkdir()
+    with caplog.at_level(logging.DEBUG, logger=dtype_module.log.name):
+        for section in ("choices", "int4_rows", "choices"):
+            assert dtype_module.remembered_measurement(section, section, lambda v: True, lambda: "x") == "x"
+    said = [r for r in caplog.records if "could not keep the measurement" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING, logging.DEBUG, logging.DEBUG]

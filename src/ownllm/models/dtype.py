@@ -153,8 +153,14 @@ def remembered_measurement(section: str, signature: str, valid: Callable[[Any], 
                 return theirs[key]
             atomic_write_json(path, {**known, section: {**theirs, key: value}})
     except OSError as exc:  # a read-only home costs the next start this measurement again, nothing more
-        log.warning("could not keep the measurement in %s (%s); it is taken again next time", path, exc)
+        # said once per file and process: a server start takes ~9 measurements, each failing the same way
+        level = logging.DEBUG if path in _unwritable else logging.WARNING
+        _unwritable.add(path)
+        log.log(level, "could not keep the measurement in %s (%s); it is taken again next time", path, exc)
     return value
+
+
+_unwritable: set[Path] = set()  # hardware.json files this process could not write (warned about once)
 
 
 def _kept(path: Path) -> dict[str, Any]:
