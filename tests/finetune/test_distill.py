@@ -61,6 +61,23 @@ def test_logits_only_at_learned_positions_match_the_full_logits(model_and_rows) 
     torch.testing.assert_close(some, full[positions], atol=1e-4, rtol=1e-4)
 
 
+def test_targets_come_back_in_the_rows_order_whatever_the_batches(model_and_rows) -> None:
+    """The rows are batched by length; each row's targets still come back in its own place, whatever order the rows
+    are given in and however they fall into batches."""
+    model, rows, pad = model_and_rows
+    (long, short), counts = rows, [sum(label != -100 for label in row["labels"][1:]) for row in rows]
+    assert len(long["input_ids"]) != len(short["input_ids"]) and counts[0] != counts[1]
+    together = teacher_targets(model, [long, short], pad)
+    swapped = teacher_targets(model, [short, long], pad)
+    alone = [teacher_targets(model, [row], pad, batch_size=1) for row in (long, short)]
+    assert together["counts"].tolist() == counts and swapped["counts"].tolist() == counts[::-1]
+    for key in ("ids", "logprobs"):
+        mine = together[key].split(counts)
+        torch.testing.assert_close(swapped[key].split(counts[::-1])[::-1], mine, atol=1e-4, rtol=1e-4)
+        for row_targets, single in zip(mine, alone, strict=True):
+            assert row_targets.shape == single[key].shape
+
+
 def test_training_loss_is_cross_entropy_on_facts_and_zero_kl_on_replay_before_training(model_and_rows,
                                                                                         tmp_path: Path) -> None:
     from transformers import TrainingArguments

@@ -56,21 +56,27 @@ def teacher_targets(model: Any, rows: list[dict[str, Any]], pad_id: int, *, batc
     was_training = model.training
     model.eval()
     collate = Collator(pad_id)
-    ids, logprobs, counts = [], [], []
+    # batched by length (each batch is padded to its longest row), handed back in the rows' own order
+    order = sorted(range(len(rows)), key=lambda index: len(rows[index]["input_ids"]))
+    per_row: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.empty(0), torch.empty(0))] * len(rows)
     try:
         for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start : start + batch_size])
+            chosen = order[start : start + batch_size]
+            batch = collate([rows[index] for index in chosen])
             positions = learned_positions(batch["labels"])
             with logits_only_at(model, positions), torch.autocast(model.device.type, dtype=torch.bfloat16,
                                                                   enabled=mixed_bf16):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             top = logits.float().log_softmax(-1).topk(TOP_K, dim=-1)
-            ids.append(top.indices.to(torch.int32))
-            logprobs.append(top.values)
-            counts += positions.sum(-1).tolist()
+            counts = positions.sum(-1).tolist()
+            for index, row_ids, row_logprobs in zip(chosen, top.indices.to(torch.int32).split(counts),
+                                                    top.values.split(counts), strict=True):
+                per_row[index] = (row_ids, row_logprobs)
     finally:
         model.train(was_training)
-    return {"ids": torch.cat(ids), "logprobs": torch.cat(logprobs), "counts": torch.tensor(counts)}
+    return {"ids": torch.cat([row_ids for row_ids, _ in per_row]),
+            "logprobs": torch.cat([row_logprobs for _, row_logprobs in per_row]),
+            "counts": torch.tensor([len(row_ids) for row_ids, _ in per_row])}
 
 
 def _learned_counts(rows: list[dict[str, Any]]) -> list[int]:
