@@ -99,3 +99,71 @@ def instance_problem(instance: Any, schema: dict[str, Any]) -> str | None:
     except Exception as exc:  # an unresolvable reference met while checking: the schema's fault, reported as such
         return f"the schema cannot be applied: {type(exc).__name__}"
     return None if error is None else error.message
+
+
+# llguidance builds a pattern's lexer states lazily, mid-generation; past ~200,000 positions (a{200000}, or
+# (a{1000}){1000}) it stops with "too many expressions constructed" at the reply's first token. 150,000 still ran.
+MAX_PATTERN_SIZE = 100_000
+
+
+def pattern_size(pattern: str) -> int | None:
+    """How many positions `pattern` has with each counted repeat written out (`a{3}` is 3, `(ab){2,5}` 10, `a*` 1):
+    about the states a regex engine that expands repeats builds. None where Python's parser cannot read it (its
+    syntax is left to whoever compiles it)."""
+    import re._parser as parser  # (sre_parse before Python 3.11)
+    from re._constants import MAXREPEAT
+
+    try:
+        parsed = parser.parse(pattern)
+    except Exception:
+        return None
+    repeats = {parser.MAX_REPEAT, parser.MIN_REPEAT, getattr(parser, "POSSESSIVE_REPEAT", parser.MAX_REPEAT)}
+
+    def size(items: Any) -> int:
+        total = 0
+        for op, value in items:
+            if op in repeats:
+                low, high, inner = value
+                total += (max(low, 1) if high == MAXREPEAT else high) * size(inner)
+            elif op is parser.SUBPATTERN:
+                total += size(value[-1])
+            elif op is parser.BRANCH:
+                total += sum(size(branch) for branch in value[1])
+            elif op in (parser.ASSERT, parser.ASSERT_NOT):
+                total += size(value[1])
+            elif op is not parser.AT:
+                total += 1
+        return total
+
+    return size(parsed)
+
+
+def oversized_pattern(schema: Any, depth: int = 0) -> str | None:
+    """The first regex in `schema` (a `pattern`, a `patternProperties` key) too large to compile (see
+    MAX_PATTERN_SIZE), said in a sentence; None when there is none."""
+    if depth > 200:
+        return None  # (too deep to be a schema that compiles: said by whoever compiles it)
+    if isinstance(schema, dict):
+        patterns = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
+        if isinstance(schema.get("patternProperties"), dict):
+            patterns += list(schema["patternProperties"])
+        for pattern in patterns:
+            problem = pattern_problem(pattern)
+            if problem:
+                return problem
+        values = list(schema.values())
+    elif isinstance(schema, list):
+        values = schema
+    else:
+        return None
+    return next((found for value in values if (found := oversized_pattern(value, depth + 1))), None)
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why `pattern` is too large to compile (None when it is not)."""
+    size = pattern_size(pattern)
+    if size is not None and size > MAX_PATTERN_SIZE:
+        shown = pattern if len(pattern) <= 60 else pattern[:57] + "..."
+        return (f"the pattern {shown!r} is too large: {size:,} positions once its counted repeats are written out "
+                f"(at most {MAX_PATTERN_SIZE:,}; for a length limit use maxLength)")
+    return None

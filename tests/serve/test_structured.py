@@ -124,6 +124,8 @@ def test_concurrent_requests_with_different_schemas_and_none(server) -> None:
      "response_format.json_schema.name", "pattern"),
     ("/v1/completions", {"response_format": json_schema_format({"type": "string", "pattern": "(("})},
      "response_format.json_schema.schema", "unclosed group"),
+    ("/v1/chat/completions", {"response_format": json_schema_format({"type": "object", "patternProperties": {
+        "^x{200000}$": {"type": "string"}}})}, "response_format.json_schema.schema", "200,000 positions"),
 ])
 def test_bad_response_formats_are_400_before_generation(server, path: str, body: dict[str, Any], param: str,
                                                         words: str) -> None:

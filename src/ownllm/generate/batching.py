@@ -475,6 +475,10 @@ class BatchScheduler(_Loop):
             step = choose_step(logits, params, request.seen, request.generator,
                                [s.token_id for s in decoding.steps], decode=self._piece, grammar=decoding.grammar)
             token = step.token_id
+        except OwnLLMError as exc:  # the request's own constraint failed (its client is told why): one line
+            log.warning("choosing a token for request %s failed: %s", request.id, exc)
+            self._finish(request, exc)
+            return
         except Exception as exc:
             log.exception("choosing a token for request %s failed", request.id)
             self._finish(request, _failed(exc))
@@ -540,6 +544,9 @@ class SerialScheduler(_Loop):
                         if request.cancelled.is_set():
                             break
                         self._emit(request, event)
+            except OwnLLMError as exc:  # the request's own fault (a constraint that failed): its client is told why
+                log.warning("request %s failed: %s", request.id, exc)
+                self._emit(request, exc)
             except Exception as exc:
                 log.exception("request %s failed", request.id)
                 self._emit(request, _failed(exc))

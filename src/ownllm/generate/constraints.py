@@ -178,13 +178,19 @@ class Constraint:
         self.check_references()
 
     def check_references(self) -> None:
-        """What llguidance finds only mid-generation, checked up front: a schema's references that loop forever."""
-        if self.kind == "json_schema":
-            from ownllm.json_schema import reference_loop
+        """What llguidance finds only mid-generation, checked up front: a schema's references that loop forever, and
+        regular expressions too large for its lexer (it fails at the reply's first token)."""
+        from ownllm.json_schema import oversized_pattern, pattern_problem, reference_loop
 
-            loop = reference_loop(json.loads(self.source))
-            if loop:
-                raise self.error(loop)
+        if self.kind == "json_schema":
+            schema = json.loads(self.source)
+            problem = reference_loop(schema) or oversized_pattern(schema)
+            if problem:
+                raise self.error(problem)
+        elif self.kind == "regex":
+            problem = pattern_problem(self.source)
+            if problem:
+                raise self.error(problem)
 
     def error(self, problem: object, failed: str = "cannot be used") -> OwnLLMError:
         """The OwnLLMError saying this constraint cannot be used (or `failed` otherwise), and why."""
@@ -199,7 +205,8 @@ _EXCERPT = re.compile(r"^(\d+ \|.*|\^+)$")
 
 def one_line(problem: object) -> str:
     """llguidance's message on one line, without the source excerpts under it (the position is in the message)."""
-    lines = [line.strip() for line in str(problem).splitlines()]
+    # (llguidance appends its parser's state to some errors: a kilobyte of counters, of no use to a client)
+    lines = [line.strip() for line in str(problem).split("<state>")[0].splitlines()]
     return " ".join(line for line in lines if line and not _EXCERPT.match(line))[:400] or "invalid"
 
 
