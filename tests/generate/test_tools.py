@@ -125,6 +125,12 @@ def test_bad_tools_name_their_field() -> None:
         with pytest.raises(OwnLLMError) as error:
             plan_tools(tools, choice)
         assert error.value.param == param, (tools, choice, error.value)
+    deep: dict[str, Any] = {"type": "string"}
+    for _ in range(300):  # (review: Python's "maximum recursion depth exceeded" was the message)
+        deep = {"type": "object", "properties": {"x": deep}}
+    with pytest.raises(OwnLLMError, match="nested too deeply") as error:
+        plan_tools([{"type": "function", "function": {"name": "f", "parameters": deep}}])
+    assert error.value.param == "tools[0].function.parameters"
 
 
 def test_none_shows_the_tools_but_allows_prose_only(grammars: Grammars) -> None:

@@ -176,6 +176,8 @@ def _tool(item: Mapping[str, Any], where: str) -> Tool:
         Constraint.json_schema(tool.call_schema()).named(param).check()
     except OwnLLMError as exc:
         raise OwnLLMError(str(exc), param=param) from None
+    except RecursionError:  # (Python's own words, "maximum recursion depth exceeded", say nothing of the schema)
+        raise OwnLLMError(f"{param}: the JSON schema is nested too deeply", param=param) from None
     except Exception as exc:  # anything else the grammar engine raises about a schema is still the schema's fault
         raise OwnLLMError(f"{param}: the JSON schema cannot be used: {exc}", param=param) from None
     return tool
