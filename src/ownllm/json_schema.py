@@ -4,6 +4,7 @@ Python's recursion limit is a problem to report, never a crash."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -104,38 +105,91 @@ def instance_problem(instance: Any, schema: dict[str, Any]) -> str | None:
 # llguidance builds a pattern's lexer states lazily, mid-generation; past ~200,000 positions (a{200000}, or
 # (a{1000}){1000}) it stops with "too many expressions constructed" at the reply's first token. 150,000 still ran.
 MAX_PATTERN_SIZE = 100_000
+_COUNT = re.compile(r"\{ *(\d+) *(?:(,) *(\d*) *)?\}")
+_ESCAPE_WITH_BRACES = re.compile(r"\\[pPxuNk]\{[^}]*\}")
+# keywords whose values are data (a `pattern` key inside them is no regex)
+_DATA_KEYWORDS = frozenset({"const", "enum", "examples", "default"})
 
 
-def pattern_size(pattern: str) -> int | None:
-    """How many positions `pattern` has with each counted repeat written out (`a{3}` is 3, `(ab){2,5}` 10, `a*` 1):
-    about the states a regex engine that expands repeats builds. None where Python's parser cannot read it (its
-    syntax is left to whoever compiles it)."""
-    import re._parser as parser  # (sre_parse before Python 3.11)
-    from re._constants import MAXREPEAT
+def pattern_size(pattern: str) -> int:
+    """How many positions `pattern` has with each counted repeat written out (`a{3}` is 3, `(ab){2,5}` 10, `a*` 1,
+    `a{10}{10}` 100): about the states a regex engine that expands repeats builds. Read by a scanner of its own,
+    which never fails and takes the syntax of llguidance's (Rust's) regexes and ECMA's alike: named groups, inline
+    flags, `\\p{..}`; where in doubt, it counts high."""
+    position = 0
 
-    try:
-        parsed = parser.parse(pattern)
-    except Exception:
-        return None
-    repeats = {parser.MAX_REPEAT, parser.MIN_REPEAT, getattr(parser, "POSSESSIVE_REPEAT", parser.MAX_REPEAT)}
+    def sequence() -> int:  # branches of one group (or of the whole pattern), until its `)`
+        nonlocal position
+        branches, current, last = [], 0, 0
+        while position < len(pattern) and pattern[position] != ")":
+            char = pattern[position]
+            if char == "|":
+                branches.append(current)
+                current = last = 0
+                position += 1
+                continue
+            counted = _COUNT.match(pattern, position)
+            if counted or char in "*+?":
+                if counted:
+                    low, comma, high = counted.groups()
+                    times = int(high) if high else (max(int(low), 1) if comma else int(low))
+                    position = counted.end()
+                else:
+                    times, position = 1, position + 1
+                current += last * (times - 1)  # the atom before was counted once already
+                last *= times
+                if position < len(pattern) and pattern[position] in "?+":  # lazy, possessive
+                    position += 1
+                continue
+            last = atom()
+            current += last
+        branches.append(current)
+        return sum(branches)
 
-    def size(items: Any) -> int:
-        total = 0
-        for op, value in items:
-            if op in repeats:
-                low, high, inner = value
-                total += (max(low, 1) if high == MAXREPEAT else high) * size(inner)
-            elif op is parser.SUBPATTERN:
-                total += size(value[-1])
-            elif op is parser.BRANCH:
-                total += sum(size(branch) for branch in value[1])
-            elif op in (parser.ASSERT, parser.ASSERT_NOT):
-                total += size(value[1])
-            elif op is not parser.AT:
-                total += 1
-        return total
+    def atom() -> int:
+        nonlocal position
+        char = pattern[position]
+        if char == "\\":
+            braced = _ESCAPE_WITH_BRACES.match(pattern, position)
+            position = braced.end() if braced else position + 2
+            return 1
+        if char == "[":  # a class: one position, whatever it holds
+            position += 1
+            depth = 1
+            if position < len(pattern) and pattern[position] == "^":
+                position += 1
+            if position < len(pattern) and pattern[position] == "]":
+                position += 1
+            while position < len(pattern) and depth:
+                if pattern[position] == "\\":
+                    position += 1
+                elif pattern[position] == "[":
+                    depth += 1
+                elif pattern[position] == "]":
+                    depth -= 1
+                position += 1
+            return 1
+        if char == "(":
+            position += 1
+            if pattern.startswith("?", position):  # (?:  (?<name>  (?P<name>  (?i)  (?i:  (?=  (?!  (?<=  (?<!
+                while position < len(pattern) and pattern[position] not in ":)" and not (
+                        pattern[position] == ">" and pattern[position - 1] != "?"):
+                    if pattern[position] in "=!" and pattern[position - 1] in "?<":
+                        break
+                    position += 1
+                if position < len(pattern) and pattern[position] in ":>=!":
+                    position += 1
+            size = sequence()
+            position += 1  # its `)` (or the end of an unclosed group)
+            return size
+        position += 1
+        return 0 if char in "^$" else 1
 
-    return size(parsed)
+    total = 0
+    while position < len(pattern):
+        total += sequence()
+        position += 1  # a `)` without its `(`: counted on from there
+    return total
 
 
 def oversized_pattern(schema: Any, depth: int = 0) -> str | None:
@@ -148,10 +202,10 @@ def oversized_pattern(schema: Any, depth: int = 0) -> str | None:
         if isinstance(schema.get("patternProperties"), dict):
             patterns += list(schema["patternProperties"])
         for pattern in patterns:
-            problem = pattern_problem(pattern)
+            problem = pattern_problem(pattern, hint="for a length limit use maxLength")
             if problem:
                 return problem
-        values = list(schema.values())
+        values = [value for key, value in schema.items() if key not in _DATA_KEYWORDS]
     elif isinstance(schema, list):
         values = schema
     else:
@@ -159,11 +213,14 @@ def oversized_pattern(schema: Any, depth: int = 0) -> str | None:
     return next((found for value in values if (found := oversized_pattern(value, depth + 1))), None)
 
 
-def pattern_problem(pattern: str) -> str | None:
-    """Why `pattern` is too large to compile (None when it is not)."""
-    size = pattern_size(pattern)
-    if size is not None and size > MAX_PATTERN_SIZE:
+def pattern_problem(pattern: str, hint: str = "") -> str | None:
+    """Why `pattern` is too large to compile (None when it is not); `hint` says what to use instead."""
+    try:
+        size = pattern_size(pattern)
+    except RecursionError:
+        return "a pattern nests its groups too deeply"
+    if size > MAX_PATTERN_SIZE:
         shown = pattern if len(pattern) <= 60 else pattern[:57] + "..."
         return (f"the pattern {shown!r} is too large: {size:,} positions once its counted repeats are written out "
-                f"(at most {MAX_PATTERN_SIZE:,}; for a length limit use maxLength)")
+                f"(at most {MAX_PATTERN_SIZE:,}{'; ' + hint if hint else ''})")
     return None
