@@ -18,6 +18,11 @@ from ownllm.json_schema import MAX_PATTERN_SIZE, oversized_pattern, pattern_prob
     # reads otherwise than llguidance (Rust) does, and a count past Python's range
     ("a{1000}{1000}", 1_000_000), ("(?<n>a{1000}){1000}", 1_000_000), ("(a{1000}){1000 }", 1_000_000),
     ("(?U)a{5}", 5), ("\\p{L}{7}", 7), ("a{4294967295}", 4_294_967_295),
+    # the third review's: verbose mode, where whitespace and #-comments are no part of the pattern, and any
+    # whitespace Rust skips inside a count
+    ("(?x)(a{1000}) {1 0 0 0}", 1_000_000), ("(?x:(a{10}) # {5}\n{1000})", 10_000), ("(?x)[ ]{3}", 3),
+    ("(a{1000}){\u00a01000}", 1_000_000), ("(a{1000}){1000\u3000}", 1_000_000), ("a b{3}", 5),
+    ("a{" + "9" * 5000 + "}", 5003),  # more digits than any count llguidance takes: text
 ])
 def test_a_pattern_counts_its_repeats_written_out(pattern: str, size: int) -> None:
     assert pattern_size(pattern) == size
@@ -35,6 +40,9 @@ def test_an_oversized_pattern_is_found_anywhere_in_a_schema() -> None:
     assert "too large" in oversized_pattern({"type": "object", "patternProperties": {huge: {}}})
     assert oversized_pattern({"type": "object", "properties": {"pattern": {"type": "string"}}}) is None
     assert oversized_pattern({"type": "string", "maxLength": 10**8}) is None  # a length limit is no pattern
+    # a property or definition named like a keyword is still a schema (third review)
+    assert "too large" in oversized_pattern({"type": "object", "properties": {"const": {"pattern": huge}}})
+    assert "too large" in oversized_pattern({"$defs": {"default": {"pattern": huge}}, "$ref": "#/$defs/default"})
     # data that happens to hold a "pattern" key is no regex
     assert oversized_pattern({"const": {"pattern": huge}, "examples": [{"pattern": huge}], "enum": [{"pattern": huge}],
                               "default": {"pattern": huge}}) is None

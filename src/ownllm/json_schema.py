@@ -105,10 +105,16 @@ def instance_problem(instance: Any, schema: dict[str, Any]) -> str | None:
 # llguidance builds a pattern's lexer states lazily, mid-generation; past ~200,000 positions (a{200000}, or
 # (a{1000}){1000}) it stops with "too many expressions constructed" at the reply's first token. 150,000 still ran.
 MAX_PATTERN_SIZE = 100_000
-_COUNT = re.compile(r"\{ *(\d+) *(?:(,) *(\d*) *)?\}")
-_ESCAPE_WITH_BRACES = re.compile(r"\\[pPxuNk]\{[^}]*\}")
-# keywords whose values are data (a `pattern` key inside them is no regex)
+_SIZE_CAP = 10**12  # sizes are held below this: far past the limit, and no slow arithmetic on huge integers
+# a count as Rust reads it: any whitespace around its numbers; more than 12 digits is more than llguidance takes
+_COUNT = re.compile(r"\{\s*([0-9]{1,12})\s*(?:(,)\s*([0-9]{0,12})\s*)?\}")
+_ESCAPE_WITH_BRACES = re.compile(r"\\[pPxuNk]\{[^}\\]{0,64}\}")  # bounded: one scan per escape, never to the end
+# verbose mode (`(?x)`, `(?ix:...)`): whitespace and #-comments outside classes are no part of the pattern
+_VERBOSE_FLAGS = re.compile(r"\(\?[a-zA-Z]*x[a-zA-Z-]*[:)]")
+_VERBOSE_NOISE = re.compile(r"\\.|\[(?:\\.|[^\]\\])*\]|#[^\n]*|\s+", re.DOTALL)
+# keywords whose values are data (a `pattern` key inside them is no regex), and those that map names to schemas
 _DATA_KEYWORDS = frozenset({"const", "enum", "examples", "default"})
+_NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
 
 
 def pattern_size(pattern: str) -> int:
@@ -116,6 +122,8 @@ def pattern_size(pattern: str) -> int:
     `a{10}{10}` 100): about the states a regex engine that expands repeats builds. Read by a scanner of its own,
     which never fails and takes the syntax of llguidance's (Rust's) regexes and ECMA's alike: named groups, inline
     flags, `\\p{..}`; where in doubt, it counts high."""
+    if _VERBOSE_FLAGS.search(pattern):  # (stripped everywhere: counts high at worst, where only a part is verbose)
+        pattern = _VERBOSE_NOISE.sub(lambda found: found[0] if found[0][0] in "\\[" else "", pattern)
     position = 0
 
     def sequence() -> int:  # branches of one group (or of the whole pattern), until its `)`
@@ -136,15 +144,15 @@ def pattern_size(pattern: str) -> int:
                     position = counted.end()
                 else:
                     times, position = 1, position + 1
-                current += last * (times - 1)  # the atom before was counted once already
-                last *= times
+                current = min(current + last * (times - 1), _SIZE_CAP)  # the atom was counted once already
+                last = min(last * times, _SIZE_CAP)
                 if position < len(pattern) and pattern[position] in "?+":  # lazy, possessive
                     position += 1
                 continue
             last = atom()
-            current += last
+            current = min(current + last, _SIZE_CAP)
         branches.append(current)
-        return sum(branches)
+        return min(sum(branches), _SIZE_CAP)
 
     def atom() -> int:
         nonlocal position
@@ -187,16 +195,19 @@ def pattern_size(pattern: str) -> int:
 
     total = 0
     while position < len(pattern):
-        total += sequence()
+        total = min(total + sequence(), _SIZE_CAP)
         position += 1  # a `)` without its `(`: counted on from there
     return total
 
 
-def oversized_pattern(schema: Any, depth: int = 0) -> str | None:
+def oversized_pattern(schema: Any, depth: int = 0, *, names: bool = False) -> str | None:
     """The first regex in `schema` (a `pattern`, a `patternProperties` key) too large to compile (see
-    MAX_PATTERN_SIZE), said in a sentence; None when there is none."""
+    MAX_PATTERN_SIZE), said in a sentence; None when there is none. `names`: `schema` maps names to schemas (the
+    value of `properties`, `$defs`...), where a name such as "const" is a name, not a keyword."""
     if depth > 200:
         return None  # (too deep to be a schema that compiles: said by whoever compiles it)
+    if names and isinstance(schema, dict):
+        return next((found for value in schema.values() if (found := oversized_pattern(value, depth + 1))), None)
     if isinstance(schema, dict):
         patterns = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
         if isinstance(schema.get("patternProperties"), dict):
@@ -205,12 +216,15 @@ def oversized_pattern(schema: Any, depth: int = 0) -> str | None:
             problem = pattern_problem(pattern, hint="for a length limit use maxLength")
             if problem:
                 return problem
-        values = [value for key, value in schema.items() if key not in _DATA_KEYWORDS]
-    elif isinstance(schema, list):
-        values = schema
-    else:
+        for key, value in schema.items():
+            found = None if key in _DATA_KEYWORDS else oversized_pattern(value, depth + 1,
+                                                                          names=key in _NAMED_SCHEMAS)
+            if found:
+                return found
         return None
-    return next((found for value in values if (found := oversized_pattern(value, depth + 1))), None)
+    if isinstance(schema, list):
+        return next((found for value in schema if (found := oversized_pattern(value, depth + 1))), None)
+    return None
 
 
 def pattern_problem(pattern: str, hint: str = "") -> str | None:
