@@ -475,12 +475,8 @@ class BatchScheduler(_Loop):
             step = choose_step(logits, params, request.seen, request.generator,
                                [s.token_id for s in decoding.steps], decode=self._piece, grammar=decoding.grammar)
             token = step.token_id
-        except OwnLLMError as exc:  # the request's own constraint failed (its client is told why): one line
-            log.warning("choosing a token for request %s failed: %s", request.id, exc)
-            self._finish(request, exc)
-            return
         except Exception as exc:
-            log.exception("choosing a token for request %s failed", request.id)
+            _log_failure(f"choosing a token for request {request.id} failed", exc)
             self._finish(request, _failed(exc))
             return
         if params.repetition_penalty != 1.0:
@@ -544,14 +540,20 @@ class SerialScheduler(_Loop):
                         if request.cancelled.is_set():
                             break
                         self._emit(request, event)
-            except OwnLLMError as exc:  # the request's own fault (a constraint that failed): its client is told why
-                log.warning("request %s failed: %s", request.id, exc)
-                self._emit(request, exc)
             except Exception as exc:
-                log.exception("request %s failed", request.id)
+                _log_failure(f"request {request.id} failed", exc)
                 self._emit(request, _failed(exc))
             finally:
                 self.current = None
+
+
+def _log_failure(message: str, exc: BaseException) -> None:
+    """A request's own error (OwnLLMError, such as its constraint failing: its client is told why) in one line;
+    anything else with its traceback."""
+    if isinstance(exc, OwnLLMError):
+        log.warning("%s: %s", message, exc)
+    else:
+        log.error("%s", message, exc_info=exc)
 
 
 def _failed(exc: BaseException) -> OwnLLMError:
