@@ -206,9 +206,7 @@ def oversized_pattern(schema: Any, depth: int = 0, *, names: bool = False) -> st
     value of `properties`, `$defs`...), where a name such as "const" is a name, not a keyword."""
     if depth > 200:
         return None  # (too deep to be a schema that compiles: said by whoever compiles it)
-    if names and isinstance(schema, dict):
-        return next((found for value in schema.values() if (found := oversized_pattern(value, depth + 1))), None)
-    if isinstance(schema, dict):
+    if isinstance(schema, dict) and not names:
         patterns = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
         if isinstance(schema.get("patternProperties"), dict):
             patterns += list(schema["patternProperties"])
@@ -216,15 +214,13 @@ def oversized_pattern(schema: Any, depth: int = 0, *, names: bool = False) -> st
             problem = pattern_problem(pattern, hint="for a length limit use maxLength")
             if problem:
                 return problem
-        for key, value in schema.items():
-            found = None if key in _DATA_KEYWORDS else oversized_pattern(value, depth + 1,
-                                                                          names=key in _NAMED_SCHEMAS)
-            if found:
-                return found
+        inner = [(value, key in _NAMED_SCHEMAS) for key, value in schema.items() if key not in _DATA_KEYWORDS]
+    elif isinstance(schema, (dict, list)):  # names to schemas, or a list of schemas
+        inner = [(value, False) for value in (schema.values() if isinstance(schema, dict) else schema)]
+    else:
         return None
-    if isinstance(schema, list):
-        return next((found for value in schema if (found := oversized_pattern(value, depth + 1))), None)
-    return None
+    return next((found for value, named in inner if (found := oversized_pattern(value, depth + 1, names=named))),
+                None)
 
 
 def pattern_problem(pattern: str, hint: str = "") -> str | None:
