@@ -51,6 +51,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     group = GROUPS / f"{worker}-{_count}"
     _count += 1
     group.mkdir(parents=True, exist_ok=True)
+    # a group of that name left by an earlier run (the same worker and count) still holds its CPU time
+    (group / "cpuacct.usage").write_text("0")
     for pid in (os.getpid(), _zygote_pid()):
         if pid is not None:
             _move(pid, group)
