@@ -31,19 +31,40 @@ FACTS = [
 ]
 
 
-@pytest.fixture
-def facts(tmp_path: Path, default_model: str) -> Path:
-    """The facts as a training file (the tests using it train the default model: pulled first)."""
-    path = tmp_path / "facts.jsonl"
+def write_facts(path: Path) -> Path:
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                      {"role": "assistant", "content": a}]}) + "\n"
                             for q, a in FACTS))
     return path
 
 
+@pytest.fixture
+def facts(tmp_path: Path, default_model: str) -> Path:
+    """The facts as a training file (the tests using it train the default model: pulled first)."""
+    return write_facts(tmp_path / "facts.jsonl")
+
+
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", "smollm2-135m-instruct", "--data", str(data), "--out", str(out), "--batch-size", "4",
             "--lr", "1e-3", "--save-every", "4", "--eval-every", "4", "--replay", "0", *extra]
+
+
+def lora_run_args(folder: Path, out: Path, *extra: str) -> list[str]:
+    """8 LoRA steps on the facts with LoRA dropout on (its masks come from torch's saved RNG state too)."""
+    dropout = folder / "dropout.yaml"
+    dropout.write_text("lora: {dropout: 0.1}\n")
+    return train_args(write_facts(folder / "facts.jsonl"), out, "--max-steps", "8", "--config", str(dropout), *extra)
+
+
+@pytest.fixture(scope="module")
+def lora_run(default_model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted LoRA run, trained once for the module: the run-folder test reads what it wrote, the
+    resume test compares a run killed midway against it."""
+    folder = tmp_path_factory.mktemp("lora-run")
+    out = folder / "run"
+    result = run_cli(*lora_run_args(folder, out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
 
 
 def test_loss_only_on_assistant_tokens(engine) -> None:
@@ -59,10 +80,8 @@ def test_loss_only_on_assistant_tokens(engine) -> None:
     assert len(row["labels"]) == len(row["input_ids"])
 
 
-def test_lora_run_folder_generate_and_merge(facts: Path, tmp_path: Path, default_model: str) -> None:
-    out = tmp_path / "run"
-    result = run_cli(*train_args(facts, out, "--max-steps", "8"))  # 8 steps: loss 2.34 -> 0.68, a new answer
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_lora_run_folder_generate_and_merge(lora_run: Path, tmp_path: Path, default_model: str) -> None:
+    out = lora_run  # 8 steps: loss 2.34 -> 0.68, a new answer
     for name in ("config.yaml", "meta.json", "metrics.jsonl", "loss.png", "README.md", "final/adapter_config.json"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -88,15 +107,9 @@ def test_lora_run_folder_generate_and_merge(facts: Path, tmp_path: Path, default
                                           ["added_tokens_decoder"]), folder
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: Path) -> None:
-    dropout = tmp_path / "dropout.yaml"
-    dropout.write_text("lora: {dropout: 0.1}\n")  # LoRA dropout on: its masks come from torch's saved RNG state too
-    steps = ("--max-steps", "8", "--lr", "3e-4", "--config", str(dropout))
-    straight = tmp_path / "straight"
-    assert run_cli(*train_args(facts, straight, *steps)).returncode == 0
-    interrupted = tmp_path / "interrupted"
-    process = start_cli(*train_args(facts, interrupted, *steps), stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
+def test_resume_after_kill_matches_an_uninterrupted_run(lora_run: Path, tmp_path: Path) -> None:
+    straight, interrupted = lora_run, tmp_path / "interrupted"
+    process = start_cli(*lora_run_args(tmp_path, interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = interrupted / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # wait for the step-4 checkpoint and a step past it, then kill -9
@@ -107,7 +120,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(facts: Path, tmp_path: P
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (interrupted / "final").exists()
-    assert run_cli(*train_args(facts, interrupted, *steps, "--resume")).returncode == 0
+    assert run_cli(*lora_run_args(tmp_path, interrupted, "--resume")).returncode == 0
 
     def steps(run: Path) -> list[dict]:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
