@@ -193,7 +193,7 @@ def test_qlora_trains_a_4bit_base(facts: Path, tmp_path: Path) -> None:
     assert reply.returncode == 0 and json.loads(reply.stdout)["usage"]["completion_tokens"] >= 1
 
 
-def test_dpo_on_preference_pairs(tmp_path: Path) -> None:
+def test_dpo_on_preference_pairs(tmp_path: Path, engine) -> None:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Greet person {i}.", "chosen": f"Hello, person {i}! Welcome.",
                                          "rejected": "Go away."}) + "\n" for i in range(12)))
@@ -201,8 +201,7 @@ def test_dpo_on_preference_pairs(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/chosen" in r or "rewards/accuracies" in r for r in rows)
     # what DPO is for: the tuned model prefers the chosen reply over the rejected one by more than the base did
-    base, tuned = (_preference_margin(open_engine(model, dtype="fp32"), range(12))
-                   for model in ("smollm2-135m-instruct", str(out)))
+    base, tuned = (_preference_margin(model, range(12)) for model in (engine, open_engine(str(out), dtype="fp32")))
     assert tuned > base, (base, tuned)
 
 
@@ -233,7 +232,7 @@ def test_pretraining_from_scratch_shows_the_loss_falling(tmp_path: Path) -> None
     assert (out / "final" / "config.json").is_file()  # a whole model, not an adapter
 
 
-def test_prompt_tuning_trains_and_generates(facts: Path, tmp_path: Path, default_model: str) -> None:
+def test_prompt_tuning_trains_and_generates(facts: Path, tmp_path: Path, engine) -> None:
     out = _short_run(tmp_path, facts, "prompt-tuning", "--lr", "3e-2")
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 16
@@ -241,7 +240,7 @@ def test_prompt_tuning_trains_and_generates(facts: Path, tmp_path: Path, default
                     "--json")
     assert reply.returncode == 0 and json.loads(reply.stdout)["usage"]["completion_tokens"] >= 1
     # what the learned prefix is for: the trained answers are more likely after it than without it
-    base, tuned = (_answer_logprob(open_engine(model, dtype="fp32")) for model in (default_model, str(out)))
+    base, tuned = (_answer_logprob(model) for model in (engine, open_engine(str(out), dtype="fp32")))
     assert tuned > base, (base, tuned)
 
 
