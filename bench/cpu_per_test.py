@@ -50,6 +50,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     group = GROUPS / f"{worker}-{_count}"
     _count += 1
+    if _count == 1:  # this worker's list starts anew: rows of an earlier run would name groups reset since
+        (OUT / f"{worker}.jsonl").unlink(missing_ok=True)
     group.mkdir(parents=True, exist_ok=True)
     # a group of that name left by an earlier run (the same worker and count) still holds its CPU time
     (group / "cpuacct.usage").write_text("0")

@@ -42,9 +42,11 @@ def test_lora_rows_match_peft(engine, adapter_dir) -> None:
     out = slots.forward(torch.tensor([ids]), torch.tensor([0]), torch.tensor([0]), ["tuned"])[0]
     base = slots.forward(torch.tensor([ids]), torch.tensor([1]), torch.tensor([0]), [None])[0]
     peft_model = PeftModel.from_pretrained(engine.model, adapter_dir)
-    with torch.inference_mode():
-        expected = peft_model(torch.tensor([ids])).logits[0, -1]
-    peft_model.unload()  # give the shared base model back without LoRA layers
+    try:
+        with torch.inference_mode():
+            expected = peft_model(torch.tensor([ids])).logits[0, -1]
+    finally:
+        peft_model.unload()  # give the shared base model back without LoRA layers, whatever happened
     assert torch.allclose(out, expected, atol=1e-3)
     assert not torch.allclose(out, base, atol=1e-2)
 
