@@ -92,7 +92,7 @@ def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str],
     _check_fingerprints(compiled.compiled.folder)  # kept with the set, and what it holds
     # loaded where they lie (unpacked): a .pt2 file is extracted into /tmp at each load and left there
     assert not [folder for folder in set(Path(tempfile.gettempdir()).glob("aotinductor_*")) - extracted
-                if any((folder / name).exists() for name in ("first", "middle", "last", "attention"))]
+                if any((folder / name).exists() for name in ("first", "middle", "attention"))]
     # measured over all 24 questions x 25 steps (session 41): logits at most 1.19 apart (0.39 on average), 7 other
     # tokens, each where the eager forward's top two were 0-0.25 apart (exact ties to two bf16 ulps); the same
     # figures with the questions decoded three rows at a time
@@ -166,7 +166,7 @@ def test_a_damaged_cache_is_discarded_and_compiled_anew(tmp_path: Path, monkeypa
     probe.thread.join(timeout=600)
     folder = probe.folder
     folder.mkdir(parents=True)
-    for name, damage in zip(GRAPHS, [b"not a library", b"\x7fELF truncated", b"", None], strict=True):
+    for name, damage in zip(GRAPHS, [b"not a library", b"\x7fELF truncated", None], strict=True):
         model = folder / name / "data" / "aotinductor" / "model"  # an unpacked package's place for its library
         model.mkdir(parents=True)
         if damage is not None:  # (else an empty package)

@@ -3,14 +3,15 @@ decode attention of wider steps.
 
 A decode step of one row through the slot forward is ~1,000 small eager ops, and on 2 CPU cores their dispatch
 costs as much as the int4 matmuls themselves (bench/RESULTS.md, session 37: 10.3 ms a token, 5.0 of it in the int4
-kernel). Three graphs cover a step's layers, one call a layer:
+kernel). Two graphs cover a step's layers, one call a layer:
 
 - `FirstHalf`: the first layer's attention norm, fused q|k|v projection (int4) and rotary turn of q and k;
 - `MiddleLayer`: a layer's new key and value stored in its cache, the attention over the cached keys in fp32 on the
   cache's values (`graph_attention`), the o projection, the residual add, the feed-forward norm, gate|up, SiLU, down,
   the residual add (`LastLayer`), then the next layer's `FirstHalf`; the number of keys and the caches' capacity are
-  its dynamic sizes;
-- `LastLayer`: the last layer's part of `MiddleLayer`;
+  its dynamic sizes. The last layer runs it too, on its own first-half weights in the next one's place, and its
+  q|k|v is dropped: a third of a layer's q|k|v projection more a token (~0.4% of the model's products) where a
+  graph of its own took a quarter of the compile (~10 s of a core);
 - `RowAttention`: in steps of several rows (which stay eager otherwise), one row's cache write and attention.
 
 Each layer's weights and cache are inputs, not constants, so one compiled set serves every layer; a bf16 model's
@@ -185,7 +186,7 @@ class MiddleLayer(LastLayer):
         return x, *self.following(x, next_norm, next_qkv_packed, next_qkv_scales, cos, sin_turned)
 
 
-GRAPHS = ("first", "middle", "last", "attention")  # the packages of one compiled set, in `CompiledSteps.ready` order
+GRAPHS = ("first", "middle", "attention")  # the packages of one compiled set, in `CompiledSteps.ready` order
 
 
 def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -281,9 +282,7 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None
                         inputs = [qk[:, : spec["heads"]].contiguous(), qk[0, spec["heads"] :], v[0],
                                   *caches.clone(), *where]
                     else:
-                        inputs = [x, qk, v, *caches.clone(), *where, *weights["last"]]
-                        if name == "middle":
-                            inputs += [*next_weights["first"], *table]
+                        inputs = [x, qk, v, *caches.clone(), *where, *weights["last"], *next_weights["first"], *table]
                     ours = inputs[:3] + [cache.clone() for cache in inputs[3:5]] + inputs[5:]  # (caches: written)
                     want, got = eager[name](*inputs), graphs[name](ours)
                     want = list(want) if isinstance(want, tuple) else [want]
@@ -335,14 +334,13 @@ def _example_inputs(spec: dict[str, Any]) -> dict[str, tuple[torch.Tensor, ...]]
             cache, cache.clone(), torch.empty(40, dtype=torch.int8), torch.tensor([39]),
             *part("o"), norm.clone(), *part("gate_up"), *part("down"))
     return {"first": (x, *first, table, table.clone()), "middle": (*last, *first, table, table.clone()),
-            "last": last, "attention": (last[1][:, :heads].contiguous(), last[1][0, heads:], last[2][0], *last[3:7])}
+            "attention": (last[1][:, :heads].contiguous(), last[1][0, heads:], last[2][0], *last[3:7])}
 
 
 def _modules(spec: dict[str, Any]) -> dict[str, torch.nn.Module]:
     common = (spec["head_dim"], spec["intermediate"], spec["eps"], spec["scale"])
     return {"first": FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]),
-            "middle": MiddleLayer(spec["heads"], spec["kv_heads"], *common),
-            "last": LastLayer(spec["heads"], *common), "attention": RowAttention(spec["scale"])}
+            "middle": MiddleLayer(spec["heads"], spec["kv_heads"], *common), "attention": RowAttention(spec["scale"])}
 
 
 def _dynamic_shapes() -> dict[str, Any]:
@@ -350,7 +348,7 @@ def _dynamic_shapes() -> dict[str, Any]:
     capacity = torch.export.Dim("capacity", min=2, max=1 << 24)
     keys = torch.export.Dim("keys", min=1, max=1 << 24)
     last = ({}, {}, {}, {1: capacity}, {1: capacity}, {0: keys}, *[{}] * 8)
-    return {"first": None, "middle": (*last, *[{}] * 5), "last": last, "attention": ({}, *last[1:7])}
+    return {"first": None, "middle": (*last, *[{}] * 5), "attention": ({}, *last[1:7])}
 
 
 def compile_packages(spec: dict[str, Any], folder: Path) -> None:

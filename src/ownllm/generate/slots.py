@@ -620,7 +620,7 @@ class SlotModel:
         # one-row decode steps through compiled graphs, once they are there (`ownllm.generate.compiled_decode`)
         self.compiled: CompiledSteps | None = None
         self.compiled_note: str | None = None
-        self._compiled_weights: tuple[list[torch.Tensor], list[list[torch.Tensor]], list[torch.Tensor]] | None = None
+        self._compiled_weights: tuple[list[torch.Tensor], list[list[torch.Tensor]]] | None = None
         if compiled_decode.wanted() and self.four_bit_rows:  # (the switch is checked wherever it is set)
             spec, self.compiled_note = compiled_decode.spec_of(self)
             if spec is not None:
@@ -1011,7 +1011,7 @@ class SlotModel:
                 k = self._rope(layer.k_norm(qkv[:, h : h + kv]), cos, sin_turned)  # type: ignore[misc]
             attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
                                     masks.get(layer.window, (0, None)),
-                                    None if places is None else (compiled[3], places))  # type: ignore[index]
+                                    None if places is None else (compiled[2], places))  # type: ignore[index]
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
             out = self._project(attended, layer.o, layer.o_bias, four.o)
             if groups:
@@ -1053,22 +1053,22 @@ class SlotModel:
         """Every layer of one decoding row through the compiled graphs, one call a layer: its norms, projections,
         cache write and attention as `forward` computes them (the same ops in the same order: the same bits, but
         for the order of the attention's sums: `compiled_decode.graph_attention`)."""
-        first, middle, last = graphs[:3]
+        first, middle = graphs[:2]
         if self._compiled_weights is None:  # each layer's weights in the graphs' order, listed once
             four, layers = self.four_bit.layers, self.layers
             inputs = [compiled_decode.layer_inputs(four[i], layers[i].attn_norm.weight, layers[i].mlp_norm.weight)
                       for i in range(len(layers))]
+            # the last layer's call takes its own first-half weights where a next layer's would be (its q|k|v is
+            # dropped: `compiled_decode` has no graph for the last layer alone)
+            following = [inputs[i + 1]["first"] for i in range(len(layers) - 1)] + [inputs[-1]["first"]]
             self._compiled_weights = (inputs[0]["first"],
-                                      [inputs[i]["last"] + inputs[i + 1]["first"] for i in range(len(layers) - 1)],
-                                      inputs[-1]["last"])
-        first_weights, middle_weights, last_weights = self._compiled_weights
+                                      [inputs[i]["last"] + following[i] for i in range(len(layers))])
+        first_weights, layer_weights = self._compiled_weights
         keys, position = place
         qk, v = first([x, *first_weights, *table])
-        views = self._views[sequence]
-        for (k_cache, v_cache), weights in zip(views, middle_weights, strict=False):
+        for (k_cache, v_cache), weights in zip(self._views[sequence], layer_weights, strict=False):
             x, qk, v = middle([x, qk, v, k_cache, v_cache, keys, position, *weights, *table])
-        k_cache, v_cache = views[-1]
-        return last([x, qk, v, k_cache, v_cache, keys, position, *last_weights])[0].view(1, 1, -1)
+        return x.view(1, 1, -1)
 
 
 def _kv_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
