@@ -10,8 +10,8 @@ kernel). Two graphs cover a step's layers, one call a layer:
   cache's values (`graph_attention`), the o projection, the residual add, the feed-forward norm, gate|up, SiLU, down,
   the residual add (`LastLayer`), then the next layer's `FirstHalf`; the number of keys and the caches' capacity are
   its dynamic sizes. The last layer runs it too, on its own first-half weights in the next one's place, and its
-  q|k|v is dropped: a third of a layer's q|k|v projection more a token (~0.4% of the model's products) where a
-  graph of its own took a quarter of the compile (~10 s of a core);
+  q|k|v is dropped: one layer's q|k|v product more a token (~0.4% of the default model's products) where a graph
+  of its own took a quarter of the compile (~10 s of a core);
 - `RowAttention`: in steps of several rows (which stay eager otherwise), one row's cache write and attention.
 
 Each layer's weights and cache are inputs, not constants, so one compiled set serves every layer; a bf16 model's

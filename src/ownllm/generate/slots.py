@@ -1066,7 +1066,7 @@ class SlotModel:
         first_weights, layer_weights = self._compiled_weights
         keys, position = place
         qk, v = first([x, *first_weights, *table])
-        for (k_cache, v_cache), weights in zip(self._views[sequence], layer_weights, strict=False):
+        for (k_cache, v_cache), weights in zip(self._views[sequence], layer_weights, strict=True):
             x, qk, v = middle([x, qk, v, k_cache, v_cache, keys, position, *weights, *table])
         return x.view(1, 1, -1)
 
