@@ -1060,9 +1060,9 @@ class SlotModel:
                       for i in range(len(layers))]
             # the last layer's call takes its own first-half weights where a next layer's would be (its q|k|v is
             # dropped: `compiled_decode` has no graph for the last layer alone)
-            following = [inputs[i + 1]["first"] for i in range(len(layers) - 1)] + [inputs[-1]["first"]]
-            self._compiled_weights = (inputs[0]["first"],
-                                      [inputs[i]["last"] + following[i] for i in range(len(layers))])
+            following = inputs[1:] + inputs[-1:]
+            self._compiled_weights = (inputs[0]["first"], [layer["last"] + after["first"]
+                                                           for layer, after in zip(inputs, following, strict=True)])
         first_weights, layer_weights = self._compiled_weights
         keys, position = place
         qk, v = first([x, *first_weights, *table])
