@@ -145,6 +145,14 @@ def test_echo_with_logprobs_scores_the_prompt_as_openai_does(server) -> None:
     assert streamed[-1].choices[0].logprobs.token_logprobs == logprobs.token_logprobs
     no_echo = client.completions.create(**{**asked, "echo": False}).choices[0].logprobs
     assert no_echo.token_logprobs == logprobs.token_logprobs[-1:] and no_echo.text_offset == [0]
+    # several choices: the prompt is scored once (by the first) and each choice comes back with those scores
+    sampled = {**asked, "n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 3}
+    prompt_scores = logprobs.token_logprobs[:len(ids)]
+    assert [c.logprobs.token_logprobs[:len(ids)] for c in client.completions.create(**sampled).choices] == \
+        [prompt_scores] * 3
+    last_chunks = {c.choices[0].index: c.choices[0] for c in client.completions.create(**sampled, stream=True)
+                   if c.choices and c.choices[0].finish_reason}
+    assert [last_chunks[i].logprobs.token_logprobs[:len(ids)] for i in range(3)] == [prompt_scores] * 3
     # offsets index the returned text where tokens hold parts of characters ("\ufffd" decoded alone) and where a
     # prompt spells out special tokens, in the prompt and in the completion alike
     for prompt in ("Café 日本語 😀 x", "<|im_start|>user\nHi<|im_end|>\n"):

@@ -144,6 +144,7 @@ def test_a_conversation_sends_calls_and_results_back(server) -> None:
 @pytest.mark.parametrize(("body", "param", "words"), [
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
     ({"tool_choice": "required"}, "tool_choice", "tools"),
+    ({"tools": []}, "tools", "at least 1"),
     ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1].function.name", "twice"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
      "tools[0].function.parameters", "object"),

@@ -235,8 +235,16 @@ class Generation:
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.first_seen: dict[int, float] = {}  # sequence -> when its latest piece came (the TTFT and ITL metrics)
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
-        self.requests = [Request(ids, params, params.seed_for(index), self._sink(p * n + index), adapter=adapters[p])
+        # a prompt's tokens are scored once, by its first choice: the others take that choice's scores and may start
+        # from its cached prefix (scoring needs every position's logits, so a scored prompt is prefilled whole)
+        self.choices = n
+        unscored = dataclasses.replace(params, prompt_logprobs=None)
+        self.prompt_scores: dict[int, Any] = {}  # prompt -> its first choice's prompt_logprobs, once done
+        self.waiting_for_scores: dict[int, list[tuple[int, Completion]]] = {}  # prompt -> other choices, done
+        self.requests = [Request(ids, params if index == 0 else unscored, params.seed_for(index),
+                                 self._sink(p * n + index), adapter=adapters[p])
                          for p, ids in enumerate(prompts) for index in range(n)]
+        self.scores_prompts = params.prompt_logprobs is not None and n > 1
         self.started = time.perf_counter()
         # QueueFull -> 429, shutting down -> 503: nothing queued
         state.scheduler.submit_all(self.requests, choices_param)
@@ -273,12 +281,31 @@ class Generation:
                     raise event
                 if isinstance(event, TextDelta):
                     self._observe_piece(index, time.perf_counter())
-                else:
-                    open_sequences.discard(index)
-                    metrics.generated_tokens.inc(event.completion_tokens)
-                yield index, event
+                    yield index, event
+                    continue
+                open_sequences.discard(index)
+                metrics.generated_tokens.inc(event.completion_tokens)
+                for done in self._with_prompt_scores(index, event):
+                    yield done
         finally:
             self.close()
+
+    def _with_prompt_scores(self, index: int, completion: Completion) -> list[tuple[int, Completion]]:
+        """The completions that can go out now that `index` is done: a choice other than its prompt's first waits
+        for the first's prompt scores and goes out with them."""
+        if not self.scores_prompts:
+            return [(index, completion)]
+        prompt, choice = divmod(index, self.choices)
+        if choice == 0:
+            self.prompt_scores[prompt] = completion.prompt_logprobs
+            held = self.waiting_for_scores.pop(prompt, [])
+        elif prompt in self.prompt_scores:
+            held = [(index, completion)]
+        else:
+            self.waiting_for_scores.setdefault(prompt, []).append((index, completion))
+            return []
+        scored = [(i, dataclasses.replace(c, prompt_logprobs=self.prompt_scores[prompt])) for i, c in held]
+        return [(index, completion), *scored] if choice == 0 else scored
 
     async def completions(self) -> list[Completion]:
         """Run to the end: every sequence's Completion, in sequence order."""
