@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,15 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     for pid in (os.getpid(), _zygote_pid()):
         if pid is not None:
             _move(pid, group)
+    started = time.time()
     yield
     for pid in (_zygote_pid(), os.getpid()):
         if pid is not None:
             _move(pid, GROUPS.parent)
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / f"{worker}.jsonl", "a") as handle:
-        handle.write(json.dumps({"test": item.nodeid, "group": str(group)}) + "\n")
+        handle.write(json.dumps({"test": item.nodeid, "group": str(group), "worker": worker, "start": started,
+                                 "end": time.time()}) + "\n")
 
 
 def summary(folder: Path) -> None:
@@ -78,6 +81,12 @@ def summary(folder: Path) -> None:
         totals[0] += row["user"]
         totals[1] += row["sys"]
     print(f"all tests: {sum(r['user'] for r in rows):,.0f} user + {sum(r['sys'] for r in rows):,.0f} sys CPU-s")
+    timed = [r for r in rows if "start" in r]
+    if timed:  # a worker that ends early leaves the other alone: one thread on a two-core quota
+        began = min(r["start"] for r in timed)
+        for worker in sorted({r["worker"] for r in timed}):
+            ended = max(r["end"] for r in timed if r["worker"] == worker)
+            print(f"  {worker}: last test ended {ended - began:,.0f} s after the first began")
     for name, (user, system) in sorted(by_file.items(), key=lambda kv: -sum(kv[1]))[:30]:
         print(f"{user + system:8.1f}  sys {system:6.1f}  {name}")
     print()

@@ -1,12 +1,15 @@
 """What one decode step is made of, part by part, on this CPU (issue 15's 8-stream target; session 65).
 
-    python bench/decode_parts.py [--threads 1] [--parts int4,attention,one-stream]
+    python bench/decode_parts.py [--threads 1] [--parts int4,attention,rows,one-stream]
 
 - `int4`: torch's int4 kernel (the GGUF's 4-bit weights, `gguf_int4.int4_matmul`) against a bf16 dense product,
   for the default model's projection shapes at 1-16 rows.
 - `attention`: one row's decode attention (9 query heads on 3 KV heads, bf16 cache) through the compiled
   `RowAttention` graph the server would use at this thread count (its set loaded from $OWNLLM_HOME, or compiled
   there first), through torch's sdpa in bf16 and on an fp32 upcast, and 8 rows of one length batched.
+- `rows`: one layer's decode attention for 8 rows of 600-1,500 keys, each row's cache in a KV buffer of all 30
+  layers as a server holds it (out of the CPU's caches), through the compiled `RowAttention` graph (a call a row)
+  and through the C kernel (`attention_kernel`, one call).
 - `one-stream`: 128 greedy tokens of the default model in bf16 through the batch scheduler's compiled one-row steps
   (the server's path for one user).
 
@@ -98,6 +101,36 @@ def attention() -> None:
         print(line + f"  | 8 rows batched, upcast: {batched / 8:8.1f} a row")
 
 
+def rows() -> None:
+    from ownllm.generate.compiled_decode import GRAPHS
+
+    compiled = scheduler().model.compiled
+    if compiled is None or compiled.ready is None or compiled.kernel is None:
+        print(f"8 rows: no compiled graph and kernel to compare ({scheduler().model.compiled_steps})")
+        return
+    graph, kernel, dtype = compiled.ready[GRAPHS.index("attention")], compiled.kernel, torch.bfloat16
+    positions = [600, 750, 900, 1000, 1100, 1250, 1400, 1500]
+    buffers = [torch.randn(30, 2, 3, 2048, 64).to(dtype) for _ in positions]
+    q, k, v = torch.randn(8, 9, 1, 64).to(dtype), torch.randn(8, 3, 1, 64).to(dtype), torch.randn(8, 3, 1, 64).to(dtype)
+    places = [(torch.empty(p + 1, dtype=torch.int8), torch.tensor([p])) for p in positions]
+    layer = iter(range(1 << 30))  # a layer after another, as a step goes: each call reads caches the last did not
+
+    def through_graph() -> None:
+        index = next(layer) % 30
+        for row, (keys, position) in enumerate(places):
+            graph([q[row : row + 1].contiguous(), k[row].contiguous(), v[row].contiguous(), buffers[row][index, 0],
+                   buffers[row][index, 1], keys, position])
+
+    def through_kernel() -> None:
+        kernel(next(layer) % 30, kernel.rows(buffers, positions), q, k, v)
+
+    graph_time, kernel_time = microseconds([through_graph, through_kernel], 60)
+    gigabytes = sum(2 * 3 * (p + 1) * 64 * dtype.itemsize for p in positions) / 1e3
+    print(f"8 rows of 600-1,500 keys, one layer ({torch.get_num_threads()} threads): graph {graph_time:8.1f} us "
+          f"({gigabytes / graph_time:.1f} GB/s), kernel {kernel_time:8.1f} us ({gigabytes / kernel_time:.1f} GB/s): "
+          f"{graph_time / kernel_time:.2f}x")
+
+
 def one_stream() -> None:
     from ownllm.generate.batching import Request
     from ownllm.generate.engine import Completion
@@ -125,10 +158,10 @@ def one_stream() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parts", default="int4,attention,one-stream")
+    parser.add_argument("--parts", default="int4,attention,rows,one-stream")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    parts = {"int4": int4_rows, "attention": attention, "one-stream": one_stream}
+    parts = {"int4": int4_rows, "attention": attention, "rows": rows, "one-stream": one_stream}
     for name in args.parts.split(","):
         parts[name.strip()]()
 

@@ -862,7 +862,7 @@ class SlotModel:
     # --- the forward pass -------------------------------------------------------------------
     def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: list[int],
                 starts: list[int], window: int | None, mask: tuple[int, torch.Tensor | None],
-                compiled_rows: tuple[Any, list[RowPlace]] | None = None) -> torch.Tensor:
+                compiled_rows: tuple[Any, list[RowPlace], Any] | None = None) -> torch.Tensor:
         """Store k/v in the rows' sequences and attend, each row over exactly its own keys (within its window).
 
         The sdpa calls are transformers' own (sdpa_attention_forward on CPU, softmax in fp32 inside the
@@ -870,9 +870,9 @@ class SlotModel:
         over the cache from `mask` = (first key, mask), a decoding row attends unmasked over its own keys. One
         call per decoding row rather than one over rows padded to the longest: padding reorders the kernel's
         sums (bf16 logits then drift by whole ulps from the CLI's), and the per-row calls skip both the padded
-        work and a gather of the sequences' keys. With `compiled_rows` (the compiled `RowAttention` graph and each
-        row's `_row_places`), decoding rows attend through that graph instead (`_compiled_attention`): the same
-        per-row attention, its sums in another order.
+        work and a gather of the sequences' keys. With `compiled_rows` (the compiled `RowAttention` graph, each
+        row's `_row_places` and the attention kernel's rows, if it is built), decoding rows attend through the
+        kernel or that graph instead (`_compiled_attention`): the same per-row attention, its sums in another order.
         """
         length = q.shape[2]
         if length > 1:  # one prefill chunk (rows = 1)
@@ -899,10 +899,12 @@ class SlotModel:
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return attended.to(q.dtype) if upcast else attended
 
-    def _compiled_attention(self, graph: Any, places: list[RowPlace], q: torch.Tensor, k: torch.Tensor,
-                            v: torch.Tensor, sequences: list[int], index: int) -> torch.Tensor:
-        """`_attend`'s decoding rows through the compiled `RowAttention` graph, one call a row (the attention of
-        the one-row graphs: `graph_attention`)."""
+    def _compiled_attention(self, graph: Any, places: list[RowPlace], kernel_rows: Any, q: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor, sequences: list[int], index: int) -> torch.Tensor:
+        """`_attend`'s decoding rows through the attention kernel in one call (`attention_kernel`), or else the
+        compiled `RowAttention` graph, one call a row (the attention of the one-row graphs: `graph_attention`)."""
+        if kernel_rows is not None:
+            return self.compiled.kernel(index, kernel_rows, q, k, v)  # type: ignore[union-attr]
         outputs = []
         for row, (sequence, (keys, position)) in enumerate(zip(sequences, places, strict=True)):
             k_cache, v_cache = self._views[sequence][index]
@@ -990,6 +992,8 @@ class SlotModel:
         use_four_bit = length == 1 and rows <= self.four_bit_rows
         compiled = self.compiled.ready if self.compiled is not None else None
         places = self._row_places(slot_list, start_list) if compiled is not None and length == 1 else None
+        kernel = self.compiled.kernel if places is not None else None  # type: ignore[union-attr]
+        kernel_rows = kernel.rows([self.buffers[s] for s in slot_list], start_list) if kernel is not None else None
         one_compiled_row = places is not None and rows == 1 and not groups and use_four_bit
         if one_compiled_row:
             x = self._compiled_layers(compiled, x, slot_list[0], places[0], tables["default"])
@@ -1011,7 +1015,7 @@ class SlotModel:
                 k = self._rope(layer.k_norm(qkv[:, h : h + kv]), cos, sin_turned)  # type: ignore[misc]
             attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
                                     masks.get(layer.window, (0, None)),
-                                    None if places is None else (compiled[2], places))  # type: ignore[index]
+                                    None if places is None else (compiled[2], places, kernel_rows))  # type: ignore[index]
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
             out = self._project(attended, layer.o, layer.o_bias, four.o)
             if groups:

@@ -1,0 +1,264 @@
+/* One decode step's attention for every decoding row of a layer, in one call (ownllm.generate.attention_kernel).
+
+   Each row's new key and value are stored at its position in its sequence's KV buffer, then its query heads attend
+   over the positions up to it: scores, softmax and weighted sum in fp32 on the cache's values (bf16 or fp32), as
+   `compiled_decode.graph_attention` computes them, its sums in another order (the same up to fp32 rounding). The
+   output is rounded to the cache's dtype (round to nearest even), as the graph's is.
+
+   Why: the compiled graph reads the cache at 4-11 GB/s, with a horizontal sum per key and query head and a call per
+   row; this streams each key and value once, converts bf16 in registers, and exponentiates 16 (or 8) scores at a
+   time. Built with the machine's own vector width (AVX-512 or AVX2 with FMA); `vector_width()` says which, 0 where
+   neither (the caller then keeps the graph). */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define WIDTH 16
+typedef __m512 vec;
+#define vzero() _mm512_setzero_ps()
+#define vset(x) _mm512_set1_ps(x)
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, x) _mm512_storeu_ps(p, x)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vsub(a, b) _mm512_sub_ps(a, b)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vmax(a, b) _mm512_max_ps(a, b)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vfnma(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vsum(x) _mm512_reduce_add_ps(x)
+static inline vec vscale2(vec y, vec n) { return _mm512_scalef_ps(y, n); }
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define WIDTH 8
+typedef __m256 vec;
+#define vzero() _mm256_setzero_ps()
+#define vset(x) _mm256_set1_ps(x)
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, x) _mm256_storeu_ps(p, x)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vsub(a, b) _mm256_sub_ps(a, b)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vmax(a, b) _mm256_max_ps(a, b)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vfnma(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+static inline float vsum(vec x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline vec vscale2(vec y, vec n) {  /* y * 2^n, n integral in [-127, 127] */
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#else
+#define WIDTH 0
+#endif
+
+int vector_width(void) { return WIDTH; }
+
+#if WIDTH
+
+/* e^x for shifted scores (x <= 0), Cephes' expf polynomial: about 1 ulp, as the graph's Sleef exp */
+static inline vec exp_shifted(vec x) {
+    x = vmax(x, vset(-87.33654f));
+    vec n = vround(vmul(x, vset(1.44269504088896341f)));
+    vec r = vfnma(n, vset(0.693359375f), x);
+    r = vfnma(n, vset(-2.12194440e-4f), r);
+    vec y = vset(1.9875691500E-4f);
+    y = vfma(y, r, vset(1.3981999507E-3f));
+    y = vfma(y, r, vset(8.3334519073E-3f));
+    y = vfma(y, r, vset(4.1665795894E-2f));
+    y = vfma(y, r, vset(1.6666665459E-1f));
+    y = vfma(y, r, vset(5.0000001201E-1f));
+    y = vfma(y, vmul(r, r), vadd(r, vset(1.0f)));
+    return vscale2(y, n);
+}
+
+static inline vec load_row(const void *p, long at, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + at) : vload((const float *)p + at);
+}
+
+static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);  /* NaN stays NaN */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* one kv head: `groups` query heads q [groups, dim] (fp32) over keys k and values v [n, dim]; out [groups, dim] */
+static void attend(const float *q, const void *k, const void *v, long n, long groups, long dim, float scale,
+                   int bf16, float *scores, float *out) {
+    long chunks = dim / WIDTH;
+    for (long t = 0; t < n; t++) {
+        for (long g = 0; g < groups; g++) {
+            const float *query = q + g * dim;
+            vec a = vzero(), b = vzero();
+            long c = 0;
+            for (; c + 1 < chunks; c += 2) {
+                a = vfma(vload(query + c * WIDTH), load_row(k, t * dim + c * WIDTH, bf16), a);
+                b = vfma(vload(query + (c + 1) * WIDTH), load_row(k, t * dim + (c + 1) * WIDTH, bf16), b);
+            }
+            if (c < chunks) a = vfma(vload(query + c * WIDTH), load_row(k, t * dim + c * WIDTH, bf16), a);
+            scores[g * n + t] = vsum(vadd(a, b)) * scale;
+        }
+    }
+    for (long g = 0; g < groups; g++) {
+        float *s = scores + g * n, top = -INFINITY, total = 0.0f;
+        for (long t = 0; t < n; t++) top = s[t] > top ? s[t] : top;
+        vec sum = vzero(), shift = vset(top);
+        long t = 0;
+        for (; t + WIDTH <= n; t += WIDTH) {
+            vec e = exp_shifted(vsub(vload(s + t), shift));
+            vstore(s + t, e);
+            sum = vadd(sum, e);
+        }
+        if (t < n) {  /* the last few scores through a padded copy */
+            float tail[WIDTH];
+            for (long i = 0; i < WIDTH; i++) tail[i] = t + i < n ? s[t + i] : -INFINITY;
+            vec e = exp_shifted(vsub(vload(tail), shift));
+            vstore(tail, e);
+            for (long i = 0; t + i < n; i++) s[t + i] = tail[i], total += tail[i];
+        }
+        total += vsum(sum);
+        float inverse = 1.0f / total;
+        for (t = 0; t < n; t++) s[t] *= inverse;
+    }
+    for (long g = 0; g < groups; g++)
+        for (long d = 0; d < dim; d++) out[g * dim + d] = 0.0f;
+    for (long t = 0; t < n; t++)
+        for (long c = 0; c < chunks; c++) {
+            vec value = load_row(v, t * dim + c * WIDTH, bf16);
+            for (long g = 0; g < groups; g++) {
+                float *o = out + g * dim + c * WIDTH;
+                vstore(o, vfma(vset(scores[g * n + t]), value, vload(o)));
+            }
+        }
+}
+
+#endif
+
+#if WIDTH
+
+/* The work of one call: a unit is one row's kv head (its query heads over its keys), taken in turn by the threads. */
+struct step {
+    long rows, kv_heads, groups, dim, units;
+    const long *capacity, *position, *order;
+    char *const *keys, *const *values;
+    const float *query;  /* [rows, kv_heads * groups, dim] fp32 */
+    float scale;
+    int bf16;
+    void *out;
+    long next;  /* the next unit to take (atomic) */
+    int failed;
+};
+
+static void *work(void *argument) {
+    struct step *s = argument;
+    long size = s->bf16 ? 2 : 4, longest = 0;
+    for (long r = 0; r < s->rows; r++) longest = s->position[r] + 1 > longest ? s->position[r] + 1 : longest;
+    float *scratch = malloc(sizeof(float) * (size_t)(s->groups * longest + s->groups * s->dim));
+    if (!scratch) {
+        __atomic_store_n(&s->failed, 1, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    float *result = scratch + s->groups * longest;
+    for (;;) {
+        long unit = __atomic_fetch_add(&s->next, 1, __ATOMIC_RELAXED);
+        if (unit >= s->units) break;
+        long r = s->order[unit] / s->kv_heads, h = s->order[unit] % s->kv_heads, width = s->groups * s->dim;
+        size_t at = (size_t)(h * s->capacity[r] * s->dim) * size;
+        attend(s->query + (r * s->kv_heads + h) * width, s->keys[r] + at, s->values[r] + at, s->position[r] + 1,
+               s->groups, s->dim, s->scale, s->bf16, scratch, result);
+        long first = (r * s->kv_heads + h) * width;
+        for (long i = 0; i < width; i++) {
+            if (s->bf16)
+                ((uint16_t *)s->out)[first + i] = to_bf16(result[i]);
+            else
+                ((float *)s->out)[first + i] = result[i];
+        }
+    }
+    free(scratch);
+    return NULL;
+}
+
+#endif
+
+/* rows: the decoding rows; buffers[r]: row r's KV buffer [layers, 2, kv_heads, capacity[r], dim] (contiguous, the
+   cache's dtype); position[r]: where its new key and value go (it attends over positions 0..position[r]).
+   q [rows, kv_heads * groups, dim], k_new and v_new [rows, kv_heads, dim], out [rows, kv_heads * groups, dim]: in
+   the cache's dtype, rows `q_stride`, `k_stride`, `v_stride` elements apart, heads `dim` apart. `threads`: how many
+   share the work (this one and threads - 1 started for the call). Returns 0, or -1 where memory or a thread could
+   not be had or the kernel was built without vectors (the output is then incomplete; the caches hold the new keys
+   and values). */
+int decode_attention(long rows, long layer, void *const *buffers, const long *capacity, const long *position,
+                     const void *q, long q_stride, const void *k_new, long k_stride, const void *v_new, long v_stride,
+                     long kv_heads, long groups, long dim, float scale, int bf16, void *out, int threads) {
+#if WIDTH
+    long heads = kv_heads * groups, size = bf16 ? 2 : 4, units = rows * kv_heads;
+    if (dim % WIDTH) return -1;
+    float *query = malloc(sizeof(float) * (size_t)(rows * heads * dim));
+    long *order = malloc(sizeof(long) * (size_t)units);
+    char **keys = malloc(sizeof(char *) * (size_t)rows), **values = malloc(sizeof(char *) * (size_t)rows);
+    int failed = !query || !order || !keys || !values;
+    for (long r = 0; r < rows && !failed; r++) {
+        long cap = capacity[r], plane = kv_heads * cap * dim;
+        keys[r] = (char *)buffers[r] + (size_t)(layer * 2 * plane) * size;
+        values[r] = keys[r] + (size_t)plane * size;
+        for (long h = 0; h < kv_heads; h++) {
+            memcpy(keys[r] + (size_t)((h * cap + position[r]) * dim) * size,
+                   (const char *)k_new + (size_t)(r * k_stride + h * dim) * size, (size_t)dim * size);
+            memcpy(values[r] + (size_t)((h * cap + position[r]) * dim) * size,
+                   (const char *)v_new + (size_t)(r * v_stride + h * dim) * size, (size_t)dim * size);
+        }
+        for (long i = 0; i < heads * dim; i++)
+            query[r * heads * dim + i] = bf16 ? from_bf16(((const uint16_t *)q)[r * q_stride + i])
+                                              : ((const float *)q)[r * q_stride + i];
+    }
+    if (!failed) {
+        /* the longest rows first, so that the threads finish together */
+        for (long u = 0; u < units; u++) order[u] = u;
+        for (long u = 1; u < units; u++)
+            for (long w = u; w > 0 && position[order[w] / kv_heads] > position[order[w - 1] / kv_heads]; w--) {
+                long swap = order[w];
+                order[w] = order[w - 1], order[w - 1] = swap;
+            }
+        struct step s = {rows, kv_heads, groups, dim, units, capacity, position, order, keys, values, query, scale,
+                         bf16, out, 0, 0};
+        pthread_t helpers[63];
+        int started = 0;
+        for (; started < threads - 1 && started < 63 && started + 1 < units; started++)
+            if (pthread_create(&helpers[started], NULL, work, &s)) break;
+        work(&s);
+        for (int i = 0; i < started; i++) pthread_join(helpers[i], NULL);
+        failed = s.failed;
+    }
+    free(query), free(order), free(keys), free(values);
+    return failed ? -1 : 0;
+#else
+    (void)rows, (void)layer, (void)buffers, (void)capacity, (void)position, (void)q, (void)q_stride, (void)k_new;
+    (void)k_stride, (void)v_new, (void)v_stride, (void)kv_heads, (void)groups, (void)dim, (void)scale, (void)bf16;
+    (void)out, (void)threads;
+    return -1;
+#endif
+}
