@@ -4,9 +4,10 @@
 
 - `int4`: torch's int4 kernel (the GGUF's 4-bit weights, `gguf_int4.int4_matmul`) against a bf16 dense product,
   for the default model's projection shapes at 1-16 rows.
-- `attention`: one row's decode attention (9 query heads on 3 KV heads, bf16 cache) through the compiled
-  `RowAttention` graph the server would use at this thread count (its set loaded from $OWNLLM_HOME, or compiled
-  there first), through torch's sdpa in bf16 and on an fp32 upcast, and 8 rows of one length batched.
+- `attention`: one row's decode attention (9 query heads on 3 KV heads, bf16 cache) through the C kernel of the
+  server's compiled set at this thread count (loaded from $OWNLLM_HOME, or compiled there first), through the
+  compiled `RowAttention` graph (which serves where the kernel cannot be built), through torch's sdpa in bf16 and
+  on an fp32 upcast, and 8 rows of one length batched.
 - `rows`: one layer's decode attention for 8 rows of 600-1,500 keys, each row's cache in a KV buffer of all 30
   layers as a server holds it (out of the CPU's caches), through the compiled `RowAttention` graph (a call a row)
   and through the C kernel (`attention_kernel`, one call).
@@ -61,6 +62,23 @@ def int4_rows() -> None:
 
 
 @functools.cache
+def attention_graph() -> Any:
+    """The `RowAttention` graph (which serves where the kernel cannot be built) for the bf16 default model at this
+    thread count, compiled into a temporary folder (a minute or so of one core)."""
+    import tempfile
+    from pathlib import Path
+
+    from ownllm.generate.compiled_decode import RowAttention, _dynamic_shapes, _example_inputs
+
+    spec = scheduler().model.compiled.spec
+    folder = Path(tempfile.mkdtemp(prefix="ownllm-bench-"))
+    exported = torch.export.export(RowAttention(spec["scale"]), _example_inputs(spec)["attention"],
+                                   dynamic_shapes=_dynamic_shapes()["attention"])
+    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / "attention.pt2"))
+    return torch._inductor.aoti_load_package(package).loader.run
+
+
+@functools.cache
 def scheduler() -> Any:
     """The server's batch scheduler for the default model in bf16, once its compiled one-row steps are ready
     (loaded from the home, or compiled there first: a minute or so of one core)."""
@@ -74,12 +92,12 @@ def scheduler() -> Any:
 
 
 def attention() -> None:
-    from ownllm.generate.compiled_decode import GRAPHS, decode_attention
+    from ownllm.generate.compiled_decode import decode_attention
 
     compiled = scheduler().model.compiled
-    graph_run = compiled.ready[GRAPHS.index("attention")] if compiled and compiled.ready else None
-    print(f"decode attention of one row, us ({torch.get_num_threads()} threads; compiled graph: "
-          f"{scheduler().model.compiled_steps})")
+    graph_run = attention_graph() if compiled and compiled.ready else None
+    kernel = compiled.kernel if compiled else None
+    print(f"decode attention of one row, us ({torch.get_num_threads()} threads; {scheduler().model.compiled_steps})")
     dtype, capacity = torch.bfloat16, 2048
     for keys in (200, 800, 1500):
         query = torch.randn(1, 9, 1, 64).to(dtype)
@@ -93,22 +111,24 @@ def attention() -> None:
             new = [torch.randn(3, 1, 64).to(dtype) for _ in range(2)]
             where = [torch.empty(keys, dtype=torch.int8), torch.tensor([keys - 1])]
             runs.append(functools.partial(graph_run, [query, *new, cache[0][0], cache[1][0], *where]))
-        sdpa, upcast, batched, *graph = microseconds(runs, 30)
+        if kernel is not None:
+            buffer = torch.randn(1, 2, 3, capacity, 64).to(dtype)
+            runs.append(functools.partial(kernel, 0, kernel.rows([buffer], [keys - 1]), query,
+                                          *[torch.randn(1, 3, 1, 64).to(dtype) for _ in range(2)]))
+        sdpa, upcast, batched, *compiled_runs = microseconds(runs, 30)
         line = f"  {keys:5} keys: sdpa bf16 {sdpa:8.1f}  sdpa fp32 upcast {upcast:8.1f}"
-        if graph:
-            gigabytes = 2 * 3 * keys * 64 * dtype.itemsize / graph[0] / 1e3
-            line += f"  compiled graph {graph[0]:8.1f} ({gigabytes:.1f} GB/s of cache)"
+        for name, took in zip(["compiled graph"] * bool(graph_run) + ["kernel"] * bool(kernel), compiled_runs,
+                              strict=True):
+            line += f"  {name} {took:8.1f} ({2 * 3 * keys * 64 * dtype.itemsize / took / 1e3:.1f} GB/s of cache)"
         print(line + f"  | 8 rows batched, upcast: {batched / 8:8.1f} a row")
 
 
 def rows() -> None:
-    from ownllm.generate.compiled_decode import GRAPHS
-
     compiled = scheduler().model.compiled
     if compiled is None or compiled.ready is None or compiled.kernel is None:
-        print(f"8 rows: no compiled graph and kernel to compare ({scheduler().model.compiled_steps})")
+        print(f"8 rows: no attention kernel ({scheduler().model.compiled_steps})")
         return
-    graph, kernel, dtype = compiled.ready[GRAPHS.index("attention")], compiled.kernel, torch.bfloat16
+    graph, kernel, dtype = attention_graph(), compiled.kernel, torch.bfloat16
     positions = [600, 750, 900, 1000, 1100, 1250, 1400, 1500]
     buffers = [torch.randn(30, 2, 3, 2048, 64).to(dtype) for _ in positions]
     q, k, v = torch.randn(8, 9, 1, 64).to(dtype), torch.randn(8, 3, 1, 64).to(dtype), torch.randn(8, 3, 1, 64).to(dtype)

@@ -8,6 +8,7 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str],
     hardening regression) is answered with Paris. An fp32 model (the server's dtype on CPUs without native bf16)
     has graphs of its own: fp32 between the int4 products, whose rows round to bf16 as in its eager forward."""
     from ownllm.errors import OwnLLMError
-    from ownllm.generate.compiled_decode import _check_fingerprints
+    from ownllm.generate.compiled_decode import _check_fingerprints, _modules
     from ownllm.generate.slots import SlotModel
     from tests.generate.test_slot_parity import compare
 
@@ -96,7 +97,7 @@ def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str],
     _check_fingerprints(compiled.compiled.folder)  # kept with the set, and what it holds
     # loaded where they lie (unpacked): a .pt2 file is extracted into /tmp at each load and left there
     assert not [folder for folder in set(Path(tempfile.gettempdir()).glob("aotinductor_*")) - extracted
-                if any((folder / name).exists() for name in ("first", "middle", "attention"))]
+                if any((folder / name).exists() for name in ("first", "middle", "attention", "rest"))]
     # measured over all 24 questions x 25 steps (session 41): logits at most 1.19 apart (0.39 on average), 7 other
     # tokens, each where the eager forward's top two were 0-0.25 apart (exact ties to two bf16 ulps); the same
     # figures with the questions decoded three rows at a time
@@ -110,16 +111,29 @@ def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str],
     # `RowAttention` graph), held to the same bound
     prompts = chat_prompts(model.tokenizer, QUESTIONS[6:9])
     want = row_steps(eager, prompts)
-    kernel = compiled.compiled.kernel
-    for attention in [kernel, None] if kernel is not None else [None]:
-        compiled.compiled.kernel = attention
-        for prompt, got, wanted in zip(prompts, row_steps(compiled, prompts, [w[0] for w in want]), want,
-                                       strict=True):
-            ties += compare(model.tokenizer, prompt, got, wanted, "bf16")
-    compiled.compiled.kernel = kernel
-    assert ties <= 16, ties  # of 375 steps
+    for prompt, got, wanted in zip(prompts, row_steps(compiled, prompts, [w[0] for w in want]), want, strict=True):
+        ties += compare(model.tokenizer, prompt, got, wanted, "bf16")
+    assert ties <= 12, ties  # of 225 steps
     france = chat_prompts(model.tokenizer, [QUESTIONS[0]], system=None)[0]
     assert "Paris" in model.tokenizer.decode(row_steps(compiled, [france])[0][0])
+    # the other kind of set (`graphs_of`: `MiddleLayer` and the `RowAttention` graph, where the kernel cannot be
+    # built), its graphs run eagerly here: the slot forward calls them as it calls the compiled ones
+    other = {"first", "middle", "attention"} - set(compiled.compiled.ready)
+    if other:
+        modules = _modules(compiled.compiled.spec)
+        compiled.compiled.ready = {name: functools.partial(_as_graph, modules[name])
+                                   for name in ("first", "middle", "attention")}
+        one, three = chat_prompts(model.tokenizer, QUESTIONS[9:13])[:1], prompts
+        for prompts_, wanted in (([one[0]], row_steps(eager, one)), (three, want)):
+            got = row_steps(compiled, prompts_, [w[0] for w in wanted])
+            assert sum(compare(model.tokenizer, p, g, w, "bf16")
+                       for p, g, w in zip(prompts_, got, wanted, strict=True)) <= 6  # of 25 and 75 steps
+
+
+def _as_graph(module: torch.nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An eager module called as a compiled graph is: its inputs as one list, its outputs as a list."""
+    out = module(*inputs)
+    return list(out) if isinstance(out, tuple) else [out]
 
 
 def test_only_a_window_shorter_than_the_context_keeps_one_row_steps_eager(bf16: Any,
@@ -212,10 +226,12 @@ def test_a_set_whose_files_are_not_as_compiled_is_refused_before_anything_maps(t
                    lambda: (library.parent / "extra.so").write_bytes(b"x"),
                    lambda: (library.unlink(), library.symlink_to(folder / "middle" / "data" / "aotinductor" / "model"
                                                                  / "middle.wrapper.so")),
-                   lambda: (folder / MANIFEST).write_text("{not json")):
+                   lambda: (folder / MANIFEST).write_text("{not json"),
+                   lambda: ((folder / "kernel").mkdir(), (folder / "kernel" / "decode_attention.so").write_bytes(b""))):
         damage()
         with pytest.raises(RuntimeError, match=MANIFEST):
             _check_fingerprints(folder)
+        shutil.rmtree(folder / "kernel", ignore_errors=True)
         library.unlink(missing_ok=True)
         library.write_bytes(whole)
         (library.parent / "extra.so").unlink(missing_ok=True)

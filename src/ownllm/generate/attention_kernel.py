@@ -32,7 +32,7 @@ def build(folder: Path) -> None:
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on the PATH")
     folder.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([compiler, "-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-pthread", "-o",
+    result = subprocess.run([compiler, "-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-fopenmp", "-o",
                              str(folder / LIBRARY), str(SOURCE)], capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip()[-300:]}")
@@ -93,7 +93,7 @@ class DecodeAttention:
             k.stride(0), v.data_ptr(), v.stride(0), self.kv_heads, self.groups, dim, self.scale, _DTYPES[q.dtype],
             out.data_ptr(), torch.get_num_threads())
         if failed:
-            raise MemoryError("the decode attention kernel could not allocate its scratch memory or a thread")
+            raise MemoryError("the decode attention kernel could not allocate its scratch memory")
         return out
 
 

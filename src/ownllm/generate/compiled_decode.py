@@ -3,26 +3,30 @@ decode attention of wider steps.
 
 A decode step of one row through the slot forward is ~1,000 small eager ops, and on 2 CPU cores their dispatch
 costs as much as the int4 matmuls themselves (bench/RESULTS.md, session 37: 10.3 ms a token, 5.0 of it in the int4
-kernel). Two graphs cover a step's layers, one call a layer:
+kernel). A set of graphs covers a step's layers:
 
 - `FirstHalf`: the first layer's attention norm, fused q|k|v projection (int4) and rotary turn of q and k;
-- `MiddleLayer`: a layer's new key and value stored in its cache, the attention over the cached keys in fp32 on the
-  cache's values (`graph_attention`), the o projection, the residual add, the feed-forward norm, gate|up, SiLU, down,
-  the residual add (`LastLayer`), then the next layer's `FirstHalf`; the number of keys and the caches' capacity are
-  its dynamic sizes. The last layer runs it too, on its own first-half weights in the next one's place, and its
-  q|k|v is dropped: one layer's q|k|v product more a token (~0.4% of the default model's products) where a graph
-  of its own took a quarter of the compile (~10 s of a core);
-- `RowAttention`: in steps of several rows (which stay eager otherwise), one row's cache write and attention;
-  where this machine's C compiler builds `attention_kernel` into the set too (AVX-512 or AVX2), that kernel takes
-  every row of a layer in one call instead, ~2x faster (it streams the cache; the graph reads it at 4-11 GB/s).
+- where this machine's C compiler builds `attention_kernel` (AVX-512, or AVX2 with FMA) into the set, that kernel
+  stores each layer's new key and value and attends, for one row or several in one call (it streams the cache,
+  ~2x faster than the graphs' attention, which reads it at 4-11 GB/s: bench/RESULTS.md, session 66), and `Rest`
+  takes the layer from the attention's output: the o projection, the residual add, the feed-forward norm,
+  gate|up, SiLU, down, the residual add, then the next layer's `FirstHalf`. Two calls a layer;
+- elsewhere `MiddleLayer`: the new key and value stored in the layer's cache, the attention over the cached keys
+  in fp32 on the cache's values (`graph_attention`), then what `Rest` does, in one call a layer (the number of keys
+  and the caches' capacity are its dynamic sizes); and `RowAttention` for steps of several rows (which stay eager
+  otherwise): one row's cache write and attention, a call a row.
+
+The last layer runs `Rest` or `MiddleLayer` too, on its own first-half weights in the next one's place, and its
+q|k|v is dropped: one layer's q|k|v product more a token (~0.4% of the default model's products) where a graph of
+its own took a quarter of the compile (~10 s of a core).
 
 Each layer's weights and cache are inputs, not constants, so one compiled set serves every layer; a bf16 model's
 and an fp32 model's (whose int4 products take and give bf16 rows, `int4_matmul`) are compiled apart. The ops are
 the slot forward's own, in its order and dtypes; inductor is told to round where eager rounds
 (`emulate_precision_casts`) and to leave the norms' mean to aten's kernel (`compile_packages`), so everything but
-the attention gives the eager forward's bits. The attention sums in another order than aten's sdpa kernel, so the
-logits are the eager forward's up to bf16 rounding, held to the same bound as the slot forward to transformers'
-(tests/generate/test_compiled_decode.py).
+the attention gives the eager forward's bits. The attention (the graphs' or the kernel's) sums in another order than
+aten's sdpa kernel, so the logits are the eager forward's up to bf16 rounding, held to the same bound as the slot
+forward to transformers' (tests/generate/test_compiled_decode.py).
 
 Compiling takes 30-60 s of a core, so it runs in a child process in the background (the server answers with the
 eager forward meanwhile) and the packages are kept in the ownllm home, keyed by everything that shapes them: a
@@ -162,7 +166,15 @@ class LastLayer(torch.nn.Module):
         v_cache.index_copy_(1, position, v[0])
         count = keys.shape[0]  # the keys attended, as a size: the graph's one dynamic dimension besides the caches'
         attended = graph_attention(qk[:, :h], k_cache[:, :count], v_cache[:, :count], self.scale)
-        attended = attended.to(x.dtype).transpose(1, 2).reshape(1, 1, h * self.head_dim)
+        return self.after_attention(x, attended.to(x.dtype), o_packed, o_scales, norm, gate_up_packed,
+                                    gate_up_scales, down_packed, down_scales)
+
+    def after_attention(self, x: torch.Tensor, attended: torch.Tensor, o_packed: torch.Tensor,
+                        o_scales: torch.Tensor, norm: torch.Tensor, gate_up_packed: torch.Tensor,
+                        gate_up_scales: torch.Tensor, down_packed: torch.Tensor, down_scales: torch.Tensor
+                        ) -> torch.Tensor:
+        """The layer from its attention's output ([1, heads, 1, head dim], in x's dtype) on."""
+        attended = attended.transpose(1, 2).reshape(1, 1, self.heads * self.head_dim)
         x = x + int4_matmul(attended, o_packed, o_scales)
         gate_up = int4_matmul(llama_norm(x, norm, self.eps), gate_up_packed, gate_up_scales)
         gate, up = gate_up.split(self.intermediate, -1)
@@ -189,8 +201,32 @@ class MiddleLayer(LastLayer):
         return x, *self.following(x, next_norm, next_qkv_packed, next_qkv_scales, cos, sin_turned)
 
 
-GRAPHS = ("first", "middle", "attention")  # the packages of one compiled set, in `CompiledSteps.ready` order
+class Rest(MiddleLayer):
+    """`MiddleLayer` from its attention's output on (the attention is `attention_kernel`'s, which stored the new
+    key and value): o projection, residual, feed-forward, residual, the next layer's `FirstHalf`. Returns
+    (x, q | k, v) for the next layer."""
+
+    def forward(self, x: torch.Tensor, attended: torch.Tensor, o_packed: torch.Tensor,  # type: ignore[override]
+                o_scales: torch.Tensor, norm: torch.Tensor, gate_up_packed: torch.Tensor,
+                gate_up_scales: torch.Tensor, down_packed: torch.Tensor, down_scales: torch.Tensor,
+                next_norm: torch.Tensor, next_qkv_packed: torch.Tensor, next_qkv_scales: torch.Tensor,
+                cos: torch.Tensor, sin_turned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.after_attention(x, attended, o_packed, o_scales, norm, gate_up_packed, gate_up_scales, down_packed,
+                                 down_scales)
+        return x, *self.following(x, next_norm, next_qkv_packed, next_qkv_scales, cos, sin_turned)
+
+
+# The packages of a compiled set. Where `attention_kernel` builds, the kernel attends (one row or several) and
+# `Rest` takes a layer from there; elsewhere `MiddleLayer` attends in its graph and `RowAttention` for wider steps.
+GRAPHS = ("first", "middle", "attention")
+KERNEL_GRAPHS = ("first", "rest")
 KERNEL = "kernel"  # the set's folder for `attention_kernel`'s library, where it could be built
+PARTS = (*GRAPHS, "rest", KERNEL)  # every folder a set may hold
+
+
+def graphs_of(folder: Path) -> tuple[str, ...]:
+    """The graphs a set holds (or is to hold, once its kernel is built or not): by whether it has the kernel."""
+    return KERNEL_GRAPHS if (folder / KERNEL / attention_kernel.LIBRARY).is_file() else GRAPHS
 
 
 def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -237,8 +273,8 @@ def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
 
 def layer_inputs(four: Any, norm: torch.Tensor, mlp_norm: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """The weights each graph takes for one layer (`four`: its `_FourBitLayer`), in its order: `first` the
-    attention norm and q|k|v; `last` o, the feed-forward norm, gate|up and down. `middle` takes `last`'s weights and
-    then the next layer's `first` ones."""
+    attention norm and q|k|v; `last` o, the feed-forward norm, gate|up and down. `middle` and `rest` take `last`'s
+    weights and then the next layer's `first` ones."""
     return {"first": [norm, four.qkv.packed, four.qkv.scales_and_zeros],
             "last": [four.o.packed, four.o.scales_and_zeros, mlp_norm, four.gate_up.packed,
                      four.gate_up.scales_and_zeros, four.down.packed, four.down.scales_and_zeros]}
@@ -281,21 +317,25 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None
                 where = [torch.empty(count, dtype=torch.int8), torch.tensor([count - 1])]
                 if "kernel" in graphs:
                     _check_kernel(graphs["kernel"], eager["attention"], spec["heads"], qk, v, caches, where)
-                for name in [name for name in GRAPHS if name in graphs]:
+                for name in [name for name in PARTS if name in graphs and name != KERNEL]:
                     if name == "first":
                         inputs = [x, *weights["first"], *table]
                     elif name == "attention":
                         inputs = [qk[:, : spec["heads"]].contiguous(), qk[0, spec["heads"] :], v[0],
                                   *caches.clone(), *where]
+                    elif name == "rest":
+                        inputs = [x, made_up(1, spec["heads"], 1, spec["head_dim"]), *weights["last"],
+                                  *next_weights["first"], *table]
                     else:
                         inputs = [x, qk, v, *caches.clone(), *where, *weights["last"], *next_weights["first"], *table]
-                    ours = inputs[:3] + [cache.clone() for cache in inputs[3:5]] + inputs[5:]  # (caches: written)
+                    ours = list(inputs) if name == "rest" else (  # (the others' caches: written)
+                        inputs[:3] + [cache.clone() for cache in inputs[3:5]] + inputs[5:])
                     want, got = eager[name](*inputs), graphs[name](ours)
                     want = list(want) if isinstance(want, tuple) else [want]
                     # `graph_attention` sums in another order when compiled: outputs after an attention agree up
                     # to rounding (a wrong, stale or swapped graph is off by the activations' own size); the rest,
                     # the cache writes included, bit for bit
-                    same = torch.equal if name == "first" else _rounding_apart
+                    same = torch.equal if name in ("first", "rest") else _rounding_apart
                     if not (len(got) == len(want)
                             and all(same(w, g.reshape(w.shape)) for w, g in zip(want, got, strict=True))
                             and all(torch.equal(w, g) for w, g in zip(inputs, ours, strict=True))):
@@ -352,14 +392,17 @@ def _example_inputs(spec: dict[str, Any]) -> dict[str, tuple[torch.Tensor, ...]]
     last = (x, torch.randn(1, heads + kv_heads, 1, head_dim).to(dtype), torch.randn(1, kv_heads, 1, head_dim).to(dtype),
             cache, cache.clone(), torch.empty(40, dtype=torch.int8), torch.tensor([39]),
             *part("o"), norm.clone(), *part("gate_up"), *part("down"))
+    attended = torch.randn(1, heads, 1, head_dim).to(dtype)
     return {"first": (x, *first, table, table.clone()), "middle": (*last, *first, table, table.clone()),
-            "attention": (last[1][:, :heads].contiguous(), last[1][0, heads:], last[2][0], *last[3:7])}
+            "attention": (last[1][:, :heads].contiguous(), last[1][0, heads:], last[2][0], *last[3:7]),
+            "rest": (x, attended, *last[7:], *first, table, table.clone())}
 
 
 def _modules(spec: dict[str, Any]) -> dict[str, torch.nn.Module]:
     common = (spec["head_dim"], spec["intermediate"], spec["eps"], spec["scale"])
     return {"first": FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]),
-            "middle": MiddleLayer(spec["heads"], spec["kv_heads"], *common), "attention": RowAttention(spec["scale"])}
+            "middle": MiddleLayer(spec["heads"], spec["kv_heads"], *common), "attention": RowAttention(spec["scale"]),
+            "rest": Rest(spec["heads"], spec["kv_heads"], *common)}
 
 
 def _dynamic_shapes() -> dict[str, Any]:
@@ -367,7 +410,7 @@ def _dynamic_shapes() -> dict[str, Any]:
     capacity = torch.export.Dim("capacity", min=2, max=1 << 24)
     keys = torch.export.Dim("keys", min=1, max=1 << 24)
     last = ({}, {}, {}, {1: capacity}, {1: capacity}, {0: keys}, *[{}] * 8)
-    return {"first": None, "middle": (*last, *[{}] * 5), "attention": ({}, *last[1:7])}
+    return {"first": None, "middle": (*last, *[{}] * 5), "attention": ({}, *last[1:7]), "rest": None}
 
 
 def compile_packages(spec: dict[str, Any], folder: Path) -> None:
@@ -391,7 +434,12 @@ def compile_packages(spec: dict[str, Any], folder: Path) -> None:
     staging = folder.with_name(f".{folder.name}.{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
     try:
-        for name in GRAPHS:
+        try:  # first: it says which graphs the set needs
+            attention_kernel.build(staging / KERNEL)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            shutil.rmtree(staging / KERNEL, ignore_errors=True)
+            (staging / KERNEL_MISSING).write_text(str(exc))
+        for name in graphs_of(staging):
             exported = torch.export.export(modules[name], inputs[name], dynamic_shapes=dynamic[name])
             package = staging / f"{name}.pt2"
             torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
@@ -400,11 +448,6 @@ def compile_packages(spec: dict[str, Any], folder: Path) -> None:
             package.unlink()
             if not (staging / name).is_dir():
                 raise RuntimeError(f"the compiled package {package.name} did not unpack into {name}/")
-        try:  # a speed-up of the speed-up: without it the set's `RowAttention` graph serves
-            attention_kernel.build(staging / KERNEL)
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-            shutil.rmtree(staging / KERNEL, ignore_errors=True)
-            (staging / KERNEL_MISSING).write_text(str(exc))
         (staging / MANIFEST).write_text(json.dumps(_fingerprints(staging)))
         if not _complete(folder):
             os.replace(staging, folder)
@@ -415,7 +458,8 @@ def compile_packages(spec: dict[str, Any], folder: Path) -> None:
 class CompiledSteps:
     """The compiled set for one model, loaded (or compiled, then loaded) in the background, and checked before use.
 
-    `ready` is None until every graph can run (their runners in `GRAPHS`' order); `note` says where things stand
+    `ready` is None until every graph can run ({name: runner}, `graphs_of`; "kernel": the attention kernel, where
+    it is built, also `kernel`); `note` says where things stand
     (the start-up line, /health). `check({name: runner})` raises unless the graphs compute what the eager ops do
     (`SlotModel` runs them on its layers' real weights): a package that loads but does not fit (stale, swapped,
     damaged) is compiled anew once, then left eager."""
@@ -425,8 +469,8 @@ class CompiledSteps:
         self.folder = ownllm_home() / "compiled" / f"decode-{_key(spec)}"
         self.note = ("one-row steps: loading their compiled graphs" if _complete(self.folder) else
                      "one-row steps compiling in the background (AOTInductor, once per model and CPU)")
-        self.ready: tuple[Any, ...] | None = None
-        self.kernel: attention_kernel.DecodeAttention | None = None  # the decode attention of several rows, if built
+        self.ready: dict[str, Any] | None = None
+        self.kernel: attention_kernel.DecodeAttention | None = None  # the decode attention, where it is built
         self.thread = threading.Thread(target=self._load, name="ownllm-compile-decode", daemon=True)
         self.thread.start()
 
@@ -447,40 +491,32 @@ class CompiledSteps:
                                 self.folder, exc.__class__.__name__, str(exc)[-300:])
                     with _folder_lock(self.folder):
                         _discard(self.folder)
-            self.kernel, kernel_note = self._kernel()
-            self.note = f"one-row steps and the decode attention compiled (AOTInductor; {kernel_note})"
+            self.kernel = self.ready.get("kernel")  # type: ignore[union-attr]
+            self.note = "one-row steps and the decode attention compiled (AOTInductor; " + (
+                f"attention in a C kernel, {self.kernel.vector_bits}-bit vectors)" if self.kernel is not None else
+                "attention in the graphs: no C kernel, see the log)")
         except Exception as exc:  # compiling is a speed-up: without it the eager forward goes on
             self.note = f"one-row steps eager ({exc.__class__.__name__} while compiling or loading; see the log)"
             log.warning("compiled one-row decode steps unavailable (%s: %s); decoding eagerly",
                         exc.__class__.__name__, str(exc)[-500:])
 
-    def _loaded_and_checked(self) -> tuple[Any, ...]:
+    def _loaded_and_checked(self) -> dict[str, Any]:
         # the loader `aoti_load_package` builds, on the unpacked package's folder (which it would take for an
         # outdated .pt2 file, with a warning); its own run: the package's __call__ parses its input and output
         # specs on every call (~12 us, a call a layer)
         _check_fingerprints(self.folder)  # before any library is mapped: a cut one is a SIGBUS, not an error
-        graphs = {name: torch._C._aoti.AOTIModelPackageLoader(str(self.folder / name), "model", False, 1, -1).run
-                  for name in GRAPHS}
-        self.check(graphs)
-        return tuple(graphs[name] for name in GRAPHS)
-
-    def _kernel(self) -> tuple[attention_kernel.DecodeAttention | None, str]:
-        """The set's decode attention kernel, loaded and checked, or None; and a note saying which serves."""
-        library = self.folder / KERNEL / attention_kernel.LIBRARY
-        if not library.is_file():
+        graphs: dict[str, Any] = {
+            name: torch._C._aoti.AOTIModelPackageLoader(str(self.folder / name), "model", False, 1, -1).run
+            for name in graphs_of(self.folder)}
+        library, spec = self.folder / KERNEL / attention_kernel.LIBRARY, self.spec
+        if library.is_file():
+            graphs["kernel"] = attention_kernel.DecodeAttention(
+                library, spec["kv_heads"], spec["heads"] // spec["kv_heads"], spec["head_dim"], spec["scale"])
+        else:
             with contextlib.suppress(OSError):
                 log.info("no decode attention kernel: %s", (self.folder / KERNEL_MISSING).read_text()[:300])
-            return None, "several rows attend through the graph: no C kernel, see the log"
-        spec = self.spec
-        try:
-            kernel = attention_kernel.DecodeAttention(library, spec["kv_heads"], spec["heads"] // spec["kv_heads"],
-                                                      spec["head_dim"], spec["scale"])
-            self.check({"kernel": kernel})
-        except Exception as exc:  # the graph serves instead
-            log.warning("the decode attention kernel in %s is unusable (%s: %s); attending through the graph",
-                        library, exc.__class__.__name__, str(exc)[-300:])
-            return None, "several rows attend through the graph: the C kernel failed its check, see the log"
-        return kernel, f"several rows attend through the C kernel, {kernel.vector_bits} bits wide"
+        self.check(graphs)
+        return graphs
 
     def _compile_once(self) -> None:
         """One compile per key at a time: the others (servers started meanwhile) wait on its lock, then load."""
@@ -567,7 +603,7 @@ KERNEL_MISSING = "kernel-missing.txt"  # why `attention_kernel` could not be bui
 def _fingerprints(folder: Path) -> dict[str, list[Any]]:
     """{path within the set: [size, sha256]} of every file of the packages in `folder`."""
     return {str(path.relative_to(folder)): [path.stat().st_size, file_sha256(path)]
-            for graph in (*GRAPHS, KERNEL) for path in sorted((folder / graph).rglob("*"))
+            for graph in PARTS for path in sorted((folder / graph).rglob("*"))
             if path.is_file() and not path.is_symlink()}  # (a link, a FIFO: missing from the list, so a mismatch)
 
 
@@ -587,7 +623,7 @@ def _complete(folder: Path) -> bool:
     """A compiled set: a real folder (not a link) with every package (`GRAPHS`) unpacked in a real folder, and its
     manifest."""
     return (folder.is_dir() and not folder.is_symlink() and (folder / MANIFEST).is_file()
-            and all((folder / graph).is_dir() and not (folder / graph).is_symlink() for graph in GRAPHS))
+            and all((folder / graph).is_dir() and not (folder / graph).is_symlink() for graph in graphs_of(folder)))
 
 
 def _discard(path: Path) -> None:

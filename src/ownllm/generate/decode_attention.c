@@ -1,4 +1,5 @@
-/* One decode step's attention for every decoding row of a layer, in one call (ownllm.generate.attention_kernel).
+/* One decode step's attention for every decoding row of a layer (one or several), in one call
+   (ownllm.generate.attention_kernel).
 
    Each row's new key and value are stored at its position in its sequence's KV buffer, then its query heads attend
    over the positions up to it: scores, softmax and weighted sum in fp32 on the cache's values (bf16 or fp32), as
@@ -8,10 +9,9 @@
    Why: the compiled graph reads the cache at 4-11 GB/s, with a horizontal sum per key and query head and a call per
    row; this streams each key and value once, converts bf16 in registers, and exponentiates 16 (or 8) scores at a
    time. Built with the machine's own vector width (AVX-512 or AVX2 with FMA); `vector_width()` says which, 0 where
-   neither (the caller then keeps the graph). */
+   neither (the compiled set then holds the graphs that attend themselves). */
 
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -160,6 +160,8 @@ static void attend(const float *q, const void *k, const void *v, long n, long gr
 
 #if WIDTH
 
+#define HELPED_FROM 2048  /* keys times kv heads of a call from which threads share it (measured: session 66) */
+
 /* The work of one call: a unit is one row's kv head (its query heads over its keys), taken in turn by the threads. */
 struct step {
     long rows, kv_heads, groups, dim, units;
@@ -208,9 +210,8 @@ static void *work(void *argument) {
    cache's dtype); position[r]: where its new key and value go (it attends over positions 0..position[r]).
    q [rows, kv_heads * groups, dim], k_new and v_new [rows, kv_heads, dim], out [rows, kv_heads * groups, dim]: in
    the cache's dtype, rows `q_stride`, `k_stride`, `v_stride` elements apart, heads `dim` apart. `threads`: how many
-   share the work (this one and threads - 1 started for the call). Returns 0, or -1 where memory or a thread could
-   not be had or the kernel was built without vectors (the output is then incomplete; the caches hold the new keys
-   and values). */
+   of OpenMP's share the work. Returns 0, or -1 where memory could not be had or the kernel was built without
+   vectors (the output is then incomplete; the caches hold the new keys and values). */
 int decode_attention(long rows, long layer, void *const *buffers, const long *capacity, const long *position,
                      const void *q, long q_stride, const void *k_new, long k_stride, const void *v_new, long v_stride,
                      long kv_heads, long groups, long dim, float scale, int bf16, void *out, int threads) {
@@ -245,12 +246,13 @@ int decode_attention(long rows, long layer, void *const *buffers, const long *ca
             }
         struct step s = {rows, kv_heads, groups, dim, units, capacity, position, order, keys, values, query, scale,
                          bf16, out, 0, 0};
-        pthread_t helpers[63];
-        int started = 0;
-        for (; started < threads - 1 && started < 63 && started + 1 < units; started++)
-            if (pthread_create(&helpers[started], NULL, work, &s)) break;
+        /* the threads are torch's own (OpenMP, the same runtime): waiting for work between its products, they
+           take a unit at once; a step's one short row is not worth waking them for */
+        long keys_to_read = 0;
+        for (long r = 0; r < rows; r++) keys_to_read += (position[r] + 1) * kv_heads;
+        int shared = threads > 1 && units > 1 && keys_to_read >= HELPED_FROM;
+#pragma omp parallel num_threads(threads) if (shared)
         work(&s);
-        for (int i = 0; i < started; i++) pthread_join(helpers[i], NULL);
         failed = s.failed;
     }
     free(query), free(order), free(keys), free(values);

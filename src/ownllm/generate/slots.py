@@ -904,7 +904,7 @@ class SlotModel:
         """`_attend`'s decoding rows through the attention kernel in one call (`attention_kernel`), or else the
         compiled `RowAttention` graph, one call a row (the attention of the one-row graphs: `graph_attention`)."""
         if kernel_rows is not None:
-            return self.compiled.kernel(index, kernel_rows, q, k, v)  # type: ignore[union-attr]
+            return self.compiled.ready["kernel"](index, kernel_rows, q, k, v)  # type: ignore[union-attr,index]
         outputs = []
         for row, (sequence, (keys, position)) in enumerate(zip(sequences, places, strict=True)):
             k_cache, v_cache = self._views[sequence][index]
@@ -992,11 +992,11 @@ class SlotModel:
         use_four_bit = length == 1 and rows <= self.four_bit_rows
         compiled = self.compiled.ready if self.compiled is not None else None
         places = self._row_places(slot_list, start_list) if compiled is not None and length == 1 else None
-        kernel = self.compiled.kernel if places is not None else None  # type: ignore[union-attr]
+        kernel = compiled.get("kernel") if places is not None else None  # type: ignore[union-attr]
         kernel_rows = kernel.rows([self.buffers[s] for s in slot_list], start_list) if kernel is not None else None
         one_compiled_row = places is not None and rows == 1 and not groups and use_four_bit
         if one_compiled_row:
-            x = self._compiled_layers(compiled, x, slot_list[0], places[0], tables["default"])
+            x = self._compiled_layers(compiled, x, slot_list[0], places[0], kernel_rows, tables["default"])
         for index, layer in enumerate([] if one_compiled_row else self.layers):
             four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
@@ -1015,7 +1015,7 @@ class SlotModel:
                 k = self._rope(layer.k_norm(qkv[:, h : h + kv]), cos, sin_turned)  # type: ignore[misc]
             attended = self._attend(index, q, k, v, slot_list, start_list, layer.window,
                                     masks.get(layer.window, (0, None)),
-                                    None if places is None else (compiled[2], places, kernel_rows))  # type: ignore[index]
+                                    None if places is None else (compiled.get("attention"), places, kernel_rows))  # type: ignore[union-attr]
             attended = attended.transpose(1, 2).reshape(rows, length, q_width)
             out = self._project(attended, layer.o, layer.o_bias, four.o)
             if groups:
@@ -1052,12 +1052,13 @@ class SlotModel:
         return logits
 
 
-    def _compiled_layers(self, graphs: tuple[Any, ...], x: torch.Tensor, sequence: int, place: RowPlace,
-                         table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Every layer of one decoding row through the compiled graphs, one call a layer: its norms, projections,
-        cache write and attention as `forward` computes them (the same ops in the same order: the same bits, but
-        for the order of the attention's sums: `compiled_decode.graph_attention`)."""
-        first, middle = graphs[:2]
+    def _compiled_layers(self, graphs: dict[str, Any], x: torch.Tensor, sequence: int, place: RowPlace,
+                         kernel_rows: Any, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Every layer of one decoding row through the compiled graphs: its norms, projections, cache write and
+        attention as `forward` computes them (the same ops in the same order: the same bits, but for the order of
+        the attention's sums: `compiled_decode.graph_attention`, or the attention kernel's). With the kernel, two
+        calls a layer (the kernel's attention, then `Rest`), else one (`MiddleLayer`)."""
+        first = graphs["first"]
         if self._compiled_weights is None:  # each layer's weights in the graphs' order, listed once
             four, layers = self.four_bit.layers, self.layers
             inputs = [compiled_decode.layer_inputs(four[i], layers[i].attn_norm.weight, layers[i].mlp_norm.weight)
@@ -1070,6 +1071,13 @@ class SlotModel:
         first_weights, layer_weights = self._compiled_weights
         keys, position = place
         qk, v = first([x, *first_weights, *table])
+        if "rest" in graphs:
+            kernel, rest, heads = graphs["kernel"], graphs["rest"], self.heads
+            for index, weights in enumerate(layer_weights):
+                attended = kernel(index, kernel_rows, qk[:, :heads], qk[:, heads:], v)
+                x, qk, v = rest([x, attended, *weights, *table])
+            return x.view(1, 1, -1)
+        middle = graphs["middle"]
         for (k_cache, v_cache), weights in zip(self._views[sequence], layer_weights, strict=True):
             x, qk, v = middle([x, qk, v, k_cache, v_cache, keys, position, *weights, *table])
         return x.view(1, 1, -1)
