@@ -1,9 +1,9 @@
-"""The decode attention of steps of several rows as one C call a layer (decode_attention.c), built with the
-machine's C compiler into a compiled set (`compiled_decode`) and loaded with ctypes.
+"""A decode step's attention, all its rows (one or several) in one C call a layer (decode_attention.c), built with
+the machine's C compiler into a compiled set (`compiled_decode`) and loaded with ctypes.
 
-The compiled `RowAttention` graph it stands in for is one call a row and reads the cache at 4-11 GB/s
-(bench/RESULTS.md, session 65); at 8 chat streams attention was 45% of a decode step. Where the kernel cannot be
-built (no compiler, no AVX2 or AVX-512), the graph stays."""
+The compiled graphs' attention it stands in for reads the cache at 4-11 GB/s, a call a row (bench/RESULTS.md,
+session 65); at 8 chat streams attention was 45% of a decode step. Where the kernel cannot be built (no compiler,
+no AVX2 or AVX-512), the graphs attend themselves."""
 
 from __future__ import annotations
 
@@ -32,9 +32,14 @@ def build(folder: Path) -> None:
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on the PATH")
     folder.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([compiler, "-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-fopenmp", "-o",
-                             str(folder / LIBRARY), str(SOURCE)], capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
+    # OpenMP: its threads are torch's own (the same libgomp, loaded once); without it, one thread
+    for threads in (["-fopenmp"], []):
+        result = subprocess.run([compiler, "-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", *threads,
+                                 "-o", str(folder / LIBRARY), str(SOURCE)], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode == 0:
+            break
+    else:
         raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip()[-300:]}")
     width = _load(folder / LIBRARY).vector_width()
     if width == 0:
