@@ -81,7 +81,8 @@ def test_rows_it_would_write_past_are_refused_before_any_write(library: Path) ->
     buffer = torch.zeros(LAYERS, 2, KV_HEADS, 8, DIM, dtype=torch.bfloat16)
     for buffers, positions in (([buffer], [8]), ([buffer], [-1]), ([buffer.half()], [0]),
                                ([buffer, buffer.float()], [0, 0]), ([buffer.transpose(3, 4)], [0]),
-                               ([torch.zeros(LAYERS, 2, 1, 8, DIM, dtype=torch.bfloat16)], [0])):
+                               ([torch.zeros(LAYERS, 2, 1, 8, DIM, dtype=torch.bfloat16)], [0]),
+                               ([torch.zeros(LAYERS, 1, KV_HEADS, 8, DIM, dtype=torch.bfloat16)], [0])):
         with pytest.raises(ValueError, match="KV buffers"):
             kernel.rows(buffers, positions)
     rows = kernel.rows([buffer], [7])
@@ -92,3 +93,17 @@ def test_rows_it_would_write_past_are_refused_before_any_write(library: Path) ->
         with pytest.raises(ValueError, match="do not fit"):
             kernel(layer, rows, *inputs)
     assert not buffer.any()
+
+
+def test_a_nan_or_infinite_key_gives_nan_as_torchs_softmax_does(library: Path) -> None:
+    """Not a finite average that hides the blow-up: a query head whose scores hold a NaN, or whose top score is
+    infinite, is NaN, as torch's softmax makes it; the other heads are as they were."""
+    kernel = attention_kernel.DecodeAttention(library, KV_HEADS, GROUPS, DIM, SCALE)
+    for bad in (float("nan"), float("inf")):
+        buffer = torch.randn(LAYERS, 2, KV_HEADS, 8, DIM)
+        buffer[0, 0, 1, 3, 0] = bad  # a key of kv head 1
+        q, kv = torch.randn(1, KV_HEADS * GROUPS, 1, DIM), torch.randn(1, KV_HEADS, 1, DIM)
+        q[0, GROUPS : 2 * GROUPS, 0, 0] = 1.0  # its query heads: a score of +inf (or NaN)
+        out = kernel(0, kernel.rows([buffer], [5]), q, kv, kv)[0, :, 0]
+        want = exact(q[0, :, 0], buffer[0, 0, :, :6], buffer[0, 1, :, :6]).float()
+        assert torch.equal(out.isnan(), want.isnan()) and out[GROUPS : 2 * GROUPS].isnan().all(), bad

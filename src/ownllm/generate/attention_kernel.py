@@ -25,9 +25,9 @@ def source_text() -> str:
     return SOURCE.read_text()
 
 
-def build(folder: Path) -> None:
-    """Compile the kernel into folder/decode_attention.so for this machine's CPU; raises RuntimeError saying why
-    it could not be built."""
+def build(folder: Path, head_dim: int = 64) -> None:
+    """Compile the kernel into folder/decode_attention.so for this machine's CPU and a model of `head_dim`; raises
+    RuntimeError saying why it could not be built (or would not serve that head size)."""
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on the PATH")
@@ -40,11 +40,13 @@ def build(folder: Path) -> None:
         if result.returncode == 0:
             break
     else:
-        raise RuntimeError(f"{Path(compiler).name} failed: {result.stderr.strip()[-300:]}")
+        raise RuntimeError(f"{Path(compiler).name} failed (exit {result.returncode}): "
+                           f"{result.stderr.strip()[-300:] or 'no message'}")
     width = _load(folder / LIBRARY).vector_width()
-    if width == 0:
+    if width == 0 or head_dim % width:
         (folder / LIBRARY).unlink()
-        raise RuntimeError("this CPU has neither AVX-512 nor AVX2 with FMA")
+        raise RuntimeError("this CPU has neither AVX-512 nor AVX2 with FMA" if width == 0 else
+                           f"a head of {head_dim} is not a whole number of {width}-float vectors")
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -71,7 +73,8 @@ class DecodeAttention:
         capacity, head dim], contiguous, all of one dtype) and the position its new key goes to (the kernel writes
         there through raw pointers: checked here, once a step)."""
         dtype, layers = buffers[0].dtype, buffers[0].shape[0]
-        if not all(b.is_contiguous() and b.dtype == dtype and b.dim() == 5 and b.shape[0] == layers
+        if not all(b.is_contiguous() and b.device.type == "cpu" and b.dtype == dtype and b.dim() == 5
+                   and b.shape[0] == layers and b.shape[1] == 2
                    and tuple(b.shape[2:]) == (self.kv_heads, b.shape[3], self.head_dim) and 0 <= p < b.shape[3]
                    for b, p in zip(buffers, positions, strict=True)) or dtype not in _DTYPES:
             raise ValueError("the decode attention kernel takes contiguous KV buffers of one dtype (bf16 or fp32) "

@@ -6,19 +6,16 @@ costs as much as the int4 matmuls themselves (bench/RESULTS.md, session 37: 10.3
 kernel). A set of graphs covers a step's layers:
 
 - `FirstHalf`: the first layer's attention norm, fused q|k|v projection (int4) and rotary turn of q and k;
-- where this machine's C compiler builds `attention_kernel` (AVX-512, or AVX2 with FMA) into the set, that kernel
-  stores each layer's new key and value and attends, for one row or several in one call (it streams the cache,
-  ~2x faster than the graphs' attention, which reads it at 4-11 GB/s: bench/RESULTS.md, session 66), and `Rest`
-  takes the layer from the attention's output: the o projection, the residual add, the feed-forward norm,
-  gate|up, SiLU, down, the residual add, then the next layer's `FirstHalf`. Two calls a layer;
-- elsewhere `MiddleLayer`: the new key and value stored in the layer's cache, the attention over the cached keys
-  in fp32 on the cache's values (`graph_attention`), then what `Rest` does, in one call a layer (the number of keys
-  and the caches' capacity are its dynamic sizes); and `RowAttention` for steps of several rows (which stay eager
-  otherwise): one row's cache write and attention, a call a row.
-
-The last layer runs `Rest` or `MiddleLayer` too, on its own first-half weights in the next one's place, and its
-q|k|v is dropped: one layer's q|k|v product more a token (~0.4% of the default model's products) where a graph of
-its own took a quarter of the compile (~10 s of a core).
+- `MiddleLayer`: a layer's new key and value stored in its cache, the attention over the cached keys in fp32 on the
+  cache's values (`graph_attention`), the o projection, the residual add, the feed-forward norm, gate|up, SiLU, down,
+  the residual add (`LastLayer`), then the next layer's `FirstHalf`; the number of keys and the caches' capacity are
+  its dynamic sizes. The last layer runs it too, on its own first-half weights in the next one's place, and its
+  q|k|v is dropped: one layer's q|k|v product more a token (~0.4% of the default model's products) where a graph
+  of its own took a quarter of the compile (~10 s of a core);
+- for steps of several rows (which stay eager otherwise), where this machine's C compiler builds `attention_kernel`
+  (AVX-512, or AVX2 with FMA) into the set, that kernel stores every row's new key and value and attends, one call
+  a layer (it streams the cache: ~1.9x faster for 8 rows, bench/RESULTS.md, session 66); elsewhere `RowAttention`,
+  one row's cache write and attention, a call a row.
 
 Each layer's weights and cache are inputs, not constants, so one compiled set serves every layer; a bf16 model's
 and an fp32 model's (whose int4 products take and give bf16 rows, `int4_matmul`) are compiled apart. The ops are
@@ -201,27 +198,13 @@ class MiddleLayer(LastLayer):
         return x, *self.following(x, next_norm, next_qkv_packed, next_qkv_scales, cos, sin_turned)
 
 
-class Rest(MiddleLayer):
-    """`MiddleLayer` from its attention's output on (the attention is `attention_kernel`'s, which stored the new
-    key and value): o projection, residual, feed-forward, residual, the next layer's `FirstHalf`. Returns
-    (x, q | k, v) for the next layer."""
-
-    def forward(self, x: torch.Tensor, attended: torch.Tensor, o_packed: torch.Tensor,  # type: ignore[override]
-                o_scales: torch.Tensor, norm: torch.Tensor, gate_up_packed: torch.Tensor,
-                gate_up_scales: torch.Tensor, down_packed: torch.Tensor, down_scales: torch.Tensor,
-                next_norm: torch.Tensor, next_qkv_packed: torch.Tensor, next_qkv_scales: torch.Tensor,
-                cos: torch.Tensor, sin_turned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.after_attention(x, attended, o_packed, o_scales, norm, gate_up_packed, gate_up_scales, down_packed,
-                                 down_scales)
-        return x, *self.following(x, next_norm, next_qkv_packed, next_qkv_scales, cos, sin_turned)
-
-
-# The packages of a compiled set. Where `attention_kernel` builds, the kernel attends (one row or several) and
-# `Rest` takes a layer from there; elsewhere `MiddleLayer` attends in its graph and `RowAttention` for wider steps.
+# The packages of a compiled set. One-row steps run `FirstHalf` and `MiddleLayer` (its own attention: for one row
+# the kernel measured no faster, and a call more a layer cost more than it saved); steps of several rows attend
+# through `attention_kernel` where it builds, else through the `RowAttention` graph, a call a row.
 GRAPHS = ("first", "middle", "attention")
-KERNEL_GRAPHS = ("first", "rest")
+KERNEL_GRAPHS = ("first", "middle")
 KERNEL = "kernel"  # the set's folder for `attention_kernel`'s library, where it could be built
-PARTS = (*GRAPHS, "rest", KERNEL)  # every folder a set may hold
+PARTS = (*GRAPHS, KERNEL)  # every folder a set may hold
 
 
 def graphs_of(folder: Path) -> tuple[str, ...]:
@@ -323,19 +306,15 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None
                     elif name == "attention":
                         inputs = [qk[:, : spec["heads"]].contiguous(), qk[0, spec["heads"] :], v[0],
                                   *caches.clone(), *where]
-                    elif name == "rest":
-                        inputs = [x, made_up(1, spec["heads"], 1, spec["head_dim"]), *weights["last"],
-                                  *next_weights["first"], *table]
                     else:
                         inputs = [x, qk, v, *caches.clone(), *where, *weights["last"], *next_weights["first"], *table]
-                    ours = list(inputs) if name == "rest" else (  # (the others' caches: written)
-                        inputs[:3] + [cache.clone() for cache in inputs[3:5]] + inputs[5:])
+                    ours = inputs[:3] + [cache.clone() for cache in inputs[3:5]] + inputs[5:]  # (caches: written)
                     want, got = eager[name](*inputs), graphs[name](ours)
                     want = list(want) if isinstance(want, tuple) else [want]
                     # `graph_attention` sums in another order when compiled: outputs after an attention agree up
                     # to rounding (a wrong, stale or swapped graph is off by the activations' own size); the rest,
                     # the cache writes included, bit for bit
-                    same = torch.equal if name in ("first", "rest") else _rounding_apart
+                    same = torch.equal if name == "first" else _rounding_apart
                     if not (len(got) == len(want)
                             and all(same(w, g.reshape(w.shape)) for w, g in zip(want, got, strict=True))
                             and all(torch.equal(w, g) for w, g in zip(inputs, ours, strict=True))):
@@ -392,17 +371,14 @@ def _example_inputs(spec: dict[str, Any]) -> dict[str, tuple[torch.Tensor, ...]]
     last = (x, torch.randn(1, heads + kv_heads, 1, head_dim).to(dtype), torch.randn(1, kv_heads, 1, head_dim).to(dtype),
             cache, cache.clone(), torch.empty(40, dtype=torch.int8), torch.tensor([39]),
             *part("o"), norm.clone(), *part("gate_up"), *part("down"))
-    attended = torch.randn(1, heads, 1, head_dim).to(dtype)
     return {"first": (x, *first, table, table.clone()), "middle": (*last, *first, table, table.clone()),
-            "attention": (last[1][:, :heads].contiguous(), last[1][0, heads:], last[2][0], *last[3:7]),
-            "rest": (x, attended, *last[7:], *first, table, table.clone())}
+            "attention": (last[1][:, :heads].contiguous(), last[1][0, heads:], last[2][0], *last[3:7])}
 
 
 def _modules(spec: dict[str, Any]) -> dict[str, torch.nn.Module]:
     common = (spec["head_dim"], spec["intermediate"], spec["eps"], spec["scale"])
     return {"first": FirstHalf(spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]),
-            "middle": MiddleLayer(spec["heads"], spec["kv_heads"], *common), "attention": RowAttention(spec["scale"]),
-            "rest": Rest(spec["heads"], spec["kv_heads"], *common)}
+            "middle": MiddleLayer(spec["heads"], spec["kv_heads"], *common), "attention": RowAttention(spec["scale"])}
 
 
 def _dynamic_shapes() -> dict[str, Any]:
@@ -410,7 +386,7 @@ def _dynamic_shapes() -> dict[str, Any]:
     capacity = torch.export.Dim("capacity", min=2, max=1 << 24)
     keys = torch.export.Dim("keys", min=1, max=1 << 24)
     last = ({}, {}, {}, {1: capacity}, {1: capacity}, {0: keys}, *[{}] * 8)
-    return {"first": None, "middle": (*last, *[{}] * 5), "attention": ({}, *last[1:7]), "rest": None}
+    return {"first": None, "middle": (*last, *[{}] * 5), "attention": ({}, *last[1:7])}
 
 
 def compile_packages(spec: dict[str, Any], folder: Path) -> None:
@@ -435,7 +411,7 @@ def compile_packages(spec: dict[str, Any], folder: Path) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     try:
         try:  # first: it says which graphs the set needs
-            attention_kernel.build(staging / KERNEL)
+            attention_kernel.build(staging / KERNEL, spec["head_dim"])
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             shutil.rmtree(staging / KERNEL, ignore_errors=True)
             (staging / KERNEL_MISSING).write_text(str(exc))

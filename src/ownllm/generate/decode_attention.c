@@ -125,7 +125,15 @@ static void attend(const float *q, const void *k, const void *v, long n, long gr
     }
     for (long g = 0; g < groups; g++) {
         float *s = scores + g * n, top = -INFINITY, total = 0.0f;
-        for (long t = 0; t < n; t++) top = s[t] > top ? s[t] : top;
+        int undefined = 0;  /* a NaN score, or an infinite top one: the softmax is NaN, as torch's is */
+        for (long t = 0; t < n; t++) {
+            undefined |= s[t] != s[t];
+            top = s[t] > top ? s[t] : top;
+        }
+        if (undefined || isinf(top)) {  /* NaN weights: the weighted sum below gives NaN */
+            for (long t = 0; t < n; t++) s[t] = NAN;
+            continue;
+        }
         vec sum = vzero(), shift = vset(top);
         long t = 0;
         for (; t + WIDTH <= n; t += WIDTH) {
@@ -175,6 +183,11 @@ struct step {
     int failed;
 };
 
+static int by_first(const void *a, const void *b) {
+    long x = ((const long *)a)[0], y = ((const long *)b)[0];
+    return (x > y) - (x < y);
+}
+
 static void *work(void *argument) {
     struct step *s = argument;
     long size = s->bf16 ? 2 : 4, longest = 0;
@@ -219,7 +232,7 @@ int decode_attention(long rows, long layer, void *const *buffers, const long *ca
     long heads = kv_heads * groups, size = bf16 ? 2 : 4, units = rows * kv_heads;
     if (dim % WIDTH) return -1;
     float *query = malloc(sizeof(float) * (size_t)(rows * heads * dim));
-    long *order = malloc(sizeof(long) * (size_t)units);
+    long *order = malloc(2 * sizeof(long) * (size_t)units);
     char **keys = malloc(sizeof(char *) * (size_t)rows), **values = malloc(sizeof(char *) * (size_t)rows);
     int failed = !query || !order || !keys || !values;
     for (long r = 0; r < rows && !failed; r++) {
@@ -237,13 +250,10 @@ int decode_attention(long rows, long layer, void *const *buffers, const long *ca
                                               : ((const float *)q)[r * q_stride + i];
     }
     if (!failed) {
-        /* the longest rows first, so that the threads finish together */
-        for (long u = 0; u < units; u++) order[u] = u;
-        for (long u = 1; u < units; u++)
-            for (long w = u; w > 0 && position[order[w] / kv_heads] > position[order[w - 1] / kv_heads]; w--) {
-                long swap = order[w];
-                order[w] = order[w - 1], order[w - 1] = swap;
-            }
+        /* the longest rows first, so that the threads finish together: units as (-keys, unit) pairs, sorted */
+        for (long u = 0; u < units; u++) order[2 * u] = -position[u / kv_heads], order[2 * u + 1] = u;
+        qsort(order, (size_t)units, 2 * sizeof(long), by_first);
+        for (long u = 0; u < units; u++) order[u] = order[2 * u + 1];
         struct step s = {rows, kv_heads, groups, dim, units, capacity, position, order, keys, values, query, scale,
                          bf16, out, 0, 0};
         /* the threads are torch's own (OpenMP, the same runtime): waiting for work between its products, they

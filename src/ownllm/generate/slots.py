@@ -992,11 +992,11 @@ class SlotModel:
         use_four_bit = length == 1 and rows <= self.four_bit_rows
         compiled = self.compiled.ready if self.compiled is not None else None
         places = self._row_places(slot_list, start_list) if compiled is not None and length == 1 else None
-        kernel = compiled.get("kernel") if places is not None else None  # type: ignore[union-attr]
-        kernel_rows = kernel.rows([self.buffers[s] for s in slot_list], start_list) if kernel is not None else None
         one_compiled_row = places is not None and rows == 1 and not groups and use_four_bit
+        kernel = compiled.get("kernel") if places is not None and not one_compiled_row else None  # type: ignore[union-attr]
+        kernel_rows = kernel.rows([self.buffers[s] for s in slot_list], start_list) if kernel is not None else None
         if one_compiled_row:
-            x = self._compiled_layers(compiled, x, slot_list[0], places[0], kernel_rows, tables["default"])
+            x = self._compiled_layers(compiled, x, slot_list[0], places[0], tables["default"])
         for index, layer in enumerate([] if one_compiled_row else self.layers):
             four = self.four_bit.layers[index] if use_four_bit else _DEQUANTIZED
             normed = layer.attn_norm(x)
@@ -1053,12 +1053,11 @@ class SlotModel:
 
 
     def _compiled_layers(self, graphs: dict[str, Any], x: torch.Tensor, sequence: int, place: RowPlace,
-                         kernel_rows: Any, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Every layer of one decoding row through the compiled graphs: its norms, projections, cache write and
-        attention as `forward` computes them (the same ops in the same order: the same bits, but for the order of
-        the attention's sums: `compiled_decode.graph_attention`, or the attention kernel's). With the kernel, two
-        calls a layer (the kernel's attention, then `Rest`), else one (`MiddleLayer`)."""
-        first = graphs["first"]
+                         table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Every layer of one decoding row through the compiled graphs, one call a layer: its norms, projections,
+        cache write and attention as `forward` computes them (the same ops in the same order: the same bits, but
+        for the order of the attention's sums: `compiled_decode.graph_attention`)."""
+        first, middle = graphs["first"], graphs["middle"]
         if self._compiled_weights is None:  # each layer's weights in the graphs' order, listed once
             four, layers = self.four_bit.layers, self.layers
             inputs = [compiled_decode.layer_inputs(four[i], layers[i].attn_norm.weight, layers[i].mlp_norm.weight)
@@ -1071,13 +1070,6 @@ class SlotModel:
         first_weights, layer_weights = self._compiled_weights
         keys, position = place
         qk, v = first([x, *first_weights, *table])
-        if "rest" in graphs:
-            kernel, rest, heads = graphs["kernel"], graphs["rest"], self.heads
-            for index, weights in enumerate(layer_weights):
-                attended = kernel(index, kernel_rows, qk[:, :heads], qk[:, heads:], v)
-                x, qk, v = rest([x, attended, *weights, *table])
-            return x.view(1, 1, -1)
-        middle = graphs["middle"]
         for (k_cache, v_cache), weights in zip(self._views[sequence], layer_weights, strict=True):
             x, qk, v = middle([x, qk, v, k_cache, v_cache, keys, position, *weights, *table])
         return x.view(1, 1, -1)
