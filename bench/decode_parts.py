@@ -71,11 +71,11 @@ def attention_graph() -> Any:
     from ownllm.generate.compiled_decode import RowAttention, _dynamic_shapes, _example_inputs
 
     spec = scheduler().model.compiled.spec
-    folder = Path(tempfile.mkdtemp(prefix="ownllm-bench-"))
     exported = torch.export.export(RowAttention(spec["scale"]), _example_inputs(spec)["attention"],
                                    dynamic_shapes=_dynamic_shapes()["attention"])
-    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / "attention.pt2"))
-    return torch._inductor.aoti_load_package(package).loader.run
+    with tempfile.TemporaryDirectory(prefix="ownllm-bench-") as folder:  # (loading extracts what it runs)
+        package = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(folder) / "a.pt2"))
+        return torch._inductor.aoti_load_package(package).loader.run
 
 
 @functools.cache

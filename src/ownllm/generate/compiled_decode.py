@@ -469,8 +469,8 @@ class CompiledSteps:
                         _discard(self.folder)
             self.kernel = self.ready.get("kernel")  # type: ignore[union-attr]
             self.note = "one-row steps and the decode attention compiled (AOTInductor; " + (
-                f"attention in a C kernel, {self.kernel.vector_bits}-bit vectors)" if self.kernel is not None else
-                "attention in the graphs: no C kernel, see the log)")
+                f"several rows attend in a C kernel, {self.kernel.vector_bits}-bit vectors)"
+                if self.kernel is not None else "several rows attend in a graph: no C kernel, see the log)")
         except Exception as exc:  # compiling is a speed-up: without it the eager forward goes on
             self.note = f"one-row steps eager ({exc.__class__.__name__} while compiling or loading; see the log)"
             log.warning("compiled one-row decode steps unavailable (%s: %s); decoding eagerly",
