@@ -256,8 +256,8 @@ def spec_of(model: Any) -> tuple[dict[str, Any] | None, str | None]:
 
 def layer_inputs(four: Any, norm: torch.Tensor, mlp_norm: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """The weights each graph takes for one layer (`four`: its `_FourBitLayer`), in its order: `first` the
-    attention norm and q|k|v; `last` o, the feed-forward norm, gate|up and down. `middle` and `rest` take `last`'s
-    weights and then the next layer's `first` ones."""
+    attention norm and q|k|v; `last` o, the feed-forward norm, gate|up and down. `middle` takes `last`'s weights and
+    then the next layer's `first` ones."""
     return {"first": [norm, four.qkv.packed, four.qkv.scales_and_zeros],
             "last": [four.o.packed, four.o.scales_and_zeros, mlp_norm, four.gate_up.packed,
                      four.gate_up.scales_and_zeros, four.down.packed, four.down.scales_and_zeros]}
@@ -300,7 +300,7 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None
                 where = [torch.empty(count, dtype=torch.int8), torch.tensor([count - 1])]
                 if "kernel" in graphs:
                     _check_kernel(graphs["kernel"], eager["attention"], spec["heads"], qk, v, caches, where)
-                for name in [name for name in PARTS if name in graphs and name != KERNEL]:
+                for name in [name for name in GRAPHS if name in graphs]:
                     if name == "first":
                         inputs = [x, *weights["first"], *table]
                     elif name == "attention":
@@ -446,7 +446,6 @@ class CompiledSteps:
         self.note = ("one-row steps: loading their compiled graphs" if _complete(self.folder) else
                      "one-row steps compiling in the background (AOTInductor, once per model and CPU)")
         self.ready: dict[str, Any] | None = None
-        self.kernel: attention_kernel.DecodeAttention | None = None  # the decode attention, where it is built
         self.thread = threading.Thread(target=self._load, name="ownllm-compile-decode", daemon=True)
         self.thread.start()
 
@@ -467,7 +466,6 @@ class CompiledSteps:
                                 self.folder, exc.__class__.__name__, str(exc)[-300:])
                     with _folder_lock(self.folder):
                         _discard(self.folder)
-            self.kernel = self.ready.get("kernel")  # type: ignore[union-attr]
             self.note = "one-row steps and the decode attention compiled (AOTInductor; " + (
                 f"several rows attend in a C kernel, {self.kernel.vector_bits}-bit vectors)"
                 if self.kernel is not None else "several rows attend in a graph: no C kernel, see the log)")
@@ -475,6 +473,11 @@ class CompiledSteps:
             self.note = f"one-row steps eager ({exc.__class__.__name__} while compiling or loading; see the log)"
             log.warning("compiled one-row decode steps unavailable (%s: %s); decoding eagerly",
                         exc.__class__.__name__, str(exc)[-500:])
+
+    @property
+    def kernel(self) -> attention_kernel.DecodeAttention | None:
+        """The set's attention kernel for steps of several rows, once loaded and checked, where it is built."""
+        return self.ready.get("kernel") if self.ready is not None else None
 
     def _loaded_and_checked(self) -> dict[str, Any]:
         # the loader `aoti_load_package` builds, on the unpacked package's folder (which it would take for an

@@ -188,14 +188,13 @@ static int by_first(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-static void *work(void *argument) {
-    struct step *s = argument;
+static void work(struct step *s) {
     long size = s->bf16 ? 2 : 4, longest = 0;
     for (long r = 0; r < s->rows; r++) longest = s->position[r] + 1 > longest ? s->position[r] + 1 : longest;
     float *scratch = malloc(sizeof(float) * (size_t)(s->groups * longest + s->groups * s->dim));
     if (!scratch) {
         __atomic_store_n(&s->failed, 1, __ATOMIC_RELAXED);
-        return NULL;
+        return;
     }
     float *result = scratch + s->groups * longest;
     for (;;) {
@@ -214,7 +213,6 @@ static void *work(void *argument) {
         }
     }
     free(scratch);
-    return NULL;
 }
 
 #endif

@@ -904,7 +904,7 @@ class SlotModel:
         """`_attend`'s decoding rows through the attention kernel in one call (`attention_kernel`), or else the
         compiled `RowAttention` graph, one call a row (the attention of the one-row graphs: `graph_attention`)."""
         if kernel_rows is not None:
-            return self.compiled.ready["kernel"](index, kernel_rows, q, k, v)  # type: ignore[union-attr,index]
+            return self.compiled.kernel(index, kernel_rows, q, k, v)  # type: ignore[union-attr,misc]
         outputs = []
         for row, (sequence, (keys, position)) in enumerate(zip(sequences, places, strict=True)):
             k_cache, v_cache = self._views[sequence][index]
