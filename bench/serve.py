@@ -6,7 +6,7 @@ turn) and `rag` (a shared 1,000-token system prompt). Each server's peak RSS (wi
 llama-server comes from $LLAMA_SERVER, PATH, or the cache of `bench/peers/llama-server.sh` (which builds it).
 
     python bench/serve.py [--workloads random,chat,rag] [--concurrency 1,8,16,32] [--max-tokens 128]
-                          [--only ownllm] [--json results.json] [--warm]
+                          [--only ownllm] [--requests N] [--json results.json] [--warm]
 
 Each server gets one short request before the levels; with --warm also one of each workload, so RAG's system
 prompt starts cached (steady traffic) instead of each level starting as a cold burst.
@@ -39,6 +39,17 @@ def free_port() -> int:
 
 
 LLAMA_SERVER_SLOTS = 16
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, got {value}")
+    return value
 
 
 def llama_server_binary() -> str | None:
@@ -159,6 +170,8 @@ def main() -> None:
                         "('adapters': only the multi-LoRA measurement)")
     parser.add_argument("--cache-off-at", default="8", help="concurrency levels at which the cache-off server "
                         "runs (it is the reference for TTFT, not a contestant)")
+    parser.add_argument("--requests", type=positive, help="requests per level (chat: conversations); default 2 x the "
+                        "streams, at least 4 (chat: the streams, at least 10)")
     parser.add_argument("--json", type=Path, help="write every level's numbers here")
     parser.add_argument("--warm", action="store_true", help="before the levels, one request of each workload (the "
                         "RAG system prompt then starts cached, as in steady traffic, not a cold burst)")
@@ -191,7 +204,7 @@ def main() -> None:
                 memory = PeakRSS(process.pid)
                 for workload in workloads:
                     table[(name, workload)] = run_benchmark(url, concurrency=its_levels, max_tokens=args.max_tokens,
-                                                            workload=workload)
+                                                            requests_per_level=args.requests, workload=workload)
                     print(f"{name} / {workload}: done", flush=True)
                 peaks[name] = memory.stop()
             except RuntimeError as exc:
