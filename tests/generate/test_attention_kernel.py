@@ -107,3 +107,77 @@ def test_a_nan_or_infinite_key_gives_nan_as_torchs_softmax_does(library: Path) -
         out = kernel(0, kernel.rows([buffer], [5]), q, kv, kv)[0, :, 0]
         want = exact(q[0, :, 0], buffer[0, 0, :, :6], buffer[0, 1, :, :6]).float()
         assert torch.equal(out.isnan(), want.isnan()) and out[GROUPS : 2 * GROUPS].isnan().all(), bad
+
+
+def exact_chunk(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    """[1, heads, length, D] causal attention of a prefill chunk at `start` in float64 (keys, values [kv heads, n,
+    D]: its query i sees positions 0..start+i)."""
+    length, end = q.shape[2], start + q.shape[2]
+    scores = q.double() @ keys[:, :end].double().repeat_interleave(GROUPS, 0).transpose(1, 2) * SCALE
+    allowed = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return (weights @ values[:, :end].double().repeat_interleave(GROUPS, 0)).view(1, -1, length, DIM)
+
+
+def chunk_kernel(library: Path) -> attention_kernel.DecodeAttention:
+    kernel = attention_kernel.DecodeAttention(library, KV_HEADS, GROUPS, DIM, SCALE)
+    if not kernel.chunks:
+        pytest.skip("the chunk kernel is built where the CPU has AVX-512 BF16 only")
+    return kernel
+
+
+def test_prefill_chunks_attend_as_exact_attention_does_within_sdpas_own_error(library: Path) -> None:
+    """First chunks and chunks after a cached prefix, of lengths around the kernel's 16 queries and 32 keys: within
+    the error torch's sdpa makes on the same bf16 inputs (against float64), the same bits on one thread and two."""
+    kernel = chunk_kernel(library)
+    generator = torch.Generator().manual_seed(1)
+    threads = torch.get_num_threads()
+    for start, length in ((0, 1), (0, 2), (0, 17), (0, 256), (5, 3), (31, 33), (100, 16), (927, 410), (1500, 47)):
+        capacity = start + length + 9
+        caches = (torch.randn(2, KV_HEADS, capacity, DIM, generator=generator) * 2).to(torch.bfloat16)
+        q = (torch.randn(1, KV_HEADS * GROUPS, length, DIM, generator=generator) * 2).to(torch.bfloat16)
+        outputs = []
+        try:
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                outputs.append(kernel.chunk(q, caches[0], caches[1], start))
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(outputs[0], outputs[1]) and outputs[0].dtype == torch.bfloat16
+        want = exact_chunk(q, caches[0], caches[1], start)
+        end = start + length
+        allowed = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q, caches[0][None, :, :end], caches[1][None, :, :end], attn_mask=allowed, scale=SCALE, enable_gqa=True)
+        ours, theirs = (outputs[0].double() - want).abs().max(), (sdpa.double() - want).abs().max()
+        assert ours <= 1.5 * theirs + 1e-3, (start, length, float(ours), float(theirs))
+
+
+def test_prefill_chunks_it_would_read_past_are_refused(library: Path) -> None:
+    kernel = chunk_kernel(library)
+    caches = torch.zeros(2, KV_HEADS, 64, DIM, dtype=torch.bfloat16)
+    q = torch.zeros(1, KV_HEADS * GROUPS, 8, DIM, dtype=torch.bfloat16)
+    for bad in [(q, caches[0], caches[1], 57),  # past the capacity
+                (q, caches[0], caches[1], -1),
+                (q.float(), caches[0].float(), caches[1].float(), 0),  # fp32: sdpa attends
+                (q[:, :3], caches[0], caches[1], 0),  # heads that do not fit
+                (q, caches[0][:, ::2], caches[1][:, ::2], 0),  # not contiguous
+                (q, caches[0][:2], caches[1][:2], 0)]:
+        with pytest.raises(ValueError, match="chunk attention kernel"):
+            kernel.chunk(*bad)
+    assert kernel.chunk(q, caches[0], caches[1], 56).shape == q.shape  # the last room there is
+
+
+def test_a_nan_or_infinite_key_in_a_chunk_gives_nan_where_torchs_softmax_does(library: Path) -> None:
+    """A prefill chunk's queries that see a NaN key, or whose top score is infinite, are NaN; the queries before
+    that key and the other kv heads' are finite, as exact attention's are."""
+    kernel = chunk_kernel(library)
+    for bad in (float("nan"), float("inf")):
+        caches = torch.randn(2, KV_HEADS, 64, DIM).to(torch.bfloat16)
+        caches[0, 1, 40, 0] = bad  # a key of kv head 1, at position 40
+        q = torch.randn(1, KV_HEADS * GROUPS, 20, DIM).to(torch.bfloat16)
+        q[0, GROUPS : 2 * GROUPS, :, 0] = 1.0  # its query heads: a score of +inf (or NaN) from position 40 on
+        out = kernel.chunk(q, caches[0], caches[1], 30)
+        want = exact_chunk(q, caches[0], caches[1], 30)
+        assert torch.equal(out.isnan(), want.isnan()), bad
+        assert out[0, GROUPS : 2 * GROUPS, 10:].isnan().all() and not out[0, :, :10].isnan().any(), bad

@@ -101,18 +101,21 @@ def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str],
     # measured over all 24 questions x 25 steps (session 41): logits at most 1.19 apart (0.39 on average), 7 other
     # tokens, each where the eager forward's top two were 0-0.25 apart (exact ties to two bf16 ulps); the same
     # figures with the questions decoded three rows at a time
+    # A bf16 set's kernel attends prefill chunks too, where the CPU has AVX-512 BF16 (`DecodeAttention.chunk`):
+    # the prompt's logits are then held to the decode steps' bound, not to eager's bits
+    chunks = dtype == "bf16" and compiled.compiled.kernel is not None and compiled.compiled.kernel.chunks
     ties = 0
     for prompt in chat_prompts(model.tokenizer, QUESTIONS[:6]):
         [want] = row_steps(eager, [prompt])
         [got] = row_steps(compiled, [prompt], [want[0]])
-        ties += compare(model.tokenizer, prompt, got, want, "bf16")
+        ties += compare(model.tokenizer, prompt, got, want, "bf16", prefill_exact=not chunks)
     assert ties <= 8, ties  # of 150 steps
     # steps of several rows run only the attention compiled (the C kernel, `attention_kernel`, or else the
     # `RowAttention` graph), held to the same bound
     prompts = chat_prompts(model.tokenizer, QUESTIONS[6:9])
     want = row_steps(eager, prompts)
     for prompt, got, wanted in zip(prompts, row_steps(compiled, prompts, [w[0] for w in want]), want, strict=True):
-        ties += compare(model.tokenizer, prompt, got, wanted, "bf16")
+        ties += compare(model.tokenizer, prompt, got, wanted, "bf16", prefill_exact=not chunks)
     assert ties <= 12, ties  # of 225 steps
     france = chat_prompts(model.tokenizer, [QUESTIONS[0]], system=None)[0]
     assert "Paris" in model.tokenizer.decode(row_steps(compiled, [france])[0][0])

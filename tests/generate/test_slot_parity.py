@@ -151,16 +151,17 @@ def slot_decode(slots: Any, prompts: list[list[int]], slot_ids: list[int], steps
 
 
 def compare(tokenizer: Any, prompt: list[int], got: tuple[list[int], list[torch.Tensor]],
-            expected: tuple[list[int], list[torch.Tensor]], dtype: str) -> int:
+            expected: tuple[list[int], list[torch.Tensor]], dtype: str, prefill_exact: bool = True) -> int:
     """Assert the slot path's steps match transformers'; returns how many near-ties went the other way.
 
     A step may pick another token than transformers only where transformers' own top two are closer than the
-    logit gap measured at that step (a tie that rounding may break either way); the gap itself is bounded.
+    logit gap measured at that step (a tie that rounding may break either way); the gap itself is bounded: the
+    prefill's by one ulp where it runs transformers' own ops (`prefill_exact`), else as a decode step's.
     """
     (tokens, logits), (expected_tokens, expected_logits) = got, expected
     text = tokenizer.decode(prompt)
     gaps = [(a - b).abs().max().item() for a, b in zip(logits, expected_logits, strict=True)]
-    assert gaps[0] <= PREFILL_ATOL[dtype], (text, gaps)
+    assert gaps[0] <= (PREFILL_ATOL if prefill_exact else DECODE_ATOL)[dtype], (text, gaps)
     assert max(gaps) <= DECODE_ATOL[dtype], (text, gaps)
     ties = 0
     for step, (token, expected_token) in enumerate(zip(tokens, expected_tokens, strict=True)):

@@ -1,9 +1,11 @@
 """A decode step's attention, all its rows (one or several) in one C call a layer (decode_attention.c), built with
-the machine's C compiler into a compiled set (`compiled_decode`) and loaded with ctypes.
+the machine's C compiler into a compiled set (`compiled_decode`) and loaded with ctypes; and, on CPUs with AVX-512
+BF16, a bf16 prefill chunk's attention (`DecodeAttention.chunk`).
 
 The compiled graphs' attention it stands in for reads the cache at 4-11 GB/s, a call a row (bench/RESULTS.md,
 session 65); at 8 chat streams attention was 45% of a decode step. Where the kernel cannot be built (no compiler,
-no AVX2 or AVX-512), the graphs attend themselves."""
+no AVX2 or AVX-512), the graphs attend themselves. torch's sdpa, which a prefill chunk's attention stands in for,
+was half of a RAG request's prefill after its cached system prompt (session 67)."""
 
 from __future__ import annotations
 
@@ -57,6 +59,11 @@ def _load(path: Path) -> ctypes.CDLL:
     long, pointer = ctypes.c_long, ctypes.c_void_p
     function.argtypes = [long, long, pointer, pointer, pointer, pointer, long, pointer, long, pointer, long, long,
                          long, long, ctypes.c_float, ctypes.c_int, pointer, ctypes.c_int]
+    library.chunk_width.restype = ctypes.c_int
+    chunk = library.chunk_attention
+    chunk.restype = ctypes.c_int
+    chunk.argtypes = [pointer, pointer, pointer, long, long, long, long, long, long, ctypes.c_float, pointer,
+                      ctypes.c_int]
     return library
 
 
@@ -67,6 +74,8 @@ class DecodeAttention:
         self.library = _load(path)
         self.vector_bits = 32 * self.library.vector_width()
         self.kv_heads, self.groups, self.head_dim, self.scale = kv_heads, groups, head_dim, scale
+        # prefill chunks too: built where the CPU has AVX-512 BF16, for heads of 32-256 in steps of 32
+        self.chunks = self.library.chunk_width() > 0 and head_dim % 32 == 0 and head_dim <= 256
 
     def rows(self, buffers: list[torch.Tensor], positions: list[int]) -> KernelRows:
         """What every layer's call of one step takes about its rows: each row's KV buffer ([layers, 2, kv heads,
@@ -102,6 +111,33 @@ class DecodeAttention:
             out.data_ptr(), torch.get_num_threads())
         if failed:
             raise MemoryError("the decode attention kernel could not allocate its scratch memory")
+        return out
+
+
+    def chunk(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        """A bf16 prefill chunk's causal attention: q [1, heads, length, head dim], its query i at position
+        start + i; k_cache and v_cache one layer's [kv heads, capacity, head dim] (contiguous), the chunk's keys and
+        values already stored at start..start+length-1. Each query attends over positions 0..start+i, as sdpa with a
+        causal mask (no window) does, in bf16 dot products summed in fp32 (`chunks` says whether it was built).
+        Returns [1, heads, length, head dim] in bf16."""
+        heads, dim = self.kv_heads * self.groups, self.head_dim
+        length = q.shape[2] if q.dim() == 4 else 0
+        kv_shape = (self.kv_heads, k_cache.shape[1] if k_cache.dim() == 3 else -1, dim)
+        if not (self.chunks and q.dim() == 4 and tuple(q.shape) == (1, heads, length, dim) and length > 0
+                and tuple(k_cache.shape) == tuple(v_cache.shape) == kv_shape
+                and q.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16
+                and all(t.device.type == "cpu" for t in (q, k_cache, v_cache))
+                and k_cache.is_contiguous() and v_cache.is_contiguous() and start >= 0
+                and start + length <= k_cache.shape[1]):
+            raise ValueError("the chunk attention kernel takes bf16 queries [1, heads, length, head dim] and one "
+                             "layer's contiguous keys and values holding the chunk")
+        query = q[0].contiguous()
+        out = torch.empty((1, heads, length, dim), dtype=torch.bfloat16)
+        failed = self.library.chunk_attention(
+            query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), heads, self.kv_heads, length, start,
+            k_cache.shape[1], dim, self.scale, out.data_ptr(), torch.get_num_threads())
+        if failed:
+            raise MemoryError("the chunk attention kernel could not allocate its scratch memory")
         return out
 
 

@@ -319,8 +319,25 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None
                             and all(same(w, g.reshape(w.shape)) for w, g in zip(want, got, strict=True))
                             and all(torch.equal(w, g) for w, g in zip(inputs, ours, strict=True))):
                         raise RuntimeError(f"the compiled graph '{name}' does not compute what the eager ops do")
+            if "kernel" in graphs and graphs["kernel"].chunks and model.dtype == torch.bfloat16:
+                _check_chunks(graphs["kernel"], spec, made_up)
 
     return check
+
+
+def _check_chunks(kernel: attention_kernel.DecodeAttention, spec: dict[str, Any],
+                  made_up: Callable[..., torch.Tensor]) -> None:
+    """The kernel's prefill chunks against sdpa with a causal mask (as the slot forward calls it): a first chunk and
+    one after a cached prefix, up to rounding (`_rounding_apart`)."""
+    heads, kv_heads, dim = spec["heads"], spec["kv_heads"], spec["head_dim"]
+    for start, length in ((0, 37), (70, 45)):
+        q, caches = made_up(1, heads, length, dim), made_up(2, kv_heads, 128, dim)
+        end = start + length
+        allowed = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        want = F.scaled_dot_product_attention(q, caches[0][None, :, :end], caches[1][None, :, :end],
+                                              attn_mask=allowed, scale=spec["scale"], enable_gqa=True)
+        if not _rounding_apart(want, kernel.chunk(q, caches[0], caches[1], start)):
+            raise RuntimeError("the chunk attention kernel does not compute what sdpa does")
 
 
 def _check_kernel(kernel: attention_kernel.DecodeAttention, row_attention: torch.nn.Module, heads: int,
