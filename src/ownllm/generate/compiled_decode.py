@@ -328,16 +328,28 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None
 def _check_chunks(kernel: attention_kernel.DecodeAttention, spec: dict[str, Any],
                   made_up: Callable[..., torch.Tensor]) -> None:
     """The kernel's prefill chunks against sdpa with a causal mask (as the slot forward calls it): a first chunk and
-    one after a cached prefix, up to rounding (`_rounding_apart`)."""
+    one after a cached prefix, up to rounding (`_rounding_apart`); then timed against sdpa on a chunk after a cached
+    prefix, taking turns, and left to sdpa where that is faster (a CPU whose sdpa has AMX, say)."""
+    from ownllm.models.dtype import best_of_turns
+
     heads, kv_heads, dim = spec["heads"], spec["kv_heads"], spec["head_dim"]
+
+    def sdpa(q: torch.Tensor, caches: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + q.shape[2]
+        allowed = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        return F.scaled_dot_product_attention(q, caches[0][None, :, :end], caches[1][None, :, :end],
+                                              attn_mask=allowed, scale=spec["scale"], enable_gqa=True)
+
     for start, length in ((0, 37), (70, 45)):
         q, caches = made_up(1, heads, length, dim), made_up(2, kv_heads, 128, dim)
-        end = start + length
-        allowed = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
-        want = F.scaled_dot_product_attention(q, caches[0][None, :, :end], caches[1][None, :, :end],
-                                              attn_mask=allowed, scale=spec["scale"], enable_gqa=True)
-        if not _rounding_apart(want, kernel.chunk(q, caches[0], caches[1], start)):
+        if not _rounding_apart(sdpa(q, caches, start), kernel.chunk(q, caches[0], caches[1], start)):
             raise RuntimeError("the chunk attention kernel does not compute what sdpa does")
+    q, caches = made_up(1, heads, 128, dim), made_up(2, kv_heads, 768, dim)
+    ours, theirs = best_of_turns([lambda: kernel.chunk(q, caches[0], caches[1], 640), lambda: sdpa(q, caches, 640)])
+    if ours >= theirs:
+        kernel.chunks = False
+        log.info("prefill chunks attend in sdpa: faster than the C kernel here (%.2f against %.2f ms)",
+                 theirs * 1e3, ours * 1e3)
 
 
 def _check_kernel(kernel: attention_kernel.DecodeAttention, row_attention: torch.nn.Module, heads: int,
