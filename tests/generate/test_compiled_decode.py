@@ -104,6 +104,14 @@ def test_compiled_one_row_steps_follow_the_eager_forward(loaded: Callable[[str],
     # A bf16 set's kernel attends prefill chunks too, where the CPU has AVX-512 BF16 (`DecodeAttention.chunk`):
     # the prompt's logits are then held to the decode steps' bound, not to eager's bits
     chunks = dtype == "bf16" and compiled.compiled.kernel is not None and compiled.compiled.kernel.chunks
+    assert ("bf16 prefill chunks too" in compiled.compiled_steps) == chunks, compiled.compiled_steps
+    if chunks:  # and the slot forward sends them there: the prompt's one chunk, every layer (none has a window)
+        kernel, starts = compiled.compiled.kernel, []
+        attend = kernel.chunk
+        monkeypatch.setattr(kernel, "chunk", lambda q, k, v, start: starts.append(start) or attend(q, k, v, start))
+        [prompt] = chat_prompts(model.tokenizer, QUESTIONS[:1])
+        row_steps(compiled, [prompt])
+        assert starts == [0] * len(compiled.layers), starts
     ties = 0
     for prompt in chat_prompts(model.tokenizer, QUESTIONS[:6]):
         [want] = row_steps(eager, [prompt])

@@ -4,7 +4,7 @@ BF16, a bf16 prefill chunk's attention (`DecodeAttention.chunk`).
 
 The compiled graphs' attention it stands in for reads the cache at 4-11 GB/s, a call a row (bench/RESULTS.md,
 session 65); at 8 chat streams attention was 45% of a decode step. Where the kernel cannot be built (no compiler,
-no AVX2 or AVX-512), the graphs attend themselves. torch's sdpa, which a prefill chunk's attention stands in for,
+no AVX2 or AVX-512), the graphs attend themselves. A prefill chunk's attention stands in for torch's sdpa, which
 was half of a RAG request's prefill after its cached system prompt (session 67)."""
 
 from __future__ import annotations

@@ -496,7 +496,8 @@ class CompiledSteps:
                     with _folder_lock(self.folder):
                         _discard(self.folder)
             self.note = "one-row steps and the decode attention compiled (AOTInductor; " + (
-                f"several rows attend in a C kernel, {self.kernel.vector_bits}-bit vectors)"
+                f"several rows attend in a C kernel, {self.kernel.vector_bits}-bit vectors"
+                + (", bf16 prefill chunks too)" if self.kernel.chunks and self.spec["dtype"] == "bfloat16" else ")")
                 if self.kernel is not None else "several rows attend in a graph: no C kernel, see the log)")
         except Exception as exc:  # compiling is a speed-up: without it the eager forward goes on
             self.note = f"one-row steps eager ({exc.__class__.__name__} while compiling or loading; see the log)"

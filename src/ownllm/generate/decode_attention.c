@@ -395,8 +395,9 @@ int chunk_width(void) {
 /* A prefill chunk of one sequence: q [heads, length, dim] (bf16, contiguous), query i at position start+i; k and v
    one layer's keys and values [kv_heads, capacity, dim] (bf16, contiguous), the chunk's own already stored; each
    query attends over positions 0..start+i (causal, no window). out [heads, length, dim], bf16. Query head h takes kv
-   head h / (heads / kv_heads). Returns 0, or -1 where memory could not be had, the head size is not a multiple of 32
-   up to 256, or the kernel was not built (the output is then incomplete). */
+   head h / (heads / kv_heads). Returns 0, or -1 (the output then incomplete) where memory could not be had, the
+   kernel was not built, the head size is not a multiple of 32 up to 256, the heads are not a multiple of the kv
+   heads, the length is under 1, or the chunk does not lie within 0..capacity. */
 int chunk_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, long heads, long kv_heads, long length,
                     long start, long capacity, long dim, float scale, uint16_t *out, int threads) {
 #if WIDTH == 16 && defined(__AVX512BF16__)
