@@ -74,7 +74,8 @@ class DecodeAttention:
         self.library = _load(path)
         self.vector_bits = 32 * self.library.vector_width()
         self.kv_heads, self.groups, self.head_dim, self.scale = kv_heads, groups, head_dim, scale
-        # prefill chunks too: built where the CPU has AVX-512 BF16, for heads of 32-256 in steps of 32
+        # prefill chunks too: built where the CPU has AVX-512 BF16, for heads of 32-256 in steps of 32 (a set's load
+        # check turns it off for an fp32 model, and where sdpa is faster: `compiled_decode._check_chunks`)
         self.chunks = self.library.chunk_width() > 0 and head_dim % 32 == 0 and head_dim <= 256
 
     def rows(self, buffers: list[torch.Tensor], positions: list[int]) -> KernelRows:

@@ -15,7 +15,8 @@ kernel). A set of graphs covers a step's layers:
 - for steps of several rows (which stay eager otherwise), where this machine's C compiler builds `attention_kernel`
   (AVX-512, or AVX2 with FMA) into the set, that kernel stores every row's new key and value and attends, one call
   a layer (it streams the cache: ~1.9x faster for 8 rows, bench/RESULTS.md, session 66); elsewhere `RowAttention`,
-  one row's cache write and attention, a call a row.
+  one row's cache write and attention, a call a row. In a bf16 set, on CPUs with AVX-512 BF16, the kernel also
+  attends prefill chunks (`DecodeAttention.chunk`, checked and timed against sdpa at load: `_check_chunks`).
 
 Each layer's weights and cache are inputs, not constants, so one compiled set serves every layer; a bf16 model's
 and an fp32 model's (whose int4 products take and give bf16 rows, `int4_matmul`) are compiled apart. The ops are
@@ -319,14 +320,18 @@ def checker(model: Any, spec: dict[str, Any]) -> Callable[[dict[str, Any]], None
                             and all(same(w, g.reshape(w.shape)) for w, g in zip(want, got, strict=True))
                             and all(torch.equal(w, g) for w, g in zip(inputs, ours, strict=True))):
                         raise RuntimeError(f"the compiled graph '{name}' does not compute what the eager ops do")
-            if "kernel" in graphs and graphs["kernel"].chunks and model.dtype == torch.bfloat16:
-                _check_chunks(graphs["kernel"], spec, made_up)
+            if "kernel" in graphs and graphs["kernel"].chunks:
+                if model.dtype == torch.bfloat16:
+                    _check_chunks(graphs["kernel"], spec, made_up, model._chunk_mask)
+                else:  # (its dot products are bf16's: an fp32 model's prefill stays with sdpa)
+                    graphs["kernel"].chunks = False
 
     return check
 
 
 def _check_chunks(kernel: attention_kernel.DecodeAttention, spec: dict[str, Any],
-                  made_up: Callable[..., torch.Tensor]) -> None:
+                  made_up: Callable[..., torch.Tensor],
+                  chunk_mask: Callable[[int, int, int | None], tuple[int, torch.Tensor | None]]) -> None:
     """The kernel's prefill chunks against sdpa with a causal mask (as the slot forward calls it): a first chunk and
     one after a cached prefix, up to rounding (`_rounding_apart`); then timed against sdpa on a chunk after a cached
     prefix, taking turns, and left to sdpa where that is faster (a CPU whose sdpa has AMX, say)."""
@@ -334,11 +339,11 @@ def _check_chunks(kernel: attention_kernel.DecodeAttention, spec: dict[str, Any]
 
     heads, kv_heads, dim = spec["heads"], spec["kv_heads"], spec["head_dim"]
 
-    def sdpa(q: torch.Tensor, caches: torch.Tensor, start: int) -> torch.Tensor:
-        end = start + q.shape[2]
-        allowed = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+    def sdpa(q: torch.Tensor, caches: torch.Tensor, start: int) -> torch.Tensor:  # as `SlotModel._attend` calls it
+        end, (_, mask) = start + q.shape[2], chunk_mask(start, q.shape[2], None)
         return F.scaled_dot_product_attention(q, caches[0][None, :, :end], caches[1][None, :, :end],
-                                              attn_mask=allowed, scale=spec["scale"], enable_gqa=True)
+                                              attn_mask=mask, is_causal=mask is None, scale=spec["scale"],
+                                              enable_gqa=True)
 
     for start, length in ((0, 37), (70, 45)):
         q, caches = made_up(1, heads, length, dim), made_up(2, kv_heads, 128, dim)
@@ -497,7 +502,7 @@ class CompiledSteps:
                         _discard(self.folder)
             self.note = "one-row steps and the decode attention compiled (AOTInductor; " + (
                 f"several rows attend in a C kernel, {self.kernel.vector_bits}-bit vectors"
-                + (", bf16 prefill chunks too)" if self.kernel.chunks and self.spec["dtype"] == "bfloat16" else ")")
+                + (", bf16 prefill chunks too)" if self.kernel.chunks else ")")
                 if self.kernel is not None else "several rows attend in a graph: no C kernel, see the log)")
         except Exception as exc:  # compiling is a speed-up: without it the eager forward goes on
             self.note = f"one-row steps eager ({exc.__class__.__name__} while compiling or loading; see the log)"

@@ -885,8 +885,7 @@ class SlotModel:
             v_cache[:, start:end] = v[0]
             first, chunk_mask = mask
             kernel = self.compiled.kernel if self.compiled is not None else None
-            if (kernel is not None and kernel.chunks and window is None and first == 0 and q.dtype == torch.bfloat16
-                    and kernel.scale == self.scaling):
+            if kernel is not None and kernel.chunks and window is None and first == 0 and kernel.scale == self.scaling:
                 return kernel.chunk(q, k_cache, v_cache, start)
             return F.scaled_dot_product_attention(q, k_cache[None, :, first:end], v_cache[None, :, first:end],
                                                   attn_mask=chunk_mask, is_causal=chunk_mask is None,
